@@ -1,0 +1,338 @@
+//! Compiled functions. `FunctionBuilder` collects inputs, outputs, updates of shared variables and
+//! givens; `compile` copies the reachable part of the user's graph into a program, adds the advance
+//! of every random state it draws from, runs the rewrite pipeline and hands the program to the
+//! device's backend. `Function::call` checks every argument against its input (dtype, rank, fixed
+//! sizes, consistent symbolic sizes) before anything runs, then applies the updates with Theano's
+//! semantics: every update is computed from the values before the call.
+
+use crate::graph::Graph;
+use crate::var::Var;
+use kiln_codegen::{Backend, CompileOptions, Executable, Program};
+use kiln_ir::ops::{Op, SharedId, SourceOp};
+use kiln_ir::passes::{OptimizeOptions, RewriteLog};
+use kiln_ir::specialize::{unify, Bindings};
+use kiln_ir::{DType, Error, NodeId, Result, Tensor, TensorType};
+use std::collections::HashMap;
+
+/// Where a function runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Device {
+    /// The reference interpreter (ndarray), the oracle for every other backend.
+    #[default]
+    Reference,
+}
+
+impl Device {
+    fn backend(self) -> Box<dyn Backend> {
+        match self {
+            Device::Reference => Box::new(kiln_codegen::reference::Reference),
+        }
+    }
+}
+
+pub struct FunctionBuilder {
+    graph: Graph,
+    inputs: Vec<Var>,
+    outputs: Vec<Var>,
+    updates: Vec<(Var, Var)>,
+    givens: Vec<(Var, Var)>,
+    optimize: OptimizeOptions,
+}
+
+impl FunctionBuilder {
+    pub(crate) fn new(graph: &Graph, inputs: Vec<Var>, outputs: Vec<Var>) -> FunctionBuilder {
+        FunctionBuilder {
+            graph: graph.clone(),
+            inputs,
+            outputs,
+            updates: vec![],
+            givens: vec![],
+            optimize: Default::default(),
+        }
+    }
+    /// New values for shared variables, all computed from the values before the call.
+    pub fn updates<'a>(mut self, updates: impl IntoIterator<Item = (&'a Var, Var)>) -> Self {
+        self.updates
+            .extend(updates.into_iter().map(|(s, v)| (s.clone(), v)));
+        self
+    }
+    /// Replaces variables by other expressions in this function only (Theano's givens).
+    pub fn givens<'a>(mut self, givens: impl IntoIterator<Item = (&'a Var, Var)>) -> Self {
+        self.givens
+            .extend(givens.into_iter().map(|(s, v)| (s.clone(), v)));
+        self
+    }
+    /// Chooses which optimizations run (all by default).
+    pub fn optimize(mut self, opts: OptimizeOptions) -> Self {
+        self.optimize = opts;
+        self
+    }
+
+    pub fn compile(self, device: Device) -> Result<Function> {
+        let g = &self.graph;
+        let ids = |vs: &[Var]| vs.iter().map(|v| g.own(v)).collect::<Result<Vec<NodeId>>>();
+        let inputs = ids(&self.inputs)?;
+        let outputs = ids(&self.outputs)?;
+        let st = g.state.borrow();
+        let ir = &st.ir;
+        for (v, &n) in self.inputs.iter().zip(&inputs) {
+            if !matches!(ir.op(n), Op::Source(SourceOp::Input { .. })) {
+                return Err(Error::Invalid(format!(
+                    "function inputs must be graph inputs; {v:?} is {}",
+                    ir.op(n).label()
+                )));
+            }
+        }
+        let mut update_targets = Vec::new();
+        let mut update_values = Vec::new();
+        for (target, value) in &self.updates {
+            let (t, v) = (g.own(target)?, g.own(value)?);
+            let Op::Source(SourceOp::Shared { id, name, ty }) = ir.op(t) else {
+                return Err(Error::Invalid(format!(
+                    "only shared variables can be updated, not {}",
+                    ir.op(t).label()
+                )));
+            };
+            let vty = ir.ty(v);
+            let fits = vty.dtype == ty.dtype
+                && vty.rank() == ty.rank()
+                && vty
+                    .shape
+                    .iter()
+                    .zip(&ty.shape)
+                    .all(|(a, b)| a.fixed().is_none() || a == b);
+            if !fits {
+                return Err(Error::Invalid(format!(
+                    "the update of '{name}' is {vty}, but '{name}' is {ty}"
+                )));
+            }
+            if update_targets.iter().any(|(i, _)| i == id) {
+                return Err(Error::Invalid(format!("'{name}' is updated twice")));
+            }
+            update_targets.push((*id, t));
+            update_values.push(v);
+        }
+        let mut substitute = HashMap::new();
+        for (from, to) in &self.givens {
+            let (f, t) = (g.own(from)?, g.own(to)?);
+            if ir.ty(f).dtype != ir.ty(t).dtype || ir.ty(f).rank() != ir.ty(t).rank() {
+                return Err(Error::Invalid(format!(
+                    "givens: {} cannot replace {}",
+                    ir.ty(t),
+                    ir.ty(f)
+                )));
+            }
+            substitute.insert(f, t);
+        }
+        let roots: Vec<NodeId> = outputs
+            .iter()
+            .chain(&update_values)
+            .chain(&inputs)
+            .copied()
+            .collect();
+        let (mut prog, map) = ir.extract(&roots, &substitute);
+        let prog_inputs: Vec<NodeId> = inputs.iter().map(|n| map[n]).collect();
+        // Every input the outputs read must be passed.
+        for n in prog.node_ids() {
+            if let Op::Source(SourceOp::Input { name, .. }) = prog.op(n) {
+                if !prog_inputs.contains(&n) {
+                    return Err(Error::Invalid(format!("the outputs depend on input '{name}', which is not among the function's inputs")));
+                }
+            }
+        }
+        let mut prog_outputs: Vec<NodeId> = outputs
+            .iter()
+            .chain(&update_values)
+            .map(|n| map[n])
+            .collect();
+        let mut updated: Vec<SharedId> = update_targets.iter().map(|(id, _)| *id).collect();
+        // Random states advance by one call, unless the user updates them.
+        let random_states: Vec<NodeId> = prog
+            .node_ids()
+            .into_iter()
+            .filter(|&n| matches!(prog.op(n), Op::Random(_)))
+            .map(|n| prog.inputs(n)[0])
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for s in random_states {
+            let Op::Source(SourceOp::Shared { id, .. }) = prog.op(s).clone() else {
+                return Err(Error::Invalid(
+                    "random nodes must draw from a RandomStream's state".into(),
+                ));
+            };
+            if !updated.contains(&id) {
+                let at = prog.node(s).at;
+                let step = prog.constant(ndarray::arr1(&[0i64, 1]).into(), at);
+                prog_outputs.push(prog.add2(s, step, at)?);
+                updated.push(id);
+            }
+        }
+        drop(st);
+        prog.set_outputs(prog_outputs);
+        let log = kiln_ir::passes::optimize(&mut prog, self.optimize)?;
+        let mut shared: Vec<(SharedId, NodeId)> = prog
+            .node_ids()
+            .into_iter()
+            .filter_map(|n| match prog.op(n) {
+                Op::Source(SourceOp::Shared { id, .. }) => Some((*id, n)),
+                _ => None,
+            })
+            .collect();
+        shared.sort();
+        let input_types: Vec<(String, TensorType)> = prog_inputs
+            .iter()
+            .map(|&n| match prog.op(n) {
+                Op::Source(SourceOp::Input { name, ty }) => (name.clone(), ty.clone()),
+                _ => unreachable!("checked above"),
+            })
+            .collect();
+        let program = Program {
+            graph: prog,
+            inputs: prog_inputs,
+            shared: shared.iter().map(|s| s.1).collect(),
+        };
+        let exe = device
+            .backend()
+            .compile(&program, &CompileOptions::default())?;
+        Ok(Function {
+            graph: self.graph.clone(),
+            input_types,
+            n_outputs: outputs.len(),
+            updated,
+            shared: shared.into_iter().map(|s| s.0).collect(),
+            program,
+            exe,
+            log,
+            device,
+        })
+    }
+}
+
+/// A compiled function: call it with ndarray values for its inputs.
+pub struct Function {
+    graph: Graph,
+    input_types: Vec<(String, TensorType)>,
+    n_outputs: usize,
+    /// Shared variables written after each call, in the order of the program's extra outputs.
+    updated: Vec<SharedId>,
+    /// Shared variables the program reads, in the program's order.
+    shared: Vec<SharedId>,
+    program: Program,
+    exe: Box<dyn Executable>,
+    log: RewriteLog,
+    device: Device,
+}
+
+impl Function {
+    /// Checks each argument against its input and binds the symbolic sizes.
+    fn check_args(&self, args: &[Tensor]) -> Result<()> {
+        if args.len() != self.input_types.len() {
+            let names: Vec<&str> = self.input_types.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(Error::Invalid(format!(
+                "expected {} arguments ({}), got {}",
+                names.len(),
+                names.join(", "),
+                args.len()
+            )));
+        }
+        let mut b = Bindings::new();
+        for ((name, ty), a) in self.input_types.iter().zip(args) {
+            let fail = |detail: String| Error::Call {
+                input: name.clone(),
+                detail,
+            };
+            if a.dtype() != ty.dtype {
+                return Err(fail(format!(
+                    "expected dtype {}, got {} (declared {ty})",
+                    ty.dtype,
+                    a.dtype()
+                )));
+            }
+            unify(&ty.shape, a.shape(), &mut b)
+                .map_err(|e| fail(format!("declared {ty}, got shape {:?}: {e}", a.shape())))?;
+        }
+        Ok(())
+    }
+
+    /// Runs the function; returns its outputs and then applies its updates.
+    pub fn call(&mut self, args: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.check_args(args)?;
+        let inputs: Vec<&Tensor> = args.iter().collect();
+        let mut results = {
+            let st = self.graph.state.borrow();
+            let shared: Vec<&Tensor> = self.shared.iter().map(|id| &st.shared[id]).collect();
+            self.exe.run(&inputs, &shared)?
+        };
+        let new_values = results.split_off(self.n_outputs);
+        let mut st = self.graph.state.borrow_mut();
+        for (id, v) in self.updated.iter().zip(&new_values) {
+            let old = &st.shared[id];
+            if old.shape() != v.shape() {
+                return Err(Error::Invalid(format!(
+                    "an update changes a shared variable's shape from {:?} to {:?}",
+                    old.shape(),
+                    v.shape()
+                )));
+            }
+        }
+        for (id, v) in self.updated.iter().zip(new_values) {
+            st.shared.insert(*id, v);
+        }
+        Ok(results)
+    }
+
+    /// Calls a function of one output and returns it.
+    pub fn call1(&mut self, args: &[Tensor]) -> Result<Tensor> {
+        let mut r = self.call(args)?;
+        if r.len() != 1 {
+            return Err(Error::Invalid(format!(
+                "call1 on a function with {} outputs",
+                r.len()
+            )));
+        }
+        Ok(r.remove(0))
+    }
+
+    /// The optimized graph, Theano-style.
+    pub fn debugprint(&self) -> String {
+        kiln_ir::print::debugprint(
+            &self.program.graph,
+            self.program.graph.outputs(),
+            Default::default(),
+        )
+    }
+    /// The optimized graph with each node's user call site.
+    pub fn debugprint_with_locations(&self) -> String {
+        let opts = kiln_ir::print::PrintOptions { locations: true };
+        kiln_ir::print::debugprint(&self.program.graph, self.program.graph.outputs(), opts)
+    }
+    /// The optimized graph as GraphViz DOT.
+    pub fn to_dot(&self) -> String {
+        kiln_ir::print::to_dot(&self.program.graph, self.program.graph.outputs())
+    }
+    /// Which rewrite rules fired while compiling, and how often.
+    pub fn rewrite_log(&self) -> &RewriteLog {
+        &self.log
+    }
+    /// The code the backend generated (empty for the reference interpreter).
+    pub fn generated_code(&self) -> String {
+        self.exe.generated_code()
+    }
+    pub fn device(&self) -> Device {
+        self.device
+    }
+    /// The optimized program graph.
+    pub fn optimized_graph(&self) -> &kiln_ir::Graph {
+        &self.program.graph
+    }
+    /// The declared inputs: names and types.
+    pub fn inputs(&self) -> &[(String, TensorType)] {
+        &self.input_types
+    }
+}
+
+/// Shorthand to make a `Tensor` of the given dtype from f64 values.
+pub fn tensor(dtype: DType, shape: &[usize], values: &[f64]) -> Tensor {
+    Tensor::from_f64(dtype, shape, values)
+}
