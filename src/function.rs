@@ -156,10 +156,9 @@ impl FunctionBuilder {
             .into_iter()
             .collect();
         for s in random_states {
+            // A constant state (a frozen stream) draws the same numbers every call.
             let Op::Source(SourceOp::Shared { id, .. }) = prog.op(s).clone() else {
-                return Err(Error::Invalid(
-                    "random nodes must draw from a RandomStream's state".into(),
-                ));
+                continue;
             };
             if !updated.contains(&id) {
                 let at = prog.node(s).at;

@@ -107,11 +107,22 @@ impl Graph {
     pub fn rng(&self, seed: u64) -> crate::random::RandomStream {
         let state = self.shared(&format!("rng{seed}"), ndarray::arr1(&[seed as i64, 0]));
         if let Ok(n) = state.id() {
-            if let Op::Source(SourceOp::Shared { id, .. }) = self.state.borrow().ir.op(n) {
-                self.state.borrow_mut().rng_states.insert(*id);
-            }
+            let shared_id = match self.state.borrow().ir.op(n) {
+                Op::Source(SourceOp::Shared { id, .. }) => Some(*id),
+                _ => None,
+            };
+            self.state.borrow_mut().rng_states.extend(shared_id);
         }
         crate::random::RandomStream { state }
+    }
+
+    /// A stream whose state is a constant: every call draws the same numbers. For gradient checks
+    /// and tests that need a fixed dropout mask.
+    #[track_caller]
+    pub fn frozen_rng(&self, seed: u64, call: u64) -> crate::random::RandomStream {
+        crate::random::RandomStream {
+            state: self.constant(ndarray::arr1(&[seed as i64, call as i64])),
+        }
     }
 
     /// d cost / d wrt for each `wrt`, as new graph nodes. The cost must be a float scalar; a `wrt`

@@ -8,12 +8,14 @@ pub mod function;
 pub mod graph;
 mod operators;
 pub mod random;
+pub mod testing;
 pub mod var;
 
 pub use function::{tensor, Device, Function, FunctionBuilder};
 pub use graph::Graph;
 pub use kiln_ir as ir;
 pub use kiln_ir::grad::Disconnected;
+pub use kiln_ir::ops::{BinaryOp, ReduceOp, UnaryOp};
 pub use kiln_ir::passes::{OptimizeOptions, RewriteLog};
 pub use kiln_ir::{DType, Dim, Error, Result, Tensor, TensorType};
 pub use random::RandomStream;
@@ -21,8 +23,8 @@ pub use var::{concat, stack, where_, Operand, Var};
 
 pub mod prelude {
     pub use crate::{
-        concat, stack, where_, Device, Dim, Disconnected, Function, Graph, RandomStream, Tensor,
-        Var,
+        concat, stack, where_, BinaryOp, Device, Dim, Disconnected, Function, Graph, RandomStream,
+        ReduceOp, Tensor, UnaryOp, Var,
     };
     pub use kiln_ir::DType::{self, Bool, F32, F64, I32, I64};
     pub use ndarray::{array, Array, Array1, Array2, ArrayD, Axis};

@@ -1,0 +1,125 @@
+//! Checking gradients and backends, for kiln's tests and for users' own ops and models.
+//! `verify_grad` is Theano's: it projects the output on a fixed random tensor to get a scalar cost,
+//! compares kiln's symbolic gradient of that cost with central finite differences, and reports the
+//! worst element. Inputs are taken in f64 so the differences are meaningful.
+
+use crate::prelude::*;
+use crate::OptimizeOptions;
+use kiln_ir::{Error, Result};
+
+#[derive(Clone, Copy, Debug)]
+pub struct GradCheck {
+    /// Finite-difference step.
+    pub eps: f64,
+    /// Accepted |symbolic - numeric| <= atol + rtol * |numeric|.
+    pub atol: f64,
+    pub rtol: f64,
+    /// Seed of the random projection.
+    pub seed: u64,
+    pub device: Device,
+    /// Optimize the graph before differentiating numerically and symbolically.
+    pub optimize: bool,
+}
+
+impl Default for GradCheck {
+    fn default() -> Self {
+        GradCheck {
+            eps: 1e-6,
+            atol: 1e-5,
+            rtol: 1e-4,
+            seed: 1234,
+            device: Device::Reference,
+            optimize: true,
+        }
+    }
+}
+
+/// A small deterministic generator (SplitMix64) for projections and test data.
+pub fn splitmix(seed: u64) -> impl FnMut() -> f64 {
+    let mut s = seed;
+    move || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// An f64 tensor of the given shape with values uniform in [low, high).
+pub fn random_tensor(shape: &[usize], low: f64, high: f64, seed: u64) -> Tensor {
+    let mut r = splitmix(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| low + (high - low) * r()).collect();
+    Tensor::from_f64(DType::F64, shape, &v)
+}
+
+/// Checks the gradient of `f` at `inputs` (f64 tensors). `f` builds the expression from one input
+/// variable per tensor. Returns the largest error found, or an error describing the first mismatch.
+pub fn verify_grad(
+    f: impl Fn(&Graph, &[Var]) -> Var,
+    inputs: &[Tensor],
+    opts: GradCheck,
+) -> Result<f64> {
+    let g = Graph::new();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            g.input(
+                &format!("x{i}"),
+                t.dtype(),
+                t.shape().iter().map(|&n| Dim::Fixed(n)),
+            )
+        })
+        .collect();
+    let out = f(&g, &vars);
+    let oshape = out
+        .ty()?
+        .concrete()
+        .ok_or_else(|| Error::Invalid("verify_grad needs a fixed output shape".into()))?;
+    let proj = g.constant(random_tensor(&oshape, 0.5, 1.5, opts.seed).cast(out.dtype()?));
+    let cost = (&out * &proj).sum_all();
+    let refs: Vec<&Var> = vars.iter().collect();
+    let grads = g.grad_with(&cost, &refs, Disconnected::Raise)?;
+    let mut outs = vec![&cost];
+    outs.extend(grads.iter());
+    let o = OptimizeOptions {
+        rewrite: opts.optimize,
+        fuse: opts.optimize,
+    };
+    let mut both = g
+        .function(refs.iter().copied(), outs)
+        .optimize(o)
+        .compile(opts.device)?;
+    let mut cost_only = g
+        .function(refs.iter().copied(), [&cost])
+        .optimize(o)
+        .compile(opts.device)?;
+    let symbolic = both.call(inputs)?;
+    let mut worst = 0.0f64;
+    for (k, x) in inputs.iter().enumerate() {
+        let base = x.to_f64_vec();
+        let sym = symbolic[k + 1].to_f64_vec();
+        for i in 0..base.len() {
+            let mut eval = |delta: f64| -> Result<f64> {
+                let mut v = base.clone();
+                v[i] += delta;
+                let mut args = inputs.to_vec();
+                args[k] = Tensor::from_f64(x.dtype(), x.shape(), &v);
+                Ok(cost_only.call1(&args)?.item().expect("scalar cost"))
+            };
+            let numeric = (eval(opts.eps)? - eval(-opts.eps)?) / (2.0 * opts.eps);
+            let err = (sym[i] - numeric).abs();
+            if !(err <= opts.atol + opts.rtol * numeric.abs()) {
+                return Err(Error::Invalid(format!(
+                    "gradient mismatch for input {k} element {i}: symbolic {} vs numeric {numeric}",
+                    sym[i]
+                )));
+            }
+            worst = worst.max(err);
+        }
+    }
+    Ok(worst)
+}
