@@ -130,7 +130,7 @@ impl FunctionBuilder {
             .chain(&inputs)
             .copied()
             .collect();
-        let (mut prog, map) = ir.extract(&roots, &substitute);
+        let (mut prog, map) = ir.extract(&roots, &substitute)?;
         let prog_inputs: Vec<NodeId> = inputs.iter().map(|n| map[n]).collect();
         // Every input the outputs read must be passed.
         for n in prog.node_ids() {

@@ -54,3 +54,97 @@ fn logistic_regression_trains_with_updates() {
     ]);
     assert!(out.is_ok());
 }
+
+#[test]
+fn updates_use_values_from_before_the_call() {
+    // Theano semantics: a and b swap, because both updates read the old values.
+    let g = Graph::new();
+    let a = g.shared("a", array![1.0f64]);
+    let b = g.shared("b", array![2.0f64]);
+    let mut swap = g
+        .function([], [&(&a + &b)])
+        .updates([(&a, &b * 1.0), (&b, &a * 1.0)])
+        .compile(Device::Reference)
+        .unwrap();
+    let out = swap.call(&[]).unwrap();
+    assert_eq!(out[0], Tensor::from(array![3.0]));
+    assert_eq!(a.value().unwrap(), Tensor::from(array![2.0]));
+    assert_eq!(b.value().unwrap(), Tensor::from(array![1.0]));
+    // a counter: shared values persist between calls and can be set from Rust
+    let c = g.shared("c", ndarray::arr0(0i64));
+    let mut tick = g
+        .function([], [&c])
+        .updates([(&c, &c + 1i64)])
+        .compile(Device::Reference)
+        .unwrap();
+    for _ in 0..3 {
+        tick.call(&[]).unwrap();
+    }
+    assert_eq!(c.value().unwrap().item(), Some(3.0));
+    c.set_value(ndarray::arr0(10i64)).unwrap();
+    assert_eq!(tick.call1(&[]).unwrap().item(), Some(10.0));
+    assert_eq!(c.value().unwrap().item(), Some(11.0));
+}
+
+#[test]
+fn givens_replace_a_variable_in_one_function() {
+    // The classic use: feed minibatches from a shared dataset by index.
+    let g = Graph::new();
+    let data = g.shared("data", array![[1.0f32, 2.0], [3.0, 4.0], [5.0, 6.0]]);
+    let x = g.input("x", F32, [Dim::sym("batch"), 2.into()]);
+    let i = g.input("i", I64, [1]);
+    let out = (&x * 2.0).sum(&[1]);
+    let mut by_index = g
+        .function([&i], [&out])
+        .givens([(&x, data.take(&i, 0))])
+        .compile(Device::Reference)
+        .unwrap();
+    assert_eq!(
+        by_index.call1(&[array![2i64].into()]).unwrap(),
+        Tensor::from(array![22.0f32])
+    );
+    let mut plain = g.function([&x], [&out]).compile(Device::Reference).unwrap();
+    assert_eq!(
+        plain.call1(&[array![[1.0f32, 1.0]].into()]).unwrap(),
+        Tensor::from(array![4.0f32])
+    );
+}
+
+#[test]
+fn debugprint_dot_and_locations() {
+    let g = Graph::new();
+    let x = g.input("x", F32, [Dim::sym("batch"), 3.into()]);
+    let w = g.shared("w", Array2::<f32>::zeros((3, 2)));
+    let h = x.matmul(&w).named("h").sigmoid();
+    let text = g.debugprint(&[&h]).unwrap();
+    assert_eq!(
+        text,
+        "sigmoid [id A] <f32[batch,2]>\n |matmul [id B] <f32[batch,2]> 'h'\n | |x (input) [id C] <f32[batch,3]>\n | |w (shared) [id D] <f32[3,2]>\n"
+    );
+    let f = g.function([&x], [&h]).compile(Device::Reference).unwrap();
+    let with_loc = f.debugprint_with_locations();
+    assert!(with_loc.contains("@ tests/api.rs:"), "{with_loc}");
+    let dot = f.to_dot();
+    assert!(
+        dot.starts_with("digraph kiln {") && dot.contains("-> out0"),
+        "{dot}"
+    );
+    assert_eq!(f.generated_code(), "");
+}
+
+#[test]
+fn printing_is_deterministic() {
+    let build = || {
+        let g = Graph::new();
+        let x = g.input("x", F32, [Dim::sym("n"), 5.into()]);
+        let w = g.shared("w", Array2::<f32>::zeros((5, 5)));
+        let c = x.matmul(&w).tanh().softmax(-1).log().mean_all();
+        let [gw] = g.grad(&c, [&w]).unwrap();
+        let f = g
+            .function([&x], [&c, &gw])
+            .compile(Device::Reference)
+            .unwrap();
+        (f.debugprint(), f.to_dot(), f.rewrite_log().to_string())
+    };
+    assert_eq!(build(), build());
+}

@@ -3,6 +3,10 @@
 //! that is optimized, printed, compiled, and differentiated again like any other. A `wrt` the cost
 //! does not reach, or reaches only through non-differentiable ops, is an error naming the path, unless
 //! the caller asks for zeros (Theano's `disconnected_inputs`).
+//!
+//! The cost is differentiated in its stabilized form: the stabilization rules are applied to a
+//! shadow copy of the cost's subgraph first (the user's nodes are left as they are), so the gradient
+//! of `log(softmax(x))` is that of `log_softmax(x)` and never divides by an underflowed softmax.
 
 use crate::error::{At, Error, Result};
 use crate::graph::{Graph, NodeId};
@@ -53,6 +57,7 @@ pub fn grad(
             });
         }
     }
+    let cost = stabilized_shadow(g, cost, wrt)?;
     let order = g.topo_order(&[cost]);
     // Only nodes that some `wrt` flows into need a gradient.
     let mut needed: HashMap<NodeId, bool> = HashMap::new();
@@ -65,7 +70,8 @@ pub fn grad(
     let seed = g.scalar(cty.dtype, 1.0, at);
     pending.insert(cost, vec![seed]);
     let mut totals: HashMap<NodeId, NodeId> = HashMap::new();
-    let mut blocked: HashMap<NodeId, NodeId> = HashMap::new(); // input -> op that dropped its gradient
+    // Values the gradient could not pass through (a comparison, an argmax, a cast from an integer).
+    let mut blocked: Vec<NodeId> = Vec::new();
     for &n in order.iter().rev() {
         let Some(parts) = pending.remove(&n) else {
             continue;
@@ -101,9 +107,7 @@ pub fn grad(
                     );
                     pending.entry(i).or_default().push(gi)
                 }
-                None => {
-                    blocked.entry(i).or_insert(n);
-                }
+                None => blocked.push(i),
             }
         }
     }
@@ -115,11 +119,11 @@ pub fn grad(
                 out.push(crate::ops::elementwise::zeros_like(g, w, at)?);
             }
             None => {
-                let why = match (needed.get(&w), blocked.iter().find(|(i, _)| needed[*i])) {
-                    (Some(true), Some((_, &op))) => {
+                let why = match (needed.get(&w), blocked.first()) {
+                    (Some(true), Some(&value)) => {
                         format!(
-                            "the cost reaches it only through a non-differentiable op ({})",
-                            describe(g, op)
+                            "the cost reaches it only through a non-differentiable value ({})",
+                            describe(g, value)
                         )
                     }
                     _ => "the cost does not depend on it".to_string(),
@@ -134,6 +138,34 @@ pub fn grad(
         }
     }
     Ok(out)
+}
+
+/// A copy of `cost`'s subgraph with the stabilization rules applied, sharing every node they do
+/// not change (and never changing a `wrt` node, so the gradients still reach it).
+fn stabilized_shadow(g: &mut Graph, cost: NodeId, wrt: &[NodeId]) -> Result<NodeId> {
+    let mut shadow: HashMap<NodeId, NodeId> = HashMap::new();
+    for n in g.topo_order(&[cost]) {
+        if wrt.contains(&n) || g.inputs(n).is_empty() {
+            shadow.insert(n, n);
+            continue;
+        }
+        let ins: Vec<NodeId> = g.inputs(n).iter().map(|i| shadow[i]).collect();
+        let mut m = n;
+        if ins != g.inputs(n) {
+            let (op, at) = (g.op(n).clone(), g.node(n).at);
+            m = g.add(op, &ins, at)?;
+        }
+        for rule in crate::passes::stabilize::RULES {
+            if let Some(r) = (rule.apply)(g, m)? {
+                if g.ty(r) == g.ty(n) {
+                    m = r;
+                    break;
+                }
+            }
+        }
+        shadow.insert(n, m);
+    }
+    Ok(shadow[&cost])
 }
 
 /// The Jacobian of `y` (fixed shape) with respect to `x`: shape `y.shape + x.shape`. One reverse

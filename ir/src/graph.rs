@@ -209,12 +209,13 @@ impl Graph {
     }
 
     /// Copies the nodes that `roots` depend on into a new graph, reading `substitute[n]` wherever a
-    /// node `n` is read (Theano's givens). Returns the new graph and the map old -> new.
+    /// node `n` is read (Theano's givens). Returns the new graph and the map old -> new, or the type
+    /// error of a node that does not accept its substituted operands.
     pub fn extract(
         &self,
         roots: &[NodeId],
         substitute: &HashMap<NodeId, NodeId>,
-    ) -> (Graph, HashMap<NodeId, NodeId>) {
+    ) -> Result<(Graph, HashMap<NodeId, NodeId>)> {
         // A substitute may itself read substituted nodes, so resolve at every read.
         let resolve = |n: NodeId| *substitute.get(&n).unwrap_or(&n);
         let mut out = Graph {
@@ -226,7 +227,8 @@ impl Graph {
         for n in self.topo_order_with(&sub_roots, &resolve) {
             let node = &self.nodes[n];
             let ins: Vec<NodeId> = node.inputs.iter().map(|&i| map[&resolve(i)]).collect();
-            let id = out.add_typed(node.op.clone(), node.ty.clone(), &ins, node.at);
+            // Types are inferred again: a substitute may have a more specific shape.
+            let id = out.add(node.op.clone(), &ins, node.at)?;
             out.nodes[id].name = node.name.clone();
             map.insert(n, id);
         }
@@ -235,7 +237,7 @@ impl Graph {
                 map.insert(*k, m);
             }
         }
-        (out, map)
+        Ok((out, map))
     }
 
     fn topo_order_with(&self, roots: &[NodeId], resolve: &dyn Fn(NodeId) -> NodeId) -> Vec<NodeId> {

@@ -12,10 +12,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 fn merges_into_reader(g: &Graph, n: NodeId) -> bool {
-    if !g.op(n).is_elementwise() || g.use_count(n) != 1 || g.outputs().contains(&n) {
+    // One distinct reader (it may read the node in several operand slots, as in x * x).
+    let users = g.users(n);
+    if !g.op(n).is_elementwise() || users.len() != 1 || g.outputs().contains(&n) {
         return false;
     }
-    let reader = g.users(n)[0];
+    let reader = users[0];
     g.op(reader).is_elementwise() && g.ty(reader).shape == g.ty(n).shape
 }
 
