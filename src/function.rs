@@ -52,14 +52,12 @@ impl FunctionBuilder {
     }
     /// New values for shared variables, all computed from the values before the call.
     pub fn updates<'a>(mut self, updates: impl IntoIterator<Item = (&'a Var, Var)>) -> Self {
-        self.updates
-            .extend(updates.into_iter().map(|(s, v)| (s.clone(), v)));
+        self.updates.extend(updates.into_iter().map(|(s, v)| (s.clone(), v)));
         self
     }
     /// Replaces variables by other expressions in this function only (Theano's givens).
     pub fn givens<'a>(mut self, givens: impl IntoIterator<Item = (&'a Var, Var)>) -> Self {
-        self.givens
-            .extend(givens.into_iter().map(|(s, v)| (s.clone(), v)));
+        self.givens.extend(givens.into_iter().map(|(s, v)| (s.clone(), v)));
         self
     }
     /// Chooses which optimizations run (all by default).
@@ -88,23 +86,14 @@ impl FunctionBuilder {
         for (target, value) in &self.updates {
             let (t, v) = (g.own(target)?, g.own(value)?);
             let Op::Source(SourceOp::Shared { id, name, ty }) = ir.op(t) else {
-                return Err(Error::Invalid(format!(
-                    "only shared variables can be updated, not {}",
-                    ir.op(t).label()
-                )));
+                return Err(Error::Invalid(format!("only shared variables can be updated, not {}", ir.op(t).label())));
             };
             let vty = ir.ty(v);
             let fits = vty.dtype == ty.dtype
                 && vty.rank() == ty.rank()
-                && vty
-                    .shape
-                    .iter()
-                    .zip(&ty.shape)
-                    .all(|(a, b)| a.fixed().is_none() || a == b);
+                && vty.shape.iter().zip(&ty.shape).all(|(a, b)| a.fixed().is_none() || a == b);
             if !fits {
-                return Err(Error::Invalid(format!(
-                    "the update of '{name}' is {vty}, but '{name}' is {ty}"
-                )));
+                return Err(Error::Invalid(format!("the update of '{name}' is {vty}, but '{name}' is {ty}")));
             }
             if update_targets.iter().any(|(i, _)| i == id) {
                 return Err(Error::Invalid(format!("'{name}' is updated twice")));
@@ -116,35 +105,24 @@ impl FunctionBuilder {
         for (from, to) in &self.givens {
             let (f, t) = (g.own(from)?, g.own(to)?);
             if ir.ty(f).dtype != ir.ty(t).dtype || ir.ty(f).rank() != ir.ty(t).rank() {
-                return Err(Error::Invalid(format!(
-                    "givens: {} cannot replace {}",
-                    ir.ty(t),
-                    ir.ty(f)
-                )));
+                return Err(Error::Invalid(format!("givens: {} cannot replace {}", ir.ty(t), ir.ty(f))));
             }
             substitute.insert(f, t);
         }
-        let roots: Vec<NodeId> = outputs
-            .iter()
-            .chain(&update_values)
-            .chain(&inputs)
-            .copied()
-            .collect();
+        let roots: Vec<NodeId> = outputs.iter().chain(&update_values).chain(&inputs).copied().collect();
         let (mut prog, map) = ir.extract(&roots, &substitute)?;
         let prog_inputs: Vec<NodeId> = inputs.iter().map(|n| map[n]).collect();
         // Every input the outputs read must be passed.
         for n in prog.node_ids() {
             if let Op::Source(SourceOp::Input { name, .. }) = prog.op(n) {
                 if !prog_inputs.contains(&n) {
-                    return Err(Error::Invalid(format!("the outputs depend on input '{name}', which is not among the function's inputs")));
+                    return Err(Error::Invalid(format!(
+                        "the outputs depend on input '{name}', which is not among the function's inputs"
+                    )));
                 }
             }
         }
-        let mut prog_outputs: Vec<NodeId> = outputs
-            .iter()
-            .chain(&update_values)
-            .map(|n| map[n])
-            .collect();
+        let mut prog_outputs: Vec<NodeId> = outputs.iter().chain(&update_values).map(|n| map[n]).collect();
         let mut updated: Vec<SharedId> = update_targets.iter().map(|(id, _)| *id).collect();
         // Random states advance by one call, unless the user updates them.
         let random_states: Vec<NodeId> = prog
@@ -186,14 +164,8 @@ impl FunctionBuilder {
                 _ => unreachable!("checked above"),
             })
             .collect();
-        let program = Program {
-            graph: prog,
-            inputs: prog_inputs,
-            shared: shared.iter().map(|s| s.1).collect(),
-        };
-        let exe = device
-            .backend()
-            .compile(&program, &CompileOptions::default())?;
+        let program = Program { graph: prog, inputs: prog_inputs, shared: shared.iter().map(|s| s.1).collect() };
+        let exe = device.backend().compile(&program, &CompileOptions::default())?;
         Ok(Function {
             graph: self.graph.clone(),
             input_types,
@@ -237,16 +209,9 @@ impl Function {
         }
         let mut b = Bindings::new();
         for ((name, ty), a) in self.input_types.iter().zip(args) {
-            let fail = |detail: String| Error::Call {
-                input: name.clone(),
-                detail,
-            };
+            let fail = |detail: String| Error::Call { input: name.clone(), detail };
             if a.dtype() != ty.dtype {
-                return Err(fail(format!(
-                    "expected dtype {}, got {} (declared {ty})",
-                    ty.dtype,
-                    a.dtype()
-                )));
+                return Err(fail(format!("expected dtype {}, got {} (declared {ty})", ty.dtype, a.dtype())));
             }
             unify(&ty.shape, a.shape(), &mut b)
                 .map_err(|e| fail(format!("declared {ty}, got shape {:?}: {e}", a.shape())))?;
@@ -285,21 +250,14 @@ impl Function {
     pub fn call1(&mut self, args: &[Tensor]) -> Result<Tensor> {
         let mut r = self.call(args)?;
         if r.len() != 1 {
-            return Err(Error::Invalid(format!(
-                "call1 on a function with {} outputs",
-                r.len()
-            )));
+            return Err(Error::Invalid(format!("call1 on a function with {} outputs", r.len())));
         }
         Ok(r.remove(0))
     }
 
     /// The optimized graph, Theano-style.
     pub fn debugprint(&self) -> String {
-        kiln_ir::print::debugprint(
-            &self.program.graph,
-            self.program.graph.outputs(),
-            Default::default(),
-        )
+        kiln_ir::print::debugprint(&self.program.graph, self.program.graph.outputs(), Default::default())
     }
     /// The optimized graph with each node's user call site.
     pub fn debugprint_with_locations(&self) -> String {

@@ -43,32 +43,17 @@ impl Graph {
     /// A symbolic input: its shape may mix fixed sizes and named symbolic sizes (`Dim::sym("batch")`
     /// or just `"batch"`), bound when the compiled function is called.
     #[track_caller]
-    pub fn input<D: Into<Dim>>(
-        &self,
-        name: &str,
-        dtype: DType,
-        shape: impl IntoIterator<Item = D>,
-    ) -> Var {
+    pub fn input<D: Into<Dim>>(&self, name: &str, dtype: DType, shape: impl IntoIterator<Item = D>) -> Var {
         let ty = TensorType::new(dtype, shape.into_iter().map(Into::into).collect());
-        let v = self.node(
-            Op::Source(SourceOp::Input {
-                name: name.to_string(),
-                ty,
-            }),
-            &[],
-            std::panic::Location::caller(),
-        );
+        let v =
+            self.node(Op::Source(SourceOp::Input { name: name.to_string(), ty }), &[], std::panic::Location::caller());
         v.named(name)
     }
 
     /// A constant tensor embedded in the graph.
     #[track_caller]
     pub fn constant(&self, value: impl Into<Tensor>) -> Var {
-        let id = self
-            .state
-            .borrow_mut()
-            .ir
-            .constant(value.into(), std::panic::Location::caller());
+        let id = self.state.borrow_mut().ir.constant(value.into(), std::panic::Location::caller());
         Var::new(self, id)
     }
 
@@ -88,15 +73,7 @@ impl Graph {
         let id = SharedId(st.shared.len() as u32);
         let ty = value.ty();
         st.shared.insert(id, value);
-        let r = st.ir.add(
-            Op::Source(SourceOp::Shared {
-                id,
-                name: name.to_string(),
-                ty,
-            }),
-            &[],
-            at,
-        );
+        let r = st.ir.add(Op::Source(SourceOp::Shared { id, name: name.to_string(), ty }), &[], at);
         drop(st);
         Var::from_result(self, r).named(name)
     }
@@ -120,9 +97,7 @@ impl Graph {
     /// and tests that need a fixed dropout mask.
     #[track_caller]
     pub fn frozen_rng(&self, seed: u64, call: u64) -> crate::random::RandomStream {
-        crate::random::RandomStream {
-            state: self.constant(ndarray::arr1(&[seed as i64, call as i64])),
-        }
+        crate::random::RandomStream { state: self.constant(ndarray::arr1(&[seed as i64, call as i64])) }
     }
 
     /// d cost / d wrt for each `wrt`, as new graph nodes. The cost must be a float scalar; a `wrt`
@@ -130,17 +105,11 @@ impl Graph {
     #[track_caller]
     pub fn grad<const N: usize>(&self, cost: &Var, wrt: [&Var; N]) -> Result<[Var; N]> {
         let v = self.grad_with(cost, &wrt, Disconnected::Raise)?;
-        Ok(v.try_into()
-            .unwrap_or_else(|_| unreachable!("one gradient per wrt")))
+        Ok(v.try_into().unwrap_or_else(|_| unreachable!("one gradient per wrt")))
     }
 
     /// `grad` over a slice, choosing what a disconnected `wrt` gets.
-    pub fn grad_with(
-        &self,
-        cost: &Var,
-        wrt: &[&Var],
-        disconnected: Disconnected,
-    ) -> Result<Vec<Var>> {
+    pub fn grad_with(&self, cost: &Var, wrt: &[&Var], disconnected: Disconnected) -> Result<Vec<Var>> {
         let c = self.own(cost)?;
         let w: Vec<NodeId> = wrt.iter().map(|v| self.own(v)).collect::<Result<_>>()?;
         let ids = kiln_ir::grad::grad(&mut self.state.borrow_mut().ir, c, &w, disconnected)?;
@@ -168,21 +137,13 @@ impl Graph {
         inputs: impl IntoIterator<Item = &'a Var>,
         outputs: impl IntoIterator<Item = &'a Var>,
     ) -> FunctionBuilder {
-        FunctionBuilder::new(
-            self,
-            inputs.into_iter().cloned().collect(),
-            outputs.into_iter().cloned().collect(),
-        )
+        FunctionBuilder::new(self, inputs.into_iter().cloned().collect(), outputs.into_iter().cloned().collect())
     }
 
     /// Theano-style tree of the (unoptimized) expressions `vars`.
     pub fn debugprint(&self, vars: &[&Var]) -> Result<String> {
         let ids: Vec<NodeId> = vars.iter().map(|v| self.own(v)).collect::<Result<_>>()?;
-        Ok(kiln_ir::print::debugprint(
-            &self.state.borrow().ir,
-            &ids,
-            Default::default(),
-        ))
+        Ok(kiln_ir::print::debugprint(&self.state.borrow().ir, &ids, Default::default()))
     }
 
     /// GraphViz DOT of the (unoptimized) expressions `vars`.
@@ -194,9 +155,7 @@ impl Graph {
     /// The node of a `Var` of this graph, or its error.
     pub(crate) fn own(&self, v: &Var) -> Result<NodeId> {
         if !self.same(&v.graph) {
-            return Err(Error::Invalid(
-                "a variable of another graph was used here".into(),
-            ));
+            return Err(Error::Invalid("a variable of another graph was used here".into()));
         }
         v.id()
     }

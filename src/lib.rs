@@ -23,8 +23,8 @@ pub use var::{concat, stack, where_, Operand, Var};
 
 pub mod prelude {
     pub use crate::{
-        concat, stack, where_, BinaryOp, Device, Dim, Disconnected, Function, Graph, RandomStream,
-        ReduceOp, Tensor, UnaryOp, Var,
+        concat, stack, where_, BinaryOp, Device, Dim, Disconnected, Function, Graph, RandomStream, ReduceOp, Tensor,
+        UnaryOp, Var,
     };
     pub use kiln_ir::DType::{self, Bool, F32, F64, I32, I64};
     pub use ndarray::{array, Array, Array1, Array2, ArrayD, Axis};

@@ -21,12 +21,7 @@ impl RandomStream {
     #[track_caller]
     fn draw(&self, dist: Distribution, dtype: DType, shape: &[Dim]) -> Var {
         let stream = self.state.graph.state.borrow_mut().ir.new_stream();
-        let op = Op::Random(RandomOp {
-            dist,
-            dtype,
-            shape: shape.to_vec(),
-            stream,
-        });
+        let op = Op::Random(RandomOp { dist, dtype, shape: shape.to_vec(), stream });
         self.state.apply(op, &[], Location::caller())
     }
     /// Uniform numbers in [low, high).

@@ -23,14 +23,7 @@ pub struct GradCheck {
 
 impl Default for GradCheck {
     fn default() -> Self {
-        GradCheck {
-            eps: 1e-6,
-            atol: 1e-5,
-            rtol: 1e-4,
-            seed: 1234,
-            device: Device::Reference,
-            optimize: true,
-        }
+        GradCheck { eps: 1e-6, atol: 1e-5, rtol: 1e-4, seed: 1234, device: Device::Reference, optimize: true }
     }
 }
 
@@ -57,46 +50,24 @@ pub fn random_tensor(shape: &[usize], low: f64, high: f64, seed: u64) -> Tensor 
 
 /// Checks the gradient of `f` at `inputs` (f64 tensors). `f` builds the expression from one input
 /// variable per tensor. Returns the largest error found, or an error describing the first mismatch.
-pub fn verify_grad(
-    f: impl Fn(&Graph, &[Var]) -> Var,
-    inputs: &[Tensor],
-    opts: GradCheck,
-) -> Result<f64> {
+pub fn verify_grad(f: impl Fn(&Graph, &[Var]) -> Var, inputs: &[Tensor], opts: GradCheck) -> Result<f64> {
     let g = Graph::new();
     let vars: Vec<Var> = inputs
         .iter()
         .enumerate()
-        .map(|(i, t)| {
-            g.input(
-                &format!("x{i}"),
-                t.dtype(),
-                t.shape().iter().map(|&n| Dim::Fixed(n)),
-            )
-        })
+        .map(|(i, t)| g.input(&format!("x{i}"), t.dtype(), t.shape().iter().map(|&n| Dim::Fixed(n))))
         .collect();
     let out = f(&g, &vars);
-    let oshape = out
-        .ty()?
-        .concrete()
-        .ok_or_else(|| Error::Invalid("verify_grad needs a fixed output shape".into()))?;
+    let oshape = out.ty()?.concrete().ok_or_else(|| Error::Invalid("verify_grad needs a fixed output shape".into()))?;
     let proj = g.constant(random_tensor(&oshape, 0.5, 1.5, opts.seed).cast(out.dtype()?));
     let cost = (&out * &proj).sum_all();
     let refs: Vec<&Var> = vars.iter().collect();
     let grads = g.grad_with(&cost, &refs, Disconnected::Raise)?;
     let mut outs = vec![&cost];
     outs.extend(grads.iter());
-    let o = OptimizeOptions {
-        rewrite: opts.optimize,
-        fuse: opts.optimize,
-    };
-    let mut both = g
-        .function(refs.iter().copied(), outs)
-        .optimize(o)
-        .compile(opts.device)?;
-    let mut cost_only = g
-        .function(refs.iter().copied(), [&cost])
-        .optimize(o)
-        .compile(opts.device)?;
+    let o = OptimizeOptions { rewrite: opts.optimize, fuse: opts.optimize };
+    let mut both = g.function(refs.iter().copied(), outs).optimize(o).compile(opts.device)?;
+    let mut cost_only = g.function(refs.iter().copied(), [&cost]).optimize(o).compile(opts.device)?;
     let symbolic = both.call(inputs)?;
     let mut worst = 0.0f64;
     for (k, x) in inputs.iter().enumerate() {
@@ -112,7 +83,7 @@ pub fn verify_grad(
             };
             let numeric = (eval(opts.eps)? - eval(-opts.eps)?) / (2.0 * opts.eps);
             let err = (sym[i] - numeric).abs();
-            if !(err <= opts.atol + opts.rtol * numeric.abs()) {
+            if err.is_nan() || err > opts.atol + opts.rtol * numeric.abs() {
                 return Err(Error::Invalid(format!(
                     "gradient mismatch for input {k} element {i}: symbolic {} vs numeric {numeric}",
                     sym[i]

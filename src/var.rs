@@ -67,29 +67,16 @@ number_operand!(f64, f32, i32, i64, usize);
 
 impl Var {
     pub(crate) fn new(g: &Graph, id: NodeId) -> Var {
-        Var {
-            graph: g.clone(),
-            node: Ok(id),
-        }
+        Var { graph: g.clone(), node: Ok(id) }
     }
     pub(crate) fn from_result(g: &Graph, r: Result<NodeId>) -> Var {
-        Var {
-            graph: g.clone(),
-            node: r,
-        }
+        Var { graph: g.clone(), node: r }
     }
     fn error(&self, e: Error) -> Var {
-        Var {
-            graph: self.graph.clone(),
-            node: Err(e),
-        }
+        Var { graph: self.graph.clone(), node: Err(e) }
     }
     fn type_error(&self, op: &str, detail: String, at: Loc) -> Var {
-        self.error(Error::Type {
-            op: op.into(),
-            detail,
-            at,
-        })
+        self.error(Error::Type { op: op.into(), detail, at })
     }
 
     /// The node, or the error that made this variable.
@@ -128,11 +115,7 @@ impl Var {
         let mut ids = vec![];
         for v in std::iter::once(self).chain(others.iter().copied()) {
             if !v.graph.same(&self.graph) {
-                return self.type_error(
-                    &op.label(),
-                    "operands belong to different graphs".into(),
-                    at,
-                );
+                return self.type_error(&op.label(), "operands belong to different graphs".into(), at);
             }
             match &v.node {
                 Ok(id) => ids.push(*id),
@@ -145,10 +128,7 @@ impl Var {
     fn shared_id(&self) -> Result<kiln_ir::ops::SharedId> {
         match self.graph.state.borrow().ir.op(self.id()?) {
             Op::Source(SourceOp::Shared { id, .. }) => Ok(*id),
-            other => Err(Error::Invalid(format!(
-                "'{}' is not a shared variable",
-                other.label()
-            ))),
+            other => Err(Error::Invalid(format!("'{}' is not a shared variable", other.label()))),
         }
     }
     /// The current value of a shared variable.
@@ -195,8 +175,14 @@ impl Var {
         out.dedup();
         Ok(out)
     }
-    fn axis(&self, op: &str, axis: isize, at: Loc) -> std::result::Result<usize, Var> {
-        self.axes(op, &[axis], at).map(|a| a[0])
+    /// Applies the op made by `make` for one (possibly negative) axis.
+    #[track_caller]
+    fn on_axis(&self, name: &str, axis: isize, others: &[&Var], make: impl FnOnce(usize) -> Op) -> Var {
+        let at = Location::caller();
+        match self.axes(name, &[axis], at) {
+            Ok(a) => self.apply(make(a[0]), others, at),
+            Err(e) => e,
+        }
     }
 
     #[track_caller]
@@ -303,16 +289,8 @@ impl Var {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => return self.error(e),
         };
-        let a = if ra == 1 {
-            self.reshape_dims(&[Some(Dim::Fixed(1)), None], at)
-        } else {
-            self.clone()
-        };
-        let b = if rb == 1 {
-            rhs.reshape_dims(&[None, Some(Dim::Fixed(1))], at)
-        } else {
-            rhs.clone()
-        };
+        let a = if ra == 1 { self.reshape_dims(&[Some(Dim::Fixed(1)), None], at) } else { self.clone() };
+        let b = if rb == 1 { rhs.reshape_dims(&[None, Some(Dim::Fixed(1))], at) } else { rhs.clone() };
         let p = a.apply(Op::MatMul, &[&b], at);
         let Ok(mut shape) = p.shape() else { return p };
         if rb == 1 {
@@ -339,25 +317,14 @@ impl Var {
     /// Reshape; one entry may be -1 (inferred).
     #[track_caller]
     pub fn reshape(&self, shape: &[i64]) -> Var {
-        let spec: Vec<Option<Dim>> = shape
-            .iter()
-            .map(|&d| {
-                if d < 0 {
-                    None
-                } else {
-                    Some(Dim::Fixed(d as usize))
-                }
-            })
-            .collect();
+        let spec: Vec<Option<Dim>> =
+            shape.iter().map(|&d| if d < 0 { None } else { Some(Dim::Fixed(d as usize)) }).collect();
         self.reshape_dims(&spec, Location::caller())
     }
     /// Reshape to dims that may be symbolic.
     #[track_caller]
     pub fn reshape_to(&self, shape: &[Dim]) -> Var {
-        self.reshape_dims(
-            &shape.iter().cloned().map(Some).collect::<Vec<_>>(),
-            Location::caller(),
-        )
+        self.reshape_dims(&shape.iter().cloned().map(Some).collect::<Vec<_>>(), Location::caller())
     }
     /// Collapses all axes after the first (Keras's Flatten).
     #[track_caller]
@@ -372,11 +339,7 @@ impl Var {
     /// Reorders axes (Theano's dimshuffle without broadcastable insertions).
     #[track_caller]
     pub fn permute(&self, perm: &[usize]) -> Var {
-        self.apply(
-            Op::Movement(MoveOp::Permute(perm.to_vec())),
-            &[],
-            Location::caller(),
-        )
+        self.apply(Op::Movement(MoveOp::Permute(perm.to_vec())), &[], Location::caller())
     }
     /// Swaps the last two axes (a matrix transpose).
     #[track_caller]
@@ -404,11 +367,7 @@ impl Var {
     }
     #[track_caller]
     pub fn broadcast_to(&self, shape: &[Dim]) -> Var {
-        self.apply(
-            Op::Movement(MoveOp::BroadcastTo(shape.to_vec())),
-            &[],
-            Location::caller(),
-        )
+        self.apply(Op::Movement(MoveOp::BroadcastTo(shape.to_vec())), &[], Location::caller())
     }
     /// numpy slicing, one `(start, stop, step)` per leading axis (`None` = open end); axes not given
     /// are taken whole.
@@ -416,10 +375,8 @@ impl Var {
     pub fn slice(&self, ranges: &[(Option<i64>, Option<i64>, i64)]) -> Var {
         let at = Location::caller();
         let r = self.rank().unwrap_or(0);
-        let mut rs: Vec<SliceRange> = ranges
-            .iter()
-            .map(|&(start, stop, step)| SliceRange { start, stop, step })
-            .collect();
+        let mut rs: Vec<SliceRange> =
+            ranges.iter().map(|&(start, stop, step)| SliceRange { start, stop, step }).collect();
         if rs.len() > r {
             return self.type_error("slice", format!("{} ranges for rank {r}", rs.len()), at);
         }
@@ -436,11 +393,7 @@ impl Var {
     /// numpy's `take(x, indices, axis)` with integer indices (negative ones wrap).
     #[track_caller]
     pub fn take(&self, indices: &Var, axis: isize) -> Var {
-        let at = Location::caller();
-        match self.axis("take", axis, at) {
-            Ok(axis) => self.apply(Op::Movement(MoveOp::Take { axis }), &[indices], at),
-            Err(e) => e,
-        }
+        self.on_axis("take", axis, &[indices], |axis| Op::Movement(MoveOp::Take { axis }))
     }
     /// One-hot encoding of integer labels along a new last axis of size `depth`, in `dtype`.
     #[track_caller]
@@ -452,18 +405,12 @@ impl Var {
         if !idt.is_int() {
             return self.type_error("one_hot", format!("labels must be integers, got {idt}"), at);
         }
-        let classes = Tensor::from_f64(
-            idt,
-            &[depth],
-            &(0..depth).map(|i| i as f64).collect::<Vec<_>>(),
-        );
+        let classes = Tensor::from_f64(idt, &[depth], &(0..depth).map(|i| i as f64).collect::<Vec<_>>());
         let id = self.graph.state.borrow_mut().ir.constant(classes, at);
         let classes = Var::new(&self.graph, id);
         let r = self.rank().unwrap_or(0);
         let labels = self.expand_dims_at(r, at);
-        labels
-            .apply(Op::Binary(BinaryOp::Eq), &[&classes], at)
-            .apply(Op::Unary(UnaryOp::Cast(dtype)), &[], at)
+        labels.apply(Op::Binary(BinaryOp::Eq), &[&classes], at).apply(Op::Unary(UnaryOp::Cast(dtype)), &[], at)
     }
     fn expand_dims_at(&self, axis: usize, at: Loc) -> Var {
         let Ok(mut shape) = self.shape() else {
@@ -487,19 +434,11 @@ impl Var {
 
     #[track_caller]
     pub fn softmax(&self, axis: isize) -> Var {
-        let at = Location::caller();
-        match self.axis("softmax", axis, at) {
-            Ok(axis) => self.apply(Op::Nn(NnOp::Softmax { axis }), &[], at),
-            Err(e) => e,
-        }
+        self.on_axis("softmax", axis, &[], |axis| Op::Nn(NnOp::Softmax { axis }))
     }
     #[track_caller]
     pub fn log_softmax(&self, axis: isize) -> Var {
-        let at = Location::caller();
-        match self.axis("log_softmax", axis, at) {
-            Ok(axis) => self.apply(Op::Nn(NnOp::LogSoftmax { axis }), &[], at),
-            Err(e) => e,
-        }
+        self.on_axis("log_softmax", axis, &[], |axis| Op::Nn(NnOp::LogSoftmax { axis }))
     }
     /// Per-sample binary cross-entropy of probabilities `self` against targets `t`:
     /// `-(t log p + (1 - t) log(1 - p))`; with `p = sigmoid(z)` the optimizer makes it stable.
@@ -539,13 +478,7 @@ impl Var {
     pub fn softmax_cross_entropy_with_logits(&self, t: &Var) -> Var {
         let at = Location::caller();
         let r = self.rank().unwrap_or(1);
-        self.apply(
-            Op::Nn(NnOp::SoftmaxCrossEntropy {
-                axis: r.saturating_sub(1),
-            }),
-            &[t],
-            at,
-        )
+        self.apply(Op::Nn(NnOp::SoftmaxCrossEntropy { axis: r.saturating_sub(1) }), &[t], at)
     }
 }
 

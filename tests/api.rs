@@ -10,48 +10,26 @@ fn logistic_regression_trains_with_updates() {
     let w = g.shared("w", Array2::<f32>::zeros((3, 2)));
     let b = g.shared("b", Array1::<f32>::zeros(2));
     let logits = x.matmul(&w) + &b;
-    let cost = logits
-        .softmax(-1)
-        .sparse_categorical_crossentropy(&y)
-        .mean_all();
+    let cost = logits.softmax(-1).sparse_categorical_crossentropy(&y).mean_all();
     let [gw, gb] = g.grad(&cost, [&w, &b]).unwrap();
     let mut step = g
         .function([&x, &y], [&cost])
         .updates([(&w, &w - 0.5 * gw), (&b, &b - 0.5 * gb)])
         .compile(Device::Reference)
         .unwrap();
-    let xs = array![
-        [1.0f32, 0.0, 0.5],
-        [0.0, 1.0, -0.5],
-        [1.0, 0.2, 0.1],
-        [0.1, 1.0, 0.0]
-    ];
+    let xs = array![[1.0f32, 0.0, 0.5], [0.0, 1.0, -0.5], [1.0, 0.2, 0.1], [0.1, 1.0, 0.0]];
     let ys = array![0i64, 1, 0, 1];
-    let first = step
-        .call1(&[xs.clone().into(), ys.clone().into()])
-        .unwrap()
-        .item()
-        .unwrap();
+    let first = step.call1(&[xs.clone().into(), ys.clone().into()]).unwrap().item().unwrap();
     let mut last = first;
     for _ in 0..50 {
-        last = step
-            .call1(&[xs.clone().into(), ys.clone().into()])
-            .unwrap()
-            .item()
-            .unwrap();
+        last = step.call1(&[xs.clone().into(), ys.clone().into()]).unwrap().item().unwrap();
     }
     assert!((first - 2f64.ln()).abs() < 1e-6, "first loss {first}");
     assert!(last < 0.1, "loss did not fall: {first} -> {last}");
-    assert!(
-        step.rewrite_log().count("softmax_cross_entropy") >= 1,
-        "{}",
-        step.rewrite_log()
-    );
+    assert!(step.rewrite_log().count("softmax_cross_entropy") >= 1, "{}", step.rewrite_log());
     // a smaller last batch gets its own specialization
-    let out = step.call1(&[
-        xs.slice(ndarray::s![..3, ..]).to_owned().into(),
-        ys.slice(ndarray::s![..3]).to_owned().into(),
-    ]);
+    let out =
+        step.call1(&[xs.slice(ndarray::s![..3, ..]).to_owned().into(), ys.slice(ndarray::s![..3]).to_owned().into()]);
     assert!(out.is_ok());
 }
 
@@ -61,22 +39,15 @@ fn updates_use_values_from_before_the_call() {
     let g = Graph::new();
     let a = g.shared("a", array![1.0f64]);
     let b = g.shared("b", array![2.0f64]);
-    let mut swap = g
-        .function([], [&(&a + &b)])
-        .updates([(&a, &b * 1.0), (&b, &a * 1.0)])
-        .compile(Device::Reference)
-        .unwrap();
+    let mut swap =
+        g.function([], [&(&a + &b)]).updates([(&a, &b * 1.0), (&b, &a * 1.0)]).compile(Device::Reference).unwrap();
     let out = swap.call(&[]).unwrap();
     assert_eq!(out[0], Tensor::from(array![3.0]));
     assert_eq!(a.value().unwrap(), Tensor::from(array![2.0]));
     assert_eq!(b.value().unwrap(), Tensor::from(array![1.0]));
     // a counter: shared values persist between calls and can be set from Rust
     let c = g.shared("c", ndarray::arr0(0i64));
-    let mut tick = g
-        .function([], [&c])
-        .updates([(&c, &c + 1i64)])
-        .compile(Device::Reference)
-        .unwrap();
+    let mut tick = g.function([], [&c]).updates([(&c, &c + 1i64)]).compile(Device::Reference).unwrap();
     for _ in 0..3 {
         tick.call(&[]).unwrap();
     }
@@ -94,20 +65,10 @@ fn givens_replace_a_variable_in_one_function() {
     let x = g.input("x", F32, [Dim::sym("batch"), 2.into()]);
     let i = g.input("i", I64, [1]);
     let out = (&x * 2.0).sum(&[1]);
-    let mut by_index = g
-        .function([&i], [&out])
-        .givens([(&x, data.take(&i, 0))])
-        .compile(Device::Reference)
-        .unwrap();
-    assert_eq!(
-        by_index.call1(&[array![2i64].into()]).unwrap(),
-        Tensor::from(array![22.0f32])
-    );
+    let mut by_index = g.function([&i], [&out]).givens([(&x, data.take(&i, 0))]).compile(Device::Reference).unwrap();
+    assert_eq!(by_index.call1(&[array![2i64].into()]).unwrap(), Tensor::from(array![22.0f32]));
     let mut plain = g.function([&x], [&out]).compile(Device::Reference).unwrap();
-    assert_eq!(
-        plain.call1(&[array![[1.0f32, 1.0]].into()]).unwrap(),
-        Tensor::from(array![4.0f32])
-    );
+    assert_eq!(plain.call1(&[array![[1.0f32, 1.0]].into()]).unwrap(), Tensor::from(array![4.0f32]));
 }
 
 #[test]
@@ -125,10 +86,7 @@ fn debugprint_dot_and_locations() {
     let with_loc = f.debugprint_with_locations();
     assert!(with_loc.contains("@ tests/api.rs:"), "{with_loc}");
     let dot = f.to_dot();
-    assert!(
-        dot.starts_with("digraph kiln {") && dot.contains("-> out0"),
-        "{dot}"
-    );
+    assert!(dot.starts_with("digraph kiln {") && dot.contains("-> out0"), "{dot}");
     assert_eq!(f.generated_code(), "");
 }
 
@@ -140,10 +98,7 @@ fn printing_is_deterministic() {
         let w = g.shared("w", Array2::<f32>::zeros((5, 5)));
         let c = x.matmul(&w).tanh().softmax(-1).log().mean_all();
         let [gw] = g.grad(&c, [&w]).unwrap();
-        let f = g
-            .function([&x], [&c, &gw])
-            .compile(Device::Reference)
-            .unwrap();
+        let f = g.function([&x], [&c, &gw]).compile(Device::Reference).unwrap();
         (f.debugprint(), f.to_dot(), f.rewrite_log().to_string())
     };
     assert_eq!(build(), build());

@@ -1,15 +1,13 @@
 //! Finite-difference gradient checks (f64, random projection of the output, as Theano's verify_grad)
 //! for every differentiable op and for composed models.
+#![allow(clippy::cloned_ref_to_slice_refs, clippy::type_complexity)]
 
 use kiln::prelude::*;
 use kiln::testing::{random_tensor, verify_grad, GradCheck};
 
 fn check(name: &str, f: impl Fn(&Graph, &[Var]) -> Var, inputs: &[Tensor]) {
     for optimize in [false, true] {
-        let opts = GradCheck {
-            optimize,
-            ..Default::default()
-        };
+        let opts = GradCheck { optimize, ..Default::default() };
         match verify_grad(&f, inputs, opts) {
             Ok(err) => assert!(err < 1e-5, "{name}: error {err}"),
             Err(e) => panic!("{name} (optimize={optimize}): {e}"),
@@ -25,11 +23,7 @@ fn r(shape: &[usize], lo: f64, hi: f64, seed: u64) -> Tensor {
 fn away_from_zero(shape: &[usize], seed: u64) -> Tensor {
     let t = r(shape, 0.2, 2.0, seed).to_f64_vec();
     let s = r(shape, -1.0, 1.0, seed + 1).to_f64_vec();
-    let v: Vec<f64> = t
-        .iter()
-        .zip(s)
-        .map(|(a, b)| if b < 0.0 { -a } else { *a })
-        .collect();
+    let v: Vec<f64> = t.iter().zip(s).map(|(a, b)| if b < 0.0 { -a } else { *a }).collect();
     Tensor::from_f64(F64, shape, &v)
 }
 
@@ -65,23 +59,14 @@ fn unary_ops() {
 
 #[test]
 fn cast_through_f32() {
-    let opts = GradCheck {
-        eps: 1e-2,
-        atol: 1e-4,
-        ..Default::default()
-    };
+    let opts = GradCheck { eps: 1e-2, atol: 1e-4, ..Default::default() };
     let x = r(&[3], -1.0, 1.0, 4);
     verify_grad(|_, v| v[0].cast(F32).cast(F64) * 3.0, &[x], opts).unwrap();
 }
 
 #[test]
 fn binary_ops_with_broadcasting() {
-    let shapes: [(&[usize], &[usize]); 4] = [
-        (&[2, 3], &[2, 3]),
-        (&[2, 3], &[3]),
-        (&[2, 1], &[1, 3]),
-        (&[], &[2, 3]),
-    ];
+    let shapes: [(&[usize], &[usize]); 4] = [(&[2, 3], &[2, 3]), (&[2, 3], &[3]), (&[2, 1], &[1, 3]), (&[], &[2, 3])];
     for (sa, sb) in shapes {
         let (a, b) = (r(sa, -2.0, 2.0, 5), r(sb, -2.0, 2.0, 6));
         let (pa, pb) = (r(sa, 0.5, 2.0, 7), r(sb, 0.5, 2.0, 8));
@@ -91,21 +76,9 @@ fn binary_ops_with_broadcasting() {
         check("div", |_, v| &v[0] / &v[1], &[a.clone(), pb.clone()]);
         check("pow", |_, v| v[0].pow(&v[1]), &[pa.clone(), b.clone()]);
         // distinct values, so the max is differentiable
-        let b2 = Tensor::from_f64(
-            F64,
-            sb,
-            &b.to_f64_vec().iter().map(|x| x + 0.05).collect::<Vec<_>>(),
-        );
-        check(
-            "maximum",
-            |_, v| v[0].maximum(&v[1]),
-            &[a.clone(), b2.clone()],
-        );
-        check(
-            "minimum",
-            |_, v| v[0].minimum(&v[1]),
-            &[a.clone(), b2.clone()],
-        );
+        let b2 = Tensor::from_f64(F64, sb, &b.to_f64_vec().iter().map(|x| x + 0.05).collect::<Vec<_>>());
+        check("maximum", |_, v| v[0].maximum(&v[1]), &[a.clone(), b2.clone()]);
+        check("minimum", |_, v| v[0].minimum(&v[1]), &[a.clone(), b2.clone()]);
     }
 }
 
@@ -113,11 +86,7 @@ fn binary_ops_with_broadcasting() {
 fn where_with_broadcasting() {
     let x = r(&[2, 3], -1.0, 1.0, 9);
     let y = r(&[3], -1.0, 1.0, 10);
-    check(
-        "where",
-        |_, v| v[0].gt(0.0).select(&v[0] * 2.0, &v[1]),
-        &[x, y],
-    );
+    check("where", |_, v| v[0].gt(0.0).select(&v[0] * 2.0, &v[1]), &[x, y]);
 }
 
 #[test]
@@ -136,41 +105,13 @@ fn reductions() {
 
 #[test]
 fn matmul_plain_batched_and_vector() {
-    check(
-        "matmul",
-        |_, v| v[0].matmul(&v[1]),
-        &[r(&[3, 4], -1.0, 1.0, 13), r(&[4, 5], -1.0, 1.0, 14)],
-    );
-    check(
-        "batched",
-        |_, v| v[0].matmul(&v[1]),
-        &[r(&[2, 3, 4], -1.0, 1.0, 15), r(&[2, 4, 5], -1.0, 1.0, 16)],
-    );
-    check(
-        "batch-broadcast",
-        |_, v| v[0].matmul(&v[1]),
-        &[r(&[2, 3, 4], -1.0, 1.0, 17), r(&[4, 5], -1.0, 1.0, 18)],
-    );
-    check(
-        "batch-broadcast-rhs",
-        |_, v| v[0].matmul(&v[1]),
-        &[r(&[3, 4], -1.0, 1.0, 19), r(&[2, 4, 5], -1.0, 1.0, 20)],
-    );
-    check(
-        "matrix-vector",
-        |_, v| v[0].matmul(&v[1]),
-        &[r(&[3, 4], -1.0, 1.0, 21), r(&[4], -1.0, 1.0, 22)],
-    );
-    check(
-        "vector-matrix",
-        |_, v| v[0].matmul(&v[1]),
-        &[r(&[3], -1.0, 1.0, 23), r(&[3, 4], -1.0, 1.0, 24)],
-    );
-    check(
-        "transpose",
-        |_, v| v[0].t().matmul(&v[1]),
-        &[r(&[4, 3], -1.0, 1.0, 25), r(&[4, 2], -1.0, 1.0, 26)],
-    );
+    check("matmul", |_, v| v[0].matmul(&v[1]), &[r(&[3, 4], -1.0, 1.0, 13), r(&[4, 5], -1.0, 1.0, 14)]);
+    check("batched", |_, v| v[0].matmul(&v[1]), &[r(&[2, 3, 4], -1.0, 1.0, 15), r(&[2, 4, 5], -1.0, 1.0, 16)]);
+    check("batch-broadcast", |_, v| v[0].matmul(&v[1]), &[r(&[2, 3, 4], -1.0, 1.0, 17), r(&[4, 5], -1.0, 1.0, 18)]);
+    check("batch-broadcast-rhs", |_, v| v[0].matmul(&v[1]), &[r(&[3, 4], -1.0, 1.0, 19), r(&[2, 4, 5], -1.0, 1.0, 20)]);
+    check("matrix-vector", |_, v| v[0].matmul(&v[1]), &[r(&[3, 4], -1.0, 1.0, 21), r(&[4], -1.0, 1.0, 22)]);
+    check("vector-matrix", |_, v| v[0].matmul(&v[1]), &[r(&[3], -1.0, 1.0, 23), r(&[3, 4], -1.0, 1.0, 24)]);
+    check("transpose", |_, v| v[0].t().matmul(&v[1]), &[r(&[4, 3], -1.0, 1.0, 25), r(&[4, 2], -1.0, 1.0, 26)]);
 }
 
 #[test]
@@ -181,43 +122,16 @@ fn movement() {
     check("permute", |_, v| v[0].permute(&[2, 0, 1]), &[x.clone()]);
     check(
         "broadcast_to",
-        |_, v| {
-            v[0].sum_keepdims(&[1])
-                .broadcast_to(&[5.into(), 2.into(), 3.into(), 4.into()])
-        },
+        |_, v| v[0].sum_keepdims(&[1]).broadcast_to(&[5.into(), 2.into(), 3.into(), 4.into()]),
         &[x.clone()],
     );
-    check(
-        "slice",
-        |_, v| v[0].slice(&[(Some(1), None, 1), (None, None, 2), (Some(-1), Some(0), -2)]),
-        &[x.clone()],
-    );
-    check(
-        "slice_axis",
-        |_, v| v[0].slice_axis(2, Some(1), Some(3), 1),
-        &[x.clone()],
-    );
+    check("slice", |_, v| v[0].slice(&[(Some(1), None, 1), (None, None, 2), (Some(-1), Some(0), -2)]), &[x.clone()]);
+    check("slice_axis", |_, v| v[0].slice_axis(2, Some(1), Some(3), 1), &[x.clone()]);
     let y = r(&[2, 5, 4], -1.0, 1.0, 28);
-    check(
-        "concat",
-        |_, v| concat(&[&v[0], &v[1], &v[0]], 1),
-        &[x.clone(), y],
-    );
-    check(
-        "stack",
-        |_, v| stack(&[&v[0], &v[1]], 1),
-        &[x.clone(), r(&[2, 3, 4], -1.0, 1.0, 29)],
-    );
-    check(
-        "take",
-        |g, v| v[0].take(&g.constant(array![2i64, 0, 2, -1]), 1),
-        &[x.clone()],
-    );
-    check(
-        "take-2d-indices",
-        |g, v| v[0].take(&g.constant(array![[1i64, 0], [3, 3]]), 2),
-        &[x],
-    );
+    check("concat", |_, v| concat(&[&v[0], &v[1], &v[0]], 1), &[x.clone(), y]);
+    check("stack", |_, v| stack(&[&v[0], &v[1]], 1), &[x.clone(), r(&[2, 3, 4], -1.0, 1.0, 29)]);
+    check("take", |g, v| v[0].take(&g.constant(array![2i64, 0, 2, -1]), 1), &[x.clone()]);
+    check("take-2d-indices", |g, v| v[0].take(&g.constant(array![[1i64, 0], [3, 3]]), 2), &[x]);
 }
 
 #[test]
@@ -227,29 +141,14 @@ fn nn_ops_and_losses() {
     check("softmax", |_, v| v[0].softmax(-1), &[z.clone()]);
     check("softmax-axis0", |_, v| v[0].softmax(0), &[z.clone()]);
     check("log_softmax", |_, v| v[0].log_softmax(-1), &[z.clone()]);
-    check(
-        "softmax_cross_entropy",
-        |_, v| v[0].softmax_cross_entropy_with_logits(&v[1]),
-        &[z.clone(), t.clone()],
-    );
-    check(
-        "categorical_crossentropy",
-        |_, v| v[0].softmax(-1).categorical_crossentropy(&v[1]),
-        &[z.clone(), t.clone()],
-    );
+    check("softmax_cross_entropy", |_, v| v[0].softmax_cross_entropy_with_logits(&v[1]), &[z.clone(), t.clone()]);
+    check("categorical_crossentropy", |_, v| v[0].softmax(-1).categorical_crossentropy(&v[1]), &[z.clone(), t.clone()]);
     check(
         "sparse_categorical",
-        |g, v| {
-            v[0].softmax(-1)
-                .sparse_categorical_crossentropy(&g.constant(array![4i64, 0, 2]))
-        },
+        |g, v| v[0].softmax(-1).sparse_categorical_crossentropy(&g.constant(array![4i64, 0, 2])),
         &[z.clone()],
     );
-    check(
-        "binary_crossentropy",
-        |_, v| v[0].sigmoid().binary_crossentropy(&v[1]),
-        &[z, t],
-    );
+    check("binary_crossentropy", |_, v| v[0].sigmoid().binary_crossentropy(&v[1]), &[z, t]);
 }
 
 #[test]
@@ -265,10 +164,7 @@ fn mlp_with_softmax_cross_entropy_l2_and_dropout() {
         // tanh keeps the check away from relu's kink; dropout with a fixed mask
         let h = (v[0].matmul(&v[1]) + &v[2]).tanh().dropout(0.5, &rng);
         let logits = h.matmul(&v[3]) + &v[4];
-        let ce = logits
-            .softmax(-1)
-            .sparse_categorical_crossentropy(&labels)
-            .mean_all();
+        let ce = logits.softmax(-1).sparse_categorical_crossentropy(&labels).mean_all();
         let l2 = (&v[1] * &v[1]).sum_all() * 1e-2 + (&v[3] * &v[3]).sum_all() * 1e-2;
         ce + l2
     };
@@ -285,26 +181,16 @@ fn second_order_hessian_vector_product() {
     let f = w.matmul(&x).tanh().pow(2.0).sum_all();
     let [gx] = g.grad(&f, [&x]).unwrap();
     let [hv] = g.grad(&(&gx * &v).sum_all(), [&x]).unwrap();
-    let mut fun = g
-        .function([&x, &v], [&hv, &gx])
-        .compile(Device::Reference)
-        .unwrap();
+    let mut fun = g.function([&x, &v], [&hv, &gx]).compile(Device::Reference).unwrap();
     let (x0, v0) = (array![0.3, -0.2, 0.5], array![1.0, 0.5, -2.0]);
     let hv0 = fun.call(&[x0.clone().into(), v0.clone().into()]).unwrap()[0].to_f64_vec();
     let eps = 1e-6;
-    let gat = |fun: &mut Function, s: f64| {
-        fun.call(&[(&x0 + &(&v0 * s)).into(), v0.clone().into()])
-            .unwrap()[1]
-            .to_f64_vec()
-    };
+    let gat =
+        |fun: &mut Function, s: f64| fun.call(&[(&x0 + &(&v0 * s)).into(), v0.clone().into()]).unwrap()[1].to_f64_vec();
     let (gp, gm) = (gat(&mut fun, eps), gat(&mut fun, -eps));
     for i in 0..3 {
         let numeric = (gp[i] - gm[i]) / (2.0 * eps);
-        assert!(
-            (numeric - hv0[i]).abs() < 1e-6,
-            "Hv[{i}]: {} vs {numeric}",
-            hv0[i]
-        );
+        assert!((numeric - hv0[i]).abs() < 1e-6, "Hv[{i}]: {} vs {numeric}", hv0[i]);
     }
 }
 
@@ -316,21 +202,10 @@ fn jacobian_and_hessian_helpers() {
         + x.slice(&[(Some(0), Some(1), 1)]).sum_all() * x.slice(&[(Some(1), Some(2), 1)]).sum_all();
     let h = g.hessian(&y, &x).unwrap();
     let j = g.jacobian(&(x.exp()), &x).unwrap();
-    let mut fun = g
-        .function([&x], [&h, &j])
-        .compile(Device::Reference)
-        .unwrap();
+    let mut fun = g.function([&x], [&h, &j]).compile(Device::Reference).unwrap();
     let out = fun.call(&[array![0.5, -1.0].into()]).unwrap();
     assert_eq!(out[0].shape(), &[2, 2]);
-    assert!(
-        out[0].allclose(&Tensor::from(array![[1.0, 1.0], [1.0, 1.0]]), 0.0, 1e-12),
-        "{:?}",
-        out[0]
-    );
+    assert!(out[0].allclose(&Tensor::from(array![[1.0, 1.0], [1.0, 1.0]]), 0.0, 1e-12), "{:?}", out[0]);
     let e = [0.5f64.exp(), (-1.0f64).exp()];
-    assert!(
-        out[1].allclose(&Tensor::from(array![[e[0], 0.0], [0.0, e[1]]]), 1e-12, 0.0),
-        "{:?}",
-        out[1]
-    );
+    assert!(out[1].allclose(&Tensor::from(array![[e[0], 0.0], [0.0, e[1]]]), 1e-12, 0.0), "{:?}", out[1]);
 }

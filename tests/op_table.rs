@@ -2,15 +2,13 @@
 //! reference value against an independent computation (plain Rust loops or ndarray), on shapes that
 //! are not square and with broadcasting. Each row runs both unoptimized and through the full
 //! pipeline (fused), which must agree.
+#![allow(clippy::cloned_ref_to_slice_refs, clippy::type_complexity)]
 
 use kiln::prelude::*;
 use kiln::OptimizeOptions;
 use ndarray::{ArrayD, IxDyn};
 
-const NONE: OptimizeOptions = OptimizeOptions {
-    rewrite: false,
-    fuse: false,
-};
+const NONE: OptimizeOptions = OptimizeOptions { rewrite: false, fuse: false };
 
 /// Builds `f` over inputs declared with `decl` (dtype, dims), checks the output type, evaluates it
 /// on `args` unoptimized and optimized, and compares both to `want`.
@@ -24,26 +22,15 @@ fn row(
     tol: f64,
 ) {
     let g = Graph::new();
-    let vars: Vec<Var> = decl
-        .iter()
-        .enumerate()
-        .map(|(i, (d, s))| g.input(&format!("x{i}"), *d, s.clone()))
-        .collect();
+    let vars: Vec<Var> = decl.iter().enumerate().map(|(i, (d, s))| g.input(&format!("x{i}"), *d, s.clone())).collect();
     let out = f(&g, &vars);
     let t = out.ty().unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(t.to_string(), ty, "{name}: type rule");
     for opts in [NONE, OptimizeOptions::default()] {
-        let mut fun = g
-            .function(vars.iter(), [&out])
-            .optimize(opts)
-            .compile(Device::Reference)
-            .unwrap();
+        let mut fun = g.function(vars.iter(), [&out]).optimize(opts).compile(Device::Reference).unwrap();
         let got = fun.call1(args).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(got.dtype(), want.dtype(), "{name}: dtype");
-        assert!(
-            got.allclose(want, tol, tol),
-            "{name} ({opts:?}):\n got {got:?}\nwant {want:?}"
-        );
+        assert!(got.allclose(want, tol, tol), "{name} ({opts:?}):\n got {got:?}\nwant {want:?}");
     }
 }
 
@@ -88,20 +75,8 @@ fn unary_float_ops() {
         for dtype in [F32, F64] {
             let decl = [(dtype, vec![Dim::sym("n"), 3.into()])];
             let ty = format!("{dtype}[n,3]");
-            let arg = Tensor::from_f64(
-                dtype,
-                &[2, 3],
-                &input.iter().map(|&v| v as f32 as f64).collect::<Vec<_>>(),
-            );
-            row(
-                name,
-                &decl,
-                |_, v| v[0].unary(op),
-                &ty,
-                &[arg],
-                &Tensor::from_f64(dtype, &[2, 3], &want),
-                2e-7,
-            );
+            let arg = Tensor::from_f64(dtype, &[2, 3], &input.iter().map(|&v| v as f32 as f64).collect::<Vec<_>>());
+            row(name, &decl, |_, v| v[0].unary(op), &ty, &[arg], &Tensor::from_f64(dtype, &[2, 3], &want), 2e-7);
         }
     }
 }
@@ -110,42 +85,10 @@ fn unary_float_ops() {
 fn unary_int_bool_and_cast() {
     let xi = Tensor::from(array![[-3i64, 0, 5], [7, -1, 2]]);
     let d = [fixed(I64, &[2, 3])];
-    row(
-        "neg i64",
-        &d,
-        |_, v| -&v[0],
-        "i64[2,3]",
-        &[xi.clone()],
-        &array![[3i64, 0, -5], [-7, 1, -2]].into(),
-        0.0,
-    );
-    row(
-        "abs i64",
-        &d,
-        |_, v| v[0].abs(),
-        "i64[2,3]",
-        &[xi.clone()],
-        &array![[3i64, 0, 5], [7, 1, 2]].into(),
-        0.0,
-    );
-    row(
-        "sign i64",
-        &d,
-        |_, v| v[0].sign(),
-        "i64[2,3]",
-        &[xi.clone()],
-        &array![[-1i64, 0, 1], [1, -1, 1]].into(),
-        0.0,
-    );
-    row(
-        "relu i64",
-        &d,
-        |_, v| v[0].relu(),
-        "i64[2,3]",
-        &[xi.clone()],
-        &array![[0i64, 0, 5], [7, 0, 2]].into(),
-        0.0,
-    );
+    row("neg i64", &d, |_, v| -&v[0], "i64[2,3]", &[xi.clone()], &array![[3i64, 0, -5], [-7, 1, -2]].into(), 0.0);
+    row("abs i64", &d, |_, v| v[0].abs(), "i64[2,3]", &[xi.clone()], &array![[3i64, 0, 5], [7, 1, 2]].into(), 0.0);
+    row("sign i64", &d, |_, v| v[0].sign(), "i64[2,3]", &[xi.clone()], &array![[-1i64, 0, 1], [1, -1, 1]].into(), 0.0);
+    row("relu i64", &d, |_, v| v[0].relu(), "i64[2,3]", &[xi.clone()], &array![[0i64, 0, 5], [7, 0, 2]].into(), 0.0);
     row(
         "cast i64->f32",
         &d,
@@ -184,15 +127,7 @@ fn unary_int_bool_and_cast() {
         0.0,
     );
     let b = Tensor::from(array![true, false]);
-    row(
-        "not",
-        &[fixed(Bool, &[2])],
-        |_, v| v[0].not(),
-        "bool[2]",
-        &[b],
-        &array![false, true].into(),
-        0.0,
-    );
+    row("not", &[fixed(Bool, &[2])], |_, v| v[0].not(), "bool[2]", &[b], &array![false, true].into(), 0.0);
 }
 
 /// numpy broadcasting of two shapes by explicit index arithmetic (independent of ndarray's).
@@ -251,13 +186,7 @@ fn binary_ops_broadcast() {
         let na: usize = sa.iter().product();
         let nb: usize = sb.iter().product();
         let a = f32s(sa, &seq(na, 0.5, 0.25));
-        let b = f32s(
-            sb,
-            &seq(nb, -0.75, 1.0)
-                .iter()
-                .map(|v| (v * 4.0).round() / 4.0)
-                .collect::<Vec<_>>(),
-        );
+        let b = f32s(sb, &seq(nb, -0.75, 1.0).iter().map(|v| (v * 4.0).round() / 4.0).collect::<Vec<_>>());
         let decl = [fixed(F32, sa), fixed(F32, sb)];
         for (op, f) in &arith {
             let (shape, v) = broadcast_apply(&a, &b, *f);
@@ -327,15 +256,7 @@ fn binary_ops_broadcast() {
         &array![[true, false], [true, false]].into(),
         0.0,
     );
-    row(
-        "or",
-        &d,
-        |_, v| v[0].or(&v[1]),
-        "bool[2,2]",
-        &[p, q],
-        &array![[true, false], [true, true]].into(),
-        0.0,
-    );
+    row("or", &d, |_, v| v[0].or(&v[1]), "bool[2,2]", &[p, q], &array![[true, false], [true, true]].into(), 0.0);
 }
 
 #[test]
@@ -359,10 +280,7 @@ fn where_broadcast() {
 fn reductions_over_axis_sets() {
     let x: ArrayD<f64> = ArrayD::from_shape_vec(
         IxDyn(&[2, 3, 4]),
-        seq(24, 0.37, -4.1)
-            .iter()
-            .map(|v| (v * 7.0f64).sin() * 3.0)
-            .collect(),
+        seq(24, 0.37, -4.1).iter().map(|v| (v * 7.0f64).sin() * 3.0).collect(),
     )
     .unwrap();
     let t = Tensor::F64(x.clone());
@@ -381,21 +299,10 @@ fn reductions_over_axis_sets() {
         ("max", |l| l.fold(f64::NEG_INFINITY, |a, &b| a.max(b))),
         ("min", |l| l.fold(f64::INFINITY, |a, &b| a.min(b))),
     ];
-    for axes in [
-        vec![0usize],
-        vec![1],
-        vec![2],
-        vec![0, 2],
-        vec![1, 2],
-        vec![0, 1, 2],
-    ] {
+    for axes in [vec![0usize], vec![1], vec![2], vec![0, 2], vec![1, 2], vec![0, 1, 2]] {
         let iaxes: Vec<isize> = axes.iter().map(|&a| a as isize).collect();
-        let kept: Vec<String> = ["b", "3", "4"]
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !axes.contains(i))
-            .map(|(_, s)| s.to_string())
-            .collect();
+        let kept: Vec<String> =
+            ["b", "3", "4"].iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, s)| s.to_string()).collect();
         let ty = format!("f64[{}]", kept.join(","));
         for (name, f) in &ops {
             // nested single-axis folds equal one fold over the set for sum, max and min
@@ -405,86 +312,34 @@ fn reductions_over_axis_sets() {
                 "max" => ReduceOp::Max,
                 _ => ReduceOp::Min,
             };
-            row(
-                name,
-                &d,
-                |_, v| v[0].reduce(op, &iaxes, false),
-                &ty,
-                &[t.clone()],
-                &want,
-                1e-12,
-            );
+            row(name, &d, |_, v| v[0].reduce(op, &iaxes, false), &ty, &[t.clone()], &want, 1e-12);
         }
         let n: usize = axes.iter().map(|&a| [2, 3, 4][a]).product();
         let want_mean = Tensor::F64(along(&axes, &|l| l.sum()) / n as f64);
-        row(
-            "mean",
-            &d,
-            |_, v| v[0].mean(&iaxes),
-            &ty,
-            &[t.clone()],
-            &want_mean,
-            1e-12,
-        );
+        row("mean", &d, |_, v| v[0].mean(&iaxes), &ty, &[t.clone()], &want_mean, 1e-12);
     }
     // keepdims, prod, argmax (over one axis and over a set, flattened row-major)
     let kd = Tensor::F64(x.sum_axis(ndarray::Axis(1)).insert_axis(ndarray::Axis(1)));
-    row(
-        "sum keepdims",
-        &d,
-        |_, v| v[0].sum_keepdims(&[1]),
-        "f64[b,1,4]",
-        &[t.clone()],
-        &kd,
-        1e-12,
-    );
+    row("sum keepdims", &d, |_, v| v[0].sum_keepdims(&[1]), "f64[b,1,4]", &[t.clone()], &kd, 1e-12);
     let pr = Tensor::F64(x.map_axis(ndarray::Axis(2), |l| l.iter().product()));
-    row(
-        "prod",
-        &d,
-        |_, v| v[0].prod(&[-1]),
-        "f64[b,3]",
-        &[t.clone()],
-        &pr,
-        1e-12,
-    );
+    row("prod", &d, |_, v| v[0].prod(&[-1]), "f64[b,3]", &[t.clone()], &pr, 1e-12);
     let am: Vec<f64> = x
         .lanes(ndarray::Axis(1))
         .into_iter()
         .map(|l| {
             l.iter()
                 .enumerate()
-                .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &v)| {
-                    if v > bv {
-                        (i, v)
-                    } else {
-                        (bi, bv)
-                    }
-                })
+                .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) })
                 .0 as f64
         })
         .collect();
-    row(
-        "argmax",
-        &d,
-        |_, v| v[0].argmax(1),
-        "i64[b,4]",
-        &[t.clone()],
-        &Tensor::from_f64(I64, &[2, 4], &am),
-        0.0,
-    );
+    row("argmax", &d, |_, v| v[0].argmax(1), "i64[b,4]", &[t.clone()], &Tensor::from_f64(I64, &[2, 4], &am), 0.0);
     let flat: Vec<f64> = (0..2)
         .map(|b| {
             let v: Vec<f64> = (0..12).map(|k| x[[b, k / 4, k % 4]]).collect();
             v.iter()
                 .enumerate()
-                .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &w)| {
-                    if w > bv {
-                        (i, w)
-                    } else {
-                        (bi, bv)
-                    }
-                })
+                .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &w)| if w > bv { (i, w) } else { (bi, bv) })
                 .0 as f64
         })
         .collect();
@@ -568,43 +423,13 @@ fn movement_ops() {
     let xv = seq(24, 1.0, 0.0);
     let x = f32s(&[2, 3, 4], &xv);
     let d = [(F32, vec![Dim::sym("batch"), 3.into(), 4.into()])];
-    row(
-        "reshape",
-        &d,
-        |_, v| v[0].reshape(&[-1, 12]),
-        "f32[batch,12]",
-        &[x.clone()],
-        &f32s(&[2, 12], &xv),
-        0.0,
-    );
-    row(
-        "flatten",
-        &d,
-        |_, v| v[0].flatten(),
-        "f32[batch,12]",
-        &[x.clone()],
-        &f32s(&[2, 12], &xv),
-        0.0,
-    );
+    row("reshape", &d, |_, v| v[0].reshape(&[-1, 12]), "f32[batch,12]", &[x.clone()], &f32s(&[2, 12], &xv), 0.0);
+    row("flatten", &d, |_, v| v[0].flatten(), "f32[batch,12]", &[x.clone()], &f32s(&[2, 12], &xv), 0.0);
     let xa = ArrayD::from_shape_vec(IxDyn(&[2, 3, 4]), xv.clone()).unwrap();
-    let p = xa
-        .view()
-        .permuted_axes(vec![2, 0, 1])
-        .as_standard_layout()
-        .into_owned();
-    row(
-        "permute",
-        &d,
-        |_, v| v[0].permute(&[2, 0, 1]),
-        "f32[4,batch,3]",
-        &[x.clone()],
-        &Tensor::F64(p).cast(F32),
-        0.0,
-    );
+    let p = xa.view().permuted_axes(vec![2, 0, 1]).as_standard_layout().into_owned();
+    row("permute", &d, |_, v| v[0].permute(&[2, 0, 1]), "f32[4,batch,3]", &[x.clone()], &Tensor::F64(p).cast(F32), 0.0);
     let b = f32s(&[3, 1], &[1.0, 2.0, 3.0]);
-    let bw: Vec<f64> = (0..2)
-        .flat_map(|_| (0..3).flat_map(|i| vec![(i + 1) as f64; 4]))
-        .collect();
+    let bw: Vec<f64> = (0..2).flat_map(|_| (0..3).flat_map(|i| vec![(i + 1) as f64; 4])).collect();
     row(
         "broadcast_to",
         &[fixed(F32, &[3, 1])],
@@ -639,20 +464,10 @@ fn movement_ops() {
         cat.extend(seq(8, -1.0, 0.0)[i * 4..i * 4 + 4].iter());
     }
     let d2 = [fixed(F32, &[2, 3, 4]), fixed(F32, &[2, 1, 4])];
-    row(
-        "concat",
-        &d2,
-        |_, v| concat(&[&v[0], &v[1]], 1),
-        "f32[2,4,4]",
-        &[x.clone(), y],
-        &f32s(&[2, 4, 4], &cat),
-        0.0,
-    );
+    row("concat", &d2, |_, v| concat(&[&v[0], &v[1]], 1), "f32[2,4,4]", &[x.clone(), y], &f32s(&[2, 4, 4], &cat), 0.0);
     let d3 = [fixed(F32, &[2, 3]), fixed(F32, &[2, 3])];
     let (s1, s2) = (seq(6, 1.0, 0.0), seq(6, 1.0, 10.0));
-    let st: Vec<f64> = (0..2)
-        .flat_map(|i| [&s1[i * 3..i * 3 + 3], &s2[i * 3..i * 3 + 3]].concat())
-        .collect();
+    let st: Vec<f64> = (0..2).flat_map(|i| [&s1[i * 3..i * 3 + 3], &s2[i * 3..i * 3 + 3]].concat()).collect();
     row(
         "stack",
         &d3,
@@ -665,9 +480,7 @@ fn movement_ops() {
     // take along axis 2 with 2-d indices [[3, 0], [-1, 1]]
     let idx = [3usize, 0, 3, 1];
     let xr = &xv;
-    let tk: Vec<f64> = (0..6)
-        .flat_map(|r| idx.iter().map(move |&k| xr[r * 4 + k]))
-        .collect();
+    let tk: Vec<f64> = (0..6).flat_map(|r| idx.iter().map(move |&k| xr[r * 4 + k])).collect();
     let dt = [fixed(F32, &[2, 3, 4]), fixed(I64, &[2, 2])];
     row(
         "take",
@@ -680,15 +493,7 @@ fn movement_ops() {
     );
     let labels = Tensor::from(array![2i64, 0, 1]);
     let oh = f32s(&[3, 3], &[0., 0., 1., 1., 0., 0., 0., 1., 0.]);
-    row(
-        "one_hot",
-        &[(I64, vec![Dim::sym("n")])],
-        |_, v| v[0].one_hot(3, F32),
-        "f32[n,3]",
-        &[labels],
-        &oh,
-        0.0,
-    );
+    row("one_hot", &[(I64, vec![Dim::sym("n")])], |_, v| v[0].one_hot(3, F32), "f32[n,3]", &[labels], &oh, 0.0);
 }
 
 #[test]
@@ -699,10 +504,7 @@ fn nn_ops() {
         let m = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         m + r.iter().map(|v| (v - m).exp()).sum::<f64>().ln()
     };
-    let ls: Vec<f64> = zv
-        .chunks(3)
-        .flat_map(|r| r.iter().map(move |v| v - lse(r)))
-        .collect();
+    let ls: Vec<f64> = zv.chunks(3).flat_map(|r| r.iter().map(move |v| v - lse(r))).collect();
     let d = [(F64, vec![Dim::sym("batch"), 3.into()])];
     row(
         "log_softmax",
@@ -724,13 +526,8 @@ fn nn_ops() {
         1e-12,
     );
     let t = Tensor::from_f64(F64, &[2, 3], &[0.0, 0.5, 0.5, 1.0, 0.0, 0.0]);
-    let ce: Vec<f64> = (0..2)
-        .map(|r| {
-            -(0..3)
-                .map(|c| t.to_f64_vec()[r * 3 + c] * ls[r * 3 + c])
-                .sum::<f64>()
-        })
-        .collect();
+    let ce: Vec<f64> =
+        (0..2).map(|r| -(0..3).map(|c| t.to_f64_vec()[r * 3 + c] * ls[r * 3 + c]).sum::<f64>()).collect();
     let d2 = [d[0].clone(), d[0].clone()];
     let want = Tensor::from_f64(F64, &[2], &ce);
     row(
@@ -745,18 +542,10 @@ fn nn_ops() {
     // The naive compositions, on moderate logits (at 1000 the unoptimized form is NaN, which is what
     // stabilization is for; the rewrite tests cover that).
     let zm = Tensor::from_f64(F64, &[2, 3], &[1.0, 2.0, 3.0, -1.0, 0.0, 4.0]);
-    let lsm: Vec<f64> = zm
-        .to_f64_vec()
-        .chunks(3)
-        .flat_map(|r| r.iter().map(move |v| v - lse(r)).collect::<Vec<_>>())
-        .collect();
-    let cem: Vec<f64> = (0..2)
-        .map(|r| {
-            -(0..3)
-                .map(|c| t.to_f64_vec()[r * 3 + c] * lsm[r * 3 + c])
-                .sum::<f64>()
-        })
-        .collect();
+    let lsm: Vec<f64> =
+        zm.to_f64_vec().chunks(3).flat_map(|r| r.iter().map(move |v| v - lse(r)).collect::<Vec<_>>()).collect();
+    let cem: Vec<f64> =
+        (0..2).map(|r| -(0..3).map(|c| t.to_f64_vec()[r * 3 + c] * lsm[r * 3 + c]).sum::<f64>()).collect();
     let want = Tensor::from_f64(F64, &[2], &cem);
     row(
         "categorical_ce",
@@ -781,12 +570,8 @@ fn nn_ops() {
     );
     let p = Tensor::from_f64(F64, &[2, 3], &[0.1, 0.5, 0.9, 0.3, 0.7, 0.2]);
     let tb = Tensor::from_f64(F64, &[2, 3], &[0.0, 1.0, 1.0, 1.0, 0.0, 0.5]);
-    let bce: Vec<f64> = p
-        .to_f64_vec()
-        .iter()
-        .zip(tb.to_f64_vec())
-        .map(|(p, t)| -(t * p.ln() + (1.0 - t) * (1.0 - p).ln()))
-        .collect();
+    let bce: Vec<f64> =
+        p.to_f64_vec().iter().zip(tb.to_f64_vec()).map(|(p, t)| -(t * p.ln() + (1.0 - t) * (1.0 - p).ln())).collect();
     row(
         "binary_ce",
         &d2,
@@ -809,10 +594,7 @@ fn random_ops_types_statistics_and_reproducibility() {
     let b = rng.bernoulli(&shape, 0.3, F32);
     assert_eq!(u.ty().unwrap().to_string(), "f32[n,1000]");
     assert_eq!(n.ty().unwrap().to_string(), "f64[n,1000]");
-    let mut f = g
-        .function([&x], [&u, &n, &b])
-        .compile(Device::Reference)
-        .unwrap();
+    let mut f = g.function([&x], [&u, &n, &b]).compile(Device::Reference).unwrap();
     let arg: Tensor = ndarray::Array2::<f32>::zeros((20, 1000)).into();
     let first = f.call(&[arg.clone()]).unwrap();
     let stats = |t: &Tensor| {
@@ -827,20 +609,11 @@ fn random_ops_types_statistics_and_reproducibility() {
         )
     };
     let (um, _, ulo, uhi) = stats(&first[0]);
-    assert!(
-        (um - 1.0).abs() < 0.03 && ulo >= -1.0 && uhi < 3.0,
-        "uniform {um} {ulo} {uhi}"
-    );
+    assert!((um - 1.0).abs() < 0.03 && ulo >= -1.0 && uhi < 3.0, "uniform {um} {ulo} {uhi}");
     let (nm, ns, _, _) = stats(&first[1]);
-    assert!(
-        (nm - 2.0).abs() < 0.02 && (ns - 0.5).abs() < 0.02,
-        "normal {nm} {ns}"
-    );
+    assert!((nm - 2.0).abs() < 0.02 && (ns - 0.5).abs() < 0.02, "normal {nm} {ns}");
     let (bm, _, blo, bhi) = stats(&first[2]);
-    assert!(
-        (bm - 0.3).abs() < 0.02 && blo == 0.0 && bhi == 1.0,
-        "bernoulli {bm}"
-    );
+    assert!((bm - 0.3).abs() < 0.02 && blo == 0.0 && bhi == 1.0, "bernoulli {bm}");
     // the state advances: the next call draws other numbers; the same seed replays them
     let second = f.call(&[arg.clone()]).unwrap();
     assert_ne!(first[0], second[0]);

@@ -1,6 +1,7 @@
 //! Property test: random graphs give the same values optimized (every pass, fusion included) and
 //! unoptimized. Where the unoptimized graph overflows or cancels to a non-finite value the optimized
 //! one may be finite (that is what stabilization is for), so only finite reference values are compared.
+#![allow(clippy::cloned_ref_to_slice_refs, clippy::type_complexity)]
 
 use kiln::prelude::*;
 use kiln::testing::random_tensor;
@@ -50,22 +51,9 @@ const UNARY: [UnaryOp; 18] = [
     UnaryOp::Floor,
     UnaryOp::Ceil,
 ];
-const BINARY: [BinaryOp; 7] = [
-    BinaryOp::Add,
-    BinaryOp::Sub,
-    BinaryOp::Mul,
-    BinaryOp::Div,
-    BinaryOp::Pow,
-    BinaryOp::Maximum,
-    BinaryOp::Minimum,
-];
-const REDUCE: [ReduceOp; 5] = [
-    ReduceOp::Sum,
-    ReduceOp::Mean,
-    ReduceOp::Max,
-    ReduceOp::Min,
-    ReduceOp::Prod,
-];
+const BINARY: [BinaryOp; 7] =
+    [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Pow, BinaryOp::Maximum, BinaryOp::Minimum];
+const REDUCE: [ReduceOp; 5] = [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min, ReduceOp::Prod];
 
 /// Builds the program over three inputs of broadcast-compatible shapes; returns the outputs.
 fn build(g: &Graph, inputs: &[Var], steps: &[Step]) -> Vec<Var> {
@@ -74,8 +62,8 @@ fn build(g: &Graph, inputs: &[Var], steps: &[Step]) -> Vec<Var> {
         let pick = |i: usize| pool[i % pool.len()].clone();
         let v = match *s {
             Step::Unary(o, a) => pick(a).unary(UNARY[o]),
-            Step::Binary(o, a, b) => pick(a).binary(BINARY[o], &pick(b)),
-            Step::Where(c, a, b) => pick(c).gt(0.0).select(&pick(a), &pick(b)),
+            Step::Binary(o, a, b) => pick(a).binary(BINARY[o], pick(b)),
+            Step::Where(c, a, b) => pick(c).gt(0.0).select(pick(a), pick(b)),
             Step::ReduceKeep(o, a, ax) => {
                 let v = pick(a);
                 let r = v.rank().unwrap().max(1);

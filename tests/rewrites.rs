@@ -5,17 +5,11 @@
 use kiln::prelude::*;
 use kiln::OptimizeOptions;
 
-const NO_FUSION: OptimizeOptions = OptimizeOptions {
-    rewrite: true,
-    fuse: false,
-};
+const NO_FUSION: OptimizeOptions = OptimizeOptions { rewrite: true, fuse: false };
 
 fn optimized(g: &Graph, inputs: &[&Var], outputs: &[&Var], opts: OptimizeOptions) -> String {
-    let f = g
-        .function(inputs.iter().copied(), outputs.iter().copied())
-        .optimize(opts)
-        .compile(Device::Reference)
-        .unwrap();
+    let f =
+        g.function(inputs.iter().copied(), outputs.iter().copied()).optimize(opts).compile(Device::Reference).unwrap();
     format!("{}\n-- rules fired --\n{}", f.debugprint(), f.rewrite_log())
 }
 
@@ -40,12 +34,7 @@ fn stabilize() {
     let bce = z.sigmoid().binary_crossentropy(&t).mean_all();
     let l1p = (z.exp() + 1.0).log();
     let em1 = z.exp() - 1.0;
-    insta::assert_snapshot!(optimized(
-        &g,
-        &[&z, &t],
-        &[&ce, &bce, &l1p, &em1],
-        NO_FUSION
-    ));
+    insta::assert_snapshot!(optimized(&g, &[&z, &t], &[&ce, &bce, &l1p, &em1], NO_FUSION));
 }
 
 #[test]
@@ -71,12 +60,7 @@ fn fusion_of_elementwise_regions_and_reduction_prologues() {
     let h = (x.matmul(&w) + &b).relu();
     // an elementwise chain whose result feeds a sum: one kernel with a reduction epilogue
     let cost = ((&h - 0.5) * (&h - 0.5)).mean_all();
-    insta::assert_snapshot!(optimized(
-        &g,
-        &[&x],
-        &[&cost, &h],
-        OptimizeOptions::default()
-    ));
+    insta::assert_snapshot!(optimized(&g, &[&x], &[&cost, &h], OptimizeOptions::default()));
 }
 
 #[test]
@@ -86,21 +70,14 @@ fn sgd_training_step_graph() {
     let y = g.input("y", I64, [Dim::sym("batch")]);
     let w = g.shared("w", Array2::<f32>::zeros((4, 3)));
     let b = g.shared("b", Array1::<f32>::zeros(3));
-    let cost = (x.matmul(&w) + &b)
-        .softmax(-1)
-        .sparse_categorical_crossentropy(&y)
-        .mean_all();
+    let cost = (x.matmul(&w) + &b).softmax(-1).sparse_categorical_crossentropy(&y).mean_all();
     let [gw, gb] = g.grad(&cost, [&w, &b]).unwrap();
     let f = g
         .function([&x, &y], [&cost])
         .updates([(&w, &w - 0.1 * gw), (&b, &b - 0.1 * gb)])
         .compile(Device::Reference)
         .unwrap();
-    insta::assert_snapshot!(format!(
-        "{}\n-- rules fired --\n{}",
-        f.debugprint(),
-        f.rewrite_log()
-    ));
+    insta::assert_snapshot!(format!("{}\n-- rules fired --\n{}", f.debugprint(), f.rewrite_log()));
     insta::assert_snapshot!("sgd_training_step_dot", f.to_dot());
 }
 
@@ -111,10 +88,7 @@ fn log_one_plus_exp_800_is_800() {
     let x = g.input("x", F64, [2]);
     let y = (x.exp() + 1.0).log();
     let mut f = g.function([&x], [&y]).compile(Device::Reference).unwrap();
-    let out = f
-        .call1(&[array![800.0, -700.0].into()])
-        .unwrap()
-        .to_f64_vec();
+    let out = f.call1(&[array![800.0, -700.0].into()]).unwrap().to_f64_vec();
     assert_eq!(out[0], 800.0);
     // log(1 + e^-700) = e^-700 to full precision (the naive form rounds it to 0)
     assert!((out[1] / (-700f64).exp() - 1.0).abs() < 1e-15, "{}", out[1]);
@@ -122,21 +96,11 @@ fn log_one_plus_exp_800_is_800() {
     let c = (g.scalar(F64, 800.0).exp() + 1.0).log();
     let mut f = g.function([], [&c]).compile(Device::Reference).unwrap();
     assert_eq!(f.call1(&[]).unwrap().item(), Some(800.0));
-    assert!(
-        f.debugprint().starts_with("800.0 [id A]"),
-        "{}",
-        f.debugprint()
-    );
+    assert!(f.debugprint().starts_with("800.0 [id A]"), "{}", f.debugprint());
     // and in f32
     let z = g.input("z", F32, [1]);
-    let mut f = g
-        .function([&z], [&(z.exp() + 1.0).log()])
-        .compile(Device::Reference)
-        .unwrap();
-    assert_eq!(
-        f.call1(&[array![800.0f32].into()]).unwrap().item(),
-        Some(800.0)
-    );
+    let mut f = g.function([&z], [&(z.exp() + 1.0).log()]).compile(Device::Reference).unwrap();
+    assert_eq!(f.call1(&[array![800.0f32].into()]).unwrap().item(), Some(800.0));
 }
 
 #[test]
@@ -159,10 +123,7 @@ fn log_softmax_gradient_at_1e4_is_finite_and_right() {
         for c in 0..4 {
             let want = wv[r][c] - (row[c] - m).exp() / z * sw;
             let v = got[r * 4 + c];
-            assert!(
-                v.is_finite() && (v - want).abs() < 1e-12,
-                "[{r},{c}] {v} vs {want}"
-            );
+            assert!(v.is_finite() && (v - want).abs() < 1e-12, "[{r},{c}] {v} vs {want}");
         }
     }
 }
@@ -173,32 +134,17 @@ fn sgd_with_huge_learning_rate_drives_softmax_cross_entropy_to_zero() {
     let x = g.input("x", F32, [Dim::sym("n"), 3.into()]);
     let y = g.input("y", I64, [Dim::sym("n")]);
     let w = g.shared("w", Array2::<f32>::zeros((3, 3)));
-    let cost = x
-        .matmul(&w)
-        .softmax(-1)
-        .sparse_categorical_crossentropy(&y)
-        .mean_all();
+    let cost = x.matmul(&w).softmax(-1).sparse_categorical_crossentropy(&y).mean_all();
     let [gw] = g.grad(&cost, [&w]).unwrap();
-    let mut step = g
-        .function([&x, &y], [&cost])
-        .updates([(&w, &w - 1e4 * gw)])
-        .compile(Device::Reference)
-        .unwrap();
+    let mut step = g.function([&x, &y], [&cost]).updates([(&w, &w - 1e4 * gw)]).compile(Device::Reference).unwrap();
     let xs = array![[1.0f32, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
     let ys = array![2i64, 0, 1];
     let mut loss = f64::NAN;
     for i in 0..100 {
-        loss = step
-            .call1(&[xs.clone().into(), ys.clone().into()])
-            .unwrap()
-            .item()
-            .unwrap();
+        loss = step.call1(&[xs.clone().into(), ys.clone().into()]).unwrap().item().unwrap();
         assert!(loss.is_finite(), "step {i}: loss {loss}");
     }
     assert!(loss < 1e-6, "final loss {loss}");
     let wv = w.value().unwrap();
-    assert!(
-        wv.to_f64_vec().iter().all(|v| v.is_finite()),
-        "weights {wv:?}"
-    );
+    assert!(wv.to_f64_vec().iter().all(|v| v.is_finite()), "weights {wv:?}");
 }

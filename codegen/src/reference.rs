@@ -15,10 +15,7 @@ impl Backend for Reference {
         "reference"
     }
     fn compile(&self, program: &Program, _opts: &CompileOptions) -> Result<Box<dyn Executable>> {
-        Ok(Box::new(Interpreter {
-            program: program.clone(),
-            cache: HashMap::new(),
-        }))
+        Ok(Box::new(Interpreter { program: program.clone(), cache: HashMap::new() }))
     }
 }
 
@@ -50,14 +47,7 @@ impl Interpreter {
             for &o in graph.outputs() {
                 last_use.insert(o, usize::MAX);
             }
-            self.cache.insert(
-                key.clone(),
-                Plan {
-                    graph,
-                    order,
-                    last_use,
-                },
-            );
+            self.cache.insert(key.clone(), Plan { graph, order, last_use });
         }
         Ok(&self.cache[&key])
     }
@@ -65,11 +55,7 @@ impl Interpreter {
 
 impl Executable for Interpreter {
     fn run(&mut self, inputs: &[&Tensor], shared: &[&Tensor]) -> Result<Vec<Tensor>> {
-        let key: Vec<Vec<usize>> = inputs
-            .iter()
-            .chain(shared)
-            .map(|t| t.shape().to_vec())
-            .collect();
+        let key: Vec<Vec<usize>> = inputs.iter().chain(shared).map(|t| t.shape().to_vec()).collect();
         let bound: HashMap<NodeId, &Tensor> = self
             .program
             .inputs
@@ -86,13 +72,11 @@ impl Executable for Interpreter {
                 Some(t) => (*t).clone(),
                 None => {
                     let args: Vec<&Tensor> = node.inputs.iter().map(|i| &values[i]).collect();
-                    node.op
-                        .eval(&args, &node.ty)
-                        .map_err(|detail| Error::Runtime {
-                            op: node.op.label(),
-                            detail,
-                            at: node.at,
-                        })?
+                    node.op.eval(&args, &node.ty).map_err(|detail| Error::Runtime {
+                        op: node.op.label(),
+                        detail,
+                        at: node.at,
+                    })?
                 }
             };
             values.insert(n, v);
@@ -102,12 +86,7 @@ impl Executable for Interpreter {
                 }
             }
         }
-        Ok(plan
-            .graph
-            .outputs()
-            .iter()
-            .map(|o| values[o].clone())
-            .collect())
+        Ok(plan.graph.outputs().iter().map(|o| values[o].clone()).collect())
     }
 
     fn generated_code(&self) -> String {

@@ -10,8 +10,7 @@ use std::sync::Arc;
 
 impl Graph {
     pub fn constant(&mut self, value: Tensor, at: Loc) -> NodeId {
-        self.add(Op::Source(SourceOp::Constant(Arc::new(value))), &[], at)
-            .expect("constants always type")
+        self.add(Op::Source(SourceOp::Constant(Arc::new(value))), &[], at).expect("constants always type")
     }
     /// A 0-d constant of the given dtype.
     pub fn scalar(&mut self, dtype: DType, value: f64, at: Loc) -> NodeId {
@@ -57,14 +56,7 @@ impl Graph {
     pub fn where_(&mut self, c: NodeId, a: NodeId, b: NodeId, at: Loc) -> Result<NodeId> {
         self.add(Op::Where, &[c, a, b], at)
     }
-    pub fn reduce(
-        &mut self,
-        op: ReduceOp,
-        x: NodeId,
-        axes: &[usize],
-        keepdims: bool,
-        at: Loc,
-    ) -> Result<NodeId> {
+    pub fn reduce(&mut self, op: ReduceOp, x: NodeId, axes: &[usize], keepdims: bool, at: Loc) -> Result<NodeId> {
         let mut axes = axes.to_vec();
         axes.sort_unstable();
         axes.dedup();
@@ -118,14 +110,8 @@ impl Graph {
         }
         let lead = gshape.len() - shape.len();
         let lead_axes: Vec<usize> = (0..lead).collect();
-        let mut x = if lead > 0 {
-            self.sum(g, &lead_axes, false, at)?
-        } else {
-            g
-        };
-        let ones: Vec<usize> = (0..shape.len())
-            .filter(|&i| shape[i].is_one() && !gshape[lead + i].is_one())
-            .collect();
+        let mut x = if lead > 0 { self.sum(g, &lead_axes, false, at)? } else { g };
+        let ones: Vec<usize> = (0..shape.len()).filter(|&i| shape[i].is_one() && !gshape[lead + i].is_one()).collect();
         if !ones.is_empty() {
             x = self.sum(x, &ones, true, at)?;
         }

@@ -31,12 +31,7 @@ fn describe(g: &Graph, n: NodeId) -> String {
 }
 
 /// The gradients of scalar `cost` with respect to each of `wrt`.
-pub fn grad(
-    g: &mut Graph,
-    cost: NodeId,
-    wrt: &[NodeId],
-    disconnected: Disconnected,
-) -> Result<Vec<NodeId>> {
+pub fn grad(g: &mut Graph, cost: NodeId, wrt: &[NodeId], disconnected: Disconnected) -> Result<Vec<NodeId>> {
     let cty = g.ty(cost).clone();
     if cty.rank() != 0 || !cty.dtype.is_float() {
         return Err(Error::Grad {
@@ -90,10 +85,7 @@ pub fn grad(
         let op = g.op(n).clone();
         let grads = op.vjp(g, n, total)?;
         let inputs = g.inputs(n).to_vec();
-        for (i, gi) in inputs
-            .into_iter()
-            .zip(grads.into_iter().chain(std::iter::repeat(None)))
-        {
+        for (i, gi) in inputs.into_iter().zip(grads.into_iter().chain(std::iter::repeat(None))) {
             if !needed[&i] {
                 continue;
             }
@@ -121,10 +113,7 @@ pub fn grad(
             None => {
                 let why = match (needed.get(&w), blocked.first()) {
                     (Some(true), Some(&value)) => {
-                        format!(
-                            "the cost reaches it only through a non-differentiable value ({})",
-                            describe(g, value)
-                        )
+                        format!("the cost reaches it only through a non-differentiable value ({})", describe(g, value))
                     }
                     _ => "the cost does not depend on it".to_string(),
                 };
@@ -176,18 +165,12 @@ pub fn jacobian(g: &mut Graph, y: NodeId, x: NodeId, disconnected: Disconnected)
     let n = yty
         .concrete()
         .map(|s| s.iter().product::<usize>())
-        .ok_or_else(|| Error::Grad {
-            detail: format!("jacobian needs a fixed-shape output, got {yty}"),
-        })?;
+        .ok_or_else(|| Error::Grad { detail: format!("jacobian needs a fixed-shape output, got {yty}") })?;
     let flat = g.reshape_to(y, &[Dim::Fixed(n)], at)?;
     let xshape = g.ty(x).shape.clone();
     let mut rows = Vec::with_capacity(n);
     for i in 0..n {
-        let r = SliceRange {
-            start: Some(i as i64),
-            stop: Some(i as i64 + 1),
-            step: 1,
-        };
+        let r = SliceRange { start: Some(i as i64), stop: Some(i as i64 + 1), step: 1 };
         let yi = g.movement(MoveOp::Slice(vec![r]), &[flat], at)?;
         let yi = g.reshape_to(yi, &[], at)?;
         let gi = grad(g, yi, &[x], disconnected)?[0];

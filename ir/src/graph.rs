@@ -39,44 +39,22 @@ impl Graph {
     pub fn add(&mut self, op: Op, inputs: &[NodeId], at: Loc) -> Result<NodeId> {
         for &i in inputs {
             if !self.nodes.contains_node(i) {
-                return Err(Error::Invalid(format!(
-                    "{}: operand {i:?} is not a node of this graph",
-                    op.label()
-                )));
+                return Err(Error::Invalid(format!("{}: operand {i:?} is not a node of this graph", op.label())));
             }
         }
         let tys: Vec<&TensorType> = inputs.iter().map(|&i| &self.nodes[i].ty).collect();
         let ty = op.infer(&tys).map_err(|detail| {
             let operands: Vec<String> = tys.iter().map(|t| t.to_string()).collect();
-            let detail = if operands.is_empty() {
-                detail
-            } else {
-                format!("{detail} (operands: {})", operands.join(", "))
-            };
-            Error::Type {
-                op: op.label(),
-                detail,
-                at,
-            }
+            let detail =
+                if operands.is_empty() { detail } else { format!("{detail} (operands: {})", operands.join(", ")) };
+            Error::Type { op: op.label(), detail, at }
         })?;
         Ok(self.add_typed(op, ty, inputs, at))
     }
 
     /// Adds a node whose type is already known (used when copying checked nodes).
-    pub(crate) fn add_typed(
-        &mut self,
-        op: Op,
-        ty: TensorType,
-        inputs: &[NodeId],
-        at: Loc,
-    ) -> NodeId {
-        let id = self.nodes.add_node(Node {
-            op,
-            ty,
-            inputs: inputs.to_vec(),
-            name: None,
-            at,
-        });
+    pub(crate) fn add_typed(&mut self, op: Op, ty: TensorType, inputs: &[NodeId], at: Loc) -> NodeId {
+        let id = self.nodes.add_node(Node { op, ty, inputs: inputs.to_vec(), name: None, at });
         for (slot, &i) in inputs.iter().enumerate() {
             self.nodes.add_edge(i, id, slot as u32);
         }
@@ -124,19 +102,14 @@ impl Graph {
 
     /// The distinct users of a node, in index order.
     pub fn users(&self, id: NodeId) -> Vec<NodeId> {
-        let mut u: Vec<NodeId> = self
-            .nodes
-            .edges_directed(id, Direction::Outgoing)
-            .map(|e| e.target())
-            .collect();
+        let mut u: Vec<NodeId> = self.nodes.edges_directed(id, Direction::Outgoing).map(|e| e.target()).collect();
         u.sort();
         u.dedup();
         u
     }
     /// How many operand slots (and graph outputs) read this node.
     pub fn use_count(&self, id: NodeId) -> usize {
-        self.nodes.edges_directed(id, Direction::Outgoing).count()
-            + self.outputs.iter().filter(|&&o| o == id).count()
+        self.nodes.edges_directed(id, Direction::Outgoing).count() + self.outputs.iter().filter(|&&o| o == id).count()
     }
 
     /// Makes every user of `old` (and every graph output that is `old`) read `new` instead, except
@@ -184,8 +157,8 @@ impl Graph {
                 if next < ins.len() {
                     stack.push((n, next + 1));
                     let i = ins[next];
-                    if !state.contains_key(&i) {
-                        state.insert(i, false);
+                    if let std::collections::hash_map::Entry::Vacant(e) = state.entry(i) {
+                        e.insert(false);
                         stack.push((i, 0));
                     }
                 } else {
@@ -200,11 +173,7 @@ impl Graph {
     /// Every node, inputs before users (roots: the outputs, then any node nobody reads).
     pub fn topo_all(&self) -> Vec<NodeId> {
         let mut roots = self.outputs.clone();
-        roots.extend(
-            self.nodes
-                .node_indices()
-                .filter(|&n| self.users(n).is_empty()),
-        );
+        roots.extend(self.nodes.node_indices().filter(|&n| self.users(n).is_empty()));
         self.topo_order(&roots)
     }
 
@@ -218,10 +187,7 @@ impl Graph {
     ) -> Result<(Graph, HashMap<NodeId, NodeId>)> {
         // A substitute may itself read substituted nodes, so resolve at every read.
         let resolve = |n: NodeId| *substitute.get(&n).unwrap_or(&n);
-        let mut out = Graph {
-            next_stream: self.next_stream,
-            ..Graph::default()
-        };
+        let mut out = Graph { next_stream: self.next_stream, ..Graph::default() };
         let mut map: HashMap<NodeId, NodeId> = HashMap::new();
         let sub_roots: Vec<NodeId> = roots.iter().map(|&r| resolve(r)).collect();
         for n in self.topo_order_with(&sub_roots, &resolve) {
@@ -272,34 +238,17 @@ impl Graph {
         let bad = |m: String| Err(Error::Invalid(format!("graph verification failed: {m}")));
         for n in self.nodes.node_indices() {
             let node = &self.nodes[n];
-            let mut from_edges: Vec<(u32, NodeId)> = self
-                .nodes
-                .edges_directed(n, Direction::Incoming)
-                .map(|e| (*e.weight(), e.source()))
-                .collect();
+            let mut from_edges: Vec<(u32, NodeId)> =
+                self.nodes.edges_directed(n, Direction::Incoming).map(|e| (*e.weight(), e.source())).collect();
             from_edges.sort();
-            let listed: Vec<(u32, NodeId)> = node
-                .inputs
-                .iter()
-                .enumerate()
-                .map(|(s, &i)| (s as u32, i))
-                .collect();
+            let listed: Vec<(u32, NodeId)> = node.inputs.iter().enumerate().map(|(s, &i)| (s as u32, i)).collect();
             if from_edges != listed {
-                return bad(format!(
-                    "node {n:?} ({}) operands {listed:?} but edges {from_edges:?}",
-                    node.op.label()
-                ));
+                return bad(format!("node {n:?} ({}) operands {listed:?} but edges {from_edges:?}", node.op.label()));
             }
             let tys: Vec<&TensorType> = node.inputs.iter().map(|&i| &self.nodes[i].ty).collect();
             match node.op.infer(&tys) {
                 Ok(t) if t == node.ty => {}
-                Ok(t) => {
-                    return bad(format!(
-                        "node {n:?} ({}) has type {} but infers {t}",
-                        node.op.label(),
-                        node.ty
-                    ))
-                }
+                Ok(t) => return bad(format!("node {n:?} ({}) has type {} but infers {t}", node.op.label(), node.ty)),
                 Err(e) => return bad(format!("node {n:?} ({}): {e}", node.op.label())),
             }
         }

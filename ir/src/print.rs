@@ -37,12 +37,7 @@ fn describe(g: &Graph, n: NodeId) -> String {
         _ => "",
     };
     let name = match (&node.name, &node.op) {
-        (Some(name), op)
-            if !matches!(
-                op,
-                Op::Source(SourceOp::Input { .. } | SourceOp::Shared { .. })
-            ) =>
-        {
+        (Some(name), op) if !matches!(op, Op::Source(SourceOp::Input { .. } | SourceOp::Shared { .. })) => {
             format!(" '{name}'")
         }
         _ => String::new(),
@@ -76,36 +71,21 @@ fn walk(
     }
     let id = id_name(ids.len());
     ids.insert(n, id.clone());
-    let (head, tail) = describe(g, n)
-        .split_once(" <")
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .expect("type");
+    let (head, tail) = describe(g, n).split_once(" <").map(|(a, b)| (a.to_string(), b.to_string())).expect("type");
     let _ = write!(out, "{first}{head} [id {id}] <{tail}");
     if opts.locations {
         let _ = write!(out, " @ {}", At(g.node(n).at));
     }
     out.push('\n');
     for &i in g.inputs(n) {
-        walk(
-            g,
-            i,
-            &format!("{rest} |"),
-            &format!("{rest} |"),
-            ids,
-            out,
-            opts,
-        );
+        walk(g, i, &format!("{rest} |"), &format!("{rest} |"), ids, out, opts);
     }
 }
 
 /// GraphViz DOT of the nodes `roots` read, operands pointing at their users.
 pub fn to_dot(g: &Graph, roots: &[NodeId]) -> String {
     let order = g.topo_order(roots);
-    let ids: HashMap<NodeId, String> = order
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| (n, id_name(i)))
-        .collect();
+    let ids: HashMap<NodeId, String> = order.iter().enumerate().map(|(i, &n)| (n, id_name(i))).collect();
     let mut s = String::from("digraph kiln {\n  rankdir=BT;\n  node [fontname=\"monospace\"];\n");
     for &n in &order {
         let node = g.node(n);
@@ -116,8 +96,7 @@ pub fn to_dot(g: &Graph, roots: &[NodeId]) -> String {
             Op::Fused(_) => "box, style=filled, fillcolor=lightyellow",
             _ => "ellipse",
         };
-        let label =
-            format!("{} [id {}]\\n{}", node.op.label(), ids[&n], node.ty).replace('"', "\\\"");
+        let label = format!("{} [id {}]\\n{}", node.op.label(), ids[&n], node.ty).replace('"', "\\\"");
         let _ = writeln!(s, "  {} [label=\"{label}\", shape={shape}];", ids[&n]);
     }
     for &n in &order {
@@ -126,11 +105,7 @@ pub fn to_dot(g: &Graph, roots: &[NodeId]) -> String {
         }
     }
     for (k, r) in roots.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "  out{k} [label=\"output {k}\", shape=plaintext];\n  {} -> out{k};",
-            ids[r]
-        );
+        let _ = writeln!(s, "  out{k} [label=\"output {k}\", shape=plaintext];\n  {} -> out{k};", ids[r]);
     }
     s.push_str("}\n");
     s

@@ -16,11 +16,7 @@ pub type Bindings = HashMap<Arc<str>, usize>;
 /// Binds the symbolic dims of `declared` to the sizes of `actual`; `Err` describes a conflict.
 pub fn unify(declared: &[Dim], actual: &[usize], b: &mut Bindings) -> Result<(), String> {
     if declared.len() != actual.len() {
-        return Err(format!(
-            "expected rank {}, got rank {}",
-            declared.len(),
-            actual.len()
-        ));
+        return Err(format!("expected rank {}, got rank {}", declared.len(), actual.len()));
     }
     for (d, &a) in declared.iter().zip(actual) {
         match d {
@@ -43,10 +39,9 @@ pub fn unify(declared: &[Dim], actual: &[usize], b: &mut Bindings) -> Result<(),
 fn resolve_dim(d: &Dim, b: &Bindings) -> Result<Dim, String> {
     match d {
         Dim::Fixed(_) => Ok(d.clone()),
-        Dim::Sym(s) => b
-            .get(s)
-            .map(|&v| Dim::Fixed(v))
-            .ok_or_else(|| format!("symbolic size '{s}' is not bound by any input")),
+        Dim::Sym(s) => {
+            b.get(s).map(|&v| Dim::Fixed(v)).ok_or_else(|| format!("symbolic size '{s}' is not bound by any input"))
+        }
     }
 }
 fn resolve_dims(ds: &[Dim], b: &Bindings) -> Result<Vec<Dim>, String> {
@@ -56,25 +51,16 @@ fn resolve_dims(ds: &[Dim], b: &Bindings) -> Result<Vec<Dim>, String> {
 fn resolve_op(op: &Op, b: &Bindings) -> Result<Op, String> {
     Ok(match op {
         Op::Movement(MoveOp::Reshape(spec)) => Op::Movement(MoveOp::Reshape(
-            spec.iter()
-                .map(|d| d.as_ref().map(|d| resolve_dim(d, b)).transpose())
-                .collect::<Result<_, _>>()?,
+            spec.iter().map(|d| d.as_ref().map(|d| resolve_dim(d, b)).transpose()).collect::<Result<_, _>>()?,
         )),
-        Op::Movement(MoveOp::BroadcastTo(s)) => {
-            Op::Movement(MoveOp::BroadcastTo(resolve_dims(s, b)?))
+        Op::Movement(MoveOp::BroadcastTo(s)) => Op::Movement(MoveOp::BroadcastTo(resolve_dims(s, b)?)),
+        Op::Movement(MoveOp::SliceGrad { ranges, shape }) => {
+            Op::Movement(MoveOp::SliceGrad { ranges: ranges.clone(), shape: resolve_dims(shape, b)? })
         }
-        Op::Movement(MoveOp::SliceGrad { ranges, shape }) => Op::Movement(MoveOp::SliceGrad {
-            ranges: ranges.clone(),
-            shape: resolve_dims(shape, b)?,
-        }),
-        Op::Movement(MoveOp::TakeGrad { axis, size }) => Op::Movement(MoveOp::TakeGrad {
-            axis: *axis,
-            size: resolve_dim(size, b)?,
-        }),
-        Op::Random(r) => Op::Random(crate::ops::RandomOp {
-            shape: resolve_dims(&r.shape, b)?,
-            ..r.clone()
-        }),
+        Op::Movement(MoveOp::TakeGrad { axis, size }) => {
+            Op::Movement(MoveOp::TakeGrad { axis: *axis, size: resolve_dim(size, b)? })
+        }
+        Op::Random(r) => Op::Random(crate::ops::RandomOp { shape: resolve_dims(&r.shape, b)?, ..r.clone() }),
         Op::Source(SourceOp::Input { name, ty }) => Op::Source(SourceOp::Input {
             name: name.clone(),
             ty: TensorType::new(ty.dtype, resolve_dims(&ty.shape, b)?),
@@ -93,28 +79,19 @@ pub fn specialize(g: &Graph, shapes: &HashMap<NodeId, Vec<usize>>) -> Result<(Gr
     let mut b = Bindings::new();
     for (&n, s) in shapes {
         let name = g.node(n).op.label();
-        unify(&g.ty(n).shape, s, &mut b).map_err(|detail| Error::Call {
-            input: name,
-            detail,
-        })?;
+        unify(&g.ty(n).shape, s, &mut b).map_err(|detail| Error::Call { input: name, detail })?;
     }
     let mut out = g.clone();
     for n in g.topo_all() {
         let node = g.node(n);
-        let fail = |detail: String| Error::Runtime {
-            op: node.op.label(),
-            detail,
-            at: node.at,
-        };
+        let fail = |detail: String| Error::Runtime { op: node.op.label(), detail, at: node.at };
         let op = resolve_op(&node.op, &b).map_err(fail)?;
         let tys: Vec<&TensorType> = node.inputs.iter().map(|&i| out.ty(i)).collect();
         let ty = op.infer(&tys).map_err(|e| {
             let operands: Vec<String> = tys.iter().map(|t| t.to_string()).collect();
             fail(format!("{e} (operands: {})", operands.join(", ")))
         })?;
-        let concrete = ty
-            .concrete()
-            .ok_or_else(|| fail(format!("type {ty} is not concrete after binding")))?;
+        let concrete = ty.concrete().ok_or_else(|| fail(format!("type {ty} is not concrete after binding")))?;
         unify(&node.ty.shape, &concrete, &mut b)
             .map_err(|e| fail(format!("declared {} but computes {ty}: {e}", node.ty)))?;
         out.set_node(n, op, ty);

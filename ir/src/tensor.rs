@@ -62,10 +62,7 @@ impl Tensor {
         self.len() == 0
     }
     pub fn ty(&self) -> TensorType {
-        TensorType::new(
-            self.dtype(),
-            self.shape().iter().map(|&n| Dim::Fixed(n)).collect(),
-        )
+        TensorType::new(self.dtype(), self.shape().iter().map(|&n| Dim::Fixed(n)).collect())
     }
 
     /// A tensor of the given dtype and shape filled with `value` (converted as `as` would).
@@ -109,19 +106,19 @@ impl Tensor {
         let s = IxDyn(shape);
         let err = "shape and value count agree";
         match dtype {
-            DType::F32 => Tensor::F32(
-                ArrayD::from_shape_vec(s, values.iter().map(|&x| x as f32).collect()).expect(err),
-            ),
+            DType::F32 => {
+                Tensor::F32(ArrayD::from_shape_vec(s, values.iter().map(|&x| x as f32).collect()).expect(err))
+            }
             DType::F64 => Tensor::F64(ArrayD::from_shape_vec(s, values.to_vec()).expect(err)),
-            DType::I32 => Tensor::I32(
-                ArrayD::from_shape_vec(s, values.iter().map(|&x| x as i32).collect()).expect(err),
-            ),
-            DType::I64 => Tensor::I64(
-                ArrayD::from_shape_vec(s, values.iter().map(|&x| x as i64).collect()).expect(err),
-            ),
-            DType::Bool => Tensor::Bool(
-                ArrayD::from_shape_vec(s, values.iter().map(|&x| x != 0.0).collect()).expect(err),
-            ),
+            DType::I32 => {
+                Tensor::I32(ArrayD::from_shape_vec(s, values.iter().map(|&x| x as i32).collect()).expect(err))
+            }
+            DType::I64 => {
+                Tensor::I64(ArrayD::from_shape_vec(s, values.iter().map(|&x| x as i64).collect()).expect(err))
+            }
+            DType::Bool => {
+                Tensor::Bool(ArrayD::from_shape_vec(s, values.iter().map(|&x| x != 0.0).collect()).expect(err))
+            }
         }
     }
     /// The single element of a tensor with one element, as f64.
@@ -146,13 +143,7 @@ impl Tensor {
         let (a, b) = (self.to_f64_vec(), other.to_f64_vec());
         a.iter()
             .zip(&b)
-            .map(|(x, y)| {
-                if x == y || (x.is_nan() && y.is_nan()) {
-                    0.0
-                } else {
-                    (x - y).abs()
-                }
-            })
+            .map(|(x, y)| if x == y || (x.is_nan() && y.is_nan()) { 0.0 } else { (x - y).abs() })
             .fold(0.0, |m, d| if d.is_nan() || d > m { d } else { m })
     }
     /// Whether two tensors agree elementwise within `atol + rtol * |b|` (NaNs must match).
@@ -163,15 +154,11 @@ impl Tensor {
         self.to_f64_vec()
             .iter()
             .zip(other.to_f64_vec())
-            .all(|(&x, y)| {
-                x == y || (x.is_nan() && y.is_nan()) || (x - y).abs() <= atol + rtol * y.abs()
-            })
+            .all(|(&x, y)| x == y || (x.is_nan() && y.is_nan()) || (x - y).abs() <= atol + rtol * y.abs())
     }
     pub fn into_shape(self, shape: &[usize]) -> Option<Tensor> {
         let s = IxDyn(shape);
-        Some(
-            map_array!(self, a => a.as_standard_layout().into_owned().into_shape_with_order(s.clone()).ok()?),
-        )
+        Some(map_array!(self, a => a.as_standard_layout().into_owned().into_shape_with_order(s.clone()).ok()?))
     }
 }
 

@@ -91,16 +91,10 @@ impl TensorType {
         TensorType { dtype, shape }
     }
     pub fn scalar(dtype: DType) -> TensorType {
-        TensorType {
-            dtype,
-            shape: vec![],
-        }
+        TensorType { dtype, shape: vec![] }
     }
     pub fn fixed(dtype: DType, shape: &[usize]) -> TensorType {
-        TensorType {
-            dtype,
-            shape: shape.iter().map(|&n| Dim::Fixed(n)).collect(),
-        }
+        TensorType { dtype, shape: shape.iter().map(|&n| Dim::Fixed(n)).collect() }
     }
     pub fn rank(&self) -> usize {
         self.shape.len()
@@ -110,10 +104,7 @@ impl TensorType {
         self.shape.iter().map(Dim::fixed).collect()
     }
     pub fn with_dtype(&self, dtype: DType) -> TensorType {
-        TensorType {
-            dtype,
-            shape: self.shape.clone(),
-        }
+        TensorType { dtype, shape: self.shape.clone() }
     }
 }
 
@@ -138,16 +129,8 @@ pub fn broadcast_shapes(a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
     let n = a.len().max(b.len());
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let da = if i + a.len() >= n {
-            Some(&a[i + a.len() - n])
-        } else {
-            None
-        };
-        let db = if i + b.len() >= n {
-            Some(&b[i + b.len() - n])
-        } else {
-            None
-        };
+        let da = if i + a.len() >= n { Some(&a[i + a.len() - n]) } else { None };
+        let db = if i + b.len() >= n { Some(&b[i + b.len() - n]) } else { None };
         let d = match (da, db) {
             (Some(x), None) | (None, Some(x)) => x.clone(),
             (Some(x), Some(y)) if x == y => x.clone(),

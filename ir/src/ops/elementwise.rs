@@ -84,8 +84,8 @@ impl UnaryOp {
     pub const ALL: [UnaryOp; 19] = {
         use UnaryOp::*;
         [
-            Neg, Exp, Log, Log1p, Expm1, Sqrt, Rsqrt, Reciprocal, Abs, Sign, Tanh, Sigmoid, Relu,
-            Softplus, Sin, Cos, Floor, Ceil, Not,
+            Neg, Exp, Log, Log1p, Expm1, Sqrt, Rsqrt, Reciprocal, Abs, Sign, Tanh, Sigmoid, Relu, Softplus, Sin, Cos,
+            Floor, Ceil, Not,
         ]
     };
 }
@@ -120,9 +120,7 @@ impl BinaryOp {
     }
     pub const ALL: [BinaryOp; 15] = {
         use BinaryOp::*;
-        [
-            Add, Sub, Mul, Div, Pow, Maximum, Minimum, Eq, Ne, Lt, Le, Gt, Ge, And, Or,
-        ]
+        [Add, Sub, Mul, Div, Pow, Maximum, Minimum, Eq, Ne, Lt, Le, Gt, Ge, And, Or]
     };
 }
 
@@ -238,10 +236,7 @@ pub fn unary_float<F: Float>(op: UnaryOp, x: F) -> F {
     }
 }
 
-fn unary_int<I: num_traits::PrimInt + num_traits::Signed + num_traits::WrappingNeg>(
-    op: UnaryOp,
-    x: I,
-) -> I {
+fn unary_int<I: num_traits::PrimInt + num_traits::Signed + num_traits::WrappingNeg>(op: UnaryOp, x: I) -> I {
     match op {
         UnaryOp::Neg => x.wrapping_neg(),
         UnaryOp::Abs => x.abs(),
@@ -291,12 +286,7 @@ fn arith_float<F: Float>(op: BinaryOp, a: F, b: F) -> F {
     }
 }
 
-fn arith_int<
-    I: num_traits::PrimInt
-        + num_traits::WrappingAdd
-        + num_traits::WrappingSub
-        + num_traits::WrappingMul,
->(
+fn arith_int<I: num_traits::PrimInt + num_traits::WrappingAdd + num_traits::WrappingSub + num_traits::WrappingMul>(
     op: BinaryOp,
     a: I,
     b: I,
@@ -373,10 +363,7 @@ pub fn infer_unary(op: UnaryOp, x: &TensorType) -> Result<TensorType, String> {
 pub fn infer_binary(op: BinaryOp, a: &TensorType, b: &TensorType) -> Result<TensorType, String> {
     use BinaryOp::*;
     if a.dtype != b.dtype {
-        return Err(format!(
-            "operand dtypes differ ({} vs {}); cast one explicitly",
-            a.dtype, b.dtype
-        ));
+        return Err(format!("operand dtypes differ ({} vs {}); cast one explicitly", a.dtype, b.dtype));
     }
     let d = a.dtype;
     let ok = match op {
@@ -389,8 +376,7 @@ pub fn infer_binary(op: BinaryOp, a: &TensorType, b: &TensorType) -> Result<Tens
     if !ok {
         return Err(format!("not defined for {d}"));
     }
-    let shape = broadcast_shapes(&a.shape, &b.shape)
-        .ok_or_else(|| "shapes do not broadcast".to_string())?;
+    let shape = broadcast_shapes(&a.shape, &b.shape).ok_or_else(|| "shapes do not broadcast".to_string())?;
     let dtype = if op.is_comparison() { DType::Bool } else { d };
     Ok(TensorType::new(dtype, shape))
 }
@@ -403,10 +389,7 @@ pub fn infer_where(c: &TensorType, a: &TensorType, b: &TensorType) -> Result<Ten
         return Err(format!("branch dtypes differ ({} vs {})", a.dtype, b.dtype));
     }
     let s = broadcast_shapes(&c.shape, &a.shape).and_then(|s| broadcast_shapes(&s, &b.shape));
-    Ok(TensorType::new(
-        a.dtype,
-        s.ok_or("shapes do not broadcast")?,
-    ))
+    Ok(TensorType::new(a.dtype, s.ok_or("shapes do not broadcast")?))
 }
 
 /// Every operand broadcast to `shape`, as scalars in row-major order.
@@ -426,13 +409,7 @@ pub fn tensor_from_scalars(dtype: DType, shape: &[usize], v: Vec<Scalar>) -> Ten
                 ndarray::ArrayD::from_shape_vec(
                     s,
                     v.into_iter()
-                        .map(|x| {
-                            if let Scalar::$variant(y) = x {
-                                y
-                            } else {
-                                unreachable!("dtype checked")
-                            }
-                        })
+                        .map(|x| if let Scalar::$variant(y) = x { y } else { unreachable!("dtype checked") })
                         .collect(),
                 )
                 .expect("element count matches shape"),
@@ -450,16 +427,9 @@ pub fn tensor_from_scalars(dtype: DType, shape: &[usize], v: Vec<Scalar>) -> Ten
 
 /// Evaluates an elementwise function of broadcast operands (the shared core of every elementwise op
 /// and of fused kernels).
-pub fn eval_map(
-    inputs: &[&Tensor],
-    out: &TensorType,
-    f: impl Fn(&[Scalar]) -> Scalar,
-) -> Result<Tensor, String> {
+pub fn eval_map(inputs: &[&Tensor], out: &TensorType, f: impl Fn(&[Scalar]) -> Scalar) -> Result<Tensor, String> {
     let shape = out.concrete().ok_or("output shape is not concrete")?;
-    let cols: Vec<Vec<Scalar>> = inputs
-        .iter()
-        .map(|t| broadcast_scalars(t, &shape))
-        .collect::<Result<_, _>>()?;
+    let cols: Vec<Vec<Scalar>> = inputs.iter().map(|t| broadcast_scalars(t, &shape)).collect::<Result<_, _>>()?;
     let n: usize = shape.iter().product();
     let mut args = vec![Scalar::Bool(false); inputs.len()];
     let mut vals = Vec::with_capacity(n);
@@ -475,22 +445,11 @@ pub fn eval_map(
 pub fn eval_unary(op: UnaryOp, x: &Tensor, out: &TensorType) -> Result<Tensor, String> {
     eval_map(&[x], out, |a| unary_scalar(op, a[0]))
 }
-pub fn eval_binary(
-    op: BinaryOp,
-    a: &Tensor,
-    b: &Tensor,
-    out: &TensorType,
-) -> Result<Tensor, String> {
+pub fn eval_binary(op: BinaryOp, a: &Tensor, b: &Tensor, out: &TensorType) -> Result<Tensor, String> {
     eval_map(&[a, b], out, |v| binary_scalar(op, v[0], v[1]))
 }
 pub fn eval_where(inputs: &[&Tensor], out: &TensorType) -> Result<Tensor, String> {
-    eval_map(inputs, out, |v| {
-        if v[0] == Scalar::Bool(true) {
-            v[1]
-        } else {
-            v[2]
-        }
-    })
+    eval_map(inputs, out, |v| if v[0] == Scalar::Bool(true) { v[1] } else { v[2] })
 }
 
 /// A tensor of zeros shaped like node `like`.
@@ -500,12 +459,7 @@ pub fn zeros_like(graph: &mut Graph, like: NodeId, at: crate::Loc) -> Result<Nod
     graph.broadcast_to(z, &shape, at)
 }
 
-pub fn vjp_unary(
-    op: UnaryOp,
-    gr: &mut Graph,
-    node: NodeId,
-    g: NodeId,
-) -> Result<Vec<Option<NodeId>>> {
+pub fn vjp_unary(op: UnaryOp, gr: &mut Graph, node: NodeId, g: NodeId) -> Result<Vec<Option<NodeId>>> {
     use UnaryOp::*;
     let x = gr.inputs(node)[0];
     let at = gr.node(node).at;
@@ -589,12 +543,7 @@ pub fn vjp_unary(
     Ok(vec![Some(dx)])
 }
 
-pub fn vjp_binary(
-    op: BinaryOp,
-    gr: &mut Graph,
-    node: NodeId,
-    g: NodeId,
-) -> Result<Vec<Option<NodeId>>> {
+pub fn vjp_binary(op: BinaryOp, gr: &mut Graph, node: NodeId, g: NodeId) -> Result<Vec<Option<NodeId>>> {
     use BinaryOp::*;
     let (a, b) = (gr.inputs(node)[0], gr.inputs(node)[1]);
     let at = gr.node(node).at;
@@ -627,18 +576,12 @@ pub fn vjp_binary(
         Maximum | Minimum => {
             let pick_a = gr.binary(if op == Maximum { Ge } else { Le }, a, b, at)?;
             let zero = gr.scalar_like(g, 0.0, at);
-            (
-                gr.where_(pick_a, g, zero, at)?,
-                gr.where_(pick_a, zero, g, at)?,
-            )
+            (gr.where_(pick_a, g, zero, at)?, gr.where_(pick_a, zero, g, at)?)
         }
         Eq | Ne | Lt | Le | Gt | Ge | And | Or => return Ok(vec![None, None]),
     };
     let (sa, sb) = (gr.ty(a).shape.clone(), gr.ty(b).shape.clone());
-    Ok(vec![
-        Some(gr.sum_to(da, &sa, at)?),
-        Some(gr.sum_to(db, &sb, at)?),
-    ])
+    Ok(vec![Some(gr.sum_to(da, &sa, at)?), Some(gr.sum_to(db, &sb, at)?)])
 }
 
 pub fn vjp_where(gr: &mut Graph, node: NodeId, g: NodeId) -> Result<Vec<Option<NodeId>>> {
@@ -651,9 +594,5 @@ pub fn vjp_where(gr: &mut Graph, node: NodeId, g: NodeId) -> Result<Vec<Option<N
     let da = gr.where_(ins[0], g, zero, at)?;
     let db = gr.where_(ins[0], zero, g, at)?;
     let (sa, sb) = (gr.ty(ins[1]).shape.clone(), gr.ty(ins[2]).shape.clone());
-    Ok(vec![
-        None,
-        Some(gr.sum_to(da, &sa, at)?),
-        Some(gr.sum_to(db, &sb, at)?),
-    ])
+    Ok(vec![None, Some(gr.sum_to(da, &sa, at)?), Some(gr.sum_to(db, &sb, at)?)])
 }

@@ -39,9 +39,7 @@ impl FusedKernel {
                 ScalarExpr::Const(c) => c.dtype(),
                 ScalarExpr::Unary(op, a) => infer_unary(op, &s(d[a]))?.dtype,
                 ScalarExpr::Binary(op, a, b) => infer_binary(op, &s(d[a]), &s(d[b]))?.dtype,
-                ScalarExpr::Where(c, a, b) => {
-                    crate::ops::elementwise::infer_where(&s(d[c]), &s(d[a]), &s(d[b]))?.dtype
-                }
+                ScalarExpr::Where(c, a, b) => crate::ops::elementwise::infer_where(&s(d[c]), &s(d[a]), &s(d[b]))?.dtype,
             };
             d.push(t);
         }
@@ -51,11 +49,7 @@ impl FusedKernel {
     /// The type of the elementwise result, before any reduction.
     fn elementwise_type(&self, inputs: &[&TensorType]) -> Result<TensorType, String> {
         if inputs.len() != self.n_inputs {
-            return Err(format!(
-                "expects {} operands, got {}",
-                self.n_inputs,
-                inputs.len()
-            ));
+            return Err(format!("expects {} operands, got {}", self.n_inputs, inputs.len()));
         }
         let dtypes: Vec<DType> = inputs.iter().map(|t| t.dtype).collect();
         let dtype = *self.dtypes(&dtypes)?.last().ok_or("empty fused kernel")?;
@@ -100,9 +94,7 @@ impl FusedKernel {
         let tys: Vec<TensorType> = inputs.iter().map(|t| t.ty()).collect();
         let ety = self.elementwise_type(&tys.iter().collect::<Vec<_>>())?;
         let regs = std::cell::RefCell::new(Vec::with_capacity(self.exprs.len()));
-        let elems = eval_map(inputs, &ety, |a| {
-            self.eval_scalar(a, &mut regs.borrow_mut())
-        })?;
+        let elems = eval_map(inputs, &ety, |a| self.eval_scalar(a, &mut regs.borrow_mut()))?;
         match &self.reduce {
             None => Ok(elems),
             Some((op, axes, keepdims)) => reduce::eval(*op, axes, *keepdims, &elems, out),
@@ -156,11 +148,7 @@ impl FusedKernel {
         match &self.reduce {
             None => format!("fused{{{body}}}"),
             Some((op, axes, keepdims)) => {
-                format!(
-                    "fused{{{body}}}->{}{{axes={axes:?}{}}}",
-                    op.name(),
-                    if *keepdims { ",keepdims" } else { "" }
-                )
+                format!("fused{{{body}}}->{}{{axes={axes:?}{}}}", op.name(), if *keepdims { ",keepdims" } else { "" })
             }
         }
     }

@@ -10,10 +10,7 @@ use ndarray::{Array3, ArrayD, Axis, Ix3, IxDyn};
 
 pub fn infer_matmul(a: &TensorType, b: &TensorType) -> Result<TensorType, String> {
     if a.dtype != b.dtype {
-        return Err(format!(
-            "operand dtypes differ ({} vs {})",
-            a.dtype, b.dtype
-        ));
+        return Err(format!("operand dtypes differ ({} vs {})", a.dtype, b.dtype));
     }
     if a.dtype == DType::Bool {
         return Err("not defined for bool".into());
@@ -28,8 +25,7 @@ pub fn infer_matmul(a: &TensorType, b: &TensorType) -> Result<TensorType, String
             return Err(format!("inner dimensions differ ({x} vs {y})"));
         }
     }
-    let batch = broadcast_shapes(&a.shape[..ra - 2], &b.shape[..rb - 2])
-        .ok_or("batch dimensions do not broadcast")?;
+    let batch = broadcast_shapes(&a.shape[..ra - 2], &b.shape[..rb - 2]).ok_or("batch dimensions do not broadcast")?;
     let mut shape = batch;
     shape.push(a.shape[ra - 2].clone());
     shape.push(b.shape[rb - 1].clone());
@@ -43,40 +39,25 @@ fn as_batches<T: Clone>(x: &ArrayD<T>, batch: &[usize]) -> Result<Array3<T>, Str
     let mut full = batch.to_vec();
     full.extend([rows, cols]);
     let n: usize = batch.iter().product();
-    let v = x
-        .broadcast(IxDyn(&full))
-        .ok_or("batch dimensions do not broadcast")?;
+    let v = x.broadcast(IxDyn(&full)).ok_or("batch dimensions do not broadcast")?;
     let owned = v.as_standard_layout().into_owned();
-    owned
-        .into_shape_with_order((n, rows, cols))
-        .map_err(|e| e.to_string())
+    owned.into_shape_with_order((n, rows, cols)).map_err(|e| e.to_string())
 }
 
-fn batched<T: ndarray::LinalgScalar>(
-    a: &ArrayD<T>,
-    b: &ArrayD<T>,
-    out_shape: &[usize],
-) -> Result<ArrayD<T>, String> {
+fn batched<T: ndarray::LinalgScalar>(a: &ArrayD<T>, b: &ArrayD<T>, out_shape: &[usize]) -> Result<ArrayD<T>, String> {
     let r = out_shape.len();
     let batch = &out_shape[..r - 2];
     let (a3, b3) = (as_batches(a, batch)?, as_batches(b, batch)?);
     if a3.shape()[2] != b3.shape()[1] {
-        return Err(format!(
-            "inner dimensions differ ({} vs {})",
-            a3.shape()[2],
-            b3.shape()[1]
-        ));
+        return Err(format!("inner dimensions differ ({} vs {})", a3.shape()[2], b3.shape()[1]));
     }
     let mut out = Array3::<T>::zeros((a3.shape()[0], a3.shape()[1], b3.shape()[2]));
     for i in 0..a3.shape()[0] {
         let p = a3.index_axis(Axis(0), i).dot(&b3.index_axis(Axis(0), i));
         out.index_axis_mut(Axis(0), i).assign(&p);
     }
-    let out = out
-        .into_dimensionality::<Ix3>()
-        .map_err(|e| e.to_string())?;
-    out.into_shape_with_order(IxDyn(out_shape))
-        .map_err(|e| e.to_string())
+    let out = out.into_dimensionality::<Ix3>().map_err(|e| e.to_string())?;
+    out.into_shape_with_order(IxDyn(out_shape)).map_err(|e| e.to_string())
 }
 
 pub fn eval_matmul(a: &Tensor, b: &Tensor, out: &TensorType) -> Result<Tensor, String> {
@@ -102,8 +83,5 @@ pub fn vjp_matmul(gr: &mut Graph, node: NodeId, g: NodeId) -> Result<Vec<Option<
     let att = gr.transpose_last2(a, at)?;
     let db = gr.matmul(att, g, at)?;
     let (sa, sb) = (gr.ty(a).shape.clone(), gr.ty(b).shape.clone());
-    Ok(vec![
-        Some(gr.sum_to(da, &sa, at)?),
-        Some(gr.sum_to(db, &sb, at)?),
-    ])
+    Ok(vec![Some(gr.sum_to(da, &sa, at)?), Some(gr.sum_to(db, &sb, at)?)])
 }

@@ -152,11 +152,7 @@ impl Op {
             Op::Binary(b) => b.name().to_string(),
             Op::Where => "where".into(),
             Op::Reduce { op, axes, keepdims } => {
-                format!(
-                    "{}{{axes={axes:?}{}}}",
-                    op.name(),
-                    if *keepdims { ",keepdims" } else { "" }
-                )
+                format!("{}{{axes={axes:?}{}}}", op.name(), if *keepdims { ",keepdims" } else { "" })
             }
             Op::SizeOf { axes, .. } => format!("size_of{{axes={axes:?}}}"),
             Op::MatMul => "matmul".into(),

@@ -19,11 +19,7 @@ pub struct SliceRange {
 }
 
 impl SliceRange {
-    pub const FULL: SliceRange = SliceRange {
-        start: None,
-        stop: None,
-        step: 1,
-    };
+    pub const FULL: SliceRange = SliceRange { start: None, stop: None, step: 1 };
 
     pub fn is_full(&self) -> bool {
         *self == SliceRange::FULL
@@ -99,20 +95,15 @@ impl MoveOp {
     pub fn label(&self) -> String {
         match self {
             MoveOp::Reshape(s) => {
-                let parts: Vec<String> = s
-                    .iter()
-                    .map(|d| d.as_ref().map_or("-1".into(), |d| d.to_string()))
-                    .collect();
+                let parts: Vec<String> = s.iter().map(|d| d.as_ref().map_or("-1".into(), |d| d.to_string())).collect();
                 format!("reshape{{[{}]}}", parts.join(","))
             }
             MoveOp::Permute(p) => format!("permute{{{p:?}}}"),
             MoveOp::BroadcastTo(s) => format!("broadcast_to{{{}}}", shape_str(s)),
             MoveOp::Slice(r) => format!("slice{{[{}]}}", ranges_str(r)),
-            MoveOp::SliceGrad { ranges, shape } => format!(
-                "slice_grad{{[{}],{}}}",
-                ranges_str(ranges),
-                shape_str(shape)
-            ),
+            MoveOp::SliceGrad { ranges, shape } => {
+                format!("slice_grad{{[{}],{}}}", ranges_str(ranges), shape_str(shape))
+            }
             MoveOp::Concat { axis } => format!("concat{{axis={axis}}}"),
             MoveOp::Take { axis } => format!("take{{axis={axis}}}"),
             MoveOp::TakeGrad { axis, size } => format!("take_grad{{axis={axis},size={size}}}"),
@@ -121,10 +112,7 @@ impl MoveOp {
 }
 
 fn ranges_str(r: &[SliceRange]) -> String {
-    r.iter()
-        .map(|x| x.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
+    r.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
 }
 
 /// The symbolic name of a product of dims, e.g. `batch*28` or `n/2` (used for inferred dims).
@@ -187,30 +175,20 @@ fn infer_reshape(spec: &[Option<Dim>], x: &TensorType) -> Result<TensorType, Str
                     return Err("cannot infer a dimension next to unmatched symbolic dims".into());
                 }
                 if sin.is_empty() && (fout == 0 || fin % fout != 0) {
-                    return Err(format!(
-                        "cannot reshape {} elements into {}",
-                        fin,
-                        spec_str(spec)
-                    ));
+                    return Err(format!("cannot reshape {} elements into {}", fin, spec_str(spec)));
                 }
                 derived_dim(&sin, fin, fout)
             }
         });
     }
     if !spec.iter().any(|d| d.is_none()) && sin.is_empty() && sout.is_empty() && fin != fout {
-        return Err(format!(
-            "cannot reshape {} elements into {} elements",
-            fin, fout
-        ));
+        return Err(format!("cannot reshape {} elements into {} elements", fin, fout));
     }
     Ok(TensorType::new(x.dtype, shape))
 }
 
 fn spec_str(spec: &[Option<Dim>]) -> String {
-    let p: Vec<String> = spec
-        .iter()
-        .map(|d| d.as_ref().map_or("-1".into(), |d| d.to_string()))
-        .collect();
+    let p: Vec<String> = spec.iter().map(|d| d.as_ref().map_or("-1".into(), |d| d.to_string())).collect();
     format!("[{}]", p.join(","))
 }
 
@@ -241,22 +219,13 @@ pub fn infer(m: &MoveOp, ins: &[&TensorType]) -> Result<TensorType, String> {
             let mut sorted = p.clone();
             sorted.sort_unstable();
             if sorted != (0..x.rank()).collect::<Vec<_>>() {
-                return Err(format!(
-                    "{p:?} is not a permutation of the {} axes",
-                    x.rank()
-                ));
+                return Err(format!("{p:?} is not a permutation of the {} axes", x.rank()));
             }
-            Ok(TensorType::new(
-                x.dtype,
-                p.iter().map(|&i| x.shape[i].clone()).collect(),
-            ))
+            Ok(TensorType::new(x.dtype, p.iter().map(|&i| x.shape[i].clone()).collect()))
         }
         MoveOp::BroadcastTo(target) => {
             if target.len() < x.rank() {
-                return Err(format!(
-                    "cannot broadcast to fewer dims {}",
-                    shape_str(target)
-                ));
+                return Err(format!("cannot broadcast to fewer dims {}", shape_str(target)));
             }
             let off = target.len() - x.rank();
             for (i, d) in x.shape.iter().enumerate() {
@@ -271,18 +240,11 @@ pub fn infer(m: &MoveOp, ins: &[&TensorType]) -> Result<TensorType, String> {
             if ranges.len() != x.rank() {
                 return Err(format!("{} ranges for rank {}", ranges.len(), x.rank()));
             }
-            let shape = ranges
-                .iter()
-                .zip(&x.shape)
-                .map(|(r, d)| slice_len(r, d))
-                .collect::<Result<_, _>>()?;
+            let shape = ranges.iter().zip(&x.shape).map(|(r, d)| slice_len(r, d)).collect::<Result<_, _>>()?;
             Ok(TensorType::new(x.dtype, shape))
         }
         MoveOp::SliceGrad { ranges, shape } => {
-            let sliced = infer(
-                &MoveOp::Slice(ranges.clone()),
-                &[&TensorType::new(x.dtype, shape.clone())],
-            )?;
+            let sliced = infer(&MoveOp::Slice(ranges.clone()), &[&TensorType::new(x.dtype, shape.clone())])?;
             if sliced.rank() != x.rank() {
                 return Err("gradient rank does not match the slice".into());
             }
@@ -386,37 +348,24 @@ pub fn eval(m: &MoveOp, ins: &[&Tensor], out: &TensorType) -> Result<Tensor, Str
     let x = ins[0];
     let oshape = out.concrete().ok_or("output shape is not concrete")?;
     match m {
-        MoveOp::Reshape(_) => x
-            .clone()
-            .into_shape(&oshape)
-            .ok_or_else(|| format!("cannot reshape {:?} into {oshape:?}", x.shape())),
-        MoveOp::Permute(p) => Ok(
-            crate::map_array!(x, a => a.view().permuted_axes(p.clone()).as_standard_layout().into_owned()),
-        ),
+        MoveOp::Reshape(_) => {
+            x.clone().into_shape(&oshape).ok_or_else(|| format!("cannot reshape {:?} into {oshape:?}", x.shape()))
+        }
+        MoveOp::Permute(p) => {
+            Ok(crate::map_array!(x, a => a.view().permuted_axes(p.clone()).as_standard_layout().into_owned()))
+        }
         MoveOp::BroadcastTo(_) => {
-            let r: Option<Tensor> =
-                (|| Some(crate::map_array!(x, a => a.broadcast(IxDyn(&oshape))?.to_owned())))();
+            let r: Option<Tensor> = (|| Some(crate::map_array!(x, a => a.broadcast(IxDyn(&oshape))?.to_owned())))();
             r.ok_or_else(|| format!("cannot broadcast {:?} to {oshape:?}", x.shape()))
         }
         MoveOp::Slice(ranges) => {
-            let picks: Vec<Vec<usize>> = ranges
-                .iter()
-                .zip(x.shape())
-                .map(|(r, &n)| r.indices(n))
-                .collect();
+            let picks: Vec<Vec<usize>> = ranges.iter().zip(x.shape()).map(|(r, &n)| r.indices(n)).collect();
             Ok(crate::map_array!(x, a => select_axes(a, &picks)))
         }
         MoveOp::SliceGrad { ranges, .. } => {
-            let picks: Vec<Vec<usize>> = ranges
-                .iter()
-                .zip(&oshape)
-                .map(|(r, &n)| r.indices(n))
-                .collect();
+            let picks: Vec<Vec<usize>> = ranges.iter().zip(&oshape).map(|(r, &n)| r.indices(n)).collect();
             if picks.iter().map(|p| p.len()).collect::<Vec<_>>() != x.shape() {
-                return Err(format!(
-                    "gradient of shape {:?} does not match the slice",
-                    x.shape()
-                ));
+                return Err(format!("gradient of shape {:?} does not match the slice", x.shape()));
             }
             let (gs, os) = (strides(x.shape()), strides(&oshape));
             let mut res = vec![0.0; oshape.iter().product()];
@@ -432,10 +381,8 @@ pub fn eval(m: &MoveOp, ins: &[&Tensor], out: &TensorType) -> Result<Tensor, Str
         MoveOp::Concat { axis } => {
             macro_rules! cat {
                 ($v:ident) => {{
-                    let arrs: Option<Vec<_>> = ins
-                        .iter()
-                        .map(|t| if let Tensor::$v(a) = t { Some(a) } else { None })
-                        .collect();
+                    let arrs: Option<Vec<_>> =
+                        ins.iter().map(|t| if let Tensor::$v(a) = t { Some(a) } else { None }).collect();
                     Tensor::$v(concat_arrays(arrs.ok_or("operand dtypes differ")?, *axis)?)
                 }};
             }
@@ -450,9 +397,7 @@ pub fn eval(m: &MoveOp, ins: &[&Tensor], out: &TensorType) -> Result<Tensor, Str
         MoveOp::Take { axis } => {
             let idx = normalize_indices(ins[1], x.shape()[*axis])?;
             let picked = crate::map_array!(x, a => a.select(Axis(*axis), &idx));
-            picked
-                .into_shape(&oshape)
-                .ok_or_else(|| "take: result shape mismatch".to_string())
+            picked.into_shape(&oshape).ok_or_else(|| "take: result shape mismatch".to_string())
         }
         MoveOp::TakeGrad { axis, .. } => {
             let n = oshape[*axis];
@@ -494,20 +439,9 @@ pub fn vjp(m: &MoveOp, gr: &mut Graph, node: NodeId, g: NodeId) -> Result<Vec<Op
         }
         MoveOp::BroadcastTo(_) => vec![Some(gr.sum_to(g, &xshape, at)?)],
         MoveOp::Slice(ranges) => {
-            vec![Some(gr.movement(
-                MoveOp::SliceGrad {
-                    ranges: ranges.clone(),
-                    shape: xshape,
-                },
-                &[g],
-                at,
-            )?)]
+            vec![Some(gr.movement(MoveOp::SliceGrad { ranges: ranges.clone(), shape: xshape }, &[g], at)?)]
         }
-        MoveOp::SliceGrad { ranges, .. } => vec![Some(gr.movement(
-            MoveOp::Slice(ranges.clone()),
-            &[g],
-            at,
-        )?)],
+        MoveOp::SliceGrad { ranges, .. } => vec![Some(gr.movement(MoveOp::Slice(ranges.clone()), &[g], at)?)],
         MoveOp::Concat { axis } => {
             let mut start = 0i64;
             let mut grads = Vec::new();
@@ -522,11 +456,7 @@ pub fn vjp(m: &MoveOp, gr: &mut Graph, node: NodeId, g: NodeId) -> Result<Vec<Op
                     });
                 };
                 let mut ranges = vec![SliceRange::FULL; xshape.len()];
-                ranges[*axis] = SliceRange {
-                    start: Some(start),
-                    stop: Some(start + n as i64),
-                    step: 1,
-                };
+                ranges[*axis] = SliceRange { start: Some(start), stop: Some(start + n as i64), step: 1 };
                 start += n as i64;
                 grads.push(Some(gr.movement(MoveOp::Slice(ranges), &[g], at)?));
             }
@@ -534,14 +464,8 @@ pub fn vjp(m: &MoveOp, gr: &mut Graph, node: NodeId, g: NodeId) -> Result<Vec<Op
         }
         MoveOp::Take { axis } => {
             let size = xshape[*axis].clone();
-            vec![
-                Some(gr.movement(MoveOp::TakeGrad { axis: *axis, size }, &[g, ins[1]], at)?),
-                None,
-            ]
+            vec![Some(gr.movement(MoveOp::TakeGrad { axis: *axis, size }, &[g, ins[1]], at)?), None]
         }
-        MoveOp::TakeGrad { axis, .. } => vec![
-            Some(gr.movement(MoveOp::Take { axis: *axis }, &[g, ins[1]], at)?),
-            None,
-        ],
+        MoveOp::TakeGrad { axis, .. } => vec![Some(gr.movement(MoveOp::Take { axis: *axis }, &[g, ins[1]], at)?), None],
     })
 }

@@ -34,19 +34,13 @@ impl NnOp {
     }
     fn axis(&self) -> usize {
         match *self {
-            NnOp::Softmax { axis }
-            | NnOp::LogSoftmax { axis }
-            | NnOp::SoftmaxCrossEntropy { axis } => axis,
+            NnOp::Softmax { axis } | NnOp::LogSoftmax { axis } | NnOp::SoftmaxCrossEntropy { axis } => axis,
         }
     }
 }
 
 pub fn infer(op: &NnOp, ins: &[&TensorType]) -> Result<TensorType, String> {
-    let arity = if matches!(op, NnOp::SoftmaxCrossEntropy { .. }) {
-        2
-    } else {
-        1
-    };
+    let arity = if matches!(op, NnOp::SoftmaxCrossEntropy { .. }) { 2 } else { 1 };
     if ins.len() != arity {
         return Err(format!("expects {arity} operand(s), got {}", ins.len()));
     }
@@ -55,24 +49,15 @@ pub fn infer(op: &NnOp, ins: &[&TensorType]) -> Result<TensorType, String> {
         return Err(format!("needs a float dtype, got {}", x.dtype));
     }
     if op.axis() >= x.rank() {
-        return Err(format!(
-            "axis {} out of range for rank {}",
-            op.axis(),
-            x.rank()
-        ));
+        return Err(format!("axis {} out of range for rank {}", op.axis(), x.rank()));
     }
     match op {
         NnOp::SoftmaxCrossEntropy { axis } => {
             let t = ins[1];
-            if t.dtype != x.dtype
-                || crate::types::broadcast_shapes(&x.shape, &t.shape).as_ref() != Some(&x.shape)
-            {
+            if t.dtype != x.dtype || crate::types::broadcast_shapes(&x.shape, &t.shape).as_ref() != Some(&x.shape) {
                 return Err("targets must have the logits' dtype and shape".into());
             }
-            Ok(TensorType::new(
-                x.dtype,
-                reduced_shape(&x.shape, &[*axis], false),
-            ))
+            Ok(TensorType::new(x.dtype, reduced_shape(&x.shape, &[*axis], false)))
         }
         _ => Ok(x.clone()),
     }
@@ -116,9 +101,7 @@ pub fn eval(op: &NnOp, ins: &[&Tensor], out: &TensorType) -> Result<Tensor, Stri
                 inv[p] = i;
             }
             let t = Tensor::from_f64(x.dtype(), &pshape, &ls);
-            Ok(
-                crate::map_array!(t, a => a.permuted_axes(inv.clone()).as_standard_layout().into_owned()),
-            )
+            Ok(crate::map_array!(t, a => a.permuted_axes(inv.clone()).as_standard_layout().into_owned()))
         }
         NnOp::SoftmaxCrossEntropy { .. } => {
             let tb = crate::map_array!(ins[1], a => a.broadcast(ndarray::IxDyn(x.shape())).ok_or("targets do not broadcast")?.to_owned());
@@ -126,13 +109,7 @@ pub fn eval(op: &NnOp, ins: &[&Tensor], out: &TensorType) -> Result<Tensor, Stri
             let res: Vec<f64> = t
                 .chunks(n.max(1))
                 .zip(ls.chunks(n.max(1)))
-                .map(|(tr, lr)| {
-                    -tr.iter()
-                        .zip(lr)
-                        .filter(|(t, _)| **t != 0.0)
-                        .map(|(t, l)| t * l)
-                        .sum::<f64>()
-                })
+                .map(|(tr, lr)| -tr.iter().zip(lr).filter(|(t, _)| **t != 0.0).map(|(t, l)| t * l).sum::<f64>())
                 .collect();
             Ok(Tensor::from_f64(x.dtype(), &oshape, &res))
         }

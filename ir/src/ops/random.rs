@@ -39,11 +39,7 @@ impl RandomOp {
             Distribution::Normal { mean, std } => format!("normal{{mean={mean},std={std}"),
             Distribution::Bernoulli { p } => format!("bernoulli{{p={p}"),
         };
-        format!(
-            "{d},shape={},stream={}}}",
-            shape_str(&self.shape),
-            self.stream
-        )
+        format!("{d},shape={},stream={}}}", shape_str(&self.shape), self.stream)
     }
 }
 
@@ -71,10 +67,7 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// The state is `[seed, call]`.
 fn block(state: [i64; 2], stream: u32, b: u64) -> [u32; 4] {
     let (seed, call) = (state[0] as u64, state[1] as u64);
-    philox4x32_10(
-        [b as u32, stream, call as u32, (call >> 32) as u32],
-        [seed as u32, (seed >> 32) as u32],
-    )
+    philox4x32_10([b as u32, stream, call as u32, (call >> 32) as u32], [seed as u32, (seed >> 32) as u32])
 }
 
 fn u24(w: u32) -> f64 {
@@ -123,14 +116,10 @@ pub fn sample(op: &RandomOp, state: [i64; 2], n: usize) -> Vec<f64> {
 
 pub fn infer(op: &RandomOp, state: &TensorType) -> Result<TensorType, String> {
     if *state != TensorType::fixed(DType::I64, &[2]) {
-        return Err(format!(
-            "the random state must be i64[2] ([seed, call]), got {state}"
-        ));
+        return Err(format!("the random state must be i64[2] ([seed, call]), got {state}"));
     }
     let ok = match op.dist {
-        Distribution::Bernoulli { p } => {
-            (0.0..=1.0).contains(&p) && op.dtype != DType::I32 && op.dtype != DType::I64
-        }
+        Distribution::Bernoulli { p } => (0.0..=1.0).contains(&p) && op.dtype != DType::I32 && op.dtype != DType::I64,
         _ => op.dtype.is_float(),
     };
     if !ok {
@@ -146,11 +135,7 @@ pub fn eval(op: &RandomOp, state: &Tensor, out: &TensorType) -> Result<Tensor, S
     if n / 4 >= u32::MAX as usize {
         return Err(format!("{n} random values exceed one stream's 2^32 blocks"));
     }
-    Ok(Tensor::from_f64(
-        op.dtype,
-        &shape,
-        &sample(op, [s[0], s[1]], n),
-    ))
+    Ok(Tensor::from_f64(op.dtype, &shape, &sample(op, [s[0], s[1]], n)))
 }
 
 #[cfg(test)]
@@ -160,19 +145,10 @@ mod tests {
     /// Known-answer tests from the Random123 distribution (kat_vectors, philox4x32 10 rounds).
     #[test]
     fn philox_known_answers() {
+        assert_eq!(philox4x32_10([0, 0, 0, 0], [0, 0]), [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]);
+        assert_eq!(philox4x32_10([u32::MAX; 4], [u32::MAX; 2]), [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]);
         assert_eq!(
-            philox4x32_10([0, 0, 0, 0], [0, 0]),
-            [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]
-        );
-        assert_eq!(
-            philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
-            [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]
-        );
-        assert_eq!(
-            philox4x32_10(
-                [0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344],
-                [0xa409_3822, 0x299f_31d0]
-            ),
+            philox4x32_10([0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344], [0xa409_3822, 0x299f_31d0]),
             [0xd16c_fe09, 0x94fd_cceb, 0x5001_e420, 0x2412_6ea1]
         );
     }

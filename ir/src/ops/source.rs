@@ -12,15 +12,8 @@ pub struct SharedId(pub u32);
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum SourceOp {
-    Input {
-        name: String,
-        ty: TensorType,
-    },
-    Shared {
-        id: SharedId,
-        name: String,
-        ty: TensorType,
-    },
+    Input { name: String, ty: TensorType },
+    Shared { id: SharedId, name: String, ty: TensorType },
     Constant(Arc<Tensor>),
 }
 
@@ -35,9 +28,7 @@ impl SourceOp {
         match self {
             SourceOp::Constant(t) => Ok((**t).clone()),
             SourceOp::Input { name, .. } => Err(format!("input '{name}' has no value bound")),
-            SourceOp::Shared { name, .. } => {
-                Err(format!("shared variable '{name}' has no value bound"))
-            }
+            SourceOp::Shared { name, .. } => Err(format!("shared variable '{name}' has no value bound")),
         }
     }
     pub fn label(&self) -> String {

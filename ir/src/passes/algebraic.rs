@@ -8,66 +8,21 @@ use crate::graph::{Graph, NodeId};
 use crate::ops::{BinaryOp as B, MoveOp, Op, UnaryOp as U};
 
 pub const RULES: &[Rule] = &[
-    Rule {
-        name: "add_zero",
-        apply: add_zero,
-    },
-    Rule {
-        name: "sub_zero",
-        apply: sub_zero,
-    },
-    Rule {
-        name: "mul_one",
-        apply: mul_one,
-    },
-    Rule {
-        name: "div_one",
-        apply: div_one,
-    },
-    Rule {
-        name: "mul_neg_one",
-        apply: mul_neg_one,
-    },
-    Rule {
-        name: "neg_neg",
-        apply: neg_neg,
-    },
-    Rule {
-        name: "add_neg",
-        apply: add_neg,
-    },
-    Rule {
-        name: "sub_neg",
-        apply: sub_neg,
-    },
-    Rule {
-        name: "div_const",
-        apply: div_const,
-    },
-    Rule {
-        name: "pow_const",
-        apply: pow_const,
-    },
-    Rule {
-        name: "log_exp",
-        apply: log_exp,
-    },
-    Rule {
-        name: "not_not",
-        apply: not_not,
-    },
-    Rule {
-        name: "permute_permute",
-        apply: permute_permute,
-    },
-    Rule {
-        name: "reshape_reshape",
-        apply: reshape_reshape,
-    },
-    Rule {
-        name: "movement_identity",
-        apply: movement_identity,
-    },
+    Rule { name: "add_zero", apply: add_zero },
+    Rule { name: "sub_zero", apply: sub_zero },
+    Rule { name: "mul_one", apply: mul_one },
+    Rule { name: "div_one", apply: div_one },
+    Rule { name: "mul_neg_one", apply: mul_neg_one },
+    Rule { name: "neg_neg", apply: neg_neg },
+    Rule { name: "add_neg", apply: add_neg },
+    Rule { name: "sub_neg", apply: sub_neg },
+    Rule { name: "div_const", apply: div_const },
+    Rule { name: "pow_const", apply: pow_const },
+    Rule { name: "log_exp", apply: log_exp },
+    Rule { name: "not_not", apply: not_not },
+    Rule { name: "permute_permute", apply: permute_permute },
+    Rule { name: "reshape_reshape", apply: reshape_reshape },
+    Rule { name: "movement_identity", apply: movement_identity },
 ];
 
 pub fn run(g: &mut Graph, log: &mut RewriteLog) -> Result<bool> {
@@ -167,8 +122,7 @@ fn div_const(g: &mut Graph, n: NodeId) -> Result<Option<NodeId>> {
         return Ok(None);
     };
     let r = 1.0 / c;
-    let exact =
-        c != 0.0 && c.is_finite() && r.is_finite() && (c.abs().log2().fract() == 0.0) && c != 1.0;
+    let exact = c != 0.0 && c.is_finite() && r.is_finite() && (c.abs().log2().fract() == 0.0) && c != 1.0;
     if !exact || g.ty(b).rank() != 0 {
         return Ok(None);
     }

@@ -13,7 +13,7 @@ const MAX_FOLDED_ELEMENTS: usize = 1 << 16;
 
 pub fn run(g: &mut Graph, log: &mut RewriteLog) -> Result<bool> {
     let mut changed = false;
-    for n in g.topo_order(&g.outputs().to_vec()) {
+    for n in g.topo_order(g.outputs()) {
         let node = g.node(n);
         let value = match &node.op {
             Op::Source(_) | Op::Random(_) => continue,
@@ -32,8 +32,7 @@ pub fn run(g: &mut Graph, log: &mut RewriteLog) -> Result<bool> {
                 if shape.iter().product::<usize>() > MAX_FOLDED_ELEMENTS {
                     continue;
                 }
-                let consts: Option<Vec<&Tensor>> =
-                    node.inputs.iter().map(|&i| g.op(i).as_constant()).collect();
+                let consts: Option<Vec<&Tensor>> = node.inputs.iter().map(|&i| g.op(i).as_constant()).collect();
                 let Some(consts) = consts else { continue };
                 match op.eval(&consts, &node.ty) {
                     Ok(v) => v,
@@ -42,11 +41,7 @@ pub fn run(g: &mut Graph, log: &mut RewriteLog) -> Result<bool> {
             }
         };
         let at = g.node(n).at;
-        let c = g.add(
-            Op::Source(SourceOp::Constant(std::sync::Arc::new(value))),
-            &[],
-            at,
-        )?;
+        let c = g.add(Op::Source(SourceOp::Constant(std::sync::Arc::new(value))), &[], at)?;
         g.replace_all_uses(n, c);
         log.record("constant_fold");
         changed = true;

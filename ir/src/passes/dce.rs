@@ -8,8 +8,7 @@ use crate::ops::{Op, SourceOp};
 
 /// Removes dead nodes; returns how many.
 pub fn remove_dead(g: &mut Graph) -> usize {
-    let live: std::collections::HashSet<_> =
-        g.topo_order(&g.outputs().to_vec()).into_iter().collect();
+    let live: std::collections::HashSet<_> = g.topo_order(g.outputs()).into_iter().collect();
     let dead: Vec<_> = g
         .node_ids()
         .into_iter()

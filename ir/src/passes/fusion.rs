@@ -60,23 +60,13 @@ fn build_region(g: &Graph, root: NodeId) -> (FusedKernel, Vec<NodeId>) {
         slot.insert(n, exprs.len());
         exprs.push(e);
     }
-    (
-        FusedKernel {
-            exprs,
-            n_inputs: leaves.len(),
-            reduce: None,
-        },
-        leaves,
-    )
+    (FusedKernel { exprs, n_inputs: leaves.len(), reduce: None }, leaves)
 }
 
 pub fn run(g: &mut Graph, log: &mut RewriteLog) -> Result<bool> {
-    let order = g.topo_order(&g.outputs().to_vec());
-    let roots: Vec<NodeId> = order
-        .iter()
-        .copied()
-        .filter(|&n| g.op(n).is_elementwise() && !merges_into_reader(g, n))
-        .collect();
+    let order = g.topo_order(g.outputs());
+    let roots: Vec<NodeId> =
+        order.iter().copied().filter(|&n| g.op(n).is_elementwise() && !merges_into_reader(g, n)).collect();
     let mut changed = false;
     for root in roots {
         let (kernel, leaves) = build_region(g, root);
@@ -95,7 +85,7 @@ pub fn run(g: &mut Graph, log: &mut RewriteLog) -> Result<bool> {
     }
     super::dce::remove_dead(g);
     // Reductions of a fused region that nothing else reads take the region as their prologue.
-    for n in g.topo_order(&g.outputs().to_vec()) {
+    for n in g.topo_order(g.outputs()) {
         let Op::Reduce { op, axes, keepdims } = g.op(n).clone() else {
             continue;
         };
@@ -107,10 +97,7 @@ pub fn run(g: &mut Graph, log: &mut RewriteLog) -> Result<bool> {
         if k.reduce.is_some() || g.use_count(src) != 1 || g.outputs().contains(&src) {
             continue;
         }
-        let kernel = FusedKernel {
-            reduce: Some((op, axes, keepdims)),
-            ..(**k).clone()
-        };
+        let kernel = FusedKernel { reduce: Some((op, axes, keepdims)), ..(**k).clone() };
         let (leaves, at) = (g.inputs(src).to_vec(), g.node(n).at);
         let fused = g.add(Op::Fused(Arc::new(kernel)), &leaves, at)?;
         if g.ty(fused) != g.ty(n) {

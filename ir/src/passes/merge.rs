@@ -15,7 +15,7 @@ const MAX_CONSTANT_KEY: usize = 64;
 pub fn run(g: &mut Graph, log: &mut RewriteLog) -> Result<bool> {
     let mut seen: HashMap<(String, Vec<NodeId>), NodeId> = HashMap::new();
     let mut changed = false;
-    for n in g.topo_order(&g.outputs().to_vec()) {
+    for n in g.topo_order(g.outputs()) {
         let op = g.op(n);
         let mergeable = match op {
             Op::Source(SourceOp::Constant(t)) => t.len() <= MAX_CONSTANT_KEY,

@@ -48,30 +48,12 @@ pub struct Pass {
 /// The main pipeline, in order. Stabilization runs before constant folding, so `log(1 + exp(800))`
 /// folds to 800 and not to inf.
 pub const PIPELINE: &[Pass] = &[
-    Pass {
-        name: "canonicalize",
-        run: algebraic::run,
-    },
-    Pass {
-        name: "stabilize",
-        run: stabilize::run,
-    },
-    Pass {
-        name: "constant_fold",
-        run: cprop::run,
-    },
-    Pass {
-        name: "merge",
-        run: merge::run,
-    },
-    Pass {
-        name: "dead_code",
-        run: dce::run,
-    },
-    Pass {
-        name: "fuse_elementwise",
-        run: fusion::run,
-    },
+    Pass { name: "canonicalize", run: algebraic::run },
+    Pass { name: "stabilize", run: stabilize::run },
+    Pass { name: "constant_fold", run: cprop::run },
+    Pass { name: "merge", run: merge::run },
+    Pass { name: "dead_code", run: dce::run },
+    Pass { name: "fuse_elementwise", run: fusion::run },
 ];
 
 /// Options of `optimize`.
@@ -85,10 +67,7 @@ pub struct OptimizeOptions {
 
 impl Default for OptimizeOptions {
     fn default() -> Self {
-        OptimizeOptions {
-            rewrite: true,
-            fuse: true,
-        }
+        OptimizeOptions { rewrite: true, fuse: true }
     }
 }
 
@@ -96,15 +75,13 @@ impl Default for OptimizeOptions {
 pub fn optimize(g: &mut Graph, opts: OptimizeOptions) -> Result<RewriteLog> {
     let mut log = RewriteLog::default();
     for pass in PIPELINE {
-        let skip = (!opts.rewrite && pass.name != "dead_code")
-            || (!opts.fuse && pass.name == "fuse_elementwise");
+        let skip = (!opts.rewrite && pass.name != "dead_code") || (!opts.fuse && pass.name == "fuse_elementwise");
         if skip {
             continue;
         }
         (pass.run)(g, &mut log)?;
         if cfg!(debug_assertions) {
-            g.verify()
-                .map_err(|e| crate::Error::Invalid(format!("after pass '{}': {e}", pass.name)))?;
+            g.verify().map_err(|e| crate::Error::Invalid(format!("after pass '{}': {e}", pass.name)))?;
         }
     }
     Ok(log)
@@ -129,7 +106,7 @@ pub fn rewrite_to_fixpoint(g: &mut Graph, rules: &[Rule], log: &mut RewriteLog) 
     for _ in 0..MAX_SWEEPS {
         dce::remove_dead(g);
         let mut changed = false;
-        for n in g.topo_order(&g.outputs().to_vec()) {
+        for n in g.topo_order(g.outputs()) {
             if !g.contains(n) || g.use_count(n) == 0 {
                 continue;
             }
@@ -163,9 +140,7 @@ pub mod pat {
         let t = g.op(n).as_constant()?;
         let v = t.to_f64_vec();
         let first = *v.first()?;
-        v.iter()
-            .all(|&x| x == first || (x.is_nan() && first.is_nan()))
-            .then_some(first)
+        v.iter().all(|&x| x == first || (x.is_nan() && first.is_nan())).then_some(first)
     }
     pub fn is_const(g: &Graph, n: NodeId, value: f64) -> bool {
         const_value(g, n) == Some(value)

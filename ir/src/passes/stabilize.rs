@@ -8,34 +8,13 @@ use crate::graph::{Graph, NodeId};
 use crate::ops::{BinaryOp as B, NnOp, Op, ReduceOp, UnaryOp as U};
 
 pub const RULES: &[Rule] = &[
-    Rule {
-        name: "log_sigmoid",
-        apply: log_sigmoid,
-    },
-    Rule {
-        name: "log_one_minus_sigmoid",
-        apply: log_one_minus_sigmoid,
-    },
-    Rule {
-        name: "log_softmax",
-        apply: log_softmax,
-    },
-    Rule {
-        name: "softmax_cross_entropy",
-        apply: softmax_cross_entropy,
-    },
-    Rule {
-        name: "log1p",
-        apply: log1p,
-    },
-    Rule {
-        name: "log1p_exp",
-        apply: log1p_exp,
-    },
-    Rule {
-        name: "expm1",
-        apply: expm1,
-    },
+    Rule { name: "log_sigmoid", apply: log_sigmoid },
+    Rule { name: "log_one_minus_sigmoid", apply: log_one_minus_sigmoid },
+    Rule { name: "log_softmax", apply: log_softmax },
+    Rule { name: "softmax_cross_entropy", apply: softmax_cross_entropy },
+    Rule { name: "log1p", apply: log1p },
+    Rule { name: "log1p_exp", apply: log1p_exp },
+    Rule { name: "expm1", apply: expm1 },
 ];
 
 pub fn run(g: &mut Graph, log: &mut RewriteLog) -> Result<bool> {
@@ -86,12 +65,7 @@ fn softmax_cross_entropy(g: &mut Graph, n: NodeId) -> Result<Option<NodeId>> {
     let Some(s) = unary(g, n, U::Neg) else {
         return Ok(None);
     };
-    let Op::Reduce {
-        op: ReduceOp::Sum,
-        axes,
-        keepdims: false,
-    } = g.op(s)
-    else {
+    let Op::Reduce { op: ReduceOp::Sum, axes, keepdims: false } = g.op(s) else {
         return Ok(None);
     };
     if axes.len() != 1 {
@@ -110,10 +84,7 @@ fn softmax_cross_entropy(g: &mut Graph, n: NodeId) -> Result<Option<NodeId>> {
         return Ok(None);
     };
     let (z, at) = (g.inputs(ls)[0], g.node(n).at);
-    Ok(
-        g.add(Op::Nn(NnOp::SoftmaxCrossEntropy { axis }), &[z, t], at)
-            .ok(),
-    )
+    Ok(g.add(Op::Nn(NnOp::SoftmaxCrossEntropy { axis }), &[z, t], at).ok())
 }
 
 // log(1 + x) -> log1p(x) ; log(x + 1) -> log1p(x) ; log(1 - x) -> log1p(-x)
