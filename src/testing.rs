@@ -1,7 +1,7 @@
 //! Checking gradients and backends, for kiln's tests and for users' own ops and models.
 //! `verify_grad` is Theano's: it projects the output on a fixed random tensor to get a scalar cost,
 //! compares kiln's symbolic gradient of that cost with central finite differences, and reports the
-//! worst element. Inputs are taken in f64 so the differences are meaningful.
+//! worst element. Inputs may be f64 or f32; `GradCheck::for_dtype` picks the step and tolerance.
 
 use crate::prelude::*;
 use crate::OptimizeOptions;
@@ -23,7 +23,19 @@ pub struct GradCheck {
 
 impl Default for GradCheck {
     fn default() -> Self {
-        GradCheck { eps: 1e-6, atol: 1e-5, rtol: 1e-4, seed: 1234, device: Device::Reference, optimize: true }
+        GradCheck::for_dtype(DType::F64)
+    }
+}
+
+impl GradCheck {
+    /// Step and tolerances suited to the precision of `dtype` (Theano's per-dtype defaults, adapted:
+    /// a float32 difference quotient is only good to about sqrt of its epsilon).
+    pub fn for_dtype(dtype: DType) -> GradCheck {
+        let (eps, atol, rtol) = match dtype {
+            DType::F32 => (1e-2, 1e-2, 1e-2),
+            _ => (1e-6, 1e-5, 1e-4),
+        };
+        GradCheck { eps, atol, rtol, seed: 1234, device: Device::Reference, optimize: true }
     }
 }
 

@@ -58,6 +58,16 @@ fn unary_ops() {
 }
 
 #[test]
+fn float32_with_float32_step_and_tolerance() {
+    let opts = GradCheck::for_dtype(F32);
+    let x = r(&[2, 3], -1.0, 1.0, 50).cast(F32);
+    let w = r(&[3, 4], -1.0, 1.0, 51).cast(F32);
+    let f = |_: &Graph, v: &[Var]| v[0].matmul(&v[1]).tanh().softmax(-1).log();
+    let err = verify_grad(f, &[x, w], opts).unwrap();
+    assert!(err < 1e-2, "{err}");
+}
+
+#[test]
 fn cast_through_f32() {
     let opts = GradCheck { eps: 1e-2, atol: 1e-4, ..Default::default() };
     let x = r(&[3], -1.0, 1.0, 4);

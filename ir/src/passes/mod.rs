@@ -2,7 +2,7 @@
 //! there are no priorities. Rewrite rules are named, carry their algebra in a comment, and live by
 //! theme (`algebraic`, `stabilize`); a rule's replacement must have the node's exact type, otherwise
 //! it is not applied, so a rule never changes what a graph computes or its shape. Every fixpoint is
-//! bounded (iterations and graph growth). In debug and test builds the graph is verified after every
+//! bounded (sweeps, graph growth and time). In debug and test builds the graph is verified after every
 //! pass. The `RewriteLog` counts which rules fired, so "why is this node here?" has an answer.
 
 pub mod algebraic;
@@ -95,6 +95,8 @@ pub struct Rule {
 
 /// At most this many sweeps over the graph per rule set.
 const MAX_SWEEPS: usize = 16;
+/// No new sweep starts after this long, so compile time stays predictable on huge graphs.
+const MAX_SWEEP_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 /// Stop rewriting once the graph has grown this many times over.
 const MAX_GROWTH: usize = 4;
 
@@ -103,6 +105,7 @@ const MAX_GROWTH: usize = 4;
 pub fn rewrite_to_fixpoint(g: &mut Graph, rules: &[Rule], log: &mut RewriteLog) -> Result<bool> {
     let limit = g.len().max(16) * MAX_GROWTH;
     let mut changed_any = false;
+    let start = std::time::Instant::now();
     for _ in 0..MAX_SWEEPS {
         dce::remove_dead(g);
         let mut changed = false;
@@ -122,7 +125,7 @@ pub fn rewrite_to_fixpoint(g: &mut Graph, rules: &[Rule], log: &mut RewriteLog) 
             }
         }
         changed_any |= changed;
-        if !changed || g.len() > limit {
+        if !changed || g.len() > limit || start.elapsed() > MAX_SWEEP_TIME {
             break;
         }
     }
