@@ -17,14 +17,17 @@ use std::collections::HashMap;
 /// Where a function runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Device {
-    /// The reference interpreter (ndarray), the oracle for every other backend.
+    /// Machine code for this CPU, generated with Cranelift (the default).
     #[default]
+    Cpu,
+    /// The reference interpreter (ndarray), the oracle for every other backend.
     Reference,
 }
 
 impl Device {
     fn backend(self) -> Box<dyn Backend> {
         match self {
+            Device::Cpu => Box::new(kiln_codegen::cpu::Cpu),
             Device::Reference => Box::new(kiln_codegen::reference::Reference),
         }
     }

@@ -12,11 +12,8 @@ fn logistic_regression_trains_with_updates() {
     let logits = x.matmul(&w) + &b;
     let cost = logits.softmax(-1).sparse_categorical_crossentropy(&y).mean_all();
     let [gw, gb] = g.grad(&cost, [&w, &b]).unwrap();
-    let mut step = g
-        .function([&x, &y], [&cost])
-        .updates([(&w, &w - 0.5 * gw), (&b, &b - 0.5 * gb)])
-        .compile(Device::Reference)
-        .unwrap();
+    let mut step =
+        g.function([&x, &y], [&cost]).updates([(&w, &w - 0.5 * gw), (&b, &b - 0.5 * gb)]).compile(Device::Cpu).unwrap();
     let xs = array![[1.0f32, 0.0, 0.5], [0.0, 1.0, -0.5], [1.0, 0.2, 0.1], [0.1, 1.0, 0.0]];
     let ys = array![0i64, 1, 0, 1];
     let first = step.call1(&[xs.clone().into(), ys.clone().into()]).unwrap().item().unwrap();
@@ -39,15 +36,14 @@ fn updates_use_values_from_before_the_call() {
     let g = Graph::new();
     let a = g.shared("a", array![1.0f64]);
     let b = g.shared("b", array![2.0f64]);
-    let mut swap =
-        g.function([], [&(&a + &b)]).updates([(&a, &b * 1.0), (&b, &a * 1.0)]).compile(Device::Reference).unwrap();
+    let mut swap = g.function([], [&(&a + &b)]).updates([(&a, &b * 1.0), (&b, &a * 1.0)]).compile(Device::Cpu).unwrap();
     let out = swap.call(&[]).unwrap();
     assert_eq!(out[0], Tensor::from(array![3.0]));
     assert_eq!(a.value().unwrap(), Tensor::from(array![2.0]));
     assert_eq!(b.value().unwrap(), Tensor::from(array![1.0]));
     // a counter: shared values persist between calls and can be set from Rust
     let c = g.shared("c", ndarray::arr0(0i64));
-    let mut tick = g.function([], [&c]).updates([(&c, &c + 1i64)]).compile(Device::Reference).unwrap();
+    let mut tick = g.function([], [&c]).updates([(&c, &c + 1i64)]).compile(Device::Cpu).unwrap();
     for _ in 0..3 {
         tick.call(&[]).unwrap();
     }
@@ -65,9 +61,9 @@ fn givens_replace_a_variable_in_one_function() {
     let x = g.input("x", F32, [Dim::sym("batch"), 2.into()]);
     let i = g.input("i", I64, [1]);
     let out = (&x * 2.0).sum(&[1]);
-    let mut by_index = g.function([&i], [&out]).givens([(&x, data.take(&i, 0))]).compile(Device::Reference).unwrap();
+    let mut by_index = g.function([&i], [&out]).givens([(&x, data.take(&i, 0))]).compile(Device::Cpu).unwrap();
     assert_eq!(by_index.call1(&[array![2i64].into()]).unwrap(), Tensor::from(array![22.0f32]));
-    let mut plain = g.function([&x], [&out]).compile(Device::Reference).unwrap();
+    let mut plain = g.function([&x], [&out]).compile(Device::Cpu).unwrap();
     assert_eq!(plain.call1(&[array![[1.0f32, 1.0]].into()]).unwrap(), Tensor::from(array![4.0f32]));
 }
 
@@ -82,7 +78,7 @@ fn debugprint_dot_and_locations() {
         text,
         "sigmoid [id A] <f32[batch,2]>\n |matmul [id B] <f32[batch,2]> 'h'\n | |x (input) [id C] <f32[batch,3]>\n | |w (shared) [id D] <f32[3,2]>\n"
     );
-    let f = g.function([&x], [&h]).compile(Device::Reference).unwrap();
+    let f = g.function([&x], [&h]).compile(Device::Cpu).unwrap();
     let with_loc = f.debugprint_with_locations();
     assert!(with_loc.contains("@ tests/api.rs:"), "{with_loc}");
     let dot = f.to_dot();
@@ -98,7 +94,7 @@ fn printing_is_deterministic() {
         let w = g.shared("w", Array2::<f32>::zeros((5, 5)));
         let c = x.matmul(&w).tanh().softmax(-1).log().mean_all();
         let [gw] = g.grad(&c, [&w]).unwrap();
-        let f = g.function([&x], [&c, &gw]).compile(Device::Reference).unwrap();
+        let f = g.function([&x], [&c, &gw]).compile(Device::Cpu).unwrap();
         (f.debugprint(), f.to_dot(), f.rewrite_log().to_string())
     };
     assert_eq!(build(), build());

@@ -1,7 +1,7 @@
 //! The op table: for every op, its type rule (the printed output type, with symbolic dims) and its
 //! reference value against an independent computation (plain Rust loops or ndarray), on shapes that
-//! are not square and with broadcasting. Each row runs both unoptimized and through the full
-//! pipeline (fused), which must agree.
+//! are not square and with broadcasting. Each row runs on every backend (the reference interpreter
+//! and the Cranelift CPU backend), both unoptimized and through the full pipeline (fused).
 #![allow(clippy::cloned_ref_to_slice_refs, clippy::type_complexity)]
 
 use kiln::prelude::*;
@@ -26,11 +26,13 @@ fn row(
     let out = f(&g, &vars);
     let t = out.ty().unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(t.to_string(), ty, "{name}: type rule");
-    for opts in [NONE, OptimizeOptions::default()] {
-        let mut fun = g.function(vars.iter(), [&out]).optimize(opts).compile(Device::Reference).unwrap();
-        let got = fun.call1(args).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(got.dtype(), want.dtype(), "{name}: dtype");
-        assert!(got.allclose(want, tol, tol), "{name} ({opts:?}):\n got {got:?}\nwant {want:?}");
+    for device in [Device::Reference, Device::Cpu] {
+        for opts in [NONE, OptimizeOptions::default()] {
+            let mut fun = g.function(vars.iter(), [&out]).optimize(opts).compile(device).unwrap();
+            let got = fun.call1(args).unwrap_or_else(|e| panic!("{name} on {device:?}: {e}"));
+            assert_eq!(got.dtype(), want.dtype(), "{name}: dtype");
+            assert!(got.allclose(want, tol, tol), "{name} on {device:?} ({opts:?}):\n got {got:?}\nwant {want:?}");
+        }
     }
 }
 

@@ -3,6 +3,8 @@
 //! that is specialized on the concrete shapes of each call and cached per shape signature. This
 //! crate holds the reference interpreter, the oracle every other backend is tested against.
 
+pub mod cpu;
+pub mod kernel;
 pub mod reference;
 
 use kiln_ir::{Graph, NodeId, Result, Tensor};

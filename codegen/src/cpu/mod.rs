@@ -1,0 +1,296 @@
+//! The CPU backend. Per shape signature of a call, the program is specialized, lowered to a kernel
+//! program, every loop kernel is JIT-compiled with Cranelift, and temporary buffers are planned by
+//! liveness (a buffer's memory is reused once its last reader has run) and allocated once; the plan
+//! is cached, so a steady-state call allocates only its outputs. Inputs and shared variables are read
+//! in place. Before any generated code runs, every argument's length is checked against the plan,
+//! and every view the code can touch was checked against its buffer when the program was lowered.
+
+pub mod jit;
+pub mod math;
+pub mod runtime;
+
+use crate::kernel::{lower, BufKind, KernelProgram, Step};
+use crate::{Backend, CompileOptions, Executable, Program};
+use jit::{elem_size, Jit, KernelFn};
+use kiln_ir::specialize::specialize;
+use kiln_ir::{DType, Error, Result, Tensor};
+use runtime::{Bufs, GatherArgs};
+use std::collections::HashMap;
+
+pub struct Cpu;
+
+impl Backend for Cpu {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn compile(&self, program: &Program, _opts: &CompileOptions) -> Result<Box<dyn Executable>> {
+        Ok(Box::new(CpuExecutable { program: program.clone(), plans: HashMap::new(), order: vec![] }))
+    }
+}
+
+enum Compiled {
+    Loop { f: KernelFn, bufs: Vec<usize> },
+    MatMul(crate::kernel::MatMul),
+    Gather(GatherArgs),
+    Scatter(GatherArgs, DType),
+    Random { op: kiln_ir::ops::RandomOp, state: usize, out: usize },
+}
+
+struct Plan {
+    kp: KernelProgram,
+    steps: Vec<Compiled>,
+    /// Storage slot of each buffer that the plan owns (temporaries and constants).
+    slot: Vec<Option<usize>>,
+    storage: Vec<Vec<u64>>,
+    out_shapes: Vec<Vec<usize>>,
+    code: String,
+    // Declared last: the machine code must outlive nothing that points into it.
+    _jit: Jit,
+}
+
+pub struct CpuExecutable {
+    program: Program,
+    plans: HashMap<Vec<Vec<usize>>, Plan>,
+    /// Shape signatures in the order they were first seen (for stable `generated_code`).
+    order: Vec<Vec<Vec<usize>>>,
+}
+
+fn bytes_of(t: &Tensor) -> &[u8] {
+    kiln_ir::with_array!(t, a => {
+        let s = a.as_slice().expect("caller passes standard-layout arrays");
+        // SAFETY: any initialized slice of plain numbers (or bools, one byte each) may be viewed as bytes.
+        unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
+    })
+}
+
+fn tensor_from_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Tensor {
+    fn read<T: Copy>(bytes: &[u8], n: usize) -> Vec<T> {
+        let mut v = Vec::<T>::with_capacity(n);
+        // SAFETY: `bytes` holds exactly `n` elements of `T` written by the kernels; the copy does not
+        // need alignment of the source beyond that of its buffer (u64-aligned storage or the input).
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>());
+            v.set_len(n);
+        }
+        v
+    }
+    let n: usize = shape.iter().product();
+    let s = ndarray::IxDyn(shape);
+    let err = "buffer length matches the shape";
+    match dtype {
+        DType::F32 => Tensor::F32(ndarray::ArrayD::from_shape_vec(s, read::<f32>(bytes, n)).expect(err)),
+        DType::F64 => Tensor::F64(ndarray::ArrayD::from_shape_vec(s, read::<f64>(bytes, n)).expect(err)),
+        DType::I32 => Tensor::I32(ndarray::ArrayD::from_shape_vec(s, read::<i32>(bytes, n)).expect(err)),
+        DType::I64 => Tensor::I64(ndarray::ArrayD::from_shape_vec(s, read::<i64>(bytes, n)).expect(err)),
+        DType::Bool => {
+            Tensor::Bool(ndarray::ArrayD::from_shape_vec(s, bytes[..n].iter().map(|&b| b != 0).collect()).expect(err))
+        }
+    }
+}
+
+/// The buffers each step reads and the one it writes.
+fn step_io(step: &Step) -> (Vec<usize>, usize) {
+    match step {
+        Step::Loop(k) => (k.inputs.iter().map(|v| v.buf).collect(), k.out.buf),
+        Step::MatMul(m) => (vec![m.a, m.b], m.c),
+        Step::Gather { x, idx, out, .. } => (vec![*x, *idx], *out),
+        Step::ScatterAdd { g, idx, out, .. } => (vec![*g, *idx], *out),
+        Step::Random { state, out, .. } => (vec![*state], *out),
+    }
+}
+
+impl Plan {
+    fn build(kp: KernelProgram, out_shapes: Vec<Vec<usize>>) -> Result<Plan> {
+        let mut jit = Jit::new()?;
+        let mut pending = vec![];
+        let mut code = String::new();
+        for step in &kp.steps {
+            if let Step::Loop(k) = step {
+                let (id, text) = jit.compile(k)?;
+                code.push_str(&text);
+                code.push('\n');
+                pending.push(Some(id));
+            } else {
+                pending.push(None);
+            }
+        }
+        jit.finalize()?;
+        let mut steps = Vec::with_capacity(kp.steps.len());
+        for (step, id) in kp.steps.iter().zip(pending) {
+            let dt = |b: usize| kp.buffers[b].dtype;
+            steps.push(match step {
+                Step::Loop(k) => {
+                    let mut bufs: Vec<usize> = k.inputs.iter().map(|v| v.buf).collect();
+                    bufs.push(k.out.buf);
+                    Compiled::Loop { f: jit.function(id.expect("loop kernels are compiled")), bufs }
+                }
+                Step::MatMul(m) => Compiled::MatMul(m.clone()),
+                Step::Gather { x, idx, out, outer, axis_len, inner, dtype, at } => Compiled::Gather(GatherArgs {
+                    src: *x,
+                    idx: *idx,
+                    idx_dtype: dt(*idx),
+                    out: *out,
+                    outer: *outer,
+                    axis_len: *axis_len,
+                    inner: *inner,
+                    elem: elem_size(*dtype) as usize,
+                    at: *at,
+                }),
+                Step::ScatterAdd { g, idx, out, outer, axis_len, inner, dtype, at } => Compiled::Scatter(
+                    GatherArgs {
+                        src: *g,
+                        idx: *idx,
+                        idx_dtype: dt(*idx),
+                        out: *out,
+                        outer: *outer,
+                        axis_len: *axis_len,
+                        inner: *inner,
+                        elem: elem_size(*dtype) as usize,
+                        at: *at,
+                    },
+                    *dtype,
+                ),
+                Step::Random { op, state, out, .. } => Compiled::Random { op: op.clone(), state: *state, out: *out },
+            });
+        }
+        let (slot, storage) = plan_memory(&kp);
+        Ok(Plan { kp, steps, slot, storage, out_shapes, code, _jit: jit })
+    }
+}
+
+/// Assigns temporaries to storage slots, reusing a slot of the same size once the buffer that held
+/// it has had its last reader; outputs and constants keep their own slots.
+fn plan_memory(kp: &KernelProgram) -> (Vec<Option<usize>>, Vec<Vec<u64>>) {
+    let words = |b: usize| (kp.buffers[b].len * elem_size(kp.buffers[b].dtype) as usize).div_ceil(8).max(1);
+    let mut last_read: HashMap<usize, usize> = HashMap::new();
+    for (i, s) in kp.steps.iter().enumerate() {
+        for r in step_io(s).0 {
+            last_read.insert(r, i);
+        }
+    }
+    let mut slot = vec![None; kp.buffers.len()];
+    let mut storage: Vec<Vec<u64>> = vec![];
+    let mut free: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (b, buf) in kp.buffers.iter().enumerate() {
+        if let BufKind::Constant(t) = &buf.kind {
+            let mut v = vec![0u64; words(b)];
+            let src = bytes_of_owned(t);
+            // SAFETY: the slot holds at least the constant's bytes.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), v.as_mut_ptr() as *mut u8, src.len()) };
+            storage.push(v);
+            slot[b] = Some(storage.len() - 1);
+        }
+    }
+    for (i, s) in kp.steps.iter().enumerate() {
+        let (reads, w) = step_io(s);
+        if slot[w].is_none() && kp.buffers[w].kind == BufKind::Temp {
+            let n = words(w);
+            let reused = if kp.outputs.contains(&w) { None } else { free.get_mut(&n).and_then(|v| v.pop()) };
+            slot[w] = Some(reused.unwrap_or_else(|| {
+                storage.push(vec![0u64; n]);
+                storage.len() - 1
+            }));
+        }
+        for r in reads.into_iter().chain([w]) {
+            let dead = last_read.get(&r).is_none_or(|&l| l <= i);
+            if dead && kp.buffers[r].kind == BufKind::Temp && !kp.outputs.contains(&r) {
+                if let Some(sl) = slot[r] {
+                    let list = free.entry(words(r)).or_default();
+                    if !list.contains(&sl) && last_read.get(&r) == Some(&i) {
+                        list.push(sl);
+                    }
+                }
+            }
+        }
+    }
+    (slot, storage)
+}
+
+fn bytes_of_owned(t: &Tensor) -> Vec<u8> {
+    let std = kiln_ir::map_array!(t, a => a.as_standard_layout().into_owned());
+    bytes_of(&std).to_vec()
+}
+
+impl Executable for CpuExecutable {
+    fn run(&mut self, inputs: &[&Tensor], shared: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let key: Vec<Vec<usize>> = inputs.iter().chain(shared).map(|t| t.shape().to_vec()).collect();
+        if !self.plans.contains_key(&key) {
+            let sources = self.program.inputs.iter().chain(&self.program.shared);
+            let shapes = sources.zip(&key).map(|(&n, s)| (n, s.clone())).collect();
+            let (g, _) = specialize(&self.program.graph, &shapes)?;
+            let kp = lower(&g, &self.program.inputs, &self.program.shared)?;
+            let out_shapes = g.outputs().iter().map(|&o| g.ty(o).concrete().expect("specialized")).collect();
+            self.plans.insert(key.clone(), Plan::build(kp, out_shapes)?);
+            self.order.push(key.clone());
+        }
+        let plan = self.plans.get_mut(&key).expect("just inserted");
+        // Arguments in standard layout, viewed in place (copied only when strided).
+        let args: Vec<std::borrow::Cow<Tensor>> = inputs
+            .iter()
+            .chain(shared)
+            .map(|t| {
+                let standard = kiln_ir::with_array!(t, a => a.is_standard_layout());
+                if standard {
+                    std::borrow::Cow::Borrowed(*t)
+                } else {
+                    std::borrow::Cow::Owned(kiln_ir::map_array!(t, a => a.as_standard_layout().into_owned()))
+                }
+            })
+            .collect();
+        let mut ptr: Vec<*mut u8> = Vec::with_capacity(plan.kp.buffers.len());
+        let mut len: Vec<usize> = Vec::with_capacity(plan.kp.buffers.len());
+        for (b, buf) in plan.kp.buffers.iter().enumerate() {
+            let p = match buf.kind {
+                BufKind::Input(k) | BufKind::Shared(k) => {
+                    let k = if let BufKind::Shared(_) = buf.kind { self.program.inputs.len() + k } else { k };
+                    let t: &Tensor = &args[k];
+                    if t.len() != buf.len || t.dtype() != buf.dtype {
+                        return Err(Error::Invalid(format!(
+                            "argument {k} does not match its buffer ({} {})",
+                            buf.dtype, buf.len
+                        )));
+                    }
+                    bytes_of(t).as_ptr() as *mut u8
+                }
+                _ => plan.storage[plan.slot[b].expect("owned buffers have slots")].as_mut_ptr() as *mut u8,
+            };
+            ptr.push(p);
+            len.push(buf.len);
+        }
+        let bufs = Bufs { ptr: &ptr, len: &len };
+        let mut table: Vec<*mut u8> = Vec::with_capacity(16);
+        for step in &plan.steps {
+            match step {
+                Compiled::Loop { f, bufs: ids } => {
+                    table.clear();
+                    table.extend(ids.iter().map(|&b| ptr[b]));
+                    // SAFETY: the table holds one valid base address per view of this kernel, each
+                    // buffer at least as long as the lowering checked every view against.
+                    unsafe { f(table.as_ptr()) };
+                }
+                Compiled::MatMul(m) => runtime::matmul(m, &bufs),
+                Compiled::Gather(a) => runtime::gather(a, &bufs)?,
+                Compiled::Scatter(a, d) => runtime::scatter_add(a, *d, &bufs)?,
+                Compiled::Random { op, state, out } => runtime::random(op, *state, *out, &bufs),
+            }
+        }
+        let outs = plan
+            .kp
+            .outputs
+            .iter()
+            .zip(&plan.out_shapes)
+            .map(|(&b, shape)| {
+                let d = plan.kp.buffers[b].dtype;
+                let n = plan.kp.buffers[b].len * elem_size(d) as usize;
+                // SAFETY: the buffer is valid for its declared length.
+                let bytes = unsafe { std::slice::from_raw_parts(ptr[b] as *const u8, n) };
+                tensor_from_bytes(d, shape, bytes)
+            })
+            .collect();
+        Ok(outs)
+    }
+
+    fn generated_code(&self) -> String {
+        self.order.iter().map(|k| self.plans[k].code.as_str()).collect::<Vec<_>>().join("\n")
+    }
+}

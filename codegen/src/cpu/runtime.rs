@@ -1,0 +1,200 @@
+//! The steps of a kernel program that are not loop kernels, run from Rust on the plan's buffers:
+//! matrix products through matrixmultiply's packed GEMM (f32, f64; integers by a plain loop),
+//! gather and scatter-add with every index checked (an out-of-range index is an error naming the
+//! user's line, never an out-of-bounds access), and Philox random numbers (kiln-ir's definition).
+
+use crate::kernel::MatMul;
+use kiln_ir::ops::random::sample;
+use kiln_ir::ops::RandomOp;
+use kiln_ir::{DType, Error, Loc, Result};
+
+/// Raw views of the plan's buffers for one step. The caller guarantees that each pointer is valid
+/// for the buffer length the kernel program declares (checked by `kernel::check_bounds`).
+pub struct Bufs<'a> {
+    pub ptr: &'a [*mut u8],
+    pub len: &'a [usize],
+}
+
+impl Bufs<'_> {
+    /// # Safety
+    /// `T` must be the buffer's element type.
+    unsafe fn slice<T>(&self, b: usize) -> &[T] {
+        unsafe { std::slice::from_raw_parts(self.ptr[b] as *const T, self.len[b]) }
+    }
+    /// # Safety
+    /// `T` must be the buffer's element type, and the buffer must not be read through another
+    /// slice while this one lives (steps never read the buffer they write).
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut<T>(&self, b: usize) -> &mut [T] {
+        unsafe { std::slice::from_raw_parts_mut(self.ptr[b] as *mut T, self.len[b]) }
+    }
+}
+
+pub fn matmul(mm: &MatMul, bufs: &Bufs) {
+    let (m, k, n) = (mm.m, mm.k, mm.n);
+    for bi in 0..mm.batch {
+        let (ao, bo, co) = (bi * mm.a_batch_stride, bi * mm.b_batch_stride, bi * m * n);
+        // SAFETY: the bounds of every batch item were checked when the program was lowered, and
+        // each buffer holds elements of `mm.dtype`.
+        unsafe {
+            match mm.dtype {
+                DType::F32 => {
+                    let (a, b, c) = (bufs.slice::<f32>(mm.a), bufs.slice::<f32>(mm.b), bufs.slice_mut::<f32>(mm.c));
+                    let (a, b, c) = (a[ao..].as_ptr(), b[bo..].as_ptr(), c[co..].as_mut_ptr());
+                    matrixmultiply::sgemm(m, k, n, 1.0, a, k as isize, 1, b, n as isize, 1, 0.0, c, n as isize, 1);
+                }
+                DType::F64 => {
+                    let (a, b, c) = (bufs.slice::<f64>(mm.a), bufs.slice::<f64>(mm.b), bufs.slice_mut::<f64>(mm.c));
+                    let (a, b, c) = (a[ao..].as_ptr(), b[bo..].as_ptr(), c[co..].as_mut_ptr());
+                    matrixmultiply::dgemm(m, k, n, 1.0, a, k as isize, 1, b, n as isize, 1, 0.0, c, n as isize, 1);
+                }
+                DType::I32 => {
+                    int_matmul::<i32>(bufs.slice(mm.a), bufs.slice(mm.b), bufs.slice_mut(mm.c), (ao, bo, co), (m, k, n))
+                }
+                DType::I64 => {
+                    int_matmul::<i64>(bufs.slice(mm.a), bufs.slice(mm.b), bufs.slice_mut(mm.c), (ao, bo, co), (m, k, n))
+                }
+                DType::Bool => unreachable!("type rule rejects bool matmul"),
+            }
+        }
+    }
+}
+
+fn int_matmul<T: Copy + num_like::WrappingArith>(
+    a: &[T],
+    b: &[T],
+    c: &mut [T],
+    off: (usize, usize, usize),
+    mkn: (usize, usize, usize),
+) {
+    let (m, k, n) = mkn;
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = T::ZERO;
+            for p in 0..k {
+                acc = acc.wadd(a[off.0 + i * k + p].wmul(b[off.1 + p * n + j]));
+            }
+            c[off.2 + i * n + j] = acc;
+        }
+    }
+}
+
+mod num_like {
+    pub trait WrappingArith: Sized {
+        const ZERO: Self;
+        fn wadd(self, o: Self) -> Self;
+        fn wmul(self, o: Self) -> Self;
+    }
+    impl WrappingArith for i32 {
+        const ZERO: i32 = 0;
+        fn wadd(self, o: i32) -> i32 {
+            self.wrapping_add(o)
+        }
+        fn wmul(self, o: i32) -> i32 {
+            self.wrapping_mul(o)
+        }
+    }
+    impl WrappingArith for i64 {
+        const ZERO: i64 = 0;
+        fn wadd(self, o: i64) -> i64 {
+            self.wrapping_add(o)
+        }
+        fn wmul(self, o: i64) -> i64 {
+            self.wrapping_mul(o)
+        }
+    }
+}
+
+/// Reads the indices of a gather or scatter as checked positions along an axis of `axis_len`.
+fn indices(bufs: &Bufs, idx: usize, dtype: DType, axis_len: usize, at: Loc, op: &str) -> Result<Vec<usize>> {
+    // SAFETY: the index buffer holds `dtype` elements.
+    let raw: Vec<i64> = unsafe {
+        match dtype {
+            DType::I32 => bufs.slice::<i32>(idx).iter().map(|&i| i as i64).collect(),
+            _ => bufs.slice::<i64>(idx).to_vec(),
+        }
+    };
+    raw.into_iter()
+        .map(|i| {
+            let j = if i < 0 { i + axis_len as i64 } else { i };
+            if j < 0 || j >= axis_len as i64 {
+                Err(Error::Runtime {
+                    op: op.into(),
+                    detail: format!("index {i} out of range for an axis of size {axis_len}"),
+                    at,
+                })
+            } else {
+                Ok(j as usize)
+            }
+        })
+        .collect()
+}
+
+pub struct GatherArgs {
+    pub src: usize,
+    pub idx: usize,
+    pub idx_dtype: DType,
+    pub out: usize,
+    pub outer: usize,
+    pub axis_len: usize,
+    pub inner: usize,
+    pub elem: usize,
+    pub at: Loc,
+}
+
+pub fn gather(a: &GatherArgs, bufs: &Bufs) -> Result<()> {
+    let idx = indices(bufs, a.idx, a.idx_dtype, a.axis_len, a.at, "take")?;
+    let row = a.inner * a.elem;
+    // SAFETY: lengths were checked at lowering (x = outer*axis_len*inner, out = outer*n*inner) and
+    // every index is within the axis; source and destination are different buffers.
+    unsafe {
+        let (src, dst) = (bufs.ptr[a.src] as *const u8, bufs.ptr[a.out]);
+        for o in 0..a.outer {
+            for (j, &i) in idx.iter().enumerate() {
+                let s = src.add((o * a.axis_len + i) * row);
+                let d = dst.add((o * idx.len() + j) * row);
+                std::ptr::copy_nonoverlapping(s, d, row);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn scatter_add(a: &GatherArgs, dtype: DType, bufs: &Bufs) -> Result<()> {
+    let idx = indices(bufs, a.idx, a.idx_dtype, a.axis_len, a.at, "take_grad")?;
+    fn run<T: Copy + Default + std::ops::AddAssign>(a: &GatherArgs, idx: &[usize], g: &[T], out: &mut [T]) {
+        out.fill(T::default());
+        for o in 0..a.outer {
+            for (j, &i) in idx.iter().enumerate() {
+                let (s, d) = ((o * idx.len() + j) * a.inner, (o * a.axis_len + i) * a.inner);
+                for e in 0..a.inner {
+                    out[d + e] += g[s + e];
+                }
+            }
+        }
+    }
+    // SAFETY: buffer element types match `dtype`; g and out are different buffers.
+    unsafe {
+        match dtype {
+            DType::F32 => run::<f32>(a, &idx, bufs.slice(a.src), bufs.slice_mut(a.out)),
+            DType::F64 => run::<f64>(a, &idx, bufs.slice(a.src), bufs.slice_mut(a.out)),
+            d => return Err(Error::Invalid(format!("take_grad of {d}"))),
+        }
+    }
+    Ok(())
+}
+
+pub fn random(op: &RandomOp, state: usize, out: usize, bufs: &Bufs) {
+    // SAFETY: the state buffer is i64[2] (checked at lowering) and `out` holds `op.dtype` elements.
+    unsafe {
+        let s = bufs.slice::<i64>(state);
+        let values = sample(op, [s[0], s[1]], bufs.len[out]);
+        match op.dtype {
+            DType::F32 => bufs.slice_mut::<f32>(out).iter_mut().zip(values).for_each(|(o, v)| *o = v as f32),
+            DType::F64 => bufs.slice_mut::<f64>(out).copy_from_slice(&values),
+            DType::Bool => bufs.slice_mut::<u8>(out).iter_mut().zip(values).for_each(|(o, v)| *o = (v != 0.0) as u8),
+            DType::I32 => bufs.slice_mut::<i32>(out).iter_mut().zip(values).for_each(|(o, v)| *o = v as i32),
+            DType::I64 => bufs.slice_mut::<i64>(out).iter_mut().zip(values).for_each(|(o, v)| *o = v as i64),
+        }
+    }
+}
