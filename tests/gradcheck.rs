@@ -1,16 +1,19 @@
 //! Finite-difference gradient checks (f64, random projection of the output, as Theano's verify_grad)
-//! for every differentiable op and for composed models.
+//! for every differentiable op and for composed models, on every backend.
 #![allow(clippy::cloned_ref_to_slice_refs, clippy::type_complexity)]
 
 use kiln::prelude::*;
 use kiln::testing::{random_tensor, verify_grad, GradCheck};
 
+/// Checks on every backend, unoptimized and optimized.
 fn check(name: &str, f: impl Fn(&Graph, &[Var]) -> Var, inputs: &[Tensor]) {
-    for optimize in [false, true] {
-        let opts = GradCheck { optimize, ..Default::default() };
-        match verify_grad(&f, inputs, opts) {
-            Ok(err) => assert!(err < 1e-5, "{name}: error {err}"),
-            Err(e) => panic!("{name} (optimize={optimize}): {e}"),
+    for device in [Device::Reference, Device::Cpu] {
+        for optimize in [false, true] {
+            let opts = GradCheck { optimize, device, ..Default::default() };
+            match verify_grad(&f, inputs, opts) {
+                Ok(err) => assert!(err < 1e-5, "{name} on {device:?}: error {err}"),
+                Err(e) => panic!("{name} on {device:?} (optimize={optimize}): {e}"),
+            }
         }
     }
 }
