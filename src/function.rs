@@ -249,6 +249,20 @@ impl Function {
         Ok(results)
     }
 
+    /// Compiles the specialization for these arguments' shapes now, without running (a call with
+    /// the same shapes then only runs). Checks the arguments as `call` does.
+    pub fn prepare(&mut self, args: &[Tensor]) -> Result<()> {
+        self.check_args(args)?;
+        let st = self.graph.state.borrow();
+        let shapes: Vec<Vec<usize>> = args
+            .iter()
+            .map(|a| a.shape().to_vec())
+            .chain(self.shared.iter().map(|id| st.shared[id].shape().to_vec()))
+            .collect();
+        drop(st);
+        self.exe.prepare(&shapes)
+    }
+
     /// Calls a function of one output and returns it.
     pub fn call1(&mut self, args: &[Tensor]) -> Result<Tensor> {
         let mut r = self.call(args)?;

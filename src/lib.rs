@@ -10,6 +10,7 @@ mod operators;
 pub mod random;
 pub mod testing;
 pub mod var;
+pub mod workloads;
 
 pub use function::{tensor, Device, Function, FunctionBuilder};
 pub use graph::Graph;

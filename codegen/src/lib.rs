@@ -30,6 +30,8 @@ pub trait Executable {
     /// Runs the program on values for its inputs and shared variables (in `Program` order, already
     /// checked against their declared types by the caller) and returns its outputs.
     fn run(&mut self, inputs: &[&Tensor], shared: &[&Tensor]) -> Result<Vec<Tensor>>;
+    /// Compiles the specialization for these input and shared-variable shapes without running it.
+    fn prepare(&mut self, shapes: &[Vec<usize>]) -> Result<()>;
     /// The code this backend generated, for people and snapshot tests (empty for an interpreter).
     fn generated_code(&self) -> String;
 }

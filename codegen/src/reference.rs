@@ -89,6 +89,10 @@ impl Executable for Interpreter {
         Ok(plan.graph.outputs().iter().map(|o| values[o].clone()).collect())
     }
 
+    fn prepare(&mut self, shapes: &[Vec<usize>]) -> Result<()> {
+        self.plan(shapes.to_vec()).map(|_| ())
+    }
+
     fn generated_code(&self) -> String {
         String::new()
     }

@@ -214,16 +214,8 @@ fn bytes_of_owned(t: &Tensor) -> Vec<u8> {
 impl Executable for CpuExecutable {
     fn run(&mut self, inputs: &[&Tensor], shared: &[&Tensor]) -> Result<Vec<Tensor>> {
         let key: Vec<Vec<usize>> = inputs.iter().chain(shared).map(|t| t.shape().to_vec()).collect();
-        if !self.plans.contains_key(&key) {
-            let sources = self.program.inputs.iter().chain(&self.program.shared);
-            let shapes = sources.zip(&key).map(|(&n, s)| (n, s.clone())).collect();
-            let (g, _) = specialize(&self.program.graph, &shapes)?;
-            let kp = lower(&g, &self.program.inputs, &self.program.shared)?;
-            let out_shapes = g.outputs().iter().map(|&o| g.ty(o).concrete().expect("specialized")).collect();
-            self.plans.insert(key.clone(), Plan::build(kp, out_shapes)?);
-            self.order.push(key.clone());
-        }
-        let plan = self.plans.get_mut(&key).expect("just inserted");
+        self.prepare(&key)?;
+        let plan = self.plans.get_mut(&key).expect("prepared");
         // Arguments in standard layout, viewed in place (copied only when strided).
         let args: Vec<std::borrow::Cow<Tensor>> = inputs
             .iter()
@@ -288,6 +280,19 @@ impl Executable for CpuExecutable {
             })
             .collect();
         Ok(outs)
+    }
+
+    fn prepare(&mut self, key: &[Vec<usize>]) -> Result<()> {
+        if !self.plans.contains_key(key) {
+            let sources = self.program.inputs.iter().chain(&self.program.shared);
+            let shapes = sources.zip(key).map(|(&n, s)| (n, s.clone())).collect();
+            let (g, _) = specialize(&self.program.graph, &shapes)?;
+            let kp = lower(&g, &self.program.inputs, &self.program.shared)?;
+            let out_shapes = g.outputs().iter().map(|&o| g.ty(o).concrete().expect("specialized")).collect();
+            self.plans.insert(key.to_vec(), Plan::build(kp, out_shapes)?);
+            self.order.push(key.to_vec());
+        }
+        Ok(())
     }
 
     fn generated_code(&self) -> String {
