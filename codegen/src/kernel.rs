@@ -59,8 +59,9 @@ pub struct LoopKernel {
     pub reduce: Option<(ReduceOp, usize)>,
 }
 
-/// `c[b] = a[b] @ b[b]` for each batch item, all operands row-major contiguous, with batch strides
-/// (0 broadcasts an operand over the batch).
+/// `c[b] = a[b] @ b[b]` for each batch item, operands row-major contiguous with batch strides (0
+/// broadcasts an operand over the batch). A transposed operand is read from the buffer of the
+/// matrix it transposes (strides swapped), so transposes feeding a product cost no copy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MatMul {
     pub name: String,
@@ -69,6 +70,10 @@ pub struct MatMul {
     pub a: BufId,
     pub b: BufId,
     pub c: BufId,
+    /// `a` holds each batch item as `[k, m]` (so it is read transposed).
+    pub a_transposed: bool,
+    /// `b` holds each batch item as `[n, k]`.
+    pub b_transposed: bool,
     pub batch: usize,
     pub a_batch_stride: usize,
     pub b_batch_stride: usize,
@@ -141,6 +146,8 @@ struct Lowering<'g> {
     g: &'g Graph,
     prog: KernelProgram,
     buf_of: HashMap<NodeId, BufId>,
+    /// Transposes of the last two axes read only by matrix products: node -> the node it transposes.
+    transposed_only: HashMap<NodeId, NodeId>,
 }
 
 impl<'g> Lowering<'g> {
@@ -324,8 +331,21 @@ impl<'g> Lowering<'g> {
                 (out, rows * cols)
             }
         };
-        let (a, a_stride) = operand(self, ins[0], &sa, m, k);
-        let (b, b_stride) = operand(self, ins[1], &sb, k, n_);
+        // A transpose that only feeds products is not materialized: its source is read transposed.
+        let (a, a_stride, a_transposed) = match self.transposed_only.get(&ins[0]).copied() {
+            Some(src) => self.transposed_operand(src, batch, m * k),
+            None => {
+                let (b, s) = operand(self, ins[0], &sa, m, k);
+                (b, s, false)
+            }
+        };
+        let (b, b_stride, b_transposed) = match self.transposed_only.get(&ins[1]).copied() {
+            Some(src) => self.transposed_operand(src, batch, k * n_),
+            None => {
+                let (b, s) = operand(self, ins[1], &sb, k, n_);
+                (b, s, false)
+            }
+        };
         let c = self.temp(dtype, shape.iter().product());
         let name = self.name("matmul");
         let origin = self.origin(n);
@@ -336,6 +356,8 @@ impl<'g> Lowering<'g> {
             a,
             b,
             c,
+            a_transposed,
+            b_transposed,
             batch,
             a_batch_stride: a_stride,
             b_batch_stride: b_stride,
@@ -344,6 +366,14 @@ impl<'g> Lowering<'g> {
             n: n_,
         }));
         Ok(c)
+    }
+
+    /// The source of a transposed operand: its buffer, batch stride (0 when it is one matrix for the
+    /// whole batch), and the transposed flag.
+    fn transposed_operand(&self, src: NodeId, batch: usize, matrix: usize) -> (BufId, usize, bool) {
+        let s = self.shape(src);
+        let own: usize = s[..s.len() - 2].iter().product();
+        (self.buf_of[&src], if own == 1 && batch > 1 { 0 } else { matrix }, true)
     }
 
     fn movement(&mut self, n: NodeId, m: &MoveOp, ins: &[NodeId], shape: &[usize], dtype: DType) -> Result<BufId> {
@@ -549,8 +579,32 @@ fn sliced_view(buf: BufId, shape: &[usize], ranges: &[SliceRange]) -> View {
 
 /// Lowers a specialized program graph. `sources` lists the Input then Shared nodes in call order.
 pub fn lower(g: &Graph, inputs: &[NodeId], shared: &[NodeId]) -> Result<KernelProgram> {
-    let mut l =
-        Lowering { g, prog: KernelProgram { buffers: vec![], steps: vec![], outputs: vec![] }, buf_of: HashMap::new() };
+    let mut transposed_only = HashMap::new();
+    for n in g.topo_order(g.outputs()) {
+        if let Op::Movement(MoveOp::Permute(p)) = g.op(n) {
+            let r = p.len();
+            let swaps_last_two =
+                r >= 2 && p[..r - 2].iter().enumerate().all(|(i, &j)| i == j) && p[r - 2] == r - 1 && p[r - 1] == r - 2;
+            let users = g.users(n);
+            let only_products =
+                !users.is_empty() && !g.outputs().contains(&n) && users.iter().all(|&u| *g.op(u) == Op::MatMul);
+            // A batch of transposes broadcast against a larger batch would need a copy anyway.
+            let own = &g.ty(n).shape[..r.saturating_sub(2)];
+            let batch_ok = users.iter().all(|&u| {
+                let t = g.ty(u);
+                t.rank() == r && (t.shape[..r - 2] == *own || own.iter().all(|d| d.is_one()))
+            });
+            if swaps_last_two && only_products && batch_ok {
+                transposed_only.insert(n, g.inputs(n)[0]);
+            }
+        }
+    }
+    let mut l = Lowering {
+        g,
+        prog: KernelProgram { buffers: vec![], steps: vec![], outputs: vec![] },
+        buf_of: HashMap::new(),
+        transposed_only,
+    };
     for (k, &n) in inputs.iter().enumerate() {
         let len = l.shape(n).iter().product();
         l.prog.buffers.push(Buffer { dtype: g.ty(n).dtype, len, kind: BufKind::Input(k) });
@@ -562,7 +616,7 @@ pub fn lower(g: &Graph, inputs: &[NodeId], shared: &[NodeId]) -> Result<KernelPr
         l.buf_of.insert(n, l.prog.buffers.len() - 1);
     }
     for n in g.topo_order(g.outputs()) {
-        if !l.buf_of.contains_key(&n) {
+        if !l.buf_of.contains_key(&n) && !l.transposed_only.contains_key(&n) {
             l.lower_node(n)?;
         }
     }

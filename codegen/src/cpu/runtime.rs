@@ -30,8 +30,82 @@ impl Bufs<'_> {
     }
 }
 
+/// Products with fewer multiply-adds than this run on one core.
+const PARALLEL_GEMM_MACS: usize = 1 << 20;
+
+type GemmFn<T> =
+    unsafe fn(usize, usize, usize, T, *const T, isize, isize, *const T, isize, isize, T, *mut T, isize, isize);
+
+/// Raw operands of one GEMM (strides `[rsa, csa, rsb, csb, rsc, csc]`), shared by the row blocks
+/// of a split product.
+#[derive(Clone, Copy)]
+struct Gemm<T> {
+    a: *const T,
+    b: *const T,
+    c: *mut T,
+    strides: [isize; 6],
+}
+// SAFETY: the blocks of a split product write disjoint rows of `c` and only read `a` and `b`.
+unsafe impl<T> Send for Gemm<T> {}
+unsafe impl<T> Sync for Gemm<T> {}
+
+impl<T: Copy> Gemm<T> {
+    /// C[r0..r1] = A[r0..r1] B.
+    ///
+    /// # Safety
+    /// Rows r0..r1 must lie inside the valid matrices this `Gemm` describes.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows(&self, r0: usize, r1: usize, k: usize, n: usize, f: GemmFn<T>, one: T, zero: T) {
+        let [rsa, csa, rsb, csb, rsc, csc] = self.strides;
+        unsafe {
+            let a = self.a.offset(r0 as isize * rsa);
+            let c = self.c.offset(r0 as isize * rsc);
+            f(r1 - r0, k, n, one, a, rsa, csa, self.b, rsb, csb, zero, c, rsc, csc);
+        }
+    }
+}
+
+/// C = A B with the rows of C split into one contiguous block per core when the product is large
+/// (each block packs B once; finer splits would pack it again and again).
+///
+/// # Safety
+/// The pointers and strides must describe valid matrices of m x k, k x n and m x n elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_parallel<T: Copy + Send + Sync>(
+    g: Gemm<T>,
+    m: usize,
+    k: usize,
+    n: usize,
+    f: GemmFn<T>,
+    one: T,
+    zero: T,
+) {
+    let threads = rayon::current_num_threads();
+    let blocks = if m * k * n >= PARALLEL_GEMM_MACS && m >= 16 { threads.min(m / 8) } else { 1 };
+    // SAFETY (for the closure): each block covers rows of the caller's valid matrices.
+    let block = |r0: usize, r1: usize| unsafe { g.rows(r0, r1, k, n, f, one, zero) };
+    if blocks <= 1 {
+        block(0, m);
+        return;
+    }
+    let per = m.div_ceil(blocks);
+    rayon::scope(|s| {
+        for i in 1..blocks {
+            let (r0, r1) = (i * per, ((i + 1) * per).min(m));
+            if r0 < r1 {
+                s.spawn(move |_| block(r0, r1));
+            }
+        }
+        block(0, per.min(m));
+    });
+}
+
 pub fn matmul(mm: &MatMul, bufs: &Bufs) {
     let (m, k, n) = (mm.m, mm.k, mm.n);
+    // A transposed operand is stored as the matrix it transposes: swap its strides.
+    let (rsa, csa) = if mm.a_transposed { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if mm.b_transposed { (1, k as isize) } else { (n as isize, 1) };
+    let strides = [rsa, csa, rsb, csb, n as isize, 1];
     for bi in 0..mm.batch {
         let (ao, bo, co) = (bi * mm.a_batch_stride, bi * mm.b_batch_stride, bi * m * n);
         // SAFETY: the bounds of every batch item were checked when the program was lowered, and
@@ -40,20 +114,30 @@ pub fn matmul(mm: &MatMul, bufs: &Bufs) {
             match mm.dtype {
                 DType::F32 => {
                     let (a, b, c) = (bufs.slice::<f32>(mm.a), bufs.slice::<f32>(mm.b), bufs.slice_mut::<f32>(mm.c));
-                    let (a, b, c) = (a[ao..].as_ptr(), b[bo..].as_ptr(), c[co..].as_mut_ptr());
-                    matrixmultiply::sgemm(m, k, n, 1.0, a, k as isize, 1, b, n as isize, 1, 0.0, c, n as isize, 1);
+                    let g = Gemm { a: a[ao..].as_ptr(), b: b[bo..].as_ptr(), c: c[co..].as_mut_ptr(), strides };
+                    gemm_parallel(g, m, k, n, matrixmultiply::sgemm, 1.0, 0.0);
                 }
                 DType::F64 => {
                     let (a, b, c) = (bufs.slice::<f64>(mm.a), bufs.slice::<f64>(mm.b), bufs.slice_mut::<f64>(mm.c));
-                    let (a, b, c) = (a[ao..].as_ptr(), b[bo..].as_ptr(), c[co..].as_mut_ptr());
-                    matrixmultiply::dgemm(m, k, n, 1.0, a, k as isize, 1, b, n as isize, 1, 0.0, c, n as isize, 1);
+                    let g = Gemm { a: a[ao..].as_ptr(), b: b[bo..].as_ptr(), c: c[co..].as_mut_ptr(), strides };
+                    gemm_parallel(g, m, k, n, matrixmultiply::dgemm, 1.0, 0.0);
                 }
-                DType::I32 => {
-                    int_matmul::<i32>(bufs.slice(mm.a), bufs.slice(mm.b), bufs.slice_mut(mm.c), (ao, bo, co), (m, k, n))
-                }
-                DType::I64 => {
-                    int_matmul::<i64>(bufs.slice(mm.a), bufs.slice(mm.b), bufs.slice_mut(mm.c), (ao, bo, co), (m, k, n))
-                }
+                DType::I32 => int_matmul::<i32>(
+                    bufs.slice(mm.a),
+                    bufs.slice(mm.b),
+                    bufs.slice_mut(mm.c),
+                    (ao, bo, co),
+                    (m, k, n),
+                    strides,
+                ),
+                DType::I64 => int_matmul::<i64>(
+                    bufs.slice(mm.a),
+                    bufs.slice(mm.b),
+                    bufs.slice_mut(mm.c),
+                    (ao, bo, co),
+                    (m, k, n),
+                    strides,
+                ),
                 DType::Bool => unreachable!("type rule rejects bool matmul"),
             }
         }
@@ -66,13 +150,16 @@ fn int_matmul<T: Copy + num_like::WrappingArith>(
     c: &mut [T],
     off: (usize, usize, usize),
     mkn: (usize, usize, usize),
+    s: [isize; 6],
 ) {
     let (m, k, n) = mkn;
+    let at = |i: usize, p: usize| off.0 + (i as isize * s[0] + p as isize * s[1]) as usize;
+    let bt = |p: usize, j: usize| off.1 + (p as isize * s[2] + j as isize * s[3]) as usize;
     for i in 0..m {
         for j in 0..n {
             let mut acc = T::ZERO;
             for p in 0..k {
-                acc = acc.wadd(a[off.0 + i * k + p].wmul(b[off.1 + p * n + j]));
+                acc = acc.wadd(a[at(i, p)].wmul(b[bt(p, j)]));
             }
             c[off.2 + i * n + j] = acc;
         }
