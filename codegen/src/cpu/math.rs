@@ -21,6 +21,16 @@ use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
+/// ln 2 split so that k * LN2_HI is exact for |k| < 2^20 (fdlibm's constants).
+const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+/// pi/2 in three parts of 33 bits each (fdlibm's pio2_1, pio2_2, pio2_3).
+const PIO2_PARTS: [f64; 3] = [
+    f64::from_bits(0x3ff9_21fb_5440_0000),
+    f64::from_bits(0x3dd0_b461_1a60_0000),
+    f64::from_bits(0x3ba3_198a_2e00_0000),
+];
+
 fn c(b: &mut FunctionBuilder, v: f64) -> Value {
     b.ins().f64const(v)
 }
@@ -58,7 +68,7 @@ pub fn exp(b: &mut FunctionBuilder, x: Value) -> Value {
     let log2e = c(b, std::f64::consts::LOG2_E);
     let t = b.ins().fmul(x, log2e);
     let k = b.ins().nearest(t);
-    let (ln2_hi, ln2_lo) = (c(b, 6.931_471_803_691_238_2e-1), c(b, 1.908_214_929_270_587_7e-10));
+    let (ln2_hi, ln2_lo) = (c(b, LN2_HI), c(b, LN2_LO));
     let kh = b.ins().fmul(k, ln2_hi);
     let r = b.ins().fsub(x, kh);
     let kl = b.ins().fmul(k, ln2_lo);
@@ -108,7 +118,7 @@ pub fn log(b: &mut FunctionBuilder, x: Value) -> Value {
     let two_s = b.ins().fadd(s, s);
     let logm = b.ins().fmul(two_s, p);
     let ef = b.ins().fcvt_from_sint(types::F64, e);
-    let (ln2_hi, ln2_lo) = (c(b, 6.931_471_803_691_238_2e-1), c(b, 1.908_214_929_270_587_7e-10));
+    let (ln2_hi, ln2_lo) = (c(b, LN2_HI), c(b, LN2_LO));
     let lo = b.ins().fmul(ef, ln2_lo);
     let lo = b.ins().fadd(lo, logm);
     let hi = b.ins().fmul(ef, ln2_hi);
@@ -212,7 +222,7 @@ pub fn sin_cos(b: &mut FunctionBuilder, x: Value, want_cos: bool) -> Value {
     let t = b.ins().fmul(x, two_over_pi);
     let k = b.ins().nearest(t);
     let mut r = x;
-    for part in [1.570_796_326_734_125_6, 6.077_100_506_303_966e-11, 2.022_266_248_711_166_5e-21] {
+    for part in PIO2_PARTS {
         let p = c(b, part);
         let kp = b.ins().fmul(k, p);
         r = b.ins().fsub(r, kp);

@@ -134,7 +134,7 @@ impl Plan {
                     axis_len: *axis_len,
                     inner: *inner,
                     elem: elem_size(*dtype) as usize,
-                    at: *at,
+                    at,
                 }),
                 Step::ScatterAdd { g, idx, out, outer, axis_len, inner, dtype, at } => Compiled::Scatter(
                     GatherArgs {
@@ -146,7 +146,7 @@ impl Plan {
                         axis_len: *axis_len,
                         inner: *inner,
                         elem: elem_size(*dtype) as usize,
-                        at: *at,
+                        at,
                     },
                     *dtype,
                 ),
