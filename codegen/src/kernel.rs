@@ -494,49 +494,66 @@ impl<'g> Lowering<'g> {
             &[axis],
             dtype,
         );
-        let views = |me: &Self, extra: &[(BufId, &[usize])]| -> Vec<View> {
-            let mut v =
-                vec![broadcast_view(xb, &xs, &xs), broadcast_view(m, &keep, &xs), broadcast_view(s, &keep, &xs)];
-            v.extend(extra.iter().map(|(b, sh)| broadcast_view(*b, sh, &xs)));
-            let _ = me;
-            v
+        // x, m and a per-row value (s or log s), each broadcast to x's shape
+        let views = |row: BufId| -> Vec<View> {
+            vec![broadcast_view(xb, &xs, &xs), broadcast_view(m, &keep, &xs), broadcast_view(row, &keep, &xs)]
         };
-        // log_softmax = (x - m) - log(s)
+        use kiln_ir::ops::BinaryOp as B;
+        let out_len: usize = xs.iter().product();
+        if let NnOp::Softmax { .. } = op {
+            // softmax = exp(x - m) / s
+            let mut exprs = shifted(0, 1);
+            exprs.extend([Unary(UnaryOp::Exp, 7), Input(2), Binary(B::Div, 8, 9)]);
+            let out = self.temp(dtype, out_len);
+            let out_view = View { buf: out, offset: 0, strides: contiguous_strides(&xs) };
+            let inputs = views(s);
+            self.push_loop(
+                n,
+                "softmax",
+                LoopKernelParts { shape: xs.clone(), inputs, exprs, out: out_view, reduce: None },
+            );
+            return Ok(out);
+        }
+        // log(s) once per row, then log_softmax = (x - m) - log(s)
+        let log_s = self.temp(dtype, keep.iter().product());
+        let row_view = View { buf: s, offset: 0, strides: contiguous_strides(&keep) };
+        let log_view = View { buf: log_s, offset: 0, strides: contiguous_strides(&keep) };
+        let exprs = vec![Input(0), Unary(UnaryOp::Log, 0)];
+        self.push_loop(
+            n,
+            "row_log",
+            LoopKernelParts { shape: keep.clone(), inputs: vec![row_view], exprs, out: log_view, reduce: None },
+        );
         let mut ls = shifted(0, 1);
-        ls.extend([Input(2), Unary(UnaryOp::Log, 8), Binary(kiln_ir::ops::BinaryOp::Sub, 7, 9)]);
+        ls.extend([Input(2), Binary(B::Sub, 7, 8)]);
         Ok(match op {
-            NnOp::Softmax { .. } | NnOp::LogSoftmax { .. } => {
-                let mut exprs = ls;
-                if matches!(op, NnOp::Softmax { .. }) {
-                    exprs.push(Unary(UnaryOp::Exp, 10));
-                }
-                let out = self.temp(dtype, xs.iter().product());
+            NnOp::LogSoftmax { .. } => {
+                let out = self.temp(dtype, out_len);
                 let out_view = View { buf: out, offset: 0, strides: contiguous_strides(&xs) };
-                let inputs = views(self, &[]);
-                let what = if matches!(op, NnOp::Softmax { .. }) { "softmax" } else { "log_softmax" };
+                let inputs = views(log_s);
                 self.push_loop(
                     n,
-                    what,
-                    LoopKernelParts { shape: xs.clone(), inputs, exprs, out: out_view, reduce: None },
+                    "log_softmax",
+                    LoopKernelParts { shape: xs.clone(), inputs, exprs: ls, out: out_view, reduce: None },
                 );
                 out
             }
-            NnOp::SoftmaxCrossEntropy { .. } => {
+            _ => {
                 // loss = -sum(t * log_softmax), skipping t == 0 (so 0 * -inf is 0, as the reference)
                 let t = ins[1];
                 let ts = self.shape(t);
                 let mut exprs = ls;
                 exprs.extend([
                     Input(3),
-                    Binary(kiln_ir::ops::BinaryOp::Mul, 11, 10),
+                    Binary(B::Mul, 10, 9),
                     zero,
-                    Binary(kiln_ir::ops::BinaryOp::Eq, 11, 13),
-                    Where(14, 13, 12),
-                    Unary(UnaryOp::Neg, 15),
+                    Binary(B::Eq, 10, 12),
+                    Where(13, 12, 11),
+                    Unary(UnaryOp::Neg, 14),
                 ]);
                 let tb = self.buf_of[&t];
                 let ops: Vec<(BufId, Vec<usize>)> =
-                    vec![(xb, xs.clone()), (m, keep.clone()), (s, keep.clone()), (tb, ts)];
+                    vec![(xb, xs.clone()), (m, keep.clone()), (log_s, keep.clone()), (tb, ts)];
                 self.reduction(n, "softmax_cross_entropy", &ops, exprs, &xs, ReduceOp::Sum, &[axis], dtype)
             }
         })

@@ -17,7 +17,18 @@ use kiln_ir::ops::fused::{FusedKernel, ScalarExpr};
 use kiln_ir::ops::{BinaryOp, ReduceOp, Scalar, UnaryOp};
 use kiln_ir::{DType, Error, Result};
 
-pub type KernelFn = unsafe extern "C" fn(*const *mut u8);
+/// `(views, begin, end)`: the kernel covers indices [begin, end) of its outermost dim when that dim
+/// is kept (see `CompiledKernel::split_len`); otherwise it ignores the range and covers everything.
+pub type KernelFn = unsafe extern "C" fn(*const *mut u8, i64, i64);
+
+/// A compiled kernel: its id, its CLIF, and (when it can be split across cores) the length of the
+/// outermost dim that `begin..end` ranges over, with the total element count.
+pub struct CompiledKernel {
+    pub id: FuncId,
+    pub clif: String,
+    pub split_len: Option<usize>,
+    pub elements: usize,
+}
 
 fn jit_err(e: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("cranelift: {e}"))
@@ -73,12 +84,17 @@ impl Jit {
         self.module.as_mut().expect("module lives until drop")
     }
 
-    /// Compiles one kernel; returns its id and its CLIF text (with a header naming its origin).
-    pub fn compile(&mut self, k: &LoopKernel) -> Result<(FuncId, String)> {
+    /// Compiles one kernel, with its CLIF text (headed by the graph nodes it computes).
+    pub fn compile(&mut self, k: &LoopKernel) -> Result<CompiledKernel> {
         let k = collapse(k);
+        let kept = k.shape.len() - k.reduce.map_or(0, |r| r.1);
+        let split_len = (kept >= 1).then(|| k.shape[0]);
+        let elements = k.shape.iter().product();
         let module = self.module.as_mut().expect("module lives until drop");
         let mut sig = module.make_signature();
-        sig.params.push(AbiParam::new(types::I64));
+        for _ in 0..3 {
+            sig.params.push(AbiParam::new(types::I64));
+        }
         let id = module.declare_function(&k.name, Linkage::Local, &sig).map_err(jit_err)?;
         let mut ctx = module.make_context();
         ctx.func.signature = sig;
@@ -95,7 +111,7 @@ impl Jit {
         let module = self.module();
         module.define_function(id, &mut ctx).map_err(jit_err)?;
         module.clear_context(&mut ctx);
-        Ok((id, text))
+        Ok(CompiledKernel { id, clif: text, split_len, elements })
     }
 
     pub fn finalize(&mut self) -> Result<()> {
@@ -104,8 +120,8 @@ impl Jit {
 
     pub fn function(&mut self, id: FuncId) -> KernelFn {
         let ptr = self.module().get_finalized_function(id);
-        // SAFETY: every kernel is declared with the signature `fn(i64)` (a pointer to the table of
-        // view addresses) and returns nothing.
+        // SAFETY: every kernel is declared with the signature `fn(i64, i64, i64)` (the table of view
+        // addresses and a range) and returns nothing.
         unsafe { std::mem::transmute::<*const u8, KernelFn>(ptr) }
     }
 }
@@ -172,6 +188,8 @@ struct Emitter<'a> {
     acc: Option<Variable>,
     best_idx: Option<Variable>,
     counter: Option<Variable>,
+    /// [begin, end) of the outermost dim, when it is kept (the kernel can be split by it).
+    range: Option<(Value, Value)>,
 }
 
 impl<'a> Emitter<'a> {
@@ -179,7 +197,7 @@ impl<'a> Emitter<'a> {
         let fk = FusedKernel { exprs: k.exprs.clone(), n_inputs: k.inputs.len(), reduce: None };
         let dtypes = fk.dtypes(&k.input_dtypes).map_err(Error::Invalid)?;
         let kept = k.shape.len() - k.reduce.map_or(0, |r| r.1);
-        Ok(Emitter { b, k, dtypes, addr: vec![], kept, acc: None, best_idx: None, counter: None })
+        Ok(Emitter { b, k, dtypes, addr: vec![], kept, acc: None, best_idx: None, counter: None, range: None })
     }
 
     fn result_dtype(&self) -> DType {
@@ -196,10 +214,19 @@ impl<'a> Emitter<'a> {
         let entry = self.b.create_block();
         self.b.append_block_params_for_function_params(entry);
         self.b.switch_to_block(entry);
-        let table = self.b.block_params(entry)[0];
+        let params = self.b.block_params(entry).to_vec();
+        let table = params[0];
+        if self.kept >= 1 {
+            self.range = Some((params[1], params[2]));
+        }
         for (i, (v, d)) in self.views().into_iter().enumerate() {
             let base = self.b.ins().load(types::I64, MemFlagsData::trusted(), table, (8 * i) as i32);
-            let a = self.b.ins().iadd_imm_s(base, v.offset as i64 * elem_size(d));
+            let mut a = self.b.ins().iadd_imm_s(base, v.offset as i64 * elem_size(d));
+            if let Some((begin, _)) = self.range {
+                // start at index `begin` of the outermost dim
+                let step = self.b.ins().imul_imm_s(begin, v.strides[0] as i64 * elem_size(d));
+                a = self.b.ins().iadd(a, step);
+            }
             let var = self.b.declare_var(types::I64);
             self.b.def_var(var, a);
             self.addr.push(var);
@@ -291,13 +318,20 @@ impl<'a> Emitter<'a> {
         let views = self.views();
         let saved: Vec<Value> = self.addr.iter().map(|&v| self.b.use_var(v)).collect();
         let i = self.b.declare_var(types::I64);
-        let zero = self.b.ins().iconst(types::I64, 0);
-        self.b.def_var(i, zero);
+        let outer_range = if d == 0 { self.range } else { None };
+        let start = match outer_range {
+            Some((begin, _)) => begin,
+            None => self.b.ins().iconst(types::I64, 0),
+        };
+        self.b.def_var(i, start);
         let (header, body, exit) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
         self.b.ins().jump(header, &[]);
         self.b.switch_to_block(header);
         let iv = self.b.use_var(i);
-        let more = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, iv, n);
+        let more = match outer_range {
+            Some((_, end)) => self.b.ins().icmp(IntCC::SignedLessThan, iv, end),
+            None => self.b.ins().icmp_imm_s(IntCC::SignedLessThan, iv, n),
+        };
         self.b.ins().brif(more, body, &[], exit, &[]);
         self.b.switch_to_block(body);
         self.level(d + 1)?;

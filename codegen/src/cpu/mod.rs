@@ -29,11 +29,21 @@ impl Backend for Cpu {
 }
 
 enum Compiled {
-    Loop { f: KernelFn, bufs: Vec<usize> },
+    /// A JIT kernel over the given buffers; `split_len` is the outermost dim it can be split by.
+    Loop {
+        f: KernelFn,
+        bufs: Vec<usize>,
+        split_len: Option<usize>,
+        elements: usize,
+    },
     MatMul(crate::kernel::MatMul),
     Gather(GatherArgs),
     Scatter(GatherArgs, DType),
-    Random { op: kiln_ir::ops::RandomOp, state: usize, out: usize },
+    Random {
+        op: kiln_ir::ops::RandomOp,
+        state: usize,
+        out: usize,
+    },
 }
 
 struct Plan {
@@ -106,10 +116,10 @@ impl Plan {
         let mut code = String::new();
         for step in &kp.steps {
             if let Step::Loop(k) = step {
-                let (id, text) = jit.compile(k)?;
-                code.push_str(&text);
+                let ck = jit.compile(k)?;
+                code.push_str(&ck.clif);
                 code.push('\n');
-                pending.push(Some(id));
+                pending.push(Some(ck));
             } else {
                 pending.push(None);
             }
@@ -122,7 +132,8 @@ impl Plan {
                 Step::Loop(k) => {
                     let mut bufs: Vec<usize> = k.inputs.iter().map(|v| v.buf).collect();
                     bufs.push(k.out.buf);
-                    Compiled::Loop { f: jit.function(id.expect("loop kernels are compiled")), bufs }
+                    let ck = id.expect("loop kernels are compiled");
+                    Compiled::Loop { f: jit.function(ck.id), bufs, split_len: ck.split_len, elements: ck.elements }
                 }
                 Step::MatMul(m) => Compiled::MatMul(m.clone()),
                 Step::Gather { x, idx, out, outer, axis_len, inner, dtype, at } => Compiled::Gather(GatherArgs {
@@ -211,6 +222,49 @@ fn bytes_of_owned(t: &Tensor) -> Vec<u8> {
     bytes_of(&std).to_vec()
 }
 
+/// Kernels with fewer elements than this run on one core.
+const PARALLEL_ELEMENTS: usize = 1 << 15;
+
+/// The view table of a kernel, shared (read-only) by the parts of a split kernel.
+#[derive(Clone, Copy)]
+struct Table(*const *mut u8);
+// SAFETY: the table is only read; the parts of a split kernel write disjoint elements.
+unsafe impl Send for Table {}
+unsafe impl Sync for Table {}
+
+impl Table {
+    /// # Safety
+    /// As the kernel's: a valid table and a range inside [0, split_len).
+    unsafe fn run(self, f: KernelFn, begin: usize, end: usize) {
+        unsafe { f(self.0, begin as i64, end as i64) }
+    }
+}
+
+/// Runs a kernel, split by its outermost dim across the cores when it is large.
+///
+/// # Safety
+/// `table` must hold the kernel's valid view addresses.
+unsafe fn run_loop(f: KernelFn, table: &[*mut u8], split_len: Option<usize>, elements: usize) {
+    let t = Table(table.as_ptr());
+    let len = split_len.unwrap_or(1);
+    let parts =
+        if split_len.is_some() && elements >= PARALLEL_ELEMENTS { rayon::current_num_threads().min(len) } else { 1 };
+    if parts <= 1 {
+        return unsafe { t.run(f, 0, len) };
+    }
+    let per = len.div_ceil(parts);
+    rayon::scope(|s| {
+        for i in 1..parts {
+            let (b, e) = (i * per, ((i + 1) * per).min(len));
+            if b < e {
+                // SAFETY: [b, e) lies inside [0, len) and no other part covers it.
+                s.spawn(move |_| unsafe { t.run(f, b, e) });
+            }
+        }
+        unsafe { t.run(f, 0, per.min(len)) };
+    });
+}
+
 impl Executable for CpuExecutable {
     fn run(&mut self, inputs: &[&Tensor], shared: &[&Tensor]) -> Result<Vec<Tensor>> {
         let key: Vec<Vec<usize>> = inputs.iter().chain(shared).map(|t| t.shape().to_vec()).collect();
@@ -253,12 +307,14 @@ impl Executable for CpuExecutable {
         let mut table: Vec<*mut u8> = Vec::with_capacity(16);
         for step in &plan.steps {
             match step {
-                Compiled::Loop { f, bufs: ids } => {
+                Compiled::Loop { f, bufs: ids, split_len, elements } => {
                     table.clear();
                     table.extend(ids.iter().map(|&b| ptr[b]));
                     // SAFETY: the table holds one valid base address per view of this kernel, each
-                    // buffer at least as long as the lowering checked every view against.
-                    unsafe { f(table.as_ptr()) };
+                    // buffer at least as long as the lowering checked every view against; the
+                    // ranges given to the parts of a split kernel cover [0, len) without overlap, so
+                    // the parts write disjoint elements.
+                    unsafe { run_loop(*f, &table, *split_len, *elements) };
                 }
                 Compiled::MatMul(m) => runtime::matmul(m, &bufs),
                 Compiled::Gather(a) => runtime::gather(a, &bufs)?,

@@ -78,40 +78,43 @@ fn u53(w0: u32, w1: u32) -> f64 {
 }
 
 /// The `n` values of a random op for the given state, as f64 (already in the op's precision).
+/// Each Philox block is computed once and all of its words are used.
 pub fn sample(op: &RandomOp, state: [i64; 2], n: usize) -> Vec<f64> {
     let f32 = op.dtype != DType::F64;
-    let blk = |b: usize| block(state, op.stream, b as u64);
-    (0..n)
-        .map(|i| match op.dist {
-            Distribution::Bernoulli { p } => {
-                let w = blk(i / 4)[i % 4];
-                (((w >> 8) as f64) < p * 16_777_216.0) as u8 as f64
-            }
-            Distribution::Uniform { low, high } if f32 => {
-                let u = u24(blk(i / 4)[i % 4]) as f32;
-                (low as f32 + (high as f32 - low as f32) * u) as f64
-            }
-            Distribution::Uniform { low, high } => {
-                let w = blk(i / 2);
-                let l = 2 * (i % 2);
-                low + (high - low) * u53(w[l], w[l + 1])
-            }
-            Distribution::Normal { mean, std } if f32 => {
-                let w = blk(i / 2);
-                let l = 2 * (i % 2);
-                let u1 = (((w[l] >> 8) + 1) as f32) * (1.0 / 16_777_216.0);
-                let u2 = u24(w[l + 1]) as f32;
-                let z = (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos();
-                (mean as f32 + std as f32 * z) as f64
-            }
-            Distribution::Normal { mean, std } => {
-                let w = blk(i);
-                let u1 = u53(w[0], w[1]) + 1.0 / 9_007_199_254_740_992.0;
-                let u2 = u53(w[2], w[3]);
-                mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-            }
-        })
-        .collect()
+    // Elements per block: 4 one-word values, 2 two-word values, or 1 four-word value.
+    let per_block = match op.dist {
+        Distribution::Bernoulli { .. } => 4,
+        Distribution::Uniform { .. } if f32 => 4,
+        Distribution::Uniform { .. } => 2,
+        Distribution::Normal { .. } if f32 => 2,
+        Distribution::Normal { .. } => 1,
+    };
+    let mut out = Vec::with_capacity(n);
+    for b in 0..n.div_ceil(per_block) {
+        let w = block(state, op.stream, b as u64);
+        for lane in 0..per_block.min(n - b * per_block) {
+            out.push(match op.dist {
+                Distribution::Bernoulli { p } => (((w[lane] >> 8) as f64) < p * 16_777_216.0) as u8 as f64,
+                Distribution::Uniform { low, high } if f32 => {
+                    let u = u24(w[lane]) as f32;
+                    (low as f32 + (high as f32 - low as f32) * u) as f64
+                }
+                Distribution::Uniform { low, high } => low + (high - low) * u53(w[2 * lane], w[2 * lane + 1]),
+                Distribution::Normal { mean, std } if f32 => {
+                    let u1 = (((w[2 * lane] >> 8) + 1) as f32) * (1.0 / 16_777_216.0);
+                    let u2 = u24(w[2 * lane + 1]) as f32;
+                    let z = (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos();
+                    (mean as f32 + std as f32 * z) as f64
+                }
+                Distribution::Normal { mean, std } => {
+                    let u1 = u53(w[0], w[1]) + 1.0 / 9_007_199_254_740_992.0;
+                    let u2 = u53(w[2], w[3]);
+                    mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+                }
+            });
+        }
+    }
+    out
 }
 
 pub fn infer(op: &RandomOp, state: &TensorType) -> Result<TensorType, String> {
