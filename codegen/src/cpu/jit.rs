@@ -221,8 +221,11 @@ impl<'a> Emitter<'a> {
         }
         for (i, (v, d)) in self.views().into_iter().enumerate() {
             let base = self.b.ins().load(types::I64, MemFlagsData::trusted(), table, (8 * i) as i32);
-            let mut a = self.b.ins().iadd_imm_s(base, v.offset as i64 * elem_size(d));
-            if let Some((begin, _)) = self.range {
+            let mut a = base;
+            if v.offset != 0 {
+                a = self.b.ins().iadd_imm_s(a, v.offset as i64 * elem_size(d));
+            }
+            if let (Some((begin, _)), true) = (self.range, v.strides[0] != 0) {
                 // start at index `begin` of the outermost dim
                 let step = self.b.ins().imul_imm_s(begin, v.strides[0] as i64 * elem_size(d));
                 a = self.b.ins().iadd(a, step);
