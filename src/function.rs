@@ -112,7 +112,9 @@ impl FunctionBuilder {
             }
             substitute.insert(f, t);
         }
-        let roots: Vec<NodeId> = outputs.iter().chain(&update_values).chain(&inputs).copied().collect();
+        // The updated variables are roots too, so the program holds every variable it writes.
+        let targets: Vec<NodeId> = update_targets.iter().map(|t| t.1).collect();
+        let roots: Vec<NodeId> = outputs.iter().chain(&update_values).chain(&inputs).chain(&targets).copied().collect();
         let (mut prog, map) = ir.extract(&roots, &substitute)?;
         let prog_inputs: Vec<NodeId> = inputs.iter().map(|n| map[n]).collect();
         // Every input the outputs read must be passed.
@@ -167,19 +169,21 @@ impl FunctionBuilder {
                 _ => unreachable!("checked above"),
             })
             .collect();
-        let program = Program { graph: prog, inputs: prog_inputs, shared: shared.iter().map(|s| s.1).collect() };
+        let shared_ids: Vec<SharedId> = shared.iter().map(|s| s.0).collect();
+        let updates = updated
+            .iter()
+            .enumerate()
+            .map(|(k, id)| {
+                (
+                    outputs.len() + k,
+                    shared_ids.iter().position(|s| s == id).expect("updated variables are in the program"),
+                )
+            })
+            .collect();
+        let program =
+            Program { graph: prog, inputs: prog_inputs, shared: shared.iter().map(|s| s.1).collect(), updates };
         let exe = device.backend().compile(&program, &CompileOptions::default())?;
-        Ok(Function {
-            graph: self.graph.clone(),
-            input_types,
-            n_outputs: outputs.len(),
-            updated,
-            shared: shared.into_iter().map(|s| s.0).collect(),
-            program,
-            exe,
-            log,
-            device,
-        })
+        Ok(Function { graph: self.graph.clone(), input_types, shared: shared_ids, program, exe, log, device })
     }
 }
 
@@ -187,10 +191,7 @@ impl FunctionBuilder {
 pub struct Function {
     graph: Graph,
     input_types: Vec<(String, TensorType)>,
-    n_outputs: usize,
-    /// Shared variables written after each call, in the order of the program's extra outputs.
-    updated: Vec<SharedId>,
-    /// Shared variables the program reads, in the program's order.
+    /// Shared variables the program reads or writes, in the program's order.
     shared: Vec<SharedId>,
     program: Program,
     exe: Box<dyn Executable>,
@@ -226,27 +227,23 @@ impl Function {
     pub fn call(&mut self, args: &[Tensor]) -> Result<Vec<Tensor>> {
         self.check_args(args)?;
         let inputs: Vec<&Tensor> = args.iter().collect();
-        let mut results = {
-            let st = self.graph.state.borrow();
-            let shared: Vec<&Tensor> = self.shared.iter().map(|id| &st.shared[id]).collect();
-            self.exe.run(&inputs, &shared)?
-        };
-        let new_values = results.split_off(self.n_outputs);
+        // The backend borrows the variables' values for the call and writes the updates into them.
         let mut st = self.graph.state.borrow_mut();
-        for (id, v) in self.updated.iter().zip(&new_values) {
-            let old = &st.shared[id];
-            if old.shape() != v.shape() {
-                return Err(Error::Invalid(format!(
-                    "an update changes a shared variable's shape from {:?} to {:?}",
-                    old.shape(),
-                    v.shape()
-                )));
-            }
-        }
-        for (id, v) in self.updated.iter().zip(new_values) {
+        let mut shared: Vec<Tensor> = self
+            .shared
+            .iter()
+            .map(|id| {
+                std::mem::replace(
+                    st.shared.get_mut(id).expect("variables live in their graph"),
+                    Tensor::zeros(DType::F32, &[0]),
+                )
+            })
+            .collect();
+        let result = self.exe.run(&inputs, &mut shared);
+        for (id, v) in self.shared.iter().zip(shared) {
             st.shared.insert(*id, v);
         }
-        Ok(results)
+        result
     }
 
     /// Compiles the specialization for these arguments' shapes now, without running (a call with

@@ -99,3 +99,21 @@ fn printing_is_deterministic() {
     };
     assert_eq!(build(), build());
 }
+
+#[test]
+fn cpu_training_step_writes_its_updates_in_place() {
+    let mut w = kiln::workloads::build("fmnist-mlp", Device::Cpu).unwrap();
+    w.step.call(&w.args).unwrap();
+    let code = w.step.generated_code();
+    let lines: Vec<&str> = code.lines().filter(|l| l.starts_with("; update of shared variable")).collect();
+    assert_eq!(lines.len(), 12, "{lines:?}"); // 6 parameters and 6 velocities
+    assert!(lines.iter().all(|l| l.ends_with("written in place")), "{lines:#?}");
+    // the swap needs the old values: not in place, and still right (see updates_use_values_from_before_the_call)
+    let g = Graph::new();
+    let a = g.shared("a", array![1.0f64]);
+    let b = g.shared("b", array![2.0f64]);
+    let mut swap = g.function([], []).updates([(&a, b.clone()), (&b, a.clone())]).compile(Device::Cpu).unwrap();
+    swap.call(&[]).unwrap();
+    assert_eq!((a.value().unwrap().item(), b.value().unwrap().item()), (Some(2.0), Some(1.0)));
+    assert!(swap.generated_code().contains("copied in after the last step"), "{}", swap.generated_code());
+}

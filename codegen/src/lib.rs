@@ -10,16 +10,45 @@ pub mod reference;
 use kiln_ir::{Graph, NodeId, Result, Tensor};
 
 /// A graph ready to compile: `inputs` and `shared` are its Input and Shared nodes in the order their
-/// values are passed to `Executable::run`; the graph's outputs are what `run` returns.
+/// values are passed to `Executable::run`. `updates` pairs an index into the graph's outputs with an
+/// index into `shared`: that output is the shared variable's new value. The other outputs are what
+/// `run` returns, in order.
 #[derive(Clone, Debug)]
 pub struct Program {
     pub graph: Graph,
     pub inputs: Vec<NodeId>,
     pub shared: Vec<NodeId>,
+    pub updates: Vec<(usize, usize)>,
+}
+
+impl Program {
+    /// Indices of the graph's outputs that are returned (not updates).
+    pub fn returned(&self) -> Vec<usize> {
+        (0..self.graph.outputs().len()).filter(|o| !self.updates.iter().any(|u| u.0 == *o)).collect()
+    }
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct CompileOptions {}
+
+/// Moves each update output into its shared variable (after checking it keeps the variable's
+/// shape) and returns the other outputs: the update step of a backend that computes every output
+/// into fresh tensors first.
+pub fn apply_updates(program: &Program, outputs: Vec<Tensor>, shared: &mut [Tensor]) -> Result<Vec<Tensor>> {
+    let mut slots: Vec<Option<Tensor>> = outputs.into_iter().map(Some).collect();
+    for &(o, s) in &program.updates {
+        let new = slots[o].take().expect("each output updates at most one variable");
+        if new.shape() != shared[s].shape() || new.dtype() != shared[s].dtype() {
+            return Err(kiln_ir::Error::Invalid(format!(
+                "an update would change a shared variable from {} to {}",
+                shared[s].ty(),
+                new.ty()
+            )));
+        }
+        shared[s] = new;
+    }
+    Ok(program.returned().into_iter().map(|o| slots[o].take().expect("returned outputs are not updates")).collect())
+}
 
 pub trait Backend {
     fn name(&self) -> &'static str;
@@ -28,8 +57,10 @@ pub trait Backend {
 
 pub trait Executable {
     /// Runs the program on values for its inputs and shared variables (in `Program` order, already
-    /// checked against their declared types by the caller) and returns its outputs.
-    fn run(&mut self, inputs: &[&Tensor], shared: &[&Tensor]) -> Result<Vec<Tensor>>;
+    /// checked against their declared types by the caller), returns the outputs that are not
+    /// updates, and writes every update into its shared variable. All updates are computed from the
+    /// values before the call (Theano's semantics), whichever way a backend writes them.
+    fn run(&mut self, inputs: &[&Tensor], shared: &mut [Tensor]) -> Result<Vec<Tensor>>;
     /// Compiles the specialization for these input and shared-variable shapes without running it.
     fn prepare(&mut self, shapes: &[Vec<usize>]) -> Result<()>;
     /// The code this backend generated, for people and snapshot tests (empty for an interpreter).

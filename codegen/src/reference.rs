@@ -53,8 +53,9 @@ impl Interpreter {
     }
 }
 
-impl Executable for Interpreter {
-    fn run(&mut self, inputs: &[&Tensor], shared: &[&Tensor]) -> Result<Vec<Tensor>> {
+impl Interpreter {
+    /// Every output of the program, from the given source values.
+    fn evaluate(&mut self, inputs: &[&Tensor], shared: &[&Tensor]) -> Result<Vec<Tensor>> {
         let key: Vec<Vec<usize>> = inputs.iter().chain(shared).map(|t| t.shape().to_vec()).collect();
         let bound: HashMap<NodeId, &Tensor> = self
             .program
@@ -87,6 +88,16 @@ impl Executable for Interpreter {
             }
         }
         Ok(plan.graph.outputs().iter().map(|o| values[o].clone()).collect())
+    }
+}
+
+impl Executable for Interpreter {
+    fn run(&mut self, inputs: &[&Tensor], shared: &mut [Tensor]) -> Result<Vec<Tensor>> {
+        let outputs = {
+            let shared_refs: Vec<&Tensor> = shared.iter().collect();
+            self.evaluate(inputs, &shared_refs)?
+        };
+        crate::apply_updates(&self.program, outputs, shared)
     }
 
     fn prepare(&mut self, shapes: &[Vec<usize>]) -> Result<()> {

@@ -225,10 +225,12 @@ impl<'a> Emitter<'a> {
             if v.offset != 0 {
                 a = self.b.ins().iadd_imm_s(a, v.offset as i64 * elem_size(d));
             }
-            if let (Some((begin, _)), true) = (self.range, v.strides[0] != 0) {
-                // start at index `begin` of the outermost dim
-                let step = self.b.ins().imul_imm_s(begin, v.strides[0] as i64 * elem_size(d));
-                a = self.b.ins().iadd(a, step);
+            if let Some((begin, _)) = self.range {
+                if v.strides[0] != 0 {
+                    // start at index `begin` of the outermost dim
+                    let step = self.b.ins().imul_imm_s(begin, v.strides[0] as i64 * elem_size(d));
+                    a = self.b.ins().iadd(a, step);
+                }
             }
             let var = self.b.declare_var(types::I64);
             self.b.def_var(var, a);

@@ -9,7 +9,7 @@ pub mod jit;
 pub mod math;
 pub mod runtime;
 
-use crate::kernel::{lower, BufKind, KernelProgram, Step};
+use crate::kernel::{lower, place_updates, step_reads, step_writes, BufKind, KernelProgram, Step, UpdateWrite};
 use crate::{Backend, CompileOptions, Executable, Program};
 use jit::{elem_size, Jit, KernelFn};
 use kiln_ir::specialize::specialize;
@@ -48,6 +48,9 @@ enum Compiled {
 
 struct Plan {
     kp: KernelProgram,
+    updates: Vec<UpdateWrite>,
+    /// Indices into `kp.outputs` of the outputs `run` returns.
+    returned: Vec<usize>,
     steps: Vec<Compiled>,
     /// Storage slot of each buffer that the plan owns (temporaries and constants).
     slot: Vec<Option<usize>>,
@@ -71,6 +74,10 @@ fn bytes_of(t: &Tensor) -> &[u8] {
         // SAFETY: any initialized slice of plain numbers (or bools, one byte each) may be viewed as bytes.
         unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
     })
+}
+
+fn bytes_of_mut(t: &mut Tensor) -> *mut u8 {
+    kiln_ir::with_array!(t, a => a.as_slice_mut().expect("made standard before binding").as_mut_ptr() as *mut u8)
 }
 
 fn tensor_from_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Tensor {
@@ -98,22 +105,22 @@ fn tensor_from_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Tensor {
     }
 }
 
-/// The buffers each step reads and the one it writes.
-fn step_io(step: &Step) -> (Vec<usize>, usize) {
-    match step {
-        Step::Loop(k) => (k.inputs.iter().map(|v| v.buf).collect(), k.out.buf),
-        Step::MatMul(m) => (vec![m.a, m.b], m.c),
-        Step::Gather { x, idx, out, .. } => (vec![*x, *idx], *out),
-        Step::ScatterAdd { g, idx, out, .. } => (vec![*g, *idx], *out),
-        Step::Random { state, out, .. } => (vec![*state], *out),
-    }
-}
-
 impl Plan {
-    fn build(kp: KernelProgram, out_shapes: Vec<Vec<usize>>) -> Result<Plan> {
+    fn build(mut kp: KernelProgram, out_shapes: Vec<Vec<usize>>, program: &Program) -> Result<Plan> {
+        let updates = place_updates(&mut kp, &program.updates);
+        crate::kernel::check_bounds(&kp)?;
+        let returned = program.returned();
+        let mut code = String::new();
+        for u in &updates {
+            let (s, how) = match u {
+                UpdateWrite::InPlace { shared } => (*shared, "written in place".to_string()),
+                UpdateWrite::CopyAtEnd { shared, .. } => (*shared, "copied in after the last step".to_string()),
+            };
+            let name = program.graph.node(program.shared[s]).op.label();
+            code.push_str(&format!("; update of shared variable '{name}': {how}\n"));
+        }
         let mut jit = Jit::new()?;
         let mut pending = vec![];
-        let mut code = String::new();
         for step in &kp.steps {
             if let Step::Loop(k) = step {
                 let ck = jit.compile(k)?;
@@ -165,7 +172,7 @@ impl Plan {
             });
         }
         let (slot, storage) = plan_memory(&kp);
-        Ok(Plan { kp, steps, slot, storage, out_shapes, code, _jit: jit })
+        Ok(Plan { kp, updates, returned, steps, slot, storage, out_shapes, code, _jit: jit })
     }
 }
 
@@ -175,7 +182,7 @@ fn plan_memory(kp: &KernelProgram) -> (Vec<Option<usize>>, Vec<Vec<u64>>) {
     let words = |b: usize| (kp.buffers[b].len * elem_size(kp.buffers[b].dtype) as usize).div_ceil(8).max(1);
     let mut last_read: HashMap<usize, usize> = HashMap::new();
     for (i, s) in kp.steps.iter().enumerate() {
-        for r in step_io(s).0 {
+        for r in step_reads(s) {
             last_read.insert(r, i);
         }
     }
@@ -193,7 +200,7 @@ fn plan_memory(kp: &KernelProgram) -> (Vec<Option<usize>>, Vec<Vec<u64>>) {
         }
     }
     for (i, s) in kp.steps.iter().enumerate() {
-        let (reads, w) = step_io(s);
+        let (reads, w) = (step_reads(s), step_writes(s));
         if slot[w].is_none() && kp.buffers[w].kind == BufKind::Temp {
             let n = words(w);
             let reused = if kp.outputs.contains(&w) { None } else { free.get_mut(&n).and_then(|v| v.pop()) };
@@ -266,40 +273,46 @@ unsafe fn run_loop(f: KernelFn, table: &[*mut u8], split_len: Option<usize>, ele
 }
 
 impl Executable for CpuExecutable {
-    fn run(&mut self, inputs: &[&Tensor], shared: &[&Tensor]) -> Result<Vec<Tensor>> {
-        let key: Vec<Vec<usize>> = inputs.iter().chain(shared).map(|t| t.shape().to_vec()).collect();
+    fn run(&mut self, inputs: &[&Tensor], shared: &mut [Tensor]) -> Result<Vec<Tensor>> {
+        let key: Vec<Vec<usize>> =
+            inputs.iter().map(|t| t.shape().to_vec()).chain(shared.iter().map(|t| t.shape().to_vec())).collect();
         self.prepare(&key)?;
         let plan = self.plans.get_mut(&key).expect("prepared");
-        // Arguments in standard layout, viewed in place (copied only when strided).
-        let args: Vec<std::borrow::Cow<Tensor>> = inputs
+        // Inputs in standard layout are read in place (others are copied); shared variables are
+        // made standard once and then read and written in place.
+        let inputs: Vec<std::borrow::Cow<Tensor>> = inputs
             .iter()
-            .chain(shared)
             .map(|t| {
-                let standard = kiln_ir::with_array!(t, a => a.is_standard_layout());
-                if standard {
+                if kiln_ir::with_array!(t, a => a.is_standard_layout()) {
                     std::borrow::Cow::Borrowed(*t)
                 } else {
                     std::borrow::Cow::Owned(kiln_ir::map_array!(t, a => a.as_standard_layout().into_owned()))
                 }
             })
             .collect();
+        for t in shared.iter_mut() {
+            if !kiln_ir::with_array!(t, a => a.is_standard_layout()) {
+                *t = kiln_ir::map_array!(t, a => a.as_standard_layout().into_owned());
+            }
+        }
         let mut ptr: Vec<*mut u8> = Vec::with_capacity(plan.kp.buffers.len());
         let mut len: Vec<usize> = Vec::with_capacity(plan.kp.buffers.len());
         for (b, buf) in plan.kp.buffers.iter().enumerate() {
-            let p = match buf.kind {
-                BufKind::Input(k) | BufKind::Shared(k) => {
-                    let k = if let BufKind::Shared(_) = buf.kind { self.program.inputs.len() + k } else { k };
-                    let t: &Tensor = &args[k];
-                    if t.len() != buf.len || t.dtype() != buf.dtype {
-                        return Err(Error::Invalid(format!(
-                            "argument {k} does not match its buffer ({} {})",
-                            buf.dtype, buf.len
-                        )));
-                    }
-                    bytes_of(t).as_ptr() as *mut u8
-                }
-                _ => plan.storage[plan.slot[b].expect("owned buffers have slots")].as_mut_ptr() as *mut u8,
+            let (p, have) = match buf.kind {
+                BufKind::Input(k) => (bytes_of(&inputs[k]).as_ptr() as *mut u8, (inputs[k].len(), inputs[k].dtype())),
+                BufKind::Shared(k) => (bytes_of_mut(&mut shared[k]), (shared[k].len(), shared[k].dtype())),
+                // A buffer without a slot is no longer used (an update now written in place).
+                _ => match plan.slot[b] {
+                    Some(sl) => (plan.storage[sl].as_mut_ptr() as *mut u8, (buf.len, buf.dtype)),
+                    None => (std::ptr::null_mut(), (buf.len, buf.dtype)),
+                },
             };
+            if have != (buf.len, buf.dtype) {
+                return Err(Error::Invalid(format!(
+                    "a value of {} {} was bound to a buffer of {} {}",
+                    have.0, have.1, buf.len, buf.dtype
+                )));
+            }
             ptr.push(p);
             len.push(buf.len);
         }
@@ -323,18 +336,32 @@ impl Executable for CpuExecutable {
             }
         }
         let outs = plan
-            .kp
-            .outputs
+            .returned
             .iter()
-            .zip(&plan.out_shapes)
-            .map(|(&b, shape)| {
+            .map(|&o| {
+                let b = plan.kp.outputs[o];
                 let d = plan.kp.buffers[b].dtype;
                 let n = plan.kp.buffers[b].len * elem_size(d) as usize;
                 // SAFETY: the buffer is valid for its declared length.
                 let bytes = unsafe { std::slice::from_raw_parts(ptr[b] as *const u8, n) };
-                tensor_from_bytes(d, shape, bytes)
+                tensor_from_bytes(d, &plan.out_shapes[o], bytes)
             })
             .collect();
+        for u in &plan.updates {
+            if let UpdateWrite::CopyAtEnd { from, shared: s } = *u {
+                let n = plan.kp.buffers[from].len * elem_size(plan.kp.buffers[from].dtype) as usize;
+                let dst = bytes_of_mut(&mut shared[s]);
+                if shared[s].len() != plan.kp.buffers[from].len || shared[s].dtype() != plan.kp.buffers[from].dtype {
+                    return Err(Error::Invalid(format!(
+                        "an update would change a shared variable's shape ({})",
+                        shared[s].ty()
+                    )));
+                }
+                // SAFETY: both are valid for n bytes (checked just above) and are different buffers
+                // (update values are temporaries, never a variable's own buffer).
+                unsafe { std::ptr::copy_nonoverlapping(ptr[from] as *const u8, dst, n) };
+            }
+        }
         Ok(outs)
     }
 
@@ -345,7 +372,7 @@ impl Executable for CpuExecutable {
             let (g, _) = specialize(&self.program.graph, &shapes)?;
             let kp = lower(&g, &self.program.inputs, &self.program.shared)?;
             let out_shapes = g.outputs().iter().map(|&o| g.ty(o).concrete().expect("specialized")).collect();
-            self.plans.insert(key.to_vec(), Plan::build(kp, out_shapes)?);
+            self.plans.insert(key.to_vec(), Plan::build(kp, out_shapes, &self.program)?);
             self.order.push(key.to_vec());
         }
         Ok(())

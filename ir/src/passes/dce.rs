@@ -1,5 +1,6 @@
 //! Dead-code elimination: removes every node the outputs do not read. Inputs stay, since they are
-//! the function's signature even when unused.
+//! the function's signature even when unused, and so do shared variables (a function may write a
+//! variable it never reads).
 
 use super::RewriteLog;
 use crate::error::Result;
@@ -12,7 +13,9 @@ pub fn remove_dead(g: &mut Graph) -> usize {
     let dead: Vec<_> = g
         .node_ids()
         .into_iter()
-        .filter(|n| !live.contains(n) && !matches!(g.op(*n), Op::Source(SourceOp::Input { .. })))
+        .filter(|n| {
+            !live.contains(n) && !matches!(g.op(*n), Op::Source(SourceOp::Input { .. } | SourceOp::Shared { .. }))
+        })
         .collect();
     for &n in &dead {
         g.remove(n);
