@@ -4,8 +4,8 @@
 //! user's line, never an out-of-bounds access), and Philox random numbers (kiln-ir's definition).
 
 use crate::kernel::MatMul;
-use kiln_ir::ops::random::sample;
-use kiln_ir::ops::RandomOp;
+use kiln_ir::ops::random::{block, sample};
+use kiln_ir::ops::{Distribution, RandomOp};
 use kiln_ir::{DType, Error, Loc, Result};
 
 /// Raw views of the plan's buffers for one step. The caller guarantees that each pointer is valid
@@ -271,10 +271,36 @@ pub fn scatter_add(a: &GatherArgs, dtype: DType, bufs: &Bufs) -> Result<()> {
     Ok(())
 }
 
+/// Writes one value per Philox word, four per block, through `put(index, word)` (the f32 uniform
+/// and bernoulli mappings of kiln-ir's definition, without an intermediate vector).
+fn per_word(op: &RandomOp, state: [i64; 2], n: usize, mut put: impl FnMut(usize, u32)) {
+    for b in 0..n.div_ceil(4) {
+        let w = block(state, op.stream, b as u64);
+        for (lane, &word) in w.iter().enumerate().take(n - 4 * b) {
+            put(4 * b + lane, word);
+        }
+    }
+}
+
 pub fn random(op: &RandomOp, state: usize, out: usize, bufs: &Bufs) {
     // SAFETY: the state buffer is i64[2] (checked at lowering) and `out` holds `op.dtype` elements.
     unsafe {
         let s = bufs.slice::<i64>(state);
+        let st = [s[0], s[1]];
+        let n = bufs.len[out];
+        match (op.dist, op.dtype) {
+            (Distribution::Bernoulli { p }, DType::F32) => {
+                let (o, t) = (bufs.slice_mut::<f32>(out), p * 16_777_216.0);
+                return per_word(op, st, n, |i, w| o[i] = (((w >> 8) as f64) < t) as u8 as f32);
+            }
+            (Distribution::Uniform { low, high }, DType::F32) => {
+                let (o, (lo, hi)) = (bufs.slice_mut::<f32>(out), (low as f32, high as f32));
+                return per_word(op, st, n, |i, w| {
+                    o[i] = lo + (hi - lo) * (((w >> 8) as f64 * (1.0 / 16_777_216.0)) as f32)
+                });
+            }
+            _ => {}
+        }
         let values = sample(op, [s[0], s[1]], bufs.len[out]);
         match op.dtype {
             DType::F32 => bufs.slice_mut::<f32>(out).iter_mut().zip(values).for_each(|(o, v)| *o = v as f32),

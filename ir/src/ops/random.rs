@@ -64,8 +64,8 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     c
 }
 
-/// The state is `[seed, call]`.
-fn block(state: [i64; 2], stream: u32, b: u64) -> [u32; 4] {
+/// The four words of Philox block `b` of a stream; the state is `[seed, call]`.
+pub fn block(state: [i64; 2], stream: u32, b: u64) -> [u32; 4] {
     let (seed, call) = (state[0] as u64, state[1] as u64);
     philox4x32_10([b as u32, stream, call as u32, (call >> 32) as u32], [seed as u32, (seed >> 32) as u32])
 }
