@@ -50,23 +50,33 @@ unsafe impl<T> Send for Gemm<T> {}
 unsafe impl<T> Sync for Gemm<T> {}
 
 impl<T: Copy> Gemm<T> {
-    /// C[r0..r1] = A[r0..r1] B.
+    /// C[r0..r1, c0..c1] = A[r0..r1, :] B[:, c0..c1].
     ///
     /// # Safety
-    /// Rows r0..r1 must lie inside the valid matrices this `Gemm` describes.
+    /// The block must lie inside the valid matrices this `Gemm` describes.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn rows(&self, r0: usize, r1: usize, k: usize, n: usize, f: GemmFn<T>, one: T, zero: T) {
+    unsafe fn block(
+        &self,
+        (r0, r1): (usize, usize),
+        (c0, c1): (usize, usize),
+        k: usize,
+        f: GemmFn<T>,
+        one: T,
+        zero: T,
+    ) {
         let [rsa, csa, rsb, csb, rsc, csc] = self.strides;
         unsafe {
             let a = self.a.offset(r0 as isize * rsa);
-            let c = self.c.offset(r0 as isize * rsc);
-            f(r1 - r0, k, n, one, a, rsa, csa, self.b, rsb, csb, zero, c, rsc, csc);
+            let b = self.b.offset(c0 as isize * csb);
+            let c = self.c.offset(r0 as isize * rsc + c0 as isize * csc);
+            f(r1 - r0, k, c1 - c0, one, a, rsa, csa, b, rsb, csb, zero, c, rsc, csc);
         }
     }
 }
 
-/// C = A B with the rows of C split into one contiguous block per core when the product is large
-/// (each block packs B once; finer splits would pack it again and again).
+/// C = A B, split into one block per core when the product is large: along the rows of C when it
+/// has more rows than columns, else along its columns, so each core packs only its share of the
+/// larger operand (finer splits would pack the other operand again and again).
 ///
 /// # Safety
 /// The pointers and strides must describe valid matrices of m x k, k x n and m x n elements.
@@ -81,22 +91,31 @@ unsafe fn gemm_parallel<T: Copy + Send + Sync>(
     zero: T,
 ) {
     let threads = rayon::current_num_threads();
-    let blocks = if m * k * n >= PARALLEL_GEMM_MACS && m >= 16 { threads.min(m / 8) } else { 1 };
-    // SAFETY (for the closure): each block covers rows of the caller's valid matrices.
-    let block = |r0: usize, r1: usize| unsafe { g.rows(r0, r1, k, n, f, one, zero) };
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
+    let blocks = if m * k * n >= PARALLEL_GEMM_MACS && len >= 16 { threads.min(len / 8) } else { 1 };
+    // SAFETY (for the closure): each part is a block of the caller's valid matrices, and the parts
+    // write disjoint blocks of C.
+    let part = |i0: usize, i1: usize| unsafe {
+        if by_rows {
+            g.block((i0, i1), (0, n), k, f, one, zero)
+        } else {
+            g.block((0, m), (i0, i1), k, f, one, zero)
+        }
+    };
     if blocks <= 1 {
-        block(0, m);
+        part(0, len);
         return;
     }
-    let per = m.div_ceil(blocks);
+    let per = len.div_ceil(blocks);
     rayon::scope(|s| {
         for i in 1..blocks {
-            let (r0, r1) = (i * per, ((i + 1) * per).min(m));
-            if r0 < r1 {
-                s.spawn(move |_| block(r0, r1));
+            let (i0, i1) = (i * per, ((i + 1) * per).min(len));
+            if i0 < i1 {
+                s.spawn(move |_| part(i0, i1));
             }
         }
-        block(0, per.min(m));
+        part(0, per.min(len));
     });
 }
 
