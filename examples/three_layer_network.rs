@@ -36,7 +36,7 @@ fn train(m: Model, data: (&Array2<f32>, &Array2<f32>), lr: f64, steps: usize) ->
     let cost = p.binary_crossentropy(y).mean_all();
     let grads = g.grad_with(&cost, &params.iter().collect::<Vec<_>>(), Disconnected::Raise)?;
     let updates: Vec<(&Var, Var)> = params.iter().zip(grads).map(|(w, gw)| (w, w - lr * gw)).collect();
-    let mut step = g.function([x, y], [&cost]).updates(updates).compile(Device::Reference)?;
+    let mut step = g.function([x, y], [&cost]).updates(updates).compile(Device::Cpu)?;
     for i in 0..=steps {
         let loss = step.call1(&[data.0.clone().into(), data.1.clone().into()])?.item().unwrap_or(f64::NAN);
         if i % (steps / 8) == 0 {
@@ -47,7 +47,7 @@ fn train(m: Model, data: (&Array2<f32>, &Array2<f32>), lr: f64, steps: usize) ->
 }
 
 fn report(g: &Graph, x: &Var, p: &Var, xs: &Array2<f32>, ys: &Array2<f32>) -> kiln::Result<usize> {
-    let mut predict = g.function([x], [p]).compile(Device::Reference)?;
+    let mut predict = g.function([x], [p]).compile(Device::Cpu)?;
     let probs = predict.call1(&[xs.clone().into()])?.to_f64_vec();
     let mut correct = 0;
     for (i, p) in probs.iter().enumerate() {
