@@ -5,6 +5,8 @@
 //! in place. Before any generated code runs, every argument's length is checked against the plan,
 //! and every view the code can touch was checked against its buffer when the program was lowered.
 
+#[cfg(target_arch = "x86_64")]
+pub mod gemm;
 pub mod jit;
 pub mod math;
 pub mod runtime;
@@ -24,7 +26,7 @@ impl Backend for Cpu {
         "cpu"
     }
     fn compile(&self, program: &Program, _opts: &CompileOptions) -> Result<Box<dyn Executable>> {
-        Ok(Box::new(CpuExecutable { program: program.clone(), plans: HashMap::new(), order: vec![] }))
+        Ok(Box::new(CpuExecutable { program: program.clone(), plans: HashMap::new(), order: vec![], last: vec![] }))
     }
 }
 
@@ -56,6 +58,8 @@ struct Plan {
     slot: Vec<Option<usize>>,
     storage: Vec<Vec<u64>>,
     out_shapes: Vec<Vec<usize>>,
+    /// Per-call tables (buffer addresses and lengths, one kernel's views), kept to avoid allocating.
+    scratch: (Vec<*mut u8>, Vec<usize>, Vec<*mut u8>),
     code: String,
     // Declared last: the machine code must outlive nothing that points into it.
     _jit: Jit,
@@ -66,6 +70,8 @@ pub struct CpuExecutable {
     plans: HashMap<Vec<Vec<usize>>, Plan>,
     /// Shape signatures in the order they were first seen (for stable `generated_code`).
     order: Vec<Vec<Vec<usize>>>,
+    /// The signature of the last call: a call with the same shapes finds its plan without allocating.
+    last: Vec<Vec<usize>>,
 }
 
 fn bytes_of(t: &Tensor) -> &[u8] {
@@ -172,7 +178,9 @@ impl Plan {
             });
         }
         let (slot, storage) = plan_memory(&kp);
-        Ok(Plan { kp, updates, returned, steps, slot, storage, out_shapes, code, _jit: jit })
+        let scratch =
+            (Vec::with_capacity(kp.buffers.len()), Vec::with_capacity(kp.buffers.len()), Vec::with_capacity(16));
+        Ok(Plan { kp, updates, returned, steps, slot, storage, out_shapes, scratch, code, _jit: jit })
     }
 }
 
@@ -274,10 +282,15 @@ unsafe fn run_loop(f: KernelFn, table: &[*mut u8], split_len: Option<usize>, ele
 
 impl Executable for CpuExecutable {
     fn run(&mut self, inputs: &[&Tensor], shared: &mut [Tensor]) -> Result<Vec<Tensor>> {
-        let key: Vec<Vec<usize>> =
-            inputs.iter().map(|t| t.shape().to_vec()).chain(shared.iter().map(|t| t.shape().to_vec())).collect();
-        self.prepare(&key)?;
-        let plan = self.plans.get_mut(&key).expect("prepared");
+        let shapes = inputs.iter().map(|t| t.shape()).chain(shared.iter().map(|t| t.shape()));
+        let same_as_last = self.last.len() == inputs.len() + shared.len()
+            && shapes.clone().zip(&self.last).all(|(s, l)| s == l.as_slice());
+        if !same_as_last {
+            let key: Vec<Vec<usize>> = shapes.map(|s| s.to_vec()).collect();
+            self.prepare(&key)?;
+            self.last = key;
+        }
+        let plan = self.plans.get_mut(&self.last).expect("prepared");
         // Inputs in standard layout are read in place (others are copied); shared variables are
         // made standard once and then read and written in place.
         let inputs: Vec<std::borrow::Cow<Tensor>> = inputs
@@ -295,8 +308,9 @@ impl Executable for CpuExecutable {
                 *t = kiln_ir::map_array!(t, a => a.as_standard_layout().into_owned());
             }
         }
-        let mut ptr: Vec<*mut u8> = Vec::with_capacity(plan.kp.buffers.len());
-        let mut len: Vec<usize> = Vec::with_capacity(plan.kp.buffers.len());
+        let (mut ptr, mut len, mut table) = std::mem::take(&mut plan.scratch);
+        ptr.clear();
+        len.clear();
         for (b, buf) in plan.kp.buffers.iter().enumerate() {
             let (p, have) = match buf.kind {
                 BufKind::Input(k) => (bytes_of(&inputs[k]).as_ptr() as *mut u8, (inputs[k].len(), inputs[k].dtype())),
@@ -317,7 +331,6 @@ impl Executable for CpuExecutable {
             len.push(buf.len);
         }
         let bufs = Bufs { ptr: &ptr, len: &len };
-        let mut table: Vec<*mut u8> = Vec::with_capacity(16);
         for step in &plan.steps {
             match step {
                 Compiled::Loop { f, bufs: ids, split_len, elements } => {
@@ -362,6 +375,7 @@ impl Executable for CpuExecutable {
                 unsafe { std::ptr::copy_nonoverlapping(ptr[from] as *const u8, dst, n) };
             }
         }
+        plan.scratch = (ptr, len, table);
         Ok(outs)
     }
 

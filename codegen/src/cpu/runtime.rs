@@ -119,6 +119,44 @@ unsafe fn gemm_parallel<T: Copy + Send + Sync>(
     });
 }
 
+/// kiln's AVX-512 sgemm where the CPU has AVX-512F (no allocation per product), else
+/// matrixmultiply's.
+fn sgemm_fastest() -> GemmFn<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if super::gemm::available() {
+        return avx512_sgemm;
+    }
+    matrixmultiply::sgemm
+}
+
+/// matrixmultiply's signature over kiln's AVX-512 kernel (alpha = 1, beta = 0, unit column stride
+/// of C, as `matmul` always calls it).
+///
+/// # Safety
+/// As `matrixmultiply::sgemm`; only selected when the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn avx512_sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    _alpha: f32,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    _beta: f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+) {
+    debug_assert_eq!(csc, 1, "C is row-major");
+    let op = super::gemm::Operands { a, rsa, csa, b, rsb, csb, c, ldc: rsc as usize };
+    unsafe { super::gemm::sgemm(m, k, n, op) }
+}
+
 pub fn matmul(mm: &MatMul, bufs: &Bufs) {
     let (m, k, n) = (mm.m, mm.k, mm.n);
     // A transposed operand is stored as the matrix it transposes: swap its strides.
@@ -134,7 +172,7 @@ pub fn matmul(mm: &MatMul, bufs: &Bufs) {
                 DType::F32 => {
                     let (a, b, c) = (bufs.slice::<f32>(mm.a), bufs.slice::<f32>(mm.b), bufs.slice_mut::<f32>(mm.c));
                     let g = Gemm { a: a[ao..].as_ptr(), b: b[bo..].as_ptr(), c: c[co..].as_mut_ptr(), strides };
-                    gemm_parallel(g, m, k, n, matrixmultiply::sgemm, 1.0, 0.0);
+                    gemm_parallel(g, m, k, n, sgemm_fastest(), 1.0, 0.0);
                 }
                 DType::F64 => {
                     let (a, b, c) = (bufs.slice::<f64>(mm.a), bufs.slice::<f64>(mm.b), bufs.slice_mut::<f64>(mm.c));
