@@ -80,6 +80,9 @@ pub struct MatMul {
     pub m: usize,
     pub k: usize,
     pub n: usize,
+    /// An elementwise kernel over `c` (bias, activation, an update...) run right after the product,
+    /// on each row block by the core that computed it; only for single products (no batch).
+    pub epilogue: Option<Box<LoopKernel>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -148,6 +151,8 @@ struct Lowering<'g> {
     buf_of: HashMap<NodeId, BufId>,
     /// Transposes of the last two axes read only by matrix products: node -> the node it transposes.
     transposed_only: HashMap<NodeId, NodeId>,
+    /// Steps named so far (names stay unique when a kernel moves into a product as its epilogue).
+    named: usize,
 }
 
 impl<'g> Lowering<'g> {
@@ -162,9 +167,10 @@ impl<'g> Lowering<'g> {
         let node = self.g.node(n);
         vec![format!("{} @ {}", node.op.label(), At(node.at))]
     }
-    fn name(&self, what: &str) -> String {
+    fn name(&mut self, what: &str) -> String {
         let clean: String = what.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-        format!("k{}_{}", self.prog.steps.len(), clean)
+        self.named += 1;
+        format!("k{}_{}", self.named - 1, clean)
     }
     fn push_loop(&mut self, n: NodeId, what: &str, k: LoopKernelParts) {
         let kernel = LoopKernel {
@@ -238,6 +244,32 @@ impl<'g> Lowering<'g> {
         self.push_loop(n, what, LoopKernelParts { shape: shape.to_vec(), inputs: vec![src], exprs, out, reduce: None });
     }
 
+    /// Moves the loop kernel just pushed for node `n` into the product that only `n` reads, when the
+    /// product is a single matrix of `n`'s shape and every other operand is ready by then.
+    fn attach_epilogue(&mut self, n: NodeId) {
+        let g = self.g;
+        let is_sole_product = |i: NodeId| {
+            *g.op(i) == Op::MatMul
+                && g.users(i) == [n]
+                && !g.outputs().contains(&i)
+                && g.ty(i).rank() == 2
+                && g.ty(i).shape == g.ty(n).shape
+        };
+        let Some(&product) = g.inputs(n).iter().find(|&&i| is_sole_product(i)) else { return };
+        let c = self.buf_of[&product];
+        let Some(mm) = self.prog.steps.iter().rposition(|s| matches!(s, Step::MatMul(m) if m.c == c)) else { return };
+        let last = self.prog.steps.len() - 1;
+        let Step::Loop(k) = &self.prog.steps[last] else { return };
+        let written_between = |b: BufId| (mm + 1..last).any(|i| step_writes(&self.prog.steps[i]).contains(&b));
+        if k.inputs.iter().any(|v| written_between(v.buf)) {
+            return;
+        }
+        let Some(Step::Loop(k)) = self.prog.steps.pop() else { unreachable!("checked above") };
+        if let Step::MatMul(m) = &mut self.prog.steps[mm] {
+            m.epilogue = Some(Box::new(k));
+        }
+    }
+
     fn lower_node(&mut self, n: NodeId) -> Result<()> {
         let g = self.g;
         let node = g.node(n);
@@ -304,6 +336,10 @@ impl<'g> Lowering<'g> {
             }
         };
         self.buf_of.insert(n, buf);
+        let elementwise = node.op.is_elementwise() || matches!(&node.op, Op::Fused(k) if k.reduce.is_none());
+        if elementwise {
+            self.attach_epilogue(n);
+        }
         Ok(())
     }
 
@@ -364,6 +400,7 @@ impl<'g> Lowering<'g> {
             m,
             k,
             n: n_,
+            epilogue: None,
         }));
         Ok(c)
     }
@@ -621,6 +658,7 @@ pub fn lower(g: &Graph, inputs: &[NodeId], shared: &[NodeId]) -> Result<KernelPr
         prog: KernelProgram { buffers: vec![], steps: vec![], outputs: vec![] },
         buf_of: HashMap::new(),
         transposed_only,
+        named: 0,
     };
     for (k, &n) in inputs.iter().enumerate() {
         let len = l.shape(n).iter().product();
@@ -642,8 +680,8 @@ pub fn lower(g: &Graph, inputs: &[NodeId], shared: &[NodeId]) -> Result<KernelPr
     Ok(l.prog)
 }
 
-/// Every element a loop kernel can touch lies inside its buffer; every other step's sizes match.
-pub fn check_bounds(p: &KernelProgram) -> Result<()> {
+/// Every element a loop kernel can touch lies inside its buffer.
+fn check_loop(k: &LoopKernel, p: &KernelProgram) -> Result<()> {
     let fail = |what: String| Err(Error::Invalid(format!("kernel program out of bounds: {what}")));
     let span = |v: &View, shape: &[usize]| -> (isize, isize) {
         let (mut lo, mut hi) = (v.offset, v.offset);
@@ -657,25 +695,30 @@ pub fn check_bounds(p: &KernelProgram) -> Result<()> {
         }
         (lo, hi)
     };
+    let kept = k.shape.len() - k.reduce.map_or(0, |r| r.1);
+    let mut views: Vec<(&View, &[usize])> = k.inputs.iter().map(|v| (v, &k.shape[..])).collect();
+    views.push((&k.out, &k.shape[..kept]));
+    for (v, shape) in views {
+        if v.strides.len() != shape.len() {
+            return fail(format!("{}: view rank {} for {} dims", k.name, v.strides.len(), shape.len()));
+        }
+        if shape.contains(&0) {
+            continue; // an empty iteration touches nothing
+        }
+        let (lo, hi) = span(v, shape);
+        if lo < 0 || hi >= p.buffers[v.buf].len as isize {
+            return fail(format!("{}: [{lo}, {hi}] in a buffer of {}", k.name, p.buffers[v.buf].len));
+        }
+    }
+    Ok(())
+}
+
+/// Every element a loop kernel can touch lies inside its buffer; every other step's sizes match.
+pub fn check_bounds(p: &KernelProgram) -> Result<()> {
+    let fail = |what: String| Err(Error::Invalid(format!("kernel program out of bounds: {what}")));
     for step in &p.steps {
         match step {
-            Step::Loop(k) => {
-                let kept = k.shape.len() - k.reduce.map_or(0, |r| r.1);
-                let mut views: Vec<(&View, &[usize])> = k.inputs.iter().map(|v| (v, &k.shape[..])).collect();
-                views.push((&k.out, &k.shape[..kept]));
-                for (v, shape) in views {
-                    if v.strides.len() != shape.len() {
-                        return fail(format!("{}: view rank {} for {} dims", k.name, v.strides.len(), shape.len()));
-                    }
-                    if shape.contains(&0) {
-                        continue; // an empty iteration touches nothing
-                    }
-                    let (lo, hi) = span(v, shape);
-                    if lo < 0 || hi >= p.buffers[v.buf].len as isize {
-                        return fail(format!("{}: [{lo}, {hi}] in a buffer of {}", k.name, p.buffers[v.buf].len));
-                    }
-                }
-            }
+            Step::Loop(k) => check_loop(k, p)?,
             Step::MatMul(mm) => {
                 let need = |stride: usize, one: usize| if mm.batch == 0 { 0 } else { stride * (mm.batch - 1) + one };
                 let ok = p.buffers[mm.a].len >= need(mm.a_batch_stride, mm.m * mm.k)
@@ -683,6 +726,9 @@ pub fn check_bounds(p: &KernelProgram) -> Result<()> {
                     && p.buffers[mm.c].len == mm.batch * mm.m * mm.n;
                 if !ok {
                     return fail(mm.name.clone());
+                }
+                if let Some(k) = &mm.epilogue {
+                    check_loop(k, p)?;
                 }
             }
             Step::Gather { x, idx, out, outer, axis_len, inner, .. } => {
@@ -757,19 +803,25 @@ pub fn place_updates(p: &mut KernelProgram, updates: &[(usize, usize)]) -> Vec<U
             writes.push(UpdateWrite::CopyAtEnd { from: vb, shared: s });
             continue;
         };
-        let writers: Vec<usize> = (0..p.steps.len()).filter(|&i| step_writes(&p.steps[i]) == vb).collect();
+        let writers: Vec<usize> = (0..p.steps.len()).filter(|&i| step_writes(&p.steps[i]).contains(&vb)).collect();
+        // The loop kernel writing the value: a step of its own, or the epilogue of a product that
+        // does not read the variable (its other row blocks may still be reading when one finishes).
+        let kernel = match writers.as_slice() {
+            [w] => match &p.steps[*w] {
+                Step::Loop(k) => Some(k),
+                Step::MatMul(m) if m.a != sb && m.b != sb => m.epilogue.as_deref().filter(|k| k.out.buf == vb),
+                _ => None,
+            },
+            _ => None,
+        };
         let in_place = p.buffers[vb].kind == BufKind::Temp
             && !returned.contains(&sb)
-            && writers.len() == 1
-            && match &p.steps[writers[0]] {
-                Step::Loop(k) => {
-                    let w = writers[0];
-                    let same_view = |v: &View| v.offset == k.out.offset && v.strides == k.out.strides;
-                    k.inputs.iter().filter(|v| v.buf == sb).all(same_view)
-                        && (w + 1..p.steps.len()).all(|i| !step_reads(&p.steps[i]).contains(&sb))
-                }
-                _ => false,
-            };
+            && kernel.is_some_and(|k| {
+                let w = writers[0];
+                let same_view = |v: &View| v.offset == k.out.offset && v.strides == k.out.strides;
+                k.inputs.iter().filter(|v| v.buf == sb).all(same_view)
+                    && (w + 1..p.steps.len()).all(|i| !step_reads(&p.steps[i]).contains(&sb))
+            });
         if in_place {
             replace_buffer(p, vb, sb);
             writes.push(UpdateWrite::InPlace { shared: s });
@@ -780,18 +832,21 @@ pub fn place_updates(p: &mut KernelProgram, updates: &[(usize, usize)]) -> Vec<U
     writes
 }
 
-pub fn step_writes(s: &Step) -> BufId {
+/// The buffers a step writes (a product with an epilogue writes two).
+pub fn step_writes(s: &Step) -> Vec<BufId> {
     match s {
-        Step::Loop(k) => k.out.buf,
-        Step::MatMul(m) => m.c,
-        Step::Gather { out, .. } | Step::ScatterAdd { out, .. } | Step::Random { out, .. } => *out,
+        Step::Loop(k) => vec![k.out.buf],
+        Step::MatMul(m) => std::iter::once(m.c).chain(m.epilogue.as_ref().map(|k| k.out.buf)).collect(),
+        Step::Gather { out, .. } | Step::ScatterAdd { out, .. } | Step::Random { out, .. } => vec![*out],
     }
 }
 
 pub fn step_reads(s: &Step) -> Vec<BufId> {
     match s {
         Step::Loop(k) => k.inputs.iter().map(|v| v.buf).collect(),
-        Step::MatMul(m) => vec![m.a, m.b],
+        Step::MatMul(m) => {
+            [m.a, m.b].into_iter().chain(m.epilogue.iter().flat_map(|k| k.inputs.iter().map(|v| v.buf))).collect()
+        }
         Step::Gather { x, idx, .. } => vec![*x, *idx],
         Step::ScatterAdd { g, idx, .. } => vec![*g, *idx],
         Step::Random { state, .. } => vec![*state],
@@ -811,7 +866,13 @@ fn replace_buffer(p: &mut KernelProgram, from: BufId, to: BufId) {
                 k.inputs.iter_mut().for_each(|v| r(&mut v.buf));
                 r(&mut k.out.buf);
             }
-            Step::MatMul(m) => [&mut m.a, &mut m.b, &mut m.c].into_iter().for_each(r),
+            Step::MatMul(m) => {
+                [&mut m.a, &mut m.b, &mut m.c].into_iter().for_each(r);
+                if let Some(k) = &mut m.epilogue {
+                    k.inputs.iter_mut().for_each(|v| r(&mut v.buf));
+                    r(&mut k.out.buf);
+                }
+            }
             Step::Gather { x, idx, out, .. } => [x, idx, out].into_iter().for_each(r),
             Step::ScatterAdd { g, idx, out, .. } => [g, idx, out].into_iter().for_each(r),
             Step::Random { state, out, .. } => [state, out].into_iter().for_each(r),

@@ -30,15 +30,18 @@ impl Backend for Cpu {
     }
 }
 
+/// A JIT kernel over the given buffers; `split_len` is the outermost dim it can be split by.
+struct LoopCall {
+    f: KernelFn,
+    bufs: Vec<usize>,
+    split_len: Option<usize>,
+    elements: usize,
+}
+
 enum Compiled {
-    /// A JIT kernel over the given buffers; `split_len` is the outermost dim it can be split by.
-    Loop {
-        f: KernelFn,
-        bufs: Vec<usize>,
-        split_len: Option<usize>,
-        elements: usize,
-    },
-    MatMul(crate::kernel::MatMul),
+    Loop(LoopCall),
+    /// A product and the epilogue kernel run on each of its row blocks.
+    MatMul(crate::kernel::MatMul, Option<LoopCall>),
     Gather(GatherArgs),
     Scatter(GatherArgs, DType),
     Random {
@@ -126,29 +129,36 @@ impl Plan {
             code.push_str(&format!("; update of shared variable '{name}': {how}\n"));
         }
         let mut jit = Jit::new()?;
-        let mut pending = vec![];
+        let mut compiled: HashMap<String, jit::CompiledKernel> = HashMap::new();
         for step in &kp.steps {
-            if let Step::Loop(k) = step {
+            let kernel = match step {
+                Step::Loop(k) => Some(k),
+                Step::MatMul(m) => m.epilogue.as_deref(),
+                _ => None,
+            };
+            if let Some(k) = kernel {
                 let ck = jit.compile(k)?;
+                if let Step::MatMul(m) = step {
+                    code.push_str(&format!("; {} runs as the epilogue of {}\n", k.name, m.name));
+                }
                 code.push_str(&ck.clif);
                 code.push('\n');
-                pending.push(Some(ck));
-            } else {
-                pending.push(None);
+                compiled.insert(k.name.clone(), ck);
             }
         }
         jit.finalize()?;
+        let mut call = |k: &crate::kernel::LoopKernel| {
+            let ck = &compiled[&k.name];
+            let mut bufs: Vec<usize> = k.inputs.iter().map(|v| v.buf).collect();
+            bufs.push(k.out.buf);
+            LoopCall { f: jit.function(ck.id), bufs, split_len: ck.split_len, elements: ck.elements }
+        };
         let mut steps = Vec::with_capacity(kp.steps.len());
-        for (step, id) in kp.steps.iter().zip(pending) {
+        for step in &kp.steps {
             let dt = |b: usize| kp.buffers[b].dtype;
             steps.push(match step {
-                Step::Loop(k) => {
-                    let mut bufs: Vec<usize> = k.inputs.iter().map(|v| v.buf).collect();
-                    bufs.push(k.out.buf);
-                    let ck = id.expect("loop kernels are compiled");
-                    Compiled::Loop { f: jit.function(ck.id), bufs, split_len: ck.split_len, elements: ck.elements }
-                }
-                Step::MatMul(m) => Compiled::MatMul(m.clone()),
+                Step::Loop(k) => Compiled::Loop(call(k)),
+                Step::MatMul(m) => Compiled::MatMul(m.clone(), m.epilogue.as_deref().map(&mut call)),
                 Step::Gather { x, idx, out, outer, axis_len, inner, dtype, at } => Compiled::Gather(GatherArgs {
                     src: *x,
                     idx: *idx,
@@ -208,16 +218,20 @@ fn plan_memory(kp: &KernelProgram) -> (Vec<Option<usize>>, Vec<Vec<u64>>) {
         }
     }
     for (i, s) in kp.steps.iter().enumerate() {
-        let (reads, w) = (step_reads(s), step_writes(s));
-        if slot[w].is_none() && kp.buffers[w].kind == BufKind::Temp {
-            let n = words(w);
-            let reused = if kp.outputs.contains(&w) { None } else { free.get_mut(&n).and_then(|v| v.pop()) };
-            slot[w] = Some(reused.unwrap_or_else(|| {
-                storage.push(vec![0u64; n]);
-                storage.len() - 1
-            }));
+        let (reads, writes) = (step_reads(s), step_writes(s));
+        // Slots are taken before any of this step's reads is released, so what a step writes never
+        // shares memory with what it reads.
+        for &w in &writes {
+            if slot[w].is_none() && kp.buffers[w].kind == BufKind::Temp {
+                let n = words(w);
+                let reused = if kp.outputs.contains(&w) { None } else { free.get_mut(&n).and_then(|v| v.pop()) };
+                slot[w] = Some(reused.unwrap_or_else(|| {
+                    storage.push(vec![0u64; n]);
+                    storage.len() - 1
+                }));
+            }
         }
-        for r in reads.into_iter().chain([w]) {
+        for r in reads.into_iter().chain(writes) {
             let dead = last_read.get(&r).is_none_or(|&l| l <= i);
             if dead && kp.buffers[r].kind == BufKind::Temp && !kp.outputs.contains(&r) {
                 if let Some(sl) = slot[r] {
@@ -333,16 +347,34 @@ impl Executable for CpuExecutable {
         let bufs = Bufs { ptr: &ptr, len: &len };
         for step in &plan.steps {
             match step {
-                Compiled::Loop { f, bufs: ids, split_len, elements } => {
+                Compiled::Loop(call) => {
                     table.clear();
-                    table.extend(ids.iter().map(|&b| ptr[b]));
+                    table.extend(call.bufs.iter().map(|&b| ptr[b]));
                     // SAFETY: the table holds one valid base address per view of this kernel, each
                     // buffer at least as long as the lowering checked every view against; the
                     // ranges given to the parts of a split kernel cover [0, len) without overlap, so
                     // the parts write disjoint elements.
-                    unsafe { run_loop(*f, &table, *split_len, *elements) };
+                    unsafe { run_loop(call.f, &table, call.split_len, call.elements) };
                 }
-                Compiled::MatMul(m) => runtime::matmul(m, &bufs),
+                Compiled::MatMul(m, None) => {
+                    runtime::matmul(m, &bufs, None);
+                }
+                Compiled::MatMul(m, Some(e)) => {
+                    table.clear();
+                    table.extend(e.bufs.iter().map(|&b| ptr[b]));
+                    let t = Table(table.as_ptr());
+                    // The epilogue's outermost dim covers the product's rows `q` elements at a time.
+                    let q = e.split_len.filter(|&l| m.m > 0 && l % m.m == 0).map(|l| l / m.m);
+                    // SAFETY: as for a loop kernel; rows [r0, r1) of the product map to the
+                    // epilogue range [r0 q, r1 q), and row blocks are disjoint.
+                    let per_rows =
+                        move |r0: usize, r1: usize| unsafe { t.run(e.f, r0 * q.unwrap_or(0), r1 * q.unwrap_or(0)) };
+                    let covered = runtime::matmul(m, &bufs, q.map(|_| &per_rows as &(dyn Fn(usize, usize) + Sync)));
+                    if !covered {
+                        // SAFETY: as for a loop kernel.
+                        unsafe { run_loop(e.f, &table, e.split_len, e.elements) };
+                    }
+                }
                 Compiled::Gather(a) => runtime::gather(a, &bufs)?,
                 Compiled::Scatter(a, d) => runtime::scatter_add(a, *d, &bufs)?,
                 Compiled::Random { op, state, out } => runtime::random(op, *state, *out, &bufs),

@@ -81,15 +81,15 @@ impl<T: Copy> Gemm<T> {
 /// # Safety
 /// The pointers and strides must describe valid matrices of m x k, k x n and m x n elements.
 #[allow(clippy::too_many_arguments)]
+/// `after_rows(r0, r1)`, if given, runs on each finished row block by the core that computed it;
+/// returns whether it covered every row (it does not when the product is split by columns).
 unsafe fn gemm_parallel<T: Copy + Send + Sync>(
     g: Gemm<T>,
-    m: usize,
-    k: usize,
-    n: usize,
+    (m, k, n): (usize, usize, usize),
     f: GemmFn<T>,
-    one: T,
-    zero: T,
-) {
+    (one, zero): (T, T),
+    after_rows: Option<&(dyn Fn(usize, usize) + Sync)>,
+) -> bool {
     let threads = rayon::current_num_threads();
     let by_rows = m >= n;
     let len = if by_rows { m } else { n };
@@ -98,14 +98,21 @@ unsafe fn gemm_parallel<T: Copy + Send + Sync>(
     // write disjoint blocks of C.
     let part = |i0: usize, i1: usize| unsafe {
         if by_rows {
-            g.block((i0, i1), (0, n), k, f, one, zero)
+            g.block((i0, i1), (0, n), k, f, one, zero);
+            if let Some(after) = after_rows {
+                after(i0, i1);
+            }
         } else {
             g.block((0, m), (i0, i1), k, f, one, zero)
         }
     };
     if blocks <= 1 {
-        part(0, len);
-        return;
+        // SAFETY: the whole product.
+        unsafe { g.block((0, m), (0, n), k, f, one, zero) };
+        if let Some(after) = after_rows {
+            after(0, m);
+        }
+        return true;
     }
     let per = len.div_ceil(blocks);
     rayon::scope(|s| {
@@ -117,6 +124,7 @@ unsafe fn gemm_parallel<T: Copy + Send + Sync>(
         }
         part(0, per.min(len));
     });
+    by_rows
 }
 
 /// kiln's AVX-512 sgemm where the CPU has AVX-512F (no allocation per product), else
@@ -157,7 +165,10 @@ unsafe fn avx512_sgemm(
     unsafe { super::gemm::sgemm(m, k, n, op) }
 }
 
-pub fn matmul(mm: &MatMul, bufs: &Bufs) {
+/// Runs a product; `after_rows` (for single products) runs on each finished block of rows. Returns
+/// whether `after_rows` covered every row.
+pub fn matmul(mm: &MatMul, bufs: &Bufs, after_rows: Option<&(dyn Fn(usize, usize) + Sync)>) -> bool {
+    let mut covered = after_rows.is_none();
     let (m, k, n) = (mm.m, mm.k, mm.n);
     // A transposed operand is stored as the matrix it transposes: swap its strides.
     let (rsa, csa) = if mm.a_transposed { (1, m as isize) } else { (k as isize, 1) };
@@ -172,12 +183,12 @@ pub fn matmul(mm: &MatMul, bufs: &Bufs) {
                 DType::F32 => {
                     let (a, b, c) = (bufs.slice::<f32>(mm.a), bufs.slice::<f32>(mm.b), bufs.slice_mut::<f32>(mm.c));
                     let g = Gemm { a: a[ao..].as_ptr(), b: b[bo..].as_ptr(), c: c[co..].as_mut_ptr(), strides };
-                    gemm_parallel(g, m, k, n, sgemm_fastest(), 1.0, 0.0);
+                    covered = gemm_parallel(g, (m, k, n), sgemm_fastest(), (1.0, 0.0), after_rows);
                 }
                 DType::F64 => {
                     let (a, b, c) = (bufs.slice::<f64>(mm.a), bufs.slice::<f64>(mm.b), bufs.slice_mut::<f64>(mm.c));
                     let g = Gemm { a: a[ao..].as_ptr(), b: b[bo..].as_ptr(), c: c[co..].as_mut_ptr(), strides };
-                    gemm_parallel(g, m, k, n, matrixmultiply::dgemm, 1.0, 0.0);
+                    covered = gemm_parallel(g, (m, k, n), matrixmultiply::dgemm, (1.0, 0.0), after_rows);
                 }
                 DType::I32 => int_matmul::<i32>(
                     bufs.slice(mm.a),
@@ -199,6 +210,7 @@ pub fn matmul(mm: &MatMul, bufs: &Bufs) {
             }
         }
     }
+    covered
 }
 
 fn int_matmul<T: Copy + num_like::WrappingArith>(
