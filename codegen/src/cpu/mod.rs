@@ -159,20 +159,10 @@ impl Plan {
             steps.push(match step {
                 Step::Loop(k) => Compiled::Loop(call(k)),
                 Step::MatMul(m) => Compiled::MatMul(m.clone(), m.epilogue.as_deref().map(&mut call)),
-                Step::Gather { x, idx, out, outer, axis_len, inner, dtype, at } => Compiled::Gather(GatherArgs {
-                    src: *x,
-                    idx: *idx,
-                    idx_dtype: dt(*idx),
-                    out: *out,
-                    outer: *outer,
-                    axis_len: *axis_len,
-                    inner: *inner,
-                    elem: elem_size(*dtype) as usize,
-                    at,
-                }),
-                Step::ScatterAdd { g, idx, out, outer, axis_len, inner, dtype, at } => Compiled::Scatter(
-                    GatherArgs {
-                        src: *g,
+                Step::Gather { x: src, idx, out, outer, axis_len, inner, dtype, at }
+                | Step::ScatterAdd { g: src, idx, out, outer, axis_len, inner, dtype, at } => {
+                    let args = GatherArgs {
+                        src: *src,
                         idx: *idx,
                         idx_dtype: dt(*idx),
                         out: *out,
@@ -181,9 +171,13 @@ impl Plan {
                         inner: *inner,
                         elem: elem_size(*dtype) as usize,
                         at,
-                    },
-                    *dtype,
-                ),
+                    };
+                    if matches!(step, Step::Gather { .. }) {
+                        Compiled::Gather(args)
+                    } else {
+                        Compiled::Scatter(args, *dtype)
+                    }
+                }
                 Step::Random { op, state, out, .. } => Compiled::Random { op: op.clone(), state: *state, out: *out },
             });
         }
