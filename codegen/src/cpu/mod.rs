@@ -276,7 +276,7 @@ unsafe fn run_loop(f: KernelFn, table: &[*mut u8], split_len: Option<usize>, ele
         return unsafe { t.run(f, 0, len) };
     }
     let per = len.div_ceil(parts);
-    rayon::scope(|s| {
+    rayon::in_place_scope(|s| {
         for i in 1..parts {
             let (b, e) = (i * per, ((i + 1) * per).min(len));
             if b < e {

@@ -115,7 +115,7 @@ unsafe fn gemm_parallel<T: Copy + Send + Sync>(
         return true;
     }
     let per = len.div_ceil(blocks);
-    rayon::scope(|s| {
+    rayon::in_place_scope(|s| {
         for i in 1..blocks {
             let (i0, i1) = (i * per, ((i + 1) * per).min(len));
             if i0 < i1 {
