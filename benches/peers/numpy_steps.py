@@ -62,6 +62,34 @@ def mlp(batch, sizes, lr=0.01, momentum=0.9):
     return step
 
 
+def keras_mlp(batch=16, lr=0.01):
+    w1, b1 = glorot(20, 64), np.zeros(64, np.float32)
+    w2, b2 = glorot(64, 10), np.zeros(10, np.float32)
+    x = rng.random((batch, 20), dtype=np.float32)
+    t = np.eye(10, dtype=np.float32)[(np.arange(batch) * 7) % 10]
+
+    def step():
+        nonlocal w1, b1, w2, b2
+        z1 = x @ w1 + b1
+        h = np.maximum(z1, 0)
+        mask = (rng.random(h.shape, dtype=np.float32) < 0.5).astype(np.float32) * 2.0
+        hd = h * mask
+        z = hd @ w2 + b2
+        z = z - z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        g = (p - t) / batch
+        gw2, gb2 = hd.T @ g, g.sum(axis=0)
+        gh = (g @ w2.T) * mask * (z1 > 0)
+        gw1, gb1 = x.T @ gh, gh.sum(axis=0)
+        w1 -= lr * gw1
+        b1 -= lr * gb1
+        w2 -= lr * gw2
+        b2 -= lr * gb2
+
+    return step
+
+
 def autoencoder(batch=128, lr=0.1):
     sizes = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
     ws = [glorot(a, b) for a, b in zip(sizes, sizes[1:])]
@@ -88,6 +116,7 @@ if __name__ == "__main__":
     print(f"numpy {np.__version__}")
     print(f"{'workload':<15} {'median_ms':>10}")
     for name, step in [
+        ("keras-mlp", keras_mlp()),
         ("fmnist-mlp", mlp(128, [784, 256, 256, 10])),
         ("fmnist-mlp-4k", mlp(4096, [784, 256, 256, 10])),
         ("autoencoder", autoencoder()),

@@ -18,6 +18,8 @@ struct Lowering<'g> {
     transposed_only: HashMap<NodeId, NodeId>,
     /// Steps named so far (names stay unique when a kernel moves into a product as its epilogue).
     named: usize,
+    /// Row max and row sum of exponentials already computed for (node, axis).
+    row_stats: HashMap<(NodeId, usize), (BufId, BufId)>,
 }
 
 impl<'g> Lowering<'g> {
@@ -368,7 +370,15 @@ impl<'g> Lowering<'g> {
         };
         let mut keep = xs.clone();
         keep[axis] = 1;
-        let m = self.reduction(n, "row_max", &[(xb, xs.clone())], vec![Input(0)], &xs, ReduceOp::Max, &[axis], dtype);
+        // The row statistics of an input are computed once: a softmax cross-entropy and the
+        // softmax of its gradient share them.
+        let cached = self.row_stats.get(&(x, axis)).copied();
+        let m = match cached {
+            Some((m, _)) => m,
+            None => {
+                self.reduction(n, "row_max", &[(xb, xs.clone())], vec![Input(0)], &xs, ReduceOp::Max, &[axis], dtype)
+            }
+        };
         // An all -inf row has max -inf; subtract 0 there instead (as the reference does).
         let inf = Const(Scalar::from_f64(dtype, f64::INFINITY));
         let zero = Const(Scalar::from_f64(dtype, 0.0));
@@ -384,18 +394,17 @@ impl<'g> Lowering<'g> {
                 Binary(kiln_ir::ops::BinaryOp::Sub, 0, 6),
             ]
         };
-        let mut sum_exprs = shifted(0, 1);
-        sum_exprs.push(Unary(UnaryOp::Exp, 7));
-        let s = self.reduction(
-            n,
-            "row_sumexp",
-            &[(xb, xs.clone()), (m, keep.clone())],
-            sum_exprs,
-            &xs,
-            ReduceOp::Sum,
-            &[axis],
-            dtype,
-        );
+        let s = match cached {
+            Some((_, s)) => s,
+            None => {
+                let mut sum_exprs = shifted(0, 1);
+                sum_exprs.push(Unary(UnaryOp::Exp, 7));
+                let ops = [(xb, xs.clone()), (m, keep.clone())];
+                let s = self.reduction(n, "row_sumexp", &ops, sum_exprs, &xs, ReduceOp::Sum, &[axis], dtype);
+                self.row_stats.insert((x, axis), (m, s));
+                s
+            }
+        };
         // x, m and a per-row value (s or log s), each broadcast to x's shape
         let views = |row: BufId| -> Vec<View> {
             vec![broadcast_view(xb, &xs, &xs), broadcast_view(m, &keep, &xs), broadcast_view(row, &keep, &xs)]
@@ -524,6 +533,7 @@ pub fn lower(g: &Graph, inputs: &[NodeId], shared: &[NodeId]) -> Result<KernelPr
         buf_of: HashMap::new(),
         transposed_only,
         named: 0,
+        row_stats: HashMap::new(),
     };
     for (k, &n) in inputs.iter().enumerate() {
         let len = l.shape(n).iter().product();
