@@ -330,42 +330,62 @@ impl<'a> Emitter<'a> {
         }
     }
 
+    /// The loop over dim `d` (its range, for the outermost dim of a split kernel), then the levels
+    /// inside it; the innermost dim runs in SIMD when the kernel allows.
     fn loops(&mut self, d: usize) -> Result<()> {
         if d == self.k.shape.len() {
             return self.body();
         }
-        if d + 1 == self.k.shape.len() {
-            if let Some(lanes) = self.simd_lanes() {
-                return self.simd_loop(d, lanes);
-            }
-        }
-        let n = self.k.shape[d] as i64;
-        let views = self.views();
         let saved: Vec<Value> = self.addr.iter().map(|&v| self.b.use_var(v)).collect();
-        let i = self.b.declare_var(types::I64);
-        let outer_range = if d == 0 { self.range } else { None };
-        let start = match outer_range {
-            Some((begin, _)) => begin,
-            None => self.b.ins().iconst(types::I64, 0),
+        let (start, end) = match (d, self.range) {
+            (0, Some(range)) => range,
+            _ => (self.b.ins().iconst(types::I64, 0), self.b.ins().iconst(types::I64, self.k.shape[d] as i64)),
         };
+        let i = self.b.declare_var(types::I64);
         self.b.def_var(i, start);
-        let (header, body, exit) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
+        let simd = if d + 1 == self.k.shape.len() { self.simd_lanes() } else { None };
+        if let Some(lanes) = simd {
+            // whole vectors, then the scalar tail, on one counter
+            self.counted_loop(d, i, end, lanes, &mut |e: &mut Self| e.body_simd(lanes))?;
+            self.counted_loop(d, i, end, 1, &mut |e: &mut Self| e.body())?;
+        } else {
+            self.counted_loop(d, i, end, 1, &mut |e: &mut Self| e.level(d + 1))?;
+        }
+        for (j, s) in saved.into_iter().enumerate() {
+            self.b.def_var(self.addr[j], s);
+        }
+        Ok(())
+    }
+
+    /// `while i + width <= end { body; advance every view `width` steps along dim `d`; i += width }`
+    /// (the output does not move along reduced dims).
+    fn counted_loop(
+        &mut self,
+        d: usize,
+        i: Variable,
+        end: Value,
+        width: usize,
+        body: &mut dyn FnMut(&mut Self) -> Result<()>,
+    ) -> Result<()> {
+        let views = self.views();
+        let (header, block, exit) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
         self.b.ins().jump(header, &[]);
         self.b.switch_to_block(header);
         let iv = self.b.use_var(i);
-        let more = match outer_range {
-            Some((_, end)) => self.b.ins().icmp(IntCC::SignedLessThan, iv, end),
-            None => self.b.ins().icmp_imm_s(IntCC::SignedLessThan, iv, n),
+        let more = if width == 1 {
+            self.b.ins().icmp(IntCC::SignedLessThan, iv, end)
+        } else {
+            let next = self.b.ins().iadd_imm_s(iv, width as i64);
+            self.b.ins().icmp(IntCC::SignedLessThanOrEqual, next, end)
         };
-        self.b.ins().brif(more, body, &[], exit, &[]);
-        self.b.switch_to_block(body);
-        self.level(d + 1)?;
+        self.b.ins().brif(more, block, &[], exit, &[]);
+        self.b.switch_to_block(block);
+        body(self)?;
         for (j, (v, dt)) in views.iter().enumerate() {
-            let is_out = j == views.len() - 1;
-            if is_out && d >= self.kept {
-                continue; // the output does not move along reduced dims
+            if j == views.len() - 1 && d >= self.kept {
+                continue;
             }
-            let step = v.strides[d] as i64 * elem_size(*dt);
+            let step = v.strides[d] as i64 * elem_size(*dt) * width as i64;
             if step != 0 {
                 let a = self.b.use_var(self.addr[j]);
                 let a = self.b.ins().iadd_imm_s(a, step);
@@ -373,13 +393,10 @@ impl<'a> Emitter<'a> {
             }
         }
         let iv = self.b.use_var(i);
-        let next = self.b.ins().iadd_imm_s(iv, 1);
+        let next = self.b.ins().iadd_imm_s(iv, width as i64);
         self.b.def_var(i, next);
         self.b.ins().jump(header, &[]);
         self.b.switch_to_block(exit);
-        for (j, s) in saved.into_iter().enumerate() {
-            self.b.def_var(self.addr[j], s);
-        }
         Ok(())
     }
 

@@ -50,53 +50,9 @@ impl Emitter<'_> {
         (contiguous && ops_ok && self.result_dtype() == f && self.k.shape[r - 1] >= lanes).then_some(lanes)
     }
 
-    /// The innermost loop in SIMD over whole vectors, then the scalar body over the tail.
-    pub(super) fn simd_loop(&mut self, d: usize, lanes: usize) -> Result<()> {
-        let views = self.views();
-        let saved: Vec<Value> = self.addr.iter().map(|&v| self.b.use_var(v)).collect();
-        let (start, end) = match (d, self.range) {
-            (0, Some((b, e))) => (b, e),
-            _ => (self.b.ins().iconst(types::I64, 0), self.b.ins().iconst(types::I64, self.k.shape[d] as i64)),
-        };
-        let i = self.b.declare_var(types::I64);
-        self.b.def_var(i, start);
-        for (vector, width) in [(true, lanes), (false, 1)] {
-            let (header, body, exit) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
-            self.b.ins().jump(header, &[]);
-            self.b.switch_to_block(header);
-            let iv = self.b.use_var(i);
-            let next = self.b.ins().iadd_imm_s(iv, width as i64);
-            let more = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, next, end);
-            self.b.ins().brif(more, body, &[], exit, &[]);
-            self.b.switch_to_block(body);
-            if vector {
-                self.body_simd(lanes)?;
-            } else {
-                self.body()?;
-            }
-            for (j, (v, dt)) in views.iter().enumerate() {
-                let step = v.strides[d] as i64 * elem_size(*dt) * width as i64;
-                if step != 0 {
-                    let a = self.b.use_var(self.addr[j]);
-                    let a = self.b.ins().iadd_imm_s(a, step);
-                    self.b.def_var(self.addr[j], a);
-                }
-            }
-            let iv = self.b.use_var(i);
-            let next = self.b.ins().iadd_imm_s(iv, width as i64);
-            self.b.def_var(i, next);
-            self.b.ins().jump(header, &[]);
-            self.b.switch_to_block(exit);
-        }
-        for (j, s) in saved.into_iter().enumerate() {
-            self.b.def_var(self.addr[j], s);
-        }
-        Ok(())
-    }
-
     /// One vector of results: contiguous operands are loaded as vectors, broadcast ones splatted;
     /// booleans are lane masks.
-    fn body_simd(&mut self, lanes: usize) -> Result<()> {
+    pub(super) fn body_simd(&mut self, lanes: usize) -> Result<()> {
         use ScalarExpr::*;
         let f = self.k.out_dtype;
         let (vt, mt) = if lanes == 4 { (types::F32X4, types::I32X4) } else { (types::F64X2, types::I64X2) };
