@@ -142,3 +142,23 @@ fn function_misuse() {
     let e = (&x + &z).check().unwrap_err().to_string();
     assert!(e.contains("different graphs"), "{e}");
 }
+
+#[test]
+fn a_call_that_fails_leaves_variables_untouched() {
+    // The update of `w` is written in place on the CPU backend; a bad index in the same call must
+    // fail before it is.
+    let g = Graph::new();
+    let i = g.input("i", I64, [2]);
+    let table = g.shared("table", array![[1.0f32, 2.0], [3.0, 4.0]]);
+    let w = g.shared("w", array![1.0f32, 1.0]);
+    let acc = g.shared("acc", ndarray::arr0(0.0f32));
+    let picked = table.take(&i, 0).sum_all();
+    // w's update comes first, so its kernel runs before the gather
+    let mut f = g.function([&i], []).updates([(&w, &w * 2.0), (&acc, &acc + &picked)]).compile(Device::Cpu).unwrap();
+    let e = f.call(&[array![0i64, 7].into()]).unwrap_err().to_string();
+    assert!(e.contains("index 7 out of range for an axis of size 2"), "{e}");
+    assert_eq!(w.value().unwrap(), Tensor::from(array![1.0f32, 1.0]));
+    f.call(&[array![1i64, -1].into()]).unwrap();
+    assert_eq!(acc.value().unwrap().item(), Some(14.0));
+    assert_eq!(w.value().unwrap(), Tensor::from(array![2.0f32, 2.0]));
+}

@@ -339,6 +339,18 @@ impl Executable for CpuExecutable {
             len.push(buf.len);
         }
         let bufs = Bufs { ptr: &ptr, len: &len };
+        // Indices that come from arguments are checked before any step runs, so a bad index fails
+        // the call before an update is written in place. (Computed indices are checked when used.)
+        for step in &plan.steps {
+            let (Compiled::Gather(a) | Compiled::Scatter(a, _)) = step else { continue };
+            if plan.kp.buffers[a.idx].kind != BufKind::Temp {
+                runtime::check_indices(
+                    a,
+                    &bufs,
+                    if matches!(step, Compiled::Gather(_)) { "take" } else { "take_grad" },
+                )?;
+            }
+        }
         for step in &plan.steps {
             match step {
                 Compiled::Loop(call) => {

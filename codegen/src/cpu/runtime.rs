@@ -286,6 +286,12 @@ fn indices(bufs: &Bufs, idx: usize, dtype: DType, axis_len: usize, at: Loc, op: 
         .collect()
 }
 
+/// Checks the indices of a gather or scatter without running it (so that a call can fail before
+/// any step writes a variable in place).
+pub fn check_indices(a: &GatherArgs, bufs: &Bufs, op: &str) -> Result<()> {
+    indices(bufs, a.idx, a.idx_dtype, a.axis_len, a.at, op).map(|_| ())
+}
+
 pub struct GatherArgs {
     pub src: usize,
     pub idx: usize,
