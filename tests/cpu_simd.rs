@@ -76,3 +76,54 @@ fn simd_reads_and_writes_unaligned_memory() {
     step.call(&[]).unwrap();
     assert_eq!(w.value().unwrap().to_f64_vec(), (0..37).map(|i| i as f64 * 0.5 + 1.0).collect::<Vec<_>>());
 }
+
+#[test]
+fn simd_transcendentals_equal_the_scalar_path_bit_for_bit() {
+    for dtype in [F32, F64] {
+        let g = Graph::new();
+        let x1 = g.input("x1", dtype, [Dim::sym("n")]);
+        let x2 = g.input("x2", dtype, [Dim::sym("n")]);
+        let keep = g.input("keep", Bool, [Dim::sym("n")]);
+        let p = g.input("p", dtype, [Dim::sym("n")]);
+        let ops: Vec<fn(&Var) -> Var> = vec![
+            |v| v.exp(),
+            |v| v.log(),
+            |v| v.log1p(),
+            |v| v.expm1(),
+            |v| v.tanh(),
+            |v| v.sigmoid(),
+            |v| v.softplus(),
+            |v| v.sin(),
+            |v| v.cos(),
+        ];
+        let mut outs = vec![];
+        for op in &ops {
+            outs.push(op(&x1)); // vector lanes (and a scalar tail)
+            outs.push(keep.select(op(&x2), 0.0)); // a bool operand keeps this kernel scalar
+        }
+        outs.push(x1.abs().pow(&p));
+        outs.push(keep.select(x2.abs().pow(&p), 0.0));
+        let refs: Vec<&Var> = outs.iter().collect();
+        let mut f = g.function([&x1, &x2, &keep, &p], refs).compile(Device::Cpu).unwrap();
+        let n = 1001;
+        let v: Vec<f64> = (0..n)
+            .map(|i| match i % 7 {
+                0 => [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.0, -0.0, 800.0, -800.0][(i / 7) % 7],
+                _ => ((i as f64) * 0.731).sin() * 10f64.powi((i % 9) as i32 - 4),
+            })
+            .collect();
+        let x = Tensor::from_f64(dtype, &[n], &v);
+        let pv: Vec<f64> = (0..n).map(|i| (i % 11) as f64 * 0.5 - 2.0).collect();
+        let args = [x.clone(), x, Tensor::from_f64(Bool, &[n], &vec![1.0; n]), Tensor::from_f64(dtype, &[n], &pv)];
+        let out = f.call(&args).unwrap();
+        for k in 0..out.len() / 2 {
+            let (a, b) = (out[2 * k].to_f64_vec(), out[2 * k + 1].to_f64_vec());
+            for i in 0..n {
+                let same = a[i].to_bits() == b[i].to_bits() || (a[i].is_nan() && b[i].is_nan());
+                assert!(same, "{dtype} op {k} at x = {:e}: vector {:e} vs scalar {:e}", v[i], a[i], b[i]);
+            }
+        }
+        let vt = if dtype == F32 { "fvpromote_low" } else { "f64x2" };
+        assert!(f.generated_code().contains(vt), "the transcendental kernels did not vectorize");
+    }
+}

@@ -1,6 +1,8 @@
 //! Transcendental functions emitted inline as Cranelift IR (no call per element). Each is computed
 //! in f64 (f32 kernels promote, compute and round once, so f32 results are within 1 ulp of the
-//! correctly rounded value). Maximum errors in f64, measured against Rust's std over wide ranges by
+//! correctly rounded value), by one code path for f64 scalars and f64x2 vectors (`Lanes`): integer
+//! steps use exact bit tricks instead of conversions and selects become bitselects, so SIMD lanes
+//! give exactly the scalar results. Maximum errors in f64, measured against Rust's std over wide ranges by
 //! `tests/cpu_math.rs` (which asserts these bounds):
 //!
 //! | function | method | max error (f64) |
@@ -18,7 +20,7 @@
 //! NaN propagates through every function; infinities give the IEEE results.
 
 use cranelift_codegen::ir::condcodes::FloatCC;
-use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Value};
+use cranelift_codegen::ir::{types, Endianness, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::FunctionBuilder;
 
 /// ln 2 split so that k * LN2_HI is exact for |k| < 2^20 (fdlibm's constants).
@@ -31,19 +33,332 @@ const PIO2_PARTS: [f64; 3] = [
     f64::from_bits(0x3ba3_198a_2e00_0000),
 ];
 
-fn c(b: &mut FunctionBuilder, v: f64) -> Value {
-    b.ins().f64const(v)
+/// 1.5 * 2^52: adding it to an integer-valued f64 below 2^51 in magnitude puts that integer in the
+/// low bits of the sum's representation, exactly.
+const MAGIC: f64 = 6_755_399_441_055_744.0;
+
+/// The emitter of one math function over f64 scalars or f64x2 vectors.
+pub struct Lanes<'a, 'b> {
+    pub b: &'a mut FunctionBuilder<'b>,
+    pub vector: bool,
 }
 
-/// Horner evaluation of sum(coeffs[i] * x^i).
-fn horner(b: &mut FunctionBuilder, x: Value, coeffs: &[f64]) -> Value {
-    let mut acc = c(b, *coeffs.last().expect("non-empty"));
-    for &k in coeffs.iter().rev().skip(1) {
-        let t = b.ins().fmul(acc, x);
-        let kk = c(b, k);
-        acc = b.ins().fadd(t, kk);
+impl Lanes<'_, '_> {
+    fn float_ty(&self) -> Type {
+        if self.vector {
+            types::F64X2
+        } else {
+            types::F64
+        }
     }
-    acc
+    fn int_ty(&self) -> Type {
+        if self.vector {
+            types::I64X2
+        } else {
+            types::I64
+        }
+    }
+    fn c(&mut self, v: f64) -> Value {
+        let s = self.b.ins().f64const(v);
+        if self.vector {
+            self.b.ins().splat(types::F64X2, s)
+        } else {
+            s
+        }
+    }
+    fn ci(&mut self, v: i64) -> Value {
+        let s = self.b.ins().iconst(types::I64, v);
+        if self.vector {
+            self.b.ins().splat(types::I64X2, s)
+        } else {
+            s
+        }
+    }
+    fn flags() -> MemFlagsData {
+        MemFlagsData::new().with_endianness(Endianness::Little)
+    }
+    fn bits(&mut self, x: Value) -> Value {
+        let t = self.int_ty();
+        self.b.ins().bitcast(t, Self::flags(), x)
+    }
+    fn float_from_bits(&mut self, i: Value) -> Value {
+        let t = self.float_ty();
+        self.b.ins().bitcast(t, Self::flags(), i)
+    }
+    /// A comparison: an i8 for scalars, a lane mask for vectors.
+    fn cmp(&mut self, cc: FloatCC, a: Value, b: Value) -> Value {
+        self.b.ins().fcmp(cc, a, b)
+    }
+    /// `cond ? a : b` for a condition from `cmp` (combined with `band`/`bor`).
+    fn sel(&mut self, cond: Value, a: Value, b: Value) -> Value {
+        if self.vector {
+            let mask = self.float_from_bits(cond);
+            self.b.ins().bitselect(mask, a, b)
+        } else {
+            self.b.ins().select(cond, a, b)
+        }
+    }
+    fn add(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fadd(a, b)
+    }
+    fn sub(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fsub(a, b)
+    }
+    fn mul(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fmul(a, b)
+    }
+    fn div(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fdiv(a, b)
+    }
+    fn mulc(&mut self, a: Value, k: f64) -> Value {
+        let k = self.c(k);
+        self.mul(a, k)
+    }
+    fn addc(&mut self, a: Value, k: f64) -> Value {
+        let k = self.c(k);
+        self.add(a, k)
+    }
+
+    /// Horner evaluation of sum(coeffs[i] * x^i).
+    fn horner(&mut self, x: Value, coeffs: &[f64]) -> Value {
+        let mut acc = self.c(*coeffs.last().expect("non-empty"));
+        for &k in coeffs.iter().rev().skip(1) {
+            let t = self.mul(acc, x);
+            acc = self.addc(t, k);
+        }
+        acc
+    }
+
+    /// 2^k for an integer-valued k in [-1022, 1023], built from its bits.
+    fn pow2(&mut self, k: Value) -> Value {
+        let shifted = self.addc(k, MAGIC + 1023.0);
+        let bits = self.bits(shifted);
+        let magic = self.ci(MAGIC.to_bits() as i64);
+        let biased = self.b.ins().isub(bits, magic);
+        let e = self.b.ins().ishl_imm_s(biased, 52);
+        self.float_from_bits(e)
+    }
+
+    /// An integer in [0, 2^51) held in int lanes, as a float.
+    fn int_to_float(&mut self, i: Value) -> Value {
+        let magic = self.ci(MAGIC.to_bits() as i64);
+        let bits = self.b.ins().iadd(i, magic);
+        let f = self.float_from_bits(bits);
+        self.addc(f, -MAGIC)
+    }
+
+    /// `x mod 4` for an integer-valued x, in [0, 4).
+    fn mod4(&mut self, x: Value) -> Value {
+        let q = self.mulc(x, 0.25);
+        let q = self.b.ins().floor(q);
+        let q = self.mulc(q, 4.0);
+        self.sub(x, q)
+    }
+
+    pub fn exp(&mut self, x: Value) -> Value {
+        let (hi, lo) = (self.c(710.0), self.c(-746.0));
+        let x = self.b.ins().fmin(x, hi);
+        let x = self.b.ins().fmax(x, lo);
+        let t = self.mulc(x, std::f64::consts::LOG2_E);
+        let k = self.b.ins().nearest(t);
+        let kh = self.mulc(k, LN2_HI);
+        let r = self.sub(x, kh);
+        let kl = self.mulc(k, LN2_LO);
+        let r = self.sub(r, kl);
+        let p = self.horner(r, &inv_factorials(13));
+        // 2^k in two steps, so that each factor is a normal number
+        let half = self.mulc(k, 0.5);
+        let k1 = self.b.ins().floor(half);
+        let k2 = self.sub(k, k1);
+        let (s1, s2) = (self.pow2(k1), self.pow2(k2));
+        let p = self.mul(p, s1);
+        self.mul(p, s2)
+    }
+
+    pub fn log(&mut self, x: Value) -> Value {
+        // Subnormals: scale into the normal range first.
+        let min_normal = self.c(f64::MIN_POSITIVE);
+        let is_sub = self.cmp(FloatCC::LessThan, x, min_normal);
+        let scaled = self.mulc(x, 18_014_398_509_481_984.0);
+        let xs = self.sel(is_sub, scaled, x);
+        let (m54, zero) = (self.c(-54.0), self.c(0.0));
+        let e_adj = self.sel(is_sub, m54, zero);
+        let bits = self.bits(xs);
+        let eb = self.b.ins().ushr_imm_s(bits, 52);
+        let mask = self.ci(0x7ff);
+        let eb = self.b.ins().band(eb, mask);
+        let ef = self.int_to_float(eb);
+        let ef = self.addc(ef, -1023.0);
+        let ef = self.add(ef, e_adj);
+        let mant_mask = self.ci(0x000f_ffff_ffff_ffff);
+        let one_bits = self.ci(0x3ff0_0000_0000_0000);
+        let mant = self.b.ins().band(bits, mant_mask);
+        let mant = self.b.ins().bor(mant, one_bits);
+        let m = self.float_from_bits(mant);
+        let sqrt2 = self.c(std::f64::consts::SQRT_2);
+        let big = self.cmp(FloatCC::GreaterThan, m, sqrt2);
+        let mh = self.mulc(m, 0.5);
+        let m = self.sel(big, mh, m);
+        let e1 = self.addc(ef, 1.0);
+        let ef = self.sel(big, e1, ef);
+        let num = self.addc(m, -1.0);
+        let den = self.addc(m, 1.0);
+        let s = self.div(num, den);
+        let z = self.mul(s, s);
+        let coeffs: Vec<f64> = (0..11).map(|i| 1.0 / (2 * i + 1) as f64).collect();
+        let p = self.horner(z, &coeffs);
+        let two_s = self.add(s, s);
+        let logm = self.mul(two_s, p);
+        let lo = self.mulc(ef, LN2_LO);
+        let lo = self.add(lo, logm);
+        let hi = self.mulc(ef, LN2_HI);
+        let r = self.add(hi, lo);
+        // Special values: log(inf) = inf, log(0) = -inf, log(x < 0) = log(NaN) = NaN.
+        let inf = self.c(f64::INFINITY);
+        let is_inf = self.cmp(FloatCC::Equal, x, inf);
+        let r = self.sel(is_inf, inf, r);
+        let zero = self.c(0.0);
+        let is_zero = self.cmp(FloatCC::Equal, x, zero);
+        let ninf = self.c(f64::NEG_INFINITY);
+        let r = self.sel(is_zero, ninf, r);
+        let bad = self.cmp(FloatCC::UnorderedOrLessThan, x, zero);
+        let nan = self.c(f64::NAN);
+        self.sel(bad, nan, r)
+    }
+
+    pub fn log1p(&mut self, x: Value) -> Value {
+        let u = self.addc(x, 1.0);
+        let d = self.addc(u, -1.0);
+        let lu = self.log(u);
+        let q = self.div(x, d);
+        let r = self.mul(lu, q);
+        let zero = self.c(0.0);
+        let tiny = self.cmp(FloatCC::Equal, d, zero);
+        let r = self.sel(tiny, x, r);
+        let inf = self.c(f64::INFINITY);
+        let is_inf = self.cmp(FloatCC::Equal, x, inf);
+        self.sel(is_inf, inf, r)
+    }
+
+    pub fn expm1(&mut self, x: Value) -> Value {
+        let u = self.exp(x);
+        let um1 = self.addc(u, -1.0);
+        let lu = self.log(u);
+        // (u - 1) * (x / log u): dividing first keeps the product finite up to exp's overflow.
+        let q = self.div(x, lu);
+        let r = self.mul(um1, q);
+        let one = self.c(1.0);
+        let is_one = self.cmp(FloatCC::Equal, u, one);
+        let r = self.sel(is_one, x, r);
+        let m1 = self.c(-1.0);
+        let is_m1 = self.cmp(FloatCC::Equal, um1, m1);
+        let r = self.sel(is_m1, m1, r);
+        let inf = self.c(f64::INFINITY);
+        let is_inf = self.cmp(FloatCC::Equal, u, inf);
+        self.sel(is_inf, inf, r)
+    }
+
+    pub fn tanh(&mut self, x: Value) -> Value {
+        let a = self.b.ins().fabs(x);
+        let twenty = self.c(20.0);
+        let a = self.b.ins().fmin(a, twenty);
+        let a2 = self.add(a, a);
+        let e = self.expm1(a2);
+        let d = self.addc(e, 2.0);
+        let t = self.div(e, d);
+        // copysign(t, x) on the bits: t is not negative
+        let (tb, xb) = (self.bits(t), self.bits(x));
+        let sign = self.ci(i64::MIN);
+        let s = self.b.ins().band(xb, sign);
+        let r = self.b.ins().bor(tb, s);
+        self.float_from_bits(r)
+    }
+
+    pub fn sigmoid(&mut self, x: Value) -> Value {
+        let a = self.b.ins().fabs(x);
+        let na = self.b.ins().fneg(a);
+        let e = self.exp(na);
+        let one = self.c(1.0);
+        let d = self.add(one, e);
+        let pos = self.div(one, d);
+        let neg = self.div(e, d);
+        let zero = self.c(0.0);
+        let ge = self.cmp(FloatCC::GreaterThanOrEqual, x, zero);
+        self.sel(ge, pos, neg)
+    }
+
+    pub fn softplus(&mut self, x: Value) -> Value {
+        let a = self.b.ins().fabs(x);
+        let na = self.b.ins().fneg(a);
+        let e = self.exp(na);
+        let l = self.log1p(e);
+        let zero = self.c(0.0);
+        let m = self.b.ins().fmax(x, zero);
+        self.add(m, l)
+    }
+
+    /// (sin r, cos r) for r in [-pi/4, pi/4].
+    fn sincos_poly(&mut self, r: Value) -> (Value, Value) {
+        let f = inv_factorials(18);
+        let z = self.mul(r, r);
+        let sin_c: Vec<f64> = (0..9).map(|i| if i % 2 == 0 { f[2 * i + 1] } else { -f[2 * i + 1] }).collect();
+        let cos_c: Vec<f64> = (0..10).map(|i| if i % 2 == 0 { f[2 * i] } else { -f[2 * i] }).collect();
+        let ps = self.horner(z, &sin_c);
+        let s = self.mul(r, ps);
+        let cs = self.horner(z, &cos_c);
+        (s, cs)
+    }
+
+    /// sin or cos with Cody-Waite reduction by pi/2.
+    pub fn sin_cos(&mut self, x: Value, want_cos: bool) -> Value {
+        let t = self.mulc(x, std::f64::consts::FRAC_2_PI);
+        let k = self.b.ins().nearest(t);
+        let mut r = x;
+        for part in PIO2_PARTS {
+            let kp = self.mulc(k, part);
+            r = self.sub(r, kp);
+        }
+        let (s, co) = self.sincos_poly(r);
+        // sin(x) by quadrant: s, c, -s, -c; cos(x) = sin(x + pi/2) shifts the quadrant by one.
+        let kq = if want_cos { self.addc(k, 1.0) } else { k };
+        let q = self.mod4(kq);
+        let (one, two, three) = (self.c(1.0), self.c(2.0), self.c(3.0));
+        let q1 = self.cmp(FloatCC::Equal, q, one);
+        let q3 = self.cmp(FloatCC::Equal, q, three);
+        let use_cos = self.b.ins().bor(q1, q3);
+        let negate = self.cmp(FloatCC::GreaterThanOrEqual, q, two);
+        let ns = self.b.ins().fneg(s);
+        let nc = self.b.ins().fneg(co);
+        let pos = self.sel(use_cos, co, s);
+        let neg = self.sel(use_cos, nc, ns);
+        self.sel(negate, neg, pos)
+    }
+
+    pub fn pow(&mut self, a: Value, e: Value) -> Value {
+        let aa = self.b.ins().fabs(a);
+        let la = self.log(aa);
+        let t = self.mul(e, la);
+        let r = self.exp(t);
+        // Negative base: NaN unless the exponent is an integer; negative if it is odd.
+        let zero = self.c(0.0);
+        let neg_base = self.cmp(FloatCC::LessThan, a, zero);
+        let fl = self.b.ins().floor(e);
+        let integral = self.cmp(FloatCC::Equal, fl, e);
+        let h = self.mulc(e, 0.5);
+        let hf = self.b.ins().floor(h);
+        let odd = self.cmp(FloatCC::NotEqual, hf, h);
+        let nr = self.b.ins().fneg(r);
+        let signed = self.sel(odd, nr, r);
+        let nan = self.c(f64::NAN);
+        let neg_val = self.sel(integral, signed, nan);
+        let r = self.sel(neg_base, neg_val, r);
+        // x^0 = 1 and 1^y = 1, even for NaN.
+        let one = self.c(1.0);
+        let e_zero = self.cmp(FloatCC::Equal, e, zero);
+        let a_one = self.cmp(FloatCC::Equal, a, one);
+        let trivial = self.b.ins().bor(e_zero, a_one);
+        self.sel(trivial, one, r)
+    }
 }
 
 fn inv_factorials(n: usize) -> Vec<f64> {
@@ -54,216 +369,31 @@ fn inv_factorials(n: usize) -> Vec<f64> {
     v
 }
 
-/// 2^k for an i64 k in [-1022, 1023] (as the bits of a normal f64).
-fn pow2(b: &mut FunctionBuilder, k: Value) -> Value {
-    let biased = b.ins().iadd_imm_s(k, 1023);
-    let bits = b.ins().ishl_imm_s(biased, 52);
-    b.ins().bitcast(types::F64, MemFlagsData::new(), bits)
+/// The transcendental unary ops computed here (the others are single instructions).
+pub fn is_transcendental(op: kiln_ir::ops::UnaryOp) -> bool {
+    use kiln_ir::ops::UnaryOp::*;
+    matches!(op, Exp | Log | Log1p | Expm1 | Tanh | Sigmoid | Softplus | Sin | Cos)
 }
 
-pub fn exp(b: &mut FunctionBuilder, x: Value) -> Value {
-    let (hi, lo) = (c(b, 710.0), c(b, -746.0));
-    let x = b.ins().fmin(x, hi);
-    let x = b.ins().fmax(x, lo);
-    let log2e = c(b, std::f64::consts::LOG2_E);
-    let t = b.ins().fmul(x, log2e);
-    let k = b.ins().nearest(t);
-    let (ln2_hi, ln2_lo) = (c(b, LN2_HI), c(b, LN2_LO));
-    let kh = b.ins().fmul(k, ln2_hi);
-    let r = b.ins().fsub(x, kh);
-    let kl = b.ins().fmul(k, ln2_lo);
-    let r = b.ins().fsub(r, kl);
-    let p = horner(b, r, &inv_factorials(13));
-    let ki = b.ins().fcvt_to_sint_sat(types::I64, k);
-    let k1 = b.ins().sshr_imm_s(ki, 1);
-    let k2 = b.ins().isub(ki, k1);
-    let s1 = pow2(b, k1);
-    let s2 = pow2(b, k2);
-    let p = b.ins().fmul(p, s1);
-    b.ins().fmul(p, s2)
-}
-
-pub fn log(b: &mut FunctionBuilder, x: Value) -> Value {
-    // Subnormals: scale into the normal range first.
-    let min_normal = c(b, f64::MIN_POSITIVE);
-    let is_sub = b.ins().fcmp(FloatCC::LessThan, x, min_normal);
-    let two54 = c(b, 18_014_398_509_481_984.0);
-    let scaled = b.ins().fmul(x, two54);
-    let xs = b.ins().select(is_sub, scaled, x);
-    let zero_i = b.ins().iconst(types::I64, 0);
-    let m54 = b.ins().iconst(types::I64, -54);
-    let e_adj = b.ins().select(is_sub, m54, zero_i);
-    let bits = b.ins().bitcast(types::I64, MemFlagsData::new(), xs);
-    let eb = b.ins().ushr_imm_s(bits, 52);
-    let eb = b.ins().band_imm_s(eb, 0x7ff);
-    let e = b.ins().iadd_imm_s(eb, -1023);
-    let e = b.ins().iadd(e, e_adj);
-    let mant = b.ins().band_imm_s(bits, 0x000f_ffff_ffff_ffff);
-    let mant = b.ins().bor_imm_s(mant, 0x3ff0_0000_0000_0000);
-    let m = b.ins().bitcast(types::F64, MemFlagsData::new(), mant);
-    let sqrt2 = c(b, std::f64::consts::SQRT_2);
-    let big = b.ins().fcmp(FloatCC::GreaterThan, m, sqrt2);
-    let half = c(b, 0.5);
-    let mh = b.ins().fmul(m, half);
-    let m = b.ins().select(big, mh, m);
-    let e1 = b.ins().iadd_imm_s(e, 1);
-    let e = b.ins().select(big, e1, e);
-    let one = c(b, 1.0);
-    let num = b.ins().fsub(m, one);
-    let den = b.ins().fadd(m, one);
-    let s = b.ins().fdiv(num, den);
-    let z = b.ins().fmul(s, s);
-    let coeffs: Vec<f64> = (0..11).map(|i| 1.0 / (2 * i + 1) as f64).collect();
-    let p = horner(b, z, &coeffs);
-    let two_s = b.ins().fadd(s, s);
-    let logm = b.ins().fmul(two_s, p);
-    let ef = b.ins().fcvt_from_sint(types::F64, e);
-    let (ln2_hi, ln2_lo) = (c(b, LN2_HI), c(b, LN2_LO));
-    let lo = b.ins().fmul(ef, ln2_lo);
-    let lo = b.ins().fadd(lo, logm);
-    let hi = b.ins().fmul(ef, ln2_hi);
-    let r = b.ins().fadd(hi, lo);
-    // Special values: log(inf) = inf, log(0) = -inf, log(x < 0) = log(NaN) = NaN.
-    let inf = c(b, f64::INFINITY);
-    let is_inf = b.ins().fcmp(FloatCC::Equal, x, inf);
-    let r = b.ins().select(is_inf, inf, r);
-    let zero = c(b, 0.0);
-    let is_zero = b.ins().fcmp(FloatCC::Equal, x, zero);
-    let ninf = c(b, f64::NEG_INFINITY);
-    let r = b.ins().select(is_zero, ninf, r);
-    let bad = b.ins().fcmp(FloatCC::UnorderedOrLessThan, x, zero);
-    let nan = c(b, f64::NAN);
-    b.ins().select(bad, nan, r)
-}
-
-pub fn log1p(b: &mut FunctionBuilder, x: Value) -> Value {
-    let one = c(b, 1.0);
-    let u = b.ins().fadd(one, x);
-    let d = b.ins().fsub(u, one);
-    let lu = log(b, u);
-    let q = b.ins().fdiv(x, d);
-    let r = b.ins().fmul(lu, q);
-    let zero = c(b, 0.0);
-    let tiny = b.ins().fcmp(FloatCC::Equal, d, zero);
-    let r = b.ins().select(tiny, x, r);
-    let inf = c(b, f64::INFINITY);
-    let is_inf = b.ins().fcmp(FloatCC::Equal, x, inf);
-    b.ins().select(is_inf, inf, r)
-}
-
-pub fn expm1(b: &mut FunctionBuilder, x: Value) -> Value {
-    let u = exp(b, x);
-    let one = c(b, 1.0);
-    let um1 = b.ins().fsub(u, one);
-    let lu = log(b, u);
-    // (u - 1) * (x / log u): dividing first keeps the product finite up to exp's overflow.
-    let q = b.ins().fdiv(x, lu);
-    let r = b.ins().fmul(um1, q);
-    let is_one = b.ins().fcmp(FloatCC::Equal, u, one);
-    let r = b.ins().select(is_one, x, r);
-    let m1 = c(b, -1.0);
-    let is_m1 = b.ins().fcmp(FloatCC::Equal, um1, m1);
-    let r = b.ins().select(is_m1, m1, r);
-    let inf = c(b, f64::INFINITY);
-    let is_inf = b.ins().fcmp(FloatCC::Equal, u, inf);
-    b.ins().select(is_inf, inf, r)
-}
-
-pub fn tanh(b: &mut FunctionBuilder, x: Value) -> Value {
-    let a = b.ins().fabs(x);
-    let twenty = c(b, 20.0);
-    let a = b.ins().fmin(a, twenty);
-    let a2 = b.ins().fadd(a, a);
-    let e = expm1(b, a2);
-    let two = c(b, 2.0);
-    let d = b.ins().fadd(e, two);
-    let t = b.ins().fdiv(e, d);
-    b.ins().fcopysign(t, x)
-}
-
-pub fn sigmoid(b: &mut FunctionBuilder, x: Value) -> Value {
-    let a = b.ins().fabs(x);
-    let na = b.ins().fneg(a);
-    let e = exp(b, na);
-    let one = c(b, 1.0);
-    let d = b.ins().fadd(one, e);
-    let pos = b.ins().fdiv(one, d);
-    let neg = b.ins().fdiv(e, d);
-    let zero = c(b, 0.0);
-    let ge = b.ins().fcmp(FloatCC::GreaterThanOrEqual, x, zero);
-    b.ins().select(ge, pos, neg)
-}
-
-pub fn softplus(b: &mut FunctionBuilder, x: Value) -> Value {
-    let a = b.ins().fabs(x);
-    let na = b.ins().fneg(a);
-    let e = exp(b, na);
-    let l = log1p(b, e);
-    let zero = c(b, 0.0);
-    let m = b.ins().fmax(x, zero);
-    b.ins().fadd(m, l)
-}
-
-/// (sin r, cos r) for r in [-pi/4, pi/4].
-fn sincos_poly(b: &mut FunctionBuilder, r: Value) -> (Value, Value) {
-    let f = inv_factorials(18);
-    let z = b.ins().fmul(r, r);
-    let sin_c: Vec<f64> = (0..9).map(|i| if i % 2 == 0 { f[2 * i + 1] } else { -f[2 * i + 1] }).collect();
-    let cos_c: Vec<f64> = (0..10).map(|i| if i % 2 == 0 { f[2 * i] } else { -f[2 * i] }).collect();
-    let ps = horner(b, z, &sin_c);
-    let s = b.ins().fmul(r, ps);
-    let cs = horner(b, z, &cos_c);
-    (s, cs)
-}
-
-/// sin or cos with Cody-Waite reduction by pi/2.
-pub fn sin_cos(b: &mut FunctionBuilder, x: Value, want_cos: bool) -> Value {
-    let two_over_pi = c(b, std::f64::consts::FRAC_2_PI);
-    let t = b.ins().fmul(x, two_over_pi);
-    let k = b.ins().nearest(t);
-    let mut r = x;
-    for part in PIO2_PARTS {
-        let p = c(b, part);
-        let kp = b.ins().fmul(k, p);
-        r = b.ins().fsub(r, kp);
+/// A transcendental unary op on an f64 scalar or an f64x2 vector.
+pub fn unary(b: &mut FunctionBuilder, op: kiln_ir::ops::UnaryOp, x: Value, vector: bool) -> Value {
+    use kiln_ir::ops::UnaryOp::*;
+    let mut l = Lanes { b, vector };
+    match op {
+        Exp => l.exp(x),
+        Log => l.log(x),
+        Log1p => l.log1p(x),
+        Expm1 => l.expm1(x),
+        Tanh => l.tanh(x),
+        Sigmoid => l.sigmoid(x),
+        Softplus => l.softplus(x),
+        Sin => l.sin_cos(x, false),
+        Cos => l.sin_cos(x, true),
+        other => unreachable!("{other:?} is not computed by the math module"),
     }
-    let (s, co) = sincos_poly(b, r);
-    let ki = b.ins().fcvt_to_sint_sat(types::I64, k);
-    let q = if want_cos { b.ins().iadd_imm_s(ki, 1) } else { ki };
-    let q = b.ins().band_imm_s(q, 3);
-    // sin(x) by quadrant: s, c, -s, -c; cos(x) = sin(x + pi/2) shifts the quadrant by one.
-    let ns = b.ins().fneg(s);
-    let nc = b.ins().fneg(co);
-    let use_cos = b.ins().band_imm_s(q, 1);
-    let negate = b.ins().band_imm_s(q, 2);
-    let pos = b.ins().select(use_cos, co, s);
-    let neg = b.ins().select(use_cos, nc, ns);
-    b.ins().select(negate, neg, pos)
 }
 
-pub fn pow(b: &mut FunctionBuilder, a: Value, e: Value) -> Value {
-    let aa = b.ins().fabs(a);
-    let la = log(b, aa);
-    let t = b.ins().fmul(e, la);
-    let r = exp(b, t);
-    // Negative base: NaN unless the exponent is an integer; negative if it is odd.
-    let zero = c(b, 0.0);
-    let neg_base = b.ins().fcmp(FloatCC::LessThan, a, zero);
-    let fl = b.ins().floor(e);
-    let integral = b.ins().fcmp(FloatCC::Equal, fl, e);
-    let half = c(b, 0.5);
-    let h = b.ins().fmul(e, half);
-    let hf = b.ins().floor(h);
-    let odd = b.ins().fcmp(FloatCC::NotEqual, hf, h);
-    let nr = b.ins().fneg(r);
-    let signed = b.ins().select(odd, nr, r);
-    let nan = c(b, f64::NAN);
-    let neg_val = b.ins().select(integral, signed, nan);
-    let r = b.ins().select(neg_base, neg_val, r);
-    // x^0 = 1 and 1^y = 1, even for NaN.
-    let one = c(b, 1.0);
-    let e_zero = b.ins().fcmp(FloatCC::Equal, e, zero);
-    let a_one = b.ins().fcmp(FloatCC::Equal, a, one);
-    let trivial = b.ins().bor(e_zero, a_one);
-    b.ins().select(trivial, one, r)
+/// `a ^ e` on f64 scalars or f64x2 vectors.
+pub fn pow(b: &mut FunctionBuilder, a: Value, e: Value, vector: bool) -> Value {
+    Lanes { b, vector }.pow(a, e)
 }

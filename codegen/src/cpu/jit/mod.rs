@@ -593,15 +593,9 @@ impl<'a> Emitter<'a> {
                 let t = self.b.ins().select(neg, m1, x);
                 self.b.ins().select(pos, one, t)
             }
-            Exp => self.via_f64(x, d, math::exp),
-            Log => self.via_f64(x, d, math::log),
-            Log1p => self.via_f64(x, d, math::log1p),
-            Expm1 => self.via_f64(x, d, math::expm1),
-            Tanh => self.via_f64(x, d, math::tanh),
-            Sigmoid => self.via_f64(x, d, math::sigmoid),
-            Softplus => self.via_f64(x, d, math::softplus),
-            Sin => self.via_f64(x, d, |b, v| math::sin_cos(b, v, false)),
-            Cos => self.via_f64(x, d, |b, v| math::sin_cos(b, v, true)),
+            Exp | Log | Log1p | Expm1 | Tanh | Sigmoid | Softplus | Sin | Cos => {
+                self.via_f64(x, d, |b, v| math::unary(b, op, v, false))
+            }
             Not | Cast(_) => unreachable!("handled above"),
         }
     }
@@ -645,7 +639,7 @@ impl<'a> Emitter<'a> {
                 } else {
                     (a, b)
                 };
-                let r = math::pow(&mut self.b, pa, pb);
+                let r = math::pow(&mut self.b, pa, pb, false);
                 if d == DType::F32 {
                     self.b.ins().fdemote(types::F32, r)
                 } else {

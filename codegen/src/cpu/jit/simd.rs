@@ -31,6 +31,7 @@ impl Emitter<'_> {
                 && match e {
                     Input(_) | Where(..) => true,
                     Const(c) => c.dtype() == f,
+                    Unary(op, _) if math::is_transcendental(*op) => true,
                     Unary(op, _) => matches!(
                         op,
                         UnaryOp::Neg
@@ -44,7 +45,7 @@ impl Emitter<'_> {
                             | UnaryOp::Not
                     ),
                     // comparisons of booleans would compare masks as floats
-                    Binary(op, a, _) => op != &BinaryOp::Pow && !(op.is_comparison() && self.dtypes[*a] == DType::Bool),
+                    Binary(op, a, _) => !(op.is_comparison() && self.dtypes[*a] == DType::Bool),
                 }
         });
         (contiguous && ops_ok && self.result_dtype() == f && self.k.shape[r - 1] >= lanes).then_some(lanes)
@@ -76,6 +77,10 @@ impl Emitter<'_> {
                 Const(c) => {
                     let s = self.fconst(f, c.as_f64());
                     self.b.ins().splat(vt, s)
+                }
+                Unary(op, a) if math::is_transcendental(op) => {
+                    let x = regs[a];
+                    self.on_f64_lanes(f, &[x], &mut |b, v| math::unary(b, op, v[0], true))
                 }
                 Unary(op, a) => {
                     let x = regs[a];
@@ -111,6 +116,7 @@ impl Emitter<'_> {
                         BinaryOp::Div => self.b.ins().fdiv(x, y),
                         BinaryOp::Maximum => self.b.ins().fmax(x, y),
                         BinaryOp::Minimum => self.b.ins().fmin(x, y),
+                        BinaryOp::Pow => self.on_f64_lanes(f, &[x, y], &mut |b, v| math::pow(b, v[0], v[1], true)),
                         BinaryOp::And => self.b.ins().band(x, y),
                         BinaryOp::Or => self.b.ins().bor(x, y),
                         cmp => {
@@ -129,5 +135,38 @@ impl Emitter<'_> {
         let r = *regs.last().expect("non-empty kernel");
         self.b.ins().store(MemFlagsData::new().with_notrap(), r, a, 0);
         Ok(())
+    }
+
+    /// Applies an f64x2 function to vectors of the kernel's float type: f64x2 directly; f32x4 as
+    /// two f64x2 halves (promoted exactly, rounded once), so each lane is the scalar path's result.
+    fn on_f64_lanes(
+        &mut self,
+        f: DType,
+        args: &[Value],
+        op: &mut dyn FnMut(&mut FunctionBuilder, &[Value]) -> Value,
+    ) -> Value {
+        if f == DType::F64 {
+            return op(&mut self.b, args);
+        }
+        let le = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
+        let mut halves = [vec![], vec![]];
+        for &x in args {
+            halves[0].push(self.b.ins().fvpromote_low(x));
+            // lanes 2, 3 moved down to 0, 1 (as the second f64-sized half of the register)
+            let pairs = self.b.ins().bitcast(types::F64X2, le, x);
+            let high = self.b.ins().extractlane(pairs, 1);
+            let moved = self.b.ins().scalar_to_vector(types::F64X2, high);
+            let moved = self.b.ins().bitcast(types::F32X4, le, moved);
+            halves[1].push(self.b.ins().fvpromote_low(moved));
+        }
+        let lo = op(&mut self.b, &halves[0]);
+        let hi = op(&mut self.b, &halves[1]);
+        let (lo, hi) = (self.b.ins().fvdemote(lo), self.b.ins().fvdemote(hi));
+        // [lo0, lo1, hi0, hi1]: the low f64-sized halves of both, side by side
+        let lo_pairs = self.b.ins().bitcast(types::F64X2, le, lo);
+        let hi_pairs = self.b.ins().bitcast(types::F64X2, le, hi);
+        let hi_pair = self.b.ins().extractlane(hi_pairs, 0);
+        let both = self.b.ins().insertlane(lo_pairs, hi_pair, 1);
+        self.b.ins().bitcast(types::F32X4, le, both)
     }
 }
