@@ -302,8 +302,3 @@ impl Function {
         &self.input_types
     }
 }
-
-/// Shorthand to make a `Tensor` of the given dtype from f64 values.
-pub fn tensor(dtype: DType, shape: &[usize], values: &[f64]) -> Tensor {
-    Tensor::from_f64(dtype, shape, values)
-}

@@ -8,7 +8,7 @@ use kiln_ir::grad::Disconnected;
 use kiln_ir::ops::{Op, SharedId, SourceOp};
 use kiln_ir::{DType, Dim, Error, Loc, NodeId, Result, Tensor, TensorType};
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 #[derive(Default)]
@@ -16,8 +16,6 @@ pub(crate) struct State {
     pub(crate) ir: kiln_ir::Graph,
     /// Current values of shared variables, read and written by compiled functions.
     pub(crate) shared: BTreeMap<SharedId, Tensor>,
-    /// Shared variables that are random-number states (advanced on every call that reads them).
-    pub(crate) rng_states: BTreeSet<SharedId>,
 }
 
 #[derive(Clone, Default)]
@@ -83,13 +81,6 @@ impl Graph {
     #[track_caller]
     pub fn rng(&self, seed: u64) -> crate::random::RandomStream {
         let state = self.shared(&format!("rng{seed}"), ndarray::arr1(&[seed as i64, 0]));
-        if let Ok(n) = state.id() {
-            let shared_id = match self.state.borrow().ir.op(n) {
-                Op::Source(SourceOp::Shared { id, .. }) => Some(*id),
-                _ => None,
-            };
-            self.state.borrow_mut().rng_states.extend(shared_id);
-        }
         crate::random::RandomStream { state }
     }
 

@@ -12,7 +12,7 @@ pub mod testing;
 pub mod var;
 pub mod workloads;
 
-pub use function::{tensor, Device, Function, FunctionBuilder};
+pub use function::{Device, Function, FunctionBuilder};
 pub use graph::Graph;
 pub use kiln_ir as ir;
 pub use kiln_ir::grad::Disconnected;

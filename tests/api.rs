@@ -83,7 +83,12 @@ fn debugprint_dot_and_locations() {
     assert!(with_loc.contains("@ tests/api.rs:"), "{with_loc}");
     let dot = f.to_dot();
     assert!(dot.starts_with("digraph kiln {") && dot.contains("-> out0"), "{dot}");
+    // the CPU backend generates code per shape signature, at the first call with those shapes
     assert_eq!(f.generated_code(), "");
+    let mut f = f;
+    f.call(&[Array2::<f32>::zeros((2, 3)).into()]).unwrap();
+    let code = f.generated_code();
+    assert!(code.contains("computes fused{sigmoid(i0)} @ tests/api.rs:") && code.contains("function %k"), "{code}");
 }
 
 #[test]

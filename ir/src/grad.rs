@@ -11,7 +11,7 @@
 use crate::error::{At, Error, Result};
 use crate::graph::{Graph, NodeId};
 use crate::ops::{MoveOp, SliceRange};
-use crate::types::{Dim, TensorType};
+use crate::types::Dim;
 use std::collections::HashMap;
 
 /// What to do with a `wrt` whose gradient does not exist.
@@ -188,9 +188,4 @@ pub fn jacobian(g: &mut Graph, y: NodeId, x: NodeId, disconnected: Disconnected)
 pub fn hessian(g: &mut Graph, cost: NodeId, x: NodeId) -> Result<NodeId> {
     let gx = grad(g, cost, &[x], Disconnected::Raise)?[0];
     jacobian(g, gx, x, Disconnected::Zero)
-}
-
-/// Whether a type is a float scalar (what `grad` accepts as a cost).
-pub fn is_cost_type(t: &TensorType) -> bool {
-    t.rank() == 0 && t.dtype.is_float()
 }

@@ -119,6 +119,13 @@ impl Lanes<'_, '_> {
         self.add(a, k)
     }
 
+    /// `then` (or `value` itself) where `v == value`, else `r`: the special values of a function.
+    fn where_equal(&mut self, v: Value, value: f64, then: Option<Value>, r: Value) -> Value {
+        let c = self.c(value);
+        let hit = self.cmp(FloatCC::Equal, v, c);
+        self.sel(hit, then.unwrap_or(c), r)
+    }
+
     /// Horner evaluation of sum(coeffs[i] * x^i).
     fn horner(&mut self, x: Value, coeffs: &[f64]) -> Value {
         let mut acc = self.c(*coeffs.last().expect("non-empty"));
@@ -214,13 +221,10 @@ impl Lanes<'_, '_> {
         let hi = self.mulc(ef, LN2_HI);
         let r = self.add(hi, lo);
         // Special values: log(inf) = inf, log(0) = -inf, log(x < 0) = log(NaN) = NaN.
-        let inf = self.c(f64::INFINITY);
-        let is_inf = self.cmp(FloatCC::Equal, x, inf);
-        let r = self.sel(is_inf, inf, r);
-        let zero = self.c(0.0);
-        let is_zero = self.cmp(FloatCC::Equal, x, zero);
+        let r = self.where_equal(x, f64::INFINITY, None, r);
         let ninf = self.c(f64::NEG_INFINITY);
-        let r = self.sel(is_zero, ninf, r);
+        let r = self.where_equal(x, 0.0, Some(ninf), r);
+        let zero = self.c(0.0);
         let bad = self.cmp(FloatCC::UnorderedOrLessThan, x, zero);
         let nan = self.c(f64::NAN);
         self.sel(bad, nan, r)
@@ -232,12 +236,8 @@ impl Lanes<'_, '_> {
         let lu = self.log(u);
         let q = self.div(x, d);
         let r = self.mul(lu, q);
-        let zero = self.c(0.0);
-        let tiny = self.cmp(FloatCC::Equal, d, zero);
-        let r = self.sel(tiny, x, r);
-        let inf = self.c(f64::INFINITY);
-        let is_inf = self.cmp(FloatCC::Equal, x, inf);
-        self.sel(is_inf, inf, r)
+        let r = self.where_equal(d, 0.0, Some(x), r);
+        self.where_equal(x, f64::INFINITY, None, r)
     }
 
     pub fn expm1(&mut self, x: Value) -> Value {
@@ -247,15 +247,9 @@ impl Lanes<'_, '_> {
         // (u - 1) * (x / log u): dividing first keeps the product finite up to exp's overflow.
         let q = self.div(x, lu);
         let r = self.mul(um1, q);
-        let one = self.c(1.0);
-        let is_one = self.cmp(FloatCC::Equal, u, one);
-        let r = self.sel(is_one, x, r);
-        let m1 = self.c(-1.0);
-        let is_m1 = self.cmp(FloatCC::Equal, um1, m1);
-        let r = self.sel(is_m1, m1, r);
-        let inf = self.c(f64::INFINITY);
-        let is_inf = self.cmp(FloatCC::Equal, u, inf);
-        self.sel(is_inf, inf, r)
+        let r = self.where_equal(u, 1.0, Some(x), r);
+        let r = self.where_equal(um1, -1.0, None, r);
+        self.where_equal(u, f64::INFINITY, None, r)
     }
 
     pub fn tanh(&mut self, x: Value) -> Value {
@@ -274,10 +268,15 @@ impl Lanes<'_, '_> {
         self.float_from_bits(r)
     }
 
-    pub fn sigmoid(&mut self, x: Value) -> Value {
+    /// exp(-abs(x)): in (0, 1], never overflows (the stable core of sigmoid and softplus).
+    fn exp_neg_abs(&mut self, x: Value) -> Value {
         let a = self.b.ins().fabs(x);
         let na = self.b.ins().fneg(a);
-        let e = self.exp(na);
+        self.exp(na)
+    }
+
+    pub fn sigmoid(&mut self, x: Value) -> Value {
+        let e = self.exp_neg_abs(x);
         let one = self.c(1.0);
         let d = self.add(one, e);
         let pos = self.div(one, d);
@@ -288,9 +287,7 @@ impl Lanes<'_, '_> {
     }
 
     pub fn softplus(&mut self, x: Value) -> Value {
-        let a = self.b.ins().fabs(x);
-        let na = self.b.ins().fneg(a);
-        let e = self.exp(na);
+        let e = self.exp_neg_abs(x);
         let l = self.log1p(e);
         let zero = self.c(0.0);
         let m = self.b.ins().fmax(x, zero);

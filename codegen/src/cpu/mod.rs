@@ -16,7 +16,7 @@ use crate::{Backend, CompileOptions, Executable, Program};
 use jit::{elem_size, Jit, KernelFn};
 use kiln_ir::specialize::specialize;
 use kiln_ir::{DType, Error, Result, Tensor};
-use runtime::{Bufs, GatherArgs};
+use runtime::Bufs;
 use std::collections::HashMap;
 
 pub struct Cpu;
@@ -42,8 +42,9 @@ enum Compiled {
     Loop(LoopCall),
     /// A product and the epilogue kernel run on each of its row blocks.
     MatMul(crate::kernel::MatMul, Option<LoopCall>),
-    Gather(GatherArgs),
-    Scatter(GatherArgs, DType),
+    /// A take or its gradient, with the dtype of its indices.
+    Gather(crate::kernel::Gather, DType),
+    Scatter(crate::kernel::Gather, DType),
     Random {
         op: kiln_ir::ops::RandomOp,
         state: usize,
@@ -159,25 +160,8 @@ impl Plan {
             steps.push(match step {
                 Step::Loop(k) => Compiled::Loop(call(k)),
                 Step::MatMul(m) => Compiled::MatMul(m.clone(), m.epilogue.as_deref().map(&mut call)),
-                Step::Gather { x: src, idx, out, outer, axis_len, inner, dtype, at }
-                | Step::ScatterAdd { g: src, idx, out, outer, axis_len, inner, dtype, at } => {
-                    let args = GatherArgs {
-                        src: *src,
-                        idx: *idx,
-                        idx_dtype: dt(*idx),
-                        out: *out,
-                        outer: *outer,
-                        axis_len: *axis_len,
-                        inner: *inner,
-                        elem: elem_size(*dtype) as usize,
-                        at,
-                    };
-                    if matches!(step, Step::Gather { .. }) {
-                        Compiled::Gather(args)
-                    } else {
-                        Compiled::Scatter(args, *dtype)
-                    }
-                }
+                Step::Gather(g) => Compiled::Gather(g.clone(), dt(g.idx)),
+                Step::ScatterAdd(g) => Compiled::Scatter(g.clone(), dt(g.idx)),
                 Step::Random { op, state, out, .. } => Compiled::Random { op: op.clone(), state: *state, out: *out },
             });
         }
@@ -342,13 +326,10 @@ impl Executable for CpuExecutable {
         // Indices that come from arguments are checked before any step runs, so a bad index fails
         // the call before an update is written in place. (Computed indices are checked when used.)
         for step in &plan.steps {
-            let (Compiled::Gather(a) | Compiled::Scatter(a, _)) = step else { continue };
+            let (Compiled::Gather(a, idx_dtype) | Compiled::Scatter(a, idx_dtype)) = step else { continue };
             if plan.kp.buffers[a.idx].kind != BufKind::Temp {
-                runtime::check_indices(
-                    a,
-                    &bufs,
-                    if matches!(step, Compiled::Gather(_)) { "take" } else { "take_grad" },
-                )?;
+                let op = if matches!(step, Compiled::Gather(..)) { "take" } else { "take_grad" };
+                runtime::check_indices(a, *idx_dtype, &bufs, op)?;
             }
         }
         for step in &plan.steps {
@@ -381,8 +362,8 @@ impl Executable for CpuExecutable {
                         unsafe { run_loop(e.f, &table, e.split_len, e.elements) };
                     }
                 }
-                Compiled::Gather(a) => runtime::gather(a, &bufs)?,
-                Compiled::Scatter(a, d) => runtime::scatter_add(a, *d, &bufs)?,
+                Compiled::Gather(a, idx_dtype) => runtime::gather(a, *idx_dtype, &bufs)?,
+                Compiled::Scatter(a, idx_dtype) => runtime::scatter_add(a, *idx_dtype, &bufs)?,
                 Compiled::Random { op, state, out } => runtime::random(op, *state, *out, &bufs),
             }
         }

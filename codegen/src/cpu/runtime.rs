@@ -3,7 +3,7 @@
 //! gather and scatter-add with every index checked (an out-of-range index is an error naming the
 //! user's line, never an out-of-bounds access), and Philox random numbers (kiln-ir's definition).
 
-use crate::kernel::MatMul;
+use crate::kernel::{Gather, MatMul};
 use kiln_ir::ops::random::{block, sample};
 use kiln_ir::ops::{Distribution, RandomOp};
 use kiln_ir::{DType, Error, Loc, Result};
@@ -176,6 +176,19 @@ pub fn matmul(mm: &MatMul, bufs: &Bufs, after_rows: Option<&(dyn Fn(usize, usize
     let strides = [rsa, csa, rsb, csb, n as isize, 1];
     for bi in 0..mm.batch {
         let (ao, bo, co) = (bi * mm.a_batch_stride, bi * mm.b_batch_stride, bi * m * n);
+        // The integer product of this batch item (a plain loop; not a training path).
+        macro_rules! int_product {
+            ($t:ty) => {
+                int_matmul::<$t>(
+                    bufs.slice(mm.a),
+                    bufs.slice(mm.b),
+                    bufs.slice_mut(mm.c),
+                    (ao, bo, co),
+                    (m, k, n),
+                    strides,
+                )
+            };
+        }
         // SAFETY: the bounds of every batch item were checked when the program was lowered, and
         // each buffer holds elements of `mm.dtype`.
         unsafe {
@@ -190,22 +203,8 @@ pub fn matmul(mm: &MatMul, bufs: &Bufs, after_rows: Option<&(dyn Fn(usize, usize
                     let g = Gemm { a: a[ao..].as_ptr(), b: b[bo..].as_ptr(), c: c[co..].as_mut_ptr(), strides };
                     covered = gemm_parallel(g, (m, k, n), matrixmultiply::dgemm, (1.0, 0.0), after_rows);
                 }
-                DType::I32 => int_matmul::<i32>(
-                    bufs.slice(mm.a),
-                    bufs.slice(mm.b),
-                    bufs.slice_mut(mm.c),
-                    (ao, bo, co),
-                    (m, k, n),
-                    strides,
-                ),
-                DType::I64 => int_matmul::<i64>(
-                    bufs.slice(mm.a),
-                    bufs.slice(mm.b),
-                    bufs.slice_mut(mm.c),
-                    (ao, bo, co),
-                    (m, k, n),
-                    strides,
-                ),
+                DType::I32 => int_product!(i32),
+                DType::I64 => int_product!(i64),
                 DType::Bool => unreachable!("type rule rejects bool matmul"),
             }
         }
@@ -288,25 +287,13 @@ fn indices(bufs: &Bufs, idx: usize, dtype: DType, axis_len: usize, at: Loc, op: 
 
 /// Checks the indices of a gather or scatter without running it (so that a call can fail before
 /// any step writes a variable in place).
-pub fn check_indices(a: &GatherArgs, bufs: &Bufs, op: &str) -> Result<()> {
-    indices(bufs, a.idx, a.idx_dtype, a.axis_len, a.at, op).map(|_| ())
+pub fn check_indices(a: &Gather, idx_dtype: DType, bufs: &Bufs, op: &str) -> Result<()> {
+    indices(bufs, a.idx, idx_dtype, a.axis_len, a.at, op).map(|_| ())
 }
 
-pub struct GatherArgs {
-    pub src: usize,
-    pub idx: usize,
-    pub idx_dtype: DType,
-    pub out: usize,
-    pub outer: usize,
-    pub axis_len: usize,
-    pub inner: usize,
-    pub elem: usize,
-    pub at: Loc,
-}
-
-pub fn gather(a: &GatherArgs, bufs: &Bufs) -> Result<()> {
-    let idx = indices(bufs, a.idx, a.idx_dtype, a.axis_len, a.at, "take")?;
-    let row = a.inner * a.elem;
+pub fn gather(a: &Gather, idx_dtype: DType, bufs: &Bufs) -> Result<()> {
+    let idx = indices(bufs, a.idx, idx_dtype, a.axis_len, a.at, "take")?;
+    let row = a.inner * super::jit::elem_size(a.dtype) as usize;
     // SAFETY: lengths were checked at lowering (x = outer*axis_len*inner, out = outer*n*inner) and
     // every index is within the axis; source and destination are different buffers.
     unsafe {
@@ -322,9 +309,9 @@ pub fn gather(a: &GatherArgs, bufs: &Bufs) -> Result<()> {
     Ok(())
 }
 
-pub fn scatter_add(a: &GatherArgs, dtype: DType, bufs: &Bufs) -> Result<()> {
-    let idx = indices(bufs, a.idx, a.idx_dtype, a.axis_len, a.at, "take_grad")?;
-    fn run<T: Copy + Default + std::ops::AddAssign>(a: &GatherArgs, idx: &[usize], g: &[T], out: &mut [T]) {
+pub fn scatter_add(a: &Gather, idx_dtype: DType, bufs: &Bufs) -> Result<()> {
+    let idx = indices(bufs, a.idx, idx_dtype, a.axis_len, a.at, "take_grad")?;
+    fn run<T: Copy + Default + std::ops::AddAssign>(a: &Gather, idx: &[usize], g: &[T], out: &mut [T]) {
         out.fill(T::default());
         for o in 0..a.outer {
             for (j, &i) in idx.iter().enumerate() {
@@ -337,7 +324,7 @@ pub fn scatter_add(a: &GatherArgs, dtype: DType, bufs: &Bufs) -> Result<()> {
     }
     // SAFETY: buffer element types match `dtype`; g and out are different buffers.
     unsafe {
-        match dtype {
+        match a.dtype {
             DType::F32 => run::<f32>(a, &idx, bufs.slice(a.src), bufs.slice_mut(a.out)),
             DType::F64 => run::<f64>(a, &idx, bufs.slice(a.src), bufs.slice_mut(a.out)),
             d => return Err(Error::Invalid(format!("take_grad of {d}"))),

@@ -197,8 +197,7 @@ impl<'g> Lowering<'g> {
             Op::Nn(op) => self.nn(n, *op, &ins, dtype)?,
             Op::Random(r) => {
                 let out = self.temp(dtype, shape.iter().product());
-                let len = shape.iter().product();
-                self.prog.steps.push(Step::Random { op: r.clone(), state: self.buf_of[&ins[0]], out, len });
+                self.prog.steps.push(Step::Random { op: r.clone(), state: self.buf_of[&ins[0]], out });
                 out
             }
         };
@@ -339,21 +338,22 @@ impl<'g> Lowering<'g> {
                 }
                 out
             }
-            MoveOp::Take { axis } => {
+            MoveOp::Take { axis } | MoveOp::TakeGrad { axis, .. } => {
                 let out = self.temp(dtype, len);
-                let (outer, inner) = (xs[..*axis].iter().product(), xs[axis + 1..].iter().product());
-                let idx = self.buf_of[&ins[1]];
-                let at = self.g.node(n).at;
-                self.prog.steps.push(Step::Gather { x: xb, idx, out, outer, axis_len: xs[*axis], inner, dtype, at });
-                out
-            }
-            MoveOp::TakeGrad { axis, .. } => {
-                let out = self.temp(dtype, len);
-                let (outer, inner) = (shape[..*axis].iter().product(), shape[axis + 1..].iter().product());
-                let idx = self.buf_of[&ins[1]];
-                let g = xb;
-                let at = self.g.node(n).at;
-                self.prog.steps.push(Step::ScatterAdd { g, idx, out, outer, axis_len: shape[*axis], inner, dtype, at });
+                // The indexed side: a take's operand, or its gradient's result.
+                let take = matches!(m, MoveOp::Take { .. });
+                let indexed: &[usize] = if take { &xs } else { shape };
+                let g = Gather {
+                    src: xb,
+                    idx: self.buf_of[&ins[1]],
+                    out,
+                    outer: indexed[..*axis].iter().product(),
+                    axis_len: indexed[*axis],
+                    inner: indexed[axis + 1..].iter().product(),
+                    dtype,
+                    at: self.g.node(n).at,
+                };
+                self.prog.steps.push(if take { Step::Gather(g) } else { Step::ScatterAdd(g) });
                 out
             }
         })

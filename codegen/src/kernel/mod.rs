@@ -90,38 +90,35 @@ pub struct MatMul {
     pub epilogue: Option<Box<LoopKernel>>,
 }
 
+/// A take along an axis or its gradient: the indexed side is `[outer, axis_len, inner]`, the
+/// other side `[outer, idx.len(), inner]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gather {
+    pub src: BufId,
+    pub idx: BufId,
+    pub out: BufId,
+    pub outer: usize,
+    pub axis_len: usize,
+    pub inner: usize,
+    pub dtype: DType,
+    /// The user's call site, for index errors.
+    pub at: Loc,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Step {
     Loop(LoopKernel),
     MatMul(MatMul),
-    /// numpy take: `out[o, j, i] = x[o, idx[j], i]` with `outer`, `idx.len()`, `inner` and the axis size.
-    Gather {
-        x: BufId,
-        idx: BufId,
-        out: BufId,
-        outer: usize,
-        axis_len: usize,
-        inner: usize,
-        dtype: DType,
-        at: Loc,
-    },
-    /// The gradient of take: zeros, then `out[o, idx[j], i] += g[o, j, i]`.
-    ScatterAdd {
-        g: BufId,
-        idx: BufId,
-        out: BufId,
-        outer: usize,
-        axis_len: usize,
-        inner: usize,
-        dtype: DType,
-        at: Loc,
-    },
-    /// Random numbers of a random node, from the state buffer (see kiln-ir's random module).
+    /// numpy take: `out[o, j, i] = src[o, idx[j], i]`.
+    Gather(Gather),
+    /// The gradient of take: zeros, then `out[o, idx[j], i] += src[o, j, i]`.
+    ScatterAdd(Gather),
+    /// Random numbers of a random node (as many as `out` holds), from the state buffer (see
+    /// kiln-ir's random module).
     Random {
         op: RandomOp,
         state: BufId,
         out: BufId,
-        len: usize,
     },
 }
 
@@ -201,21 +198,16 @@ pub fn check_bounds(p: &KernelProgram) -> Result<()> {
                     check_loop(k, p)?;
                 }
             }
-            Step::Gather { x, idx, out, outer, axis_len, inner, .. } => {
-                let n_idx = p.buffers[*idx].len;
-                if p.buffers[*x].len != outer * axis_len * inner || p.buffers[*out].len != outer * n_idx * inner {
-                    return fail("gather".into());
+            Step::Gather(g) | Step::ScatterAdd(g) => {
+                let (indexed, other) = (g.outer * g.axis_len * g.inner, g.outer * p.buffers[g.idx].len * g.inner);
+                let (src, out) = if matches!(step, Step::Gather(_)) { (indexed, other) } else { (other, indexed) };
+                if p.buffers[g.src].len != src || p.buffers[g.out].len != out {
+                    return fail("gather/scatter sizes".into());
                 }
             }
-            Step::ScatterAdd { g, idx, out, outer, axis_len, inner, .. } => {
-                let n_idx = p.buffers[*idx].len;
-                if p.buffers[*out].len != outer * axis_len * inner || p.buffers[*g].len != outer * n_idx * inner {
-                    return fail("scatter".into());
-                }
-            }
-            Step::Random { state, out, len, .. } => {
-                if p.buffers[*state].len != 2 || p.buffers[*out].len != *len {
-                    return fail("random".into());
+            Step::Random { state, .. } => {
+                if p.buffers[*state].len != 2 {
+                    return fail("random state".into());
                 }
             }
         }

@@ -87,7 +87,8 @@ pub fn step_writes(s: &Step) -> Vec<BufId> {
     match s {
         Step::Loop(k) => vec![k.out.buf],
         Step::MatMul(m) => std::iter::once(m.c).chain(m.epilogue.as_ref().map(|k| k.out.buf)).collect(),
-        Step::Gather { out, .. } | Step::ScatterAdd { out, .. } | Step::Random { out, .. } => vec![*out],
+        Step::Gather(g) | Step::ScatterAdd(g) => vec![g.out],
+        Step::Random { out, .. } => vec![*out],
     }
 }
 
@@ -97,8 +98,7 @@ pub fn step_reads(s: &Step) -> Vec<BufId> {
         Step::MatMul(m) => {
             [m.a, m.b].into_iter().chain(m.epilogue.iter().flat_map(|k| k.inputs.iter().map(|v| v.buf))).collect()
         }
-        Step::Gather { x, idx, .. } => vec![*x, *idx],
-        Step::ScatterAdd { g, idx, .. } => vec![*g, *idx],
+        Step::Gather(g) | Step::ScatterAdd(g) => vec![g.src, g.idx],
         Step::Random { state, .. } => vec![*state],
     }
 }
@@ -123,8 +123,7 @@ fn replace_buffer(p: &mut KernelProgram, from: BufId, to: BufId) {
                     r(&mut k.out.buf);
                 }
             }
-            Step::Gather { x, idx, out, .. } => [x, idx, out].into_iter().for_each(r),
-            Step::ScatterAdd { g, idx, out, .. } => [g, idx, out].into_iter().for_each(r),
+            Step::Gather(g) | Step::ScatterAdd(g) => [&mut g.src, &mut g.idx, &mut g.out].into_iter().for_each(r),
             Step::Random { state, out, .. } => [state, out].into_iter().for_each(r),
         }
     }

@@ -402,7 +402,7 @@ impl<'a> Emitter<'a> {
 
     fn body(&mut self) -> Result<()> {
         let mut regs: Vec<Value> = Vec::with_capacity(self.k.exprs.len());
-        for (idx, e) in self.k.exprs.iter().enumerate() {
+        for e in &self.k.exprs {
             let v = match *e {
                 ScalarExpr::Input(j) => {
                     let a = self.b.use_var(self.addr[j]);
@@ -413,7 +413,6 @@ impl<'a> Emitter<'a> {
                 ScalarExpr::Binary(op, a, b) => self.binary(op, regs[a], regs[b], self.dtypes[a]),
                 ScalarExpr::Where(c, a, b) => self.b.ins().select(regs[c], regs[a], regs[b]),
             };
-            let _ = idx;
             regs.push(v);
         }
         let r = *regs.last().expect("non-empty kernel");

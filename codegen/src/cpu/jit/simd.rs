@@ -56,10 +56,10 @@ impl Emitter<'_> {
     pub(super) fn body_simd(&mut self, lanes: usize) -> Result<()> {
         use ScalarExpr::*;
         let f = self.k.out_dtype;
-        let (vt, mt) = if lanes == 4 { (types::F32X4, types::I32X4) } else { (types::F64X2, types::I64X2) };
+        let vt = if lanes == 4 { types::F32X4 } else { types::F64X2 };
         let r = self.k.shape.len();
         let mut regs: Vec<Value> = Vec::with_capacity(self.k.exprs.len());
-        for (idx, e) in self.k.exprs.iter().enumerate() {
+        for e in &self.k.exprs {
             let as_float = |b: &mut FunctionBuilder, m: Value| {
                 b.ins().bitcast(vt, MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little), m)
             };
@@ -127,7 +127,6 @@ impl Emitter<'_> {
                 }
                 Where(c, a, b) => self.b.ins().bitselect(regs[c], regs[a], regs[b]),
             };
-            let _ = (idx, mt);
             regs.push(v);
         }
         let out = self.addr[self.addr.len() - 1];
