@@ -3,7 +3,7 @@
 //! and the compile time (graph building, optimization and the shape specialization's code
 //! generation). Prints a table, or with `--json` one JSON array.
 //!
-//! `cargo bench --bench steps [-- --json] [--device cpu|reference] [--workload NAME] [--seconds S]`
+//! `cargo bench --bench steps [-- --json] [--device cpu|reference|cuda|cuda:N] [--workload NAME] [--seconds S]`
 
 use kiln::workloads::{build, NAMES};
 use kiln::Device;
@@ -23,10 +23,10 @@ fn parse() -> Result<Args, String> {
         match arg.as_str() {
             "--json" => a.json = true,
             "--device" => {
-                a.device = match it.next().as_deref() {
-                    Some("cpu") => Device::Cpu,
-                    Some("reference") => Device::Reference,
-                    other => return Err(format!("--device cpu|reference, got {other:?}")),
+                a.device = match it.next().as_deref().map(Device::parse) {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => return Err(format!("--device: {e}")),
+                    None => return Err("--device needs a value (cpu, reference, cuda, cuda:N)".into()),
                 }
             }
             "--workload" => a.workloads.push(it.next().ok_or("--workload NAME")?),
@@ -49,13 +49,22 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let device = format!("{:?}", args.device).to_lowercase();
+    let device = match args.device {
+        Device::Cuda(n) => format!("cuda:{n}"),
+        d => format!("{d:?}").to_lowercase(),
+    };
     let mut rows = vec![];
     for name in &args.workloads {
-        let mut w = build(name, args.device).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut w = build(name, args.device).unwrap_or_else(|e| {
+            eprintln!("{name}: {e}");
+            std::process::exit(1)
+        });
         let t = Instant::now();
         w.step.prepare(&w.args).unwrap_or_else(|e| panic!("{name}: {e}"));
         let compile_ms = (w.build_seconds + t.elapsed().as_secs_f64()) * 1e3;
+        for line in w.step.compile_stats() {
+            eprintln!("{name} compile: {line}");
+        }
         for _ in 0..3 {
             w.step.call(&w.args).unwrap();
         }

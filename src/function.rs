@@ -7,7 +7,7 @@
 
 use crate::graph::Graph;
 use crate::var::Var;
-use kiln_codegen::{Backend, CompileOptions, Executable, Program};
+use kiln_codegen::{Backend, CompileOptions, Executable, Program, SharedValue};
 use kiln_ir::ops::{Op, SharedId, SourceOp};
 use kiln_ir::passes::{OptimizeOptions, RewriteLog};
 use kiln_ir::specialize::{unify, Bindings};
@@ -22,6 +22,10 @@ pub enum Device {
     Cpu,
     /// The reference interpreter (ndarray), the oracle for every other backend.
     Reference,
+    /// The CUDA GPU with this ordinal: CUDA C compiled by NVRTC, cuBLAS for products. Compiling
+    /// for it fails with a clear error where no driver, cuBLAS or NVRTC is found; it never falls
+    /// back to the CPU.
+    Cuda(usize),
 }
 
 impl Device {
@@ -29,7 +33,26 @@ impl Device {
         match self {
             Device::Cpu => Box::new(kiln_codegen::cpu::Cpu),
             Device::Reference => Box::new(kiln_codegen::reference::Reference),
+            Device::Cuda(ordinal) => Box::new(kiln_codegen::cuda::Cuda { ordinal }),
         }
+    }
+
+    /// Parses `cpu`, `reference`, `cuda` or `cuda:N` (for command-line flags).
+    pub fn parse(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "reference" => Ok(Device::Reference),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+                Some(n) => Ok(Device::Cuda(n)),
+                None => Err(Error::Invalid(format!("unknown device '{s}' (cpu, reference, cuda, cuda:N)"))),
+            },
+        }
+    }
+
+    /// Why `Device::Cuda` cannot run on this machine, or `None` if it can.
+    pub fn cuda_unavailable_reason() -> Option<String> {
+        kiln_codegen::cuda::unavailable_reason()
     }
 }
 
@@ -229,13 +252,13 @@ impl Function {
         let inputs: Vec<&Tensor> = args.iter().collect();
         // The backend borrows the variables' values for the call and writes the updates into them.
         let mut st = self.graph.state.borrow_mut();
-        let mut shared: Vec<Tensor> = self
+        let mut shared: Vec<SharedValue> = self
             .shared
             .iter()
             .map(|id| {
                 std::mem::replace(
                     st.shared.get_mut(id).expect("variables live in their graph"),
-                    Tensor::zeros(DType::F32, &[0]),
+                    SharedValue::new(Tensor::zeros(DType::F32, &[0])),
                 )
             })
             .collect();
@@ -249,15 +272,20 @@ impl Function {
     /// Compiles the specialization for these arguments' shapes now, without running (a call with
     /// the same shapes then only runs). Checks the arguments as `call` does.
     pub fn prepare(&mut self, args: &[Tensor]) -> Result<()> {
+        let shapes = self.signature(args)?;
+        self.exe.prepare(&shapes)
+    }
+
+    /// The shapes a call with these arguments specializes on: the arguments' (checked as `call`
+    /// checks them), then the shared variables'.
+    fn signature(&self, args: &[Tensor]) -> Result<Vec<Vec<usize>>> {
         self.check_args(args)?;
         let st = self.graph.state.borrow();
-        let shapes: Vec<Vec<usize>> = args
+        Ok(args
             .iter()
             .map(|a| a.shape().to_vec())
             .chain(self.shared.iter().map(|id| st.shared[id].shape().to_vec()))
-            .collect();
-        drop(st);
-        self.exe.prepare(&shapes)
+            .collect())
     }
 
     /// Calls a function of one output and returns it.
@@ -285,6 +313,15 @@ impl Function {
     /// Which rewrite rules fired while compiling, and how often.
     pub fn rewrite_log(&self) -> &RewriteLog {
         &self.log
+    }
+    /// The CUDA C the CUDA backend generates for a call with these arguments, whatever this
+    /// function's device (printing it needs no GPU). Checks the arguments as `call` does.
+    pub fn cuda_source(&self, args: &[Tensor]) -> Result<String> {
+        kiln_codegen::cuda::program_source(&self.program, &self.signature(args)?)
+    }
+    /// Compile time of each specialization (NVRTC and module load on CUDA; empty elsewhere).
+    pub fn compile_stats(&self) -> Vec<String> {
+        self.exe.compile_stats()
     }
     /// The code the backend generated (empty for the reference interpreter).
     pub fn generated_code(&self) -> String {

@@ -4,6 +4,7 @@
 
 use crate::function::FunctionBuilder;
 use crate::var::Var;
+use kiln_codegen::SharedValue;
 use kiln_ir::grad::Disconnected;
 use kiln_ir::ops::{Op, SharedId, SourceOp};
 use kiln_ir::{DType, Dim, Error, Loc, NodeId, Result, Tensor, TensorType};
@@ -15,7 +16,7 @@ use std::rc::Rc;
 pub(crate) struct State {
     pub(crate) ir: kiln_ir::Graph,
     /// Current values of shared variables, read and written by compiled functions.
-    pub(crate) shared: BTreeMap<SharedId, Tensor>,
+    pub(crate) shared: BTreeMap<SharedId, SharedValue>,
 }
 
 #[derive(Clone, Default)]
@@ -70,7 +71,7 @@ impl Graph {
         let mut st = self.state.borrow_mut();
         let id = SharedId(st.shared.len() as u32);
         let ty = value.ty();
-        st.shared.insert(id, value);
+        st.shared.insert(id, SharedValue::new(value));
         let r = st.ir.add(Op::Source(SourceOp::Shared { id, name: name.to_string(), ty }), &[], at);
         drop(st);
         Var::from_result(self, r).named(name)

@@ -106,3 +106,47 @@ pub fn verify_grad(f: impl Fn(&Graph, &[Var]) -> Var, inputs: &[Tensor], opts: G
     }
     Ok(worst)
 }
+
+/// Prints a note that the test harness does not capture (it writes to stderr itself), so that a
+/// skipped check shows in every test run.
+pub fn note(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "note: {text}");
+}
+
+/// The devices every backend test runs on: the reference interpreter, the CPU backend, and
+/// `Device::Cuda(0)` where this machine can run it. Where it cannot, the reason is printed (once
+/// per test process), so a skipped GPU test is never silent.
+pub fn test_devices() -> Vec<Device> {
+    let mut d = vec![Device::Reference, Device::Cpu];
+    match cuda_skip_reason() {
+        None => d.push(Device::Cuda(0)),
+        Some(why) => {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| note(&format!("CUDA tests skipped: {why}")));
+        }
+    }
+    d
+}
+
+/// Why GPU tests are skipped here (`None` where a CUDA device can be used). `KILN_TEST_CUDA=0`
+/// skips them on purpose.
+pub fn cuda_skip_reason() -> Option<String> {
+    if std::env::var("KILN_TEST_CUDA").is_ok_and(|v| v == "0") {
+        return Some("KILN_TEST_CUDA=0".into());
+    }
+    Device::cuda_unavailable_reason()
+}
+
+/// Compiles the CUDA C that `f` generates for `args` with NVRTC (this needs libnvrtc, not a GPU).
+/// Returns `Ok(false)` where libnvrtc is not found (and says so once on stderr).
+pub fn check_cuda_source_compiles(f: &Function, args: &[Tensor]) -> Result<bool> {
+    if !kiln_codegen::cuda::nvrtc::available() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| note(&format!("NVRTC checks skipped: {}", kiln_codegen::cuda::nvrtc::missing_reason())));
+        return Ok(false);
+    }
+    let src = f.cuda_source(args)?;
+    kiln_codegen::cuda::nvrtc::compile(&src, "compute_90")?;
+    Ok(true)
+}

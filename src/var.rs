@@ -131,10 +131,11 @@ impl Var {
             other => Err(Error::Invalid(format!("'{}' is not a shared variable", other.label()))),
         }
     }
-    /// The current value of a shared variable.
+    /// The current value of a shared variable (copied back from a device where it is resident).
     pub fn value(&self) -> Result<Tensor> {
         let id = self.shared_id()?;
-        Ok(self.graph.state.borrow().shared[&id].clone())
+        let mut st = self.graph.state.borrow_mut();
+        st.shared.get_mut(&id).expect("variables live in their graph").host().cloned()
     }
     /// Sets a shared variable's value; dtype and shape must stay those it was created with.
     pub fn set_value(&self, value: impl Into<Tensor>) -> Result<()> {
@@ -148,7 +149,7 @@ impl Var {
                 value.ty()
             )));
         }
-        self.graph.state.borrow_mut().shared.insert(id, value);
+        self.graph.state.borrow_mut().shared.get_mut(&id).expect("variables live in their graph").set(value);
         Ok(())
     }
     /// The node's name, if any.

@@ -7,7 +7,7 @@ use kiln::testing::{random_tensor, verify_grad, GradCheck};
 
 /// Checks on every backend, unoptimized and optimized.
 fn check(name: &str, f: impl Fn(&Graph, &[Var]) -> Var, inputs: &[Tensor]) {
-    for device in [Device::Reference, Device::Cpu] {
+    for device in kiln::testing::test_devices() {
         for optimize in [false, true] {
             let opts = GradCheck { optimize, device, ..Default::default() };
             match verify_grad(&f, inputs, opts) {

@@ -1,7 +1,9 @@
 //! The op table: for every op, its type rule (the printed output type, with symbolic dims) and its
 //! reference value against an independent computation (plain Rust loops or ndarray), on shapes that
-//! are not square and with broadcasting. Each row runs on every backend (the reference interpreter
-//! and the Cranelift CPU backend), both unoptimized and through the full pipeline (fused).
+//! are not square and with broadcasting. Each row runs on every backend (the reference interpreter,
+//! the Cranelift CPU backend, and the CUDA backend where a GPU is present), both unoptimized and
+//! through the full pipeline (fused); the CUDA C of every row is compiled by NVRTC wherever
+//! libnvrtc is found, GPU or not.
 #![allow(clippy::cloned_ref_to_slice_refs, clippy::type_complexity)]
 
 use kiln::prelude::*;
@@ -26,9 +28,13 @@ fn row(
     let out = f(&g, &vars);
     let t = out.ty().unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(t.to_string(), ty, "{name}: type rule");
-    for device in [Device::Reference, Device::Cpu] {
+    for device in kiln::testing::test_devices() {
         for opts in [NONE, OptimizeOptions::default()] {
             let mut fun = g.function(vars.iter(), [&out]).optimize(opts).compile(device).unwrap();
+            if device == Device::Reference {
+                // Every kernel the CUDA backend would emit for this row compiles (no GPU needed).
+                kiln::testing::check_cuda_source_compiles(&fun, args).unwrap_or_else(|e| panic!("{name} CUDA C: {e}"));
+            }
             let got = fun.call1(args).unwrap_or_else(|e| panic!("{name} on {device:?}: {e}"));
             assert_eq!(got.dtype(), want.dtype(), "{name}: dtype");
             assert!(got.allclose(want, tol, tol), "{name} on {device:?} ({opts:?}):\n got {got:?}\nwant {want:?}");
@@ -629,4 +635,15 @@ fn random_ops_types_statistics_and_reproducibility() {
     assert_eq!(on_cpu[0], first[0]);
     assert_eq!(on_cpu[2], first[2]);
     assert!(on_cpu[1].allclose(&first[1], 1e-15, 0.0));
+    // and so does the GPU: uniform and bernoulli bit for bit, normal to the accuracy of CUDA's log/cos
+    if kiln::testing::test_devices().contains(&Device::Cuda(0)) {
+        let mut gpu = g.function([&x], [&u, &n, &b]).compile(Device::Cuda(0)).unwrap();
+        rng.state().set_value(array![42i64, 0]).unwrap();
+        let arg: Tensor = ndarray::Array2::<f32>::zeros((20, 1000)).into();
+        let on_gpu = gpu.call(&[arg]).unwrap();
+        assert_eq!(on_gpu[0], first[0]);
+        assert_eq!(on_gpu[2], first[2]);
+        assert!(on_gpu[1].allclose(&first[1], 1e-12, 1e-12));
+        assert_eq!(rng.state().value().unwrap(), Tensor::from(array![42i64, 1]));
+    }
 }

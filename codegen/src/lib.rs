@@ -4,8 +4,12 @@
 //! crate holds the reference interpreter, the oracle every other backend is tested against.
 
 pub mod cpu;
+pub mod cuda;
 pub mod kernel;
 pub mod reference;
+mod shared;
+
+pub use shared::{with_host_values, Resident, SharedValue};
 
 use kiln_ir::{Graph, NodeId, Result, Tensor};
 
@@ -60,9 +64,15 @@ pub trait Executable {
     /// checked against their declared types by the caller), returns the outputs that are not
     /// updates, and writes every update into its shared variable. All updates are computed from the
     /// values before the call (Theano's semantics), whichever way a backend writes them.
-    fn run(&mut self, inputs: &[&Tensor], shared: &mut [Tensor]) -> Result<Vec<Tensor>>;
+    /// A backend with its own memory may keep a variable's value resident there between calls.
+    fn run(&mut self, inputs: &[&Tensor], shared: &mut [SharedValue]) -> Result<Vec<Tensor>>;
     /// Compiles the specialization for these input and shared-variable shapes without running it.
     fn prepare(&mut self, shapes: &[Vec<usize>]) -> Result<()>;
     /// The code this backend generated, for people and snapshot tests (empty for an interpreter).
     fn generated_code(&self) -> String;
+    /// How long each specialization took to compile, one line each (empty where nothing is compiled
+    /// out of process).
+    fn compile_stats(&self) -> Vec<String> {
+        vec![]
+    }
 }

@@ -3,7 +3,7 @@
 //! slow on purpose-simple code: it is the oracle. Values are dropped after their last reader, so a
 //! long training graph does not hold every intermediate at once.
 
-use crate::{Backend, CompileOptions, Executable, Program};
+use crate::{Backend, CompileOptions, Executable, Program, SharedValue};
 use kiln_ir::specialize::specialize;
 use kiln_ir::{Error, Graph, NodeId, Result, Tensor};
 use std::collections::HashMap;
@@ -92,12 +92,14 @@ impl Interpreter {
 }
 
 impl Executable for Interpreter {
-    fn run(&mut self, inputs: &[&Tensor], shared: &mut [Tensor]) -> Result<Vec<Tensor>> {
-        let outputs = {
-            let shared_refs: Vec<&Tensor> = shared.iter().collect();
-            self.evaluate(inputs, &shared_refs)?
-        };
-        crate::apply_updates(&self.program, outputs, shared)
+    fn run(&mut self, inputs: &[&Tensor], shared: &mut [SharedValue]) -> Result<Vec<Tensor>> {
+        crate::with_host_values(shared, |shared| {
+            let outputs = {
+                let shared_refs: Vec<&Tensor> = shared.iter().collect();
+                self.evaluate(inputs, &shared_refs)?
+            };
+            crate::apply_updates(&self.program, outputs, shared)
+        })
     }
 
     fn prepare(&mut self, shapes: &[Vec<usize>]) -> Result<()> {

@@ -11,9 +11,10 @@ pub mod jit;
 pub mod math;
 pub mod runtime;
 
-use crate::kernel::{lower, place_updates, step_reads, step_writes, BufKind, KernelProgram, Step, UpdateWrite};
-use crate::{Backend, CompileOptions, Executable, Program};
-use jit::{elem_size, Jit, KernelFn};
+use crate::kernel::{elem_size, plan_memory};
+use crate::kernel::{lower, place_updates, BufKind, KernelProgram, Step, UpdateWrite};
+use crate::{Backend, CompileOptions, Executable, Program, SharedValue};
+use jit::{Jit, KernelFn};
 use kiln_ir::specialize::specialize;
 use kiln_ir::{DType, Error, Result, Tensor};
 use runtime::Bufs;
@@ -165,63 +166,20 @@ impl Plan {
                 Step::Random { op, state, out, .. } => Compiled::Random { op: op.clone(), state: *state, out: *out },
             });
         }
-        let (slot, storage) = plan_memory(&kp);
+        let memory = plan_memory(&kp);
+        let mut storage: Vec<Vec<u64>> = memory.slot_bytes.iter().map(|&n| vec![0u64; n / 8]).collect();
+        for (b, buf) in kp.buffers.iter().enumerate() {
+            if let (BufKind::Constant(t), Some(sl)) = (&buf.kind, memory.slot[b]) {
+                let src = bytes_of_owned(t);
+                // SAFETY: the slot holds at least the constant's bytes.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), storage[sl].as_mut_ptr() as *mut u8, src.len()) };
+            }
+        }
+        let slot = memory.slot;
         let scratch =
             (Vec::with_capacity(kp.buffers.len()), Vec::with_capacity(kp.buffers.len()), Vec::with_capacity(16));
         Ok(Plan { kp, updates, returned, steps, slot, storage, out_shapes, scratch, code, _jit: jit })
     }
-}
-
-/// Assigns temporaries to storage slots, reusing a slot of the same size once the buffer that held
-/// it has had its last reader; outputs and constants keep their own slots.
-fn plan_memory(kp: &KernelProgram) -> (Vec<Option<usize>>, Vec<Vec<u64>>) {
-    let words = |b: usize| (kp.buffers[b].len * elem_size(kp.buffers[b].dtype) as usize).div_ceil(8).max(1);
-    let mut last_read: HashMap<usize, usize> = HashMap::new();
-    for (i, s) in kp.steps.iter().enumerate() {
-        for r in step_reads(s) {
-            last_read.insert(r, i);
-        }
-    }
-    let mut slot = vec![None; kp.buffers.len()];
-    let mut storage: Vec<Vec<u64>> = vec![];
-    let mut free: HashMap<usize, Vec<usize>> = HashMap::new();
-    for (b, buf) in kp.buffers.iter().enumerate() {
-        if let BufKind::Constant(t) = &buf.kind {
-            let mut v = vec![0u64; words(b)];
-            let src = bytes_of_owned(t);
-            // SAFETY: the slot holds at least the constant's bytes.
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), v.as_mut_ptr() as *mut u8, src.len()) };
-            storage.push(v);
-            slot[b] = Some(storage.len() - 1);
-        }
-    }
-    for (i, s) in kp.steps.iter().enumerate() {
-        let (reads, writes) = (step_reads(s), step_writes(s));
-        // Slots are taken before any of this step's reads is released, so what a step writes never
-        // shares memory with what it reads.
-        for &w in &writes {
-            if slot[w].is_none() && kp.buffers[w].kind == BufKind::Temp {
-                let n = words(w);
-                let reused = if kp.outputs.contains(&w) { None } else { free.get_mut(&n).and_then(|v| v.pop()) };
-                slot[w] = Some(reused.unwrap_or_else(|| {
-                    storage.push(vec![0u64; n]);
-                    storage.len() - 1
-                }));
-            }
-        }
-        for r in reads.into_iter().chain(writes) {
-            let dead = last_read.get(&r).is_none_or(|&l| l <= i);
-            if dead && kp.buffers[r].kind == BufKind::Temp && !kp.outputs.contains(&r) {
-                if let Some(sl) = slot[r] {
-                    let list = free.entry(words(r)).or_default();
-                    if !list.contains(&sl) && last_read.get(&r) == Some(&i) {
-                        list.push(sl);
-                    }
-                }
-            }
-        }
-    }
-    (slot, storage)
 }
 
 fn bytes_of_owned(t: &Tensor) -> Vec<u8> {
@@ -273,7 +231,30 @@ unsafe fn run_loop(f: KernelFn, table: &[*mut u8], split_len: Option<usize>, ele
 }
 
 impl Executable for CpuExecutable {
-    fn run(&mut self, inputs: &[&Tensor], shared: &mut [Tensor]) -> Result<Vec<Tensor>> {
+    fn run(&mut self, inputs: &[&Tensor], shared: &mut [SharedValue]) -> Result<Vec<Tensor>> {
+        crate::with_host_values(shared, |shared| self.run_host(inputs, shared))
+    }
+
+    fn prepare(&mut self, key: &[Vec<usize>]) -> Result<()> {
+        if !self.plans.contains_key(key) {
+            let sources = self.program.inputs.iter().chain(&self.program.shared);
+            let shapes = sources.zip(key).map(|(&n, s)| (n, s.clone())).collect();
+            let (g, _) = specialize(&self.program.graph, &shapes)?;
+            let kp = lower(&g, &self.program.inputs, &self.program.shared)?;
+            let out_shapes = g.outputs().iter().map(|&o| g.ty(o).concrete().expect("specialized")).collect();
+            self.plans.insert(key.to_vec(), Plan::build(kp, out_shapes, &self.program)?);
+            self.order.push(key.to_vec());
+        }
+        Ok(())
+    }
+
+    fn generated_code(&self) -> String {
+        self.order.iter().map(|k| self.plans[k].code.as_str()).collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl CpuExecutable {
+    fn run_host(&mut self, inputs: &[&Tensor], shared: &mut [Tensor]) -> Result<Vec<Tensor>> {
         let shapes = inputs.iter().map(|t| t.shape()).chain(shared.iter().map(|t| t.shape()));
         let same_as_last = self.last.len() == inputs.len() + shared.len()
             && shapes.clone().zip(&self.last).all(|(s, l)| s == l.as_slice());
@@ -396,22 +377,5 @@ impl Executable for CpuExecutable {
         }
         plan.scratch = (ptr, len, table);
         Ok(outs)
-    }
-
-    fn prepare(&mut self, key: &[Vec<usize>]) -> Result<()> {
-        if !self.plans.contains_key(key) {
-            let sources = self.program.inputs.iter().chain(&self.program.shared);
-            let shapes = sources.zip(key).map(|(&n, s)| (n, s.clone())).collect();
-            let (g, _) = specialize(&self.program.graph, &shapes)?;
-            let kp = lower(&g, &self.program.inputs, &self.program.shared)?;
-            let out_shapes = g.outputs().iter().map(|&o| g.ty(o).concrete().expect("specialized")).collect();
-            self.plans.insert(key.to_vec(), Plan::build(kp, out_shapes, &self.program)?);
-            self.order.push(key.to_vec());
-        }
-        Ok(())
-    }
-
-    fn generated_code(&self) -> String {
-        self.order.iter().map(|k| self.plans[k].code.as_str()).collect::<Vec<_>>().join("\n")
     }
 }

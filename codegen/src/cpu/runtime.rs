@@ -293,7 +293,7 @@ pub fn check_indices(a: &Gather, idx_dtype: DType, bufs: &Bufs, op: &str) -> Res
 
 pub fn gather(a: &Gather, idx_dtype: DType, bufs: &Bufs) -> Result<()> {
     let idx = indices(bufs, a.idx, idx_dtype, a.axis_len, a.at, "take")?;
-    let row = a.inner * super::jit::elem_size(a.dtype) as usize;
+    let row = a.inner * crate::kernel::elem_size(a.dtype) as usize;
     // SAFETY: lengths were checked at lowering (x = outer*axis_len*inner, out = outer*n*inner) and
     // every index is within the axis; source and destination are different buffers.
     unsafe {

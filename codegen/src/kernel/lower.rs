@@ -197,7 +197,8 @@ impl<'g> Lowering<'g> {
             Op::Nn(op) => self.nn(n, *op, &ins, dtype)?,
             Op::Random(r) => {
                 let out = self.temp(dtype, shape.iter().product());
-                self.prog.steps.push(Step::Random { op: r.clone(), state: self.buf_of[&ins[0]], out });
+                let name = self.name("random");
+                self.prog.steps.push(Step::Random { name, op: r.clone(), state: self.buf_of[&ins[0]], out });
                 out
             }
         };
@@ -344,6 +345,7 @@ impl<'g> Lowering<'g> {
                 let take = matches!(m, MoveOp::Take { .. });
                 let indexed: &[usize] = if take { &xs } else { shape };
                 let g = Gather {
+                    name: self.name(if take { "take" } else { "take_grad" }),
                     src: xb,
                     idx: self.buf_of[&ins[1]],
                     out,

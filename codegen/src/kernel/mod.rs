@@ -9,9 +9,11 @@
 //! code never needs to check.
 
 mod lower;
+mod plan;
 mod updates;
 
 pub use lower::lower;
+pub use plan::{collapse, elem_size, plan_memory, MemoryPlan};
 pub use updates::{place_updates, step_reads, step_writes, UpdateWrite};
 
 use kiln_ir::ops::fused::ScalarExpr;
@@ -94,6 +96,8 @@ pub struct MatMul {
 /// other side `[outer, idx.len(), inner]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Gather {
+    /// Stable name: `k{n}_take` or `k{n}_take_grad`.
+    pub name: String,
     pub src: BufId,
     pub idx: BufId,
     pub out: BufId,
@@ -116,6 +120,8 @@ pub enum Step {
     /// Random numbers of a random node (as many as `out` holds), from the state buffer (see
     /// kiln-ir's random module).
     Random {
+        /// Stable name: `k{n}_random`.
+        name: String,
         op: RandomOp,
         state: BufId,
         out: BufId,

@@ -77,18 +77,23 @@ fn u53(w0: u32, w1: u32) -> f64 {
     ((((w0 as u64) << 21) ^ ((w1 as u64) >> 11)) as f64) * (1.0 / 9_007_199_254_740_992.0)
 }
 
-/// The `n` values of a random op for the given state, as f64 (already in the op's precision).
-/// Each Philox block is computed once and all of its words are used.
-pub fn sample(op: &RandomOp, state: [i64; 2], n: usize) -> Vec<f64> {
+/// Values per Philox block: 4 one-word values, 2 two-word values, or 1 four-word value.
+pub fn values_per_block(op: &RandomOp) -> usize {
     let f32 = op.dtype != DType::F64;
-    // Elements per block: 4 one-word values, 2 two-word values, or 1 four-word value.
-    let per_block = match op.dist {
+    match op.dist {
         Distribution::Bernoulli { .. } => 4,
         Distribution::Uniform { .. } if f32 => 4,
         Distribution::Uniform { .. } => 2,
         Distribution::Normal { .. } if f32 => 2,
         Distribution::Normal { .. } => 1,
-    };
+    }
+}
+
+/// The `n` values of a random op for the given state, as f64 (already in the op's precision).
+/// Each Philox block is computed once and all of its words are used.
+pub fn sample(op: &RandomOp, state: [i64; 2], n: usize) -> Vec<f64> {
+    let f32 = op.dtype != DType::F64;
+    let per_block = values_per_block(op);
     let mut out = Vec::with_capacity(n);
     for b in 0..n.div_ceil(per_block) {
         let w = block(state, op.stream, b as u64);

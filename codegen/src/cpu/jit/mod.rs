@@ -8,7 +8,7 @@
 mod simd;
 
 use super::math;
-use crate::kernel::{LoopKernel, View};
+use crate::kernel::{collapse, elem_size, LoopKernel, View};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, AbiParam, InstBuilder, MemFlagsData, Type, UserFuncName, Value};
 use cranelift_codegen::settings::{self, Configurable};
@@ -75,14 +75,6 @@ pub fn clif_type(d: DType) -> Type {
     }
 }
 
-pub fn elem_size(d: DType) -> i64 {
-    match d {
-        DType::F32 | DType::I32 => 4,
-        DType::F64 | DType::I64 => 8,
-        DType::Bool => 1,
-    }
-}
-
 impl Jit {
     pub fn new() -> Result<Jit> {
         let mut flags = settings::builder();
@@ -138,58 +130,6 @@ impl Jit {
         // SAFETY: every kernel is declared with the signature `fn(i64, i64, i64)` (the table of view
         // addresses and a range) and returns nothing.
         unsafe { std::mem::transmute::<*const u8, KernelFn>(ptr) }
-    }
-}
-
-/// Merges adjacent dims that every view walks contiguously (and drops dims of size 1).
-pub fn collapse(k: &LoopKernel) -> LoopKernel {
-    let reduced = k.reduce.map_or(0, |r| r.1);
-    let kept = k.shape.len() - reduced;
-    let mut shape: Vec<usize> = vec![];
-    let mut ins: Vec<Vec<isize>> = vec![vec![]; k.inputs.len()];
-    let mut out: Vec<isize> = vec![];
-    let (mut new_kept, mut new_reduced) = (0, 0);
-    for d in 0..k.shape.len() {
-        let is_kept = d < kept;
-        if k.shape[d] == 1 {
-            continue;
-        }
-        let same_class = if is_kept { new_reduced == 0 && new_kept > 0 } else { new_reduced > 0 };
-        let mergeable = same_class && {
-            let last = shape.len() - 1;
-            let n = k.shape[d] as isize;
-            k.inputs.iter().enumerate().all(|(j, v)| ins[j][last] == v.strides[d] * n)
-                && (!is_kept || out[last] == k.out.strides[d] * n)
-        };
-        if mergeable {
-            let last = shape.len() - 1;
-            shape[last] *= k.shape[d];
-            for (j, v) in k.inputs.iter().enumerate() {
-                ins[j][last] = v.strides[d];
-            }
-            if is_kept {
-                out[last] = k.out.strides[d];
-            }
-        } else {
-            shape.push(k.shape[d]);
-            for (j, v) in k.inputs.iter().enumerate() {
-                ins[j].push(v.strides[d]);
-            }
-            if is_kept {
-                out.push(k.out.strides[d]);
-                new_kept += 1;
-            } else {
-                new_reduced += 1;
-            }
-        }
-    }
-    let inputs = k.inputs.iter().zip(ins).map(|(v, s)| View { buf: v.buf, offset: v.offset, strides: s }).collect();
-    LoopKernel {
-        shape,
-        inputs,
-        out: View { buf: k.out.buf, offset: k.out.offset, strides: out },
-        reduce: k.reduce.map(|(op, _)| (op, new_reduced)),
-        ..k.clone()
     }
 }
 

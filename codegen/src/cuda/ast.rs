@@ -1,0 +1,290 @@
+//! A typed AST of the CUDA C that kiln emits: types, expressions, statements, device functions and
+//! kernels. The emitter builds these values and `print` turns them into text, so no code is built by
+//! pasting strings and every literal is printed one way (floats exactly, with their suffix).
+
+use kiln_ir::DType;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CType {
+    Float,
+    Double,
+    Int,
+    LongLong,
+    UInt,
+    ULongLong,
+    Bool,
+    Void,
+    /// Four floats, loaded or stored as one 16-byte access.
+    Float4,
+}
+
+impl CType {
+    pub fn of(d: DType) -> CType {
+        match d {
+            DType::F32 => CType::Float,
+            DType::F64 => CType::Double,
+            DType::I32 => CType::Int,
+            DType::I64 => CType::LongLong,
+            DType::Bool => CType::Bool,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            CType::Float => "float",
+            CType::Double => "double",
+            CType::Int => "int",
+            CType::LongLong => "long long",
+            CType::UInt => "unsigned int",
+            CType::ULongLong => "unsigned long long",
+            CType::Bool => "bool",
+            CType::Void => "void",
+            CType::Float4 => "float4",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Rem,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+    And,
+    Or,
+    BitAnd,
+    BitXor,
+    Shl,
+    Shr,
+}
+
+impl BinOp {
+    pub fn symbol(self) -> &'static str {
+        use BinOp::*;
+        match self {
+            Add => "+",
+            Sub => "-",
+            Mul => "*",
+            Div => "/",
+            Rem => "%",
+            Lt => "<",
+            Le => "<=",
+            Gt => ">",
+            Ge => ">=",
+            Eq => "==",
+            Ne => "!=",
+            And => "&&",
+            Or => "||",
+            BitAnd => "&",
+            BitXor => "^",
+            Shl => "<<",
+            Shr => ">>",
+        }
+    }
+    /// C precedence (higher binds tighter).
+    pub fn precedence(self) -> u8 {
+        use BinOp::*;
+        match self {
+            Mul | Div | Rem => 10,
+            Add | Sub => 9,
+            Shl | Shr => 8,
+            Lt | Le | Gt | Ge => 7,
+            Eq | Ne => 6,
+            BitAnd => 5,
+            BitXor => 4,
+            And => 2,
+            Or => 1,
+        }
+    }
+}
+
+/// The CUDA built-in index variables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Builtin {
+    ThreadIdx,
+    BlockIdx,
+    BlockDim,
+    GridDim,
+    ThreadIdxY,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    Var(String),
+    F32(f32),
+    F64(f64),
+    Int(i64),
+    ULong(u64),
+    Bool(bool),
+    Builtin(Builtin),
+    Neg(Box<Expr>),
+    Not(Box<Expr>),
+    Binary(BinOp, Box<Expr>, Box<Expr>),
+    /// A call of a CUDA math function, an intrinsic or one of the prelude's device functions.
+    Call(&'static str, Vec<Expr>),
+    Cast(CType, Box<Expr>),
+    /// `base[index]`.
+    Index(Box<Expr>, Box<Expr>),
+    /// `reinterpret_cast<const float4*>(base)[index]`: a 16-byte access.
+    Vec4(Box<Expr>, Box<Expr>),
+    /// `v.x`, `v.y`, ...
+    Lane(Box<Expr>, u8),
+    Select(Box<Expr>, Box<Expr>, Box<Expr>),
+}
+
+pub fn var(name: impl Into<String>) -> Expr {
+    Expr::Var(name.into())
+}
+pub fn int(v: i64) -> Expr {
+    Expr::Int(v)
+}
+pub fn bin(op: BinOp, a: Expr, b: Expr) -> Expr {
+    Expr::Binary(op, Box::new(a), Box::new(b))
+}
+pub fn call(f: &'static str, args: Vec<Expr>) -> Expr {
+    Expr::Call(f, args)
+}
+pub fn cast(t: CType, e: Expr) -> Expr {
+    Expr::Cast(t, Box::new(e))
+}
+pub fn index(base: Expr, i: Expr) -> Expr {
+    Expr::Index(Box::new(base), Box::new(i))
+}
+pub fn select(c: Expr, a: Expr, b: Expr) -> Expr {
+    Expr::Select(Box::new(c), Box::new(a), Box::new(b))
+}
+
+impl std::ops::Add for Expr {
+    type Output = Expr;
+    fn add(self, o: Expr) -> Expr {
+        bin(BinOp::Add, self, o)
+    }
+}
+impl std::ops::Sub for Expr {
+    type Output = Expr;
+    fn sub(self, o: Expr) -> Expr {
+        bin(BinOp::Sub, self, o)
+    }
+}
+impl std::ops::Mul for Expr {
+    type Output = Expr;
+    fn mul(self, o: Expr) -> Expr {
+        bin(BinOp::Mul, self, o)
+    }
+}
+impl std::ops::Div for Expr {
+    type Output = Expr;
+    fn div(self, o: Expr) -> Expr {
+        bin(BinOp::Div, self, o)
+    }
+}
+impl std::ops::Rem for Expr {
+    type Output = Expr;
+    fn rem(self, o: Expr) -> Expr {
+        bin(BinOp::Rem, self, o)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stmt {
+    Comment(String),
+    /// `[const] type name [= init];`
+    Decl {
+        ty: CType,
+        name: String,
+        init: Option<Expr>,
+        constant: bool,
+    },
+    /// `__shared__ type name[len];`
+    SharedArray {
+        ty: CType,
+        name: String,
+        len: usize,
+    },
+    Assign(Expr, Expr),
+    /// `lhs op= rhs;`
+    Compound(BinOp, Expr, Expr),
+    If(Expr, Vec<Stmt>, Vec<Stmt>),
+    /// `for (type var = init; var < end; var += step)`
+    For {
+        ty: CType,
+        var: String,
+        init: Expr,
+        end: Expr,
+        step: Expr,
+        body: Vec<Stmt>,
+    },
+    Return,
+    ReturnValue(Expr),
+    SyncThreads,
+    Block(Vec<Stmt>),
+}
+
+pub fn decl(ty: CType, name: impl Into<String>, init: Expr) -> Stmt {
+    Stmt::Decl { ty, name: name.into(), init: Some(init), constant: true }
+}
+pub fn decl_mut(ty: CType, name: impl Into<String>, init: Expr) -> Stmt {
+    Stmt::Decl { ty, name: name.into(), init: Some(init), constant: false }
+}
+pub fn assign(lhs: Expr, rhs: Expr) -> Stmt {
+    Stmt::Assign(lhs, rhs)
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ParamKind {
+    /// `const T* __restrict__`
+    In,
+    /// `T* __restrict__`
+    Out,
+    /// Read and written (an in-place update): `T*`.
+    InOut,
+    /// Read through a pointer that the kernel also writes through: `const T*`, no `__restrict__`.
+    InAliased,
+    Value,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Param {
+    pub ty: CType,
+    pub name: String,
+    pub kind: ParamKind,
+}
+
+/// A `__device__` helper of the prelude.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceFn {
+    pub ret: CType,
+    pub name: &'static str,
+    pub params: Vec<(CType, &'static str)>,
+    pub body: Vec<Stmt>,
+}
+
+/// An `extern "C" __global__` kernel and how it is launched.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    pub name: String,
+    /// Printed above the kernel: what it computes, from which graph nodes and call sites.
+    pub comments: Vec<String>,
+    pub params: Vec<Param>,
+    pub body: Vec<Stmt>,
+    pub launch: Launch,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: (u32, u32),
+    pub block: (u32, u32),
+}
+
+/// One compilation unit: the prelude's helpers and the kernels of a program.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Module {
+    pub helpers: Vec<DeviceFn>,
+    pub kernels: Vec<Kernel>,
+}

@@ -1,0 +1,412 @@
+//! The CUDA executable. Per shape signature of a call: specialize, lower, emit CUDA C, compile it
+//! with NVRTC (cached in memory and on disk), load the module, and allocate every buffer once
+//! (temporaries share memory by the same liveness plan as the CPU backend). Shared variables stay
+//! resident on the device between calls (updates are written there; the host copy is refreshed
+//! only when read). The first call of a specialization launches its steps one by one; later calls
+//! replay them as one CUDA graph, captured once (and again only if a shared variable's device
+//! memory moved, e.g. after `set_value`; `KILN_CUDA_GRAPHS=0` turns graphs off, for comparison). Arguments are checked before anything runs: lengths
+//! against the plan, and indices that come from arguments against their axis.
+
+use super::emit::{emit, DeviceStep, ErrorSite, KernelArg};
+use super::nvrtc::{self, Origin};
+use super::runtime::{cuda_err, fill_tensor, tensor_bytes, CudaResident, DeviceBuffer, Gpu};
+use crate::kernel::{elem_size, plan_memory, BufKind, KernelProgram, Step, UpdateWrite};
+use crate::{Backend, CompileOptions, Executable, Program, SharedValue};
+use cudarc::driver::{result, sys, CudaFunction, CudaGraph, CudaModule};
+use kiln_ir::{Error, Result, Tensor};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The CUDA backend for one device.
+pub struct Cuda {
+    pub ordinal: usize,
+}
+
+impl Backend for Cuda {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+    fn compile(&self, program: &Program, _opts: &CompileOptions) -> Result<Box<dyn Executable>> {
+        let gpu = Gpu::get(self.ordinal)?;
+        let graphs = std::env::var("KILN_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        Ok(Box::new(CudaExecutable { gpu, program: program.clone(), plans: HashMap::new(), order: vec![], graphs }))
+    }
+}
+
+enum Exec {
+    Launch {
+        f: CudaFunction,
+        args: Vec<KernelArg>,
+        grid: (u32, u32),
+        block: (u32, u32),
+    },
+    Gemm(crate::kernel::MatMul),
+    /// An update that could not be written in place: copied into the variable after the last step.
+    Copy {
+        from: usize,
+        shared: usize,
+        bytes: usize,
+    },
+}
+
+/// Timings and cache use of a specialization, for benchmarks and the compile-time target.
+#[derive(Clone, Copy, Debug)]
+pub struct CompileStats {
+    pub nvrtc_seconds: f64,
+    pub origin: Origin,
+    pub load_seconds: f64,
+}
+
+struct Plan {
+    kp: KernelProgram,
+    updates: Vec<UpdateWrite>,
+    returned: Vec<usize>,
+    out_shapes: Vec<Vec<usize>>,
+    steps: Vec<Exec>,
+    slots: Vec<DeviceBuffer>,
+    slot: Vec<Option<usize>>,
+    inputs: Vec<Option<DeviceBuffer>>,
+    errors: Vec<ErrorSite>,
+    error_word: Option<DeviceBuffer>,
+    /// The captured step and the shared-variable addresses it was captured with.
+    graph: Option<(CudaGraph, Vec<u64>)>,
+    calls: usize,
+    code: String,
+    stats: CompileStats,
+    _module: Arc<CudaModule>,
+}
+
+pub struct CudaExecutable {
+    gpu: Arc<Gpu>,
+    program: Program,
+    plans: HashMap<Vec<Vec<usize>>, Plan>,
+    order: Vec<Vec<Vec<usize>>>,
+    /// Replay steps as CUDA graphs (`KILN_CUDA_GRAPHS=0` launches every kernel from the host, for
+    /// comparison).
+    graphs: bool,
+}
+
+fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
+    kp.buffers[b].len * elem_size(kp.buffers[b].dtype) as usize
+}
+
+impl Plan {
+    fn build(gpu: &Arc<Gpu>, program: &Program, shapes: &[Vec<usize>]) -> Result<Plan> {
+        let (kp, updates, out_shapes) = super::specialize_program(program, shapes)?;
+        let dp = emit(&kp)?;
+        let source = super::print::module(&dp.module);
+        let t = std::time::Instant::now();
+        let (ptx, origin) = nvrtc::compile(&source, gpu.arch)?;
+        let nvrtc_seconds = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        gpu.bind()?;
+        let module =
+            gpu.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(cuda_err("loading the compiled module"))?;
+        let load_seconds = t.elapsed().as_secs_f64();
+        let mut functions: HashMap<String, CudaFunction> = HashMap::new();
+        for k in &dp.module.kernels {
+            let f = module.load_function(&k.name).map_err(cuda_err("finding a kernel"))?;
+            functions.insert(k.name.clone(), f);
+        }
+        let mut steps: Vec<Exec> = dp
+            .steps
+            .iter()
+            .map(|s| match s {
+                DeviceStep::Launch(l) => Exec::Launch {
+                    f: functions[&l.kernel].clone(),
+                    args: l.args.clone(),
+                    grid: l.launch.grid,
+                    block: l.launch.block,
+                },
+                DeviceStep::Gemm(mm) => Exec::Gemm(mm.clone()),
+            })
+            .collect();
+        let mut code = String::new();
+        for u in &updates {
+            let (s, how) = match u {
+                UpdateWrite::InPlace { shared } => (*shared, "written in place"),
+                UpdateWrite::CopyAtEnd { shared, from } => {
+                    steps.push(Exec::Copy { from: *from, shared: *shared, bytes: bytes_of(&kp, *from) });
+                    (*shared, "copied in after the last step")
+                }
+            };
+            let name = program.graph.node(program.shared[s]).op.label();
+            code.push_str(&format!("// update of shared variable '{name}': {how}\n"));
+        }
+        code.push_str(&source);
+        let memory = plan_memory(&kp);
+        let slots = memory.slot_bytes.iter().map(|&n| DeviceBuffer::new(gpu, n)).collect::<Result<Vec<_>>>()?;
+        for (b, buf) in kp.buffers.iter().enumerate() {
+            if let (BufKind::Constant(t), Some(sl)) = (&buf.kind, memory.slot[b]) {
+                let std = kiln_ir::map_array!(t, a => a.as_standard_layout().into_owned());
+                slots[sl].upload(&tensor_bytes(&std))?;
+            }
+        }
+        let mut inputs: Vec<Option<DeviceBuffer>> = (0..program.inputs.len()).map(|_| None).collect();
+        for (b, buf) in kp.buffers.iter().enumerate() {
+            if let BufKind::Input(k) = buf.kind {
+                inputs[k] = Some(DeviceBuffer::new(gpu, bytes_of(&kp, b))?);
+            }
+        }
+        let error_word = if dp.errors.is_empty() { None } else { Some(DeviceBuffer::new(gpu, 4)?) };
+        Ok(Plan {
+            returned: program.returned(),
+            kp,
+            updates,
+            out_shapes,
+            steps,
+            slots,
+            slot: memory.slot,
+            inputs,
+            errors: dp.errors,
+            error_word,
+            graph: None,
+            calls: 0,
+            code,
+            stats: CompileStats { nvrtc_seconds, origin, load_seconds },
+            _module: module,
+        })
+    }
+
+    /// Enqueues every step on the stream (also while capturing).
+    fn enqueue(&self, gpu: &Gpu, ptr: &[u64], shared_ptr: &[u64]) -> Result<()> {
+        let stream = gpu.stream.cu_stream();
+        if let Some(w) = &self.error_word {
+            // SAFETY: a 4-byte buffer of this plan.
+            unsafe { result::memset_d8_async(w.ptr, 0, 4, stream) }.map_err(cuda_err("clearing the error word"))?;
+        }
+        let error_ptr = self.error_word.as_ref().map_or(0, |w| w.ptr);
+        for step in &self.steps {
+            match step {
+                Exec::Launch { f, args, grid, block } => {
+                    if grid.0 == 0 {
+                        continue;
+                    }
+                    let mut values: Vec<u64> = args
+                        .iter()
+                        .map(|a| match a {
+                            KernelArg::Buf(b) => ptr[*b],
+                            KernelArg::ErrorFlag => error_ptr,
+                        })
+                        .collect();
+                    let mut params: Vec<*mut std::ffi::c_void> =
+                        values.iter_mut().map(|v| v as *mut u64 as *mut std::ffi::c_void).collect();
+                    // SAFETY: the kernel takes one pointer per argument, each a device buffer at
+                    // least as long as every index the kernel can form (checked by the lowering).
+                    unsafe {
+                        result::launch_kernel(
+                            f.cu_function(),
+                            (grid.0, grid.1, 1),
+                            (block.0, block.1, 1),
+                            0,
+                            stream,
+                            &mut params,
+                        )
+                    }
+                    .map_err(cuda_err("launching a kernel"))?;
+                }
+                // SAFETY: operand sizes were checked by the lowering.
+                Exec::Gemm(mm) => unsafe { gpu.gemm(mm, ptr[mm.a], ptr[mm.b], ptr[mm.c])? },
+                Exec::Copy { from, shared, bytes } => {
+                    // SAFETY: both buffers hold `bytes` bytes (the update keeps the variable's type).
+                    unsafe { result::memcpy_dtod_async(shared_ptr[*shared], ptr[*from], *bytes, stream) }
+                        .map_err(cuda_err("copying an update"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CudaExecutable {
+    /// Compile statistics of the specialization for these shapes (after `prepare` or a call).
+    pub fn stats(&self, shapes: &[Vec<usize>]) -> Option<CompileStats> {
+        self.plans.get(shapes).map(|p| p.stats)
+    }
+
+    /// Makes each shared variable resident on this device and returns their device addresses.
+    fn residents(&self, shared: &mut [SharedValue], plan: &Plan) -> Result<Vec<u64>> {
+        let mut ptrs = Vec::with_capacity(shared.len());
+        for (k, value) in shared.iter_mut().enumerate() {
+            let want = plan.kp.buffers.iter().find(|b| b.kind == BufKind::Shared(k));
+            let ty = value.ty();
+            let bytes = value.shape().iter().product::<usize>() * elem_size(ty.dtype) as usize;
+            if let Some(b) = want {
+                if value.shape().iter().product::<usize>() != b.len || value.ty().dtype != b.dtype {
+                    return Err(Error::Invalid(format!(
+                        "a value of {} was bound to a buffer of {} {}",
+                        value.ty(),
+                        b.len,
+                        b.dtype
+                    )));
+                }
+            }
+            let ordinal = self.gpu.ordinal;
+            let usable =
+                value.resident_mut::<CudaResident>().is_some_and(|r| r.ordinal == ordinal && r.buf.bytes == bytes);
+            if !usable {
+                let host = value.host()?.clone();
+                let buf = DeviceBuffer::new(&self.gpu, bytes)?;
+                buf.upload(&tensor_bytes(&host))?;
+                value.set_resident(Box::new(CudaResident { buf, ordinal }));
+            }
+            ptrs.push(value.resident_mut::<CudaResident>().expect("just made resident").buf.ptr);
+        }
+        Ok(ptrs)
+    }
+}
+
+impl Executable for CudaExecutable {
+    fn run(&mut self, inputs: &[&Tensor], shared: &mut [SharedValue]) -> Result<Vec<Tensor>> {
+        let key: Vec<Vec<usize>> =
+            inputs.iter().map(|t| t.shape().to_vec()).chain(shared.iter().map(|s| s.shape().to_vec())).collect();
+        let gpu = self.gpu.clone();
+        let _turn = gpu.turn();
+        self.prepare_in_turn(&key)?;
+        gpu.bind()?;
+        let plan = self.plans.get(&key).expect("prepared");
+        // Indices that come from arguments are checked before anything runs.
+        for step in &plan.kp.steps {
+            let (Step::Gather(g) | Step::ScatterAdd(g)) = step else { continue };
+            if let BufKind::Input(k) = plan.kp.buffers[g.idx].kind {
+                let op = if matches!(step, Step::Gather(_)) { "take" } else { "take_grad" };
+                for i in inputs[k].to_i64_vec() {
+                    let j = if i < 0 { i + g.axis_len as i64 } else { i };
+                    if j < 0 || j >= g.axis_len as i64 {
+                        return Err(Error::Runtime {
+                            op: op.into(),
+                            detail: format!("index {i} out of range for an axis of size {}", g.axis_len),
+                            at: g.at,
+                        });
+                    }
+                }
+            }
+        }
+        let shared_ptr = self.residents(shared, plan)?;
+        let plan = self.plans.get_mut(&key).expect("prepared");
+        for (k, t) in inputs.iter().enumerate() {
+            if let Some(buf) = &plan.inputs[k] {
+                let need = buf.bytes;
+                let bytes = tensor_bytes(t);
+                if bytes.len() != need {
+                    return Err(Error::Invalid(format!("input {k}: {} bytes for a buffer of {need}", bytes.len())));
+                }
+                buf.upload(&bytes)?;
+            }
+        }
+        let ptr: Vec<u64> = plan
+            .kp
+            .buffers
+            .iter()
+            .enumerate()
+            .map(|(b, buf)| match buf.kind {
+                BufKind::Input(k) => plan.inputs[k].as_ref().map_or(0, |d| d.ptr),
+                BufKind::Shared(k) => shared_ptr[k],
+                _ => plan.slot[b].map_or(0, |s| plan.slots[s].ptr),
+            })
+            .collect();
+        plan.calls += 1;
+        let graph_ok = plan.graph.as_ref().is_some_and(|(_, p)| *p == shared_ptr);
+        if self.graphs && !graph_ok && plan.calls >= 2 {
+            // Capture once the plan has run eagerly (which loads everything lazily initialized).
+            plan.graph = None;
+            gpu.stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                .map_err(cuda_err("beginning a graph capture"))?;
+            let enq = plan.enqueue(&gpu, &ptr, &shared_ptr);
+            let captured = gpu.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+            enq?;
+            let g = captured
+                .map_err(cuda_err("capturing the step as a CUDA graph"))?
+                .ok_or_else(|| Error::Invalid("CUDA graph capture produced no graph".into()))?;
+            plan.graph = Some((g, shared_ptr.clone()));
+        }
+        match &plan.graph {
+            Some((g, _)) => g.launch().map_err(cuda_err("launching the step's CUDA graph"))?,
+            None => plan.enqueue(&gpu, &ptr, &shared_ptr)?,
+        }
+        for u in &plan.updates {
+            let s = match u {
+                UpdateWrite::InPlace { shared } | UpdateWrite::CopyAtEnd { shared, .. } => *shared,
+            };
+            shared[s].mark_resident_newer();
+        }
+        let mut outs = Vec::with_capacity(plan.returned.len());
+        for &o in &plan.returned {
+            let b = plan.kp.outputs[o];
+            let d = plan.kp.buffers[b].dtype;
+            let mut bytes = vec![0u8; bytes_of(&plan.kp, b)];
+            let src = match plan.kp.buffers[b].kind {
+                BufKind::Input(k) => plan.inputs[k].as_ref().map(|d| d.ptr),
+                BufKind::Shared(k) => Some(shared_ptr[k]),
+                _ => plan.slot[b].map(|s| plan.slots[s].ptr),
+            };
+            if let Some(src) = src {
+                if !bytes.is_empty() {
+                    // SAFETY: the buffer holds this many bytes; the copy is ordered after the step.
+                    unsafe { result::memcpy_dtoh_async(&mut bytes, src, gpu.stream.cu_stream()) }
+                        .map_err(cuda_err("copying an output"))?;
+                }
+            }
+            let mut t = Tensor::zeros(d, &plan.out_shapes[o]);
+            gpu.synchronize()?;
+            fill_tensor(&mut t, &bytes);
+            outs.push(t);
+        }
+        gpu.synchronize()?;
+        if let Some(w) = &plan.error_word {
+            let mut code = [0u8; 4];
+            w.download(&mut code)?;
+            let code = i32::from_ne_bytes(code);
+            if code > 0 {
+                let site = &plan.errors[code as usize - 1];
+                return Err(Error::Runtime {
+                    op: site.op.into(),
+                    detail: format!(
+                        "an index computed by the graph was out of range for an axis of size {}",
+                        site.axis_len
+                    ),
+                    at: site.at,
+                });
+            }
+        }
+        Ok(outs)
+    }
+
+    fn prepare(&mut self, key: &[Vec<usize>]) -> Result<()> {
+        let gpu = self.gpu.clone();
+        let _turn = gpu.turn();
+        self.prepare_in_turn(key)
+    }
+
+    fn generated_code(&self) -> String {
+        self.order.iter().map(|k| self.plans[k].code.as_str()).collect::<Vec<_>>().join("\n")
+    }
+
+    fn compile_stats(&self) -> Vec<String> {
+        self.order
+            .iter()
+            .map(|k| {
+                let s = self.plans[k].stats;
+                format!(
+                    "{:?}: nvrtc {:.1} ms ({:?}), module load {:.1} ms",
+                    k,
+                    s.nvrtc_seconds * 1e3,
+                    s.origin,
+                    s.load_seconds * 1e3
+                )
+            })
+            .collect()
+    }
+}
+
+impl CudaExecutable {
+    fn prepare_in_turn(&mut self, key: &[Vec<usize>]) -> Result<()> {
+        if !self.plans.contains_key(key) {
+            let plan = Plan::build(&self.gpu, &self.program, key)?;
+            self.plans.insert(key.to_vec(), plan);
+            self.order.push(key.to_vec());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,45 @@
+//! The CUDA backend: the kernel program printed as CUDA C (`emit` builds a typed AST, `print`
+//! prints it), compiled by NVRTC at run time, run on one stream with cuBLAS for float products.
+pub mod ast;
+pub mod emit;
+mod exec;
+pub mod nvrtc;
+pub mod print;
+mod reduce;
+pub mod runtime;
+pub mod scalar;
+mod special;
+
+pub use exec::{CompileStats, Cuda, CudaExecutable};
+pub use runtime::unavailable_reason;
+
+use crate::kernel::KernelProgram;
+use kiln_ir::Result;
+
+/// The CUDA C of a kernel program.
+pub fn source(kp: &KernelProgram) -> Result<String> {
+    let dp = emit::emit(kp)?;
+    Ok(print::module(&dp.module))
+}
+
+/// The kernel program the CUDA backend runs for these input and shared-variable shapes (updates
+/// placed, bounds checked), and the shapes of the program's outputs.
+pub fn specialize_program(
+    program: &crate::Program,
+    shapes: &[Vec<usize>],
+) -> Result<(KernelProgram, Vec<crate::kernel::UpdateWrite>, Vec<Vec<usize>>)> {
+    let sources = program.inputs.iter().chain(&program.shared);
+    let bound = sources.zip(shapes).map(|(&n, s)| (n, s.clone())).collect();
+    let (g, _) = kiln_ir::specialize::specialize(&program.graph, &bound)?;
+    let mut kp = crate::kernel::lower(&g, &program.inputs, &program.shared)?;
+    let out_shapes = g.outputs().iter().map(|&o| g.ty(o).concrete().expect("specialized")).collect();
+    let updates = crate::kernel::place_updates(&mut kp, &program.updates);
+    crate::kernel::check_bounds(&kp)?;
+    Ok((kp, updates, out_shapes))
+}
+
+/// The CUDA C the CUDA backend generates for a program called with these shapes (no GPU needed).
+pub fn program_source(program: &crate::Program, shapes: &[Vec<usize>]) -> Result<String> {
+    let (kp, _, _) = specialize_program(program, shapes)?;
+    source(&kp)
+}

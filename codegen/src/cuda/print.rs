@@ -1,0 +1,285 @@
+//! Prints the CUDA AST as C. Parentheses are added only where C's precedence needs them, floats
+//! are printed so they read back exactly (shortest round-trip digits with an `f` suffix for
+//! float; non-finite values through bit patterns), and the layout is fixed, so the same AST always
+//! gives the same text.
+
+use super::ast::*;
+use std::fmt::Write;
+
+const ATOM: u8 = 15;
+const UNARY: u8 = 12;
+
+fn precedence(e: &Expr) -> u8 {
+    match e {
+        Expr::Binary(op, ..) => op.precedence(),
+        Expr::Select(..) => 0,
+        Expr::Neg(_) | Expr::Not(_) | Expr::Cast(..) => UNARY,
+        Expr::Int(v) if *v < 0 => UNARY,
+        Expr::F32(v) if v.is_sign_negative() => UNARY,
+        Expr::F64(v) if v.is_sign_negative() => UNARY,
+        _ => ATOM,
+    }
+}
+
+fn float_literal(v: f32) -> String {
+    if v.is_nan() {
+        "__int_as_float(0x7fffffff)".into()
+    } else if v.is_infinite() {
+        format!("__int_as_float({:#010x})", v.to_bits())
+    } else {
+        let s = format!("{v:?}");
+        format!("{s}f")
+    }
+}
+
+fn double_literal(v: f64) -> String {
+    if v.is_nan() {
+        "__longlong_as_double(0x7fffffffffffffffLL)".into()
+    } else if v.is_infinite() {
+        format!("__longlong_as_double({:#018x}LL)", v.to_bits())
+    } else {
+        format!("{v:?}")
+    }
+}
+
+fn int_literal(v: i64) -> String {
+    if v == i64::MIN {
+        "(-9223372036854775807LL - 1)".into()
+    } else if v > i32::MAX as i64 || v < i32::MIN as i64 {
+        format!("{v}LL")
+    } else {
+        format!("{v}")
+    }
+}
+
+pub fn expr(e: &Expr) -> String {
+    let mut s = String::new();
+    write_expr(&mut s, e, false);
+    s
+}
+
+fn child(out: &mut String, e: &Expr, min: u8) {
+    if precedence(e) < min {
+        out.push('(');
+        write_expr(out, e, false);
+        out.push(')');
+    } else {
+        write_expr(out, e, false);
+    }
+}
+
+fn write_expr(out: &mut String, e: &Expr, lvalue: bool) {
+    match e {
+        Expr::Var(n) => out.push_str(n),
+        Expr::F32(v) => out.push_str(&float_literal(*v)),
+        Expr::F64(v) => out.push_str(&double_literal(*v)),
+        Expr::Int(v) => out.push_str(&int_literal(*v)),
+        Expr::ULong(v) if *v > 0xffff => write!(out, "{v:#x}ULL").unwrap(),
+        Expr::ULong(v) => write!(out, "{v}ULL").unwrap(),
+        Expr::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Expr::Builtin(b) => out.push_str(match b {
+            Builtin::ThreadIdx => "threadIdx.x",
+            Builtin::BlockIdx => "blockIdx.x",
+            Builtin::BlockDim => "blockDim.x",
+            Builtin::GridDim => "gridDim.x",
+            Builtin::ThreadIdxY => "threadIdx.y",
+        }),
+        Expr::Neg(a) => {
+            out.push('-');
+            child(out, a, ATOM);
+        }
+        Expr::Not(a) => {
+            out.push('!');
+            child(out, a, ATOM);
+        }
+        Expr::Binary(op, a, b) => {
+            let p = op.precedence();
+            child(out, a, p);
+            write!(out, " {} ", op.symbol()).unwrap();
+            child(out, b, p + 1);
+        }
+        Expr::Call(f, args) => {
+            out.push_str(f);
+            out.push('(');
+            for (i, a) in args.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_expr(out, a, false);
+            }
+            out.push(')');
+        }
+        Expr::Cast(t, a) => {
+            write!(out, "({})", t.name()).unwrap();
+            child(out, a, ATOM);
+        }
+        Expr::Index(base, i) => {
+            child(out, base, ATOM);
+            out.push('[');
+            write_expr(out, i, false);
+            out.push(']');
+        }
+        Expr::Vec4(base, i) => {
+            let ptr = if lvalue { "float4*" } else { "const float4*" };
+            write!(out, "reinterpret_cast<{ptr}>(").unwrap();
+            write_expr(out, base, false);
+            out.push_str(")[");
+            write_expr(out, i, false);
+            out.push(']');
+        }
+        Expr::Lane(v, l) => {
+            child(out, v, ATOM);
+            out.push('.');
+            out.push(['x', 'y', 'z', 'w'][*l as usize]);
+        }
+        Expr::Select(c, a, b) => {
+            child(out, c, 1);
+            out.push_str(" ? ");
+            child(out, a, 1);
+            out.push_str(" : ");
+            child(out, b, 1);
+        }
+    }
+}
+
+fn indent(out: &mut String, depth: usize) {
+    for _ in 0..depth {
+        out.push_str("    ");
+    }
+}
+
+fn block(out: &mut String, body: &[Stmt], depth: usize) {
+    out.push_str("{\n");
+    for s in body {
+        stmt(out, s, depth + 1);
+    }
+    indent(out, depth);
+    out.push('}');
+}
+
+fn stmt(out: &mut String, s: &Stmt, depth: usize) {
+    indent(out, depth);
+    match s {
+        Stmt::Comment(c) => writeln!(out, "// {c}").unwrap(),
+        Stmt::Decl { ty, name, init, constant } => {
+            if *constant {
+                out.push_str("const ");
+            }
+            write!(out, "{} {name}", ty.name()).unwrap();
+            if let Some(e) = init {
+                out.push_str(" = ");
+                write_expr(out, e, false);
+            }
+            out.push_str(";\n");
+        }
+        Stmt::SharedArray { ty, name, len } => writeln!(out, "__shared__ {} {name}[{len}];", ty.name()).unwrap(),
+        Stmt::Assign(l, r) => {
+            write_expr(out, l, true);
+            out.push_str(" = ");
+            write_expr(out, r, false);
+            out.push_str(";\n");
+        }
+        Stmt::Compound(op, l, r) => {
+            write_expr(out, l, true);
+            write!(out, " {}= ", op.symbol()).unwrap();
+            write_expr(out, r, false);
+            out.push_str(";\n");
+        }
+        Stmt::If(c, then, otherwise) => {
+            out.push_str("if (");
+            write_expr(out, c, false);
+            out.push_str(") ");
+            block(out, then, depth);
+            if !otherwise.is_empty() {
+                out.push_str(" else ");
+                block(out, otherwise, depth);
+            }
+            out.push('\n');
+        }
+        Stmt::For { ty, var, init, end, step, body } => {
+            write!(out, "for ({} {var} = {}; {var} < {}; {var} += {}) ", ty.name(), expr(init), expr(end), expr(step))
+                .unwrap();
+            block(out, body, depth);
+            out.push('\n');
+        }
+        Stmt::Return => out.push_str("return;\n"),
+        Stmt::ReturnValue(e) => writeln!(out, "return {};", expr(e)).unwrap(),
+        Stmt::SyncThreads => out.push_str("__syncthreads();\n"),
+        Stmt::Block(body) => {
+            block(out, body, depth);
+            out.push('\n');
+        }
+    }
+}
+
+fn param(p: &Param) -> String {
+    match p.kind {
+        ParamKind::In => format!("const {}* __restrict__ {}", p.ty.name(), p.name),
+        ParamKind::Out => format!("{}* __restrict__ {}", p.ty.name(), p.name),
+        ParamKind::InOut => format!("{}* {}", p.ty.name(), p.name),
+        ParamKind::InAliased => format!("const {}* {}", p.ty.name(), p.name),
+        ParamKind::Value => format!("{} {}", p.ty.name(), p.name),
+    }
+}
+
+pub fn device_fn(out: &mut String, f: &DeviceFn) {
+    let params: Vec<String> = f.params.iter().map(|(t, n)| format!("{} {n}", t.name())).collect();
+    write!(out, "__device__ __forceinline__ {} {}({}) ", f.ret.name(), f.name, params.join(", ")).unwrap();
+    block(out, &f.body, 0);
+    out.push_str("\n\n");
+}
+
+pub fn kernel(out: &mut String, k: &Kernel) {
+    for c in &k.comments {
+        writeln!(out, "// {c}").unwrap();
+    }
+    let l = k.launch;
+    writeln!(out, "// launch: grid ({}, {}), block ({}, {})", l.grid.0, l.grid.1, l.block.0, l.block.1).unwrap();
+    let params: Vec<String> = k.params.iter().map(param).collect();
+    let threads = l.block.0 * l.block.1;
+    write!(out, "extern \"C\" __global__ void __launch_bounds__({threads}) {}({}) ", k.name, params.join(", "))
+        .unwrap();
+    block(out, &k.body, 0);
+    out.push_str("\n\n");
+}
+
+/// The whole compilation unit.
+pub fn module(m: &Module) -> String {
+    let mut out = String::from("// Generated by kiln. Do not edit.\n\n");
+    for f in &m.helpers {
+        device_fn(&mut out, f);
+    }
+    for k in &m.kernels {
+        kernel(&mut out, k);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parentheses_follow_precedence() {
+        let e = (var("a") + var("b")) * var("c") - var("d") / (var("e") - var("f"));
+        assert_eq!(expr(&e), "(a + b) * c - d / (e - f)");
+        let e = var("a") - (var("b") - var("c"));
+        assert_eq!(expr(&e), "a - (b - c)");
+        let e = cast(CType::Float, var("x") + int(1));
+        assert_eq!(expr(&e), "(float)(x + 1)");
+        assert_eq!(
+            expr(&select(bin(BinOp::Lt, var("x"), Expr::F32(0.0)), Expr::F32(-0.5), var("x"))),
+            "x < 0.0f ? -0.5f : x"
+        );
+    }
+
+    #[test]
+    fn literals_read_back_exactly() {
+        assert_eq!(expr(&Expr::F32(0.1)), "0.1f");
+        assert_eq!(expr(&Expr::F32(f32::INFINITY)), "__int_as_float(0x7f800000)");
+        assert_eq!(expr(&Expr::F32(f32::NEG_INFINITY)), "__int_as_float(0xff800000)");
+        assert_eq!(expr(&Expr::F64(1e-300)), "1e-300");
+        assert_eq!(expr(&Expr::Int(1 << 40)), "1099511627776LL");
+        assert_eq!(expr(&Expr::Int(i64::MIN)), "(-9223372036854775807LL - 1)");
+    }
+}

@@ -1,0 +1,355 @@
+//! Reduction kernels: the accumulator (f64 for float sums and products, i64 for integer ones, the
+//! element type for max/min/argmax, as the CPU backend), and the three shapes of work: one thread
+//! per output for short rows, one block per row (warp shuffles, then shared memory across warps)
+//! when rows are contiguous, and a 32x8 tile per 32 outputs when the kept dim is contiguous
+//! (column sums such as bias gradients), so adjacent threads read adjacent addresses. Argmax keeps
+//! the first maximum and lets a NaN win, combining (value, index) pairs in any order.
+
+use super::ast::*;
+use super::emit::{decompose, grid_for, grid_stride_loop, launch_1d, offset, Emitter, MAX_GRID, THREADS};
+use super::scalar::literal;
+use crate::kernel::LoopKernel;
+use kiln_ir::ops::{BinaryOp, ReduceOp};
+use kiln_ir::DType;
+
+/// The accumulator dtype of a reduction whose elements have dtype `d` (as the CPU backend's).
+fn acc_dtype(op: ReduceOp, d: DType) -> DType {
+    match op {
+        ReduceOp::Max | ReduceOp::Min | ReduceOp::ArgMax => d,
+        _ if d.is_float() => DType::F64,
+        _ => DType::I64,
+    }
+}
+
+fn lowest(d: DType) -> Expr {
+    match d {
+        DType::F32 => Expr::F32(f32::NEG_INFINITY),
+        DType::F64 => Expr::F64(f64::NEG_INFINITY),
+        DType::I32 => int(i32::MIN as i64),
+        _ => int(i64::MIN),
+    }
+}
+
+fn highest(d: DType) -> Expr {
+    match d {
+        DType::F32 => Expr::F32(f32::INFINITY),
+        DType::F64 => Expr::F64(f64::INFINITY),
+        DType::I32 => int(i32::MAX as i64),
+        _ => int(i64::MAX),
+    }
+}
+
+/// Where a reduction kernel's work goes.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum ReduceShape {
+    /// One thread per output, looping over its row.
+    Thread,
+    /// One block per output row, warp shuffles then shared memory.
+    Block(u32),
+    /// 32 outputs per block (adjacent threads, adjacent outputs), 8 rows of threads over the row.
+    Tile,
+}
+
+impl<'a> Emitter<'a> {
+    fn reduce_shape(&self, k: &LoopKernel, kept: usize, rows: usize, row_len: usize) -> ReduceShape {
+        if row_len <= 16 {
+            return ReduceShape::Thread;
+        }
+        let last = k.shape.len() - 1;
+        let contiguous_row = k.inputs.iter().any(|v| v.strides[last].abs() == 1);
+        let contiguous_kept = kept > 0 && k.inputs.iter().any(|v| v.strides[kept - 1].abs() == 1);
+        if !contiguous_row && contiguous_kept && rows >= 32 {
+            ReduceShape::Tile
+        } else {
+            ReduceShape::Block(row_len.next_power_of_two().clamp(32, THREADS as usize) as u32)
+        }
+    }
+
+    /// The multi-index of output row `o`, a fresh accumulator, and the loop folding this thread's
+    /// share of the row into it (elements `first`, `first + step`, ...).
+    fn row_accumulation(
+        &mut self,
+        k: &LoopKernel,
+        dtypes: &[DType],
+        op: ReduceOp,
+        it: CType,
+        first: Expr,
+        step: usize,
+    ) -> Vec<Stmt> {
+        let reduced = k.reduce.map_or(0, |r| r.1);
+        let kept = k.shape.len() - reduced;
+        let row_len: usize = k.shape[kept..].iter().product();
+        let d = *dtypes.last().expect("non-empty");
+        let mut per_row = vec![];
+        decompose(var("o"), &k.shape[..kept], 0, it, &mut per_row);
+        self.init_acc(op, d, &mut per_row);
+        let mut per_elem = vec![];
+        decompose(var("r"), &k.shape[kept..], kept, it, &mut per_elem);
+        self.fold_element(k, dtypes, op, cast(CType::LongLong, var("r")), &mut per_elem);
+        per_row.push(Stmt::For {
+            ty: it,
+            var: "r".into(),
+            init: first,
+            end: int(row_len as i64),
+            step: int(step as i64),
+            body: per_elem,
+        });
+        per_row
+    }
+
+    /// Statements that fold the element at the current multi-index into `acc` (and `best`).
+    fn fold_element(&mut self, k: &LoopKernel, dtypes: &[DType], op: ReduceOp, row_index: Expr, out: &mut Vec<Stmt>) {
+        let dims = k.shape.len();
+        let ins = self.loads(k, dims, out);
+        let d = *dtypes.last().expect("non-empty");
+        let v = self.exprs(k, dtypes, &ins, "", out);
+        self.combine(op, d, v, row_index, out);
+    }
+
+    /// `acc (+)= v` for the reduction; `idx` is v's position in the row (for argmax).
+    fn combine(&mut self, op: ReduceOp, d: DType, v: Expr, idx: Expr, out: &mut Vec<Stmt>) {
+        let ad = acc_dtype(op, d);
+        let acc = var("acc");
+        let widened = if ad == d { v.clone() } else { cast(CType::of(ad), v.clone()) };
+        match op {
+            ReduceOp::Sum | ReduceOp::Mean => {
+                let s = self.scalars.binary(BinaryOp::Add, ad, acc.clone(), widened);
+                out.push(assign(acc, s))
+            }
+            ReduceOp::Prod => {
+                let s = self.scalars.binary(BinaryOp::Mul, ad, acc.clone(), widened);
+                out.push(assign(acc, s))
+            }
+            ReduceOp::Max => {
+                let m = self.scalars.max(d, acc.clone(), v);
+                out.push(assign(acc, m))
+            }
+            ReduceOp::Min => {
+                let m = self.scalars.min(d, acc.clone(), v);
+                out.push(assign(acc, m))
+            }
+            ReduceOp::ArgMax => {
+                let take = self.scalars.argmax_take(d, acc.clone(), var("best"), v.clone(), idx.clone());
+                out.push(Stmt::If(take, vec![assign(acc, v), assign(var("best"), idx)], vec![]))
+            }
+        }
+    }
+
+    fn init_acc(&self, op: ReduceOp, d: DType, out: &mut Vec<Stmt>) {
+        let ad = acc_dtype(op, d);
+        let init = match op {
+            ReduceOp::Sum | ReduceOp::Mean => literal(ad, 0.0),
+            ReduceOp::Prod => literal(ad, 1.0),
+            ReduceOp::Max | ReduceOp::ArgMax => lowest(ad),
+            ReduceOp::Min => highest(ad),
+        };
+        out.push(decl_mut(CType::of(ad), "acc", init));
+        if op == ReduceOp::ArgMax {
+            out.push(decl_mut(CType::LongLong, "best", int(i64::MAX)));
+        }
+    }
+
+    /// The value stored for a finished row of `row_len` elements.
+    fn finish(&mut self, k: &LoopKernel, op: ReduceOp, d: DType, row_len: usize, at: Expr) -> Stmt {
+        let ad = acc_dtype(op, d);
+        match op {
+            ReduceOp::ArgMax => {
+                // An empty row (or, never, an unset best) gives index 0.
+                let best = select(bin(BinOp::Eq, var("best"), int(i64::MAX)), int(0), var("best"));
+                self.store(k, DType::I64, best, at)
+            }
+            ReduceOp::Mean => {
+                let m = cast(CType::Double, var("acc")) / Expr::F64(row_len as f64);
+                self.store(k, DType::F64, m, at)
+            }
+            _ => self.store(k, ad, var("acc"), at),
+        }
+    }
+
+    pub(super) fn reduction(&mut self, k: &LoopKernel, dtypes: &[DType], op: ReduceOp) -> (Vec<Stmt>, Launch) {
+        let it = self.index_type(k);
+        let reduced = k.reduce.map_or(0, |r| r.1);
+        let kept = k.shape.len() - reduced;
+        let rows: usize = k.shape[..kept].iter().product();
+        let row_len: usize = k.shape[kept..].iter().product();
+        let d = *dtypes.last().expect("non-empty");
+        let ad = acc_dtype(op, d);
+        let out_at = offset(&k.out, kept);
+        match self.reduce_shape(k, kept, rows, row_len) {
+            ReduceShape::Thread => {
+                let mut per_row = self.row_accumulation(k, dtypes, op, it, int(0), 1);
+                per_row.push(self.finish(k, op, d, row_len, out_at));
+                let body = vec![grid_stride_loop(it, "o", rows, per_row)];
+                (body, launch_1d(rows))
+            }
+            ReduceShape::Block(threads) => {
+                let warps = (threads / 32) as usize;
+                let mut body = vec![Stmt::SharedArray { ty: CType::of(ad), name: "partial".into(), len: warps }];
+                if op == ReduceOp::ArgMax {
+                    body.push(Stmt::SharedArray { ty: CType::LongLong, name: "partial_best".into(), len: warps });
+                }
+                body.push(decl(
+                    CType::Int,
+                    "lane",
+                    bin(BinOp::BitAnd, cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)), int(31)),
+                ));
+                body.push(decl(CType::Int, "warp", cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)) / int(32)));
+                let mut per_row = self.row_accumulation(
+                    k,
+                    dtypes,
+                    op,
+                    it,
+                    cast(it, Expr::Builtin(Builtin::ThreadIdx)),
+                    threads as usize,
+                );
+                self.warp_reduce(op, d, 32, &mut per_row);
+                let mut publish = vec![assign(index(var("partial"), var("warp")), var("acc"))];
+                if op == ReduceOp::ArgMax {
+                    publish.push(assign(index(var("partial_best"), var("warp")), var("best")));
+                }
+                per_row.push(Stmt::If(bin(BinOp::Eq, var("lane"), int(0)), publish, vec![]));
+                per_row.push(Stmt::SyncThreads);
+                let mut last = vec![];
+                if warps > 1 {
+                    let init = match op {
+                        ReduceOp::Sum | ReduceOp::Mean => literal(ad, 0.0),
+                        ReduceOp::Prod => literal(ad, 1.0),
+                        ReduceOp::Max | ReduceOp::ArgMax => lowest(ad),
+                        ReduceOp::Min => highest(ad),
+                    };
+                    let has = bin(BinOp::Lt, var("lane"), int(warps as i64));
+                    last.push(assign(var("acc"), select(has.clone(), index(var("partial"), var("lane")), init)));
+                    if op == ReduceOp::ArgMax {
+                        let b = select(has, index(var("partial_best"), var("lane")), int(i64::MAX));
+                        last.push(assign(var("best"), b));
+                    }
+                    self.warp_reduce(op, d, warps, &mut last);
+                }
+                let store = self.finish(k, op, d, row_len, out_at);
+                last.push(Stmt::If(bin(BinOp::Eq, var("lane"), int(0)), vec![store], vec![]));
+                per_row.push(Stmt::If(bin(BinOp::Eq, var("warp"), int(0)), last, vec![]));
+                // The next row reuses `partial`.
+                per_row.push(Stmt::SyncThreads);
+                body.push(Stmt::For {
+                    ty: it,
+                    var: "o".into(),
+                    init: cast(it, Expr::Builtin(Builtin::BlockIdx)),
+                    end: int(rows as i64),
+                    step: cast(it, Expr::Builtin(Builtin::GridDim)),
+                    body: per_row,
+                });
+                (body, Launch { grid: (rows.min(MAX_GRID) as u32, 1), block: (threads, 1) })
+            }
+            ReduceShape::Tile => {
+                let mut body = vec![Stmt::SharedArray { ty: CType::of(ad), name: "partial".into(), len: 256 }];
+                if op == ReduceOp::ArgMax {
+                    body.push(Stmt::SharedArray { ty: CType::LongLong, name: "partial_best".into(), len: 256 });
+                }
+                let (tx, ty) = (
+                    cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)),
+                    cast(CType::Int, Expr::Builtin(Builtin::ThreadIdxY)),
+                );
+                body.push(decl(CType::Int, "tx", tx));
+                body.push(decl(CType::Int, "ty", ty));
+                let mut per_tile = vec![decl(it, "o", var("base") + cast(it, var("tx")))];
+                decompose(var("o"), &k.shape[..kept], 0, it, &mut per_tile);
+                self.init_acc(op, d, &mut per_tile);
+                let mut per_elem = vec![];
+                decompose(var("r"), &k.shape[kept..], kept, it, &mut per_elem);
+                self.fold_element(k, dtypes, op, cast(CType::LongLong, var("r")), &mut per_elem);
+                let walk = Stmt::For {
+                    ty: it,
+                    var: "r".into(),
+                    init: cast(it, var("ty")),
+                    end: int(row_len as i64),
+                    step: int(8),
+                    body: per_elem,
+                };
+                let in_range = bin(BinOp::Lt, var("o"), int(rows as i64));
+                per_tile.push(Stmt::If(in_range.clone(), vec![walk], vec![]));
+                let slot = var("ty") * int(32) + var("tx");
+                let mut publish = vec![assign(index(var("partial"), slot.clone()), var("acc"))];
+                if op == ReduceOp::ArgMax {
+                    publish.push(assign(index(var("partial_best"), slot), var("best")));
+                }
+                per_tile.extend(publish);
+                per_tile.push(Stmt::SyncThreads);
+                let mut gather = vec![];
+                let other = index(var("partial"), var("y") * int(32) + var("tx"));
+                let other_best = index(var("partial_best"), var("y") * int(32) + var("tx"));
+                self.combine_partial(op, d, other, other_best, &mut gather);
+                let mut first_row = vec![Stmt::For {
+                    ty: CType::Int,
+                    var: "y".into(),
+                    init: int(1),
+                    end: int(8),
+                    step: int(1),
+                    body: gather,
+                }];
+                first_row.push(self.finish(k, op, d, row_len, out_at));
+                per_tile.push(Stmt::If(
+                    bin(BinOp::And, bin(BinOp::Eq, var("ty"), int(0)), in_range),
+                    first_row,
+                    vec![],
+                ));
+                per_tile.push(Stmt::SyncThreads);
+                body.push(Stmt::For {
+                    ty: it,
+                    var: "base".into(),
+                    init: cast(it, Expr::Builtin(Builtin::BlockIdx)) * int(32),
+                    end: int(rows as i64),
+                    step: cast(it, Expr::Builtin(Builtin::GridDim)) * int(32),
+                    body: per_tile,
+                });
+                (body, Launch { grid: (grid_for(rows, 32), 1), block: (32, 8) })
+            }
+        }
+    }
+
+    /// Folds another partial result (`other`, and `other_best` for argmax) into `acc`.
+    fn combine_partial(&mut self, op: ReduceOp, d: DType, other: Expr, other_best: Expr, out: &mut Vec<Stmt>) {
+        let ad = acc_dtype(op, d);
+        match op {
+            ReduceOp::Sum | ReduceOp::Mean => {
+                let s = self.scalars.binary(BinaryOp::Add, ad, var("acc"), other);
+                out.push(assign(var("acc"), s))
+            }
+            ReduceOp::Prod => {
+                let s = self.scalars.binary(BinaryOp::Mul, ad, var("acc"), other);
+                out.push(assign(var("acc"), s))
+            }
+            ReduceOp::Max | ReduceOp::Min | ReduceOp::ArgMax => {
+                if op == ReduceOp::ArgMax {
+                    out.push(decl(CType::of(ad), "other", other));
+                    out.push(decl(CType::LongLong, "other_best", other_best));
+                    let take = self.scalars.argmax_take(d, var("acc"), var("best"), var("other"), var("other_best"));
+                    out.push(Stmt::If(
+                        take,
+                        vec![assign(var("acc"), var("other")), assign(var("best"), var("other_best"))],
+                        vec![],
+                    ));
+                } else {
+                    let m = if op == ReduceOp::Max {
+                        self.scalars.max(d, var("acc"), other)
+                    } else {
+                        self.scalars.min(d, var("acc"), other)
+                    };
+                    out.push(assign(var("acc"), m));
+                }
+            }
+        }
+    }
+
+    /// Tree reduction of `acc` across the first `width` lanes of each warp, by shuffles; lane 0
+    /// ends with the result.
+    fn warp_reduce(&mut self, op: ReduceOp, d: DType, width: usize, out: &mut Vec<Stmt>) {
+        let mut offset = width.next_power_of_two() / 2;
+        while offset > 0 {
+            let shfl = |v: &str| call("__shfl_down_sync", vec![Expr::ULong(0xffff_ffff), var(v), int(offset as i64)]);
+            let mut step = vec![];
+            self.combine_partial(op, d, shfl("acc"), shfl("best"), &mut step);
+            out.push(Stmt::Block(step));
+            offset /= 2;
+        }
+    }
+}

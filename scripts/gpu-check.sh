@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# kiln's GPU checks, for a machine with an NVIDIA GPU and no Rust toolchain.
+#
+#   scripts/gpu-check.sh --build   (on the development machine) builds the release test binaries
+#                                  that exercise Device::Cuda and the step benchmark, strips them
+#                                  and copies them into .gpu/ (git-ignored; carry that folder).
+#   scripts/gpu-check.sh           (on the GPU machine, in the repository root) runs them and
+#                                  prints a table: each test binary's result, then the benchmark
+#                                  on the GPU (cold NVRTC compile, then from the PTX disk cache,
+#                                  then without CUDA graphs), with the card's name.
+#
+# The CUDA libraries are looked up under $CUDA_LIB (default: the CUDA 13.0 toolkit's lib folder).
+set -u
+DIR=${KILN_GPU_DIR:-.gpu}
+TESTS="op_table gradcheck backend_agreement cuda_device cuda_codegen"
+
+if [ "${1:-}" = "--build" ]; then
+    set -e
+    mkdir -p "$DIR"
+    cargo test --release --no-run 2>&1 | grep -o 'tests/[a-z_]*\.rs (target/release/deps/[^)]*)' |
+        while read -r src bin; do
+            name=$(basename "$src" .rs)
+            bin=${bin#(}; bin=${bin%)}
+            if [[ " $TESTS " == *" $name "* ]]; then cp "$bin" "$DIR/$name"; strip "$DIR/$name"; fi
+        done
+    bench=$(cargo bench --bench steps --no-run 2>&1 | grep -o 'target/release/deps/steps-[0-9a-f]*' | head -1)
+    cp "$bench" "$DIR/steps"
+    strip "$DIR/steps"
+    ls -la "$DIR"
+    exit 0
+fi
+
+export LD_LIBRARY_PATH=${CUDA_LIB:-/usr/local/cuda-13.0/targets/x86_64-linux/lib}:${LD_LIBRARY_PATH:-}
+OUT_DIR=${OUT:-/tmp/kiln-gpu-check}
+mkdir -p "$OUT_DIR"
+echo "== device"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi failed"
+echo "== tests"
+printf '%-20s %-8s %s\n' binary result summary
+status=0
+for t in $TESTS; do
+    [ -x "$DIR/$t" ] || { printf '%-20s %-8s %s\n' "$t" missing "run --build first"; status=1; continue; }
+    filter=()
+    # The snapshot tests need the source tree's snapshots; on the GPU machine only the GPU parts run.
+    [ "$t" = cuda_codegen ] && filter=(cuda_device_errors every_workload kernels_name ptx_is_cached)
+    start=$(date +%s%N)
+    if timeout 300 "$DIR/$t" "${filter[@]}" >"$OUT_DIR/$t.log" 2>&1; then r=ok; else r=FAILED; status=1; fi
+    ms=$(( ($(date +%s%N) - start) / 1000000 ))
+    summary=$(grep -E '^test result' "$OUT_DIR/$t.log" | tail -1 | sed 's/test result: //; s/; 0 measured.*//')
+    printf '%-20s %-8s %s (%d ms)\n' "$t" "$r" "$summary" "$ms"
+    [ "$r" = ok ] || grep -E 'panicked|FAILED|Error|error' "$OUT_DIR/$t.log" | head -20
+    grep -h '^note:' "$OUT_DIR/$t.log" | sort -u
+done
+echo "== benchmark (ms per full training step, f32; compile_ms includes graph building)"
+export KILN_CACHE_DIR=$(mktemp -d)
+echo "-- cold: NVRTC compiles every step"
+"$DIR/steps" --device cuda --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-cold.txt"
+echo "-- again: PTX from the disk cache"
+"$DIR/steps" --device cuda --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-cached.txt"
+echo "-- without CUDA graphs (every kernel launched from the host)"
+KILN_CUDA_GRAPHS=0 "$DIR/steps" --device cuda --seconds ${BENCH_SECONDS:-1} 2>&1 | grep -v compile: | tee "$OUT_DIR/bench-eager.txt"
+exit $status

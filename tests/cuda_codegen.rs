@@ -1,0 +1,137 @@
+//! The CUDA backend without a GPU: snapshots of the CUDA C it prints for canonical graphs (a fused
+//! elementwise chain, a softmax, reductions by row and by column, a product with its bias + relu
+//! epilogue, an SGD momentum update, dropout), NVRTC compilation of every kernel of the benchmark
+//! workloads (wherever libnvrtc is found), the PTX caches, and the error `Device::Cuda` gives where
+//! the machine has no GPU.
+
+use kiln::prelude::*;
+use kiln::testing::{check_cuda_source_compiles, random_tensor};
+
+fn f32s(shape: &[usize], seed: u64) -> Tensor {
+    random_tensor(shape, -1.0, 1.0, seed).cast(F32)
+}
+
+/// The CUDA C of `f` for `args`, after checking that NVRTC compiles it (where libnvrtc exists).
+fn cuda_c(f: &Function, args: &[Tensor]) -> String {
+    check_cuda_source_compiles(f, args).unwrap();
+    f.cuda_source(args).unwrap()
+}
+
+#[test]
+fn fused_elementwise_chain() {
+    let g = Graph::new();
+    let x = g.input("x", F32, [Dim::sym("n"), 64.into()]);
+    let y = g.input("y", F32, [Dim::sym("n"), 64.into()]);
+    let z = ((&x * 2.0 + 1.0).tanh() * &y).exp();
+    let f = g.function([&x, &y], [&z]).compile(Device::Reference).unwrap();
+    insta::assert_snapshot!(cuda_c(&f, &[f32s(&[256, 64], 1), f32s(&[256, 64], 2)]));
+}
+
+#[test]
+fn softmax() {
+    let g = Graph::new();
+    let x = g.input("x", F32, [Dim::sym("n"), 10.into()]);
+    let f = g.function([&x], [&x.softmax(-1)]).compile(Device::Reference).unwrap();
+    insta::assert_snapshot!(cuda_c(&f, &[f32s(&[32, 10], 3)]));
+}
+
+#[test]
+fn reductions_by_row_and_by_column() {
+    let g = Graph::new();
+    let x = g.input("x", F32, [512, 300]);
+    let rows = x.max(&[1]);
+    let cols = (&x * &x).sum(&[0]);
+    let f = g.function([&x], [&rows, &cols]).compile(Device::Reference).unwrap();
+    insta::assert_snapshot!(cuda_c(&f, &[f32s(&[512, 300], 4)]));
+}
+
+#[test]
+fn matmul_with_bias_and_relu_epilogue() {
+    let g = Graph::new();
+    let x = g.input("x", F32, [Dim::sym("batch"), 784.into()]);
+    let w = g.shared("w", f32s(&[784, 256], 5));
+    let b = g.shared("b", f32s(&[256], 6));
+    let h = (x.matmul(&w) + &b).relu();
+    let f = g.function([&x], [&h]).compile(Device::Reference).unwrap();
+    insta::assert_snapshot!(cuda_c(&f, &[f32s(&[128, 784], 7)]));
+}
+
+#[test]
+fn sgd_momentum_update() {
+    let g = Graph::new();
+    let grad = g.input("grad", F32, [256, 10]);
+    let p = g.shared("p", f32s(&[256, 10], 8));
+    let v = g.shared("v", Tensor::zeros(F32, &[256, 10]));
+    let v_new = &v * 0.9 - 0.01 * &grad;
+    let f = g
+        .function([&grad], Vec::<&Var>::new())
+        .updates([(&p, &p + &v_new), (&v, v_new)])
+        .compile(Device::Reference)
+        .unwrap();
+    insta::assert_snapshot!(cuda_c(&f, &[f32s(&[256, 10], 9)]));
+}
+
+#[test]
+fn dropout() {
+    let g = Graph::new();
+    let x = g.input("x", F32, [Dim::sym("n"), 64.into()]);
+    let rng = g.rng(7);
+    let f = g.function([&x], [&x.dropout(0.5, &rng)]).compile(Device::Reference).unwrap();
+    insta::assert_snapshot!(cuda_c(&f, &[f32s(&[16, 64], 10)]));
+}
+
+#[test]
+fn every_workload_compiles_with_nvrtc() {
+    for name in kiln::workloads::NAMES {
+        let w = kiln::workloads::build(name, Device::Reference).unwrap();
+        let src = w.step.cuda_source(&w.args).unwrap();
+        assert!(src.contains("extern \"C\" __global__"), "{name}");
+        check_cuda_source_compiles(&w.step, &w.args).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+#[test]
+fn kernels_name_their_graph_nodes_and_call_sites() {
+    let w = kiln::workloads::build("fmnist-mlp", Device::Reference).unwrap();
+    let src = w.step.cuda_source(&w.args).unwrap();
+    assert!(src.contains("k0_matmul") || src.contains("runs as the epilogue of k0_matmul"), "{src}");
+    assert!(src.contains("computes softmax_cross_entropy") && src.contains("src/workloads.rs:"), "{src}");
+    // The same program prints the same text.
+    assert_eq!(src, w.step.cuda_source(&w.args).unwrap());
+}
+
+#[test]
+fn ptx_is_cached_in_memory_and_on_disk() {
+    use kiln_codegen::cuda::nvrtc::{compile_with_cache, Origin};
+    if !kiln_codegen::cuda::nvrtc::available() {
+        kiln::testing::note(&format!("skipped: {}", kiln_codegen::cuda::nvrtc::missing_reason()));
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kiln-ptx-test-{}", std::process::id()));
+    let src = format!("extern \"C\" __global__ void probe_{}(float* x) {{ x[0] = 1.0f; }}\n", std::process::id());
+    let (ptx, origin) = compile_with_cache(&src, "compute_90", Some(dir.clone())).unwrap();
+    assert_eq!(origin, Origin::Compiled);
+    assert!(ptx.contains(".entry"), "{ptx}");
+    assert_eq!(compile_with_cache(&src, "compute_90", Some(dir.clone())).unwrap().1, Origin::Memory);
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(files.iter().any(|f| f.to_string_lossy().ends_with(".ptx")), "{files:?}");
+    assert!(files.iter().any(|f| f.to_string_lossy().ends_with(".cu")), "{files:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn cuda_device_errors_clearly_where_it_cannot_run() {
+    let g = Graph::new();
+    let x = g.input("x", F32, [3]);
+    match kiln::Device::cuda_unavailable_reason() {
+        Some(why) => {
+            let err = g.function([&x], [&x.exp()]).compile(Device::Cuda(0)).err().expect("no silent CPU fallback");
+            let msg = err.to_string();
+            assert!(msg.contains("Device::Cuda(0) is not available") && msg.contains(&why), "{msg}");
+        }
+        None => {
+            let err = g.function([&x], [&x.exp()]).compile(Device::Cuda(999)).err().expect("no such device");
+            assert!(err.to_string().contains("CUDA device(s)"), "{err}");
+        }
+    }
+}

