@@ -128,10 +128,16 @@ impl FunctionBuilder {
             update_values.push(v);
         }
         let mut substitute = HashMap::new();
+        let mut known = Bindings::new();
         for (from, to) in &self.givens {
             let (f, t) = (g.own(from)?, g.own(to)?);
             if ir.ty(f).dtype != ir.ty(t).dtype || ir.ty(f).rank() != ir.ty(t).rank() {
                 return Err(Error::Invalid(format!("givens: {} cannot replace {}", ir.ty(t), ir.ty(f))));
+            }
+            // A value of fixed shape fixes the symbolic sizes of what it replaces.
+            if let Some(shape) = ir.ty(t).concrete() {
+                unify(&ir.ty(f).shape, &shape, &mut known)
+                    .map_err(|e| Error::Invalid(format!("givens: {} cannot replace {}: {e}", ir.ty(t), ir.ty(f))))?;
             }
             substitute.insert(f, t);
         }
@@ -204,7 +210,7 @@ impl FunctionBuilder {
             })
             .collect();
         let program =
-            Program { graph: prog, inputs: prog_inputs, shared: shared.iter().map(|s| s.1).collect(), updates };
+            Program { graph: prog, inputs: prog_inputs, shared: shared.iter().map(|s| s.1).collect(), updates, known };
         let exe = device.backend().compile(&program, &CompileOptions::default())?;
         Ok(Function { graph: self.graph.clone(), input_types, shared: shared_ids, program, exe, log, device })
     }

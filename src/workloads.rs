@@ -21,7 +21,10 @@ pub struct Workload {
     pub batch: usize,
     pub graph: Graph,
     pub step: Function,
+    /// The step's arguments (none: the batch is in `batch_vars`).
     pub args: Vec<Tensor>,
+    /// Shared variables holding the batch (inputs, then labels where there are any).
+    pub batch_vars: Vec<Var>,
     /// The parameters (and optimizer state), for comparing backends.
     pub params: Vec<Var>,
     /// Seconds spent building the graph and compiling the step (without a shape specialization).
@@ -147,8 +150,16 @@ pub fn build(name: &str, device: Device) -> Result<Workload> {
             return Err(crate::Error::Invalid(format!("unknown workload '{other}' (known: {})", NAMES.join(", "))))
         }
     };
-    let step =
-        g.function(inputs.iter(), [&cost]).updates(updates.iter().map(|(p, v)| (p, v.clone()))).compile(device)?;
+    // The batch lives in shared variables that replace the inputs (Theano's way of keeping data on
+    // the device): a step then measures the training step itself, as the peers' steps, whose
+    // batches are already on the GPU, do. A new batch is a `set_value` away.
+    let batch_vars: Vec<Var> =
+        inputs.iter().zip(args).map(|(x, a)| g.shared(&format!("batch.{}", x.name().unwrap_or_default()), a)).collect();
+    let step = g
+        .function(Vec::<&Var>::new(), [&cost])
+        .givens(inputs.iter().zip(&batch_vars).map(|(x, s)| (x, s.clone())))
+        .updates(updates.iter().map(|(p, v)| (p, v.clone())))
+        .compile(device)?;
     let build_seconds = start.elapsed().as_secs_f64();
-    Ok(Workload { name: name.to_string(), batch, graph: g, step, args, params, build_seconds })
+    Ok(Workload { name: name.to_string(), batch, graph: g, step, args: vec![], batch_vars, params, build_seconds })
 }

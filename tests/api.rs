@@ -122,3 +122,21 @@ fn cpu_training_step_writes_its_updates_in_place() {
     assert_eq!((a.value().unwrap().item(), b.value().unwrap().item()), (Some(2.0), Some(1.0)));
     assert!(swap.generated_code().contains("copied in after the last step"), "{}", swap.generated_code());
 }
+
+#[test]
+fn givens_of_fixed_shape_bind_the_symbolic_sizes_they_replace() {
+    // Theano's idiom: the batch lives in a shared variable that replaces the symbolic input.
+    let g = Graph::new();
+    let x = g.input("x", F32, [Dim::sym("n")]);
+    let n = x.shape().unwrap()[0].clone();
+    let column = x.reshape_to(&[n, 1.into()]);
+    let data = g.shared("data", array![1.0f32, 2.0, 3.0]);
+    for device in kiln::testing::test_devices() {
+        let mut f = g.function(Vec::<&Var>::new(), [&column]).givens([(&x, data.clone())]).compile(device).unwrap();
+        assert_eq!(f.call1(&[]).unwrap(), Tensor::from(array![[1.0f32], [2.0], [3.0]]), "{device:?}");
+    }
+    // A given whose shape contradicts a fixed size is an error at compile time.
+    let y = g.input("y", F32, [2]);
+    let err = g.function(Vec::<&Var>::new(), [&y.exp()]).givens([(&y, data.clone())]).compile(Device::Cpu).err();
+    assert!(err.expect("3 elements cannot replace f32[2]").to_string().contains("givens"));
+}

@@ -23,6 +23,9 @@ pub struct Program {
     pub inputs: Vec<NodeId>,
     pub shared: Vec<NodeId>,
     pub updates: Vec<(usize, usize)>,
+    /// Symbolic sizes fixed when the program was made (a given that replaced an input with a
+    /// symbolic size by a value of fixed shape binds that size).
+    pub known: kiln_ir::specialize::Bindings,
 }
 
 impl Program {

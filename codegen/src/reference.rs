@@ -4,7 +4,7 @@
 //! long training graph does not hold every intermediate at once.
 
 use crate::{Backend, CompileOptions, Executable, Program, SharedValue};
-use kiln_ir::specialize::specialize;
+use kiln_ir::specialize::specialize_with;
 use kiln_ir::{Error, Graph, NodeId, Result, Tensor};
 use std::collections::HashMap;
 
@@ -36,7 +36,7 @@ impl Interpreter {
         if !self.cache.contains_key(&key) {
             let sources = self.program.inputs.iter().chain(&self.program.shared);
             let shapes = sources.zip(&key).map(|(&n, s)| (n, s.clone())).collect();
-            let (graph, _) = specialize(&self.program.graph, &shapes)?;
+            let (graph, _) = specialize_with(&self.program.graph, &shapes, &self.program.known)?;
             let order = graph.topo_order(graph.outputs());
             let mut last_use = HashMap::new();
             for (step, &n) in order.iter().enumerate() {

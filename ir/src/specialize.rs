@@ -76,7 +76,13 @@ fn resolve_op(op: &Op, b: &Bindings) -> Result<Op, String> {
 
 /// A copy of `g` specialized to the given source shapes (`shapes[n]` for each Input/Shared node `n`).
 pub fn specialize(g: &Graph, shapes: &HashMap<NodeId, Vec<usize>>) -> Result<(Graph, Bindings)> {
-    let mut b = Bindings::new();
+    specialize_with(g, shapes, &Bindings::new())
+}
+
+/// `specialize` with sizes already known (e.g. from a given that replaced a symbolic input by a
+/// value of fixed shape).
+pub fn specialize_with(g: &Graph, shapes: &HashMap<NodeId, Vec<usize>>, known: &Bindings) -> Result<(Graph, Bindings)> {
+    let mut b = known.clone();
     for (&n, s) in shapes {
         let name = g.node(n).op.label();
         unify(&g.ty(n).shape, s, &mut b).map_err(|detail| Error::Call { input: name, detail })?;

@@ -15,7 +15,7 @@ use crate::kernel::{elem_size, plan_memory};
 use crate::kernel::{lower, place_updates, BufKind, KernelProgram, Step, UpdateWrite};
 use crate::{Backend, CompileOptions, Executable, Program, SharedValue};
 use jit::{Jit, KernelFn};
-use kiln_ir::specialize::specialize;
+use kiln_ir::specialize::specialize_with;
 use kiln_ir::{DType, Error, Result, Tensor};
 use runtime::Bufs;
 use std::collections::HashMap;
@@ -239,7 +239,7 @@ impl Executable for CpuExecutable {
         if !self.plans.contains_key(key) {
             let sources = self.program.inputs.iter().chain(&self.program.shared);
             let shapes = sources.zip(key).map(|(&n, s)| (n, s.clone())).collect();
-            let (g, _) = specialize(&self.program.graph, &shapes)?;
+            let (g, _) = specialize_with(&self.program.graph, &shapes, &self.program.known)?;
             let kp = lower(&g, &self.program.inputs, &self.program.shared)?;
             let out_shapes = g.outputs().iter().map(|&o| g.ty(o).concrete().expect("specialized")).collect();
             self.plans.insert(key.to_vec(), Plan::build(kp, out_shapes, &self.program)?);

@@ -10,8 +10,9 @@
 //! and reads element 0 instead).
 
 use super::ast::*;
+use super::group::{can_follow, collapse_group, forwarded, locations, Location};
 use super::scalar::{scalar_literal, Scalars};
-use crate::kernel::{collapse, BufId, KernelProgram, LoopKernel, MatMul, Step, View};
+use crate::kernel::{BufId, KernelProgram, LoopKernel, MatMul, MemoryPlan, Step, View};
 use kiln_ir::ops::fused::{FusedKernel, ScalarExpr};
 use kiln_ir::ops::UnaryOp;
 use kiln_ir::{DType, Error, Loc, Result};
@@ -56,26 +57,48 @@ pub struct DeviceProgram {
 }
 
 /// The CUDA kernels and device steps of a kernel program.
-pub fn emit(kp: &KernelProgram) -> Result<DeviceProgram> {
-    let mut e = Emitter { kp, scalars: Scalars::default(), kernels: vec![], steps: vec![], errors: vec![] };
-    for step in &kp.steps {
-        match step {
-            Step::Loop(k) => e.loop_kernel(k, &[])?,
-            Step::MatMul(mm) if mm.dtype.is_float() => {
-                e.steps.push(DeviceStep::Gemm(mm.clone()));
-                if let Some(ep) = &mm.epilogue {
-                    e.loop_kernel(ep, &[format!("{} runs as the epilogue of {}", ep.name, mm.name)])?;
-                }
-            }
+pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
+    let loc = locations(kp, memory);
+    let mut e =
+        Emitter { kp, scalars: Scalars::default(), kernels: vec![], steps: vec![], errors: vec![], loc, group: vec![] };
+    let mut i = 0;
+    while i < kp.steps.len() {
+        // A loop kernel (or a product's epilogue) and the elementwise kernels that can follow it.
+        let (primary, extra) = match &kp.steps[i] {
+            Step::Loop(k) => (Some(k), vec![]),
             Step::MatMul(mm) => {
-                e.int_matmul(mm);
-                if let Some(ep) = &mm.epilogue {
-                    e.loop_kernel(ep, &[format!("{} runs as the epilogue of {}", ep.name, mm.name)])?;
+                if mm.dtype.is_float() {
+                    e.steps.push(DeviceStep::Gemm(mm.clone()));
+                } else {
+                    e.int_matmul(mm);
                 }
+                let note = mm.epilogue.as_ref().map(|ep| format!("{} runs as the epilogue of {}", ep.name, mm.name));
+                (mm.epilogue.as_deref(), note.into_iter().collect())
             }
-            Step::Gather(g) => e.gather(g, &g.name, false),
-            Step::ScatterAdd(g) => e.gather(g, &g.name, true),
-            Step::Random { name, op, state, out } => e.random(op, *state, *out, name),
+            Step::Gather(g) => {
+                e.gather(g, &g.name, false);
+                (None, vec![])
+            }
+            Step::ScatterAdd(g) => {
+                e.gather(g, &g.name, true);
+                (None, vec![])
+            }
+            Step::Random { name, op, state, out } => {
+                e.random(op, *state, *out, name);
+                (None, vec![])
+            }
+        };
+        i += 1;
+        if let Some(k) = primary {
+            let mut members = vec![k];
+            while let Some(Step::Loop(next)) = kp.steps.get(i) {
+                if !can_follow(&e.loc, &members, next) {
+                    break;
+                }
+                members.push(next);
+                i += 1;
+            }
+            e.loop_group(&members, &extra)?;
         }
     }
     let mut names = std::collections::HashSet::new();
@@ -92,6 +115,18 @@ pub(super) struct Emitter<'a> {
     pub(super) kernels: Vec<Kernel>,
     pub(super) steps: Vec<DeviceStep>,
     pub(super) errors: Vec<ErrorSite>,
+    /// Where each buffer lives (buffers sharing a slot share memory).
+    pub(super) loc: Vec<Location>,
+    /// The loop kernels being emitted as one kernel, dims collapsed together (empty between groups).
+    pub(super) group: Vec<Member>,
+}
+
+/// A loop kernel of a group, and where each of its inputs comes from: memory (`None`) or the
+/// register holding an earlier member's output (`Some(member)`).
+pub(super) struct Member {
+    pub(super) kernel: LoopKernel,
+    pub(super) dtypes: Vec<DType>,
+    pub(super) sources: Vec<Option<usize>>,
 }
 
 pub(super) fn grid_for(work: usize, per_block: usize) -> u32 {
@@ -173,27 +208,6 @@ impl<'a> Emitter<'a> {
         c
     }
 
-    /// Parameters `in0..`, `out` of a loop kernel, and their arguments.
-    pub(super) fn loop_params(&self, k: &LoopKernel) -> (Vec<Param>, Vec<KernelArg>) {
-        let aliased = |b: BufId| b == k.out.buf;
-        let mut params: Vec<Param> = k
-            .inputs
-            .iter()
-            .zip(&k.input_dtypes)
-            .enumerate()
-            .map(|(j, (v, &d))| Param {
-                ty: CType::of(d),
-                name: format!("in{j}"),
-                kind: if aliased(v.buf) { ParamKind::InAliased } else { ParamKind::In },
-            })
-            .collect();
-        let out_kind = if k.inputs.iter().any(|v| aliased(v.buf)) { ParamKind::InOut } else { ParamKind::Out };
-        params.push(Param { ty: CType::of(k.out_dtype), name: "out".into(), kind: out_kind });
-        let mut args: Vec<KernelArg> = k.inputs.iter().map(|v| KernelArg::Buf(v.buf)).collect();
-        args.push(KernelArg::Buf(k.out.buf));
-        (params, args)
-    }
-
     /// Declares `v{n}{suffix}` for each instruction (inputs are the given expressions) and returns
     /// the result and its dtype.
     pub(super) fn exprs(
@@ -226,104 +240,232 @@ impl<'a> Emitter<'a> {
         regs.pop().expect("a kernel has at least one instruction")
     }
 
-    /// Loads of every input view at the current multi-index.
-    pub(super) fn loads(&self, k: &LoopKernel, dims: usize, out: &mut Vec<Stmt>) -> Vec<Expr> {
-        k.inputs
+    /// Emits a loop kernel together with the elementwise kernels after it that can follow it
+    /// (`group`), as one CUDA kernel named after the first.
+    pub(super) fn loop_group(&mut self, members: &[&LoopKernel], extra: &[String]) -> Result<()> {
+        let primary = members[0];
+        let collapsed = collapse_group(members);
+        let mut dtypes = vec![];
+        for k in members {
+            let fk = FusedKernel { exprs: k.exprs.clone(), n_inputs: k.inputs.len(), reduce: None };
+            dtypes.push(fk.dtypes(&k.input_dtypes).map_err(Error::Invalid)?);
+        }
+        let mut comments = self.comments(&primary.name, &primary.origin, extra);
+        for f in &members[1..] {
+            for o in &f.origin {
+                comments.push(format!("{} then computes {o} (merged {})", primary.name, f.name));
+            }
+        }
+        let sources: Vec<Vec<Option<usize>>> = (0..members.len())
+            .map(|m| if m == 0 { vec![None; primary.inputs.len()] } else { forwarded(&self.loc, members, m) })
+            .collect();
+        self.group = collapsed
+            .into_iter()
+            .zip(dtypes)
+            .zip(sources)
+            .map(|((kernel, dtypes), sources)| Member { kernel, dtypes, sources })
+            .collect();
+        let (params, args) = self.group_params();
+        let primary_c = self.group[0].kernel.clone();
+        let (body, launch) = match primary_c.reduce {
+            None => self.elementwise(),
+            Some((op, _)) => {
+                let dtypes = self.group[0].dtypes.clone();
+                self.reduction(&primary_c, &dtypes, op)
+            }
+        };
+        self.group.clear();
+        self.kernels.push(Kernel { name: primary.name.clone(), comments, params, body, launch });
+        self.steps.push(DeviceStep::Launch(Launchable { kernel: primary.name.clone(), args, launch }));
+        Ok(())
+    }
+
+    /// Names of member `m`'s parameters: `in{j}`/`out` for the first, `f{m}_in{j}`/`f{m}_out` after.
+    fn param_name(m: usize, what: &str) -> String {
+        if m == 0 {
+            what.to_string()
+        } else {
+            format!("f{m}_{what}")
+        }
+    }
+
+    /// Parameters and arguments of the current group: each member's loaded inputs, then its output.
+    /// Memory the group writes is read and written without `__restrict__`.
+    fn group_params(&self) -> (Vec<Param>, Vec<KernelArg>) {
+        let written: Vec<Location> = self.group.iter().map(|m| self.loc[m.kernel.out.buf]).collect();
+        let read: Vec<Location> = self
+            .group
             .iter()
-            .zip(&k.input_dtypes)
+            .flat_map(|m| {
+                m.kernel.inputs.iter().zip(&m.sources).filter(|(_, s)| s.is_none()).map(|(v, _)| self.loc[v.buf])
+            })
+            .collect();
+        let (mut params, mut args) = (vec![], vec![]);
+        for (mi, m) in self.group.iter().enumerate() {
+            for (j, ((v, &d), src)) in m.kernel.inputs.iter().zip(&m.kernel.input_dtypes).zip(&m.sources).enumerate() {
+                if src.is_some() {
+                    continue;
+                }
+                let kind = if written.contains(&self.loc[v.buf]) { ParamKind::InAliased } else { ParamKind::In };
+                params.push(Param { ty: CType::of(d), name: Self::param_name(mi, &format!("in{j}")), kind });
+                args.push(KernelArg::Buf(v.buf));
+            }
+            let l = self.loc[m.kernel.out.buf];
+            let shared_out = read.contains(&l) || written.iter().filter(|&&w| w == l).count() > 1;
+            let kind = if shared_out { ParamKind::InOut } else { ParamKind::Out };
+            params.push(Param { ty: CType::of(m.kernel.out_dtype), name: Self::param_name(mi, "out"), kind });
+            args.push(KernelArg::Buf(m.kernel.out.buf));
+        }
+        (params, args)
+    }
+
+    /// Loads of member `m`'s inputs at the current multi-index (`dims` index variables), each
+    /// forwarded input taken from its register `y{k}{lane}`.
+    pub(super) fn member_inputs(&self, m: usize, dims: usize, lane: &str, out: &mut Vec<Stmt>) -> Vec<Expr> {
+        let mem = &self.group[m];
+        let suffix = if m == 0 { String::new() } else { format!("_f{m}") };
+        mem.kernel
+            .inputs
+            .iter()
+            .zip(&mem.kernel.input_dtypes)
+            .zip(&mem.sources)
             .enumerate()
-            .map(|(j, (v, &d))| {
-                out.push(decl(CType::of(d), format!("x{j}"), index(var(format!("in{j}")), offset(v, dims))));
-                var(format!("x{j}"))
+            .map(|(j, ((v, &d), src))| match src {
+                Some(k) => var(format!("y{k}{lane}")),
+                None => {
+                    let name = format!("x{j}{suffix}");
+                    let param = var(Self::param_name(m, &format!("in{j}")));
+                    out.push(decl(CType::of(d), name.clone(), index(param, offset(v, dims))));
+                    var(name)
+                }
             })
             .collect()
     }
 
-    pub(super) fn loop_kernel(&mut self, k: &LoopKernel, extra: &[String]) -> Result<()> {
-        let fk = FusedKernel { exprs: k.exprs.clone(), n_inputs: k.inputs.len(), reduce: None };
-        let dtypes = fk.dtypes(&k.input_dtypes).map_err(Error::Invalid)?;
-        let c = collapse(k);
-        let comments = self.comments(&k.name, &k.origin, extra);
-        let (params, args) = self.loop_params(&c);
-        let (body, launch) = match c.reduce {
-            None => self.elementwise(&c, &dtypes),
-            Some((op, _)) => self.reduction(&c, &dtypes, op),
-        };
-        self.kernels.push(Kernel { name: k.name.clone(), comments, params, body, launch });
-        self.steps.push(DeviceStep::Launch(Launchable { kernel: k.name.clone(), args, launch }));
-        Ok(())
+    /// Declares member `m`'s value as it is stored, `y{m}{lane}` (converted to the output dtype),
+    /// and returns it.
+    pub(super) fn member_value(
+        &mut self,
+        m: usize,
+        result: Expr,
+        result_dtype: DType,
+        lane: &str,
+        out: &mut Vec<Stmt>,
+    ) -> Expr {
+        let out_dtype = self.group[m].kernel.out_dtype;
+        let converted = self.scalars.unary(UnaryOp::Cast(out_dtype), result_dtype, result);
+        let name = format!("y{m}{lane}");
+        out.push(decl(CType::of(out_dtype), name.clone(), converted));
+        var(name)
     }
 
-    /// Stores `result` (of dtype `d`) into `out` at `at`, converting to the output dtype.
-    pub(super) fn store(&mut self, k: &LoopKernel, d: DType, result: Expr, at: Expr) -> Stmt {
-        let v = self.scalars.unary(UnaryOp::Cast(k.out_dtype), d, result);
-        assign(index(var("out"), at), v)
+    /// Member `m` at the current multi-index: loads, instructions, store (scalar path).
+    pub(super) fn member_element(&mut self, m: usize, dims: usize, out: &mut Vec<Stmt>) {
+        let ins = self.member_inputs(m, dims, "", out);
+        let suffix = if m == 0 { String::new() } else { format!("_f{m}") };
+        let (k, dtypes) = (self.group[m].kernel.clone(), self.group[m].dtypes.clone());
+        let r = self.exprs(&k, &dtypes, &ins, &suffix, out);
+        let y = self.member_value(m, r, *dtypes.last().expect("non-empty"), "", out);
+        out.push(assign(index(var(Self::param_name(m, "out")), offset(&k.out, dims)), y));
     }
 
-    pub(super) fn vectorizable(&self, k: &LoopKernel) -> bool {
+    /// Every follower at the current multi-index of the kept dims (after the first member stored).
+    pub(super) fn followers_element(&mut self, dims: usize, out: &mut Vec<Stmt>) {
+        for m in 1..self.group.len() {
+            self.member_element(m, dims, out);
+        }
+    }
+
+    pub(super) fn vectorizable(&self) -> bool {
+        let k = &self.group[0].kernel;
         let n: usize = k.shape.iter().product();
         let f32_aligned = |v: &View, d: DType| d == DType::F32 && v.offset % 4 == 0;
         k.shape.len() == 1
             && n >= 4
-            && k.out.strides[0] == 1
-            && f32_aligned(&k.out, k.out_dtype)
-            && k.inputs.iter().zip(&k.input_dtypes).all(|(v, &d)| match v.strides[0] {
-                0 => true,
-                1 => f32_aligned(v, d),
-                _ => false,
+            && self.group.iter().all(|m| {
+                m.kernel.out.strides[0] == 1
+                    && f32_aligned(&m.kernel.out, m.kernel.out_dtype)
+                    && m.kernel.inputs.iter().zip(&m.kernel.input_dtypes).all(|(v, &d)| match v.strides[0] {
+                        0 => true,
+                        1 => f32_aligned(v, d),
+                        _ => false,
+                    })
             })
     }
 
-    pub(super) fn elementwise(&mut self, k: &LoopKernel, dtypes: &[DType]) -> (Vec<Stmt>, Launch) {
-        let it = self.index_type(k);
+    /// The elementwise group: four elements per thread through 16-byte accesses where every view
+    /// allows, then (or else) one element at a time.
+    pub(super) fn elementwise(&mut self) -> (Vec<Stmt>, Launch) {
+        let k = self.group[0].kernel.clone();
+        let it = self.index_type(&k);
         let n: usize = k.shape.iter().product();
-        let result_dtype = *dtypes.last().expect("non-empty");
         let mut body = vec![];
-        let mut first_scalar = 0i64;
-        if self.vectorizable(k) && result_dtype == DType::F32 {
-            // Four elements per thread through 16-byte accesses; broadcast scalars are read once.
+        let mut first_scalar = 0;
+        if self.vectorizable() {
             let n4 = n / 4;
             let mut inner = vec![];
-            let mut lanes_in: Vec<Vec<Expr>> = vec![vec![]; 4];
-            for (j, (v, &d)) in k.inputs.iter().zip(&k.input_dtypes).enumerate() {
-                let name = format!("x{j}");
-                let base =
-                    if v.offset == 0 { var(format!("in{j}")) } else { var(format!("in{j}")) + int(v.offset as i64) };
-                if v.strides[0] == 0 {
-                    body.push(decl(CType::of(d), name.clone(), index(base, int(0))));
-                    lanes_in.iter_mut().for_each(|l| l.push(var(&name)));
-                } else {
-                    inner.push(decl(CType::Float4, name.clone(), Expr::Vec4(Box::new(base), Box::new(var("u")))));
-                    for (l, lane) in lanes_in.iter_mut().enumerate() {
-                        lane.push(Expr::Lane(Box::new(var(&name)), l as u8));
-                    }
+            // Per member, per input: the four lanes (a float4's fields, or one scalar read once).
+            let mut lanes: Vec<Vec<[Expr; 4]>> = vec![];
+            for (m, mem) in self.group.iter().enumerate() {
+                let suffix = if m == 0 { String::new() } else { format!("_f{m}") };
+                let mut per_input = vec![];
+                for (j, ((v, &d), src)) in
+                    mem.kernel.inputs.iter().zip(&mem.kernel.input_dtypes).zip(&mem.sources).enumerate()
+                {
+                    let name = format!("x{j}{suffix}");
+                    let param = var(Self::param_name(m, &format!("in{j}")));
+                    let base = if v.offset == 0 { param } else { param + int(v.offset as i64) };
+                    per_input.push(match src {
+                        Some(w) => std::array::from_fn(|l| var(format!("y{w}_{l}"))),
+                        None if v.strides[0] == 0 => {
+                            body.push(decl(CType::of(d), name.clone(), index(base, int(0))));
+                            std::array::from_fn(|_| var(&name))
+                        }
+                        None => {
+                            inner.push(decl(
+                                CType::Float4,
+                                name.clone(),
+                                Expr::Vec4(Box::new(base), Box::new(var("u"))),
+                            ));
+                            std::array::from_fn(|l| Expr::Lane(Box::new(var(&name)), l as u8))
+                        }
+                    });
+                }
+                lanes.push(per_input);
+            }
+            for l in 0..4 {
+                for (m, member_lanes) in lanes.iter().enumerate() {
+                    let ins: Vec<Expr> = member_lanes.iter().map(|x| x[l].clone()).collect();
+                    let suffix = if m == 0 { format!("_{l}") } else { format!("_f{m}_{l}") };
+                    let (mk, dtypes) = (self.group[m].kernel.clone(), self.group[m].dtypes.clone());
+                    let r = self.exprs(&mk, &dtypes, &ins, &suffix, &mut inner);
+                    self.member_value(m, r, *dtypes.last().expect("non-empty"), &format!("_{l}"), &mut inner);
                 }
             }
-            let mut results = vec![];
-            for (l, ins) in lanes_in.iter().enumerate() {
-                let r = self.exprs(k, dtypes, ins, &format!("_{l}"), &mut inner);
-                results.push(r);
+            for m in 0..self.group.len() {
+                let o = &self.group[m].kernel.out;
+                let param = var(Self::param_name(m, "out"));
+                let base = if o.offset == 0 { param } else { param + int(o.offset as i64) };
+                let ys = (0..4).map(|l| var(format!("y{m}_{l}"))).collect();
+                inner.push(assign(Expr::Vec4(Box::new(base), Box::new(var("u"))), call("make_float4", ys)));
             }
-            let base = if k.out.offset == 0 { var("out") } else { var("out") + int(k.out.offset as i64) };
-            inner.push(assign(Expr::Vec4(Box::new(base), Box::new(var("u"))), call("make_float4", results)));
             body.push(grid_stride_loop(it, "u", n4, inner));
-            first_scalar = (n4 * 4) as i64;
-            if n4 * 4 == n {
-                return (body, Launch { grid: (grid_for(n4, THREADS as usize), 1), block: (THREADS, 1) });
+            first_scalar = n4 * 4;
+            if first_scalar == n {
+                return (body, launch_1d(n4));
             }
             body.push(Stmt::Comment("the last elements, one at a time".into()));
         }
         let mut inner = vec![];
         let rank = k.shape.len();
         decompose(var("i"), &k.shape, 0, it, &mut inner);
-        let ins = self.loads(k, rank, &mut inner);
-        let r = self.exprs(k, dtypes, &ins, "", &mut inner);
-        let at = offset(&k.out, rank);
-        inner.push(self.store(k, result_dtype, r, at));
-        let init = if first_scalar > 0 { int(first_scalar) + global_id(it) } else { global_id(it) };
+        for m in 0..self.group.len() {
+            self.member_element(m, rank, &mut inner);
+        }
+        let init = if first_scalar > 0 { int(first_scalar as i64) + global_id(it) } else { global_id(it) };
         body.push(Stmt::For { ty: it, var: "i".into(), init, end: int(n as i64), step: grid_stride(it), body: inner });
         // With the 16-byte loop first, the few elements left over go to its first threads.
         let work = if first_scalar > 0 { n / 4 } else { n };
-        (body, Launch { grid: (grid_for(work, THREADS as usize), 1), block: (THREADS, 1) })
+        (body, launch_1d(work))
     }
 }

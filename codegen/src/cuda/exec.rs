@@ -93,7 +93,8 @@ fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
 impl Plan {
     fn build(gpu: &Arc<Gpu>, program: &Program, shapes: &[Vec<usize>]) -> Result<Plan> {
         let (kp, updates, out_shapes) = super::specialize_program(program, shapes)?;
-        let dp = emit(&kp)?;
+        let memory = plan_memory(&kp);
+        let dp = emit(&kp, &memory)?;
         let source = super::print::module(&dp.module);
         let t = std::time::Instant::now();
         let (ptx, origin) = nvrtc::compile(&source, gpu.arch)?;
@@ -134,7 +135,6 @@ impl Plan {
             code.push_str(&format!("// update of shared variable '{name}': {how}\n"));
         }
         code.push_str(&source);
-        let memory = plan_memory(&kp);
         let slots = memory.slot_bytes.iter().map(|&n| DeviceBuffer::new(gpu, n)).collect::<Result<Vec<_>>>()?;
         for (b, buf) in kp.buffers.iter().enumerate() {
             if let (BufKind::Constant(t), Some(sl)) = (&buf.kind, memory.slot[b]) {

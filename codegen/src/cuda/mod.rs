@@ -3,6 +3,7 @@
 pub mod ast;
 pub mod emit;
 mod exec;
+mod group;
 pub mod nvrtc;
 pub mod print;
 mod reduce;
@@ -18,7 +19,7 @@ use kiln_ir::Result;
 
 /// The CUDA C of a kernel program.
 pub fn source(kp: &KernelProgram) -> Result<String> {
-    let dp = emit::emit(kp)?;
+    let dp = emit::emit(kp, &crate::kernel::plan_memory(kp))?;
     Ok(print::module(&dp.module))
 }
 
@@ -30,7 +31,7 @@ pub fn specialize_program(
 ) -> Result<(KernelProgram, Vec<crate::kernel::UpdateWrite>, Vec<Vec<usize>>)> {
     let sources = program.inputs.iter().chain(&program.shared);
     let bound = sources.zip(shapes).map(|(&n, s)| (n, s.clone())).collect();
-    let (g, _) = kiln_ir::specialize::specialize(&program.graph, &bound)?;
+    let (g, _) = kiln_ir::specialize::specialize_with(&program.graph, &bound, &program.known)?;
     let mut kp = crate::kernel::lower(&g, &program.inputs, &program.shared)?;
     let out_shapes = g.outputs().iter().map(|&o| g.ty(o).concrete().expect("specialized")).collect();
     let updates = crate::kernel::place_updates(&mut kp, &program.updates);

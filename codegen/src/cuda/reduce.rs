@@ -100,7 +100,7 @@ impl<'a> Emitter<'a> {
     /// Statements that fold the element at the current multi-index into `acc` (and `best`).
     fn fold_element(&mut self, k: &LoopKernel, dtypes: &[DType], op: ReduceOp, row_index: Expr, out: &mut Vec<Stmt>) {
         let dims = k.shape.len();
-        let ins = self.loads(k, dims, out);
+        let ins = self.member_inputs(0, dims, "", out);
         let d = *dtypes.last().expect("non-empty");
         let v = self.exprs(k, dtypes, &ins, "", out);
         self.combine(op, d, v, row_index, out);
@@ -150,20 +150,21 @@ impl<'a> Emitter<'a> {
     }
 
     /// The value stored for a finished row of `row_len` elements.
+    /// Stores a finished row of `row_len` elements, then runs the group's followers at its index.
     fn finish(&mut self, k: &LoopKernel, op: ReduceOp, d: DType, row_len: usize, at: Expr) -> Stmt {
         let ad = acc_dtype(op, d);
-        match op {
-            ReduceOp::ArgMax => {
-                // An empty row (or, never, an unset best) gives index 0.
-                let best = select(bin(BinOp::Eq, var("best"), int(i64::MAX)), int(0), var("best"));
-                self.store(k, DType::I64, best, at)
-            }
-            ReduceOp::Mean => {
-                let m = cast(CType::Double, var("acc")) / Expr::F64(row_len as f64);
-                self.store(k, DType::F64, m, at)
-            }
-            _ => self.store(k, ad, var("acc"), at),
-        }
+        let (value, dtype) = match op {
+            // An empty row (or, never, an unset best) gives index 0.
+            ReduceOp::ArgMax => (select(bin(BinOp::Eq, var("best"), int(i64::MAX)), int(0), var("best")), DType::I64),
+            ReduceOp::Mean => (cast(CType::Double, var("acc")) / Expr::F64(row_len as f64), DType::F64),
+            _ => (var("acc"), ad),
+        };
+        let mut out = vec![];
+        let y = self.member_value(0, value, dtype, "", &mut out);
+        out.push(assign(index(var("out"), at), y));
+        let kept = k.shape.len() - k.reduce.map_or(0, |r| r.1);
+        self.followers_element(kept, &mut out);
+        Stmt::Block(out)
     }
 
     pub(super) fn reduction(&mut self, k: &LoopKernel, dtypes: &[DType], op: ReduceOp) -> (Vec<Stmt>, Launch) {
