@@ -218,6 +218,16 @@ impl Plan {
     }
 }
 
+impl Drop for CudaExecutable {
+    fn drop(&mut self) {
+        // Graphs, modules and buffers are destroyed in this device's turn, never during another
+        // thread's capture.
+        let gpu = self.gpu.clone();
+        let _turn = gpu.turn();
+        self.plans.clear();
+    }
+}
+
 impl CudaExecutable {
     /// Compile statistics of the specialization for these shapes (after `prepare` or a call).
     pub fn stats(&self, shapes: &[Vec<usize>]) -> Option<CompileStats> {

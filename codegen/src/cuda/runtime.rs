@@ -110,9 +110,17 @@ impl Gpu {
         Ok(gpu)
     }
 
-    /// Exclusive use of this device's stream until the guard drops.
-    pub fn turn(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.turn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Exclusive use of this device until the guard drops. Re-entrant on the thread that holds it
+    /// (work inside a call may free a buffer, which takes the turn too). Freeing memory or
+    /// destroying a graph from another thread while a step is being captured would invalidate the
+    /// capture, so those take the turn as well.
+    pub fn turn(&self) -> Turn<'_> {
+        if HOLDING.with(|h| h.borrow().contains(&self.ordinal)) {
+            return Turn { guard: None, ordinal: self.ordinal };
+        }
+        let guard = self.turn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        HOLDING.with(|h| h.borrow_mut().push(self.ordinal));
+        Turn { guard: Some(guard), ordinal: self.ordinal }
     }
 
     pub fn bind(&self) -> Result<()> {
@@ -168,6 +176,25 @@ impl Gpu {
     }
 }
 
+thread_local! {
+    /// Ordinals of the devices whose turn this thread holds.
+    static HOLDING: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A device's turn, held until dropped (see `Gpu::turn`).
+pub struct Turn<'a> {
+    guard: Option<std::sync::MutexGuard<'a, ()>>,
+    ordinal: usize,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        if self.guard.is_some() {
+            HOLDING.with(|h| h.borrow_mut().retain(|&o| o != self.ordinal));
+        }
+    }
+}
+
 /// Device memory, freed when dropped.
 pub struct DeviceBuffer {
     pub ptr: sys::CUdeviceptr,
@@ -211,6 +238,7 @@ impl DeviceBuffer {
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
+        let _turn = self.gpu.turn();
         if self.gpu.bind().is_ok() {
             // Pending work may still use the buffer; freeing waits for the device to be idle.
             let _ = self.gpu.synchronize();
