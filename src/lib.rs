@@ -4,8 +4,10 @@
 //! `Device`. The optimized graph can be printed (`debugprint`), drawn (`to_dot`), and explained
 //! (`rewrite_log`). `use kiln::prelude::*` brings in everything a program needs.
 
+pub mod data;
 pub mod function;
 pub mod graph;
+pub mod nn;
 mod operators;
 pub mod random;
 pub mod testing;
