@@ -5,7 +5,8 @@
 //! model.add(Dense(64, input_dim=20, activation='relu'))
 //! model.add(Dropout(0.5))
 //! model.add(Dense(10, activation='softmax'))
-//! model.compile(loss='categorical_crossentropy', optimizer=SGD(lr=0.01, momentum=0.9), metrics=['accuracy'])
+//! sgd = SGD(lr=0.01, decay=1e-6, momentum=0.9, nesterov=True)
+//! model.compile(loss='categorical_crossentropy', optimizer=sgd, metrics=['accuracy'])
 //! model.fit(x_train, y_train, epochs=20, batch_size=16)
 //! score = model.evaluate(x_test, y_test, batch_size=16)
 //! ```
@@ -56,7 +57,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     model.add(Dense::new(64).input_dim(20).activation(Activation::Relu));
     model.add(Dropout::new(0.5));
     model.add(Dense::new(10).activation(Activation::Softmax));
-    model.compile(Loss::CategoricalCrossentropy, Optimizer::sgd_momentum(0.01, 0.9, false), &[Metric::Accuracy])?;
+    let sgd = Optimizer::Sgd { learning_rate: 0.01, decay: 1e-6, momentum: 0.9, nesterov: true };
+    model.compile(Loss::CategoricalCrossentropy, sgd, &[Metric::Accuracy])?;
     print!("{}", model.summary()?);
     model.fit(&x_train, &y_train, &Fit { epochs: args.epochs, batch_size: 16, verbose: 2, ..Fit::default() })?;
     let score = model.evaluate(&x_test, &y_test, 16)?;

@@ -1,18 +1,52 @@
 //! The CUDA backend: the kernel program printed as CUDA C (`emit` builds a typed AST, `print`
 //! prints it), compiled by NVRTC at run time, run on one stream with cuBLAS for float products.
+//! The runtime (`exec`, `runtime`, and NVRTC itself) needs the `cuda` feature (on by default);
+//! without it the CUDA C is still generated, and `Device::Cuda` says the feature is off.
 pub mod ast;
 pub mod emit;
+#[cfg(feature = "cuda")]
 mod exec;
 mod group;
 pub mod nvrtc;
 pub mod print;
 mod reduce;
+#[cfg(feature = "cuda")]
 pub mod runtime;
 pub mod scalar;
 mod special;
 
+#[cfg(feature = "cuda")]
 pub use exec::{CompileStats, Cuda, CudaExecutable};
+#[cfg(feature = "cuda")]
 pub use runtime::unavailable_reason;
+
+#[cfg(not(feature = "cuda"))]
+mod disabled {
+    use crate::{Backend, CompileOptions, Executable, Program};
+    use kiln_ir::{Error, Result};
+
+    pub const REASON: &str = "kiln was built without its `cuda` feature";
+
+    /// The CUDA backend (the `cuda` feature is off: compiling for it is an error).
+    pub struct Cuda {
+        pub ordinal: usize,
+    }
+
+    impl Backend for Cuda {
+        fn name(&self) -> &'static str {
+            "cuda"
+        }
+        fn compile(&self, _: &Program, _: &CompileOptions) -> Result<Box<dyn Executable>> {
+            Err(Error::Invalid(format!("Device::Cuda({}) is not available: {REASON}", self.ordinal)))
+        }
+    }
+
+    pub fn unavailable_reason() -> Option<String> {
+        Some(REASON.into())
+    }
+}
+#[cfg(not(feature = "cuda"))]
+pub use disabled::{unavailable_reason, Cuda};
 
 use crate::kernel::KernelProgram;
 use kiln_ir::Result;

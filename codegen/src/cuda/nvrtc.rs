@@ -11,12 +11,23 @@ use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
 /// Whether libnvrtc can be loaded (`LD_LIBRARY_PATH` must name its folder).
+#[cfg(feature = "cuda")]
 pub fn available() -> bool {
     // SAFETY: only tries to open the library by its usual names.
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
+#[cfg(not(feature = "cuda"))]
+pub fn available() -> bool {
+    false
+}
 
 /// The file names cudarc tries for a CUDA library, each once.
+#[cfg(not(feature = "cuda"))]
+pub fn library_names(lib: &str) -> String {
+    format!("lib{lib}.so (not loaded: kiln was built without its `cuda` feature)")
+}
+/// The file names cudarc tries for a CUDA library, each once.
+#[cfg(feature = "cuda")]
 pub fn library_names(lib: &str) -> String {
     let mut names = cudarc::get_lib_name_candidates(lib);
     let mut seen = std::collections::HashSet::new();
@@ -100,7 +111,14 @@ pub fn compile_with_cache(source: &str, arch: &'static str, dir: Option<PathBuf>
     Ok((ptx, Origin::Compiled))
 }
 
+/// One NVRTC compilation (the `cuda` feature is off: always an error).
+#[cfg(not(feature = "cuda"))]
+pub fn compile_uncached(_source: &str, _arch: &'static str) -> Result<String> {
+    Err(Error::Invalid(missing_reason()))
+}
+
 /// One NVRTC compilation, with its log in the error.
+#[cfg(feature = "cuda")]
 pub fn compile_uncached(source: &str, arch: &'static str) -> Result<String> {
     if !available() {
         return Err(Error::Invalid(missing_reason()));
