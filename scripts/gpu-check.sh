@@ -8,6 +8,7 @@
 #                                  prints a table: each test binary's result, then the benchmark
 #                                  on the GPU (cold NVRTC compile, then from the PTX disk cache,
 #                                  then without CUDA graphs), with the card's name.
+#                                  KILN_GPU_PROFILE=1 adds a per-kernel profile of each workload.
 #
 # The CUDA libraries are looked up under $CUDA_LIB (default: the CUDA 13.0 toolkit's lib folder).
 set -u
@@ -59,6 +60,10 @@ done
 echo "== the main example on the GPU (the shipped subset)"
 "$DIR/fashion_mnist_mlp" --device cuda --data-dir data/fashion-mnist --out "$OUT_DIR/fmnist" 2>&1 | grep -v '^Epoch' | tail -n 8
 [ "${KILN_GPU_BENCH:-1}" = 0 ] && exit $status
+if [ "${KILN_GPU_PROFILE:-0}" = 1 ]; then
+    echo "== per-step profile (CUDA events around every kernel and product; no graphs)"
+    KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile.txt"
+fi
 echo "== benchmark (ms per full training step, f32; compile_ms includes graph building)"
 export KILN_CACHE_DIR=$(mktemp -d)
 echo "-- cold: NVRTC compiles every step"

@@ -75,3 +75,34 @@ fn generated_code_is_the_cuda_c_with_update_notes() {
     assert_eq!(code, step.generated_code());
     assert_eq!(step.compile_stats().len(), 1);
 }
+
+#[test]
+fn long_column_reductions_split_across_blocks_agree_with_the_cpu() {
+    if !gpu() {
+        return;
+    }
+    // 4096 rows of 300 columns: few output tiles, long rows, so each tile's rows are cut into
+    // slices reduced by separate blocks and combined by the last one (with the update after it).
+    let g = Graph::new();
+    let x = g.input("x", F32, [4096, 300]);
+    let v = g.shared("v", Tensor::zeros(F32, &[300]));
+    let col_sum = (&x * 2.0).sum(&[0]);
+    let col_max = x.max(&[0]);
+    let v_new = &v * 0.9 - 0.01 * &col_sum;
+    let build = |device| g.function([&x], [&col_sum, &col_max]).updates([(&v, v_new.clone())]).compile(device).unwrap();
+    let (mut on_gpu, mut on_cpu) = (build(Device::Cuda(0)), build(Device::Cpu));
+    let arg = kiln::testing::random_tensor(&[4096, 300], -1.0, 1.0, 3).cast(F32);
+    for _ in 0..3 {
+        let a = on_gpu.call(std::slice::from_ref(&arg)).unwrap();
+        let b = on_cpu.call(std::slice::from_ref(&arg)).unwrap();
+        assert!(a[0].allclose(&b[0], 1e-5, 1e-3), "sums differ by {}", a[0].max_abs_diff(&b[0]));
+        assert_eq!(a[1], b[1]);
+    }
+    assert!(on_gpu.generated_code().contains("tickets"), "the split form was used");
+    // six momentum updates (three on each device) of the same column sums
+    let s = on_cpu.call(std::slice::from_ref(&arg)).unwrap()[0].to_f64_vec();
+    let factor = -0.01 * (1.0 - 0.9f64.powi(7)) / (1.0 - 0.9);
+    for (got, s) in v.value().unwrap().to_f64_vec().iter().zip(&s) {
+        assert!((got - factor * s).abs() <= 1e-4 * (1.0 + s.abs()), "{got} vs {}", factor * s);
+    }
+}

@@ -40,22 +40,40 @@ pub struct Operands {
 /// The CPU must support AVX-512F, and the operands must describe valid matrices of m x k, k x n
 /// and m x n elements; C must not overlap A or B.
 pub unsafe fn sgemm(m: usize, k: usize, n: usize, op: Operands) {
-    // Packing buffers live per thread, so a steady-state product allocates nothing.
-    thread_local! {
-        static PACK: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-    }
     PACK.with(|cell| {
         let (apack, bpack) = &mut *cell.borrow_mut();
-        let (alen, blen) = (MC.div_ceil(MR) * MR * KC, n.div_ceil(NR) * NR * KC);
-        if apack.len() < alen {
-            apack.resize(alen, 0.0);
-        }
-        if bpack.len() < blen {
-            bpack.resize(blen, 0.0);
-        }
+        reserve(apack, bpack, n);
         // SAFETY: forwarded from the caller.
         unsafe { sgemm_with(m, k, n, op, apack, bpack) }
     })
+}
+
+thread_local! {
+    // Packing buffers live per thread, so a steady-state product allocates nothing.
+    static PACK: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+fn reserve(apack: &mut Vec<f32>, bpack: &mut Vec<f32>, n: usize) {
+    let (alen, blen) = (MC.div_ceil(MR) * MR * KC, n.div_ceil(NR) * NR * KC);
+    if apack.len() < alen {
+        apack.resize(alen, 0.0);
+    }
+    if bpack.len() < blen {
+        bpack.resize(blen, 0.0);
+    }
+}
+
+/// Sizes the packing buffers of this thread and of every thread of the pool for products with up
+/// to `n` columns, so no call allocates them later, whichever threads it runs on.
+pub fn reserve_packing(n: usize) {
+    let on_this_thread = || {
+        PACK.with(|cell| {
+            let (apack, bpack) = &mut *cell.borrow_mut();
+            reserve(apack, bpack, n)
+        })
+    };
+    on_this_thread();
+    rayon::broadcast(|_| on_this_thread());
 }
 
 unsafe fn sgemm_with(m: usize, k: usize, n: usize, op: Operands, apack: &mut [f32], bpack: &mut [f32]) {

@@ -149,6 +149,17 @@ impl Plan {
             }
         }
         jit.finalize()?;
+        // Every thread that may run a product gets its packing buffers now, not during a call.
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            let widest = kp.steps.iter().filter_map(|s| match s {
+                Step::MatMul(m) if m.dtype == DType::F32 => Some(m.n),
+                _ => None,
+            });
+            if let Some(n) = widest.max() {
+                gemm::reserve_packing(n);
+            }
+        }
         let mut call = |k: &crate::kernel::LoopKernel| {
             let ck = &compiled[&k.name];
             let mut bufs: Vec<usize> = k.inputs.iter().map(|v| v.buf).collect();

@@ -112,6 +112,7 @@ pub enum Builtin {
     BlockDim,
     GridDim,
     ThreadIdxY,
+    BlockIdxY,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -223,6 +224,8 @@ pub enum Stmt {
     Return,
     ReturnValue(Expr),
     SyncThreads,
+    /// An expression evaluated for its effect (`__threadfence();`).
+    Call(Expr),
     Block(Vec<Stmt>),
 }
 

@@ -12,7 +12,7 @@ use super::nvrtc::{self, Origin};
 use super::runtime::{cuda_err, fill_tensor, tensor_bytes, CudaResident, DeviceBuffer, Gpu};
 use crate::kernel::{elem_size, plan_memory, BufKind, KernelProgram, Step, UpdateWrite};
 use crate::{Backend, CompileOptions, Executable, Program, SharedValue};
-use cudarc::driver::{result, sys, CudaFunction, CudaGraph, CudaModule};
+use cudarc::driver::{result, sys, CudaEvent, CudaFunction, CudaGraph, CudaModule};
 use kiln_ir::{Error, Result, Tensor};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,7 +29,15 @@ impl Backend for Cuda {
     fn compile(&self, program: &Program, _opts: &CompileOptions) -> Result<Box<dyn Executable>> {
         let gpu = Gpu::get(self.ordinal)?;
         let graphs = std::env::var("KILN_CUDA_GRAPHS").map_or(true, |v| v != "0");
-        Ok(Box::new(CudaExecutable { gpu, program: program.clone(), plans: HashMap::new(), order: vec![], graphs }))
+        let profile = std::env::var("KILN_CUDA_PROFILE").is_ok_and(|v| v == "1").then(Profile::default);
+        Ok(Box::new(CudaExecutable {
+            gpu,
+            program: program.clone(),
+            plans: HashMap::new(),
+            order: vec![],
+            graphs,
+            profile,
+        }))
     }
 }
 
@@ -63,11 +71,14 @@ struct Plan {
     returned: Vec<usize>,
     out_shapes: Vec<Vec<usize>>,
     steps: Vec<Exec>,
+    /// The kernel (or product) name of each step.
+    step_names: Vec<String>,
     slots: Vec<DeviceBuffer>,
     slot: Vec<Option<usize>>,
     inputs: Vec<Option<DeviceBuffer>>,
     errors: Vec<ErrorSite>,
     error_word: Option<DeviceBuffer>,
+    scratch: Vec<DeviceBuffer>,
     /// The captured step and the shared-variable addresses it was captured with.
     graph: Option<(CudaGraph, Vec<u64>)>,
     calls: usize,
@@ -84,6 +95,34 @@ pub struct CudaExecutable {
     /// Replay steps as CUDA graphs (`KILN_CUDA_GRAPHS=0` launches every kernel from the host, for
     /// comparison).
     graphs: bool,
+    /// `KILN_CUDA_PROFILE=1`: time every step with events (no graphs) and print the totals when
+    /// the function is dropped.
+    profile: Option<Profile>,
+}
+
+#[derive(Default)]
+struct Profile {
+    events: Vec<CudaEvent>,
+    /// Per step label: total milliseconds and count.
+    totals: HashMap<String, (f64, usize)>,
+    order: Vec<String>,
+}
+
+impl Profile {
+    fn report(&self) -> String {
+        let all: f64 = self.totals.values().map(|t| t.0).sum();
+        let mut rows: Vec<(&String, &(f64, usize))> = self.order.iter().map(|n| (n, &self.totals[n])).collect();
+        rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+        let mut s = format!(
+            "kiln CUDA profile: {:.1} us per call in {} steps\n",
+            all * 1e3 / rows.first().map_or(1, |r| r.1 .1) as f64,
+            rows.len()
+        );
+        for (name, (ms, n)) in rows {
+            s.push_str(&format!("{:>9.1} us {:>5.1}%  {name}\n", ms * 1e3 / *n as f64, 100.0 * ms / all.max(1e-12)));
+        }
+        s
+    }
 }
 
 fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
@@ -109,6 +148,14 @@ impl Plan {
             let f = module.load_function(&k.name).map_err(cuda_err("finding a kernel"))?;
             functions.insert(k.name.clone(), f);
         }
+        let mut step_names: Vec<String> = dp
+            .steps
+            .iter()
+            .map(|s| match s {
+                DeviceStep::Launch(l) => l.kernel.clone(),
+                DeviceStep::Gemm(mm) => mm.name.clone(),
+            })
+            .collect();
         let mut steps: Vec<Exec> = dp
             .steps
             .iter()
@@ -128,6 +175,7 @@ impl Plan {
                 UpdateWrite::InPlace { shared } => (*shared, "written in place"),
                 UpdateWrite::CopyAtEnd { shared, from } => {
                     steps.push(Exec::Copy { from: *from, shared: *shared, bytes: bytes_of(&kp, *from) });
+                    step_names.push("update".into());
                     (*shared, "copied in after the last step")
                 }
             };
@@ -149,17 +197,28 @@ impl Plan {
             }
         }
         let error_word = if dp.errors.is_empty() { None } else { Some(DeviceBuffer::new(gpu, 4)?) };
+        let scratch = dp
+            .scratch
+            .iter()
+            .map(|&bytes| {
+                let b = DeviceBuffer::new(gpu, bytes)?;
+                b.upload(&vec![0u8; bytes])?;
+                Ok(b)
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Plan {
             returned: program.returned(),
             kp,
             updates,
             out_shapes,
             steps,
+            step_names,
             slots,
             slot: memory.slot,
             inputs,
             errors: dp.errors,
             error_word,
+            scratch,
             graph: None,
             calls: 0,
             code,
@@ -168,15 +227,42 @@ impl Plan {
         })
     }
 
-    /// Enqueues every step on the stream (also while capturing).
-    fn enqueue(&self, gpu: &Gpu, ptr: &[u64], shared_ptr: &[u64]) -> Result<()> {
+    /// A label per step, for profiles.
+    fn step_labels(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .map(|s| match s {
+                Exec::Launch { f: _, args: _, grid, block } => format!("kernel grid {grid:?} block {block:?}"),
+                Exec::Gemm(mm) => format!(
+                    "cuBLAS {} {}x{}x{}{}{}{}",
+                    mm.name,
+                    mm.m,
+                    mm.k,
+                    mm.n,
+                    if mm.batch > 1 { format!(" x{}", mm.batch) } else { String::new() },
+                    if mm.a_transposed { " A^T" } else { "" },
+                    if mm.b_transposed { " B^T" } else { "" }
+                ),
+                Exec::Copy { bytes, .. } => format!("copy {bytes} bytes"),
+            })
+            .collect()
+    }
+
+    /// Enqueues every step on the stream (also while capturing); with `events`, records
+    /// `events[i]` before step `i` and the last one after the last step.
+    fn enqueue(&self, gpu: &Gpu, ptr: &[u64], shared_ptr: &[u64], events: Option<&[CudaEvent]>) -> Result<()> {
         let stream = gpu.stream.cu_stream();
         if let Some(w) = &self.error_word {
             // SAFETY: a 4-byte buffer of this plan.
             unsafe { result::memset_d8_async(w.ptr, 0, 4, stream) }.map_err(cuda_err("clearing the error word"))?;
         }
         let error_ptr = self.error_word.as_ref().map_or(0, |w| w.ptr);
-        for step in &self.steps {
+        let mark = |i: usize| match events {
+            Some(ev) => ev[i].record(&gpu.stream).map_err(cuda_err("recording an event")),
+            None => Ok(()),
+        };
+        for (i, step) in self.steps.iter().enumerate() {
+            mark(i)?;
             match step {
                 Exec::Launch { f, args, grid, block } => {
                     if grid.0 == 0 {
@@ -187,6 +273,7 @@ impl Plan {
                         .map(|a| match a {
                             KernelArg::Buf(b) => ptr[*b],
                             KernelArg::ErrorFlag => error_ptr,
+                            KernelArg::Scratch(k) => self.scratch[*k].ptr,
                         })
                         .collect();
                     let mut params: Vec<*mut std::ffi::c_void> =
@@ -214,7 +301,7 @@ impl Plan {
                 }
             }
         }
-        Ok(())
+        mark(self.steps.len())
     }
 }
 
@@ -222,6 +309,9 @@ impl Drop for CudaExecutable {
     fn drop(&mut self) {
         // Graphs, modules and buffers are destroyed in this device's turn, never during another
         // thread's capture.
+        if let Some(p) = &self.profile {
+            eprint!("{}", p.report());
+        }
         let gpu = self.gpu.clone();
         let _turn = gpu.turn();
         self.plans.clear();
@@ -317,13 +407,13 @@ impl Executable for CudaExecutable {
             .collect();
         plan.calls += 1;
         let graph_ok = plan.graph.as_ref().is_some_and(|(_, p)| *p == shared_ptr);
-        if self.graphs && !graph_ok && plan.calls >= 2 {
+        if self.graphs && self.profile.is_none() && !graph_ok && plan.calls >= 2 {
             // Capture once the plan has run eagerly (which loads everything lazily initialized).
             plan.graph = None;
             gpu.stream
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
                 .map_err(cuda_err("beginning a graph capture"))?;
-            let enq = plan.enqueue(&gpu, &ptr, &shared_ptr);
+            let enq = plan.enqueue(&gpu, &ptr, &shared_ptr, None);
             let captured = gpu.stream.end_capture(sys::CUgraphInstantiate_flags(0));
             enq?;
             let g = captured
@@ -331,9 +421,29 @@ impl Executable for CudaExecutable {
                 .ok_or_else(|| Error::Invalid("CUDA graph capture produced no graph".into()))?;
             plan.graph = Some((g, shared_ptr.clone()));
         }
-        match &plan.graph {
-            Some((g, _)) => g.launch().map_err(cuda_err("launching the step's CUDA graph"))?,
-            None => plan.enqueue(&gpu, &ptr, &shared_ptr)?,
+        match (&plan.graph, &mut self.profile) {
+            (_, Some(profile)) => {
+                let n = plan.steps.len() + 1;
+                while profile.events.len() < n {
+                    let timed = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+                    profile.events.push(gpu.ctx.new_event(timed).map_err(cuda_err("creating an event"))?);
+                }
+                plan.enqueue(&gpu, &ptr, &shared_ptr, Some(&profile.events))?;
+                gpu.synchronize()?;
+                for (i, label) in plan.step_labels().into_iter().enumerate() {
+                    let ms =
+                        profile.events[i].elapsed_ms(&profile.events[i + 1]).map_err(cuda_err("reading an event"))?;
+                    let name = format!("{}: {label}", plan.step_names[i]);
+                    let slot = profile.totals.entry(name.clone()).or_insert_with(|| {
+                        profile.order.push(name);
+                        (0.0, 0)
+                    });
+                    slot.0 += ms as f64;
+                    slot.1 += 1;
+                }
+            }
+            (Some((g, _)), None) => g.launch().map_err(cuda_err("launching the step's CUDA graph"))?,
+            (None, None) => plan.enqueue(&gpu, &ptr, &shared_ptr, None)?,
         }
         for u in &plan.updates {
             let s = match u {

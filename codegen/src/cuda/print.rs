@@ -83,6 +83,7 @@ fn write_expr(out: &mut String, e: &Expr, lvalue: bool) {
             Builtin::BlockDim => "blockDim.x",
             Builtin::GridDim => "gridDim.x",
             Builtin::ThreadIdxY => "threadIdx.y",
+            Builtin::BlockIdxY => "blockIdx.y",
         }),
         Expr::Neg(a) => {
             out.push('-');
@@ -205,6 +206,7 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
         Stmt::Return => out.push_str("return;\n"),
         Stmt::ReturnValue(e) => writeln!(out, "return {};", expr(e)).unwrap(),
         Stmt::SyncThreads => out.push_str("__syncthreads();\n"),
+        Stmt::Call(e) => writeln!(out, "{};", expr(e)).unwrap(),
         Stmt::Block(body) => {
             block(out, body, depth);
             out.push('\n');

@@ -8,7 +8,7 @@
 use super::ast::*;
 use super::emit::{decompose, grid_for, grid_stride_loop, launch_1d, offset, Emitter, MAX_GRID, THREADS};
 use super::scalar::literal;
-use crate::kernel::LoopKernel;
+use crate::kernel::{elem_size, LoopKernel};
 use kiln_ir::ops::{BinaryOp, ReduceOp};
 use kiln_ir::DType;
 
@@ -48,6 +48,11 @@ enum ReduceShape {
     Block(u32),
     /// 32 outputs per block (adjacent threads, adjacent outputs), 8 rows of threads over the row.
     Tile,
+    /// The tile, with each row cut into this many slices, one block each: for few outputs and long
+    /// rows (a bias gradient at batch 4096), which would otherwise keep a handful of SMs busy. Each
+    /// block writes its partial results to scratch memory; the last block of a tile to finish (a
+    /// ticket counter) combines them in slice order, so the result does not depend on timing.
+    SplitTile(usize),
 }
 
 impl<'a> Emitter<'a> {
@@ -59,7 +64,13 @@ impl<'a> Emitter<'a> {
         let contiguous_row = k.inputs.iter().any(|v| v.strides[last].abs() == 1);
         let contiguous_kept = kept > 0 && k.inputs.iter().any(|v| v.strides[kept - 1].abs() == 1);
         if !contiguous_row && contiguous_kept && rows >= 32 {
-            ReduceShape::Tile
+            let tiles = rows.div_ceil(32);
+            let slices = row_len.div_ceil(256).min((256 / tiles).max(1));
+            if tiles < 64 && row_len >= 1024 && slices > 1 && k.reduce.is_some_and(|r| r.0 != ReduceOp::ArgMax) {
+                ReduceShape::SplitTile(slices)
+            } else {
+                ReduceShape::Tile
+            }
         } else {
             ReduceShape::Block(row_len.next_power_of_two().clamp(32, THREADS as usize) as u32)
         }
@@ -241,6 +252,7 @@ impl<'a> Emitter<'a> {
                 });
                 (body, Launch { grid: (rows.min(MAX_GRID) as u32, 1), block: (threads, 1) })
             }
+            ReduceShape::SplitTile(slices) => self.split_tile(k, dtypes, op, it, slices),
             ReduceShape::Tile => {
                 let mut body = vec![Stmt::SharedArray { ty: CType::of(ad), name: "partial".into(), len: 256 }];
                 if op == ReduceOp::ArgMax {
@@ -303,6 +315,108 @@ impl<'a> Emitter<'a> {
                     body: per_tile,
                 });
                 (body, Launch { grid: (grid_for(rows, 32), 1), block: (32, 8) })
+            }
+        }
+    }
+
+    /// `ReduceShape::SplitTile`: block (tile, slice) reduces rows `[slice * chunk, ...)` of 32
+    /// outputs, writes them to `scratch[slice][output]`, and the last block of the tile combines
+    /// the slices in order, stores the outputs and runs the followers.
+    fn split_tile(
+        &mut self,
+        k: &LoopKernel,
+        dtypes: &[DType],
+        op: ReduceOp,
+        it: CType,
+        slices: usize,
+    ) -> (Vec<Stmt>, Launch) {
+        let reduced = k.reduce.map_or(0, |r| r.1);
+        let kept = k.shape.len() - reduced;
+        let rows: usize = k.shape[..kept].iter().product();
+        let row_len: usize = k.shape[kept..].iter().product();
+        let (tiles, chunk) = (rows.div_ceil(32), row_len.div_ceil(slices));
+        let d = *dtypes.last().expect("non-empty");
+        let ad = acc_dtype(op, d);
+        let scratch = self.scratch_param(CType::of(ad), "scratch", slices * rows * elem_size(ad) as usize);
+        let counters = self.scratch_param(CType::UInt, "tickets", tiles * 4);
+        let mut body = vec![
+            Stmt::SharedArray { ty: CType::of(ad), name: "partial".into(), len: 256 },
+            Stmt::SharedArray { ty: CType::Bool, name: "last_block".into(), len: 1 },
+            decl(CType::Int, "tx", cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx))),
+            decl(CType::Int, "ty", cast(CType::Int, Expr::Builtin(Builtin::ThreadIdxY))),
+            decl(it, "tile", cast(it, Expr::Builtin(Builtin::BlockIdx))),
+            decl(it, "slice", cast(it, Expr::Builtin(Builtin::BlockIdxY))),
+            decl(it, "o", var("tile") * int(32) + cast(it, var("tx"))),
+        ];
+        decompose(var("o"), &k.shape[..kept], 0, it, &mut body);
+        self.init_acc(op, d, &mut body);
+        body.push(decl(it, "lo", var("slice") * int(chunk as i64)));
+        let hi = var("lo") + int(chunk as i64);
+        body.push(decl(it, "hi", select(bin(BinOp::Lt, hi.clone(), int(row_len as i64)), hi, int(row_len as i64))));
+        let mut per_elem = vec![];
+        decompose(var("r"), &k.shape[kept..], kept, it, &mut per_elem);
+        self.fold_element(k, dtypes, op, cast(CType::LongLong, var("r")), &mut per_elem);
+        let walk = Stmt::For {
+            ty: it,
+            var: "r".into(),
+            init: var("lo") + cast(it, var("ty")),
+            end: var("hi"),
+            step: int(8),
+            body: per_elem,
+        };
+        let in_range = bin(BinOp::Lt, var("o"), int(rows as i64));
+        body.push(Stmt::If(in_range.clone(), vec![walk], vec![]));
+        body.push(assign(index(var("partial"), var("ty") * int(32) + var("tx")), var("acc")));
+        body.push(Stmt::SyncThreads);
+        let mut gather = vec![];
+        self.combine_partial(op, d, index(var("partial"), var("y") * int(32) + var("tx")), int(0), &mut gather);
+        let first_row = vec![
+            Stmt::For { ty: CType::Int, var: "y".into(), init: int(1), end: int(8), step: int(1), body: gather },
+            assign(index(var(&scratch), var("slice") * int(rows as i64) + var("o")), var("acc")),
+        ];
+        body.push(Stmt::If(bin(BinOp::And, bin(BinOp::Eq, var("ty"), int(0)), in_range.clone()), first_row, vec![]));
+        // Partial results are visible to every block before this block takes its ticket.
+        body.push(Stmt::Call(call("__threadfence", vec![])));
+        body.push(Stmt::SyncThreads);
+        let first_thread = bin(BinOp::And, bin(BinOp::Eq, var("tx"), int(0)), bin(BinOp::Eq, var("ty"), int(0)));
+        let ticket = call("atomicAdd", vec![var(&counters) + var("tile"), Expr::ULong(1)]);
+        body.push(Stmt::If(
+            first_thread.clone(),
+            vec![assign(index(var("last_block"), int(0)), bin(BinOp::Eq, ticket, Expr::ULong(slices as u64 - 1)))],
+            vec![],
+        ));
+        body.push(Stmt::SyncThreads);
+        let mut combine = vec![];
+        let mut per_slice = vec![];
+        // `__ldcg` reads through L2, where the other blocks' results are.
+        let other = call("__ldcg", vec![var(&scratch) + (var("s") * int(rows as i64) + var("o"))]);
+        self.combine_partial(op, d, other, int(0), &mut per_slice);
+        self.init_acc_assign(op, d, &mut combine);
+        combine.push(Stmt::For {
+            ty: it,
+            var: "s".into(),
+            init: int(0),
+            end: int(slices as i64),
+            step: int(1),
+            body: per_slice,
+        });
+        combine.push(self.finish(k, op, d, row_len, offset(&k.out, kept)));
+        let last = vec![
+            Stmt::If(bin(BinOp::And, bin(BinOp::Eq, var("ty"), int(0)), in_range), combine, vec![]),
+            // Ready for the next launch (a replayed graph runs the same kernel again).
+            Stmt::If(first_thread, vec![assign(index(var(&counters), var("tile")), Expr::ULong(0))], vec![]),
+        ];
+        body.push(Stmt::If(index(var("last_block"), int(0)), last, vec![]));
+        (body, Launch { grid: (tiles as u32, slices as u32), block: (32, 8) })
+    }
+
+    /// Resets `acc` to the reduction's identity.
+    fn init_acc_assign(&self, op: ReduceOp, d: DType, out: &mut Vec<Stmt>) {
+        let mut decls = vec![];
+        self.init_acc(op, d, &mut decls);
+        for s in decls {
+            if let Stmt::Decl { name, init: Some(e), .. } = s {
+                out.push(assign(var(name), e));
             }
         }
     }

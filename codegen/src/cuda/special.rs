@@ -203,9 +203,12 @@ impl<'a> Emitter<'a> {
         self.steps.push(DeviceStep::Launch(Launchable { kernel: name.into(), args, launch }));
     }
 
-    /// An integer product (cuBLAS has none): one thread per output element, wrapping arithmetic.
-    pub(super) fn int_matmul(&mut self, mm: &MatMul) {
-        let it = CType::LongLong;
+    /// A product computed by kiln's own kernel, one thread per output element (adjacent threads,
+    /// adjacent columns, so reads of `b` coalesce): integer products (cuBLAS has none; wrapping
+    /// arithmetic) and float products too small for a cuBLAS call to pay for itself.
+    pub(super) fn direct_matmul(&mut self, mm: &MatMul) {
+        let big = [mm.batch * mm.m * mm.n, self.kp.buffers[mm.a].len, self.kp.buffers[mm.b].len];
+        let it = if big.iter().all(|&n| n < i32::MAX as usize / 2) { CType::Int } else { CType::LongLong };
         let t = CType::of(mm.dtype);
         let (m, k, n) = (mm.m as i64, mm.k as i64, mm.n as i64);
         let total = mm.batch * mm.m * mm.n;
@@ -236,7 +239,8 @@ impl<'a> Emitter<'a> {
             Param { ty: t, name: "c".into(), kind: ParamKind::Out },
         ];
         let launch = launch_1d(total);
-        let comments = mm.origin.iter().map(|o| format!("{} computes {o}", mm.name)).collect();
+        let comments =
+            mm.origin.iter().map(|o| format!("{} computes {o} ({}x{}x{})", mm.name, mm.m, mm.k, mm.n)).collect();
         let loop_ = grid_stride_loop(it, "t", total, body);
         self.kernels.push(Kernel { name: mm.name.clone(), comments, params, body: vec![loop_], launch });
         let args = vec![KernelArg::Buf(mm.a), KernelArg::Buf(mm.b), KernelArg::Buf(mm.c)];
