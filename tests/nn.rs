@@ -227,6 +227,13 @@ fn fit_is_reproducible_and_learns() {
     assert_eq!(h1.loss(), h2.loss());
     assert_eq!(w1, w2);
     assert!(h1.loss()[7] < h1.loss()[0] * 0.5, "{:?}", h1.loss());
+    // the model is a graph: its training step prints, draws and shows its generated code
+    let mut m = small_model(11, 0.2);
+    assert!(m.debugprint().is_err(), "nothing to print before compile");
+    m.compile(Loss::SparseCategoricalCrossentropy, Optimizer::adam(0.05), &[Metric::Accuracy]).unwrap();
+    m.fit(&x, &y, &Fit { epochs: 1, verbose: 0, ..Fit::default() }).unwrap();
+    assert!(m.debugprint().unwrap().contains("matmul") && m.to_dot().unwrap().starts_with("digraph"));
+    assert!(m.generated_code().unwrap().contains("update of shared variable 'dense.kernel'"));
     // training accuracy is measured with dropout on; the held-out rows without it
     assert!(h1.epochs[7].val.as_ref().unwrap().get("accuracy").unwrap() > 0.9, "{:?}", h1.epochs[7]);
     assert_eq!(h1.val_loss().len(), 8);

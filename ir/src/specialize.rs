@@ -102,5 +102,8 @@ pub fn specialize_with(g: &Graph, shapes: &HashMap<NodeId, Vec<usize>>, known: &
             .map_err(|e| fail(format!("declared {} but computes {ty}: {e}", node.ty)))?;
         out.set_node(n, op, ty);
     }
+    // Sizes are known now, so what was symbolic before (a broadcast to the batch size of a
+    // constant, say the seed of a gradient) can be folded once here instead of computed every call.
+    crate::passes::cprop::run(&mut out, &mut crate::passes::RewriteLog::default())?;
     Ok((out, b))
 }

@@ -276,6 +276,18 @@ impl Sequential {
     pub fn train_function(&mut self) -> Result<&Function> {
         Ok(&self.compiled()?.train)
     }
+    /// The optimized training step, Theano-style (after `compile`).
+    pub fn debugprint(&mut self) -> Result<String> {
+        Ok(self.compiled()?.train.debugprint())
+    }
+    /// The optimized training step as GraphViz DOT (after `compile`).
+    pub fn to_dot(&mut self) -> Result<String> {
+        Ok(self.compiled()?.train.to_dot())
+    }
+    /// The code generated for the training step so far (CLIF or CUDA C; after a `fit`).
+    pub fn generated_code(&mut self) -> Result<String> {
+        Ok(self.compiled()?.train.generated_code())
+    }
 
     /// Targets as the model's `y` input wants them (i64 class indices for sparse losses).
     fn targets(loss: Loss, y: &Tensor) -> Tensor {
