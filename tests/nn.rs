@@ -341,3 +341,24 @@ fn fit_on_the_gpu_where_there_is_one() {
         assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()), "cpu {cpu:?} gpu {gpu:?}");
     }
 }
+
+#[test]
+fn history_plots_the_loss_curves_as_png() {
+    let (x, y) = blobs(60);
+    let mut m = small_model(2, 0.0);
+    m.compile(Loss::SparseCategoricalCrossentropy, Optimizer::rmsprop(0.01), &[Metric::Accuracy]).unwrap();
+    let h = m.fit(&x, &y, &Fit { epochs: 3, verbose: 0, validation_split: 0.25, ..Fit::default() }).unwrap();
+    let path = std::env::temp_dir().join(format!("kiln-loss-{}.png", std::process::id()));
+    match h.plot(&path) {
+        Ok(()) => {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 1000, "{} bytes", bytes.len());
+            std::fs::remove_file(&path).unwrap();
+        }
+        // Only a missing font may stop the plot, and the error says which package to install.
+        Err(e) => {
+            assert!(e.to_string().contains("fonts-dejavu-core"), "{e}");
+            kiln::testing::note(&format!("plot skipped: {e}"));
+        }
+    }
+}

@@ -46,19 +46,7 @@ impl Progress {
         if self.verbose == 0 {
             return;
         }
-        let mut values = vec![("loss".to_string(), log.loss)];
-        values.extend(log.metrics.iter().cloned());
-        if let Some(v) = &log.val {
-            values.push(("val_loss".into(), v.loss));
-            values.extend(v.metrics.iter().map(|(n, x)| (format!("val_{n}"), *x)));
-        }
-        let per_step = log.seconds / self.steps.max(1) as f64;
-        let step = if per_step >= 1e-3 {
-            format!("{:.0}ms/step", per_step * 1e3)
-        } else {
-            format!("{:.0}us/step", per_step * 1e6)
-        };
-        let line = format!("{:.1}s {step}{}", log.seconds, scores(&values));
+        let line = epoch_summary(log, self.steps);
         match self.bar.take() {
             Some(bar) => {
                 bar.set_message(line);
@@ -66,5 +54,42 @@ impl Progress {
             }
             None => println!("{n}/{n} [{}] - {line}", "=".repeat(30), n = self.steps),
         }
+    }
+}
+
+/// `2.1s 4ms/step - loss: 0.4213 - accuracy: 0.8456 - val_loss: ... - val_accuracy: ...`
+fn epoch_summary(log: &EpochLog, steps: usize) -> String {
+    let mut values = vec![("loss".to_string(), log.loss)];
+    values.extend(log.metrics.iter().cloned());
+    if let Some(v) = &log.val {
+        values.push(("val_loss".into(), v.loss));
+        values.extend(v.metrics.iter().map(|(n, x)| (format!("val_{n}"), *x)));
+    }
+    let per_step = log.seconds / steps.max(1) as f64;
+    let step = if per_step >= 1e-3 {
+        format!("{:.0}ms/step", per_step * 1e3)
+    } else {
+        format!("{:.0}us/step", per_step * 1e6)
+    };
+    format!("{:.1}s {step}{}", log.seconds, scores(&values))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::Scores;
+
+    #[test]
+    fn epoch_lines_read_like_keras() {
+        let log = EpochLog {
+            loss: 0.42131,
+            metrics: vec![("accuracy".into(), 0.84562)],
+            val: Some(Scores { loss: 0.5, metrics: vec![("accuracy".into(), 0.8)] }),
+            seconds: 1.876,
+        };
+        assert_eq!(
+            epoch_summary(&log, 469),
+            "1.9s 4ms/step - loss: 0.4213 - accuracy: 0.8456 - val_loss: 0.5000 - val_accuracy: 0.8000"
+        );
     }
 }
