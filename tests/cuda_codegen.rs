@@ -1,6 +1,7 @@
 //! The CUDA backend without a GPU: snapshots of the CUDA C it prints for canonical graphs (a fused
 //! elementwise chain, a softmax, reductions by row and by column, a product with its bias + relu
-//! epilogue, an SGD momentum update, dropout), NVRTC compilation of every kernel of the benchmark
+//! epilogue, an SGD momentum update; dropout on a small batch, whose whole step becomes one
+//! single-block kernel), NVRTC compilation of every kernel of the benchmark
 //! workloads (wherever libnvrtc is found), the PTX caches, and the error `Device::Cuda` gives where
 //! the machine has no GPU.
 
@@ -24,7 +25,8 @@ fn fused_elementwise_chain() {
     let y = g.input("y", F32, [Dim::sym("n"), 64.into()]);
     let z = ((&x * 2.0 + 1.0).tanh() * &y).exp();
     let f = g.function([&x, &y], [&z]).compile(Device::Reference).unwrap();
-    insta::assert_snapshot!(cuda_c(&f, &[f32s(&[256, 64], 1), f32s(&[256, 64], 2)]));
+    // Large enough for the kernel-per-step form (small steps run as one single-block kernel).
+    insta::assert_snapshot!(cuda_c(&f, &[f32s(&[2048, 64], 1), f32s(&[2048, 64], 2)]));
 }
 
 #[test]
@@ -32,7 +34,7 @@ fn softmax() {
     let g = Graph::new();
     let x = g.input("x", F32, [Dim::sym("n"), 10.into()]);
     let f = g.function([&x], [&x.softmax(-1)]).compile(Device::Reference).unwrap();
-    insta::assert_snapshot!(cuda_c(&f, &[f32s(&[32, 10], 3)]));
+    insta::assert_snapshot!(cuda_c(&f, &[f32s(&[8192, 10], 3)]));
 }
 
 #[test]
@@ -59,16 +61,16 @@ fn matmul_with_bias_and_relu_epilogue() {
 #[test]
 fn sgd_momentum_update() {
     let g = Graph::new();
-    let grad = g.input("grad", F32, [256, 10]);
-    let p = g.shared("p", f32s(&[256, 10], 8));
-    let v = g.shared("v", Tensor::zeros(F32, &[256, 10]));
+    let grad = g.input("grad", F32, [784, 256]);
+    let p = g.shared("p", f32s(&[784, 256], 8));
+    let v = g.shared("v", Tensor::zeros(F32, &[784, 256]));
     let v_new = &v * 0.9 - 0.01 * &grad;
     let f = g
         .function([&grad], Vec::<&Var>::new())
         .updates([(&p, &p + &v_new), (&v, v_new)])
         .compile(Device::Reference)
         .unwrap();
-    insta::assert_snapshot!(cuda_c(&f, &[f32s(&[256, 10], 9)]));
+    insta::assert_snapshot!(cuda_c(&f, &[f32s(&[784, 256], 9)]));
 }
 
 #[test]

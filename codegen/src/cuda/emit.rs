@@ -12,6 +12,7 @@
 use super::ast::*;
 use super::group::{can_follow, collapse_group, forwarded, locations, Location};
 use super::scalar::{scalar_literal, Scalars};
+use super::single::{join, SINGLE_BLOCK_ELEMENTS};
 use crate::kernel::{BufId, KernelProgram, LoopKernel, MatMul, MemoryPlan, Step, View};
 use kiln_ir::ops::fused::{FusedKernel, ScalarExpr};
 use kiln_ir::ops::UnaryOp;
@@ -67,6 +68,18 @@ pub struct DeviceProgram {
 /// The CUDA kernels and device steps of a kernel program.
 pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
     let loc = locations(kp, memory);
+    let small = |n: usize| n <= SINGLE_BLOCK_ELEMENTS;
+    let single_block = !kp.steps.is_empty()
+        && kp.steps.iter().all(|s| match s {
+            Step::Loop(k) => small(k.shape.iter().product()),
+            Step::MatMul(mm) => {
+                (!mm.dtype.is_float() || mm.batch * mm.m * mm.n * mm.k <= SMALL_PRODUCT)
+                    && small(mm.batch * mm.m * mm.n)
+                    && mm.epilogue.as_ref().is_none_or(|e| small(e.shape.iter().product()))
+            }
+            Step::Gather(g) | Step::ScatterAdd(g) => small(kp.buffers[g.out].len),
+            Step::Random { out, .. } => small(kp.buffers[*out].len),
+        });
     let mut e = Emitter {
         kp,
         scalars: Scalars::default(),
@@ -77,6 +90,7 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
         extra: vec![],
         loc,
         group: vec![],
+        single_block,
     };
     let mut i = 0;
     while i < kp.steps.len() {
@@ -118,6 +132,11 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
             e.loop_group(&members, &extra)?;
         }
     }
+    if single_block {
+        let (kernel, step) = join("k_step", std::mem::take(&mut e.kernels), std::mem::take(&mut e.steps));
+        e.kernels.push(kernel);
+        e.steps.push(step);
+    }
     let mut names = std::collections::HashSet::new();
     if let Some(k) = e.kernels.iter().find(|k| !names.insert(k.name.as_str())) {
         return Err(Error::Invalid(format!("two CUDA kernels named {}", k.name)));
@@ -140,6 +159,9 @@ pub(super) struct Emitter<'a> {
     pub(super) loc: Vec<Location>,
     /// The loop kernels being emitted as one kernel, dims collapsed together (empty between groups).
     pub(super) group: Vec<Member>,
+    /// Every kernel becomes a section of one single-block kernel (see `single`): reductions use
+    /// only the shapes that work in one block of `THREADS`.
+    pub(super) single_block: bool,
 }
 
 /// A loop kernel of a group, and where each of its inputs comes from: memory (`None`) or the

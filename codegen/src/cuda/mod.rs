@@ -13,6 +13,7 @@ mod reduce;
 #[cfg(feature = "cuda")]
 pub mod runtime;
 pub mod scalar;
+mod single;
 mod special;
 
 #[cfg(feature = "cuda")]

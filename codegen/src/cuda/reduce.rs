@@ -8,6 +8,7 @@
 use super::ast::*;
 use super::emit::{decompose, grid_for, grid_stride_loop, launch_1d, offset, Emitter, MAX_GRID, THREADS};
 use super::scalar::literal;
+use super::single::SINGLE_BLOCK_THREADS;
 use crate::kernel::{elem_size, LoopKernel};
 use kiln_ir::ops::{BinaryOp, ReduceOp};
 use kiln_ir::DType;
@@ -59,6 +60,9 @@ impl<'a> Emitter<'a> {
     fn reduce_shape(&self, k: &LoopKernel, kept: usize, rows: usize, row_len: usize) -> ReduceShape {
         if row_len <= 16 {
             return ReduceShape::Thread;
+        }
+        if self.single_block {
+            return ReduceShape::Block(SINGLE_BLOCK_THREADS);
         }
         let last = k.shape.len() - 1;
         let contiguous_row = k.inputs.iter().any(|v| v.strides[last].abs() == 1);

@@ -1,0 +1,108 @@
+//! The whole step as one kernel of one block, for programs whose every step is small (every loop
+//! kernel at most `SINGLE_BLOCK_ELEMENTS` elements, no product large enough for cuBLAS). Launch
+//! latency, not arithmetic, is what such steps cost: keras-mlp is ~20 kernels of a few hundred
+//! elements each. The kernels are emitted as usual (reductions restricted to the shapes that work
+//! in one block of 1024 threads), then each becomes a section of one kernel: its parameters renamed
+//! `s{k}_...`, `blockIdx` read as 0 and `gridDim` as 1 (so grid-stride loops become block-stride
+//! loops), and `__syncthreads()` between sections, which also makes each section's global writes
+//! visible to the next.
+
+use super::ast::*;
+use super::emit::{DeviceStep, Launchable};
+use std::collections::HashMap;
+
+/// Loop kernels up to this many elements can run in the single block.
+pub(super) const SINGLE_BLOCK_ELEMENTS: usize = 1 << 16;
+/// The single block's size: the largest, so a step's typical few hundred to thousand elements take
+/// one pass (sections are latency-bound: each waits for the one before it).
+pub(super) const SINGLE_BLOCK_THREADS: u32 = 1024;
+
+fn rewrite_expr(e: &mut Expr, names: &HashMap<String, String>) {
+    match e {
+        Expr::Var(n) => {
+            if let Some(m) = names.get(n.as_str()) {
+                *n = m.clone();
+            }
+        }
+        Expr::Builtin(Builtin::BlockIdx) => *e = Expr::Int(0),
+        Expr::Builtin(Builtin::GridDim) => *e = Expr::Int(1),
+        Expr::F32(_) | Expr::F64(_) | Expr::Int(_) | Expr::ULong(_) | Expr::Bool(_) | Expr::Builtin(_) => {}
+        Expr::Neg(a) | Expr::Not(a) | Expr::Cast(_, a) | Expr::Lane(a, _) => rewrite_expr(a, names),
+        Expr::Binary(_, a, b) | Expr::Index(a, b) | Expr::Vec4(a, b) => {
+            rewrite_expr(a, names);
+            rewrite_expr(b, names);
+        }
+        Expr::Call(_, args) => args.iter_mut().for_each(|a| rewrite_expr(a, names)),
+        Expr::Select(c, a, b) => {
+            rewrite_expr(c, names);
+            rewrite_expr(a, names);
+            rewrite_expr(b, names);
+        }
+    }
+}
+
+fn rewrite_stmts(body: &mut [Stmt], names: &HashMap<String, String>) {
+    for s in body {
+        match s {
+            Stmt::Comment(_) | Stmt::SharedArray { .. } | Stmt::Return | Stmt::SyncThreads => {}
+            Stmt::Decl { init, .. } => {
+                if let Some(e) = init {
+                    rewrite_expr(e, names)
+                }
+            }
+            Stmt::Assign(a, b) | Stmt::Compound(_, a, b) => {
+                rewrite_expr(a, names);
+                rewrite_expr(b, names);
+            }
+            Stmt::If(c, a, b) => {
+                rewrite_expr(c, names);
+                rewrite_stmts(a, names);
+                rewrite_stmts(b, names);
+            }
+            Stmt::For { init, end, step, body, .. } => {
+                rewrite_expr(init, names);
+                rewrite_expr(end, names);
+                rewrite_expr(step, names);
+                rewrite_stmts(body, names);
+            }
+            Stmt::ReturnValue(e) | Stmt::Call(e) => rewrite_expr(e, names),
+            Stmt::Block(b) => rewrite_stmts(b, names),
+        }
+    }
+}
+
+/// Joins `kernels` (launched in order by `steps`; their loops stride by the block size, their
+/// reductions were emitted for a block of `SINGLE_BLOCK_THREADS`) into one kernel named `name`, and
+/// the one step that launches it.
+pub(super) fn join(name: &str, kernels: Vec<Kernel>, steps: Vec<DeviceStep>) -> (Kernel, DeviceStep) {
+    let by_name: HashMap<String, Kernel> = kernels.into_iter().map(|k| (k.name.clone(), k)).collect();
+    let mut comments = vec![format!("{name} runs the whole step in one block, one section per kernel:")];
+    let (mut params, mut args, mut body) = (vec![], vec![], vec![]);
+    for (s, step) in steps.into_iter().enumerate() {
+        let DeviceStep::Launch(l) = step else { unreachable!("single-block programs have no cuBLAS steps") };
+        let k = &by_name[&l.kernel];
+        let names: HashMap<String, String> =
+            k.params.iter().map(|p| (p.name.clone(), format!("s{s}_{}", p.name))).collect();
+        for (p, a) in k.params.iter().zip(&l.args) {
+            params.push(Param { name: names[&p.name].clone(), ..p.clone() });
+            args.push(*a);
+        }
+        // Sections share memory through the pointers they are given: no `__restrict__`.
+        comments.extend(k.comments.iter().map(|c| format!("  section {s}: {c}")));
+        let mut section = k.body.clone();
+        rewrite_stmts(&mut section, &names);
+        body.push(Stmt::Comment(format!("section {s}: {}", k.name)));
+        body.push(Stmt::Block(section));
+        body.push(Stmt::SyncThreads);
+    }
+    for p in &mut params {
+        p.kind = match p.kind {
+            ParamKind::In | ParamKind::InAliased => ParamKind::InAliased,
+            ParamKind::Out | ParamKind::InOut => ParamKind::InOut,
+            ParamKind::Value => ParamKind::Value,
+        };
+    }
+    let launch = Launch { grid: (1, 1), block: (SINGLE_BLOCK_THREADS, 1) };
+    let kernel = Kernel { name: name.into(), comments, params, body, launch };
+    (kernel, DeviceStep::Launch(Launchable { kernel: name.into(), args, launch }))
+}
