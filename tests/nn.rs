@@ -249,6 +249,14 @@ fn summary_table() {
     m.add(Dense::new(10));
     m.add(Activation::Softmax);
     insta::assert_snapshot!(m.summary().unwrap());
+    // a Dense directly on images is an error that says what to do
+    let mut bad = Sequential::new().input_shape(&[28, 28]);
+    bad.add(Dense::new(10));
+    let err = bad.summary().unwrap_err().to_string();
+    assert!(err.contains("layer 'dense'") && err.contains("Flatten"), "{err}");
+    let mut none = Sequential::new();
+    none.add(Dense::new(10));
+    assert!(none.summary().unwrap_err().to_string().contains("input_dim"));
 }
 
 #[test]

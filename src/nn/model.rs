@@ -179,8 +179,10 @@ impl Sequential {
         let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed);
         let mut s = self.example_shape()?;
         for (l, name) in self.layers.iter_mut().zip(&self.names) {
+            // The shape check first: it says what is wrong (a Dense on images wants a Flatten).
+            let next = l.output_shape(&s).map_err(|e| Error::Invalid(format!("layer '{name}': {e}")))?;
             l.build(&self.graph, name, &s, &mut rng)?;
-            s = l.output_shape(&s)?;
+            s = next;
         }
         self.built = true;
         Ok(())
