@@ -98,18 +98,28 @@ impl<'a> Emitter<'a> {
         let mut per_row = vec![];
         decompose(var("o"), &k.shape[..kept], 0, it, &mut per_row);
         self.init_acc(op, d, &mut per_row);
+        per_row.push(self.fold_loop(k, dtypes, op, it, first, int(row_len as i64), step));
+        per_row
+    }
+
+    /// `for (r = first; r < end; r += step)`: the reduced multi-index of `r`, then the element folded
+    /// into `acc`.
+    #[allow(clippy::too_many_arguments)]
+    fn fold_loop(
+        &mut self,
+        k: &LoopKernel,
+        dtypes: &[DType],
+        op: ReduceOp,
+        it: CType,
+        first: Expr,
+        end: Expr,
+        step: usize,
+    ) -> Stmt {
+        let kept = k.shape.len() - k.reduce.map_or(0, |r| r.1);
         let mut per_elem = vec![];
         decompose(var("r"), &k.shape[kept..], kept, it, &mut per_elem);
         self.fold_element(k, dtypes, op, cast(CType::LongLong, var("r")), &mut per_elem);
-        per_row.push(Stmt::For {
-            ty: it,
-            var: "r".into(),
-            init: first,
-            end: int(row_len as i64),
-            step: int(step as i64),
-            body: per_elem,
-        });
-        per_row
+        Stmt::For { ty: it, var: "r".into(), init: first, end, step: int(step as i64), body: per_elem }
     }
 
     /// Statements that fold the element at the current multi-index into `acc` (and `best`).
@@ -271,17 +281,7 @@ impl<'a> Emitter<'a> {
                 let mut per_tile = vec![decl(it, "o", var("base") + cast(it, var("tx")))];
                 decompose(var("o"), &k.shape[..kept], 0, it, &mut per_tile);
                 self.init_acc(op, d, &mut per_tile);
-                let mut per_elem = vec![];
-                decompose(var("r"), &k.shape[kept..], kept, it, &mut per_elem);
-                self.fold_element(k, dtypes, op, cast(CType::LongLong, var("r")), &mut per_elem);
-                let walk = Stmt::For {
-                    ty: it,
-                    var: "r".into(),
-                    init: cast(it, var("ty")),
-                    end: int(row_len as i64),
-                    step: int(8),
-                    body: per_elem,
-                };
+                let walk = self.fold_loop(k, dtypes, op, it, cast(it, var("ty")), int(row_len as i64), 8);
                 let in_range = bin(BinOp::Lt, var("o"), int(rows as i64));
                 per_tile.push(Stmt::If(in_range.clone(), vec![walk], vec![]));
                 let slot = var("ty") * int(32) + var("tx");
@@ -357,17 +357,7 @@ impl<'a> Emitter<'a> {
         body.push(decl(it, "lo", var("slice") * int(chunk as i64)));
         let hi = var("lo") + int(chunk as i64);
         body.push(decl(it, "hi", select(bin(BinOp::Lt, hi.clone(), int(row_len as i64)), hi, int(row_len as i64))));
-        let mut per_elem = vec![];
-        decompose(var("r"), &k.shape[kept..], kept, it, &mut per_elem);
-        self.fold_element(k, dtypes, op, cast(CType::LongLong, var("r")), &mut per_elem);
-        let walk = Stmt::For {
-            ty: it,
-            var: "r".into(),
-            init: var("lo") + cast(it, var("ty")),
-            end: var("hi"),
-            step: int(8),
-            body: per_elem,
-        };
+        let walk = self.fold_loop(k, dtypes, op, it, var("lo") + cast(it, var("ty")), var("hi"), 8);
         let in_range = bin(BinOp::Lt, var("o"), int(rows as i64));
         body.push(Stmt::If(in_range.clone(), vec![walk], vec![]));
         body.push(assign(index(var("partial"), var("ty") * int(32) + var("tx")), var("acc")));
