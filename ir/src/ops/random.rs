@@ -174,6 +174,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::needless_range_loop)]
     fn sixteen_blocks_at_once_are_sixteen_blocks() {
         let state = [0x1234_5678_9abc_def0u64 as i64, 0xffff_fffe];
         for first in [0u64, 5, (1 << 32) - 8] {
