@@ -4,8 +4,9 @@
 //! resident on the device between calls (updates are written there; the host copy is refreshed
 //! only when read). The first call of a specialization launches its steps one by one; later calls
 //! replay them as one CUDA graph, captured once (and again only if a shared variable's device
-//! memory moved, e.g. after `set_value`; `KILN_CUDA_GRAPHS=0` turns graphs off, for comparison). Arguments are checked before anything runs: lengths
-//! against the plan, and indices that come from arguments against their axis.
+//! memory moved, e.g. after `set_value`; `KILN_CUDA_GRAPHS=0` turns graphs off, for comparison;
+//! `KILN_CUDA_PROFILE=1` times every step with events instead). Arguments are checked before
+//! anything runs: lengths against the plan, and indices that come from arguments against their axis.
 
 use super::emit::{emit, DeviceStep, ErrorSite, KernelArg};
 use super::nvrtc::{self, Origin};
