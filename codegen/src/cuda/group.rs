@@ -107,3 +107,89 @@ pub(super) fn collapse_group(members: &[&LoopKernel]) -> Vec<LoopKernel> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_ir::ops::fused::ScalarExpr;
+    use kiln_ir::ops::ReduceOp;
+    use kiln_ir::DType;
+
+    fn view(buf: usize, strides: &[isize]) -> View {
+        View { buf, offset: 0, strides: strides.to_vec() }
+    }
+
+    /// An elementwise (or, with `reduce`, reducing) kernel over `shape` reading `inputs`.
+    fn kernel(shape: &[usize], inputs: Vec<View>, out: View, reduce: Option<(ReduceOp, usize)>) -> LoopKernel {
+        let n = inputs.len();
+        LoopKernel {
+            name: "k".into(),
+            origin: vec![],
+            shape: shape.to_vec(),
+            input_dtypes: vec![DType::F32; n],
+            exprs: (0..n).map(ScalarExpr::Input).collect(),
+            inputs,
+            out,
+            out_dtype: DType::F32,
+            reduce,
+        }
+    }
+
+    /// Buffers 0..8 each in their own memory, except where `shared` says two share a slot.
+    fn locs(shared: &[(usize, usize)]) -> Vec<Location> {
+        (0..8).map(|b| Location::Slot(shared.iter().find(|s| s.0 == b).map_or(b, |s| s.1))).collect()
+    }
+
+    #[test]
+    fn a_consumer_at_the_same_index_follows_and_takes_the_register() {
+        let loc = locs(&[]);
+        let a = kernel(&[4, 3], vec![view(0, &[3, 1])], view(1, &[3, 1]), None);
+        let b = kernel(&[4, 3], vec![view(1, &[3, 1]), view(2, &[3, 1])], view(3, &[3, 1]), None);
+        assert!(can_follow(&loc, &[&a], &b));
+        assert_eq!(forwarded(&loc, &[&a, &b], 1), vec![Some(0), None]);
+    }
+
+    #[test]
+    fn reading_another_threads_element_does_not_follow() {
+        let loc = locs(&[]);
+        let a = kernel(&[4, 4], vec![view(0, &[4, 1])], view(1, &[4, 1]), None);
+        // b reads a's output transposed: element (i, j) needs what thread (j, i) wrote
+        let b = kernel(&[4, 4], vec![view(1, &[1, 4])], view(3, &[4, 1]), None);
+        assert!(!can_follow(&loc, &[&a], &b));
+    }
+
+    #[test]
+    fn overwriting_what_a_reduction_reads_does_not_follow() {
+        let loc = locs(&[]);
+        // column sums of buffer 0 into buffer 1, then an update writing buffer 0 in place
+        let sum = kernel(&[3, 4], vec![view(0, &[1, 3])], view(1, &[1]), Some((ReduceOp::Sum, 1)));
+        let update = kernel(&[3], vec![view(1, &[1])], view(0, &[1]), None);
+        assert!(!can_follow(&loc, &[&sum], &update));
+        // writing elsewhere is fine, and the sum arrives through a register
+        let update = kernel(&[3], vec![view(1, &[1])], view(2, &[1]), None);
+        assert!(can_follow(&loc, &[&sum], &update));
+        assert_eq!(forwarded(&loc, &[&sum, &update], 1), vec![Some(0)]);
+    }
+
+    #[test]
+    fn memory_is_compared_by_slot_not_by_buffer() {
+        // buffer 5 reuses the slot of buffer 0, which the first kernel reads at another index
+        let loc = locs(&[(5, 0)]);
+        let a = kernel(&[4, 4], vec![view(0, &[1, 4])], view(1, &[4, 1]), None);
+        let b = kernel(&[4, 4], vec![view(1, &[4, 1])], view(5, &[4, 1]), None);
+        assert!(!can_follow(&loc, &[&a], &b));
+        // at the same index it is safe: each thread reads its element before writing it
+        let a = kernel(&[4, 4], vec![view(0, &[4, 1])], view(1, &[4, 1]), None);
+        assert!(can_follow(&loc, &[&a], &b));
+    }
+
+    #[test]
+    fn followers_run_over_the_kept_space_only() {
+        let loc = locs(&[]);
+        let sum = kernel(&[3, 4], vec![view(0, &[4, 1])], view(1, &[1]), Some((ReduceOp::Sum, 1)));
+        let wrong_space = kernel(&[3, 4], vec![view(0, &[4, 1])], view(2, &[4, 1]), None);
+        assert!(!can_follow(&loc, &[&sum], &wrong_space));
+        let reducing = kernel(&[3], vec![view(1, &[1])], view(2, &[]), Some((ReduceOp::Sum, 1)));
+        assert!(!can_follow(&loc, &[&sum], &reducing));
+    }
+}
