@@ -3,6 +3,7 @@
 //! that is specialized on the concrete shapes of each call and cached per shape signature. This
 //! crate holds the reference interpreter, the oracle every other backend is tested against.
 
+mod bytes;
 pub mod cpu;
 pub mod cuda;
 pub mod kernel;

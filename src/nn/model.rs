@@ -334,12 +334,12 @@ impl Sequential {
             for (b, &(lo, hi)) in batches.iter().enumerate() {
                 let rows = &order[lo..hi];
                 let out = self.compiled()?.train.call(&[rows_of(&x, rows), rows_of(&y, rows)])?;
-                for (s, v) in sums.iter_mut().zip(&out) {
-                    *s += v.item().unwrap_or(f64::NAN) * (hi - lo) as f64;
-                }
+                add_weighted(&mut sums, &out, hi - lo);
                 seen += hi - lo;
-                let means: Vec<f64> = sums.iter().map(|s| s / seen as f64).collect();
-                progress.update(b + 1, &named(&means, &names));
+                if progress.is_live() {
+                    let means: Vec<f64> = sums.iter().map(|s| s / seen as f64).collect();
+                    progress.update(b + 1, &named(&means, &names));
+                }
             }
             let means: Vec<f64> = sums.iter().map(|s| s / seen as f64).collect();
             let val = match &validation {
@@ -366,9 +366,7 @@ impl Sequential {
         for (lo, hi) in batch_ranges(n, batch_size) {
             let rows: Vec<usize> = (lo..hi).collect();
             let out = self.compiled()?.eval.call(&[rows_of(x, &rows), rows_of(y, &rows)])?;
-            for (s, v) in sums.iter_mut().zip(&out) {
-                *s += v.item().unwrap_or(f64::NAN) * (hi - lo) as f64;
-            }
+            add_weighted(&mut sums, &out, hi - lo);
         }
         let means: Vec<f64> = sums.iter().map(|s| s / n.max(1) as f64).collect();
         Ok(Scores { loss: means[0], metrics: names.into_iter().zip(means[1..].iter().copied()).collect() })
@@ -412,6 +410,14 @@ fn check_rows(x: &Tensor, y: &Tensor) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Adds a batch's scalar outputs (loss, metrics), weighted by its row count, so that dividing by
+/// the rows seen gives the per-example mean, as Keras reports it.
+fn add_weighted(sums: &mut [f64], outputs: &[Tensor], rows: usize) {
+    for (s, v) in sums.iter_mut().zip(outputs) {
+        *s += v.item().unwrap_or(f64::NAN) * rows as f64;
+    }
 }
 
 /// The rows `rows` of a tensor.

@@ -34,6 +34,11 @@ impl Progress {
         Progress { bar, steps, verbose }
     }
 
+    /// Whether a bar is being drawn (only then are running means worth computing).
+    pub(crate) fn is_live(&self) -> bool {
+        self.bar.is_some()
+    }
+
     /// After batch `done` (1-based), with the running means.
     pub(crate) fn update(&mut self, done: usize, values: &[(String, f64)]) {
         if let Some(bar) = &self.bar {

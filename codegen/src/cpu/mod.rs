@@ -11,6 +11,7 @@ pub mod jit;
 pub mod math;
 pub mod runtime;
 
+use crate::bytes::{tensor_bytes, tensor_from_bytes};
 use crate::kernel::{elem_size, plan_memory};
 use crate::kernel::{lower, place_updates, BufKind, KernelProgram, Step, UpdateWrite};
 use crate::{Backend, CompileOptions, Executable, Program, SharedValue};
@@ -80,40 +81,11 @@ pub struct CpuExecutable {
 }
 
 fn bytes_of(t: &Tensor) -> &[u8] {
-    kiln_ir::with_array!(t, a => {
-        let s = a.as_slice().expect("caller passes standard-layout arrays");
-        // SAFETY: any initialized slice of plain numbers (or bools, one byte each) may be viewed as bytes.
-        unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
-    })
+    crate::bytes::standard_bytes(t).expect("caller passes standard-layout arrays")
 }
 
 fn bytes_of_mut(t: &mut Tensor) -> *mut u8 {
     kiln_ir::with_array!(t, a => a.as_slice_mut().expect("made standard before binding").as_mut_ptr() as *mut u8)
-}
-
-fn tensor_from_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Tensor {
-    fn read<T: Copy>(bytes: &[u8], n: usize) -> Vec<T> {
-        let mut v = Vec::<T>::with_capacity(n);
-        // SAFETY: `bytes` holds exactly `n` elements of `T` written by the kernels; the copy does not
-        // need alignment of the source beyond that of its buffer (u64-aligned storage or the input).
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>());
-            v.set_len(n);
-        }
-        v
-    }
-    let n: usize = shape.iter().product();
-    let s = ndarray::IxDyn(shape);
-    let err = "buffer length matches the shape";
-    match dtype {
-        DType::F32 => Tensor::F32(ndarray::ArrayD::from_shape_vec(s, read::<f32>(bytes, n)).expect(err)),
-        DType::F64 => Tensor::F64(ndarray::ArrayD::from_shape_vec(s, read::<f64>(bytes, n)).expect(err)),
-        DType::I32 => Tensor::I32(ndarray::ArrayD::from_shape_vec(s, read::<i32>(bytes, n)).expect(err)),
-        DType::I64 => Tensor::I64(ndarray::ArrayD::from_shape_vec(s, read::<i64>(bytes, n)).expect(err)),
-        DType::Bool => {
-            Tensor::Bool(ndarray::ArrayD::from_shape_vec(s, bytes[..n].iter().map(|&b| b != 0).collect()).expect(err))
-        }
-    }
 }
 
 impl Plan {
@@ -181,7 +153,7 @@ impl Plan {
         let mut storage: Vec<Vec<u64>> = memory.slot_bytes.iter().map(|&n| vec![0u64; n / 8]).collect();
         for (b, buf) in kp.buffers.iter().enumerate() {
             if let (BufKind::Constant(t), Some(sl)) = (&buf.kind, memory.slot[b]) {
-                let src = bytes_of_owned(t);
+                let src = tensor_bytes(t);
                 // SAFETY: the slot holds at least the constant's bytes.
                 unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), storage[sl].as_mut_ptr() as *mut u8, src.len()) };
             }
@@ -191,11 +163,6 @@ impl Plan {
             (Vec::with_capacity(kp.buffers.len()), Vec::with_capacity(kp.buffers.len()), Vec::with_capacity(16));
         Ok(Plan { kp, updates, returned, steps, slot, storage, out_shapes, scratch, code, _jit: jit })
     }
-}
-
-fn bytes_of_owned(t: &Tensor) -> Vec<u8> {
-    let std = kiln_ir::map_array!(t, a => a.as_standard_layout().into_owned());
-    bytes_of(&std).to_vec()
 }
 
 /// Kernels with fewer elements than this run on one core.

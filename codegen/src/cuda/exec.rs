@@ -10,7 +10,8 @@
 
 use super::emit::{emit, DeviceStep, ErrorSite, KernelArg};
 use super::nvrtc::{self, Origin};
-use super::runtime::{cuda_err, fill_tensor, tensor_bytes, CudaResident, DeviceBuffer, Gpu};
+use super::runtime::{cuda_err, CudaResident, DeviceBuffer, Gpu};
+use crate::bytes::{tensor_bytes, tensor_from_bytes};
 use crate::kernel::{elem_size, plan_memory, BufKind, KernelProgram, Step, UpdateWrite};
 use crate::{Backend, CompileOptions, Executable, Program, SharedValue};
 use cudarc::driver::{result, sys, CudaEvent, CudaFunction, CudaGraph, CudaModule};
@@ -79,6 +80,8 @@ struct Plan {
     inputs: Vec<Option<DeviceBuffer>>,
     errors: Vec<ErrorSite>,
     error_word: Option<DeviceBuffer>,
+    /// The buffer of each shared variable (none where the program does not use it).
+    shared_buffer: Vec<Option<usize>>,
     scratch: Vec<DeviceBuffer>,
     /// The captured step and the shared-variable addresses it was captured with.
     graph: Option<(CudaGraph, Vec<u64>)>,
@@ -198,6 +201,8 @@ impl Plan {
             }
         }
         let error_word = if dp.errors.is_empty() { None } else { Some(DeviceBuffer::new(gpu, 4)?) };
+        let shared_buffer =
+            (0..program.shared.len()).map(|k| kp.buffers.iter().position(|b| b.kind == BufKind::Shared(k))).collect();
         let scratch = dp
             .scratch
             .iter()
@@ -219,6 +224,7 @@ impl Plan {
             inputs,
             errors: dp.errors,
             error_word,
+            shared_buffer,
             scratch,
             graph: None,
             calls: 0,
@@ -329,11 +335,9 @@ impl CudaExecutable {
     fn residents(&self, shared: &mut [SharedValue], plan: &Plan) -> Result<Vec<u64>> {
         let mut ptrs = Vec::with_capacity(shared.len());
         for (k, value) in shared.iter_mut().enumerate() {
-            let want = plan.kp.buffers.iter().find(|b| b.kind == BufKind::Shared(k));
-            let ty = value.ty();
-            let bytes = value.shape().iter().product::<usize>() * elem_size(ty.dtype) as usize;
-            if let Some(b) = want {
-                if value.shape().iter().product::<usize>() != b.len || value.ty().dtype != b.dtype {
+            let (len, dtype) = (value.shape().iter().product::<usize>(), value.ty().dtype);
+            if let Some(b) = plan.shared_buffer[k].map(|b| &plan.kp.buffers[b]) {
+                if (len, dtype) != (b.len, b.dtype) {
                     return Err(Error::Invalid(format!(
                         "a value of {} was bound to a buffer of {} {}",
                         value.ty(),
@@ -342,13 +346,12 @@ impl CudaExecutable {
                     )));
                 }
             }
-            let ordinal = self.gpu.ordinal;
+            let (ordinal, bytes) = (self.gpu.ordinal, len * elem_size(dtype) as usize);
             let usable =
                 value.resident_mut::<CudaResident>().is_some_and(|r| r.ordinal == ordinal && r.buf.bytes == bytes);
             if !usable {
-                let host = value.host()?.clone();
                 let buf = DeviceBuffer::new(&self.gpu, bytes)?;
-                buf.upload(&tensor_bytes(&host))?;
+                buf.upload(&tensor_bytes(value.host()?))?;
                 value.set_resident(Box::new(CudaResident { buf, ordinal }));
             }
             ptrs.push(value.resident_mut::<CudaResident>().expect("just made resident").buf.ptr);
@@ -452,10 +455,10 @@ impl Executable for CudaExecutable {
             };
             shared[s].mark_resident_newer();
         }
-        let mut outs = Vec::with_capacity(plan.returned.len());
+        // Every output's copy is queued behind the step, then one wait for all of them.
+        let mut host: Vec<Vec<u8>> = Vec::with_capacity(plan.returned.len());
         for &o in &plan.returned {
             let b = plan.kp.outputs[o];
-            let d = plan.kp.buffers[b].dtype;
             let mut bytes = vec![0u8; bytes_of(&plan.kp, b)];
             let src = match plan.kp.buffers[b].kind {
                 BufKind::Input(k) => plan.inputs[k].as_ref().map(|d| d.ptr),
@@ -469,12 +472,15 @@ impl Executable for CudaExecutable {
                         .map_err(cuda_err("copying an output"))?;
                 }
             }
-            let mut t = Tensor::zeros(d, &plan.out_shapes[o]);
-            gpu.synchronize()?;
-            fill_tensor(&mut t, &bytes);
-            outs.push(t);
+            host.push(bytes);
         }
         gpu.synchronize()?;
+        let outs = plan
+            .returned
+            .iter()
+            .zip(&host)
+            .map(|(&o, bytes)| tensor_from_bytes(plan.kp.buffers[plan.kp.outputs[o]].dtype, &plan.out_shapes[o], bytes))
+            .collect();
         if let Some(w) = &plan.error_word {
             let mut code = [0u8; 4];
             w.download(&mut code)?;

@@ -4,6 +4,7 @@
 //! shared variables, and row-major products through cuBLAS. Every failure is an `Err` that says
 //! what was looked for; nothing here panics when CUDA is absent.
 
+use crate::bytes::tensor_from_bytes;
 use crate::kernel::MatMul;
 use crate::Resident;
 use cudarc::cublas::sys as blas_sys;
@@ -248,37 +249,6 @@ impl Drop for DeviceBuffer {
     }
 }
 
-/// The bytes of a standard-layout tensor.
-pub fn tensor_bytes(t: &Tensor) -> std::borrow::Cow<'_, [u8]> {
-    kiln_ir::with_array!(t, a => match a.as_slice() {
-        // SAFETY: any initialized slice of plain numbers (or bools, one byte each) may be viewed as bytes.
-        Some(s) => std::borrow::Cow::Borrowed(unsafe {
-            std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s))
-        }),
-        None => {
-            let v: Vec<_> = a.iter().cloned().collect();
-            // SAFETY: as above.
-            std::borrow::Cow::Owned(unsafe {
-                std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v.as_slice()))
-            }.to_vec())
-        }
-    })
-}
-
-/// Writes bytes into a tensor of the same type and element count.
-pub fn fill_tensor(t: &mut Tensor, bytes: &[u8]) {
-    if !kiln_ir::with_array!(t, a => a.is_standard_layout()) {
-        *t = kiln_ir::map_array!(t, a => a.as_standard_layout().into_owned());
-    }
-    kiln_ir::with_array!(t, a => {
-        let s = a.as_slice_mut().expect("standard layout");
-        let n = std::mem::size_of_val(s).min(bytes.len());
-        // SAFETY: both hold at least n bytes; any bytes the device wrote for this dtype are a
-        // valid value of it (bools are written as 0 or 1).
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), s.as_mut_ptr() as *mut u8, n) };
-    });
-}
-
 /// A shared variable's value resident on a device.
 pub struct CudaResident {
     pub buf: DeviceBuffer,
@@ -290,7 +260,7 @@ impl Resident for CudaResident {
         let _turn = self.buf.gpu.turn();
         let mut bytes = vec![0u8; self.buf.bytes];
         self.buf.download(&mut bytes)?;
-        fill_tensor(host, &bytes);
+        *host = tensor_from_bytes(host.dtype(), host.shape(), &bytes);
         Ok(())
     }
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
