@@ -72,10 +72,10 @@ pub fn reserve_packing(n: usize) {
             reserve(apack, bpack, n)
         })
     };
-    on_this_thread();
-    rayon::broadcast(|_| on_this_thread());
+    super::team::Team::global().broadcast(&on_this_thread);
 }
 
+#[target_feature(enable = "avx512f")]
 unsafe fn sgemm_with(m: usize, k: usize, n: usize, op: Operands, apack: &mut [f32], bpack: &mut [f32]) {
     let mut pc = 0;
     while pc < k.max(1) {
@@ -108,42 +108,154 @@ unsafe fn sgemm_with(m: usize, k: usize, n: usize, op: Operands, apack: &mut [f3
 }
 
 /// Packs rows [ic, ic + mc) and depth [pc, pc + kc) of A into panels of MR rows: panel p holds
-/// `kc` groups of MR consecutive row values.
+/// `kc` groups of MR consecutive row values. The two layouts products meet (A row-major, or a
+/// transposed operand read with unit row stride) are copied with vector loads; others element by
+/// element.
+#[target_feature(enable = "avx512f")]
 unsafe fn pack_a(dst: &mut [f32], op: Operands, ic: usize, mc: usize, pc: usize, kc: usize) {
-    for (panel, i0) in (0..mc).step_by(MR).enumerate() {
-        let base = panel * MR * kc;
+    assert!(dst.len() >= mc.div_ceil(MR) * MR * kc, "A packing buffer sized by reserve()");
+    let at = |i: usize, p: usize| (ic + i) as isize * op.rsa + (pc + p) as isize * op.csa;
+    if op.rsa == 1 {
+        // A transposed operand: depth p is a contiguous row of the stored matrix. Reading it from
+        // start to end, panel after panel, keeps the reads sequential (the hardware prefetches
+        // them; a panel at a time would touch one row per page).
+        let full = mc / MR;
         for p in 0..kc {
-            for i in 0..MR {
-                dst[base + p * MR + i] = if i0 + i < mc {
-                    // SAFETY: row ic+i0+i < m and depth pc+p < k.
-                    unsafe { *op.a.offset((ic + i0 + i) as isize * op.rsa + (pc + p) as isize * op.csa) }
-                } else {
-                    0.0
-                };
+            for panel in 0..full {
+                // SAFETY: rows panel*MR.. +MR < mc, depth p < kc; the panel has room (asserted).
+                unsafe {
+                    let v = _mm256_loadu_ps(op.a.offset(at(panel * MR, p)));
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(panel * MR * kc + p * MR), v);
+                }
+            }
+        }
+    }
+    for (panel, i0) in (0..mc).step_by(MR).enumerate() {
+        // SAFETY (all blocks below): the panel has room for kc * MR values (asserted above), and
+        // every read is element (row < m, depth < k) of the caller's operand.
+        let out = unsafe { dst.as_mut_ptr().add(panel * MR * kc) };
+        let full = i0 + MR <= mc;
+        if full && op.rsa == 1 {
+            // copied below, a whole row of A^T at a time
+        } else if full && op.csa == 1 {
+            let rows: [*const f32; MR] = std::array::from_fn(|i| unsafe { op.a.offset(at(i0 + i, 0)) });
+            let whole = kc / 8 * 8;
+            for p in (0..whole).step_by(8) {
+                unsafe {
+                    let t = transpose8(std::array::from_fn(|i| _mm256_loadu_ps(rows[i].add(p))));
+                    for (q, v) in t.into_iter().enumerate() {
+                        _mm256_storeu_ps(out.add((p + q) * MR), v);
+                    }
+                }
+            }
+            for p in whole..kc {
+                for (i, row) in rows.iter().enumerate() {
+                    unsafe { *out.add(p * MR + i) = *row.add(p) };
+                }
+            }
+        } else {
+            for p in 0..kc {
+                for i in 0..MR {
+                    let v = if i0 + i < mc { unsafe { *op.a.offset(at(i0 + i, p)) } } else { 0.0 };
+                    unsafe { *out.add(p * MR + i) = v };
+                }
             }
         }
     }
 }
 
-/// Packs depth [pc, pc + kc) of B into panels of NR columns: panel q holds `kc` rows of NR values.
+/// Packs depth [pc, pc + kc) of B into panels of NR columns: panel q holds `kc` rows of NR values,
+/// zero-padded past column n. Row-major B and transposed B (unit row stride) are copied with
+/// vector loads; other layouts element by element.
+#[target_feature(enable = "avx512f")]
 unsafe fn pack_b(dst: &mut [f32], op: Operands, pc: usize, kc: usize, n: usize) {
-    for (panel, j0) in (0..n).step_by(NR).enumerate() {
-        let base = panel * NR * kc;
-        let cols = NR.min(n - j0);
+    assert!(dst.len() >= n.div_ceil(NR) * NR * kc, "B packing buffer sized by reserve()");
+    let at = |p: usize, j: usize| (pc + p) as isize * op.rsb + j as isize * op.csb;
+    if op.csb == 1 {
+        // Row-major B: row after row, each from start to end (sequential reads, which the hardware
+        // prefetches; a panel at a time would touch one row per page). Masked loads read only the
+        // columns that exist and zero the rest of the last panel.
         for p in 0..kc {
-            let row = unsafe { op.b.offset((pc + p) as isize * op.rsb) };
-            let out = &mut dst[base + p * NR..base + p * NR + NR];
-            if op.csb == 1 {
-                // SAFETY: columns j0..j0+cols of row pc+p exist.
-                out[..cols].copy_from_slice(unsafe { std::slice::from_raw_parts(row.add(j0), cols) });
-            } else {
-                for (j, o) in out[..cols].iter_mut().enumerate() {
-                    *o = unsafe { *row.offset((j0 + j) as isize * op.csb) };
+            for (panel, j0) in (0..n).step_by(NR).enumerate() {
+                let cols = NR.min(n - j0);
+                let lo = ((1u32 << cols.min(16)) - 1) as u16;
+                let hi = ((1u64 << cols.saturating_sub(16)) - 1) as u16;
+                // SAFETY: columns j0..j0+cols of row p exist; the panel has room (asserted).
+                unsafe {
+                    let row = op.b.offset(at(p, j0));
+                    let out = dst.as_mut_ptr().add(panel * NR * kc + p * NR);
+                    _mm512_storeu_ps(out, _mm512_maskz_loadu_ps(lo, row));
+                    _mm512_storeu_ps(out.add(16), _mm512_maskz_loadu_ps(hi, row.add(16)));
                 }
             }
-            out[cols..].fill(0.0);
+        }
+        return;
+    }
+    for (panel, j0) in (0..n).step_by(NR).enumerate() {
+        // SAFETY (all blocks below): the panel has room for kc * NR values (asserted above), and
+        // every read is element (depth < k, column < n) of the caller's operand.
+        let out = unsafe { dst.as_mut_ptr().add(panel * NR * kc) };
+        let cols = NR.min(n - j0);
+        if op.csb == 1 {
+            // copied below, a whole row at a time
+        } else if op.rsb == 1 && cols == NR {
+            let whole = kc / 8 * 8;
+            for jb in (0..NR).step_by(8) {
+                let columns: [*const f32; 8] = std::array::from_fn(|j| unsafe { op.b.offset(at(0, j0 + jb + j)) });
+                for p in (0..whole).step_by(8) {
+                    unsafe {
+                        let t = transpose8(std::array::from_fn(|j| _mm256_loadu_ps(columns[j].add(p))));
+                        for (q, v) in t.into_iter().enumerate() {
+                            _mm256_storeu_ps(out.add((p + q) * NR + jb), v);
+                        }
+                    }
+                }
+                for p in whole..kc {
+                    for (j, col) in columns.iter().enumerate() {
+                        unsafe { *out.add(p * NR + jb + j) = *col.add(p) };
+                    }
+                }
+            }
+        } else {
+            for p in 0..kc {
+                for j in 0..NR {
+                    let v = if j < cols { unsafe { *op.b.offset(at(p, j0 + j)) } } else { 0.0 };
+                    unsafe { *out.add(p * NR + j) = v };
+                }
+            }
         }
     }
+}
+
+/// Transposes an 8 x 8 block held as eight rows: lane i of result q is lane q of row i.
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
 }
 
 /// The 8 x 32 micro-kernel: C[rows x cols] (+)= Apanel Bpanel over depth kc.

@@ -10,6 +10,7 @@ pub mod gemm;
 pub mod jit;
 pub mod math;
 pub mod runtime;
+pub mod team;
 
 use crate::bytes::{tensor_bytes, tensor_from_bytes};
 use crate::kernel::{elem_size, plan_memory};
@@ -28,7 +29,14 @@ impl Backend for Cpu {
         "cpu"
     }
     fn compile(&self, program: &Program, _opts: &CompileOptions) -> Result<Box<dyn Executable>> {
-        Ok(Box::new(CpuExecutable { program: program.clone(), plans: HashMap::new(), order: vec![], last: vec![] }))
+        let profile = std::env::var("KILN_CPU_PROFILE").is_ok_and(|v| v == "1").then(StepProfile::default);
+        Ok(Box::new(CpuExecutable {
+            program: program.clone(),
+            plans: HashMap::new(),
+            order: vec![],
+            last: vec![],
+            profile,
+        }))
     }
 }
 
@@ -78,6 +86,50 @@ pub struct CpuExecutable {
     order: Vec<Vec<Vec<usize>>>,
     /// The signature of the last call: a call with the same shapes finds its plan without allocating.
     last: Vec<Vec<usize>>,
+    /// `KILN_CPU_PROFILE=1`: wall time of every step, printed when the function is dropped.
+    profile: Option<StepProfile>,
+}
+
+/// Total wall time and count per step name, in the order steps first ran.
+#[derive(Default)]
+struct StepProfile {
+    totals: HashMap<String, (f64, usize)>,
+    order: Vec<String>,
+}
+
+impl StepProfile {
+    fn add(&mut self, name: &str, seconds: f64) {
+        let entry = self.totals.entry(name.to_string()).or_insert_with(|| {
+            self.order.push(name.to_string());
+            (0.0, 0)
+        });
+        entry.0 += seconds;
+        entry.1 += 1;
+    }
+
+    fn report(&self) -> String {
+        let all: f64 = self.totals.values().map(|t| t.0).sum();
+        let calls = self.totals.values().map(|t| t.1).max().unwrap_or(1);
+        let mut rows: Vec<(&String, &(f64, usize))> = self.order.iter().map(|n| (n, &self.totals[n])).collect();
+        rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+        let mut s = format!("kiln CPU profile: {:.1} us per call in {} steps\n", all * 1e6 / calls as f64, rows.len());
+        for (name, (secs, n)) in rows {
+            s.push_str(&format!(
+                "{:>9.1} us {:>5.1}%  {name}\n",
+                secs * 1e6 / *n as f64,
+                100.0 * secs / all.max(1e-12)
+            ));
+        }
+        s
+    }
+}
+
+impl Drop for CpuExecutable {
+    fn drop(&mut self) {
+        if let Some(p) = &self.profile {
+            eprint!("{}", p.report());
+        }
+    }
 }
 
 fn bytes_of(t: &Tensor) -> &[u8] {
@@ -190,21 +242,18 @@ impl Table {
 unsafe fn run_loop(f: KernelFn, table: &[*mut u8], split_len: Option<usize>, elements: usize) {
     let t = Table(table.as_ptr());
     let len = split_len.unwrap_or(1);
-    let parts =
-        if split_len.is_some() && elements >= PARALLEL_ELEMENTS { rayon::current_num_threads().min(len) } else { 1 };
+    let team = team::Team::global();
+    let parts = if split_len.is_some() && elements >= PARALLEL_ELEMENTS { team.threads().min(len) } else { 1 };
     if parts <= 1 {
         return unsafe { t.run(f, 0, len) };
     }
     let per = len.div_ceil(parts);
-    rayon::in_place_scope(|s| {
-        for i in 1..parts {
-            let (b, e) = (i * per, ((i + 1) * per).min(len));
-            if b < e {
-                // SAFETY: [b, e) lies inside [0, len) and no other part covers it.
-                s.spawn(move |_| unsafe { t.run(f, b, e) });
-            }
+    team.run(parts, &|i| {
+        let (b, e) = (i * per, ((i + 1) * per).min(len));
+        if b < e {
+            // SAFETY: [b, e) lies inside [0, len) and no other part covers it.
+            unsafe { t.run(f, b, e) }
         }
-        unsafe { t.run(f, 0, per.min(len)) };
     });
 }
 
@@ -291,7 +340,8 @@ impl CpuExecutable {
                 runtime::check_indices(a, *idx_dtype, &bufs, op)?;
             }
         }
-        for step in &plan.steps {
+        for (i, step) in plan.steps.iter().enumerate() {
+            let started = self.profile.is_some().then(std::time::Instant::now);
             match step {
                 Compiled::Loop(call) => {
                     table.clear();
@@ -324,6 +374,9 @@ impl CpuExecutable {
                 Compiled::Gather(a, idx_dtype) => runtime::gather(a, *idx_dtype, &bufs)?,
                 Compiled::Scatter(a, idx_dtype) => runtime::scatter_add(a, *idx_dtype, &bufs)?,
                 Compiled::Random { op, state, out } => runtime::random(op, *state, *out, &bufs),
+            }
+            if let (Some(p), Some(t)) = (&mut self.profile, started) {
+                p.add(plan.kp.steps[i].name(), t.elapsed().as_secs_f64());
             }
         }
         let outs = plan

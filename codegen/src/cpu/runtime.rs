@@ -90,7 +90,8 @@ unsafe fn gemm_parallel<T: Copy + Send + Sync>(
     (one, zero): (T, T),
     after_rows: Option<&(dyn Fn(usize, usize) + Sync)>,
 ) -> bool {
-    let threads = rayon::current_num_threads();
+    let team = super::team::Team::global();
+    let threads = team.threads();
     let by_rows = m >= n;
     let len = if by_rows { m } else { n };
     let blocks = if m * k * n >= PARALLEL_GEMM_MACS && len >= 16 { threads.min(len / 8) } else { 1 };
@@ -115,14 +116,11 @@ unsafe fn gemm_parallel<T: Copy + Send + Sync>(
         return true;
     }
     let per = len.div_ceil(blocks);
-    rayon::in_place_scope(|s| {
-        for i in 1..blocks {
-            let (i0, i1) = (i * per, ((i + 1) * per).min(len));
-            if i0 < i1 {
-                s.spawn(move |_| part(i0, i1));
-            }
+    team.run(blocks, &|i| {
+        let (i0, i1) = (i * per, ((i + 1) * per).min(len));
+        if i0 < i1 {
+            part(i0, i1);
         }
-        part(0, per.min(len));
     });
     by_rows
 }

@@ -128,6 +128,18 @@ pub enum Step {
     },
 }
 
+impl Step {
+    /// The step's stable name (`k{n}_...`).
+    pub fn name(&self) -> &str {
+        match self {
+            Step::Loop(k) => &k.name,
+            Step::MatMul(m) => &m.name,
+            Step::Gather(g) | Step::ScatterAdd(g) => &g.name,
+            Step::Random { name, .. } => name,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct KernelProgram {
     pub buffers: Vec<Buffer>,

@@ -133,6 +133,11 @@ impl Jit {
     }
 }
 
+/// How the math module emits a function for a kernel of float type `d` (see `math::MathMode`).
+fn math_mode(vector: bool, d: DType) -> math::MathMode {
+    math::MathMode { vector, f32_result: d == DType::F32, fma: math::MathMode::host_fma() }
+}
+
 struct Emitter<'a> {
     b: FunctionBuilder<'a>,
     k: &'a LoopKernel,
@@ -533,7 +538,12 @@ impl<'a> Emitter<'a> {
                 self.b.ins().select(pos, one, t)
             }
             Exp | Log | Log1p | Expm1 | Tanh | Sigmoid | Softplus | Sin | Cos => {
-                self.via_f64(x, d, |b, v| math::unary(b, op, v, false))
+                let mode = math_mode(false, d);
+                if d == DType::F32 && math::computes_in_f32(op) {
+                    math::unary(&mut self.b, op, x, mode)
+                } else {
+                    self.via_f64(x, d, |b, v| math::unary(b, op, v, mode))
+                }
             }
             Not | Cast(_) => unreachable!("handled above"),
         }
@@ -578,7 +588,7 @@ impl<'a> Emitter<'a> {
                 } else {
                     (a, b)
                 };
-                let r = math::pow(&mut self.b, pa, pb, false);
+                let r = math::pow(&mut self.b, pa, pb, math_mode(false, d));
                 if d == DType::F32 {
                     self.b.ins().fdemote(types::F32, r)
                 } else {

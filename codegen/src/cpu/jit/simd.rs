@@ -80,7 +80,12 @@ impl Emitter<'_> {
                 }
                 Unary(op, a) if math::is_transcendental(op) => {
                     let x = regs[a];
-                    self.on_f64_lanes(f, &[x], &mut |b, v| math::unary(b, op, v[0], true))
+                    let mode = math_mode(true, f);
+                    if f == DType::F32 && math::computes_in_f32(op) {
+                        math::unary(&mut self.b, op, x, mode)
+                    } else {
+                        self.on_f64_lanes(f, &[x], &mut |b, v| math::unary(b, op, v[0], mode))
+                    }
                 }
                 Unary(op, a) => {
                     let x = regs[a];
@@ -116,7 +121,10 @@ impl Emitter<'_> {
                         BinaryOp::Div => self.b.ins().fdiv(x, y),
                         BinaryOp::Maximum => self.b.ins().fmax(x, y),
                         BinaryOp::Minimum => self.b.ins().fmin(x, y),
-                        BinaryOp::Pow => self.on_f64_lanes(f, &[x, y], &mut |b, v| math::pow(b, v[0], v[1], true)),
+                        BinaryOp::Pow => {
+                            let mode = math_mode(true, f);
+                            self.on_f64_lanes(f, &[x, y], &mut |b, v| math::pow(b, v[0], v[1], mode))
+                        }
                         BinaryOp::And => self.b.ins().band(x, y),
                         BinaryOp::Or => self.b.ins().bor(x, y),
                         cmp => {
