@@ -34,6 +34,11 @@ pub struct Operands {
     pub ldc: usize,
 }
 
+// SAFETY: plain addresses; whoever calls `sgemm` with them (from any thread) guarantees validity,
+// and the runtime gives concurrent calls disjoint blocks of C.
+unsafe impl Send for Operands {}
+unsafe impl Sync for Operands {}
+
 /// C[m x n] = A[m x k] B[k x n] for rows [0, m) of the operands.
 ///
 /// # Safety
@@ -122,6 +127,9 @@ unsafe fn pack_a(dst: &mut [f32], op: Operands, ic: usize, mc: usize, pc: usize,
         let full = mc / MR;
         for p in 0..kc {
             for panel in 0..full {
+                if p + PREFETCH_ROWS < kc && panel % 2 == 0 {
+                    prefetch(op.a.wrapping_offset(at(panel * MR, p + PREFETCH_ROWS)));
+                }
                 // SAFETY: rows panel*MR.. +MR < mc, depth p < kc; the panel has room (asserted).
                 unsafe {
                     let v = _mm256_loadu_ps(op.a.offset(at(panel * MR, p)));
@@ -180,6 +188,9 @@ unsafe fn pack_b(dst: &mut [f32], op: Operands, pc: usize, kc: usize, n: usize) 
                 let cols = NR.min(n - j0);
                 let lo = ((1u32 << cols.min(16)) - 1) as u16;
                 let hi = ((1u64 << cols.saturating_sub(16)) - 1) as u16;
+                if p + PREFETCH_ROWS < kc {
+                    prefetch(op.b.wrapping_offset(at(p + PREFETCH_ROWS, j0)));
+                }
                 // SAFETY: columns j0..j0+cols of row p exist; the panel has room (asserted).
                 unsafe {
                     let row = op.b.offset(at(p, j0));
@@ -225,6 +236,18 @@ unsafe fn pack_b(dst: &mut [f32], op: Operands, pc: usize, kc: usize, n: usize) 
             }
         }
     }
+}
+
+/// How many rows ahead the packing loops ask for the rows they will read. The operands of a
+/// training step's products come from memory, and their rows lie a page or more apart when split
+/// across cores, where the hardware prefetcher does not follow.
+const PREFETCH_ROWS: usize = 8;
+
+/// Asks for the cache line at `p` (never faults, whatever the address).
+#[inline(always)]
+fn prefetch(p: *const f32) {
+    // SAFETY: prefetching is a hint; it does not access memory architecturally.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
 }
 
 /// Transposes an 8 x 8 block held as eight rows: lane i of result q is lane q of row i.

@@ -72,6 +72,8 @@ struct Plan {
     slot: Vec<Option<usize>>,
     storage: Vec<Vec<u64>>,
     out_shapes: Vec<Vec<usize>>,
+    /// Whether some step is split across cores (a call then keeps to the caller's core).
+    splits: bool,
     /// Per-call tables (buffer addresses and lengths, one kernel's views), kept to avoid allocating.
     scratch: (Vec<*mut u8>, Vec<usize>, Vec<*mut u8>),
     code: String,
@@ -201,6 +203,11 @@ impl Plan {
                 Step::Random { op, state, out, .. } => Compiled::Random { op: op.clone(), state: *state, out: *out },
             });
         }
+        let splits = steps.iter().any(|s| match s {
+            Compiled::Loop(c) => c.split_len.is_some_and(|l| l > 1) && c.elements >= PARALLEL_ELEMENTS,
+            Compiled::MatMul(m, _) => m.m * m.k * m.n >= runtime::PARALLEL_GEMM_MACS,
+            _ => false,
+        });
         let memory = plan_memory(&kp);
         let mut storage: Vec<Vec<u64>> = memory.slot_bytes.iter().map(|&n| vec![0u64; n / 8]).collect();
         for (b, buf) in kp.buffers.iter().enumerate() {
@@ -213,7 +220,7 @@ impl Plan {
         let slot = memory.slot;
         let scratch =
             (Vec::with_capacity(kp.buffers.len()), Vec::with_capacity(kp.buffers.len()), Vec::with_capacity(16));
-        Ok(Plan { kp, updates, returned, steps, slot, storage, out_shapes, scratch, code, _jit: jit })
+        Ok(Plan { kp, updates, returned, steps, slot, storage, out_shapes, splits, scratch, code, _jit: jit })
     }
 }
 
@@ -340,6 +347,7 @@ impl CpuExecutable {
                 runtime::check_indices(a, *idx_dtype, &bufs, op)?;
             }
         }
+        let _pin = plan.splits.then(|| team::Team::global().pin_caller());
         for (i, step) in plan.steps.iter().enumerate() {
             let started = self.profile.is_some().then(std::time::Instant::now);
             match step {

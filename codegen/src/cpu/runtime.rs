@@ -31,7 +31,7 @@ impl Bufs<'_> {
 }
 
 /// Products with fewer multiply-adds than this run on one core.
-const PARALLEL_GEMM_MACS: usize = 1 << 20;
+pub(super) const PARALLEL_GEMM_MACS: usize = 1 << 20;
 
 type GemmFn<T> =
     unsafe fn(usize, usize, usize, T, *const T, isize, isize, *const T, isize, isize, T, *mut T, isize, isize);
@@ -331,38 +331,60 @@ pub fn scatter_add(a: &Gather, idx_dtype: DType, bufs: &Bufs) -> Result<()> {
     Ok(())
 }
 
-/// Writes one value per Philox word, four per block, through `put(index, word)` (the f32 uniform
-/// and bernoulli mappings of kiln-ir's definition, without an intermediate vector).
-fn per_word(op: &RandomOp, state: [i64; 2], n: usize, mut put: impl FnMut(usize, u32)) {
-    // Sixteen blocks at a time (AVX-512 where the CPU has it), the rest one by one.
-    let whole = n / 64;
-    for chunk in 0..whole {
-        let w = blocks16_fast(state, op.stream, 16 * chunk as u64);
-        for lane in 0..16 {
-            for (word, words) in w.iter().enumerate() {
-                put(64 * chunk + 4 * lane + word, words[lane]);
-            }
-        }
+/// Writes one f32 per Philox word, four per block, as `map(word)` (the f32 uniform and bernoulli
+/// mappings of kiln-ir's definition, without an intermediate vector).
+fn per_word(op: &RandomOp, state: [i64; 2], out: &mut [f32], map: impl Fn(u32) -> f32 + Copy) {
+    // Sixteen blocks (64 values) at a time, in AVX-512 where the CPU has it; the rest one by one.
+    let mut chunks = out.chunks_exact_mut(64);
+    for (c, dst) in (&mut chunks).enumerate() {
+        let dst: &mut [f32; 64] = dst.try_into().expect("chunks of 64");
+        chunk_fast(state, op.stream, 16 * c as u64, dst, map);
     }
-    for b in 16 * whole..n.div_ceil(4) {
+    let done = out.len() / 64 * 64;
+    for (i, b) in (done / 4..out.len().div_ceil(4)).enumerate() {
         let w = block(state, op.stream, b as u64);
-        for (lane, &word) in w.iter().enumerate().take(n - 4 * b) {
-            put(4 * b + lane, word);
+        for (lane, &word) in w.iter().enumerate().take(out.len() - done - 4 * i) {
+            out[done + 4 * i + lane] = map(word);
         }
     }
 }
 
-fn blocks16_fast(state: [i64; 2], stream: u32, first: u64) -> [[u32; 16]; 4] {
+/// Values `64 first/16 ..` of a stream: blocks `first .. first + 16`, each block's four words in
+/// order.
+#[inline(always)]
+fn chunk(state: [i64; 2], stream: u32, first: u64, dst: &mut [f32; 64], map: impl Fn(u32) -> f32) {
+    let w = blocks16(state, stream, first);
+    for lane in 0..16 {
+        for (word, words) in w.iter().enumerate() {
+            dst[4 * lane + word] = map(words[lane]);
+        }
+    }
+}
+
+fn chunk_fast(state: [i64; 2], stream: u32, first: u64, dst: &mut [f32; 64], map: impl Fn(u32) -> f32) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         #[target_feature(enable = "avx512f")]
-        unsafe fn wide(state: [i64; 2], stream: u32, first: u64) -> [[u32; 16]; 4] {
-            blocks16(state, stream, first)
+        unsafe fn wide(state: [i64; 2], stream: u32, first: u64, dst: &mut [f32; 64], map: impl Fn(u32) -> f32) {
+            chunk(state, stream, first, dst, map)
         }
         // SAFETY: the CPU supports AVX-512F (checked just above).
-        return unsafe { wide(state, stream, first) };
+        return unsafe { wide(state, stream, first, dst, map) };
     }
-    blocks16(state, stream, first)
+    chunk(state, stream, first, dst, map)
+}
+
+/// `(word >> 8) < threshold` exactly as kiln-ir's `((word >> 8) as f64) < p 2^24`, for an
+/// integer comparison that vectorizes: an integer is below a real t iff it is below ceil(t).
+fn bernoulli_threshold(p: f64) -> u32 {
+    let t = p * 16_777_216.0;
+    if t.is_nan() || t <= 0.0 {
+        0
+    } else if t >= 16_777_216.0 {
+        1 << 24
+    } else {
+        t.ceil() as u32
+    }
 }
 
 pub fn random(op: &RandomOp, state: usize, out: usize, bufs: &Bufs) {
@@ -370,17 +392,16 @@ pub fn random(op: &RandomOp, state: usize, out: usize, bufs: &Bufs) {
     unsafe {
         let s = bufs.slice::<i64>(state);
         let st = [s[0], s[1]];
-        let n = bufs.len[out];
         match (op.dist, op.dtype) {
             (Distribution::Bernoulli { p }, DType::F32) => {
-                let (o, t) = (bufs.slice_mut::<f32>(out), p * 16_777_216.0);
-                return per_word(op, st, n, |i, w| o[i] = (((w >> 8) as f64) < t) as u8 as f32);
+                let threshold = bernoulli_threshold(p);
+                return per_word(op, st, bufs.slice_mut::<f32>(out), |w| ((w >> 8) < threshold) as u8 as f32);
             }
             (Distribution::Uniform { low, high }, DType::F32) => {
-                let (o, (lo, hi)) = (bufs.slice_mut::<f32>(out), (low as f32, high as f32));
-                return per_word(op, st, n, |i, w| {
-                    o[i] = lo + (hi - lo) * (((w >> 8) as f64 * (1.0 / 16_777_216.0)) as f32)
-                });
+                let (lo, hi) = (low as f32, high as f32);
+                // (w >> 8) 2^-24 is exact in f32 as in f64
+                let unit = |w: u32| (w >> 8) as f32 * (1.0 / 16_777_216.0);
+                return per_word(op, st, bufs.slice_mut::<f32>(out), move |w| lo + (hi - lo) * unit(w));
             }
             _ => {}
         }
@@ -391,6 +412,23 @@ pub fn random(op: &RandomOp, state: usize, out: usize, bufs: &Bufs) {
             DType::Bool => bufs.slice_mut::<u8>(out).iter_mut().zip(values).for_each(|(o, v)| *o = (v != 0.0) as u8),
             DType::I32 => bufs.slice_mut::<i32>(out).iter_mut().zip(values).for_each(|(o, v)| *o = v as i32),
             DType::I64 => bufs.slice_mut::<i64>(out).iter_mut().zip(values).for_each(|(o, v)| *o = v as i64),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bernoulli_threshold;
+
+    #[test]
+    fn bernoulli_threshold_matches_the_float_comparison() {
+        let ps = [0.0, -0.5, 1.0, 1.5, 0.5, 0.3, 0.1, 1e-9, 1.0 - 1e-9, 0.25 + 1e-12, f64::NAN, f64::INFINITY];
+        let xs = (0..1u32 << 24).step_by(4093).chain([0, 1, (1 << 24) - 1, 5_033_164, 5_033_165, 8_388_608]);
+        for p in ps {
+            let t = bernoulli_threshold(p);
+            for x in xs.clone() {
+                assert_eq!(x < t, (x as f64) < p * 16_777_216.0, "p = {p}, x = {x}");
+            }
         }
     }
 }
