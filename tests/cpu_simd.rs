@@ -127,3 +127,47 @@ fn simd_transcendentals_equal_the_scalar_path_bit_for_bit() {
         assert!(f.generated_code().contains(vt), "the transcendental kernels did not vectorize");
     }
 }
+
+/// Sums and means over outer dims (column sums, bias gradients) run their innermost kept dim in
+/// vectors: bit for bit the reference's sequential f64 accumulation, with tails, broadcast and fused
+/// operands, NaN and infinities.
+#[test]
+fn outer_reductions_match_reference_exactly() {
+    for dtype in [F32, F64] {
+        let g = Graph::new();
+        let x = g.input("x", dtype, [Dim::sym("n"), 7.into()]);
+        let row = g.input("row", dtype, [7]);
+        let cube = g.input("cube", dtype, [3, 3, 7]);
+        let outs = [
+            x.sum(&[0]),
+            (&x * &row + 1.0).mean(&[0]),
+            x.abs().sqrt().sum_keepdims(&[0]),
+            cube.sum(&[0, 1]),
+            (&cube * &x.reshape(&[3, 3, 7])).mean(&[1]),
+        ];
+        let refs: Vec<&Var> = outs.iter().collect();
+        let args = [
+            values(63, dtype),
+            values(7, dtype).into_shape(&[7]).unwrap(),
+            values(63, dtype).into_shape(&[3, 3, 7]).unwrap(),
+        ];
+        let mut cpu = g.function([&x, &row, &cube], refs.clone()).compile(Device::Cpu).unwrap();
+        let mut reference = g.function([&x, &row, &cube], refs).compile(Device::Reference).unwrap();
+        let (a, b) = (cpu.call(&args).unwrap(), reference.call(&args).unwrap());
+        for (k, (p, q)) in a.iter().zip(&b).enumerate() {
+            assert_eq!(p.shape(), q.shape());
+            for (i, (u, v)) in p.to_f64_vec().iter().zip(q.to_f64_vec()).enumerate() {
+                let same = u.to_bits() == v.to_bits() || (u.is_nan() && v.is_nan());
+                assert!(same, "{dtype} output {k} element {i}: cpu {u:e} vs reference {v:e}");
+            }
+        }
+        // every reduction kernel took the vector path: zeroed f64x2 accumulators
+        let code = cpu.generated_code();
+        let kernels: Vec<&str> =
+            code.split("\nfunction ").skip(1).filter(|k| k.contains("_sum") || k.contains("_mean")).collect();
+        assert_eq!(kernels.len(), 5, "{code}");
+        for kernel in kernels {
+            assert!(kernel.contains("splat.f64x2"), "a scalar reduction:\n{kernel}");
+        }
+    }
+}

@@ -289,7 +289,12 @@ impl<'a> Emitter<'a> {
         let i = self.b.declare_var(types::I64);
         self.b.def_var(i, start);
         let simd = if d + 1 == self.k.shape.len() { self.simd_lanes() } else { None };
-        if let Some(lanes) = simd {
+        let outer_reduction = if self.kept >= 1 && d + 1 == self.kept { self.outer_reduction_lanes() } else { None };
+        if let Some(lanes) = outer_reduction {
+            // `lanes` outputs at a time (each with its reduction loops inside), then one by one
+            self.counted_loop(d, i, end, lanes, &mut |e: &mut Self| e.outer_reduction_simd(d, lanes))?;
+            self.counted_loop(d, i, end, 1, &mut |e: &mut Self| e.level(d + 1))?;
+        } else if let Some(lanes) = simd {
             // whole vectors, then the scalar tail, on one counter
             self.counted_loop(d, i, end, lanes, &mut |e: &mut Self| e.body_simd(lanes))?;
             self.counted_loop(d, i, end, 1, &mut |e: &mut Self| e.body())?;

@@ -11,19 +11,37 @@ impl Emitter<'_> {
     /// view contiguous or broadcast along the innermost dim, one float dtype throughout (booleans
     /// only as comparison masks), and only ops with a vector form.
     pub(super) fn simd_lanes(&self) -> Option<usize> {
-        use ScalarExpr::*;
         let r = self.k.shape.len();
         if self.k.reduce.is_some() || r == 0 {
             return None;
         }
+        self.lanes_along(r - 1)
+    }
+
+    /// Vector lanes for the innermost kept dim of a sum or mean over outer dims (a column sum, say):
+    /// that dim then runs `lanes` outputs at a time, each accumulated in f64 in the scalar path's
+    /// order, so the results are the scalar path's bit for bit.
+    pub(super) fn outer_reduction_lanes(&self) -> Option<usize> {
+        let (op, _) = self.k.reduce?;
+        if !matches!(op, ReduceOp::Sum | ReduceOp::Mean) || self.kept == 0 {
+            return None;
+        }
+        self.lanes_along(self.kept - 1)
+    }
+
+    /// Lanes along dim `d` when the output and every input are contiguous or broadcast along it,
+    /// all in one float dtype (booleans only as comparison masks), with only ops that have a
+    /// vector form, and the dim is at least a vector long.
+    fn lanes_along(&self, d: usize) -> Option<usize> {
+        use ScalarExpr::*;
         let f = self.k.out_dtype;
         let lanes = match f {
             DType::F32 => 4,
             DType::F64 => 2,
             _ => return None,
         };
-        let contiguous = self.k.out.strides[r - 1] == 1
-            && self.k.inputs.iter().all(|v| matches!(v.strides[r - 1], 0 | 1))
+        let contiguous = self.k.out.strides[d] == 1
+            && self.k.inputs.iter().all(|v| matches!(v.strides[d], 0 | 1))
             && self.k.input_dtypes.iter().all(|&d| d == f);
         let ops_ok = self.k.exprs.iter().zip(&self.dtypes).all(|(e, &d)| {
             let typed = d == f || d == DType::Bool;
@@ -48,16 +66,24 @@ impl Emitter<'_> {
                     Binary(op, a, _) => !(op.is_comparison() && self.dtypes[*a] == DType::Bool),
                 }
         });
-        (contiguous && ops_ok && self.result_dtype() == f && self.k.shape[r - 1] >= lanes).then_some(lanes)
+        (contiguous && ops_ok && self.result_dtype() == f && self.k.shape[d] >= lanes).then_some(lanes)
     }
 
     /// One vector of results: contiguous operands are loaded as vectors, broadcast ones splatted;
     /// booleans are lane masks.
     pub(super) fn body_simd(&mut self, lanes: usize) -> Result<()> {
+        let r = self.vector_value(lanes, self.k.shape.len() - 1);
+        let out = self.addr[self.addr.len() - 1];
+        let a = self.b.use_var(out);
+        self.b.ins().store(MemFlagsData::new().with_notrap(), r, a, 0);
+        Ok(())
+    }
+
+    /// The kernel's value for `lanes` consecutive indices of dim `d` (see `lanes_along`).
+    fn vector_value(&mut self, lanes: usize, d: usize) -> Value {
         use ScalarExpr::*;
         let f = self.k.out_dtype;
         let vt = if lanes == 4 { types::F32X4 } else { types::F64X2 };
-        let r = self.k.shape.len();
         let mut regs: Vec<Value> = Vec::with_capacity(self.k.exprs.len());
         for e in &self.k.exprs {
             let as_float = |b: &mut FunctionBuilder, m: Value| {
@@ -66,7 +92,7 @@ impl Emitter<'_> {
             let v = match *e {
                 Input(j) => {
                     let a = self.b.use_var(self.addr[j]);
-                    if self.k.inputs[j].strides[r - 1] == 1 {
+                    if self.k.inputs[j].strides[d] == 1 {
                         // Element-aligned only: never claim 16-byte alignment for a vector.
                         self.b.ins().load(vt, MemFlagsData::new().with_notrap(), a, 0)
                     } else {
@@ -137,11 +163,88 @@ impl Emitter<'_> {
             };
             regs.push(v);
         }
+        *regs.last().expect("non-empty kernel")
+    }
+
+    /// A sum or mean over the dims after `d`, for `lanes` consecutive outputs along the kept dim
+    /// `d` (see `outer_reduction_lanes`): one f64x2 accumulator per two outputs, the reduced dims'
+    /// loops inside, then the outputs stored as one vector.
+    pub(super) fn outer_reduction_simd(&mut self, d: usize, lanes: usize) -> Result<()> {
+        let zero = self.b.ins().f64const(0.0);
+        let zero = self.b.ins().splat(types::F64X2, zero);
+        let accs: Vec<Variable> = (0..lanes / 2)
+            .map(|_| {
+                let v = self.b.declare_var(types::F64X2);
+                self.b.def_var(v, zero);
+                v
+            })
+            .collect();
+        self.reduced_loops(d + 1, lanes, &accs)?;
+        let (op, _) = self.k.reduce.expect("reduction");
+        let count: usize = self.k.shape[self.kept..].iter().product();
+        let mut sums: Vec<Value> = accs.iter().map(|&a| self.b.use_var(a)).collect();
+        if op == ReduceOp::Mean {
+            let c = self.b.ins().f64const(count as f64);
+            let c = self.b.ins().splat(types::F64X2, c);
+            sums = sums.into_iter().map(|s| self.b.ins().fdiv(s, c)).collect();
+        }
+        let v = if lanes == 4 { self.merge_halves(sums[0], sums[1]) } else { sums[0] };
         let out = self.addr[self.addr.len() - 1];
         let a = self.b.use_var(out);
-        let r = *regs.last().expect("non-empty kernel");
-        self.b.ins().store(MemFlagsData::new().with_notrap(), r, a, 0);
+        self.b.ins().store(MemFlagsData::new().with_notrap(), v, a, 0);
         Ok(())
+    }
+
+    fn reduced_loops(&mut self, d: usize, lanes: usize, accs: &[Variable]) -> Result<()> {
+        if d == self.k.shape.len() {
+            let v = self.vector_value(lanes, self.kept - 1);
+            let halves = if lanes == 4 {
+                let (lo, hi) = self.promote_halves(v);
+                vec![lo, hi]
+            } else {
+                vec![v]
+            };
+            for (&acc, h) in accs.iter().zip(halves) {
+                let cur = self.b.use_var(acc);
+                let sum = self.b.ins().fadd(cur, h);
+                self.b.def_var(acc, sum);
+            }
+            return Ok(());
+        }
+        let saved: Vec<Value> = self.addr.iter().map(|&v| self.b.use_var(v)).collect();
+        let i = self.b.declare_var(types::I64);
+        let start = self.b.ins().iconst(types::I64, 0);
+        self.b.def_var(i, start);
+        let end = self.b.ins().iconst(types::I64, self.k.shape[d] as i64);
+        self.counted_loop(d, i, end, 1, &mut |e: &mut Self| e.reduced_loops(d + 1, lanes, accs))?;
+        for (j, s) in saved.into_iter().enumerate() {
+            self.b.def_var(self.addr[j], s);
+        }
+        Ok(())
+    }
+
+    /// An f32x4 as two f64x2 (lanes 0, 1 and 2, 3), promoted exactly.
+    fn promote_halves(&mut self, x: Value) -> (Value, Value) {
+        let le = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
+        let lo = self.b.ins().fvpromote_low(x);
+        // lanes 2, 3 moved down to 0, 1 (as the second f64-sized half of the register)
+        let pairs = self.b.ins().bitcast(types::F64X2, le, x);
+        let high = self.b.ins().extractlane(pairs, 1);
+        let moved = self.b.ins().scalar_to_vector(types::F64X2, high);
+        let moved = self.b.ins().bitcast(types::F32X4, le, moved);
+        (lo, self.b.ins().fvpromote_low(moved))
+    }
+
+    /// Two f64x2 rounded to one f32x4 (`lo`'s lanes first).
+    fn merge_halves(&mut self, lo: Value, hi: Value) -> Value {
+        let le = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
+        let (lo, hi) = (self.b.ins().fvdemote(lo), self.b.ins().fvdemote(hi));
+        // [lo0, lo1, hi0, hi1]: the low f64-sized halves of both, side by side
+        let lo_pairs = self.b.ins().bitcast(types::F64X2, le, lo);
+        let hi_pairs = self.b.ins().bitcast(types::F64X2, le, hi);
+        let hi_pair = self.b.ins().extractlane(hi_pairs, 0);
+        let both = self.b.ins().insertlane(lo_pairs, hi_pair, 1);
+        self.b.ins().bitcast(types::F32X4, le, both)
     }
 
     /// Applies an f64x2 function to vectors of the kernel's float type: f64x2 directly; f32x4 as
@@ -155,25 +258,14 @@ impl Emitter<'_> {
         if f == DType::F64 {
             return op(&mut self.b, args);
         }
-        let le = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
         let mut halves = [vec![], vec![]];
         for &x in args {
-            halves[0].push(self.b.ins().fvpromote_low(x));
-            // lanes 2, 3 moved down to 0, 1 (as the second f64-sized half of the register)
-            let pairs = self.b.ins().bitcast(types::F64X2, le, x);
-            let high = self.b.ins().extractlane(pairs, 1);
-            let moved = self.b.ins().scalar_to_vector(types::F64X2, high);
-            let moved = self.b.ins().bitcast(types::F32X4, le, moved);
-            halves[1].push(self.b.ins().fvpromote_low(moved));
+            let (lo, hi) = self.promote_halves(x);
+            halves[0].push(lo);
+            halves[1].push(hi);
         }
         let lo = op(&mut self.b, &halves[0]);
         let hi = op(&mut self.b, &halves[1]);
-        let (lo, hi) = (self.b.ins().fvdemote(lo), self.b.ins().fvdemote(hi));
-        // [lo0, lo1, hi0, hi1]: the low f64-sized halves of both, side by side
-        let lo_pairs = self.b.ins().bitcast(types::F64X2, le, lo);
-        let hi_pairs = self.b.ins().bitcast(types::F64X2, le, hi);
-        let hi_pair = self.b.ins().extractlane(hi_pairs, 0);
-        let both = self.b.ins().insertlane(lo_pairs, hi_pair, 1);
-        self.b.ins().bitcast(types::F32X4, le, both)
+        self.merge_halves(lo, hi)
     }
 }
