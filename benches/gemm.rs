@@ -13,6 +13,9 @@ use std::time::Instant;
 
 /// (label, m, k, n, A transposed, B transposed)
 const SHAPES: &[(&str, usize, usize, usize, bool, bool)] = &[
+    ("keras fwd 20->64", 16, 20, 64, false, false),
+    ("keras dW 64x10", 64, 16, 10, true, false),
+    ("keras dX 10->64", 16, 10, 64, false, true),
     ("ae fwd 784->1000", 128, 784, 1000, false, false),
     ("ae fwd 1000->500", 128, 1000, 500, false, false),
     ("ae fwd 500->250", 128, 500, 250, false, false),

@@ -171,3 +171,44 @@ fn outer_reductions_match_reference_exactly() {
         }
     }
 }
+
+/// Sums, means, maxima and minima along the innermost dim (row reductions: softmax's row max and
+/// sum of exponentials, a loss's mean) run it in vectors: max and min bit for bit the reference's,
+/// sums (added in another order) within an f64 rounding of it before the final rounding.
+#[test]
+fn inner_reductions_match_reference() {
+    for dtype in [F32, F64] {
+        let g = Graph::new();
+        let x = g.input("x", dtype, [Dim::sym("n"), 7.into()]);
+        let wide = g.input("wide", dtype, [3, 37]);
+        let outs = [
+            x.sum(&[1]),
+            x.max(&[1]),
+            x.min_keepdims(&[1]),
+            (&x * 2.0).exp().mean(&[1]),
+            wide.sum(&[1]),
+            wide.abs().sqrt().mean_all(),
+            wide.max(&[0, 1]),
+        ];
+        let refs: Vec<&Var> = outs.iter().collect();
+        let finite: Vec<f64> = (0..111).map(|i| (i as f64 * 0.61).sin() * 3.0).collect();
+        let args = [values(63, dtype), Tensor::from_f64(dtype, &[3, 37], &finite)];
+        let mut cpu = g.function([&x, &wide], refs.clone()).compile(Device::Cpu).unwrap();
+        let mut reference = g.function([&x, &wide], refs).compile(Device::Reference).unwrap();
+        let (a, b) = (cpu.call(&args).unwrap(), reference.call(&args).unwrap());
+        for (k, (p, q)) in a.iter().zip(&b).enumerate() {
+            assert_eq!(p.shape(), q.shape());
+            let exact = k == 1 || k == 2 || k == 6;
+            for (i, (u, v)) in p.to_f64_vec().iter().zip(q.to_f64_vec()).enumerate() {
+                let same = u.to_bits() == v.to_bits() || (u.is_nan() && v.is_nan()) || *u == v;
+                let close = (u - v).abs() <= 1e-15 * v.abs() + if dtype == F32 { v.abs() * 1.2e-7 } else { 0.0 };
+                assert!(same || (!exact && close), "{dtype} output {k} element {i}: cpu {u:e} vs reference {v:e}");
+            }
+        }
+        let code = cpu.generated_code();
+        let vt = if dtype == F32 { "f32x4" } else { "f64x2" };
+        for kernel in code.split("\nfunction ").skip(1) {
+            assert!(kernel.contains(&format!("load.{vt}")), "a scalar reduction:\n{kernel}");
+        }
+    }
+}

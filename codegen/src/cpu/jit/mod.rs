@@ -146,6 +146,9 @@ struct Emitter<'a> {
     addr: Vec<Variable>,
     kept: usize,
     acc: Option<Variable>,
+    /// Vector accumulators of a reduction whose innermost reduced dim runs in SIMD, folded into
+    /// `acc` before the result is stored.
+    vector_accs: Vec<Variable>,
     best_idx: Option<Variable>,
     counter: Option<Variable>,
     /// [begin, end) of the outermost dim, when it is kept (the kernel can be split by it).
@@ -157,7 +160,18 @@ impl<'a> Emitter<'a> {
         let fk = FusedKernel { exprs: k.exprs.clone(), n_inputs: k.inputs.len(), reduce: None };
         let dtypes = fk.dtypes(&k.input_dtypes).map_err(Error::Invalid)?;
         let kept = k.shape.len() - k.reduce.map_or(0, |r| r.1);
-        Ok(Emitter { b, k, dtypes, addr: vec![], kept, acc: None, best_idx: None, counter: None, range: None })
+        Ok(Emitter {
+            b,
+            k,
+            dtypes,
+            addr: vec![],
+            kept,
+            acc: None,
+            vector_accs: vec![],
+            best_idx: None,
+            counter: None,
+            range: None,
+        })
     }
 
     fn result_dtype(&self) -> DType {
@@ -237,8 +251,12 @@ impl<'a> Emitter<'a> {
                 self.counter = Some(cnt);
             }
         }
+        if reducing {
+            self.init_vector_accs();
+        }
         self.loops(d)?;
         if reducing {
+            self.fold_vector_accs();
             self.store_reduction();
         }
         Ok(())
@@ -288,7 +306,21 @@ impl<'a> Emitter<'a> {
         };
         let i = self.b.declare_var(types::I64);
         self.b.def_var(i, start);
-        let simd = if d + 1 == self.k.shape.len() { self.simd_lanes() } else { None };
+        let innermost = d + 1 == self.k.shape.len();
+        let simd = if innermost { self.simd_lanes() } else { None };
+        if innermost && !self.vector_accs.is_empty() {
+            let lanes = self.inner_reduction_lanes().expect("vector accumulators only with lanes");
+            // whole vectors into the vector accumulators, then the tail into the scalar one
+            self.counted_loop(d, i, end, lanes, &mut |e: &mut Self| {
+                e.inner_reduction_simd(lanes);
+                Ok(())
+            })?;
+            self.counted_loop(d, i, end, 1, &mut |e: &mut Self| e.body())?;
+            for (j, s) in saved.into_iter().enumerate() {
+                self.b.def_var(self.addr[j], s);
+            }
+            return Ok(());
+        }
         let outer_reduction = if self.kept >= 1 && d + 1 == self.kept { self.outer_reduction_lanes() } else { None };
         if let Some(lanes) = outer_reduction {
             // `lanes` outputs at a time (each with its reduction loops inside), then one by one

@@ -29,10 +29,112 @@ impl Emitter<'_> {
         self.lanes_along(self.kept - 1)
     }
 
+    /// Vector lanes for the innermost reduced dim of a sum, mean, max or min (a row sum, say): whole
+    /// vectors go to vector accumulators (f64x2 pairs for sums, as the scalar path accumulates in
+    /// f64), folded with the scalar tail at the end. Max and min give the scalar path's result
+    /// exactly; sums add in another order, within an f64 rounding of it.
+    pub(super) fn inner_reduction_lanes(&self) -> Option<usize> {
+        let (op, n) = self.k.reduce?;
+        let r = self.k.shape.len();
+        if !matches!(op, ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Max | ReduceOp::Min) || n == 0 {
+            return None;
+        }
+        self.lanes_along_inputs(r - 1)
+    }
+
+    /// Declares and initializes the vector accumulators when the innermost reduced dim runs in
+    /// SIMD.
+    pub(super) fn init_vector_accs(&mut self) {
+        let Some(lanes) = self.inner_reduction_lanes() else { return };
+        let (op, _) = self.k.reduce.expect("reduction");
+        let (ty, count, init) = match op {
+            ReduceOp::Max => (self.vector_type(lanes), 1, f64::NEG_INFINITY),
+            ReduceOp::Min => (self.vector_type(lanes), 1, f64::INFINITY),
+            _ => (types::F64X2, lanes / 2, 0.0),
+        };
+        let s = if ty == types::F32X4 { self.b.ins().f32const(init as f32) } else { self.b.ins().f64const(init) };
+        let v = self.b.ins().splat(ty, s);
+        self.vector_accs = (0..count)
+            .map(|_| {
+                let acc = self.b.declare_var(ty);
+                self.b.def_var(acc, v);
+                acc
+            })
+            .collect();
+    }
+
+    fn vector_type(&self, lanes: usize) -> Type {
+        if lanes == 4 {
+            types::F32X4
+        } else {
+            types::F64X2
+        }
+    }
+
+    /// One vector of the reduced dim into the vector accumulators.
+    pub(super) fn inner_reduction_simd(&mut self, lanes: usize) {
+        let (op, _) = self.k.reduce.expect("reduction");
+        let v = self.vector_value(lanes, self.k.shape.len() - 1);
+        let parts = match op {
+            ReduceOp::Max | ReduceOp::Min => vec![v],
+            _ if lanes == 4 => {
+                let (lo, hi) = self.promote_halves(v);
+                vec![lo, hi]
+            }
+            _ => vec![v],
+        };
+        for (&acc, x) in self.vector_accs.clone().iter().zip(parts) {
+            let cur = self.b.use_var(acc);
+            let new = match op {
+                ReduceOp::Max => self.b.ins().fmax(cur, x),
+                ReduceOp::Min => self.b.ins().fmin(cur, x),
+                _ => self.b.ins().fadd(cur, x),
+            };
+            self.b.def_var(acc, new);
+        }
+    }
+
+    /// Folds the vector accumulators, lane by lane, into the scalar accumulator.
+    pub(super) fn fold_vector_accs(&mut self) {
+        if self.vector_accs.is_empty() {
+            return;
+        }
+        let (op, _) = self.k.reduce.expect("reduction");
+        let acc = self.acc.expect("accumulator");
+        let mut total = None;
+        for v in std::mem::take(&mut self.vector_accs) {
+            let vec = self.b.use_var(v);
+            let lanes = if self.b.func.dfg.value_type(vec) == types::F32X4 { 4 } else { 2 };
+            for lane in 0..lanes {
+                let x = self.b.ins().extractlane(vec, lane as u8);
+                total = Some(match total {
+                    None => x,
+                    Some(t) => match op {
+                        ReduceOp::Max => self.b.ins().fmax(t, x),
+                        ReduceOp::Min => self.b.ins().fmin(t, x),
+                        _ => self.b.ins().fadd(t, x),
+                    },
+                });
+            }
+        }
+        let (total, cur) = (total.expect("at least one accumulator"), self.b.use_var(acc));
+        let new = match op {
+            ReduceOp::Max => self.b.ins().fmax(cur, total),
+            ReduceOp::Min => self.b.ins().fmin(cur, total),
+            _ => self.b.ins().fadd(cur, total),
+        };
+        self.b.def_var(acc, new);
+    }
+
     /// Lanes along dim `d` when the output and every input are contiguous or broadcast along it,
     /// all in one float dtype (booleans only as comparison masks), with only ops that have a
     /// vector form, and the dim is at least a vector long.
     fn lanes_along(&self, d: usize) -> Option<usize> {
+        (self.k.out.strides[d] == 1).then(|| self.lanes_along_inputs(d)).flatten()
+    }
+
+    /// `lanes_along` without the output (which does not move along a reduced dim).
+    fn lanes_along_inputs(&self, d: usize) -> Option<usize> {
         use ScalarExpr::*;
         let f = self.k.out_dtype;
         let lanes = match f {
@@ -40,9 +142,8 @@ impl Emitter<'_> {
             DType::F64 => 2,
             _ => return None,
         };
-        let contiguous = self.k.out.strides[d] == 1
-            && self.k.inputs.iter().all(|v| matches!(v.strides[d], 0 | 1))
-            && self.k.input_dtypes.iter().all(|&d| d == f);
+        let contiguous =
+            self.k.inputs.iter().all(|v| matches!(v.strides[d], 0 | 1)) && self.k.input_dtypes.iter().all(|&d| d == f);
         let ops_ok = self.k.exprs.iter().zip(&self.dtypes).all(|(e, &d)| {
             let typed = d == f || d == DType::Bool;
             typed
