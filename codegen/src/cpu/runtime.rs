@@ -31,7 +31,7 @@ impl Bufs<'_> {
 }
 
 /// Products with fewer multiply-adds than this run on one core.
-pub(super) const PARALLEL_GEMM_MACS: usize = 1 << 20;
+pub(super) const PARALLEL_GEMM_MACS: usize = 1 << 18;
 
 type GemmFn<T> =
     unsafe fn(usize, usize, usize, T, *const T, isize, isize, *const T, isize, isize, T, *mut T, isize, isize);

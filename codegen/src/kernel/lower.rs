@@ -1,8 +1,9 @@
 //! Lowering a specialized graph to a kernel program: one step (or a few) per node, in
 //! topological order. Elementwise and fused nodes become loop kernels over broadcast views (and,
 //! when they alone consume a 2-D product, that product's epilogue); reductions loop kernels with
-//! the reduced dims innermost; movement ops copies through strided views (reshapes alias, and
-//! transposes that only feed products are read by strides); softmax, log-softmax and softmax
+//! the reduced dims innermost; movement ops copies through strided views (reshapes alias,
+//! transposes that only feed products are read by strides, and broadcasts that only feed
+//! elementwise or fused kernels are read through stride-0 views); softmax, log-softmax and softmax
 //! cross-entropy a max, a sum of exponentials and the result.
 
 use super::*;
@@ -16,6 +17,9 @@ struct Lowering<'g> {
     buf_of: HashMap<NodeId, BufId>,
     /// Transposes of the last two axes read only by matrix products: node -> the node it transposes.
     transposed_only: HashMap<NodeId, NodeId>,
+    /// Broadcasts read only by elementwise and fused kernels: node -> the node it broadcasts. The
+    /// kernels read the source through a broadcast view (stride 0), so no copy is made.
+    broadcast_only: HashMap<NodeId, NodeId>,
     /// Steps named so far (names stay unique when a kernel moves into a product as its epilogue).
     named: usize,
     /// Row max and row sum of exponentials already computed for (node, axis).
@@ -65,7 +69,13 @@ impl<'g> Lowering<'g> {
         shape: &[usize],
     ) -> BufId {
         let out = self.temp(dtype, shape.iter().product());
-        let inputs = operands.iter().map(|&o| broadcast_view(self.buf_of[&o], &self.shape(o), shape)).collect();
+        let inputs = operands
+            .iter()
+            .map(|&o| {
+                let o = self.broadcast_only.get(&o).copied().unwrap_or(o);
+                broadcast_view(self.buf_of[&o], &self.shape(o), shape)
+            })
+            .collect();
         let out_view = View { buf: out, offset: 0, strides: contiguous_strides(shape) };
         self.push_loop(n, what, LoopKernelParts { shape: shape.to_vec(), inputs, exprs, out: out_view, reduce: None });
         out
@@ -179,11 +189,17 @@ impl<'g> Lowering<'g> {
             Op::Fused(k) => match &k.reduce {
                 None => self.elementwise(n, "fused", &ins, k.exprs.clone(), dtype, &shape),
                 Some((op, axes, _)) => {
-                    let ops: Vec<(BufId, Vec<usize>)> = ins.iter().map(|&i| (self.buf_of[&i], self.shape(i))).collect();
                     let mut eshape = vec![];
-                    for (_, s) in &ops {
-                        eshape = broadcast(&eshape, s);
+                    for &i in &ins {
+                        eshape = broadcast(&eshape, &self.shape(i));
                     }
+                    let ops: Vec<(BufId, Vec<usize>)> = ins
+                        .iter()
+                        .map(|&i| {
+                            let i = self.broadcast_only.get(&i).copied().unwrap_or(i);
+                            (self.buf_of[&i], self.shape(i))
+                        })
+                        .collect();
                     self.reduction(n, &format!("fused_{}", op.name()), &ops, k.exprs.clone(), &eshape, *op, axes, dtype)
                 }
             },
@@ -529,11 +545,22 @@ pub fn lower(g: &Graph, inputs: &[NodeId], shared: &[NodeId]) -> Result<KernelPr
             }
         }
     }
+    let mut broadcast_only = HashMap::new();
+    for n in g.topo_order(g.outputs()) {
+        if let Op::Movement(MoveOp::BroadcastTo(_)) = g.op(n) {
+            let users = g.users(n);
+            let elementwise = |u: NodeId| matches!(g.op(u), Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Fused(_));
+            if !users.is_empty() && !g.outputs().contains(&n) && users.iter().all(|&u| elementwise(u)) {
+                broadcast_only.insert(n, g.inputs(n)[0]);
+            }
+        }
+    }
     let mut l = Lowering {
         g,
         prog: KernelProgram { buffers: vec![], steps: vec![], outputs: vec![] },
         buf_of: HashMap::new(),
         transposed_only,
+        broadcast_only,
         named: 0,
         row_stats: HashMap::new(),
     };
@@ -548,7 +575,7 @@ pub fn lower(g: &Graph, inputs: &[NodeId], shared: &[NodeId]) -> Result<KernelPr
         l.buf_of.insert(n, l.prog.buffers.len() - 1);
     }
     for n in g.topo_order(g.outputs()) {
-        if !l.buf_of.contains_key(&n) && !l.transposed_only.contains_key(&n) {
+        if !l.buf_of.contains_key(&n) && !l.transposed_only.contains_key(&n) && !l.broadcast_only.contains_key(&n) {
             l.lower_node(n)?;
         }
     }
