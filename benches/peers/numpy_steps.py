@@ -3,8 +3,8 @@ float32), for comparing with `cargo bench --bench steps` on the same machine. Pr
 
     python3 benches/peers/numpy_steps.py
 """
-import time
 import numpy as np
+from timing import median_ms
 
 rng = np.random.default_rng(0)
 
@@ -12,19 +12,6 @@ rng = np.random.default_rng(0)
 def glorot(a, b):
     s = np.sqrt(6.0 / (a + b))
     return rng.uniform(-s, s, (a, b)).astype(np.float32)
-
-
-def median_ms(step, seconds=2.0):
-    for _ in range(3):
-        step()
-    times = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 10:
-        t = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def mlp(batch, sizes, lr=0.01, momentum=0.9):

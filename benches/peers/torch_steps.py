@@ -5,25 +5,12 @@ back. Prints median ms.
 
     pip install torch; python3 benches/peers/torch_steps.py
 """
-import time
 import numpy as np
 import torch
 from torch import nn
+from timing import median_ms
 
 torch.manual_seed(0)
-
-
-def median_ms(step, seconds=2.0):
-    for _ in range(3):
-        step()
-    times = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 10:
-        t = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def glorot(model):
