@@ -295,6 +295,12 @@ unsafe fn kernel(
     accumulate: bool,
 ) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    // The tile of C is written (or read and written) after the loop: ask for its lines now, so
+    // their misses overlap the arithmetic instead of stalling the stores.
+    for i in 0..rows {
+        prefetch(c.wrapping_add(i * ldc));
+        prefetch(c.wrapping_add(i * ldc + 16));
+    }
     for p in 0..kc {
         // SAFETY: the panels hold kc * NR and kc * MR values.
         let (b0, b1) = unsafe { (_mm512_loadu_ps(b.add(p * NR)), _mm512_loadu_ps(b.add(p * NR + 16))) };
