@@ -90,16 +90,27 @@ unsafe fn sgemm_with(m: usize, k: usize, n: usize, op: Operands, apack: &mut [f3
         let mut ic = 0;
         while ic < m {
             let mc = MC.min(m - ic);
-            unsafe { pack_a(apack, op, ic, mc, pc, kc) };
+            // Whole panels of a row-major A are read in place: 8 rows of at most KC contiguous
+            // values, which stay in L1 while they meet every panel of B. (A transposed A is still
+            // packed: read in place, each depth step would be a row of its own, a page apart.)
+            let in_place = op.csa == 1;
+            let packed_from = if in_place { mc / MR * MR } else { 0 };
+            unsafe { pack_a(apack, op, ic + packed_from, mc - packed_from, pc, kc) };
             for jr in (0..n).step_by(NR) {
                 for ir in (0..mc).step_by(MR) {
                     let (rows, cols) = (MR.min(mc - ir), NR.min(n - jr));
-                    let a = apack[ir / MR * MR * kc..].as_ptr();
                     let b = bpack[jr / NR * NR * kc..].as_ptr();
-                    // SAFETY: the tile lies inside C (rows, cols clipped), panels are padded.
+                    // SAFETY: the tile lies inside C (rows, cols clipped), panels are padded, and
+                    // in-place panels are whole rows [ic + ir, +MR) and depth [pc, pc + kc) of A.
                     unsafe {
                         let c = op.c.add((ic + ir) * op.ldc + jr);
-                        kernel(kc, a, b, c, op.ldc, rows, cols, pc > 0);
+                        if ir < packed_from {
+                            let a = op.a.offset((ic + ir) as isize * op.rsa + pc as isize);
+                            kernel::<true>(kc, a, op.rsa as usize, b, c, op.ldc, rows, cols, pc > 0);
+                        } else {
+                            let a = apack[(ir - packed_from) / MR * MR * kc..].as_ptr();
+                            kernel::<false>(kc, a, MR, b, c, op.ldc, rows, cols, pc > 0);
+                        }
                     }
                 }
             }
@@ -284,9 +295,10 @@ unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
 /// The 8 x 32 micro-kernel: C[rows x cols] (+)= Apanel Bpanel over depth kc.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel(
+unsafe fn kernel<const ROW_MAJOR_A: bool>(
     kc: usize,
     a: *const f32,
+    a_stride: usize,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -301,11 +313,16 @@ unsafe fn kernel(
         prefetch(c.wrapping_add(i * ldc));
         prefetch(c.wrapping_add(i * ldc + 16));
     }
+    // Row i of A's panel: at a + i a_stride, depth p at +p (row-major A, read in place); or all
+    // rows side by side, depth p at + p a_stride (a packed panel, or a transposed A in place).
+    let row_of: [*const f32; MR] =
+        std::array::from_fn(|i| if ROW_MAJOR_A { a.wrapping_add(i * a_stride) } else { a.wrapping_add(i) });
+    let step = if ROW_MAJOR_A { 1 } else { a_stride };
     for p in 0..kc {
-        // SAFETY: the panels hold kc * NR and kc * MR values.
+        // SAFETY: the B panel holds kc * NR values; A's rows hold kc values at `step` apart.
         let (b0, b1) = unsafe { (_mm512_loadu_ps(b.add(p * NR)), _mm512_loadu_ps(b.add(p * NR + 16))) };
         for (i, row) in acc.iter_mut().enumerate() {
-            let ai = _mm512_set1_ps(unsafe { *a.add(p * MR + i) });
+            let ai = _mm512_set1_ps(unsafe { *row_of[i].add(p * step) });
             row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
             row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
         }
