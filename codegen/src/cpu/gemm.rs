@@ -1,13 +1,16 @@
 //! Single-precision GEMM for x86-64 with AVX-512, in the BLIS structure: B is packed into panels of
-//! 32 columns, A into panels of 8 rows (both zero-padded at the edges), and an 8 x 32 register tile
-//! (16 zmm accumulators, two FMA chains per row) runs over a depth block of `KC`. Any strides are
-//! accepted for A and B (so transposes are free); C is row-major.
+//! 32 columns, A into panels of 8 rows (both zero-padded at the edges; a row-major A's whole panels
+//! are read in place), and an 8 x 32 register tile (16 zmm accumulators, two FMA chains per row)
+//! runs over a depth block of `KC`. Any strides are accepted for A and B (so transposes are free);
+//! C is row-major. Packing copies with vector loads, rows start to end, and asks for rows ahead;
+//! the C tile is prefetched before the depth loop.
 //!
-//! Why not only matrixmultiply: it runs at the same speed here (both ~80% of one core's measured
-//! FMA peak of 116 GFLOP/s), but allocates its packing buffers inside every product, about 2 MB per
-//! fmnist-mlp training step; this kernel packs into per-thread buffers that persist, so a
-//! steady-state step allocates nothing of that size (`tests/cpu_alloc.rs`). On CPUs without
-//! AVX-512F, and for f64, the runtime uses matrixmultiply (`available()`).
+//! Why not only matrixmultiply: it allocates its packing buffers inside every product, about 2 MB
+//! per fmnist-mlp training step; this kernel packs into per-thread buffers that persist, so a
+//! steady-state step allocates nothing of that size (`tests/cpu_alloc.rs`). It is also faster here:
+//! 90-108 GFLOP/s on one core on the workloads' shapes against matrixmultiply's 60-110 (one core's
+//! measured FMA peak is 116; `cargo bench --bench gemm`). On CPUs without AVX-512F, and for f64, the
+//! runtime uses matrixmultiply (`available()`).
 
 use std::arch::x86_64::*;
 
