@@ -48,12 +48,64 @@ unsafe impl Sync for Operands {}
 /// The CPU must support AVX-512F, and the operands must describe valid matrices of m x k, k x n
 /// and m x n elements; C must not overlap A or B.
 pub unsafe fn sgemm(m: usize, k: usize, n: usize, op: Operands) {
+    // SAFETY (both calls): forwarded from the caller.
+    if m * k * n <= SMALL_PRODUCT && unsafe { sgemm_small(m, k, n, op) } {
+        return;
+    }
     PACK.with(|cell| {
         let (apack, bpack) = &mut *cell.borrow_mut();
         reserve(apack, bpack, n);
         // SAFETY: forwarded from the caller.
         unsafe { sgemm_with(m, k, n, op, apack, bpack) }
     })
+}
+
+/// Products of at most this many multiply-adds skip packing (`sgemm_small`): at batch 16 a layer's
+/// product is a microsecond, and packing and edge tiles were most of it.
+const SMALL_PRODUCT: usize = 1 << 15;
+
+/// A small product without packing, when B is row-major: each row of C accumulates rows of B, 16
+/// columns per register (masked at the end), four rows of C at a time. Returns false for other
+/// layouts of B.
+///
+/// # Safety
+/// As `sgemm`.
+#[target_feature(enable = "avx512f")]
+unsafe fn sgemm_small(m: usize, k: usize, n: usize, op: Operands) -> bool {
+    let lanes = |len: usize| if len >= 16 { 0xffff } else { ((1u32 << len) - 1) as u16 };
+    // SAFETY (all reads and writes below): elements (i < m, p < k) of A, (p < k, j < n) of B and
+    // (i, j) of C, by the operands' strides; masked lanes are neither read nor written.
+    unsafe {
+        if op.csb != 1 {
+            return false;
+        }
+        // Four rows of C by up to 64 columns at a time: 16 independent accumulator chains.
+        for i0 in (0..m).step_by(4) {
+            let rows = 4.min(m - i0);
+            for j0 in (0..n).step_by(64) {
+                let chunks = (n - j0).div_ceil(16).min(4);
+                let masks: [u16; 4] = std::array::from_fn(|t| if t < chunks { lanes(n - j0 - 16 * t) } else { 0 });
+                let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+                for p in 0..k {
+                    let row = op.b.offset(p as isize * op.rsb).add(j0);
+                    let b: [__m512; 4] = std::array::from_fn(|t| _mm512_maskz_loadu_ps(masks[t], row.add(16 * t)));
+                    for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                        let a = _mm512_set1_ps(*op.a.offset((i0 + r) as isize * op.rsa + p as isize * op.csa));
+                        for t in 0..chunks {
+                            acc[t] = _mm512_fmadd_ps(a, b[t], acc[t]);
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate().take(rows) {
+                    let c = op.c.add((i0 + r) * op.ldc + j0);
+                    for t in 0..chunks {
+                        _mm512_mask_storeu_ps(c.add(16 * t), masks[t], acc[t]);
+                    }
+                }
+            }
+        }
+    }
+    true
 }
 
 thread_local! {
@@ -384,7 +436,18 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512F");
             return;
         }
-        let shapes = [(1, 1, 1), (8, 1, 32), (7, 300, 33), (129, 513, 65), (16, 20, 64), (3, 0, 5), (200, 257, 31)];
+        // The first few take the small path (no packing), the rest the blocked one.
+        let shapes = [
+            (1, 1, 1),
+            (8, 1, 32),
+            (16, 20, 64),
+            (3, 0, 5),
+            (16, 10, 70),
+            (5, 37, 3),
+            (7, 300, 33),
+            (129, 513, 65),
+            (200, 257, 31),
+        ];
         for &(m, k, n) in &shapes {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
