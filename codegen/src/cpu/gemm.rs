@@ -139,7 +139,9 @@ pub fn reserve_packing(n: usize) {
 unsafe fn sgemm_with(m: usize, k: usize, n: usize, op: Operands, apack: &mut [f32], bpack: &mut [f32]) {
     let mut pc = 0;
     while pc < k.max(1) {
-        let kc = KC.min(k - pc);
+        // Depth blocks of equal size (784 = 4 x 196, not 3 x 256 + 16): a thin last block would
+        // cost a whole pass over C for little arithmetic.
+        let kc = k.div_ceil(k.div_ceil(KC).max(1)).min(k - pc);
         // SAFETY: pack reads stay inside the k x n operand; the caller guarantees its validity.
         unsafe { pack_b(bpack, op, pc, kc, n) };
         let mut ic = 0;
