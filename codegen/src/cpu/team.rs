@@ -101,8 +101,8 @@ impl Team {
 
     /// Keeps the calling thread on the core the workers leave free until the guard is dropped
     /// (then its own affinity is restored). A step that splits its work holds one: unpinned, the
-    /// caller can land on a worker's core, where the two share it for milliseconds before the
-    /// scheduler moves one (seen as 40% slower steps at batch 128).
+    /// caller can land on a worker's core (seen here), where the two share it for milliseconds
+    /// before the scheduler moves one.
     pub fn pin_caller(&'static self) -> CallerPin {
         let Some(cpu) = self.caller_cpu else { return CallerPin { team: None, saved: None } };
         if self.pinned_caller.compare_exchange(false, true, Acquire, Relaxed).is_err() {
