@@ -7,6 +7,7 @@ mod bytes;
 pub mod cpu;
 pub mod cuda;
 pub mod kernel;
+mod profile;
 pub mod reference;
 mod shared;
 

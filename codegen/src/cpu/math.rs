@@ -306,13 +306,18 @@ impl Lanes<'_, '_> {
             let s = self.pow2(k);
             return self.mul(p, s);
         }
-        // 2^k in two steps, so that each factor is a normal number
+        self.scale_by_pow2(p, k)
+    }
+
+    /// `y 2^k` in two steps, so that each factor is a normal number: a result past the normal
+    /// range (subnormal or infinite) is rounded once, by the last product.
+    fn scale_by_pow2(&mut self, y: Value, k: Value) -> Value {
         let half = self.mulc(k, 0.5);
         let k1 = self.b.ins().floor(half);
         let k2 = self.sub(k, k1);
         let (s1, s2) = (self.pow2(k1), self.pow2(k2));
-        let p = self.mul(p, s1);
-        self.mul(p, s2)
+        let y = self.mul(y, s1);
+        self.mul(y, s2)
     }
 
     fn log(&mut self, x: Value) -> Value {

@@ -15,6 +15,7 @@ pub mod team;
 use crate::bytes::{tensor_bytes, tensor_from_bytes};
 use crate::kernel::{elem_size, plan_memory};
 use crate::kernel::{lower, place_updates, BufKind, KernelProgram, Step, UpdateWrite};
+use crate::profile::StepProfile;
 use crate::{Backend, CompileOptions, Executable, Program, SharedValue};
 use jit::{Jit, KernelFn};
 use kiln_ir::specialize::specialize_with;
@@ -29,7 +30,7 @@ impl Backend for Cpu {
         "cpu"
     }
     fn compile(&self, program: &Program, _opts: &CompileOptions) -> Result<Box<dyn Executable>> {
-        let profile = std::env::var("KILN_CPU_PROFILE").is_ok_and(|v| v == "1").then(StepProfile::default);
+        let profile = StepProfile::requested("KILN_CPU_PROFILE");
         Ok(Box::new(CpuExecutable {
             program: program.clone(),
             plans: HashMap::new(),
@@ -92,44 +93,10 @@ pub struct CpuExecutable {
     profile: Option<StepProfile>,
 }
 
-/// Total wall time and count per step name, in the order steps first ran.
-#[derive(Default)]
-struct StepProfile {
-    totals: HashMap<String, (f64, usize)>,
-    order: Vec<String>,
-}
-
-impl StepProfile {
-    fn add(&mut self, name: &str, seconds: f64) {
-        let entry = self.totals.entry(name.to_string()).or_insert_with(|| {
-            self.order.push(name.to_string());
-            (0.0, 0)
-        });
-        entry.0 += seconds;
-        entry.1 += 1;
-    }
-
-    fn report(&self) -> String {
-        let all: f64 = self.totals.values().map(|t| t.0).sum();
-        let calls = self.totals.values().map(|t| t.1).max().unwrap_or(1);
-        let mut rows: Vec<(&String, &(f64, usize))> = self.order.iter().map(|n| (n, &self.totals[n])).collect();
-        rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
-        let mut s = format!("kiln CPU profile: {:.1} us per call in {} steps\n", all * 1e6 / calls as f64, rows.len());
-        for (name, (secs, n)) in rows {
-            s.push_str(&format!(
-                "{:>9.1} us {:>5.1}%  {name}\n",
-                secs * 1e6 / *n as f64,
-                100.0 * secs / all.max(1e-12)
-            ));
-        }
-        s
-    }
-}
-
 impl Drop for CpuExecutable {
     fn drop(&mut self) {
         if let Some(p) = &self.profile {
-            eprint!("{}", p.report());
+            eprint!("{}", p.report("CPU"));
         }
     }
 }

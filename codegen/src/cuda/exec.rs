@@ -13,6 +13,7 @@ use super::nvrtc::{self, Origin};
 use super::runtime::{cuda_err, CudaResident, DeviceBuffer, Gpu};
 use crate::bytes::{tensor_bytes, tensor_from_bytes};
 use crate::kernel::{elem_size, plan_memory, BufKind, KernelProgram, Step, UpdateWrite};
+use crate::profile::StepProfile;
 use crate::{Backend, CompileOptions, Executable, Program, SharedValue};
 use cudarc::driver::{result, sys, CudaEvent, CudaFunction, CudaGraph, CudaModule};
 use kiln_ir::{Error, Result, Tensor};
@@ -31,7 +32,7 @@ impl Backend for Cuda {
     fn compile(&self, program: &Program, _opts: &CompileOptions) -> Result<Box<dyn Executable>> {
         let gpu = Gpu::get(self.ordinal)?;
         let graphs = std::env::var("KILN_CUDA_GRAPHS").map_or(true, |v| v != "0");
-        let profile = std::env::var("KILN_CUDA_PROFILE").is_ok_and(|v| v == "1").then(Profile::default);
+        let profile = StepProfile::requested("KILN_CUDA_PROFILE").map(|steps| Profile { events: vec![], steps });
         Ok(Box::new(CudaExecutable {
             gpu,
             program: program.clone(),
@@ -104,29 +105,9 @@ pub struct CudaExecutable {
     profile: Option<Profile>,
 }
 
-#[derive(Default)]
 struct Profile {
     events: Vec<CudaEvent>,
-    /// Per step label: total milliseconds and count.
-    totals: HashMap<String, (f64, usize)>,
-    order: Vec<String>,
-}
-
-impl Profile {
-    fn report(&self) -> String {
-        let all: f64 = self.totals.values().map(|t| t.0).sum();
-        let mut rows: Vec<(&String, &(f64, usize))> = self.order.iter().map(|n| (n, &self.totals[n])).collect();
-        rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
-        let mut s = format!(
-            "kiln CUDA profile: {:.1} us per call in {} steps\n",
-            all * 1e3 / rows.first().map_or(1, |r| r.1 .1) as f64,
-            rows.len()
-        );
-        for (name, (ms, n)) in rows {
-            s.push_str(&format!("{:>9.1} us {:>5.1}%  {name}\n", ms * 1e3 / *n as f64, 100.0 * ms / all.max(1e-12)));
-        }
-        s
-    }
+    steps: StepProfile,
 }
 
 fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
@@ -317,7 +298,7 @@ impl Drop for CudaExecutable {
         // Graphs, modules and buffers are destroyed in this device's turn, never during another
         // thread's capture.
         if let Some(p) = &self.profile {
-            eprint!("{}", p.report());
+            eprint!("{}", p.steps.report("CUDA"));
         }
         let gpu = self.gpu.clone();
         let _turn = gpu.turn();
@@ -437,13 +418,7 @@ impl Executable for CudaExecutable {
                 for (i, label) in plan.step_labels().into_iter().enumerate() {
                     let ms =
                         profile.events[i].elapsed_ms(&profile.events[i + 1]).map_err(cuda_err("reading an event"))?;
-                    let name = format!("{}: {label}", plan.step_names[i]);
-                    let slot = profile.totals.entry(name.clone()).or_insert_with(|| {
-                        profile.order.push(name);
-                        (0.0, 0)
-                    });
-                    slot.0 += ms as f64;
-                    slot.1 += 1;
+                    profile.steps.add(&format!("{}: {label}", plan.step_names[i]), ms as f64 * 1e-3);
                 }
             }
             (Some((g, _)), None) => g.launch().map_err(cuda_err("launching the step's CUDA graph"))?,

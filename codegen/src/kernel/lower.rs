@@ -30,6 +30,11 @@ impl<'g> Lowering<'g> {
     fn shape(&self, n: NodeId) -> Vec<usize> {
         self.g.ty(n).concrete().expect("specialized graph")
     }
+    /// The node whose buffer an elementwise kernel reads for operand `n`: the source of a
+    /// broadcast it reads through a stride-0 view, else `n` itself.
+    fn read_through(&self, n: NodeId) -> NodeId {
+        self.broadcast_only.get(&n).copied().unwrap_or(n)
+    }
     fn temp(&mut self, dtype: DType, len: usize) -> BufId {
         self.prog.buffers.push(Buffer { dtype, len, kind: BufKind::Temp });
         self.prog.buffers.len() - 1
@@ -72,7 +77,7 @@ impl<'g> Lowering<'g> {
         let inputs = operands
             .iter()
             .map(|&o| {
-                let o = self.broadcast_only.get(&o).copied().unwrap_or(o);
+                let o = self.read_through(o);
                 broadcast_view(self.buf_of[&o], &self.shape(o), shape)
             })
             .collect();
@@ -196,7 +201,7 @@ impl<'g> Lowering<'g> {
                     let ops: Vec<(BufId, Vec<usize>)> = ins
                         .iter()
                         .map(|&i| {
-                            let i = self.broadcast_only.get(&i).copied().unwrap_or(i);
+                            let i = self.read_through(i);
                             (self.buf_of[&i], self.shape(i))
                         })
                         .collect();

@@ -20,7 +20,7 @@
 
 use super::Lanes;
 use cranelift_codegen::ir::condcodes::FloatCC;
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::Value;
 
 /// ln 2 as Cephes splits it for f32: the high part has 9 significant bits, so k * LN2_HI is exact
 /// for the |k| <= 150 of f32's range.
@@ -56,13 +56,7 @@ impl Lanes<'_, '_> {
         let z = self.mul(r, r);
         let y = self.mul_add(p, z, r);
         let y = self.addc(y, 1.0);
-        // 2^k in two steps, each factor normal: a subnormal result is rounded once, by the last.
-        let half = self.mulc(k, 0.5);
-        let k1 = self.b.ins().floor(half);
-        let k2 = self.sub(k, k1);
-        let (s1, s2) = (self.pow2(k1), self.pow2(k2));
-        let y = self.mul(y, s1);
-        self.mul(y, s2)
+        self.scale_by_pow2(y, k)
     }
 
     pub(super) fn log_f32(&mut self, x: Value) -> Value {
