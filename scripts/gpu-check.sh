@@ -38,6 +38,8 @@ if [ "${1:-}" = "--build" ]; then
     exit 0
 fi
 
+# The tests run the GPU only: the emulator's share ran on the development machine.
+export KILN_TEST_EMULATOR=0
 export LD_LIBRARY_PATH=${CUDA_LIB:-/usr/local/cuda-13.0/targets/x86_64-linux/lib}:${LD_LIBRARY_PATH:-}
 OUT_DIR=${OUT:-/tmp/kiln-gpu-check}
 mkdir -p "$OUT_DIR"

@@ -26,6 +26,10 @@ pub enum Device {
     /// for it fails with a clear error where no driver, cuBLAS or NVRTC is found; it never falls
     /// back to the CPU.
     Cuda(usize),
+    /// The CUDA backend's program (its CUDA C, compiled as C++ against a shim of CUDA's built-ins)
+    /// run on the CPU, with cuBLAS products done on the host: a testing device that checks the
+    /// generated kernels where no GPU is present. Needs a C++ compiler (`$CXX`, else `g++`).
+    CudaEmulator,
 }
 
 impl Device {
@@ -34,18 +38,22 @@ impl Device {
             Device::Cpu => Box::new(kiln_codegen::cpu::Cpu),
             Device::Reference => Box::new(kiln_codegen::reference::Reference),
             Device::Cuda(ordinal) => Box::new(kiln_codegen::cuda::Cuda { ordinal }),
+            Device::CudaEmulator => Box::new(kiln_codegen::cuda::emulator::CudaEmulator),
         }
     }
 
-    /// Parses `cpu`, `reference`, `cuda` or `cuda:N` (for command-line flags).
+    /// Parses `cpu`, `reference`, `cuda`, `cuda:N` or `cuda-emulator` (for command-line flags).
     pub fn parse(s: &str) -> Result<Device> {
         match s {
             "cpu" => Ok(Device::Cpu),
             "reference" => Ok(Device::Reference),
             "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            "cuda-emulator" => Ok(Device::CudaEmulator),
             _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
                 Some(n) => Ok(Device::Cuda(n)),
-                None => Err(Error::Invalid(format!("unknown device '{s}' (cpu, reference, cuda, cuda:N)"))),
+                None => {
+                    Err(Error::Invalid(format!("unknown device '{s}' (cpu, reference, cuda, cuda:N, cuda-emulator)")))
+                }
             },
         }
     }

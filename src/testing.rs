@@ -114,11 +114,19 @@ pub fn note(text: &str) {
     let _ = writeln!(std::io::stderr(), "note: {text}");
 }
 
-/// The devices every backend test runs on: the reference interpreter, the CPU backend, and
-/// `Device::Cuda(0)` where this machine can run it. Where it cannot, the reason is printed (once
-/// per test process), so a skipped GPU test is never silent.
+/// The devices every backend test runs on: the reference interpreter, the CPU backend, the CUDA
+/// emulator (the CUDA backend's kernels run on the CPU) where a C++ compiler is found, and
+/// `Device::Cuda(0)` where this machine can run it. Where one cannot run, the reason is printed
+/// (once per test process), so a skipped test is never silent.
 pub fn test_devices() -> Vec<Device> {
     let mut d = vec![Device::Reference, Device::Cpu];
+    match emulator_skip_reason() {
+        None => d.push(Device::CudaEmulator),
+        Some(why) => {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| note(&format!("CUDA emulator tests skipped: {why}")));
+        }
+    }
     match cuda_skip_reason() {
         None => d.push(Device::Cuda(0)),
         Some(why) => {
@@ -127,6 +135,15 @@ pub fn test_devices() -> Vec<Device> {
         }
     }
     d
+}
+
+/// Why the CUDA emulator's tests are skipped here (`None` where it can run). `KILN_TEST_EMULATOR=0`
+/// skips them on purpose.
+pub fn emulator_skip_reason() -> Option<String> {
+    if std::env::var("KILN_TEST_EMULATOR").is_ok_and(|v| v == "0") {
+        return Some("KILN_TEST_EMULATOR=0".into());
+    }
+    kiln_codegen::cuda::emulator::unavailable_reason()
 }
 
 /// Why GPU tests are skipped here (`None` where a CUDA device can be used). `KILN_TEST_CUDA=0`

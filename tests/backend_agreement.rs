@@ -23,13 +23,14 @@ fn agree(name: &str, steps: usize, device: Device, tol: f64) {
     }
 }
 
-/// The CPU backend to 1e-5; the GPU (other summation orders in cuBLAS and the reductions) to 1e-4.
+/// The CPU backend to 1e-5; the GPU and its emulator (other summation orders in cuBLAS and the
+/// reductions) to 1e-4.
 fn on_every_native_backend(name: &str, steps: usize) {
     for device in kiln::testing::test_devices() {
         match device {
             Device::Reference => {}
             Device::Cpu => agree(name, steps, device, 1e-5),
-            Device::Cuda(_) => agree(name, steps, device, 1e-4),
+            Device::Cuda(_) | Device::CudaEmulator => agree(name, steps, device, 1e-4),
         }
     }
 }

@@ -1,8 +1,10 @@
-//! only when asked for; `set_value` between calls is seen by the next call (the captured CUDA graph
-//! is captured again when a variable's memory moved); two functions sharing variables see each
-//! other's updates, also across devices; an index computed by the graph that is out of range is
-//! an error; the PTX disk cache is used by a second compilation. Where the machine has no GPU,
-//! each test says so and returns.
+//! The CUDA backend's program where it runs: on a GPU, and on the CUDA emulator (its CUDA C run
+//! on the CPU). Shared variables stay resident on the device and are copied back only when asked
+//! for; `set_value` between calls is seen by the next call (the captured CUDA graph is captured
+//! again when a variable's memory moved); two functions sharing variables see each other's
+//! updates, also across devices; an index computed by the graph that is out of range is an error;
+//! long column reductions split across blocks agree with the CPU. Where a device cannot run, each
+//! test says why and goes on with the others.
 
 #![allow(clippy::cloned_ref_to_slice_refs)]
 
@@ -19,16 +21,32 @@ fn gpu() -> bool {
     }
 }
 
+/// The devices that run the CUDA backend's program: the GPU and the CUDA emulator, where each can
+/// run (each one that cannot says why).
+fn cuda_devices() -> Vec<Device> {
+    let mut d = vec![];
+    match kiln::testing::emulator_skip_reason() {
+        None => d.push(Device::CudaEmulator),
+        Some(why) => kiln::testing::note(&format!("emulator skipped: {why}")),
+    }
+    if gpu() {
+        d.push(Device::Cuda(0));
+    }
+    d
+}
+
 #[test]
 fn shared_variables_stay_resident_and_read_back_on_demand() {
-    if !gpu() {
-        return;
+    for device in cuda_devices() {
+        shared_variables_on(device);
     }
+}
+
+fn shared_variables_on(device: Device) {
     let g = Graph::new();
     let x = g.input("x", F32, [4]);
     let w = g.shared("w", array![1.0f32, 2.0, 3.0, 4.0]);
-    let mut step =
-        g.function([&x], [&(&w * &x).sum_all()]).updates([(&w, &w - 0.5 * &x)]).compile(Device::Cuda(0)).unwrap();
+    let mut step = g.function([&x], [&(&w * &x).sum_all()]).updates([(&w, &w - 0.5 * &x)]).compile(device).unwrap();
     let mut cpu = g.function([&x], [&(&w * &x).sum_all()]).updates([(&w, &w - 0.5 * &x)]).compile(Device::Cpu).unwrap();
     let arg: Tensor = array![1.0f32, 1.0, 2.0, 2.0].into();
     // Three calls: eager, captured, replayed.
@@ -47,14 +65,17 @@ fn shared_variables_stay_resident_and_read_back_on_demand() {
 
 #[test]
 fn computed_indices_out_of_range_are_errors() {
-    if !gpu() {
-        return;
+    for device in cuda_devices() {
+        computed_indices_on(device);
     }
+}
+
+fn computed_indices_on(device: Device) {
     let g = Graph::new();
     let table = g.input("table", F32, [5, 3]);
     let i = g.input("i", I64, [2]);
     let picked = table.take(&(&i * 2), 0);
-    let mut f = g.function([&table, &i], [&picked]).compile(Device::Cuda(0)).unwrap();
+    let mut f = g.function([&table, &i], [&picked]).compile(device).unwrap();
     let t: Tensor = ndarray::Array2::<f32>::from_shape_fn((5, 3), |(r, c)| (r * 3 + c) as f32).into();
     let ok = f.call1(&[t.clone(), array![1i64, 2].into()]).unwrap();
     assert_eq!(ok, Tensor::from(array![[6.0f32, 7.0, 8.0], [12.0, 13.0, 14.0]]));
@@ -78,9 +99,12 @@ fn generated_code_is_the_cuda_c_with_update_notes() {
 
 #[test]
 fn long_column_reductions_split_across_blocks_agree_with_the_cpu() {
-    if !gpu() {
-        return;
+    for device in cuda_devices() {
+        long_column_reductions_on(device);
     }
+}
+
+fn long_column_reductions_on(device: Device) {
     // 4096 rows of 300 columns: few output tiles, long rows, so each tile's rows are cut into
     // slices reduced by separate blocks and combined by the last one (with the update after it).
     let g = Graph::new();
@@ -90,7 +114,7 @@ fn long_column_reductions_split_across_blocks_agree_with_the_cpu() {
     let col_max = x.max(&[0]);
     let v_new = &v * 0.9 - 0.01 * &col_sum;
     let build = |device| g.function([&x], [&col_sum, &col_max]).updates([(&v, v_new.clone())]).compile(device).unwrap();
-    let (mut on_gpu, mut on_cpu) = (build(Device::Cuda(0)), build(Device::Cpu));
+    let (mut on_gpu, mut on_cpu) = (build(device), build(Device::Cpu));
     let arg = kiln::testing::random_tensor(&[4096, 300], -1.0, 1.0, 3).cast(F32);
     for _ in 0..3 {
         let a = on_gpu.call(std::slice::from_ref(&arg)).unwrap();

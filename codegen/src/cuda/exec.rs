@@ -12,7 +12,7 @@ use super::emit::{emit, DeviceStep, ErrorSite, KernelArg};
 use super::nvrtc::{self, Origin};
 use super::runtime::{cuda_err, CudaResident, DeviceBuffer, Gpu};
 use crate::bytes::{tensor_bytes, tensor_from_bytes};
-use crate::kernel::{elem_size, plan_memory, BufKind, KernelProgram, Step, UpdateWrite};
+use crate::kernel::{elem_size, plan_memory, BufKind, KernelProgram, UpdateWrite};
 use crate::profile::StepProfile;
 use crate::{Backend, CompileOptions, Executable, Program, SharedValue};
 use cudarc::driver::{result, sys, CudaEvent, CudaFunction, CudaGraph, CudaModule};
@@ -351,22 +351,7 @@ impl Executable for CudaExecutable {
         gpu.bind()?;
         let plan = self.plans.get(&key).expect("prepared");
         // Indices that come from arguments are checked before anything runs.
-        for step in &plan.kp.steps {
-            let (Step::Gather(g) | Step::ScatterAdd(g)) = step else { continue };
-            if let BufKind::Input(k) = plan.kp.buffers[g.idx].kind {
-                let op = if matches!(step, Step::Gather(_)) { "take" } else { "take_grad" };
-                for i in inputs[k].to_i64_vec() {
-                    let j = if i < 0 { i + g.axis_len as i64 } else { i };
-                    if j < 0 || j >= g.axis_len as i64 {
-                        return Err(Error::Runtime {
-                            op: op.into(),
-                            detail: format!("index {i} out of range for an axis of size {}", g.axis_len),
-                            at: g.at,
-                        });
-                    }
-                }
-            }
-        }
+        super::check_argument_indices(&plan.kp, inputs)?;
         let shared_ptr = self.residents(shared, plan)?;
         let plan = self.plans.get_mut(&key).expect("prepared");
         for (k, t) in inputs.iter().enumerate() {
@@ -459,18 +444,7 @@ impl Executable for CudaExecutable {
         if let Some(w) = &plan.error_word {
             let mut code = [0u8; 4];
             w.download(&mut code)?;
-            let code = i32::from_ne_bytes(code);
-            if code > 0 {
-                let site = &plan.errors[code as usize - 1];
-                return Err(Error::Runtime {
-                    op: site.op.into(),
-                    detail: format!(
-                        "an index computed by the graph was out of range for an axis of size {}",
-                        site.axis_len
-                    ),
-                    at: site.at,
-                });
-            }
+            super::check_error_word(&plan.errors, i32::from_ne_bytes(code))?;
         }
         Ok(outs)
     }

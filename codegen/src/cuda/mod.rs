@@ -4,6 +4,7 @@
 //! without it the CUDA C is still generated, and `Device::Cuda` says the feature is off.
 pub mod ast;
 pub mod emit;
+pub mod emulator;
 #[cfg(feature = "cuda")]
 mod exec;
 mod group;
@@ -78,4 +79,40 @@ pub fn specialize_program(
 pub fn program_source(program: &crate::Program, shapes: &[Vec<usize>]) -> Result<String> {
     let (kp, _, _) = specialize_program(program, shapes)?;
     source(&kp)
+}
+
+/// Checks the indices that come from arguments (takes and their gradients reading an input) against
+/// their axis, before anything runs: such an index can only be checked on the host.
+pub(crate) fn check_argument_indices(kp: &KernelProgram, inputs: &[&kiln_ir::Tensor]) -> Result<()> {
+    use crate::kernel::{BufKind, Step};
+    for step in &kp.steps {
+        let (Step::Gather(g) | Step::ScatterAdd(g)) = step else { continue };
+        if let BufKind::Input(k) = kp.buffers[g.idx].kind {
+            let op = if matches!(step, Step::Gather(_)) { "take" } else { "take_grad" };
+            for i in inputs[k].to_i64_vec() {
+                let j = if i < 0 { i + g.axis_len as i64 } else { i };
+                if j < 0 || j >= g.axis_len as i64 {
+                    return Err(kiln_ir::Error::Runtime {
+                        op: op.into(),
+                        detail: format!("index {i} out of range for an axis of size {}", g.axis_len),
+                        at: g.at,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The error a step's error word reports (0: none; `k`: the `k`-th site of `errors`).
+pub(crate) fn check_error_word(errors: &[emit::ErrorSite], code: i32) -> Result<()> {
+    if code <= 0 {
+        return Ok(());
+    }
+    let site = &errors[code as usize - 1];
+    Err(kiln_ir::Error::Runtime {
+        op: site.op.into(),
+        detail: format!("an index computed by the graph was out of range for an axis of size {}", site.axis_len),
+        at: site.at,
+    })
 }

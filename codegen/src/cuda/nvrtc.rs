@@ -44,14 +44,17 @@ pub fn missing_reason() -> String {
     )
 }
 
-fn cache_dir() -> Option<PathBuf> {
+/// kiln's cache folder for `what` (`ptx`, `emu`): `$KILN_CACHE_DIR` (PTX directly in it, others
+/// in a subfolder), else `$XDG_CACHE_HOME/kiln/<what>`, else `~/.cache/kiln/<what>`.
+pub(crate) fn cache_dir(what: &str) -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("KILN_CACHE_DIR") {
-        return Some(PathBuf::from(d));
+        let d = PathBuf::from(d);
+        return Some(if what == "ptx" { d } else { d.join(what) });
     }
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    Some(base.join("kiln").join("ptx"))
+    Some(base.join("kiln").join(what))
 }
 
 /// A stable key: `DefaultHasher::new()` has fixed keys, and the stored source is compared anyway.
@@ -77,7 +80,7 @@ pub enum Origin {
 
 /// Compiles `source` for `arch` (e.g. `compute_90`), or finds it in a cache.
 pub fn compile(source: &str, arch: &'static str) -> Result<(String, Origin)> {
-    compile_with_cache(source, arch, cache_dir())
+    compile_with_cache(source, arch, cache_dir("ptx"))
 }
 
 /// `compile` with the given disk cache folder (`None`: memory cache only).

@@ -1,0 +1,134 @@
+//! Turns a printed CUDA module into a shared library the emulator can call: the shim (CUDA's
+//! built-ins for the CPU), the module's text as printed for NVRTC, and one C entry point per kernel
+//! (`kiln_emu_<kernel>(args, grid, block)`, arguments as cuLaunchKernel takes them). Compiled by
+//! the system's C++ compiler (`$CXX`, else `g++`) and cached on disk by source, like the PTX.
+
+use crate::cuda::ast::{Expr, Kernel, Module, Stmt};
+use kiln_ir::{Error, Result};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+const SHIM: &str = include_str!("shim.h");
+
+fn compiler() -> String {
+    std::env::var("CXX").unwrap_or_else(|_| "g++".into())
+}
+
+/// Why the emulator cannot run here, or `None` if it can (a C++ compiler answers `--version`).
+pub fn unavailable_reason() -> Option<String> {
+    static REASON: OnceLock<Option<String>> = OnceLock::new();
+    REASON
+        .get_or_init(|| {
+            let cxx = compiler();
+            match std::process::Command::new(&cxx).arg("--version").output() {
+                Ok(o) if o.status.success() => None,
+                _ => Some(format!(
+                    "the CUDA emulator needs a C++ compiler: `{cxx} --version` failed (set CXX, or install g++)"
+                )),
+            }
+        })
+        .clone()
+}
+
+/// Whether a kernel waits on its block or warp (then its threads run as fibers).
+fn waits(body: &[Stmt]) -> bool {
+    fn expr_waits(e: &Expr) -> bool {
+        match e {
+            Expr::Call(f, args) => f.starts_with("__shfl") || args.iter().any(expr_waits),
+            Expr::Neg(a) | Expr::Not(a) | Expr::Cast(_, a) | Expr::Lane(a, _) => expr_waits(a),
+            Expr::Binary(_, a, b) | Expr::Index(a, b) | Expr::Vec4(a, b) => expr_waits(a) || expr_waits(b),
+            Expr::Select(c, a, b) => expr_waits(c) || expr_waits(a) || expr_waits(b),
+            _ => false,
+        }
+    }
+    body.iter().any(|s| match s {
+        Stmt::SyncThreads => true,
+        Stmt::Decl { init, .. } => init.as_ref().is_some_and(expr_waits),
+        Stmt::Assign(a, b) | Stmt::Compound(_, a, b) => expr_waits(a) || expr_waits(b),
+        Stmt::If(c, a, b) => expr_waits(c) || waits(a) || waits(b),
+        Stmt::For { init, end, step, body, .. } => {
+            expr_waits(init) || expr_waits(end) || expr_waits(step) || waits(body)
+        }
+        Stmt::ReturnValue(e) | Stmt::Call(e) => expr_waits(e),
+        Stmt::Block(b) => waits(b),
+        Stmt::Comment(_) | Stmt::SharedArray { .. } | Stmt::Return => false,
+    })
+}
+
+fn entry_point(k: &Kernel) -> String {
+    let args: Vec<String> = k.params.iter().enumerate().map(|(i, p)| format!("({}*)args[{i}]", p.ty.name())).collect();
+    format!(
+        "extern \"C\" __attribute__((visibility(\"default\"))) void kiln_emu_{name}(void** args, unsigned gx, \
+         unsigned gy, unsigned bx, unsigned by) {{\n    std::function<void()> f = [&] {{ {name}({args}); }};\n    \
+         kiln_emu::launch(gx, gy, bx, by, {waits}, f);\n}}\n",
+        name = k.name,
+        args = args.join(", "),
+        waits = waits(&k.body)
+    )
+}
+
+/// The C++ compilation unit for a module printed as `source`.
+pub fn unit(module: &Module, source: &str) -> String {
+    let mut out = format!("{SHIM}\n#line 1 \"kiln-module.cu\"\n{source}\n");
+    for k in &module.kernels {
+        out.push_str(&entry_point(k));
+    }
+    out
+}
+
+fn cache_dir() -> PathBuf {
+    crate::cuda::nvrtc::cache_dir("emu").unwrap_or_else(|| std::env::temp_dir().join("kiln-emu"))
+}
+
+fn loaded() -> &'static Mutex<HashMap<String, Arc<libloading::Library>>> {
+    static LOADED: OnceLock<Mutex<HashMap<String, Arc<libloading::Library>>>> = OnceLock::new();
+    LOADED.get_or_init(Default::default)
+}
+
+/// The compiled library of a C++ unit (compiled once per text; kept loaded for the process).
+pub fn library(unit: &str) -> Result<Arc<libloading::Library>> {
+    if let Some(lib) = loaded().lock().expect("emulator cache").get(unit) {
+        return Ok(lib.clone());
+    }
+    if let Some(why) = unavailable_reason() {
+        return Err(Error::Invalid(why));
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    unit.hash(&mut h);
+    let key = format!("{:016x}", h.finish());
+    let dir = cache_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Invalid(format!("creating {}: {e}", dir.display())))?;
+    let (cpp, so) = (dir.join(format!("{key}.cpp")), dir.join(format!("{key}.so")));
+    // A cached library is used only if the text stored beside it is this unit.
+    let cached = std::fs::read_to_string(&cpp).is_ok_and(|s| s == unit) && so.exists();
+    if !cached {
+        let tag = format!("{}.{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], "");
+        let (tmp_cpp, tmp_so) = (dir.join(format!("{key}.{tag}.cpp")), dir.join(format!("{key}.{tag}.so")));
+        std::fs::write(&tmp_cpp, unit).map_err(|e| Error::Invalid(format!("writing {}: {e}", tmp_cpp.display())))?;
+        let out = std::process::Command::new(compiler())
+            .args(["-std=c++17", "-O1", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing"])
+            .args(["-ffp-contract=off", "-w", "-o"])
+            .arg(&tmp_so)
+            .arg(&tmp_cpp)
+            .output()
+            .map_err(|e| Error::Invalid(format!("running {}: {e}", compiler())))?;
+        if !out.status.success() {
+            return Err(Error::Invalid(format!(
+                "the CUDA emulator could not compile the generated CUDA C as C++ ({}):\n{}",
+                tmp_cpp.display(),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        // Renames are atomic: a concurrent compile of the same unit leaves one whole library.
+        let _ = std::fs::rename(&tmp_so, &so);
+        let _ = std::fs::rename(&tmp_cpp, &cpp);
+    }
+    // SAFETY: the library is kiln's own generated code; its initializers only set up statics.
+    let lib = unsafe { libloading::Library::new(&so) }
+        .map_err(|e| Error::Invalid(format!("loading {}: {e}", so.display())))?;
+    let lib = Arc::new(lib);
+    loaded().lock().expect("emulator cache").insert(unit.to_string(), lib.clone());
+    Ok(lib)
+}

@@ -1,0 +1,438 @@
+//! The CUDA emulator: runs the CUDA backend's generated program on the CPU, so that its kernels are
+//! checked against the reference on every machine, not only where a GPU is lent. The program is
+//! the one `Device::Cuda` would run (same specialization, lowering, memory plan, kernels, launch
+//! shapes and step list); its CUDA C, exactly as printed for NVRTC, is compiled as C++ against a
+//! shim of CUDA's built-ins (`shim.h`: blocks in reverse order, threads as fibers where a kernel
+//! waits on its block or warp) and called step by step. cuBLAS products run on the host with the
+//! same operand layout. Every buffer is framed by guard bytes that are checked after each step, so
+//! a kernel that writes outside its buffers is an error naming it, not silent corruption.
+//! What it cannot check: timing, the PTX NVRTC makes of the source (NVRTC compiles the same text in
+//! CI), races between warps that a real GPU could expose, and CUDA's own math library's rounding.
+
+mod build;
+pub use build::unavailable_reason;
+
+use super::emit::{emit, DeviceStep, ErrorSite, KernelArg};
+use crate::bytes::{tensor_bytes, tensor_from_bytes};
+use crate::kernel::{elem_size, plan_memory, BufKind, KernelProgram, MatMul, UpdateWrite};
+use crate::{with_host_values, Backend, CompileOptions, Executable, Program, SharedValue};
+use kiln_ir::{DType, Error, Result, Tensor};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+/// Runs the CUDA backend's program on the CPU (see the module docs).
+pub struct CudaEmulator;
+
+impl Backend for CudaEmulator {
+    fn name(&self) -> &'static str {
+        "cuda-emulator"
+    }
+    fn compile(&self, program: &Program, _opts: &CompileOptions) -> Result<Box<dyn Executable>> {
+        if let Some(why) = unavailable_reason() {
+            return Err(Error::Invalid(format!("Device::CudaEmulator is not available: {why}")));
+        }
+        Ok(Box::new(EmulatedExecutable { program: program.clone(), plans: HashMap::new(), order: vec![] }))
+    }
+}
+
+/// Bytes of guard on each side of every buffer (also keeps 16-byte alignment for float4 access).
+const GUARD: usize = 64;
+const GUARD_BYTE: u8 = 0xa5;
+
+/// Host memory standing for a device buffer, framed by guard bytes.
+struct HostBuffer {
+    words: Vec<u128>,
+    bytes: usize,
+}
+
+impl HostBuffer {
+    fn new(bytes: usize) -> HostBuffer {
+        let mut b = HostBuffer { words: vec![0; (2 * GUARD + bytes).div_ceil(16)], bytes };
+        let all = b.all_mut();
+        let end = all.len();
+        all[..GUARD].fill(GUARD_BYTE);
+        all[GUARD + bytes..end].fill(GUARD_BYTE);
+        b
+    }
+    fn all_mut(&mut self) -> &mut [u8] {
+        let n = self.words.len() * 16;
+        // SAFETY: the words are plain memory of n bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut u8, n) }
+    }
+    fn all(&self) -> &[u8] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.words.len() * 16) }
+    }
+    fn data(&self) -> &[u8] {
+        &self.all()[GUARD..GUARD + self.bytes]
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let n = self.bytes;
+        self.all_mut()[GUARD..GUARD + n].copy_from_slice(bytes);
+    }
+    fn ptr(&mut self) -> *mut c_void {
+        // SAFETY: GUARD is inside the allocation.
+        unsafe { (self.words.as_mut_ptr() as *mut u8).add(GUARD) as *mut c_void }
+    }
+    fn guards_intact(&self) -> bool {
+        let all = self.all();
+        all[..GUARD].iter().chain(&all[GUARD + self.bytes..]).all(|&b| b == GUARD_BYTE)
+    }
+}
+
+type EntryPoint = unsafe extern "C" fn(*mut *mut c_void, u32, u32, u32, u32);
+
+enum Exec {
+    Launch {
+        f: EntryPoint,
+        kernel: String,
+        args: Vec<KernelArg>,
+        grid: (u32, u32),
+        block: (u32, u32),
+    },
+    Gemm(MatMul),
+    /// An update that could not be written in place, copied into the variable after the last step.
+    Copy {
+        from: usize,
+        shared: usize,
+    },
+}
+
+struct Plan {
+    kp: KernelProgram,
+    updates: Vec<UpdateWrite>,
+    returned: Vec<usize>,
+    out_shapes: Vec<Vec<usize>>,
+    steps: Vec<Exec>,
+    slots: Vec<HostBuffer>,
+    slot: Vec<Option<usize>>,
+    inputs: Vec<Option<HostBuffer>>,
+    errors: Vec<ErrorSite>,
+    error_word: HostBuffer,
+    scratch: Vec<HostBuffer>,
+    code: String,
+    _lib: Arc<libloading::Library>,
+}
+
+pub struct EmulatedExecutable {
+    program: Program,
+    plans: HashMap<Vec<Vec<usize>>, Plan>,
+    order: Vec<Vec<Vec<usize>>>,
+}
+
+fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
+    kp.buffers[b].len * elem_size(kp.buffers[b].dtype) as usize
+}
+
+impl Plan {
+    fn build(program: &Program, shapes: &[Vec<usize>]) -> Result<Plan> {
+        let (kp, updates, out_shapes) = super::specialize_program(program, shapes)?;
+        let memory = plan_memory(&kp);
+        let dp = emit(&kp, &memory)?;
+        let source = super::print::module(&dp.module);
+        let lib = build::library(&build::unit(&dp.module, &source))?;
+        let mut steps = Vec::with_capacity(dp.steps.len());
+        for s in &dp.steps {
+            steps.push(match s {
+                DeviceStep::Launch(l) => {
+                    let symbol = format!("kiln_emu_{}", l.kernel);
+                    // SAFETY: every kernel has an entry point of this signature (build::entry_point).
+                    let f = unsafe { lib.get::<EntryPoint>(symbol.as_bytes()) }
+                        .map_err(|e| Error::Invalid(format!("emulated kernel {}: {e}", l.kernel)))?;
+                    Exec::Launch {
+                        f: *f,
+                        kernel: l.kernel.clone(),
+                        args: l.args.clone(),
+                        grid: l.launch.grid,
+                        block: l.launch.block,
+                    }
+                }
+                DeviceStep::Gemm(mm) => Exec::Gemm(mm.clone()),
+            });
+        }
+        for u in &updates {
+            if let UpdateWrite::CopyAtEnd { shared, from } = u {
+                steps.push(Exec::Copy { from: *from, shared: *shared });
+            }
+        }
+        let mut slots: Vec<HostBuffer> = memory.slot_bytes.iter().map(|&n| HostBuffer::new(n)).collect();
+        for (b, buf) in kp.buffers.iter().enumerate() {
+            if let (BufKind::Constant(t), Some(sl)) = (&buf.kind, memory.slot[b]) {
+                let std = kiln_ir::map_array!(t, a => a.as_standard_layout().into_owned());
+                let bytes = tensor_bytes(&std);
+                slots[sl].all_mut()[GUARD..GUARD + bytes.len()].copy_from_slice(&bytes);
+            }
+        }
+        let mut inputs: Vec<Option<HostBuffer>> = (0..program.inputs.len()).map(|_| None).collect();
+        for (b, buf) in kp.buffers.iter().enumerate() {
+            if let BufKind::Input(k) = buf.kind {
+                inputs[k] = Some(HostBuffer::new(bytes_of(&kp, b)));
+            }
+        }
+        Ok(Plan {
+            returned: program.returned(),
+            kp,
+            updates,
+            out_shapes,
+            steps,
+            slots,
+            slot: memory.slot,
+            inputs,
+            errors: dp.errors,
+            error_word: HostBuffer::new(4),
+            scratch: dp.scratch.iter().map(|&n| HostBuffer::new(n)).collect(),
+            code: source,
+            _lib: lib,
+        })
+    }
+
+    /// Where each buffer of the program lives this call.
+    fn pointers(&mut self, shared: &mut [HostBuffer]) -> Vec<*mut c_void> {
+        let kp = &self.kp;
+        let (inputs, slots, slot) = (&mut self.inputs, &mut self.slots, &self.slot);
+        (0..kp.buffers.len())
+            .map(|b| match kp.buffers[b].kind {
+                BufKind::Input(k) => inputs[k].as_mut().map_or(std::ptr::null_mut(), |h| h.ptr()),
+                BufKind::Shared(k) => shared[k].ptr(),
+                _ => slot[b].map_or(std::ptr::null_mut(), |s| slots[s].ptr()),
+            })
+            .collect()
+    }
+
+    fn guards_intact(&self, shared: &[HostBuffer]) -> bool {
+        self.slots
+            .iter()
+            .chain(self.inputs.iter().flatten())
+            .chain(shared)
+            .chain(&self.scratch)
+            .all(|h| h.guards_intact())
+            && self.error_word.guards_intact()
+    }
+
+    fn execute(&mut self, shared: &mut [HostBuffer]) -> Result<()> {
+        let ptr = self.pointers(shared);
+        self.error_word.write(&[0; 4]);
+        let error_ptr = self.error_word.ptr();
+        let scratch: Vec<*mut c_void> = self.scratch.iter_mut().map(|h| h.ptr()).collect();
+        for step in &self.steps {
+            match step {
+                Exec::Launch { f, kernel, args, grid, block } => {
+                    if grid.0 == 0 {
+                        continue;
+                    }
+                    let mut values: Vec<*mut c_void> = args
+                        .iter()
+                        .map(|a| match a {
+                            KernelArg::Buf(b) => ptr[*b],
+                            KernelArg::ErrorFlag => error_ptr,
+                            KernelArg::Scratch(k) => scratch[*k],
+                        })
+                        .collect();
+                    // SAFETY: the entry point takes one pointer per kernel parameter; what the
+                    // kernel does with them is what this emulator checks (guards below).
+                    unsafe { f(values.as_mut_ptr(), grid.0, grid.1, block.0, block.1) };
+                    if !self.guards_intact(shared) {
+                        return Err(Error::Invalid(format!("emulated kernel {kernel} wrote outside its buffers")));
+                    }
+                }
+                // SAFETY: the lowering checked the operand sizes against the product.
+                Exec::Gemm(mm) => unsafe { host_gemm(mm, ptr[mm.a], ptr[mm.b], ptr[mm.c])? },
+                Exec::Copy { from, shared: s } => {
+                    let n = bytes_of(&self.kp, *from);
+                    // SAFETY: both buffers hold n bytes (an update keeps its variable's type).
+                    unsafe { std::ptr::copy_nonoverlapping(ptr[*from] as *const u8, shared[*s].ptr() as *mut u8, n) };
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+type Gemm<T> =
+    unsafe fn(usize, usize, usize, T, *const T, isize, isize, *const T, isize, isize, T, *mut T, isize, isize);
+
+/// A cuBLAS product's semantics on the host (`C = A B`, row-major, per batch item).
+unsafe fn host_gemm(mm: &MatMul, a: *mut c_void, b: *mut c_void, c: *mut c_void) -> Result<()> {
+    match mm.dtype {
+        DType::F32 => batched(mm, a as *const f32, b as *const f32, c as *mut f32, matrixmultiply::sgemm, 1.0, 0.0),
+        DType::F64 => batched(mm, a as *const f64, b as *const f64, c as *mut f64, matrixmultiply::dgemm, 1.0, 0.0),
+        d => return Err(Error::Invalid(format!("cuBLAS product of {d}"))),
+    }
+    Ok(())
+}
+
+unsafe fn batched<T: Copy>(mm: &MatMul, a: *const T, b: *const T, c: *mut T, gemm: Gemm<T>, one: T, zero: T) {
+    let (m, k, n) = (mm.m, mm.k, mm.n);
+    // Element strides (row, column) of A as [m, k] and B as [k, n].
+    let (rsa, csa) = if mm.a_transposed { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if mm.b_transposed { (1, k as isize) } else { (n as isize, 1) };
+    for i in 0..mm.batch {
+        let (a, b, c) = (a.add(i * mm.a_batch_stride), b.add(i * mm.b_batch_stride), c.add(i * m * n));
+        gemm(m, k, n, one, a, rsa, csa, b, rsb, csb, zero, c, n as isize, 1);
+    }
+}
+
+impl Executable for EmulatedExecutable {
+    fn run(&mut self, inputs: &[&Tensor], shared: &mut [SharedValue]) -> Result<Vec<Tensor>> {
+        let key: Vec<Vec<usize>> =
+            inputs.iter().map(|t| t.shape().to_vec()).chain(shared.iter().map(|s| s.shape().to_vec())).collect();
+        self.prepare(&key)?;
+        let plan = self.plans.get_mut(&key).expect("prepared");
+        super::check_argument_indices(&plan.kp, inputs)?;
+        for (k, t) in inputs.iter().enumerate() {
+            if let Some(buf) = &mut plan.inputs[k] {
+                let bytes = tensor_bytes(t);
+                if bytes.len() != buf.bytes {
+                    return Err(Error::Invalid(format!(
+                        "input {k}: {} bytes for a buffer of {}",
+                        bytes.len(),
+                        buf.bytes
+                    )));
+                }
+                buf.write(&bytes);
+            }
+        }
+        with_host_values(shared, |values| {
+            let mut memory: Vec<HostBuffer> = values
+                .iter()
+                .map(|v| {
+                    let bytes = tensor_bytes(v);
+                    let mut h = HostBuffer::new(bytes.len());
+                    h.write(&bytes);
+                    h
+                })
+                .collect();
+            plan.execute(&mut memory)?;
+            let word = plan.error_word.data();
+            super::check_error_word(&plan.errors, i32::from_ne_bytes([word[0], word[1], word[2], word[3]]))?;
+            let outs = plan
+                .returned
+                .iter()
+                .map(|&o| {
+                    let b = plan.kp.outputs[o];
+                    let bytes = match plan.kp.buffers[b].kind {
+                        BufKind::Input(k) => plan.inputs[k].as_ref().map_or(&[][..], |h| h.data()),
+                        BufKind::Shared(k) => memory[k].data(),
+                        _ => plan.slot[b].map_or(&[][..], |s| plan.slots[s].data()),
+                    };
+                    tensor_from_bytes(plan.kp.buffers[b].dtype, &plan.out_shapes[o], &bytes[..bytes_of(&plan.kp, b)])
+                })
+                .collect();
+            for u in &plan.updates {
+                let s = match u {
+                    UpdateWrite::InPlace { shared } | UpdateWrite::CopyAtEnd { shared, .. } => *shared,
+                };
+                values[s] = tensor_from_bytes(values[s].dtype(), values[s].shape(), memory[s].data());
+            }
+            Ok(outs)
+        })
+    }
+
+    fn prepare(&mut self, key: &[Vec<usize>]) -> Result<()> {
+        if !self.plans.contains_key(key) {
+            self.plans.insert(key.to_vec(), Plan::build(&self.program, key)?);
+            self.order.push(key.to_vec());
+        }
+        Ok(())
+    }
+
+    fn generated_code(&self) -> String {
+        self.order.iter().map(|k| self.plans[k].code.as_str()).collect::<Vec<_>>().join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::ast::*;
+
+    /// A one-kernel module `k(const float* in, float* out)` with `body`, launched on one block of
+    /// `threads`, over `input`; returns `out` (`out_len` floats) and whether its guards held.
+    fn run_kernel(body: Vec<Stmt>, threads: u32, input: &[f32], out_len: usize) -> (Vec<f32>, bool) {
+        let params = vec![
+            Param { ty: CType::Float, name: "in".into(), kind: ParamKind::In },
+            Param { ty: CType::Float, name: "out".into(), kind: ParamKind::Out },
+        ];
+        let launch = Launch { grid: (1, 1), block: (threads, 1) };
+        let module = Module {
+            helpers: vec![],
+            kernels: vec![Kernel { name: "k".into(), comments: vec![], params, body, launch }],
+        };
+        let lib = build::library(&build::unit(&module, &crate::cuda::print::module(&module))).unwrap();
+        // SAFETY: the entry point of the kernel above.
+        let f = unsafe { lib.get::<EntryPoint>(b"kiln_emu_k") }.unwrap();
+        let (mut a, mut b) = (HostBuffer::new(input.len() * 4), HostBuffer::new(out_len * 4));
+        a.write(&input.iter().flat_map(|v| v.to_ne_bytes()).collect::<Vec<u8>>());
+        let mut args = [a.ptr(), b.ptr()];
+        // SAFETY: two pointers for the kernel's two parameters.
+        unsafe { f(args.as_mut_ptr(), 1, 1, threads, 1) };
+        let out = b.data().chunks(4).map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
+        (out, a.guards_intact() && b.guards_intact())
+    }
+
+    /// Whether the emulator runs here (where it cannot, the test says why and passes).
+    fn emulator() -> bool {
+        match unavailable_reason() {
+            None => true,
+            Some(why) => {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "note: emulator test skipped: {why}");
+                false
+            }
+        }
+    }
+
+    fn tid() -> Expr {
+        cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx))
+    }
+
+    #[test]
+    fn a_block_barrier_waits_for_every_thread() {
+        if !emulator() {
+            return;
+        }
+        // out[t] = in[63 - t] through shared memory: right only if every thread stored its element
+        // before any thread read its partner's.
+        let body = vec![
+            Stmt::SharedArray { ty: CType::Float, name: "s".into(), len: 64 },
+            assign(index(var("s"), tid()), index(var("in"), tid())),
+            Stmt::SyncThreads,
+            assign(index(var("out"), tid()), index(var("s"), int(63) - tid())),
+        ];
+        let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let (out, guards) = run_kernel(body, 64, &input, 64);
+        assert!(guards);
+        assert_eq!(out, input.iter().rev().copied().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn warp_shuffles_read_the_partner_lanes_value() {
+        if !emulator() {
+            return;
+        }
+        // A warp sum by shuffles down 16, 8, 4, 2, 1; lane 0 of each warp writes its warp's sum.
+        let mut body = vec![decl_mut(CType::Float, "v", index(var("in"), tid()))];
+        for d in [16, 8, 4, 2, 1] {
+            let shfl = call("__shfl_down_sync", vec![Expr::ULong(0xffff_ffff), var("v"), int(d)]);
+            body.push(Stmt::Compound(BinOp::Add, var("v"), shfl));
+        }
+        let lane0 = bin(BinOp::Eq, tid() % int(32), int(0));
+        body.push(Stmt::If(lane0, vec![assign(index(var("out"), tid() / int(32)), var("v"))], vec![]));
+        let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let (out, _) = run_kernel(body, 64, &input, 2);
+        assert_eq!(out, vec![(0..32).sum::<i32>() as f32, (32..64).sum::<i32>() as f32]);
+    }
+
+    #[test]
+    fn a_write_past_the_end_breaks_the_guard() {
+        if !emulator() {
+            return;
+        }
+        let body = vec![assign(index(var("out"), tid() + int(1)), index(var("in"), tid()))];
+        let (_, guards) = run_kernel(body, 16, &[1.0; 16], 16);
+        assert!(!guards, "the 17th element is outside the buffer");
+        let body = vec![assign(index(var("out"), tid()), index(var("in"), tid()))];
+        assert!(run_kernel(body, 16, &[1.0; 16], 16).1);
+    }
+}

@@ -1,0 +1,185 @@
+// kiln's CUDA emulator: what the CUDA C that kiln prints needs to compile as C++ and run on the CPU.
+// Blocks run one after another (last block first: any order is a legal schedule, and the reverse
+// of the usual one finds code that leans on it). The threads of a block run one after another too
+// unless the kernel waits on its block (__syncthreads) or its warp (shuffles): then each thread is
+// a fiber (ucontext) with its own stack, and a round-robin scheduler resumes them, so every thread
+// reaches a barrier before any passes it, and every lane of a warp has offered its value before any
+// lane reads its partner's. `__shared__` arrays are thread_local statics: one per block, since one
+// OS thread runs one block at a time. Atomics are plain read-modify-writes (one OS thread).
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <ucontext.h>
+#include <functional>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+#define __shared__ static thread_local
+
+struct kiln_uint3 {
+    unsigned x, y, z;
+};
+static thread_local kiln_uint3 threadIdx, blockIdx, blockDim, gridDim;
+
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
+static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+static inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
+static inline double __longlong_as_double(long long i) { double d; memcpy(&d, &i, 8); return d; }
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline double __dadd_rn(double a, double b) { return a + b; }
+static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
+template <class T> static inline T __ldcg(const T* p) { return *p; }
+static inline void __threadfence() {}
+// CUDA's overloads (arguments convert to the pointee's type, as there).
+#define KILN_ATOMIC_ADD(T) \
+    static inline T atomicAdd(T* p, T v) { T old = *p; *p = old + v; return old; }
+KILN_ATOMIC_ADD(int)
+KILN_ATOMIC_ADD(unsigned)
+KILN_ATOMIC_ADD(unsigned long long)
+KILN_ATOMIC_ADD(float)
+KILN_ATOMIC_ADD(double)
+
+namespace kiln_emu {
+enum State { READY, AT_SHUFFLE, AT_SYNC, DONE };
+struct Fiber {
+    ucontext_t ctx;
+    State state;
+    unsigned x, y;
+    unsigned char parity;
+};
+const unsigned MAX_THREADS = 1024;
+const size_t STACK_BYTES = 128 * 1024;
+static thread_local Fiber* fibers = nullptr;
+static thread_local char* stacks = nullptr;
+static thread_local ucontext_t scheduler;
+static thread_local unsigned current = 0;
+static thread_local unsigned block_threads = 0;
+static thread_local bool in_fibers = false;
+static thread_local const std::function<void()>* body = nullptr;
+// Each lane's offered value, double-buffered by the parity of the lane's shuffle count: a lane can
+// offer its next value while slower lanes still read the previous one.
+static thread_local unsigned long long offered[2][MAX_THREADS];
+
+[[noreturn]] static void fail(const char* what) {
+    fprintf(stderr, "kiln CUDA emulator: %s\n", what);
+    abort();
+}
+
+static void yield(State s) {
+    if (!in_fibers) fail("a kernel waited on a barrier outside a fiber (the emulator missed its barrier)");
+    Fiber& f = fibers[current];
+    f.state = s;
+    swapcontext(&f.ctx, &scheduler);
+}
+
+static void trampoline() {
+    (*body)();
+    fibers[current].state = DONE;
+    swapcontext(&fibers[current].ctx, &scheduler);
+}
+
+static void run_block(unsigned bx, unsigned by, bool barriers, const std::function<void()>& fn) {
+    unsigned n = bx * by;
+    if (!barriers) {
+        for (unsigned t = 0; t < n; t++) {
+            threadIdx = kiln_uint3{t % bx, t / bx, 0};
+            fn();
+        }
+        return;
+    }
+    if (n > MAX_THREADS) fail("a block of more than 1024 threads");
+    if (!fibers) {
+        fibers = new Fiber[MAX_THREADS];
+        stacks = new char[MAX_THREADS * STACK_BYTES];
+    }
+    body = &fn;
+    block_threads = n;
+    for (unsigned t = 0; t < n; t++) {
+        Fiber& f = fibers[t];
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = stacks + (size_t)t * STACK_BYTES;
+        f.ctx.uc_stack.ss_size = STACK_BYTES;
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, trampoline, 0);
+        f.state = READY;
+        f.x = t % bx;
+        f.y = t / bx;
+        f.parity = 0;
+    }
+    in_fibers = true;
+    for (;;) {
+        bool ran = false;
+        for (unsigned t = 0; t < n; t++) {
+            Fiber& f = fibers[t];
+            if (f.state != READY && f.state != AT_SHUFFLE) continue;
+            current = t;
+            threadIdx = kiln_uint3{f.x, f.y, 0};
+            f.state = READY;
+            swapcontext(&scheduler, &f.ctx);
+            ran = true;
+        }
+        if (ran) continue;
+        // Every thread left is at __syncthreads: release them all.
+        bool waiting = false;
+        for (unsigned t = 0; t < n; t++) {
+            if (fibers[t].state == AT_SYNC) {
+                fibers[t].state = READY;
+                waiting = true;
+            }
+        }
+        if (!waiting) break;
+    }
+    in_fibers = false;
+}
+
+static void launch(unsigned gx, unsigned gy, unsigned bx, unsigned by, bool barriers, const std::function<void()>& fn) {
+    gridDim = kiln_uint3{gx, gy, 1};
+    blockDim = kiln_uint3{bx, by, 1};
+    for (unsigned y = gy; y-- > 0;) {
+        for (unsigned x = gx; x-- > 0;) {
+            blockIdx = kiln_uint3{x, y, 0};
+            run_block(bx, by, barriers, fn);
+        }
+    }
+}
+
+template <class T> static T shuffle(T v, int src_lane, int width) {
+    static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
+    unsigned t = current;
+    Fiber& f = fibers[t];
+    unsigned p = f.parity;
+    f.parity ^= 1;
+    memcpy(&offered[p][t], &v, sizeof(T));
+    yield(AT_SHUFFLE);
+    int lane = (int)(t % 32);
+    int base = lane - lane % width;
+    if (src_lane < base || src_lane >= base + width) return v;
+    unsigned src = t - (unsigned)lane + (unsigned)src_lane;
+    if (src >= block_threads) return v;
+    T r;
+    memcpy(&r, &offered[p][src], sizeof(T));
+    return r;
+}
+}  // namespace kiln_emu
+
+static inline void __syncthreads() { kiln_emu::yield(kiln_emu::AT_SYNC); }
+template <class T> static inline T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+    int lane = (int)(kiln_emu::current % 32);
+    return kiln_emu::shuffle(v, lane + (int)delta, width);
+}
+template <class T> static inline T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+    int lane = (int)(kiln_emu::current % 32);
+    return kiln_emu::shuffle(v, lane ^ mask, width);
+}
