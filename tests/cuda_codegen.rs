@@ -137,3 +137,39 @@ fn cuda_device_errors_clearly_where_it_cannot_run() {
         }
     }
 }
+
+/// `f` on the CUDA emulator against the reference (where a C++ compiler is found).
+fn emulated_agrees(g: &Graph, ins: &[&Var], outs: &[&Var], args: &[Tensor]) {
+    if let Some(why) = kiln::testing::emulator_skip_reason() {
+        kiln::testing::note(&format!("emulator check skipped: {why}"));
+        return;
+    }
+    let mut emu = g.function(ins.to_vec(), outs.to_vec()).compile(Device::CudaEmulator).unwrap();
+    let mut reference = g.function(ins.to_vec(), outs.to_vec()).compile(Device::Reference).unwrap();
+    let (a, b) = (emu.call(args).unwrap(), reference.call(args).unwrap());
+    for (x, y) in a.iter().zip(&b) {
+        assert!(x.allclose(y, 1e-5, 1e-5), "differs by {}", x.max_abs_diff(y));
+    }
+}
+
+#[test]
+fn small_products_are_computed_inside_their_epilogue() {
+    // A product small enough for kiln's own kernel, with a bias + relu epilogue: one kernel.
+    let g = Graph::new();
+    let x = g.input("x", F32, [16, 32]);
+    let w = g.shared("w", f32s(&[32, 8], 11));
+    let b = g.shared("b", f32s(&[8], 12));
+    let h = (x.matmul(&w) + &b).relu();
+    let f = g.function([&x], [&h]).compile(Device::Reference).unwrap();
+    let args = [f32s(&[16, 32], 13)];
+    let src = cuda_c(&f, &args);
+    assert!(src.contains("computes the product of") && !src.contains("_matmul("), "{src}");
+    emulated_agrees(&g, &[&x], &[&h], &args);
+    // The product's result is also returned: it keeps its own kernel.
+    let p = x.matmul(&w);
+    let h = (&p + &b).tanh();
+    let f = g.function([&x], [&h, &p]).compile(Device::Reference).unwrap();
+    let src = cuda_c(&f, &args);
+    assert!(src.contains("k0_matmul computes matmul") && !src.contains("computes the product of"), "{src}");
+    emulated_agrees(&g, &[&x], &[&h, &p], &args);
+}

@@ -91,15 +91,20 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
         loc,
         group: vec![],
         single_block,
+        product: None,
     };
     let mut i = 0;
     while i < kp.steps.len() {
         // A loop kernel (or a product's epilogue) and the elementwise kernels that can follow it.
+        let mut product = None;
         let (primary, extra) = match &kp.steps[i] {
             Step::Loop(k) => (Some(k), vec![]),
             Step::MatMul(mm) => {
                 if mm.dtype.is_float() && mm.batch * mm.m * mm.n * mm.k > SMALL_PRODUCT {
                     e.steps.push(DeviceStep::Gemm(mm.clone()));
+                } else if mm.epilogue.is_some() {
+                    // Emitted below: inside its epilogue where that is safe, else before it.
+                    product = Some(mm);
                 } else {
                     e.direct_matmul(mm);
                 }
@@ -119,6 +124,7 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
                 (None, vec![])
             }
         };
+        let at = i;
         i += 1;
         if let Some(k) = primary {
             let mut members = vec![k];
@@ -129,7 +135,21 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
                 members.push(next);
                 i += 1;
             }
+            let mut extra = extra;
+            if let Some(mm) = product {
+                match e.product_in_epilogue(mm, &members, at) {
+                    Some(fused) => {
+                        extra = vec![format!(
+                            "{} computes the product of {} where it reads it (no {} kernel)",
+                            k.name, mm.name, mm.name
+                        )];
+                        e.product = Some(fused);
+                    }
+                    None => e.direct_matmul(mm),
+                }
+            }
             e.loop_group(&members, &extra)?;
+            e.product = None;
         }
     }
     if single_block {
@@ -162,14 +182,34 @@ pub(super) struct Emitter<'a> {
     /// Every kernel becomes a section of one single-block kernel (see `single`): reductions use
     /// only the shapes that work in one block of `THREADS`.
     pub(super) single_block: bool,
+    /// A small product computed inside the group being emitted, where its first member reads it.
+    pub(super) product: Option<ProductInEpilogue>,
 }
 
-/// A loop kernel of a group, and where each of its inputs comes from: memory (`None`) or the
-/// register holding an earlier member's output (`Some(member)`).
+/// A product computed by the threads of its epilogue: each thread computes the dot products of
+/// the elements it reads (instead of loading them), so the product needs no kernel of its own.
+#[derive(Clone, Debug)]
+pub(super) struct ProductInEpilogue {
+    pub(super) mm: MatMul,
+    /// The first member's input that reads the product.
+    pub(super) input: usize,
+}
+
+/// Where a group member's input comes from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Source {
+    Memory,
+    /// The register holding this earlier member's output.
+    Register(usize),
+    /// Computed in place (the group's `ProductInEpilogue`).
+    Product,
+}
+
+/// A loop kernel of a group, and where each of its inputs comes from.
 pub(super) struct Member {
     pub(super) kernel: LoopKernel,
     pub(super) dtypes: Vec<DType>,
-    pub(super) sources: Vec<Option<usize>>,
+    pub(super) sources: Vec<Source>,
 }
 
 pub(super) fn grid_for(work: usize, per_block: usize) -> u32 {
@@ -299,9 +339,21 @@ impl<'a> Emitter<'a> {
                 comments.push(format!("{} then computes {o} (merged {})", primary.name, f.name));
             }
         }
-        let sources: Vec<Vec<Option<usize>>> = (0..members.len())
-            .map(|m| if m == 0 { vec![None; primary.inputs.len()] } else { forwarded(&self.loc, members, m) })
+        let mut sources: Vec<Vec<Source>> = (0..members.len())
+            .map(|m| {
+                if m == 0 {
+                    vec![Source::Memory; primary.inputs.len()]
+                } else {
+                    forwarded(&self.loc, members, m)
+                        .into_iter()
+                        .map(|f| f.map_or(Source::Memory, Source::Register))
+                        .collect()
+                }
+            })
             .collect();
+        if let Some(p) = &self.product {
+            sources[0][p.input] = Source::Product;
+        }
         self.group = collapsed
             .into_iter()
             .zip(dtypes)
@@ -352,13 +404,25 @@ impl<'a> Emitter<'a> {
             .group
             .iter()
             .flat_map(|m| {
-                m.kernel.inputs.iter().zip(&m.sources).filter(|(_, s)| s.is_none()).map(|(v, _)| self.loc[v.buf])
+                m.kernel
+                    .inputs
+                    .iter()
+                    .zip(&m.sources)
+                    .filter(|(_, s)| **s == Source::Memory)
+                    .map(|(v, _)| self.loc[v.buf])
             })
             .collect();
         let (mut params, mut args) = (vec![], vec![]);
+        if let Some(p) = &self.product {
+            // The product's operands are only read (checked by `product_in_epilogue`).
+            let t = CType::of(p.mm.dtype);
+            params.push(Param { ty: t, name: "mm_a".into(), kind: ParamKind::In });
+            params.push(Param { ty: t, name: "mm_b".into(), kind: ParamKind::In });
+            args.extend([KernelArg::Buf(p.mm.a), KernelArg::Buf(p.mm.b)]);
+        }
         for (mi, m) in self.group.iter().enumerate() {
             for (j, ((v, &d), src)) in m.kernel.inputs.iter().zip(&m.kernel.input_dtypes).zip(&m.sources).enumerate() {
-                if src.is_some() {
+                if *src != Source::Memory {
                     continue;
                 }
                 let kind = if written.contains(&self.loc[v.buf]) { ParamKind::InAliased } else { ParamKind::In };
@@ -376,25 +440,41 @@ impl<'a> Emitter<'a> {
 
     /// Loads of member `m`'s inputs at the current multi-index (`dims` index variables), each
     /// forwarded input taken from its register `y{k}{lane}`.
-    pub(super) fn member_inputs(&self, m: usize, dims: usize, lane: &str, out: &mut Vec<Stmt>) -> Vec<Expr> {
-        let mem = &self.group[m];
+    pub(super) fn member_inputs(&mut self, m: usize, dims: usize, lane: &str, out: &mut Vec<Stmt>) -> Vec<Expr> {
         let suffix = if m == 0 { String::new() } else { format!("_f{m}") };
-        mem.kernel
+        let mem = &self.group[m];
+        let inputs: Vec<(View, DType, Source)> = mem
+            .kernel
             .inputs
             .iter()
             .zip(&mem.kernel.input_dtypes)
             .zip(&mem.sources)
-            .enumerate()
-            .map(|(j, ((v, &d), src))| match src {
-                Some(k) => var(format!("y{k}{lane}")),
-                None => {
-                    let name = format!("x{j}{suffix}");
-                    let param = var(Self::param_name(m, &format!("in{j}")));
-                    out.push(decl(CType::of(d), name.clone(), index(param, offset(v, dims))));
-                    var(name)
+            .map(|((v, &d), &s)| (v.clone(), d, s))
+            .collect();
+        let mut values = Vec::with_capacity(inputs.len());
+        for (j, (v, d, src)) in inputs.into_iter().enumerate() {
+            let name = format!("x{j}{suffix}");
+            match src {
+                Source::Register(k) => {
+                    values.push(var(format!("y{k}{lane}")));
+                    continue;
                 }
-            })
-            .collect()
+                Source::Product => {
+                    let p = self.product.clone().expect("a product source has its product");
+                    let small = p.mm.m * p.mm.n * p.mm.k.max(1) < i32::MAX as usize / 2;
+                    let it = if small { CType::Int } else { CType::LongLong };
+                    let flat = format!("c{j}{suffix}");
+                    out.push(decl(it, &flat, offset(&v, dims)));
+                    out.extend(self.product_element(&p.mm, it, &flat, &name));
+                }
+                Source::Memory => {
+                    let param = var(Self::param_name(m, &format!("in{j}")));
+                    out.push(decl(CType::of(d), name.clone(), index(param, offset(&v, dims))));
+                }
+            }
+            values.push(var(name));
+        }
+        values
     }
 
     /// Declares member `m`'s value as it is stored, `y{m}{lane}` (converted to the output dtype),
@@ -435,7 +515,9 @@ impl<'a> Emitter<'a> {
         let k = &self.group[0].kernel;
         let n: usize = k.shape.iter().product();
         let f32_aligned = |v: &View, d: DType| d == DType::F32 && v.offset % 4 == 0;
-        k.shape.len() == 1
+        // A group computing a product is bound by its dot products, not by memory.
+        self.product.is_none()
+            && k.shape.len() == 1
             && n >= 4
             && self.group.iter().all(|m| {
                 m.kernel.out.strides[0] == 1
@@ -471,12 +553,13 @@ impl<'a> Emitter<'a> {
                     let param = var(Self::param_name(m, &format!("in{j}")));
                     let base = if v.offset == 0 { param } else { param + int(v.offset as i64) };
                     per_input.push(match src {
-                        Some(w) => std::array::from_fn(|l| var(format!("y{w}_{l}"))),
-                        None if v.strides[0] == 0 => {
+                        Source::Register(w) => std::array::from_fn(|l| var(format!("y{w}_{l}"))),
+                        Source::Product => unreachable!("groups computing a product are not vectorized"),
+                        Source::Memory if v.strides[0] == 0 => {
                             body.push(decl(CType::of(d), name.clone(), index(base, int(0))));
                             std::array::from_fn(|_| var(&name))
                         }
-                        None => {
+                        Source::Memory => {
                             inner.push(decl(
                                 CType::Float4,
                                 name.clone(),

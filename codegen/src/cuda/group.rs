@@ -39,7 +39,7 @@ fn kept_dims(k: &LoopKernel) -> usize {
     k.shape.len() - k.reduce.map_or(0, |r| r.1)
 }
 
-fn same_view(a: &View, b: &View) -> bool {
+pub(super) fn same_view(a: &View, b: &View) -> bool {
     a.offset == b.offset && a.strides == b.strides
 }
 

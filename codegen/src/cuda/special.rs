@@ -4,9 +4,12 @@
 //! products, which cuBLAS does not have.
 
 use super::ast::*;
-use super::emit::{grid_stride_loop, launch_1d, DeviceStep, Emitter, ErrorSite, KernelArg, Launchable};
+use super::emit::{
+    grid_stride_loop, launch_1d, DeviceStep, Emitter, ErrorSite, KernelArg, Launchable, ProductInEpilogue,
+};
+use super::group::{forwarded, same_view};
 use super::scalar::literal;
-use crate::kernel::{BufId, Gather, MatMul};
+use crate::kernel::{step_reads, BufId, BufKind, Gather, LoopKernel, MatMul};
 use kiln_ir::ops::{BinaryOp, Distribution, RandomOp};
 use kiln_ir::DType;
 
@@ -206,32 +209,91 @@ impl<'a> Emitter<'a> {
     /// A product computed by kiln's own kernel, one thread per output element (adjacent threads,
     /// adjacent columns, so reads of `b` coalesce): integer products (cuBLAS has none; wrapping
     /// arithmetic) and float products too small for a cuBLAS call to pay for itself.
+    /// Declares `acc` as element `flat` of `mm`'s result (row-major over `[batch, m, n]`), a dot
+    /// product over `a` and `b` (the parameters `{operands}a`, `{operands}b`).
+    fn dot_product(&mut self, mm: &MatMul, it: CType, flat: &str, acc: &str, operands: &str) -> Vec<Stmt> {
+        let t = CType::of(mm.dtype);
+        let (m, k, n) = (mm.m as i64, mm.k as i64, mm.n as i64);
+        let (i, j, bi, p) = (format!("{acc}_i"), format!("{acc}_j"), format!("{acc}_b"), format!("{acc}_p"));
+        let mut body = vec![
+            decl(it, &j, var(flat) % int(n)),
+            decl(it, &i, (var(flat) / int(n)) % int(m)),
+            decl(it, &bi, var(flat) / int(m * n)),
+            decl_mut(t, acc, int(0)),
+        ];
+        let a_at = var(&bi) * int(mm.a_batch_stride as i64)
+            + if mm.a_transposed { var(&p) * int(m) + var(&i) } else { var(&i) * int(k) + var(&p) };
+        let b_at = var(&bi) * int(mm.b_batch_stride as i64)
+            + if mm.b_transposed { var(&j) * int(k) + var(&p) } else { var(&p) * int(n) + var(&j) };
+        let (a, b) = (var(format!("{operands}a")), var(format!("{operands}b")));
+        let prod = self.scalars.binary(BinaryOp::Mul, mm.dtype, index(a, a_at), index(b, b_at));
+        let sum = self.scalars.binary(BinaryOp::Add, mm.dtype, var(acc), prod);
+        body.push(Stmt::For {
+            ty: it,
+            var: p,
+            init: int(0),
+            end: int(k),
+            step: int(1),
+            body: vec![assign(var(acc), sum)],
+        });
+        body
+    }
+
+    /// `acc` as element `flat` of the product computed inside the group being emitted.
+    pub(super) fn product_element(&mut self, mm: &MatMul, it: CType, flat: &str, acc: &str) -> Vec<Stmt> {
+        self.dot_product(mm, it, flat, acc, "mm_")
+    }
+
+    /// Whether `mm` (a small product, no batch) can be computed by the threads of its epilogue
+    /// group `members` (the epilogue first) instead of a kernel of its own: its result is read by
+    /// the epilogue through exactly one input and by no other member from memory, and no member
+    /// writes the product's operands, or its result at another element than the one it reads; and
+    /// nothing reads the result after the group.
+    pub(super) fn product_in_epilogue(
+        &self,
+        mm: &MatMul,
+        members: &[&LoopKernel],
+        at: usize,
+    ) -> Option<ProductInEpilogue> {
+        if mm.batch != 1 {
+            return None;
+        }
+        let loc = &self.loc;
+        let (la, lb, lc) = (loc[mm.a], loc[mm.b], loc[mm.c]);
+        let epilogue = members[0];
+        let reads: Vec<usize> = (0..epilogue.inputs.len()).filter(|&j| loc[epilogue.inputs[j].buf] == lc).collect();
+        let [input] = reads[..] else { return None };
+        let view = &epilogue.inputs[input];
+        if view.buf != mm.c {
+            return None;
+        }
+        for (m, k) in members.iter().enumerate().skip(1) {
+            let sources = forwarded(loc, members, m);
+            if k.inputs.iter().zip(&sources).any(|(v, s)| s.is_none() && loc[v.buf] == lc) {
+                return None;
+            }
+        }
+        let ok_writes = members.iter().all(|k| {
+            let l = loc[k.out.buf];
+            l != la && l != lb && (l != lc || same_view(&k.out, view))
+        });
+        if !ok_writes {
+            return None;
+        }
+        // The lowering gives a product an epilogue only when nothing else reads it; should that
+        // change, a product read again later keeps its own kernel.
+        let read_later = self.kp.outputs.contains(&mm.c)
+            || !matches!(self.kp.buffers[mm.c].kind, BufKind::Temp)
+            || self.kp.steps[at + 1..].iter().any(|s| step_reads(s).contains(&mm.c));
+        (!read_later).then(|| ProductInEpilogue { mm: mm.clone(), input })
+    }
+
     pub(super) fn direct_matmul(&mut self, mm: &MatMul) {
         let big = [mm.batch * mm.m * mm.n, self.kp.buffers[mm.a].len, self.kp.buffers[mm.b].len];
         let it = if big.iter().all(|&n| n < i32::MAX as usize / 2) { CType::Int } else { CType::LongLong };
         let t = CType::of(mm.dtype);
-        let (m, k, n) = (mm.m as i64, mm.k as i64, mm.n as i64);
         let total = mm.batch * mm.m * mm.n;
-        let mut body = vec![
-            decl(it, "j", var("t") % int(n)),
-            decl(it, "i", (var("t") / int(n)) % int(m)),
-            decl(it, "bi", var("t") / int(m * n)),
-            decl_mut(t, "acc", int(0)),
-        ];
-        let a_at = var("bi") * int(mm.a_batch_stride as i64)
-            + if mm.a_transposed { var("p") * int(m) + var("i") } else { var("i") * int(k) + var("p") };
-        let b_at = var("bi") * int(mm.b_batch_stride as i64)
-            + if mm.b_transposed { var("j") * int(k) + var("p") } else { var("p") * int(n) + var("j") };
-        let prod = self.scalars.binary(BinaryOp::Mul, mm.dtype, index(var("a"), a_at), index(var("b"), b_at));
-        let sum = self.scalars.binary(BinaryOp::Add, mm.dtype, var("acc"), prod);
-        body.push(Stmt::For {
-            ty: it,
-            var: "p".into(),
-            init: int(0),
-            end: int(k),
-            step: int(1),
-            body: vec![assign(var("acc"), sum)],
-        });
+        let mut body = self.dot_product(mm, it, "t", "acc", "");
         body.push(assign(index(var("c"), var("t")), var("acc")));
         let params = vec![
             Param { ty: t, name: "a".into(), kind: ParamKind::In },
