@@ -130,3 +130,39 @@ fn long_column_reductions_on(device: Device) {
         assert!((got - factor * s).abs() <= 1e-4 * (1.0 + s.abs()), "{got} vs {}", factor * s);
     }
 }
+
+#[test]
+fn long_rows_split_across_blocks_agree_with_the_cpu() {
+    for device in cuda_devices() {
+        long_rows_on(device);
+    }
+}
+
+fn long_rows_on(device: Device) {
+    // Three rows of 50,000 and a mean over all 150,000: few rows, long ones, so each row is cut
+    // into slices reduced by separate blocks and combined by the last one (with the update after).
+    let g = Graph::new();
+    let x = g.input("x", F32, [3, 50_000]);
+    let v = g.shared("v", Tensor::zeros(F32, &[3]));
+    let row_sum = (&x * &x).sum(&[1]);
+    let row_min = x.min(&[1]);
+    let mean = x.mean_all();
+    let v_new = &v * 0.5 + &row_sum;
+    let build =
+        |device| g.function([&x], [&row_sum, &row_min, &mean]).updates([(&v, v_new.clone())]).compile(device).unwrap();
+    let (mut split, mut on_cpu) = (build(device), build(Device::Cpu));
+    let arg = kiln::testing::random_tensor(&[3, 50_000], -1.0, 1.0, 4).cast(F32);
+    for _ in 0..2 {
+        let a = split.call(std::slice::from_ref(&arg)).unwrap();
+        let b = on_cpu.call(std::slice::from_ref(&arg)).unwrap();
+        assert!(a[0].allclose(&b[0], 1e-5, 1e-3), "sums differ by {}", a[0].max_abs_diff(&b[0]));
+        assert_eq!(a[1], b[1]);
+        assert!(a[2].allclose(&b[2], 1e-5, 1e-6), "means differ by {}", a[2].max_abs_diff(&b[2]));
+    }
+    assert!(split.generated_code().contains("tickets"), "the split form was used");
+    // v = 0.5 v + s, five times (two calls on each device, one more on the CPU): s (2 - 1/16)
+    let s = on_cpu.call(std::slice::from_ref(&arg)).unwrap()[0].to_f64_vec();
+    for (got, s) in v.value().unwrap().to_f64_vec().iter().zip(&s) {
+        assert!((got - 1.9375 * s).abs() <= 1e-5 * (1.0 + s.abs()), "{got} vs {}", 1.9375 * s);
+    }
+}

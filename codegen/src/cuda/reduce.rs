@@ -54,7 +54,14 @@ enum ReduceShape {
     /// block writes its partial results to scratch memory; the last block of a tile to finish (a
     /// ticket counter) combines them in slice order, so the result does not depend on timing.
     SplitTile(usize),
+    /// A block per slice of each row, for a few long rows (a loss's mean over a whole batch of
+    /// images), which one block per row would walk alone: partial results in scratch memory,
+    /// combined in slice order by the last block of the row to finish.
+    SplitBlock(usize),
 }
+
+/// Elements of a row that one block of a split row reduces (16 per thread).
+const SLICE_ELEMENTS: usize = 4096;
 
 impl<'a> Emitter<'a> {
     fn reduce_shape(&self, k: &LoopKernel, kept: usize, rows: usize, row_len: usize) -> ReduceShape {
@@ -67,6 +74,10 @@ impl<'a> Emitter<'a> {
         let last = k.shape.len() - 1;
         let contiguous_row = k.inputs.iter().any(|v| v.strides[last].abs() == 1);
         let contiguous_kept = kept > 0 && k.inputs.iter().any(|v| v.strides[kept - 1].abs() == 1);
+        let splittable = k.reduce.is_some_and(|r| r.0 != ReduceOp::ArgMax);
+        if splittable && (contiguous_row || !contiguous_kept) && rows <= 32 && row_len >= 2 * SLICE_ELEMENTS {
+            return ReduceShape::SplitBlock(row_len.div_ceil(SLICE_ELEMENTS).min(256 / rows.max(1)).max(2));
+        }
         if !contiguous_row && contiguous_kept && rows >= 32 {
             let tiles = rows.div_ceil(32);
             let slices = row_len.div_ceil(256).min((256 / tiles).max(1));
@@ -267,6 +278,7 @@ impl<'a> Emitter<'a> {
                 (body, Launch { grid: (rows.min(MAX_GRID) as u32, 1), block: (threads, 1) })
             }
             ReduceShape::SplitTile(slices) => self.split_tile(k, dtypes, op, it, slices),
+            ReduceShape::SplitBlock(slices) => self.split_block(k, dtypes, op, it, slices),
             ReduceShape::Tile => {
                 let mut body = vec![Stmt::SharedArray { ty: CType::of(ad), name: "partial".into(), len: 256 }];
                 if op == ReduceOp::ArgMax {
@@ -402,6 +414,89 @@ impl<'a> Emitter<'a> {
         ];
         body.push(Stmt::If(index(var("last_block"), int(0)), last, vec![]));
         (body, Launch { grid: (tiles as u32, slices as u32), block: (32, 8) })
+    }
+
+    /// `ReduceShape::SplitBlock`: block (row, slice) reduces elements `[slice * chunk, ...)` of its
+    /// row (warp shuffles, then the warps' results), writes the result to `scratch[slice][row]`,
+    /// and the last block of the row combines the slices in order, stores it and runs the followers.
+    fn split_block(
+        &mut self,
+        k: &LoopKernel,
+        dtypes: &[DType],
+        op: ReduceOp,
+        it: CType,
+        slices: usize,
+    ) -> (Vec<Stmt>, Launch) {
+        let reduced = k.reduce.map_or(0, |r| r.1);
+        let kept = k.shape.len() - reduced;
+        let rows: usize = k.shape[..kept].iter().product();
+        let row_len: usize = k.shape[kept..].iter().product();
+        let chunk = row_len.div_ceil(slices);
+        let (threads, warps) = (THREADS as usize, THREADS as usize / 32);
+        let d = *dtypes.last().expect("non-empty");
+        let ad = acc_dtype(op, d);
+        let scratch = self.scratch_param(CType::of(ad), "scratch", slices * rows * elem_size(ad) as usize);
+        let counters = self.scratch_param(CType::UInt, "tickets", rows * 4);
+        let tid = || cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx));
+        let mut body = vec![
+            Stmt::SharedArray { ty: CType::of(ad), name: "partial".into(), len: warps },
+            Stmt::SharedArray { ty: CType::Bool, name: "last_block".into(), len: 1 },
+            decl(CType::Int, "lane", bin(BinOp::BitAnd, tid(), int(31))),
+            decl(CType::Int, "warp", tid() / int(32)),
+            decl(it, "o", cast(it, Expr::Builtin(Builtin::BlockIdx))),
+            decl(it, "slice", cast(it, Expr::Builtin(Builtin::BlockIdxY))),
+        ];
+        decompose(var("o"), &k.shape[..kept], 0, it, &mut body);
+        self.init_acc(op, d, &mut body);
+        body.push(decl(it, "lo", var("slice") * int(chunk as i64)));
+        let hi = var("lo") + int(chunk as i64);
+        body.push(decl(it, "hi", select(bin(BinOp::Lt, hi.clone(), int(row_len as i64)), hi, int(row_len as i64))));
+        body.push(self.fold_loop(k, dtypes, op, it, var("lo") + cast(it, tid()), var("hi"), threads));
+        self.warp_reduce(op, d, 32, &mut body);
+        let lane0 = bin(BinOp::Eq, var("lane"), int(0));
+        body.push(Stmt::If(lane0.clone(), vec![assign(index(var("partial"), var("warp")), var("acc"))], vec![]));
+        body.push(Stmt::SyncThreads);
+        let mut first_warp = vec![];
+        let mut identity = vec![];
+        self.init_acc_assign(op, d, &mut identity);
+        let Some(Stmt::Assign(_, identity)) = identity.into_iter().next() else { unreachable!("acc is reset") };
+        let has = bin(BinOp::Lt, var("lane"), int(warps as i64));
+        first_warp.push(assign(var("acc"), select(has, index(var("partial"), var("lane")), identity)));
+        self.warp_reduce(op, d, warps, &mut first_warp);
+        let slot = index(var(&scratch), var("slice") * int(rows as i64) + var("o"));
+        first_warp.push(Stmt::If(lane0, vec![assign(slot, var("acc"))], vec![]));
+        body.push(Stmt::If(bin(BinOp::Eq, var("warp"), int(0)), first_warp, vec![]));
+        // The slice's result is visible to every block before this block takes its ticket.
+        body.push(Stmt::Call(call("__threadfence", vec![])));
+        body.push(Stmt::SyncThreads);
+        let first_thread = bin(BinOp::Eq, tid(), int(0));
+        let ticket = call("atomicAdd", vec![var(&counters) + var("o"), Expr::ULong(1)]);
+        body.push(Stmt::If(
+            first_thread.clone(),
+            vec![assign(index(var("last_block"), int(0)), bin(BinOp::Eq, ticket, Expr::ULong(slices as u64 - 1)))],
+            vec![],
+        ));
+        body.push(Stmt::SyncThreads);
+        let mut combine = vec![];
+        self.init_acc_assign(op, d, &mut combine);
+        let mut per_slice = vec![];
+        // `__ldcg` reads through L2, where the other blocks' results are.
+        let other = call("__ldcg", vec![var(&scratch) + (var("s") * int(rows as i64) + var("o"))]);
+        self.combine_partial(op, d, other, int(0), &mut per_slice);
+        combine.push(Stmt::For {
+            ty: it,
+            var: "s".into(),
+            init: int(0),
+            end: int(slices as i64),
+            step: int(1),
+            body: per_slice,
+        });
+        combine.push(self.finish(k, op, d, row_len, offset(&k.out, kept)));
+        // Ready for the next launch (a replayed graph runs the same kernel again).
+        combine.push(assign(index(var(&counters), var("o")), Expr::ULong(0)));
+        let last = bin(BinOp::And, index(var("last_block"), int(0)), first_thread);
+        body.push(Stmt::If(last, combine, vec![]));
+        (body, Launch { grid: (rows as u32, slices as u32), block: (THREADS, 1) })
     }
 
     /// Resets `acc` to the reduction's identity.

@@ -1,5 +1,7 @@
 //! The whole step as one kernel of one block, for programs whose every step is small (every loop
-//! kernel at most `SINGLE_BLOCK_ELEMENTS` elements, no product large enough for cuBLAS). Launch
+//! kernel at most `SINGLE_BLOCK_ELEMENTS` elements, no product large enough for cuBLAS); and in
+//! other programs, each run of consecutive tiny kernels (at most `RUN_ELEMENTS` elements: a loss
+//! over a batch of 128 rows of 10 classes and its gradient are eight) as one such kernel. Launch
 //! latency, not arithmetic, is what such steps cost: keras-mlp is ~20 kernels of a few hundred
 //! elements each. The kernels are emitted as usual (reductions restricted to the shapes that work
 //! in one block of 1024 threads), then each becomes a section of one kernel: its parameters renamed
@@ -13,6 +15,11 @@ use std::collections::HashMap;
 
 /// Loop kernels up to this many elements can run in the single block.
 pub(super) const SINGLE_BLOCK_ELEMENTS: usize = 1 << 16;
+/// In a program with larger steps too, loop kernels of at most this many elements (a few passes of
+/// the block) join a run of such kernels...
+pub(super) const RUN_ELEMENTS: usize = 4096;
+/// ...and products of at most this many multiply-adds (a few dozen per thread).
+pub(super) const RUN_MACS: usize = 1 << 16;
 /// The single block's size: the largest, so a step's typical few hundred to thousand elements take
 /// one pass (sections are latency-bound: each waits for the one before it).
 pub(super) const SINGLE_BLOCK_THREADS: u32 = 1024;
@@ -73,10 +80,10 @@ fn rewrite_stmts(body: &mut [Stmt], names: &HashMap<String, String>) {
 
 /// Joins `kernels` (launched in order by `steps`; their loops stride by the block size, their
 /// reductions were emitted for a block of `SINGLE_BLOCK_THREADS`) into one kernel named `name`, and
-/// the one step that launches it.
-pub(super) fn join(name: &str, kernels: Vec<Kernel>, steps: Vec<DeviceStep>) -> (Kernel, DeviceStep) {
+/// the one step that launches it. `what` says what it runs ("the whole step", "4 kernels").
+pub(super) fn join(name: &str, what: &str, kernels: Vec<Kernel>, steps: Vec<DeviceStep>) -> (Kernel, DeviceStep) {
     let by_name: HashMap<String, Kernel> = kernels.into_iter().map(|k| (k.name.clone(), k)).collect();
-    let mut comments = vec![format!("{name} runs the whole step in one block, one section per kernel:")];
+    let mut comments = vec![format!("{name} runs {what} in one block, one section per kernel:")];
     let (mut params, mut args, mut body) = (vec![], vec![], vec![]);
     for (s, step) in steps.into_iter().enumerate() {
         let DeviceStep::Launch(l) = step else { unreachable!("single-block programs have no cuBLAS steps") };
