@@ -60,6 +60,23 @@ enum ReduceShape {
     SplitBlock(usize),
 }
 
+/// After a block wrote its slice's results: makes them visible to every block, takes the block's
+/// ticket for `key` (one thread, `first_thread`) and sets `last_block[0]` in the block that took the
+/// last of `slices` tickets.
+fn take_ticket(counters: &str, key: Expr, first_thread: Expr, slices: usize) -> Vec<Stmt> {
+    let ticket = call("atomicAdd", vec![var(counters) + key, Expr::ULong(1)]);
+    vec![
+        Stmt::Call(call("__threadfence", vec![])),
+        Stmt::SyncThreads,
+        Stmt::If(
+            first_thread,
+            vec![assign(index(var("last_block"), int(0)), bin(BinOp::Eq, ticket, Expr::ULong(slices as u64 - 1)))],
+            vec![],
+        ),
+        Stmt::SyncThreads,
+    ]
+}
+
 /// Elements of a row that one block of a split row reduces (16 per thread).
 const SLICE_ELEMENTS: usize = 4096;
 
@@ -381,32 +398,9 @@ impl<'a> Emitter<'a> {
             assign(index(var(&scratch), var("slice") * int(rows as i64) + var("o")), var("acc")),
         ];
         body.push(Stmt::If(bin(BinOp::And, bin(BinOp::Eq, var("ty"), int(0)), in_range.clone()), first_row, vec![]));
-        // Partial results are visible to every block before this block takes its ticket.
-        body.push(Stmt::Call(call("__threadfence", vec![])));
-        body.push(Stmt::SyncThreads);
         let first_thread = bin(BinOp::And, bin(BinOp::Eq, var("tx"), int(0)), bin(BinOp::Eq, var("ty"), int(0)));
-        let ticket = call("atomicAdd", vec![var(&counters) + var("tile"), Expr::ULong(1)]);
-        body.push(Stmt::If(
-            first_thread.clone(),
-            vec![assign(index(var("last_block"), int(0)), bin(BinOp::Eq, ticket, Expr::ULong(slices as u64 - 1)))],
-            vec![],
-        ));
-        body.push(Stmt::SyncThreads);
-        let mut combine = vec![];
-        let mut per_slice = vec![];
-        // `__ldcg` reads through L2, where the other blocks' results are.
-        let other = call("__ldcg", vec![var(&scratch) + (var("s") * int(rows as i64) + var("o"))]);
-        self.combine_partial(op, d, other, int(0), &mut per_slice);
-        self.init_acc_assign(op, d, &mut combine);
-        combine.push(Stmt::For {
-            ty: it,
-            var: "s".into(),
-            init: int(0),
-            end: int(slices as i64),
-            step: int(1),
-            body: per_slice,
-        });
-        combine.push(self.finish(k, op, d, row_len, offset(&k.out, kept)));
+        body.extend(take_ticket(&counters, var("tile"), first_thread.clone(), slices));
+        let combine = self.combine_slices(k, op, it, &scratch, slices);
         let last = vec![
             Stmt::If(bin(BinOp::And, bin(BinOp::Eq, var("ty"), int(0)), in_range), combine, vec![]),
             // Ready for the next launch (a replayed graph runs the same kernel again).
@@ -466,22 +460,28 @@ impl<'a> Emitter<'a> {
         let slot = index(var(&scratch), var("slice") * int(rows as i64) + var("o"));
         first_warp.push(Stmt::If(lane0, vec![assign(slot, var("acc"))], vec![]));
         body.push(Stmt::If(bin(BinOp::Eq, var("warp"), int(0)), first_warp, vec![]));
-        // The slice's result is visible to every block before this block takes its ticket.
-        body.push(Stmt::Call(call("__threadfence", vec![])));
-        body.push(Stmt::SyncThreads);
         let first_thread = bin(BinOp::Eq, tid(), int(0));
-        let ticket = call("atomicAdd", vec![var(&counters) + var("o"), Expr::ULong(1)]);
-        body.push(Stmt::If(
-            first_thread.clone(),
-            vec![assign(index(var("last_block"), int(0)), bin(BinOp::Eq, ticket, Expr::ULong(slices as u64 - 1)))],
-            vec![],
-        ));
-        body.push(Stmt::SyncThreads);
+        body.extend(take_ticket(&counters, var("o"), first_thread.clone(), slices));
+        let mut combine = self.combine_slices(k, op, it, &scratch, slices);
+        // Ready for the next launch (a replayed graph runs the same kernel again).
+        combine.push(assign(index(var(&counters), var("o")), Expr::ULong(0)));
+        let last = bin(BinOp::And, index(var("last_block"), int(0)), first_thread);
+        body.push(Stmt::If(last, combine, vec![]));
+        (body, Launch { grid: (rows as u32, slices as u32), block: (THREADS, 1) })
+    }
+
+    /// In the last block to finish: `acc` folded over the slices' results in `scratch` (in slice
+    /// order, so the result does not depend on timing) for output `o`, stored, followers run.
+    fn combine_slices(&mut self, k: &LoopKernel, op: ReduceOp, it: CType, scratch: &str, slices: usize) -> Vec<Stmt> {
+        let d = *self.group[0].dtypes.last().expect("non-empty");
+        let kept = k.shape.len() - k.reduce.map_or(0, |r| r.1);
+        let rows: usize = k.shape[..kept].iter().product();
+        let row_len: usize = k.shape[kept..].iter().product();
         let mut combine = vec![];
         self.init_acc_assign(op, d, &mut combine);
         let mut per_slice = vec![];
         // `__ldcg` reads through L2, where the other blocks' results are.
-        let other = call("__ldcg", vec![var(&scratch) + (var("s") * int(rows as i64) + var("o"))]);
+        let other = call("__ldcg", vec![var(scratch) + (var("s") * int(rows as i64) + var("o"))]);
         self.combine_partial(op, d, other, int(0), &mut per_slice);
         combine.push(Stmt::For {
             ty: it,
@@ -492,11 +492,7 @@ impl<'a> Emitter<'a> {
             body: per_slice,
         });
         combine.push(self.finish(k, op, d, row_len, offset(&k.out, kept)));
-        // Ready for the next launch (a replayed graph runs the same kernel again).
-        combine.push(assign(index(var(&counters), var("o")), Expr::ULong(0)));
-        let last = bin(BinOp::And, index(var("last_block"), int(0)), first_thread);
-        body.push(Stmt::If(last, combine, vec![]));
-        (body, Launch { grid: (rows as u32, slices as u32), block: (THREADS, 1) })
+        combine
     }
 
     /// Resets `acc` to the reduction's identity.
