@@ -12,6 +12,7 @@
 use super::ast::*;
 use super::group::{can_follow, collapse_group, forwarded, locations, Location};
 use super::scalar::{scalar_literal, Scalars};
+use super::side;
 use super::single::{join, RUN_ELEMENTS, RUN_MACS, SINGLE_BLOCK_ELEMENTS};
 use crate::kernel::{BufId, KernelProgram, LoopKernel, MatMul, MemoryPlan, Step, View};
 use kiln_ir::ops::fused::{FusedKernel, ScalarExpr};
@@ -166,6 +167,9 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
         step_run.resize(e.steps.len(), run[at]);
     }
     e.join_runs(&step_run);
+    if !single_block {
+        e.join_side_by_side();
+    }
     if single_block {
         let (kernel, step) =
             join("k_step", "the whole step", std::mem::take(&mut e.kernels), std::mem::take(&mut e.steps));
@@ -449,6 +453,43 @@ impl<'a> Emitter<'a> {
             kernels.insert(at.min(kernels.len()), kernel);
             self.steps.push(step);
             s += len;
+        }
+        self.kernels = kernels;
+    }
+
+    /// Joins consecutive independent launches side by side (see `side`).
+    fn join_side_by_side(&mut self) {
+        let (steps, mut kernels) = (std::mem::take(&mut self.steps), std::mem::take(&mut self.kernels));
+        let mut s = 0;
+        while s < steps.len() {
+            let mut group: Vec<&Launchable> = vec![];
+            if let DeviceStep::Launch(l) = &steps[s] {
+                if side::can_start(l) {
+                    group.push(l);
+                    while let Some(DeviceStep::Launch(next)) = steps.get(s + group.len()) {
+                        if !side::can_join(&self.loc, &kernels, &group, next) {
+                            break;
+                        }
+                        group.push(next);
+                    }
+                }
+            }
+            if group.len() < 2 {
+                self.steps.push(steps[s].clone());
+                s += 1;
+                continue;
+            }
+            let names: Vec<&str> = group.iter().map(|l| l.kernel.as_str()).collect();
+            let sections: Vec<Kernel> = names
+                .iter()
+                .map(|n| kernels.iter().find(|k| k.name == *n).expect("every launch has its kernel").clone())
+                .collect();
+            let at = kernels.iter().position(|k| k.name == names[0]).expect("the group's first kernel");
+            let (kernel, step) = side::join(sections, group.iter().map(|l| (*l).clone()).collect());
+            kernels.retain(|k| !names.contains(&k.name.as_str()));
+            kernels.insert(at.min(kernels.len()), kernel);
+            self.steps.push(step);
+            s += names.len();
         }
         self.kernels = kernels;
     }

@@ -14,6 +14,7 @@ mod reduce;
 #[cfg(feature = "cuda")]
 pub mod runtime;
 pub mod scalar;
+mod side;
 mod single;
 mod special;
 

@@ -104,7 +104,9 @@ impl<'a> Emitter<'a> {
                 ReduceShape::Tile
             }
         } else {
-            ReduceShape::Block(row_len.next_power_of_two().clamp(32, THREADS as usize) as u32)
+            // Always a full block, even for short rows: a block of the common size can run side by
+            // side with its neighbours (`side`), which saves more than its idle threads cost.
+            ReduceShape::Block(THREADS)
         }
     }
 

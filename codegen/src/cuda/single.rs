@@ -24,58 +24,72 @@ pub(super) const RUN_MACS: usize = 1 << 16;
 /// one pass (sections are latency-bound: each waits for the one before it).
 pub(super) const SINGLE_BLOCK_THREADS: u32 = 1024;
 
-fn rewrite_expr(e: &mut Expr, names: &HashMap<String, String>) {
+/// Renames variables (`names`) and replaces CUDA built-ins (`builtin`, where it gives a value).
+pub(super) fn rewrite_expr(e: &mut Expr, names: &HashMap<String, String>, builtin: &dyn Fn(Builtin) -> Option<Expr>) {
     match e {
         Expr::Var(n) => {
             if let Some(m) = names.get(n.as_str()) {
                 *n = m.clone();
             }
         }
-        Expr::Builtin(Builtin::BlockIdx) => *e = Expr::Int(0),
-        Expr::Builtin(Builtin::GridDim) => *e = Expr::Int(1),
-        Expr::F32(_) | Expr::F64(_) | Expr::Int(_) | Expr::ULong(_) | Expr::Bool(_) | Expr::Builtin(_) => {}
-        Expr::Neg(a) | Expr::Not(a) | Expr::Cast(_, a) | Expr::Lane(a, _) => rewrite_expr(a, names),
-        Expr::Binary(_, a, b) | Expr::Index(a, b) | Expr::Vec4(a, b) => {
-            rewrite_expr(a, names);
-            rewrite_expr(b, names);
+        Expr::Builtin(b) => {
+            if let Some(v) = builtin(*b) {
+                *e = v
+            }
         }
-        Expr::Call(_, args) => args.iter_mut().for_each(|a| rewrite_expr(a, names)),
+        Expr::F32(_) | Expr::F64(_) | Expr::Int(_) | Expr::ULong(_) | Expr::Bool(_) => {}
+        Expr::Neg(a) | Expr::Not(a) | Expr::Cast(_, a) | Expr::Lane(a, _) => rewrite_expr(a, names, builtin),
+        Expr::Binary(_, a, b) | Expr::Index(a, b) | Expr::Vec4(a, b) => {
+            rewrite_expr(a, names, builtin);
+            rewrite_expr(b, names, builtin);
+        }
+        Expr::Call(_, args) => args.iter_mut().for_each(|a| rewrite_expr(a, names, builtin)),
         Expr::Select(c, a, b) => {
-            rewrite_expr(c, names);
-            rewrite_expr(a, names);
-            rewrite_expr(b, names);
+            rewrite_expr(c, names, builtin);
+            rewrite_expr(a, names, builtin);
+            rewrite_expr(b, names, builtin);
         }
     }
 }
 
-fn rewrite_stmts(body: &mut [Stmt], names: &HashMap<String, String>) {
+/// `rewrite_expr` over statements.
+pub(super) fn rewrite_stmts(
+    body: &mut [Stmt],
+    names: &HashMap<String, String>,
+    builtin: &dyn Fn(Builtin) -> Option<Expr>,
+) {
     for s in body {
         match s {
             Stmt::Comment(_) | Stmt::SharedArray { .. } | Stmt::Return | Stmt::SyncThreads => {}
             Stmt::Decl { init, .. } => {
                 if let Some(e) = init {
-                    rewrite_expr(e, names)
+                    rewrite_expr(e, names, builtin)
                 }
             }
             Stmt::Assign(a, b) | Stmt::Compound(_, a, b) => {
-                rewrite_expr(a, names);
-                rewrite_expr(b, names);
+                rewrite_expr(a, names, builtin);
+                rewrite_expr(b, names, builtin);
             }
             Stmt::If(c, a, b) => {
-                rewrite_expr(c, names);
-                rewrite_stmts(a, names);
-                rewrite_stmts(b, names);
+                rewrite_expr(c, names, builtin);
+                rewrite_stmts(a, names, builtin);
+                rewrite_stmts(b, names, builtin);
             }
             Stmt::For { init, end, step, body, .. } => {
-                rewrite_expr(init, names);
-                rewrite_expr(end, names);
-                rewrite_expr(step, names);
-                rewrite_stmts(body, names);
+                rewrite_expr(init, names, builtin);
+                rewrite_expr(end, names, builtin);
+                rewrite_expr(step, names, builtin);
+                rewrite_stmts(body, names, builtin);
             }
-            Stmt::ReturnValue(e) | Stmt::Call(e) => rewrite_expr(e, names),
-            Stmt::Block(b) => rewrite_stmts(b, names),
+            Stmt::ReturnValue(e) | Stmt::Call(e) => rewrite_expr(e, names, builtin),
+            Stmt::Block(b) => rewrite_stmts(b, names, builtin),
         }
     }
+}
+
+/// Section `s`'s parameter names, `s{s}_<name>`.
+pub(super) fn section_names(s: usize, k: &Kernel) -> HashMap<String, String> {
+    k.params.iter().map(|p| (p.name.clone(), format!("s{s}_{}", p.name))).collect()
 }
 
 /// Joins `kernels` (launched in order by `steps`; their loops stride by the block size, their
@@ -88,8 +102,7 @@ pub(super) fn join(name: &str, what: &str, kernels: Vec<Kernel>, steps: Vec<Devi
     for (s, step) in steps.into_iter().enumerate() {
         let DeviceStep::Launch(l) = step else { unreachable!("single-block programs have no cuBLAS steps") };
         let k = &by_name[&l.kernel];
-        let names: HashMap<String, String> =
-            k.params.iter().map(|p| (p.name.clone(), format!("s{s}_{}", p.name))).collect();
+        let names = section_names(s, k);
         for (p, a) in k.params.iter().zip(&l.args) {
             params.push(Param { name: names[&p.name].clone(), ..p.clone() });
             args.push(*a);
@@ -97,7 +110,11 @@ pub(super) fn join(name: &str, what: &str, kernels: Vec<Kernel>, steps: Vec<Devi
         // Sections share memory through the pointers they are given: no `__restrict__`.
         comments.extend(k.comments.iter().map(|c| format!("  section {s}: {c}")));
         let mut section = k.body.clone();
-        rewrite_stmts(&mut section, &names);
+        rewrite_stmts(&mut section, &names, &|b| match b {
+            Builtin::BlockIdx => Some(Expr::Int(0)),
+            Builtin::GridDim => Some(Expr::Int(1)),
+            _ => None,
+        });
         body.push(Stmt::Comment(format!("section {s}: {}", k.name)));
         body.push(Stmt::Block(section));
         body.push(Stmt::SyncThreads);

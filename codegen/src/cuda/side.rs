@@ -1,0 +1,111 @@
+//! Independent kernels side by side: consecutive kernels that touch disjoint memory (memory
+//! compared by physical location, as the memory plan reuses slots; reads of the same memory are
+//! fine) and use blocks of the same size become one kernel whose grid is split between them. Blocks
+//! `[0, G0)` run the first kernel's body, `[G0, G0 + G1)` the second's, and so on: each section
+//! reads `blockIdx` relative to its first block and `gridDim` as its own grid, and a section
+//! written for a two-dimensional block (a 32x8 reduction tile) reads its thread indices from the
+//! flat ones. A whole block runs one section, so block barriers stay correct. In a training step
+//! this puts a layer's bias gradient beside its weight update: one launch (one graph node) fewer
+//! each, and the two run at the same time instead of one after the other.
+
+use super::ast::*;
+use super::emit::{DeviceStep, KernelArg, Launchable, MAX_GRID};
+use super::group::Location;
+use super::single::{rewrite_stmts, section_names};
+
+/// At most this many kernels per joined kernel (keeps kernels readable).
+const MAX_SECTIONS: usize = 4;
+
+/// The memory a launch reads and writes.
+fn accesses(k: &Kernel, args: &[KernelArg], loc: &[Location]) -> (Vec<Location>, Vec<Location>) {
+    let (mut reads, mut writes) = (vec![], vec![]);
+    for (p, a) in k.params.iter().zip(args) {
+        // Scratch memory is the kernel's own; the error word is only ever set to a code.
+        let KernelArg::Buf(b) = a else { continue };
+        match p.kind {
+            ParamKind::In | ParamKind::InAliased => reads.push(loc[*b]),
+            ParamKind::Out => writes.push(loc[*b]),
+            ParamKind::InOut => {
+                reads.push(loc[*b]);
+                writes.push(loc[*b]);
+            }
+            ParamKind::Value => {}
+        }
+    }
+    (reads, writes)
+}
+
+/// Whether launch `b` can run beside the launches of `group` (all before it in step order).
+pub(super) fn can_join(loc: &[Location], kernels: &[Kernel], group: &[&Launchable], b: &Launchable) -> bool {
+    let kernel = |l: &Launchable| kernels.iter().find(|k| k.name == l.kernel).expect("every launch has its kernel");
+    let threads = |l: &Launchable| l.launch.block.0 * l.launch.block.1;
+    let first = group[0];
+    let grid: usize = group.iter().map(|l| l.launch.grid.0 as usize).sum::<usize>() + b.launch.grid.0 as usize;
+    if group.len() >= MAX_SECTIONS || b.launch.grid.1 != 1 || b.launch.grid.0 == 0 || grid > MAX_GRID {
+        return false;
+    }
+    if threads(b) != threads(first) {
+        return false;
+    }
+    let (rb, wb) = accesses(kernel(b), &b.args, loc);
+    group.iter().all(|a| {
+        let (ra, wa) = accesses(kernel(a), &a.args, loc);
+        wa.iter().all(|l| !rb.contains(l) && !wb.contains(l)) && ra.iter().all(|l| !wb.contains(l))
+    })
+}
+
+/// Whether a launch can start a side-by-side group.
+pub(super) fn can_start(l: &Launchable) -> bool {
+    l.launch.grid.1 == 1 && l.launch.grid.0 > 0
+}
+
+/// Joins `kernels` (each launched once, in order, by `launches`) side by side into one kernel.
+pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, DeviceStep) {
+    let first = &launches[0];
+    let prefixes: Vec<&str> = launches[1..].iter().map(|l| l.kernel.split('_').next().unwrap_or(&l.kernel)).collect();
+    let name = format!("{}_and_{}", first.kernel, prefixes.join("_"));
+    let threads = first.launch.block.0 * first.launch.block.1;
+    let mut comments =
+        vec![format!("{name} runs {} independent kernels side by side, blocks split between them:", launches.len())];
+    let (mut params, mut args, mut sections) = (vec![], vec![], vec![]);
+    let mut start = 0u32;
+    for (s, l) in launches.iter().enumerate() {
+        let k = kernels.iter().find(|k| k.name == l.kernel).expect("every launch has its kernel");
+        let (grid, (bx, by)) = (l.launch.grid.0, l.launch.block);
+        let names = section_names(s, k);
+        params.extend(k.params.iter().map(|p| Param { name: names[&p.name].clone(), ..p.clone() }));
+        args.extend_from_slice(&l.args);
+        comments.push(format!("  blocks [{start}, {}): {}", start + grid, k.name));
+        comments.extend(k.comments.iter().map(|c| format!("    {c}")));
+        let tid = || cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx));
+        let mut body = k.body.clone();
+        rewrite_stmts(&mut body, &names, &|b| match b {
+            Builtin::BlockIdx if start > 0 => {
+                Some(cast(CType::Int, Expr::Builtin(Builtin::BlockIdx)) - int(start as i64))
+            }
+            Builtin::GridDim => Some(int(grid as i64)),
+            Builtin::BlockDim => Some(int(bx as i64)),
+            Builtin::ThreadIdx if by > 1 => Some(tid() % int(bx as i64)),
+            Builtin::ThreadIdxY if by > 1 => Some(tid() / int(bx as i64)),
+            _ => None,
+        });
+        let end = start + grid;
+        sections.push((end, k.name.clone(), body));
+        start = end;
+    }
+    // if (blockIdx.x < end0) { section 0 } else if (blockIdx.x < end1) { section 1 } ...
+    let mut tail: Vec<Stmt> = vec![];
+    for (end, kname, body) in sections.into_iter().rev() {
+        let mut then = vec![Stmt::Comment(kname)];
+        then.extend(body);
+        if tail.is_empty() {
+            tail = then;
+        } else {
+            let cond = bin(BinOp::Lt, cast(CType::Int, Expr::Builtin(Builtin::BlockIdx)), int(end as i64));
+            tail = vec![Stmt::If(cond, then, tail)];
+        }
+    }
+    let launch = Launch { grid: (start, 1), block: (threads, 1) };
+    let kernel = Kernel { name: name.clone(), comments, params, body: tail, launch };
+    (kernel, DeviceStep::Launch(Launchable { kernel: name, args, launch }))
+}
