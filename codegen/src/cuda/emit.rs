@@ -172,7 +172,7 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
     }
     if single_block {
         let (kernel, step) =
-            join("k_step", "the whole step", std::mem::take(&mut e.kernels), std::mem::take(&mut e.steps));
+            join("k_step", "the whole step", std::mem::take(&mut e.kernels), std::mem::take(&mut e.steps), &e.loc);
         e.kernels.push(kernel);
         e.steps.push(step);
     }
@@ -448,7 +448,7 @@ impl<'a> Emitter<'a> {
             let name = format!("{first}_run");
             let sections: Vec<Kernel> = kernels.iter().filter(|k| names.contains(&k.name.as_str())).cloned().collect();
             let at = kernels.iter().position(|k| k.name == names[0]).expect("the run's first kernel");
-            let (kernel, step) = join(&name, &format!("{len} kernels"), sections, stretch.to_vec());
+            let (kernel, step) = join(&name, &format!("{len} kernels"), sections, stretch.to_vec(), &self.loc);
             kernels.retain(|k| !names.contains(&k.name.as_str()));
             kernels.insert(at.min(kernels.len()), kernel);
             self.steps.push(step);

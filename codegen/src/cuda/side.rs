@@ -17,7 +17,7 @@ use super::single::{rewrite_stmts, section_names};
 const MAX_SECTIONS: usize = 4;
 
 /// The memory a launch reads and writes.
-fn accesses(k: &Kernel, args: &[KernelArg], loc: &[Location]) -> (Vec<Location>, Vec<Location>) {
+pub(super) fn accesses(k: &Kernel, args: &[KernelArg], loc: &[Location]) -> (Vec<Location>, Vec<Location>) {
     let (mut reads, mut writes) = (vec![], vec![]);
     for (p, a) in k.params.iter().zip(args) {
         // Scratch memory is the kernel's own; the error word is only ever set to a code.

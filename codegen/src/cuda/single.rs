@@ -6,11 +6,14 @@
 //! elements each. The kernels are emitted as usual (reductions restricted to the shapes that work
 //! in one block of 1024 threads), then each becomes a section of one kernel: its parameters renamed
 //! `s{k}_...`, `blockIdx` read as 0 and `gridDim` as 1 (so grid-stride loops become block-stride
-//! loops), and `__syncthreads()` between sections, which also makes each section's global writes
-//! visible to the next.
+//! loops), and `__syncthreads()` before each section that touches memory an earlier section since
+//! the last barrier writes (or writes what one reads), which also makes those writes visible to it;
+//! independent sections follow each other without a wait.
 
 use super::ast::*;
 use super::emit::{DeviceStep, Launchable};
+use super::group::Location;
+use super::side::accesses;
 use std::collections::HashMap;
 
 /// Loop kernels up to this many elements can run in the single block.
@@ -95,13 +98,30 @@ pub(super) fn section_names(s: usize, k: &Kernel) -> HashMap<String, String> {
 /// Joins `kernels` (launched in order by `steps`; their loops stride by the block size, their
 /// reductions were emitted for a block of `SINGLE_BLOCK_THREADS`) into one kernel named `name`, and
 /// the one step that launches it. `what` says what it runs ("the whole step", "4 kernels").
-pub(super) fn join(name: &str, what: &str, kernels: Vec<Kernel>, steps: Vec<DeviceStep>) -> (Kernel, DeviceStep) {
+pub(super) fn join(
+    name: &str,
+    what: &str,
+    kernels: Vec<Kernel>,
+    steps: Vec<DeviceStep>,
+    loc: &[Location],
+) -> (Kernel, DeviceStep) {
     let by_name: HashMap<String, Kernel> = kernels.into_iter().map(|k| (k.name.clone(), k)).collect();
     let mut comments = vec![format!("{name} runs {what} in one block, one section per kernel:")];
     let (mut params, mut args, mut body) = (vec![], vec![], vec![]);
+    // What the sections since the last barrier read and write: a section that touches memory they
+    // write, or writes memory they read, waits for them; one that does not runs on without a wait.
+    let (mut read, mut written): (Vec<Location>, Vec<Location>) = (vec![], vec![]);
     for (s, step) in steps.into_iter().enumerate() {
         let DeviceStep::Launch(l) = step else { unreachable!("single-block programs have no cuBLAS steps") };
         let k = &by_name[&l.kernel];
+        let (r, w) = accesses(k, &l.args, loc);
+        if s > 0 && (r.iter().chain(&w).any(|x| written.contains(x)) || w.iter().any(|x| read.contains(x))) {
+            body.push(Stmt::SyncThreads);
+            read.clear();
+            written.clear();
+        }
+        read.extend(r);
+        written.extend(w);
         let names = section_names(s, k);
         for (p, a) in k.params.iter().zip(&l.args) {
             params.push(Param { name: names[&p.name].clone(), ..p.clone() });
@@ -117,8 +137,9 @@ pub(super) fn join(name: &str, what: &str, kernels: Vec<Kernel>, steps: Vec<Devi
         });
         body.push(Stmt::Comment(format!("section {s}: {}", k.name)));
         body.push(Stmt::Block(section));
-        body.push(Stmt::SyncThreads);
     }
+    // The block's shared arrays are reused by the next launch's first sections only after this.
+    body.push(Stmt::SyncThreads);
     for p in &mut params {
         p.kind = match p.kind {
             ParamKind::In | ParamKind::InAliased => ParamKind::InAliased,
