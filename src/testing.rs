@@ -137,6 +137,16 @@ pub fn test_devices() -> Vec<Device> {
     d
 }
 
+/// Runs `f` once for `device`, and for the CUDA emulator a second time with every program emitted
+/// kernel by kernel (the multi-block forms that large inputs get; small programs otherwise run as
+/// one single-block kernel). `f` gets a label for messages: "" or " (kernel by kernel)".
+pub fn in_each_cuda_form(device: Device, mut f: impl FnMut(&str)) {
+    f("");
+    if device == Device::CudaEmulator {
+        kiln_codegen::cuda::kernel_by_kernel(|| f(" (kernel by kernel)"));
+    }
+}
+
 /// Why the CUDA emulator's tests are skipped here (`None` where it can run). `KILN_TEST_EMULATOR=0`
 /// skips them on purpose.
 pub fn emulator_skip_reason() -> Option<String> {

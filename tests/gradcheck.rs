@@ -9,11 +9,13 @@ use kiln::testing::{random_tensor, verify_grad, GradCheck};
 fn check(name: &str, f: impl Fn(&Graph, &[Var]) -> Var, inputs: &[Tensor]) {
     for device in kiln::testing::test_devices() {
         for optimize in [false, true] {
-            let opts = GradCheck { optimize, device, ..Default::default() };
-            match verify_grad(&f, inputs, opts) {
-                Ok(err) => assert!(err < 1e-5, "{name} on {device:?}: error {err}"),
-                Err(e) => panic!("{name} on {device:?} (optimize={optimize}): {e}"),
-            }
+            kiln::testing::in_each_cuda_form(device, |form| {
+                let opts = GradCheck { optimize, device, ..Default::default() };
+                match verify_grad(&f, inputs, opts) {
+                    Ok(err) => assert!(err < 1e-5, "{name} on {device:?}{form}: error {err}"),
+                    Err(e) => panic!("{name} on {device:?}{form} (optimize={optimize}): {e}"),
+                }
+            });
         }
     }
 }

@@ -30,14 +30,18 @@ fn row(
     assert_eq!(t.to_string(), ty, "{name}: type rule");
     for device in kiln::testing::test_devices() {
         for opts in [NONE, OptimizeOptions::default()] {
-            let mut fun = g.function(vars.iter(), [&out]).optimize(opts).compile(device).unwrap();
-            if device == Device::Reference {
-                // Every kernel the CUDA backend would emit for this row compiles (no GPU needed).
-                kiln::testing::check_cuda_source_compiles(&fun, args).unwrap_or_else(|e| panic!("{name} CUDA C: {e}"));
-            }
-            let got = fun.call1(args).unwrap_or_else(|e| panic!("{name} on {device:?}: {e}"));
-            assert_eq!(got.dtype(), want.dtype(), "{name}: dtype");
-            assert!(got.allclose(want, tol, tol), "{name} on {device:?} ({opts:?}):\n got {got:?}\nwant {want:?}");
+            kiln::testing::in_each_cuda_form(device, |form| {
+                let mut fun = g.function(vars.iter(), [&out]).optimize(opts).compile(device).unwrap();
+                if device == Device::Reference {
+                    // Every kernel the CUDA backend would emit for this row compiles (no GPU needed).
+                    let ok = kiln::testing::check_cuda_source_compiles(&fun, args);
+                    ok.unwrap_or_else(|e| panic!("{name} CUDA C: {e}"));
+                }
+                let got = fun.call1(args).unwrap_or_else(|e| panic!("{name} on {device:?}{form}: {e}"));
+                assert_eq!(got.dtype(), want.dtype(), "{name}: dtype");
+                let close = got.allclose(want, tol, tol);
+                assert!(close, "{name} on {device:?}{form} ({opts:?}):\n got {got:?}\nwant {want:?}");
+            });
         }
     }
 }

@@ -70,7 +70,9 @@ pub struct DeviceProgram {
 pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
     let loc = locations(kp, memory);
     let small = |n: usize| n <= SINGLE_BLOCK_ELEMENTS;
-    let single_block = !kp.steps.is_empty()
+    let forced = super::kernel_by_kernel_forced();
+    let single_block = !forced
+        && !kp.steps.is_empty()
         && kp.steps.iter().all(|s| match s {
             Step::Loop(k) => small(k.shape.iter().product()),
             Step::MatMul(mm) => {
@@ -96,7 +98,7 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
     };
     // Consecutive tiny steps become one single-block kernel (see `single`); `run[i]` is the first
     // step of step i's run, for steps in runs of two or more.
-    let fits: Vec<bool> = kp.steps.iter().map(|s| !single_block && fits_a_run(kp, s)).collect();
+    let fits: Vec<bool> = kp.steps.iter().map(|s| !single_block && !forced && fits_a_run(kp, s)).collect();
     let run: Vec<Option<usize>> = (0..kp.steps.len())
         .map(|i| {
             let first = (0..=i).rev().take_while(|&j| fits[j]).last()?;

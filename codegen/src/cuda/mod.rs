@@ -54,6 +54,25 @@ pub use disabled::{unavailable_reason, Cuda};
 use crate::kernel::KernelProgram;
 use kiln_ir::Result;
 
+thread_local! {
+    static KERNEL_BY_KERNEL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// For tests: runs `f` with every CUDA program that this thread specializes emitted kernel by
+/// kernel, in the forms large inputs get (no single-block step, no single-block runs), so that the
+/// small inputs of an op table or a gradient check exercise the multi-block kernels too.
+pub fn kernel_by_kernel<R>(f: impl FnOnce() -> R) -> R {
+    let before = KERNEL_BY_KERNEL.with(|k| k.replace(true));
+    let r = f();
+    KERNEL_BY_KERNEL.with(|k| k.set(before));
+    r
+}
+
+/// Whether `kernel_by_kernel` is in force on this thread.
+pub(crate) fn kernel_by_kernel_forced() -> bool {
+    KERNEL_BY_KERNEL.with(|k| k.get())
+}
+
 /// The CUDA C of a kernel program.
 pub fn source(kp: &KernelProgram) -> Result<String> {
     let dp = emit::emit(kp, &crate::kernel::plan_memory(kp))?;

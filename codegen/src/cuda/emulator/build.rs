@@ -60,9 +60,10 @@ fn waits(body: &[Stmt]) -> bool {
 fn entry_point(k: &Kernel) -> String {
     let args: Vec<String> = k.params.iter().enumerate().map(|(i, p)| format!("({}*)args[{i}]", p.ty.name())).collect();
     format!(
-        "extern \"C\" __attribute__((visibility(\"default\"))) void kiln_emu_{name}(void** args, unsigned gx, \
-         unsigned gy, unsigned bx, unsigned by) {{\n    std::function<void()> f = [&] {{ {name}({args}); }};\n    \
-         kiln_emu::launch(gx, gy, bx, by, {waits}, f);\n}}\n",
+        "static void kiln_emu_body_{name}(void** args) {{ {name}({args}); }}\n\
+         extern \"C\" __attribute__((visibility(\"default\"))) void kiln_emu_{name}(void** args, unsigned gx, \
+         unsigned gy, unsigned bx, unsigned by) {{\n    \
+         kiln_emu::launch(gx, gy, bx, by, {waits}, kiln_emu_body_{name}, args);\n}}\n",
         name = k.name,
         args = args.join(", "),
         waits = waits(&k.body)

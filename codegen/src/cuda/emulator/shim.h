@@ -12,7 +12,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <ucontext.h>
-#include <functional>
 
 #define __global__
 #define __device__
@@ -67,7 +66,10 @@ static thread_local ucontext_t scheduler;
 static thread_local unsigned current = 0;
 static thread_local unsigned block_threads = 0;
 static thread_local bool in_fibers = false;
-static thread_local const std::function<void()>* body = nullptr;
+// The kernel being run, and its arguments (as cuLaunchKernel takes them).
+typedef void (*Body)(void**);
+static thread_local Body body = nullptr;
+static thread_local void** body_args = nullptr;
 // Each lane's offered value, double-buffered by the parity of the lane's shuffle count: a lane can
 // offer its next value while slower lanes still read the previous one.
 static thread_local unsigned long long offered[2][MAX_THREADS];
@@ -85,17 +87,17 @@ static void yield(State s) {
 }
 
 static void trampoline() {
-    (*body)();
+    body(body_args);
     fibers[current].state = DONE;
     swapcontext(&fibers[current].ctx, &scheduler);
 }
 
-static void run_block(unsigned bx, unsigned by, bool barriers, const std::function<void()>& fn) {
+static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** args) {
     unsigned n = bx * by;
     if (!barriers) {
         for (unsigned t = 0; t < n; t++) {
             threadIdx = kiln_uint3{t % bx, t / bx, 0};
-            fn();
+            fn(args);
         }
         return;
     }
@@ -104,7 +106,8 @@ static void run_block(unsigned bx, unsigned by, bool barriers, const std::functi
         fibers = new Fiber[MAX_THREADS];
         stacks = new char[MAX_THREADS * STACK_BYTES];
     }
-    body = &fn;
+    body = fn;
+    body_args = args;
     block_threads = n;
     for (unsigned t = 0; t < n; t++) {
         Fiber& f = fibers[t];
@@ -144,13 +147,13 @@ static void run_block(unsigned bx, unsigned by, bool barriers, const std::functi
     in_fibers = false;
 }
 
-static void launch(unsigned gx, unsigned gy, unsigned bx, unsigned by, bool barriers, const std::function<void()>& fn) {
+static void launch(unsigned gx, unsigned gy, unsigned bx, unsigned by, bool barriers, Body fn, void** args) {
     gridDim = kiln_uint3{gx, gy, 1};
     blockDim = kiln_uint3{bx, by, 1};
     for (unsigned y = gy; y-- > 0;) {
         for (unsigned x = gx; x-- > 0;) {
             blockIdx = kiln_uint3{x, y, 0};
-            run_block(bx, by, barriers, fn);
+            run_block(bx, by, barriers, fn, args);
         }
     }
 }
