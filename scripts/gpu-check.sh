@@ -7,7 +7,8 @@
 #   scripts/gpu-check.sh           (on the GPU machine, in the repository root) runs them and
 #                                  prints a table: each test binary's result, then the benchmark
 #                                  on the GPU (cold NVRTC compile, then from the PTX disk cache,
-#                                  then without CUDA graphs), with the card's name.
+#                                  then without CUDA graphs, then with every kernel on its own),
+#                                  with the card's name.
 #                                  KILN_GPU_PROFILE=1 adds a per-kernel profile of each workload.
 #
 # The CUDA libraries are looked up under $CUDA_LIB (default: the CUDA 13.0 toolkit's lib folder).
@@ -79,4 +80,6 @@ echo "-- again: PTX from the disk cache"
 "$DIR/steps" --device cuda --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-cached.txt"
 echo "-- without CUDA graphs (every kernel launched from the host)"
 KILN_CUDA_GRAPHS=0 "$DIR/steps" --device cuda --seconds ${BENCH_SECONDS:-1} 2>&1 | grep -v compile: | tee "$OUT_DIR/bench-eager.txt"
+echo "-- every kernel on its own (no single-block runs, no kernels side by side, no product in its epilogue)"
+KILN_CUDA_JOIN=0 "$DIR/steps" --device cuda --seconds ${BENCH_SECONDS:-1} 2>&1 | grep -v compile: | tee "$OUT_DIR/bench-unjoined.txt"
 exit $status

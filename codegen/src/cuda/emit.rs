@@ -152,7 +152,7 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
             }
             let mut extra = extra;
             if let Some(mm) = product {
-                match e.product_in_epilogue(mm, &members, at) {
+                match e.product_in_epilogue(mm, &members, at).filter(|_| !forced) {
                     Some(fused) => {
                         extra = vec![format!(
                             "{} computes the product of {} where it reads it (no {} kernel)",
@@ -169,7 +169,7 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
         step_run.resize(e.steps.len(), run[at]);
     }
     e.join_runs(&step_run);
-    if !single_block {
+    if !single_block && !forced {
         e.join_side_by_side();
     }
     if single_block {

@@ -59,8 +59,10 @@ thread_local! {
 }
 
 /// For tests: runs `f` with every CUDA program that this thread specializes emitted kernel by
-/// kernel, in the forms large inputs get (no single-block step, no single-block runs), so that the
-/// small inputs of an op table or a gradient check exercise the multi-block kernels too.
+/// kernel: each kernel on its own, in the form large inputs get (no single-block step or runs, no
+/// kernels side by side, no product inside its epilogue), so that the small inputs of an op table
+/// or a gradient check exercise the multi-block kernels too. `KILN_CUDA_JOIN=0` does the same for
+/// the whole process (to measure what joining kernels saves).
 pub fn kernel_by_kernel<R>(f: impl FnOnce() -> R) -> R {
     let before = KERNEL_BY_KERNEL.with(|k| k.replace(true));
     let r = f();
@@ -68,9 +70,11 @@ pub fn kernel_by_kernel<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Whether `kernel_by_kernel` is in force on this thread.
+/// Whether `kernel_by_kernel` (or `KILN_CUDA_JOIN=0`) is in force on this thread.
 pub(crate) fn kernel_by_kernel_forced() -> bool {
+    static NO_JOIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     KERNEL_BY_KERNEL.with(|k| k.get())
+        || *NO_JOIN.get_or_init(|| std::env::var("KILN_CUDA_JOIN").is_ok_and(|v| v == "0"))
 }
 
 /// The CUDA C of a kernel program.
