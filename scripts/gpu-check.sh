@@ -7,7 +7,8 @@
 #   scripts/gpu-check.sh           (on the GPU machine, in the repository root) runs them and
 #                                  prints a table: each test binary's result, then the benchmark
 #                                  on the GPU (cold NVRTC compile, then from the PTX disk cache,
-#                                  then without CUDA graphs, then with every kernel on its own),
+#                                  then without CUDA graphs, on two streams, with every kernel on
+#                                  its own),
 #                                  with the card's name.
 #                                  KILN_GPU_PROFILE=1 adds a per-kernel profile of each workload.
 #
@@ -63,6 +64,12 @@ for t in $TESTS; do
     [ "$r" = ok ] || grep -E 'panicked|FAILED|Error|error' "$OUT_DIR/$t.log" | head -20
     grep -h '^note:' "$OUT_DIR/$t.log" | sort -u
 done
+if [ -x "$DIR/backend_agreement" ]; then
+    # Independent steps on two streams (opt-in until measured): the same agreement with the reference.
+    if KILN_CUDA_STREAMS=2 timeout 300 "$DIR/backend_agreement" >"$OUT_DIR/backend_agreement-2streams.log" 2>&1; then r=ok; else r=FAILED; status=1; fi
+    printf '%-20s %-8s %s\n' "backend_agreement" "$r" "with KILN_CUDA_STREAMS=2"
+    [ "$r" = ok ] || grep -E 'panicked|FAILED|Error|error' "$OUT_DIR/backend_agreement-2streams.log" | head -20
+fi
 if [ -x "$DIR/fashion_mnist_mlp" ]; then
     echo "== the main example on the GPU (the shipped subset)"
     "$DIR/fashion_mnist_mlp" --device cuda --data-dir data/fashion-mnist --out "$OUT_DIR/fmnist" 2>&1 | grep -v '^Epoch' | tail -n 8
@@ -80,6 +87,8 @@ echo "-- again: PTX from the disk cache"
 "$DIR/steps" --device cuda --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-cached.txt"
 echo "-- without CUDA graphs (every kernel launched from the host)"
 KILN_CUDA_GRAPHS=0 "$DIR/steps" --device cuda --seconds ${BENCH_SECONDS:-1} 2>&1 | grep -v compile: | tee "$OUT_DIR/bench-eager.txt"
+echo "-- independent steps on two streams (KILN_CUDA_STREAMS=2)"
+KILN_CUDA_STREAMS=2 "$DIR/steps" --device cuda --seconds ${BENCH_SECONDS:-1} 2>&1 | grep -v compile: | tee "$OUT_DIR/bench-2streams.txt"
 echo "-- every kernel on its own (no single-block runs, no kernels side by side, no product in its epilogue)"
 KILN_CUDA_JOIN=0 "$DIR/steps" --device cuda --seconds ${BENCH_SECONDS:-1} 2>&1 | grep -v compile: | tee "$OUT_DIR/bench-unjoined.txt"
 exit $status

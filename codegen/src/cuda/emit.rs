@@ -64,6 +64,8 @@ pub struct DeviceProgram {
     pub errors: Vec<ErrorSite>,
     /// Sizes in bytes of the scratch buffers (`KernelArg::Scratch`), zeroed when allocated.
     pub scratch: Vec<usize>,
+    /// For each step, the earlier steps it depends on (`schedule::dependencies`).
+    pub deps: Vec<Vec<usize>>,
 }
 
 /// The CUDA kernels and device steps of a kernel program.
@@ -182,8 +184,9 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
     if let Some(k) = e.kernels.iter().find(|k| !names.insert(k.name.as_str())) {
         return Err(Error::Invalid(format!("two CUDA kernels named {}", k.name)));
     }
+    let deps = super::schedule::dependencies(&e.steps, &e.kernels, &e.loc);
     let module = Module { helpers: e.scalars.prelude(), kernels: e.kernels };
-    Ok(DeviceProgram { module, steps: e.steps, errors: e.errors, scratch: e.scratch })
+    Ok(DeviceProgram { module, steps: e.steps, errors: e.errors, scratch: e.scratch, deps })
 }
 
 /// Whether a step is small enough to be a section of a single-block run: a few passes of the

@@ -11,11 +11,12 @@
 use super::emit::{emit, DeviceStep, ErrorSite, KernelArg};
 use super::nvrtc::{self, Origin};
 use super::runtime::{cuda_err, CudaResident, DeviceBuffer, Gpu};
+use super::schedule::Schedule;
 use crate::bytes::{tensor_bytes, tensor_from_bytes};
 use crate::kernel::{elem_size, plan_memory, BufKind, KernelProgram, UpdateWrite};
 use crate::profile::StepProfile;
 use crate::{Backend, CompileOptions, Executable, Program, SharedValue};
-use cudarc::driver::{result, sys, CudaEvent, CudaFunction, CudaGraph, CudaModule};
+use cudarc::driver::{result, sys, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaStream};
 use kiln_ir::{Error, Result, Tensor};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,8 +34,11 @@ impl Backend for Cuda {
         let gpu = Gpu::get(self.ordinal)?;
         let graphs = std::env::var("KILN_CUDA_GRAPHS").map_or(true, |v| v != "0");
         let profile = StepProfile::requested("KILN_CUDA_PROFILE").map(|steps| Profile { events: vec![], steps });
+        // Timing every step with events needs them on one stream.
+        let streams = if profile.is_some() { 1 } else { lanes_requested()? };
         Ok(Box::new(CudaExecutable {
             gpu,
+            streams,
             program: program.clone(),
             plans: HashMap::new(),
             order: vec![],
@@ -68,8 +72,19 @@ pub struct CompileStats {
     pub load_seconds: f64,
 }
 
+/// The events that order a plan's lanes: the fork at the start, one after each step that a step on
+/// another lane waits for, and one per extra lane to join the main stream at the end.
+struct LaneSync {
+    fork: Option<CudaEvent>,
+    after: Vec<Option<CudaEvent>>,
+    joins: Vec<CudaEvent>,
+}
+
 struct Plan {
     kp: KernelProgram,
+    /// Which lane (stream) runs each device step, and what it waits for on the others.
+    schedule: Schedule,
+    sync: LaneSync,
     updates: Vec<UpdateWrite>,
     returned: Vec<usize>,
     out_shapes: Vec<Vec<usize>>,
@@ -92,8 +107,22 @@ struct Plan {
     _module: Arc<CudaModule>,
 }
 
+/// `KILN_CUDA_STREAMS`: how many streams a step's independent steps may spread over (default 1:
+/// every step on one stream, in program order).
+fn lanes_requested() -> Result<usize> {
+    match std::env::var("KILN_CUDA_STREAMS") {
+        Err(_) => Ok(1),
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n @ 1..=8) => Ok(n),
+            _ => Err(Error::Invalid(format!("KILN_CUDA_STREAMS={v}: expected a number of streams from 1 to 8"))),
+        },
+    }
+}
+
 pub struct CudaExecutable {
     gpu: Arc<Gpu>,
+    /// Streams a step may use (`KILN_CUDA_STREAMS`).
+    streams: usize,
     program: Program,
     plans: HashMap<Vec<Vec<usize>>, Plan>,
     order: Vec<Vec<Vec<usize>>>,
@@ -115,11 +144,11 @@ fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
 }
 
 impl Plan {
-    fn build(gpu: &Arc<Gpu>, program: &Program, shapes: &[Vec<usize>]) -> Result<Plan> {
+    fn build(gpu: &Arc<Gpu>, program: &Program, shapes: &[Vec<usize>], streams: usize) -> Result<Plan> {
         let (kp, updates, out_shapes) = super::specialize_program(program, shapes)?;
         let memory = plan_memory(&kp);
         let dp = emit(&kp, &memory)?;
-        let source = super::print::module(&dp.module);
+        let source = super::print::program(&dp.module, &dp.steps);
         let t = std::time::Instant::now();
         let (ptx, origin) = nvrtc::compile(&source, gpu.arch)?;
         let nvrtc_seconds = t.elapsed().as_secs_f64();
@@ -168,6 +197,17 @@ impl Plan {
             code.push_str(&format!("// update of shared variable '{name}': {how}\n"));
         }
         code.push_str(&source);
+        let schedule = super::schedule::schedule(&dp.deps, streams);
+        let event = || gpu.ctx.new_event(None).map_err(cuda_err("creating an event"));
+        let sync = LaneSync {
+            fork: if schedule.streams > 1 { Some(event()?) } else { None },
+            after: schedule
+                .recorded
+                .iter()
+                .map(|&r| if r { event().map(Some) } else { Ok(None) })
+                .collect::<Result<_>>()?,
+            joins: (1..schedule.streams).map(|_| event()).collect::<Result<_>>()?,
+        };
         let slots = memory.slot_bytes.iter().map(|&n| DeviceBuffer::new(gpu, n)).collect::<Result<Vec<_>>>()?;
         for (b, buf) in kp.buffers.iter().enumerate() {
             if let (BufKind::Constant(t), Some(sl)) = (&buf.kind, memory.slot[b]) {
@@ -196,6 +236,8 @@ impl Plan {
         Ok(Plan {
             returned: program.returned(),
             kp,
+            schedule,
+            sync,
             updates,
             out_shapes,
             steps,
@@ -236,26 +278,48 @@ impl Plan {
             .collect()
     }
 
-    /// Enqueues every step on the stream (also while capturing); with `events`, records
-    /// `events[i]` before step `i` and the last one after the last step.
+    /// Enqueues every step (also while capturing): each on its lane's stream, after waiting for
+    /// the steps on other lanes it depends on (`schedule`); the other lanes start after the main
+    /// stream's start and end joined into it, before the update copies. With `events` (one lane),
+    /// records `events[i]` before step `i` and the last one after the last step.
     fn enqueue(&self, gpu: &Gpu, ptr: &[u64], shared_ptr: &[u64], events: Option<&[CudaEvent]>) -> Result<()> {
-        let stream = gpu.stream.cu_stream();
+        let lanes = gpu.lane_streams(self.schedule.streams)?;
+        let main = &lanes[0];
         if let Some(w) = &self.error_word {
             // SAFETY: a 4-byte buffer of this plan.
-            unsafe { result::memset_d8_async(w.ptr, 0, 4, stream) }.map_err(cuda_err("clearing the error word"))?;
+            unsafe { result::memset_d8_async(w.ptr, 0, 4, main.cu_stream()) }
+                .map_err(cuda_err("clearing the error word"))?;
+        }
+        let record = |e: &CudaEvent, s: &CudaStream| e.record(s).map_err(cuda_err("recording an event"));
+        let wait = |s: &CudaStream, e: &CudaEvent| s.wait(e).map_err(cuda_err("waiting for an event"));
+        if let Some(fork) = &self.sync.fork {
+            record(fork, main)?;
+            for lane in &lanes[1..] {
+                wait(lane, fork)?;
+            }
         }
         let error_ptr = self.error_word.as_ref().map_or(0, |w| w.ptr);
-        let mark = |i: usize| match events {
-            Some(ev) => ev[i].record(&gpu.stream).map_err(cuda_err("recording an event")),
-            None => Ok(()),
-        };
+        let device_steps = self.schedule.stream.len();
         for (i, step) in self.steps.iter().enumerate() {
-            mark(i)?;
+            if let Some(ev) = events {
+                record(&ev[i], main)?;
+            }
+            if i == device_steps {
+                // Every lane's work is done before the update copies (and the read-backs after them).
+                for (lane, joined) in lanes[1..].iter().zip(&self.sync.joins) {
+                    record(joined, lane)?;
+                    wait(main, joined)?;
+                }
+            }
+            let lane = if i < device_steps { self.schedule.stream[i] } else { 0 };
+            let stream = &lanes[lane];
+            if i < device_steps {
+                for &w in &self.schedule.waits[i] {
+                    wait(stream, self.sync.after[w].as_ref().expect("an event after every waited-for step"))?;
+                }
+            }
             match step {
-                Exec::Launch { f, args, grid, block } => {
-                    if grid.0 == 0 {
-                        continue;
-                    }
+                Exec::Launch { f, args, grid, block } if grid.0 > 0 => {
                     let mut values: Vec<u64> = args
                         .iter()
                         .map(|a| match a {
@@ -274,22 +338,35 @@ impl Plan {
                             (grid.0, grid.1, 1),
                             (block.0, block.1, 1),
                             0,
-                            stream,
+                            stream.cu_stream(),
                             &mut params,
                         )
                     }
                     .map_err(cuda_err("launching a kernel"))?;
                 }
+                Exec::Launch { .. } => {}
                 // SAFETY: operand sizes were checked by the lowering.
-                Exec::Gemm(mm) => unsafe { gpu.gemm(mm, ptr[mm.a], ptr[mm.b], ptr[mm.c])? },
+                Exec::Gemm(mm) => unsafe { gpu.gemm(lane, mm, ptr[mm.a], ptr[mm.b], ptr[mm.c])? },
                 Exec::Copy { from, shared, bytes } => {
                     // SAFETY: both buffers hold `bytes` bytes (the update keeps the variable's type).
-                    unsafe { result::memcpy_dtod_async(shared_ptr[*shared], ptr[*from], *bytes, stream) }
+                    unsafe { result::memcpy_dtod_async(shared_ptr[*shared], ptr[*from], *bytes, stream.cu_stream()) }
                         .map_err(cuda_err("copying an update"))?;
                 }
             }
+            if let Some(e) = self.sync.after.get(i).and_then(|e| e.as_ref()) {
+                record(e, stream)?;
+            }
         }
-        mark(self.steps.len())
+        if device_steps == self.steps.len() {
+            for (lane, joined) in lanes[1..].iter().zip(&self.sync.joins) {
+                record(joined, lane)?;
+                wait(main, joined)?;
+            }
+        }
+        if let Some(ev) = events {
+            record(&ev[self.steps.len()], main)?;
+        }
+        Ok(())
     }
 }
 
@@ -479,7 +556,7 @@ impl Executable for CudaExecutable {
 impl CudaExecutable {
     fn prepare_in_turn(&mut self, key: &[Vec<usize>]) -> Result<()> {
         if !self.plans.contains_key(key) {
-            let plan = Plan::build(&self.gpu, &self.program, key)?;
+            let plan = Plan::build(&self.gpu, &self.program, key, self.streams)?;
             self.plans.insert(key.to_vec(), plan);
             self.order.push(key.to_vec());
         }

@@ -14,6 +14,7 @@ mod reduce;
 #[cfg(feature = "cuda")]
 pub mod runtime;
 pub mod scalar;
+pub mod schedule;
 mod side;
 mod single;
 mod special;
@@ -80,7 +81,7 @@ pub(crate) fn kernel_by_kernel_forced() -> bool {
 /// The CUDA C of a kernel program.
 pub fn source(kp: &KernelProgram) -> Result<String> {
     let dp = emit::emit(kp, &crate::kernel::plan_memory(kp))?;
-    Ok(print::module(&dp.module))
+    Ok(print::program(&dp.module, &dp.steps))
 }
 
 /// The kernel program the CUDA backend runs for these input and shared-variable shapes (updates

@@ -60,6 +60,9 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     blas: blas_sys::cublasHandle_t,
     _workspace: sys::CUdeviceptr,
+    /// Further streams, each with its own cuBLAS handle and workspace, for steps that run beside
+    /// each other (`KILN_CUDA_STREAMS`); created on first use, kept for the process.
+    lanes: Mutex<Vec<Lane>>,
     /// Held for each use of the stream and cuBLAS handle (a call, a read-back, a compilation), so
     /// threads sharing a device take turns and a capture never sees another thread's work.
     turn: Mutex<()>,
@@ -70,7 +73,53 @@ pub struct Gpu {
 unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
+/// A stream beside the main one, with the cuBLAS handle bound to it.
+struct Lane {
+    stream: Arc<CudaStream>,
+    blas: blas_sys::cublasHandle_t,
+    _workspace: sys::CUdeviceptr,
+}
+
+/// A cuBLAS handle bound to `stream`, with its own preallocated workspace (handles on different
+/// streams must not share one: their products may run at the same time).
+fn blas_for(stream: &CudaStream) -> Result<(blas_sys::cublasHandle_t, sys::CUdeviceptr)> {
+    let blas = cudarc::cublas::result::create_handle().map_err(blas_err("creating a handle"))?;
+    // SAFETY: the handle was just created; the stream and workspace outlive it (all are kept in
+    // the same `Gpu`, which is never dropped).
+    let workspace = unsafe {
+        cudarc::cublas::result::set_stream(blas, stream.cu_stream() as _).map_err(blas_err("setting the stream"))?;
+        let w = result::malloc_sync(CUBLAS_WORKSPACE).map_err(cuda_err("allocating the cuBLAS workspace"))?;
+        blas_sys::cublasSetWorkspace_v2(blas, w as *mut std::ffi::c_void, CUBLAS_WORKSPACE)
+            .result()
+            .map_err(blas_err("setting the workspace"))?;
+        w
+    };
+    Ok((blas, workspace))
+}
+
 impl Gpu {
+    /// The streams of lanes `0..count`: lane 0 is the main stream, the others are created once.
+    pub fn lane_streams(&self, count: usize) -> Result<Vec<Arc<CudaStream>>> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        while lanes.len() + 1 < count {
+            let stream = self.ctx.new_stream().map_err(cuda_err("creating a stream"))?;
+            let (blas, workspace) = blas_for(&stream)?;
+            lanes.push(Lane { stream, blas, _workspace: workspace });
+        }
+        Ok(std::iter::once(self.stream.clone())
+            .chain(lanes.iter().take(count.saturating_sub(1)).map(|l| l.stream.clone()))
+            .collect())
+    }
+
+    /// The cuBLAS handle of lane `lane` (see `lane_streams`).
+    fn blas_of(&self, lane: usize) -> Result<blas_sys::cublasHandle_t> {
+        if lane == 0 {
+            return Ok(self.blas);
+        }
+        let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        lanes.get(lane - 1).map(|l| l.blas).ok_or_else(|| Error::Invalid(format!("no CUDA stream lane {lane}")))
+    }
+
     /// The device with this ordinal (created once per process).
     pub fn get(ordinal: usize) -> Result<Arc<Gpu>> {
         static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
@@ -94,19 +143,18 @@ impl Gpu {
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         ctx.bind_to_thread().map_err(cuda_err("binding the context"))?;
-        let blas = cudarc::cublas::result::create_handle().map_err(blas_err("creating a handle"))?;
-        // SAFETY: the handle was just created; the stream and workspace outlive it (both are kept
-        // in the same `Gpu`, which is never dropped).
-        let workspace = unsafe {
-            cudarc::cublas::result::set_stream(blas, stream.cu_stream() as _)
-                .map_err(blas_err("setting the stream"))?;
-            let w = result::malloc_sync(CUBLAS_WORKSPACE).map_err(cuda_err("allocating the cuBLAS workspace"))?;
-            blas_sys::cublasSetWorkspace_v2(blas, w as *mut std::ffi::c_void, CUBLAS_WORKSPACE)
-                .result()
-                .map_err(blas_err("setting the workspace"))?;
-            w
-        };
-        let gpu = Arc::new(Gpu { ordinal, name, arch, ctx, stream, blas, _workspace: workspace, turn: Mutex::new(()) });
+        let (blas, workspace) = blas_for(&stream)?;
+        let gpu = Arc::new(Gpu {
+            ordinal,
+            name,
+            arch,
+            ctx,
+            stream,
+            blas,
+            _workspace: workspace,
+            lanes: Mutex::new(vec![]),
+            turn: Mutex::new(()),
+        });
         gpus.insert(ordinal, gpu.clone());
         Ok(gpu)
     }
@@ -132,16 +180,17 @@ impl Gpu {
         self.stream.synchronize().map_err(cuda_err("synchronizing the stream"))
     }
 
-    /// `c = a @ b` (row-major, as `MatMul` describes) on the stream, through the column-major
-    /// identity `C^T = B^T A^T`.
+    /// `c = a @ b` (row-major, as `MatMul` describes) on lane `lane`'s stream, through the
+    /// column-major identity `C^T = B^T A^T`.
     ///
     /// # Safety
     /// The pointers must be device buffers of the sizes `mm` implies (checked by the lowering).
-    pub unsafe fn gemm(&self, mm: &MatMul, a: u64, b: u64, c: u64) -> Result<()> {
+    pub unsafe fn gemm(&self, lane: usize, mm: &MatMul, a: u64, b: u64, c: u64) -> Result<()> {
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
         if mm.m == 0 || mm.n == 0 || mm.batch == 0 {
             return Ok(());
         }
+        let blas = self.blas_of(lane)?;
         let (m, n, k) = (mm.m as i32, mm.n as i32, mm.k as i32);
         let (op_b, ldb) = if mm.b_transposed { (CUBLAS_OP_T, k) } else { (CUBLAS_OP_N, n) };
         let (op_a, lda) = if mm.a_transposed { (CUBLAS_OP_T, m) } else { (CUBLAS_OP_N, k) };
@@ -153,10 +202,10 @@ impl Gpu {
                 let (one, zero) = (1.0f32, 0.0f32);
                 let (a, b, c) = (a as *const f32, b as *const f32, c as *mut f32);
                 if batch == 1 {
-                    cudarc::cublas::result::sgemm(self.blas, op_b, op_a, n, m, k, &one, b, ldb, a, lda, &zero, c, n)
+                    cudarc::cublas::result::sgemm(blas, op_b, op_a, n, m, k, &one, b, ldb, a, lda, &zero, c, n)
                 } else {
                     cudarc::cublas::result::sgemm_strided_batched(
-                        self.blas, op_b, op_a, n, m, k, &one, b, ldb, sb, a, lda, sa, &zero, c, n, sc, batch,
+                        blas, op_b, op_a, n, m, k, &one, b, ldb, sb, a, lda, sa, &zero, c, n, sc, batch,
                     )
                 }
             }
@@ -164,10 +213,10 @@ impl Gpu {
                 let (one, zero) = (1.0f64, 0.0f64);
                 let (a, b, c) = (a as *const f64, b as *const f64, c as *mut f64);
                 if batch == 1 {
-                    cudarc::cublas::result::dgemm(self.blas, op_b, op_a, n, m, k, &one, b, ldb, a, lda, &zero, c, n)
+                    cudarc::cublas::result::dgemm(blas, op_b, op_a, n, m, k, &one, b, ldb, a, lda, &zero, c, n)
                 } else {
                     cudarc::cublas::result::dgemm_strided_batched(
-                        self.blas, op_b, op_a, n, m, k, &one, b, ldb, sb, a, lda, sa, &zero, c, n, sc, batch,
+                        blas, op_b, op_a, n, m, k, &one, b, ldb, sb, a, lda, sa, &zero, c, n, sc, batch,
                     )
                 }
             }

@@ -3,8 +3,9 @@
 //! the one `Device::Cuda` would run (same specialization, lowering, memory plan, kernels, launch
 //! shapes and step list); its CUDA C, exactly as printed for NVRTC, is compiled as C++ against a
 //! shim of CUDA's built-ins (`shim.h`: blocks in reverse order, threads as fibers where a kernel
-//! waits on its block or warp) and called step by step. cuBLAS products run on the host with the
-//! same operand layout. Every buffer is framed by guard bytes that are checked after each step, so
+//! waits on its block or warp) and called step by step, in an order as far from the program's as
+//! the steps' dependencies allow (so a dependency the scheduler missed shows). cuBLAS products run
+//! on the host with the same operand layout. Every buffer is framed by guard bytes that are checked after each step, so
 //! a kernel that writes outside its buffers is an error naming it, not silent corruption.
 //! What it cannot check: timing, the PTX NVRTC makes of the source (NVRTC compiles the same text in
 //! CI), races between warps that a real GPU could expose, and CUDA's own math library's rounding.
@@ -101,6 +102,9 @@ enum Exec {
 
 struct Plan {
     kp: KernelProgram,
+    /// The order the steps run in: the device program's in the latest-ready-first order its
+    /// dependencies allow (see `schedule`), then the update copies.
+    order: Vec<usize>,
     updates: Vec<UpdateWrite>,
     returned: Vec<usize>,
     out_shapes: Vec<Vec<usize>>,
@@ -130,7 +134,7 @@ impl Plan {
         let (kp, updates, out_shapes) = super::specialize_program(program, shapes)?;
         let memory = plan_memory(&kp);
         let dp = emit(&kp, &memory)?;
-        let source = super::print::module(&dp.module);
+        let source = super::print::program(&dp.module, &dp.steps);
         let lib = build::library(&build::unit(&dp.module, &source))?;
         let mut steps = Vec::with_capacity(dp.steps.len());
         for s in &dp.steps {
@@ -151,8 +155,10 @@ impl Plan {
                 DeviceStep::Gemm(mm) => Exec::Gemm(mm.clone()),
             });
         }
+        let mut order = super::schedule::latest_first_order(&dp.deps);
         for u in &updates {
             if let UpdateWrite::CopyAtEnd { shared, from } = u {
+                order.push(steps.len());
                 steps.push(Exec::Copy { from: *from, shared: *shared });
             }
         }
@@ -173,6 +179,7 @@ impl Plan {
         Ok(Plan {
             returned: program.returned(),
             kp,
+            order,
             updates,
             out_shapes,
             steps,
@@ -215,8 +222,8 @@ impl Plan {
         self.error_word.write(&[0; 4]);
         let error_ptr = self.error_word.ptr();
         let scratch: Vec<*mut c_void> = self.scratch.iter_mut().map(|h| h.ptr()).collect();
-        for step in &self.steps {
-            match step {
+        for &i in &self.order {
+            match &self.steps[i] {
                 Exec::Launch { f, kernel, args, grid, block } => {
                     if grid.0 == 0 {
                         continue;

@@ -1,0 +1,175 @@
+//! The step's dependency graph, and how its steps spread over streams. Step `i` depends on an
+//! earlier step `j` when `j` writes memory `i` reads or writes, or reads memory `i` writes (memory
+//! compared by physical location: the memory plan reuses slots, so a later temporary can overwrite
+//! what an earlier step still reads). Steps that do not depend on each other may run at the same
+//! time: the runtime can issue them on several streams (`KILN_CUDA_STREAMS`), each waiting only for
+//! what it depends on on the other streams, and a CUDA graph captured from those streams keeps
+//! exactly those edges. The CUDA emulator runs steps in an order far from the program's (the latest
+//! ready step first), so a dependency missing here makes its tests fail.
+
+use super::ast::Kernel;
+use super::emit::DeviceStep;
+use super::group::Location;
+use super::side::accesses;
+
+/// For each step, the earlier steps it depends on.
+pub(super) fn dependencies(steps: &[DeviceStep], kernels: &[Kernel], loc: &[Location]) -> Vec<Vec<usize>> {
+    let access: Vec<(Vec<Location>, Vec<Location>)> = steps
+        .iter()
+        .map(|s| match s {
+            DeviceStep::Launch(l) => {
+                let k = kernels.iter().find(|k| k.name == l.kernel).expect("every launch has its kernel");
+                accesses(k, &l.args, loc)
+            }
+            DeviceStep::Gemm(mm) => (vec![loc[mm.a], loc[mm.b]], vec![loc[mm.c]]),
+        })
+        .collect();
+    (0..steps.len())
+        .map(|i| {
+            let (ri, wi) = &access[i];
+            (0..i)
+                .filter(|&j| {
+                    let (rj, wj) = &access[j];
+                    wj.iter().any(|l| ri.contains(l) || wi.contains(l)) || rj.iter().any(|l| wi.contains(l))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A topological order of the steps that takes the latest ready step first: as far from program
+/// order as the dependencies allow.
+pub fn latest_first_order(deps: &[Vec<usize>]) -> Vec<usize> {
+    let n = deps.len();
+    let mut done = vec![false; n];
+    let mut order = Vec::with_capacity(n);
+    while order.len() < n {
+        let next =
+            (0..n).rev().find(|&i| !done[i] && deps[i].iter().all(|&d| done[d])).expect("dependencies point back");
+        done[next] = true;
+        order.push(next);
+    }
+    order
+}
+
+/// Which stream runs each step, and the waits that order steps across streams.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Schedule {
+    pub streams: usize,
+    pub stream: Vec<usize>,
+    /// For each step, the steps on other streams whose completion it waits for (one per stream:
+    /// the latest it needs there).
+    pub waits: Vec<Vec<usize>>,
+    /// Whether some later step waits for this one (an event is recorded after it).
+    pub recorded: Vec<bool>,
+}
+
+/// Spreads the steps over at most `streams` streams, issued in program order. A step goes on the
+/// stream whose last step is its latest dependency (continuing that chain), else on a stream whose
+/// last step it depends on, else on the stream that has been idle longest; it then waits, on each
+/// other stream, for the latest step it depends on there that its stream has not already waited
+/// for (directly or through another wait).
+pub fn schedule(deps: &[Vec<usize>], streams: usize) -> Schedule {
+    let (n, k) = (deps.len(), streams.max(1));
+    let mut stream = vec![0; n];
+    let mut waits = vec![vec![]; n];
+    let mut recorded = vec![false; n];
+    // tail[s]: last step issued on s; seen[s][t]: the latest step of stream t that s has waited for.
+    let mut tail: Vec<Option<usize>> = vec![None; k];
+    let mut seen: Vec<Vec<Option<usize>>> = vec![vec![None; k]; k];
+    // The clock after each step: what its stream had seen then (itself included).
+    let mut clock: Vec<Vec<Option<usize>>> = Vec::with_capacity(n);
+    for i in 0..n {
+        let latest = deps[i].iter().max().copied();
+        let s = (0..k)
+            .find(|&s| latest.is_some() && tail[s] == latest)
+            .or_else(|| (0..k).filter(|&s| tail[s].is_some_and(|t| deps[i].contains(&t))).max_by_key(|&s| tail[s]))
+            .unwrap_or_else(|| (0..k).min_by_key(|&s| tail[s].map_or(-1, |t| t as i64)).expect("at least one stream"));
+        for t in (0..k).filter(|&t| t != s) {
+            let need = deps[i].iter().copied().filter(|&d| stream[d] == t && d < i).max();
+            if let Some(d) = need {
+                if seen[s][t].is_none_or(|w| w < d) {
+                    waits[i].push(d);
+                    recorded[d] = true;
+                    for u in 0..k {
+                        seen[s][u] = seen[s][u].max(clock[d][u]);
+                    }
+                }
+            }
+        }
+        stream[i] = s;
+        tail[s] = Some(i);
+        seen[s][s] = Some(i);
+        clock.push(seen[s].clone());
+    }
+    Schedule { streams: k, stream, waits, recorded }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every dependency is met: on the same stream earlier, or seen through the waits.
+    fn respects(deps: &[Vec<usize>], s: &Schedule) -> bool {
+        let mut seen: Vec<Vec<Option<usize>>> = vec![vec![None; s.streams]; s.streams];
+        let mut clock = vec![];
+        for (i, needs) in deps.iter().enumerate() {
+            let st = s.stream[i];
+            for &w in &s.waits[i] {
+                let c: &Vec<Option<usize>> = &clock[w];
+                for u in 0..s.streams {
+                    seen[st][u] = seen[st][u].max(c[u]);
+                }
+            }
+            for &d in needs {
+                if seen[st][s.stream[d]].is_none_or(|x| x < d) {
+                    return false;
+                }
+            }
+            seen[st][st] = Some(i);
+            clock.push(seen[st].clone());
+        }
+        true
+    }
+
+    #[test]
+    fn a_chain_stays_on_one_stream_without_waits() {
+        let deps = vec![vec![], vec![0], vec![1], vec![2]];
+        let s = schedule(&deps, 2);
+        assert_eq!(s.stream, vec![0, 0, 0, 0]);
+        assert!(s.waits.iter().all(|w| w.is_empty()));
+        assert!(respects(&deps, &s));
+    }
+
+    #[test]
+    fn a_branch_runs_beside_the_chain_and_joins_it() {
+        // 0 -> 1 -> 2 -> 3 (the input gradients), 1 -> 4 -> 5 (a weight gradient and its update),
+        // and 6 needs both chains' ends.
+        let deps = vec![vec![], vec![0], vec![1], vec![2], vec![1], vec![4], vec![3, 5]];
+        let s = schedule(&deps, 2);
+        assert_eq!(s.stream[..4], [0, 0, 0, 0]);
+        assert_eq!((s.stream[4], s.stream[5]), (1, 1));
+        assert_eq!(s.waits[4], vec![1]);
+        assert!(respects(&deps, &s));
+        // One stream: program order, no waits.
+        let one = schedule(&deps, 1);
+        assert!(one.stream.iter().all(|&x| x == 0) && one.waits.iter().all(|w| w.is_empty()));
+    }
+
+    #[test]
+    fn waits_already_seen_through_another_wait_are_left_out() {
+        // 2 waits for 1 (stream 1), which had waited for 0... 3 needs 0 and 2 only.
+        let deps = vec![vec![], vec![], vec![0, 1], vec![0, 2]];
+        let s = schedule(&deps, 2);
+        assert!(respects(&deps, &s));
+        let total: usize = s.waits.iter().map(|w| w.len()).sum();
+        assert!(total <= 1, "{s:?}");
+    }
+
+    #[test]
+    fn latest_first_respects_dependencies() {
+        let deps = vec![vec![], vec![0], vec![], vec![1, 2], vec![]];
+        let order = latest_first_order(&deps);
+        assert_eq!(order, vec![4, 2, 0, 1, 3]);
+    }
+}
