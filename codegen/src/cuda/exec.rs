@@ -13,7 +13,7 @@ use super::nvrtc::{self, Origin};
 use super::runtime::{cuda_err, CudaResident, DeviceBuffer, Gpu};
 use super::schedule::Schedule;
 use crate::bytes::{tensor_bytes, tensor_from_bytes};
-use crate::kernel::{elem_size, plan_memory, BufKind, KernelProgram, UpdateWrite};
+use crate::kernel::{elem_size, plan_memory_with, BufKind, KernelProgram, UpdateWrite};
 use crate::profile::StepProfile;
 use crate::{Backend, CompileOptions, Executable, Program, SharedValue};
 use cudarc::driver::{result, sys, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaStream};
@@ -146,7 +146,8 @@ fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
 impl Plan {
     fn build(gpu: &Arc<Gpu>, program: &Program, shapes: &[Vec<usize>], streams: usize) -> Result<Plan> {
         let (kp, updates, out_shapes) = super::specialize_program(program, shapes)?;
-        let memory = plan_memory(&kp);
+        // Steps spread over several streams get memory of their own, so that only data orders them.
+        let memory = plan_memory_with(&kp, streams == 1);
         let dp = emit(&kp, &memory)?;
         let source = super::print::program(&dp.module, &dp.steps);
         let t = std::time::Instant::now();
@@ -278,6 +279,15 @@ impl Plan {
             .collect()
     }
 
+    /// Makes the main stream wait for everything enqueued so far on the other lanes.
+    fn join_lanes(&self, lanes: &[Arc<CudaStream>]) -> Result<()> {
+        for (lane, joined) in lanes[1..].iter().zip(&self.sync.joins) {
+            joined.record(lane).map_err(cuda_err("recording an event"))?;
+            lanes[0].wait(joined).map_err(cuda_err("waiting for an event"))?;
+        }
+        Ok(())
+    }
+
     /// Enqueues every step (also while capturing): each on its lane's stream, after waiting for
     /// the steps on other lanes it depends on (`schedule`); the other lanes start after the main
     /// stream's start and end joined into it, before the update copies. With `events` (one lane),
@@ -300,16 +310,15 @@ impl Plan {
         }
         let error_ptr = self.error_word.as_ref().map_or(0, |w| w.ptr);
         let device_steps = self.schedule.stream.len();
-        for (i, step) in self.steps.iter().enumerate() {
+        // The device steps in the schedule's order, then the update copies on the main stream once
+        // every lane has joined it (the read-backs come after them).
+        let order = self.schedule.order.iter().copied().chain(device_steps..self.steps.len());
+        for i in order {
             if let Some(ev) = events {
                 record(&ev[i], main)?;
             }
             if i == device_steps {
-                // Every lane's work is done before the update copies (and the read-backs after them).
-                for (lane, joined) in lanes[1..].iter().zip(&self.sync.joins) {
-                    record(joined, lane)?;
-                    wait(main, joined)?;
-                }
+                self.join_lanes(&lanes)?;
             }
             let lane = if i < device_steps { self.schedule.stream[i] } else { 0 };
             let stream = &lanes[lane];
@@ -318,7 +327,7 @@ impl Plan {
                     wait(stream, self.sync.after[w].as_ref().expect("an event after every waited-for step"))?;
                 }
             }
-            match step {
+            match &self.steps[i] {
                 Exec::Launch { f, args, grid, block } if grid.0 > 0 => {
                     let mut values: Vec<u64> = args
                         .iter()
@@ -358,10 +367,7 @@ impl Plan {
             }
         }
         if device_steps == self.steps.len() {
-            for (lane, joined) in lanes[1..].iter().zip(&self.sync.joins) {
-                record(joined, lane)?;
-                wait(main, joined)?;
-            }
+            self.join_lanes(&lanes)?;
         }
         if let Some(ev) = events {
             record(&ev[self.steps.len()], main)?;

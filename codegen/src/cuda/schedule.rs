@@ -52,10 +52,15 @@ pub fn latest_first_order(deps: &[Vec<usize>]) -> Vec<usize> {
     order
 }
 
-/// Which stream runs each step, and the waits that order steps across streams.
+/// Which stream runs each step, in which order steps are issued, and the waits that order steps
+/// across streams.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Schedule {
     pub streams: usize,
+    /// The order steps are issued in: program order on one stream; on several, each step as soon
+    /// as what it depends on could be done (longest dependency chain first), so that a weight
+    /// gradient is issued beside the rest of the backward pass rather than after it.
+    pub order: Vec<usize>,
     pub stream: Vec<usize>,
     /// For each step, the steps on other streams whose completion it waits for (one per stream:
     /// the latest it needs there).
@@ -64,69 +69,92 @@ pub struct Schedule {
     pub recorded: Vec<bool>,
 }
 
-/// Spreads the steps over at most `streams` streams, issued in program order. A step goes on the
-/// stream whose last step is its latest dependency (continuing that chain), else on a stream whose
-/// last step it depends on, else on the stream that has been idle longest; it then waits, on each
-/// other stream, for the latest step it depends on there that its stream has not already waited
-/// for (directly or through another wait).
+/// Spreads the steps over at most `streams` streams. Steps are taken in issue order (`Schedule::
+/// order`); a step goes on the stream whose last step is its latest dependency (continuing that
+/// chain), else on a stream whose last step it depends on, else on the stream that has been idle
+/// longest; it then waits, on each other stream, for the latest step it depends on there that its
+/// stream has not already waited for (directly or through another wait).
 pub fn schedule(deps: &[Vec<usize>], streams: usize) -> Schedule {
     let (n, k) = (deps.len(), streams.max(1));
+    let order: Vec<usize> = if k == 1 {
+        (0..n).collect()
+    } else {
+        let mut level = vec![0usize; n];
+        for i in 0..n {
+            level[i] = deps[i].iter().map(|&d| level[d] + 1).max().unwrap_or(0);
+        }
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| (level[i], i));
+        order
+    };
+    // Positions in issue order; dependencies always point to earlier positions.
+    let mut pos = vec![0; n];
+    for (p, &i) in order.iter().enumerate() {
+        pos[i] = p;
+    }
     let mut stream = vec![0; n];
     let mut waits = vec![vec![]; n];
     let mut recorded = vec![false; n];
-    // tail[s]: last step issued on s; seen[s][t]: the latest step of stream t that s has waited for.
+    // tail[s]: position of the last step issued on s; seen[s][t]: the latest position of stream t
+    // that s has waited for; clock[p]: what the stream of position p had seen then.
     let mut tail: Vec<Option<usize>> = vec![None; k];
     let mut seen: Vec<Vec<Option<usize>>> = vec![vec![None; k]; k];
-    // The clock after each step: what its stream had seen then (itself included).
     let mut clock: Vec<Vec<Option<usize>>> = Vec::with_capacity(n);
-    for i in 0..n {
-        let latest = deps[i].iter().max().copied();
+    for (p, &i) in order.iter().enumerate() {
+        let dep_pos: Vec<usize> = deps[i].iter().map(|&d| pos[d]).collect();
+        let latest = dep_pos.iter().max().copied();
         let s = (0..k)
             .find(|&s| latest.is_some() && tail[s] == latest)
-            .or_else(|| (0..k).filter(|&s| tail[s].is_some_and(|t| deps[i].contains(&t))).max_by_key(|&s| tail[s]))
+            .or_else(|| (0..k).filter(|&s| tail[s].is_some_and(|t| dep_pos.contains(&t))).max_by_key(|&s| tail[s]))
             .unwrap_or_else(|| (0..k).min_by_key(|&s| tail[s].map_or(-1, |t| t as i64)).expect("at least one stream"));
         for t in (0..k).filter(|&t| t != s) {
-            let need = deps[i].iter().copied().filter(|&d| stream[d] == t && d < i).max();
-            if let Some(d) = need {
-                if seen[s][t].is_none_or(|w| w < d) {
-                    waits[i].push(d);
-                    recorded[d] = true;
+            let need = dep_pos.iter().copied().filter(|&q| stream[order[q]] == t).max();
+            if let Some(q) = need {
+                if seen[s][t].is_none_or(|w| w < q) {
+                    waits[i].push(order[q]);
+                    recorded[order[q]] = true;
                     for u in 0..k {
-                        seen[s][u] = seen[s][u].max(clock[d][u]);
+                        seen[s][u] = seen[s][u].max(clock[q][u]);
                     }
                 }
             }
         }
         stream[i] = s;
-        tail[s] = Some(i);
-        seen[s][s] = Some(i);
+        tail[s] = Some(p);
+        seen[s][s] = Some(p);
         clock.push(seen[s].clone());
     }
-    Schedule { streams: k, stream, waits, recorded }
+    Schedule { streams: k, order, stream, waits, recorded }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Every dependency is met: on the same stream earlier, or seen through the waits.
+    /// Every dependency is met, issuing in the schedule's order: on the same stream earlier, or
+    /// seen through the waits.
     fn respects(deps: &[Vec<usize>], s: &Schedule) -> bool {
+        let n = deps.len();
+        let mut pos = vec![0; n];
+        for (p, &i) in s.order.iter().enumerate() {
+            pos[i] = p;
+        }
         let mut seen: Vec<Vec<Option<usize>>> = vec![vec![None; s.streams]; s.streams];
-        let mut clock = vec![];
-        for (i, needs) in deps.iter().enumerate() {
+        let mut clock: Vec<Vec<Option<usize>>> = vec![];
+        for (p, &i) in s.order.iter().enumerate() {
             let st = s.stream[i];
             for &w in &s.waits[i] {
-                let c: &Vec<Option<usize>> = &clock[w];
+                let c = clock[pos[w]].clone();
                 for u in 0..s.streams {
                     seen[st][u] = seen[st][u].max(c[u]);
                 }
             }
-            for &d in needs {
-                if seen[st][s.stream[d]].is_none_or(|x| x < d) {
+            for &d in &deps[i] {
+                if pos[d] >= p || seen[st][s.stream[d]].is_none_or(|x| x < pos[d]) {
                     return false;
                 }
             }
-            seen[st][st] = Some(i);
+            seen[st][st] = Some(p);
             clock.push(seen[st].clone());
         }
         true
@@ -164,6 +192,45 @@ mod tests {
         assert!(respects(&deps, &s));
         let total: usize = s.waits.iter().map(|w| w.len()).sum();
         assert!(total <= 1, "{s:?}");
+    }
+
+    #[test]
+    fn a_step_ready_early_is_issued_early() {
+        // 0 -> 1 -> 2 -> 3 -> 4 is the chain; 5 needs only 0: issued second, beside the chain.
+        let deps = vec![vec![], vec![0], vec![1], vec![2], vec![3], vec![0]];
+        let s = schedule(&deps, 2);
+        assert_eq!(s.order, vec![0, 1, 5, 2, 3, 4]);
+        assert_ne!(s.stream[5], s.stream[1]);
+        assert!(respects(&deps, &s));
+    }
+
+    #[test]
+    fn random_graphs_on_one_to_four_streams_keep_every_dependency() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        for _ in 0..300 {
+            let n = 1 + next(40) as usize;
+            let deps: Vec<Vec<usize>> = (0..n).map(|i| (0..i).filter(|_| next(100) < 12).collect()).collect();
+            for k in 1..=4 {
+                let s = schedule(&deps, k);
+                assert!(respects(&deps, &s), "{deps:?} on {k} streams: {s:?}");
+                let mut sorted = s.order.clone();
+                sorted.sort();
+                assert_eq!(sorted, (0..n).collect::<Vec<_>>());
+                assert!(s.stream.iter().all(|&t| t < k));
+            }
+            let order = latest_first_order(&deps);
+            let mut done = vec![false; n];
+            for i in order {
+                assert!(deps[i].iter().all(|&d| done[d]));
+                done[i] = true;
+            }
+        }
     }
 
     #[test]

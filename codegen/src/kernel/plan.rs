@@ -27,6 +27,13 @@ pub struct MemoryPlan {
 /// Assigns temporaries to storage slots, reusing a slot of the same size once the buffer that held
 /// it has had its last reader; outputs and constants keep their own slots.
 pub fn plan_memory(kp: &KernelProgram) -> MemoryPlan {
+    plan_memory_with(kp, true)
+}
+
+/// `plan_memory`, or (`reuse: false`) a slot of its own for every temporary: more memory, but no
+/// step then waits for another only because it reuses its memory (for steps that run side by side
+/// on several streams).
+pub fn plan_memory_with(kp: &KernelProgram, reuse: bool) -> MemoryPlan {
     let bytes = |b: usize| (kp.buffers[b].len * elem_size(kp.buffers[b].dtype) as usize).div_ceil(8).max(1) * 8;
     let mut last_read: HashMap<usize, usize> = HashMap::new();
     for (i, s) in kp.steps.iter().enumerate() {
@@ -50,7 +57,8 @@ pub fn plan_memory(kp: &KernelProgram) -> MemoryPlan {
         for &w in &writes {
             if slot[w].is_none() && kp.buffers[w].kind == BufKind::Temp {
                 let n = bytes(w);
-                let reused = if kp.outputs.contains(&w) { None } else { free.get_mut(&n).and_then(|v| v.pop()) };
+                let reusable = reuse && !kp.outputs.contains(&w);
+                let reused = if reusable { free.get_mut(&n).and_then(|v| v.pop()) } else { None };
                 slot[w] = Some(reused.unwrap_or_else(|| {
                     slot_bytes.push(n);
                     slot_bytes.len() - 1
