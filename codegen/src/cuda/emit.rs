@@ -108,6 +108,16 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
             (len >= 2).then_some(first)
         })
         .collect();
+    // Elementwise kernels without their dims of size 1, so that a `[n, 1]` kernel can follow one
+    // over `[n]` (see `group`).
+    let squeezed: Vec<Option<LoopKernel>> = kp
+        .steps
+        .iter()
+        .map(|s| match s {
+            Step::Loop(k) if k.reduce.is_none() => Some(crate::kernel::squeeze(k)),
+            _ => None,
+        })
+        .collect();
     let mut step_run: Vec<Option<usize>> = vec![];
     let mut i = 0;
     while i < kp.steps.len() {
@@ -115,7 +125,7 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
         // A loop kernel (or a product's epilogue) and the elementwise kernels that can follow it.
         let mut product = None;
         let (primary, extra) = match &kp.steps[i] {
-            Step::Loop(k) => (Some(k), vec![]),
+            Step::Loop(k) => (Some(squeezed[i].as_ref().unwrap_or(k)), vec![]),
             Step::MatMul(mm) => {
                 if mm.dtype.is_float() && mm.batch * mm.m * mm.n * mm.k > SMALL_PRODUCT {
                     e.steps.push(DeviceStep::Gemm(mm.clone()));
@@ -145,7 +155,7 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
         i += 1;
         if let Some(k) = primary {
             let mut members = vec![k];
-            while let Some(Step::Loop(next)) = kp.steps.get(i) {
+            while let Some(Some(next)) = squeezed.get(i) {
                 if !can_follow(&e.loc, &members, next) {
                     break;
                 }

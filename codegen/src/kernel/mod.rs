@@ -13,7 +13,7 @@ mod plan;
 mod updates;
 
 pub use lower::lower;
-pub use plan::{collapse, elem_size, plan_memory, plan_memory_with, MemoryPlan};
+pub use plan::{collapse, elem_size, plan_memory, plan_memory_with, squeeze, MemoryPlan};
 pub use updates::{place_updates, step_reads, step_writes, UpdateWrite};
 
 use kiln_ir::ops::fused::ScalarExpr;

@@ -80,6 +80,23 @@ pub fn plan_memory_with(kp: &KernelProgram, reuse: bool) -> MemoryPlan {
     MemoryPlan { slot, slot_bytes }
 }
 
+/// An elementwise kernel without its dims of size 1 (their index is always 0), so that it can be
+/// compared with kernels over the same elements shaped without them (a `[16, 1]` row statistic
+/// and the `[16]` rows of the reduction that made it). Kernels with only such dims stay as they are.
+pub fn squeeze(k: &LoopKernel) -> LoopKernel {
+    let keep: Vec<usize> = (0..k.shape.len()).filter(|&d| k.shape[d] != 1).collect();
+    if k.reduce.is_some() || keep.is_empty() || keep.len() == k.shape.len() {
+        return k.clone();
+    }
+    let view = |v: &View| View { buf: v.buf, offset: v.offset, strides: keep.iter().map(|&d| v.strides[d]).collect() };
+    LoopKernel {
+        shape: keep.iter().map(|&d| k.shape[d]).collect(),
+        inputs: k.inputs.iter().map(view).collect(),
+        out: view(&k.out),
+        ..k.clone()
+    }
+}
+
 /// Merges adjacent dims that every view walks contiguously (and drops dims of size 1).
 pub fn collapse(k: &LoopKernel) -> LoopKernel {
     let reduced = k.reduce.map_or(0, |r| r.1);
