@@ -108,13 +108,13 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
             (len >= 2).then_some(first)
         })
         .collect();
-    // Elementwise kernels without their dims of size 1, so that a `[n, 1]` kernel can follow one
-    // over `[n]` (see `group`).
+    // Loop kernels, elementwise ones without their dims of size 1 so that a `[n, 1]` kernel can
+    // follow one over `[n]` (see `group`).
     let squeezed: Vec<Option<LoopKernel>> = kp
         .steps
         .iter()
         .map(|s| match s {
-            Step::Loop(k) if k.reduce.is_none() => Some(crate::kernel::squeeze(k)),
+            Step::Loop(k) => Some(crate::kernel::squeeze(k)),
             _ => None,
         })
         .collect();
@@ -637,7 +637,11 @@ impl<'a> Emitter<'a> {
     /// Every follower at the current multi-index of the kept dims (after the first member stored).
     pub(super) fn followers_element(&mut self, dims: usize, out: &mut Vec<Stmt>) {
         for m in 1..self.group.len() {
-            self.member_element(m, dims, out);
+            if self.group[m].kernel.reduce.is_some() {
+                self.follower_reduction(m, out);
+            } else {
+                self.member_element(m, dims, out);
+            }
         }
     }
 

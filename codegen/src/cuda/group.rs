@@ -7,6 +7,11 @@
 //! only its own index of everything the group writes: it may read a group member's output only at
 //! the index that member wrote, and may write memory the group reads or writes only at that same
 //! index. Memory is compared by physical location (the memory plan reuses slots), not by buffer.
+//!
+//! A reduction can follow a reduction over the same rows when rows are short enough for a thread
+//! to reduce a whole row alone (`THREAD_ROWS`): the thread that finished row `o` of the first
+//! reduces row `o` of the next, taking the first's result for that row from a register. The
+//! softmax cross-entropy's row maximum, row sum of exponentials and loss become one pass per row.
 
 use crate::kernel::{BufKind, KernelProgram, LoopKernel, MemoryPlan, View};
 
@@ -35,6 +40,10 @@ pub(super) fn locations(kp: &KernelProgram, mem: &MemoryPlan) -> Vec<Location> {
 /// At most this many followers per group (keeps kernels readable and registers few).
 const MAX_FOLLOWERS: usize = 8;
 
+/// Rows of at most this many elements are reduced by one thread each (`reduce::ReduceShape::
+/// Thread`), whatever the launch: the one shape where a reduction can follow another.
+pub(super) const THREAD_ROWS: usize = 16;
+
 fn kept_dims(k: &LoopKernel) -> usize {
     k.shape.len() - k.reduce.map_or(0, |r| r.1)
 }
@@ -43,10 +52,38 @@ pub(super) fn same_view(a: &View, b: &View) -> bool {
     a.offset == b.offset && a.strides == b.strides
 }
 
+/// Whether input view `v` of a reduction over `kept` kept dims reads `out` (a member's output over
+/// the kept dims) at the thread's own row: the same element for every element of the row.
+fn reads_row_value(v: &View, out: &View, kept: usize) -> bool {
+    v.offset == out.offset && v.strides[..kept] == out.strides[..] && v.strides[kept..].iter().all(|&s| s == 0)
+}
+
+/// Whether input `v` of follower `f` reads what member `w` wrote, at the index the thread owns.
+fn reads_own(f: &LoopKernel, v: &View, w: &View) -> bool {
+    match f.reduce {
+        Some(_) => {
+            v.strides.len() == f.shape.len() && w.strides.len() == kept_dims(f) && reads_row_value(v, w, kept_dims(f))
+        }
+        None => same_view(w, v),
+    }
+}
+
 /// Whether `cand` can follow the group `members` (the primary first).
 pub(super) fn can_follow(loc: &[Location], members: &[&LoopKernel], cand: &LoopKernel) -> bool {
     let primary = members[0];
-    if cand.reduce.is_some() || members.len() > MAX_FOLLOWERS || cand.shape[..] != primary.shape[..kept_dims(primary)] {
+    if members.len() > MAX_FOLLOWERS {
+        return false;
+    }
+    let fits = match (cand.reduce, primary.reduce) {
+        (None, _) => cand.shape[..] == primary.shape[..kept_dims(primary)],
+        // A reduction over the same short rows, each reduced by the thread that owns it.
+        (Some(c), Some(p)) => {
+            let row_len: usize = primary.shape[kept_dims(primary)..].iter().product();
+            c.1 == p.1 && cand.shape == primary.shape && row_len <= THREAD_ROWS
+        }
+        (Some(_), None) => false,
+    };
+    if !fits {
         return false;
     }
     let writes: Vec<(Location, &View)> = members.iter().map(|m| (loc[m.out.buf], &m.out)).collect();
@@ -56,7 +93,8 @@ pub(super) fn can_follow(loc: &[Location], members: &[&LoopKernel], cand: &LoopK
     for m in &members[1..] {
         reads.extend(m.inputs.iter().map(|v| (loc[v.buf], v, false)));
     }
-    let inputs_ok = cand.inputs.iter().all(|v| writes.iter().filter(|w| w.0 == loc[v.buf]).all(|w| same_view(w.1, v)));
+    let inputs_ok =
+        cand.inputs.iter().all(|v| writes.iter().filter(|w| w.0 == loc[v.buf]).all(|w| reads_own(cand, v, w.1)));
     let o = &cand.out;
     let out_ok = reads.iter().filter(|r| r.0 == loc[o.buf]).all(|r| !r.2 && same_view(r.1, o))
         && writes.iter().filter(|w| w.0 == loc[o.buf]).all(|w| same_view(w.1, o));
@@ -69,7 +107,9 @@ pub(super) fn forwarded(loc: &[Location], members: &[&LoopKernel], f: usize) -> 
     members[f]
         .inputs
         .iter()
-        .map(|v| (0..f).rev().find(|&m| loc[members[m].out.buf] == loc[v.buf] && same_view(&members[m].out, v)))
+        .map(|v| {
+            (0..f).rev().find(|&m| loc[members[m].out.buf] == loc[v.buf] && reads_own(members[f], v, &members[m].out))
+        })
         .collect()
 }
 
@@ -101,6 +141,15 @@ pub(super) fn collapse_group(members: &[&LoopKernel]) -> Vec<LoopKernel> {
     }];
     let cut = |v: View| View { strides: v.strides[..kept].to_vec(), ..v };
     for m in &members[1..] {
+        if m.reduce.is_some() {
+            // A reduction follower walks the same space; only its output is over the kept dims.
+            let inputs = views.by_ref().take(m.inputs.len()).collect();
+            let o = cut(views.next().expect("one view per follower output"));
+            // Its own operation, over the reduced dims as collapsed for the whole group.
+            let reduce = m.reduce.zip(c.reduce).map(|((op, _), (_, n))| (op, n));
+            out.push(LoopKernel { inputs, out: o, shape: c.shape.clone(), reduce, ..(*m).clone() });
+            continue;
+        }
         let inputs = views.by_ref().take(m.inputs.len()).map(cut).collect();
         let o = cut(views.next().expect("one view per follower output"));
         out.push(LoopKernel { inputs, out: o, shape: c.shape[..kept].to_vec(), reduce: None, ..(*m).clone() });
@@ -181,6 +230,27 @@ mod tests {
         // at the same index it is safe: each thread reads its element before writing it
         let a = kernel(&[4, 4], vec![view(0, &[4, 1])], view(1, &[4, 1]), None);
         assert!(can_follow(&loc, &[&a], &b));
+    }
+
+    #[test]
+    fn a_reduction_over_the_same_short_rows_follows_and_takes_the_row_value() {
+        let loc = locs(&[]);
+        // row maxima of buffer 0 into 1, then sum(exp(x - max)) reading the maxima per row
+        let max = kernel(&[4, 10], vec![view(0, &[10, 1])], view(1, &[1]), Some((ReduceOp::Max, 1)));
+        let sum = kernel(&[4, 10], vec![view(0, &[10, 1]), view(1, &[1, 0])], view(2, &[1]), Some((ReduceOp::Sum, 1)));
+        assert!(can_follow(&loc, &[&max], &sum));
+        assert_eq!(forwarded(&loc, &[&max, &sum], 1), vec![None, Some(0)]);
+        // rows too long for a thread each, or another reduced space: no
+        let (max_long, sum_long) = (
+            kernel(&[4, 100], vec![view(0, &[100, 1])], view(1, &[1]), Some((ReduceOp::Max, 1))),
+            kernel(&[4, 100], vec![view(0, &[100, 1]), view(1, &[1, 0])], view(2, &[1]), Some((ReduceOp::Sum, 1))),
+        );
+        assert!(!can_follow(&loc, &[&max_long], &sum_long));
+        let cols = kernel(&[10, 4], vec![view(0, &[1, 10])], view(2, &[1]), Some((ReduceOp::Sum, 1)));
+        assert!(!can_follow(&loc, &[&max], &cols));
+        // reading the maxima at another row than the thread's own: no
+        let shifted = kernel(&[4, 10], vec![view(1, &[0, 1])], view(2, &[1]), Some((ReduceOp::Sum, 1)));
+        assert!(!can_follow(&loc, &[&max], &shifted));
     }
 
     #[test]

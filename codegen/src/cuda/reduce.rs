@@ -204,16 +204,19 @@ impl<'a> Emitter<'a> {
         }
     }
 
-    /// The value stored for a finished row of `row_len` elements.
-    /// Stores a finished row of `row_len` elements, then runs the group's followers at its index.
-    fn finish(&mut self, k: &LoopKernel, op: ReduceOp, d: DType, row_len: usize, at: Expr) -> Stmt {
-        let ad = acc_dtype(op, d);
-        let (value, dtype) = match op {
+    /// The value of a finished row of `row_len` elements (from `acc`, `best`), and its dtype.
+    fn row_value(op: ReduceOp, d: DType, row_len: usize) -> (Expr, DType) {
+        match op {
             // An empty row (or, never, an unset best) gives index 0.
             ReduceOp::ArgMax => (select(bin(BinOp::Eq, var("best"), int(i64::MAX)), int(0), var("best")), DType::I64),
             ReduceOp::Mean => (cast(CType::Double, var("acc")) / Expr::F64(row_len as f64), DType::F64),
-            _ => (var("acc"), ad),
-        };
+            _ => (var("acc"), acc_dtype(op, d)),
+        }
+    }
+
+    /// Stores a finished row of `row_len` elements, then runs the group's followers at its index.
+    fn finish(&mut self, k: &LoopKernel, op: ReduceOp, d: DType, row_len: usize, at: Expr) -> Stmt {
+        let (value, dtype) = Self::row_value(op, d, row_len);
         let mut out = vec![];
         let y = self.member_value(0, value, dtype, "", &mut out);
         out.push(assign(index(var("out"), at), y));
@@ -495,6 +498,41 @@ impl<'a> Emitter<'a> {
         });
         combine.push(self.finish(k, op, d, row_len, offset(&k.out, kept)));
         combine
+    }
+
+    /// Follower `m`, a reduction over the same short rows as the group's first member, for the row
+    /// this thread just finished: its own accumulator (shadowing the first's in a nested block), its
+    /// inputs read at the row's elements or, for earlier members' results, from their registers;
+    /// its result declared outside the block as `y{m}` for the members after it.
+    pub(super) fn follower_reduction(&mut self, m: usize, out: &mut Vec<Stmt>) {
+        let k = self.group[m].kernel.clone();
+        let dtypes = self.group[m].dtypes.clone();
+        let (op, reduced) = k.reduce.expect("a reduction follower");
+        let kept = k.shape.len() - reduced;
+        let row_len: usize = k.shape[kept..].iter().product();
+        let d = *dtypes.last().expect("non-empty");
+        let it = self.index_type(&k);
+        let y = format!("y{m}");
+        out.push(Stmt::Decl { ty: CType::of(k.out_dtype), name: y.clone(), init: None, constant: false });
+        let mut block = vec![];
+        self.init_acc(op, d, &mut block);
+        let mut per_elem = vec![];
+        decompose(var("r"), &k.shape[kept..], kept, it, &mut per_elem);
+        let ins = self.member_inputs(m, k.shape.len(), "", &mut per_elem);
+        let v = self.exprs(&k, &dtypes, &ins, &format!("_f{m}"), &mut per_elem);
+        self.combine(op, d, v, cast(CType::LongLong, var("r")), &mut per_elem);
+        block.push(Stmt::For {
+            ty: it,
+            var: "r".into(),
+            init: int(0),
+            end: int(row_len as i64),
+            step: int(1),
+            body: per_elem,
+        });
+        let (value, dtype) = Self::row_value(op, d, row_len);
+        block.push(assign(var(&y), self.scalars.unary(kiln_ir::ops::UnaryOp::Cast(k.out_dtype), dtype, value)));
+        block.push(assign(index(var(format!("f{m}_out")), offset(&k.out, kept)), var(&y)));
+        out.push(Stmt::Block(block));
     }
 
     /// Resets `acc` to the reduction's identity.
