@@ -334,9 +334,15 @@ fn one_epoch_on_the_real_fashion_mnist() {
 
 #[test]
 fn fit_on_the_gpu_where_there_is_one() {
-    if let Some(why) = kiln::testing::cuda_skip_reason() {
-        kiln::testing::note(&format!("skipped, no usable GPU: {why}"));
-        return;
+    // The GPU, and the CUDA emulator (the same program on the CPU), each where it can run.
+    let mut devices = vec![];
+    match kiln::testing::emulator_skip_reason() {
+        None => devices.push(Device::CudaEmulator),
+        Some(why) => kiln::testing::note(&format!("emulator skipped: {why}")),
+    }
+    match kiln::testing::cuda_skip_reason() {
+        None => devices.push(Device::Cuda(0)),
+        Some(why) => kiln::testing::note(&format!("skipped, no usable GPU: {why}")),
     }
     let (x, y) = blobs(90);
     let on = |device| {
@@ -344,9 +350,12 @@ fn fit_on_the_gpu_where_there_is_one() {
         m.compile(Loss::SparseCategoricalCrossentropy, Optimizer::adam(0.05), &[Metric::Accuracy]).unwrap();
         m.fit(&x, &y, &Fit { epochs: 4, batch_size: 16, seed: 4, verbose: 0, ..Fit::default() }).unwrap().loss()
     };
-    let (cpu, gpu) = (on(Device::Cpu), on(Device::Cuda(0)));
-    for (a, b) in cpu.iter().zip(&gpu) {
-        assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()), "cpu {cpu:?} gpu {gpu:?}");
+    let cpu = on(Device::Cpu);
+    for device in devices {
+        let gpu = on(device);
+        for (a, b) in cpu.iter().zip(&gpu) {
+            assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()), "cpu {cpu:?} {device:?} {gpu:?}");
+        }
     }
 }
 
