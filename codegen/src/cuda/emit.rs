@@ -13,7 +13,7 @@ use super::ast::*;
 use super::group::{can_follow, collapse_group, forwarded, locations, Location};
 use super::scalar::{scalar_literal, Scalars};
 use super::side;
-use super::single::{join, RUN_ELEMENTS, RUN_MACS, SINGLE_BLOCK_ELEMENTS};
+use super::single::{self, fits_a_run, join, SINGLE_BLOCK_ELEMENTS};
 use crate::kernel::{BufId, KernelProgram, LoopKernel, MatMul, MemoryPlan, Step, View};
 use kiln_ir::ops::fused::{FusedKernel, ScalarExpr};
 use kiln_ir::ops::UnaryOp;
@@ -180,10 +180,10 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
         }
         step_run.resize(e.steps.len(), run[at]);
     }
-    e.join_runs(&step_run);
-    if !single_block && !forced {
-        e.join_side_by_side();
-    }
+    let (steps, kernels) = (std::mem::take(&mut e.steps), std::mem::take(&mut e.kernels));
+    let (steps, kernels) = single::join_runs(steps, kernels, &step_run, &e.loc);
+    (e.steps, e.kernels) =
+        if !single_block && !forced { side::join_all(steps, kernels, &e.loc) } else { (steps, kernels) };
     if single_block {
         let (kernel, step) =
             join("k_step", "the whole step", std::mem::take(&mut e.kernels), std::mem::take(&mut e.steps), &e.loc);
@@ -197,29 +197,6 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
     let deps = super::schedule::dependencies(&e.steps, &e.kernels, &e.loc);
     let module = Module { helpers: e.scalars.prelude(), kernels: e.kernels };
     Ok(DeviceProgram { module, steps: e.steps, errors: e.errors, scratch: e.scratch, deps })
-}
-
-/// Whether a step is small enough to be a section of a single-block run: a few passes of the
-/// block, and reductions of short rows (a thread per row) or of a few rows (the block per row).
-fn fits_a_run(kp: &KernelProgram, s: &Step) -> bool {
-    let small_loop = |k: &LoopKernel| {
-        let n: usize = k.shape.iter().product();
-        n <= RUN_ELEMENTS
-            && k.reduce.is_none_or(|(_, r)| {
-                let row_len: usize = k.shape[k.shape.len() - r..].iter().product();
-                row_len <= 16 || n / row_len.max(1) <= 4
-            })
-    };
-    match s {
-        Step::Loop(k) => small_loop(k),
-        Step::MatMul(mm) => {
-            mm.batch * mm.m * mm.n * mm.k <= RUN_MACS
-                && mm.batch * mm.m * mm.n <= RUN_ELEMENTS
-                && mm.epilogue.as_deref().is_none_or(small_loop)
-        }
-        Step::Gather(g) | Step::ScatterAdd(g) => kp.buffers[g.out].len <= RUN_ELEMENTS,
-        Step::Random { out, .. } => kp.buffers[*out].len <= RUN_ELEMENTS,
-    }
 }
 
 pub(super) struct Emitter<'a> {
@@ -434,79 +411,6 @@ impl<'a> Emitter<'a> {
         self.kernels.push(Kernel { name: primary.name.clone(), comments, params, body, launch });
         self.steps.push(DeviceStep::Launch(Launchable { kernel: primary.name.clone(), args, launch }));
         Ok(())
-    }
-
-    /// Joins each stretch of two or more device steps of the same run (`step_run`, one entry per
-    /// step) into one single-block kernel named after its first section.
-    fn join_runs(&mut self, step_run: &[Option<usize>]) {
-        let (steps, mut kernels) = (std::mem::take(&mut self.steps), std::mem::take(&mut self.kernels));
-        let mut s = 0;
-        while s < steps.len() {
-            let len = match step_run[s] {
-                Some(r) => step_run[s..].iter().take_while(|&&x| x == Some(r)).count(),
-                None => 1,
-            };
-            let stretch = &steps[s..s + len];
-            if len < 2 {
-                self.steps.extend_from_slice(stretch);
-                s += len;
-                continue;
-            }
-            let names: Vec<&str> = stretch
-                .iter()
-                .map(|st| match st {
-                    DeviceStep::Launch(l) => l.kernel.as_str(),
-                    DeviceStep::Gemm(_) => unreachable!("runs have no cuBLAS products"),
-                })
-                .collect();
-            let first = names[0].split('_').next().unwrap_or(names[0]);
-            let name = format!("{first}_run");
-            let sections: Vec<Kernel> = kernels.iter().filter(|k| names.contains(&k.name.as_str())).cloned().collect();
-            let at = kernels.iter().position(|k| k.name == names[0]).expect("the run's first kernel");
-            let (kernel, step) = join(&name, &format!("{len} kernels"), sections, stretch.to_vec(), &self.loc);
-            kernels.retain(|k| !names.contains(&k.name.as_str()));
-            kernels.insert(at.min(kernels.len()), kernel);
-            self.steps.push(step);
-            s += len;
-        }
-        self.kernels = kernels;
-    }
-
-    /// Joins consecutive independent launches side by side (see `side`).
-    fn join_side_by_side(&mut self) {
-        let (steps, mut kernels) = (std::mem::take(&mut self.steps), std::mem::take(&mut self.kernels));
-        let mut s = 0;
-        while s < steps.len() {
-            let mut group: Vec<&Launchable> = vec![];
-            if let DeviceStep::Launch(l) = &steps[s] {
-                if side::can_start(l) {
-                    group.push(l);
-                    while let Some(DeviceStep::Launch(next)) = steps.get(s + group.len()) {
-                        if !side::can_join(&self.loc, &kernels, &group, next) {
-                            break;
-                        }
-                        group.push(next);
-                    }
-                }
-            }
-            if group.len() < 2 {
-                self.steps.push(steps[s].clone());
-                s += 1;
-                continue;
-            }
-            let names: Vec<&str> = group.iter().map(|l| l.kernel.as_str()).collect();
-            let sections: Vec<Kernel> = names
-                .iter()
-                .map(|n| kernels.iter().find(|k| k.name == *n).expect("every launch has its kernel").clone())
-                .collect();
-            let at = kernels.iter().position(|k| k.name == names[0]).expect("the group's first kernel");
-            let (kernel, step) = side::join(sections, group.iter().map(|l| (*l).clone()).collect());
-            kernels.retain(|k| !names.contains(&k.name.as_str()));
-            kernels.insert(at.min(kernels.len()), kernel);
-            self.steps.push(step);
-            s += names.len();
-        }
-        self.kernels = kernels;
     }
 
     /// A zeroed scratch buffer of `bytes` for the kernel being emitted, as parameter `name`.

@@ -109,3 +109,44 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
     let kernel = Kernel { name: name.clone(), comments, params, body: tail, launch };
     (kernel, DeviceStep::Launch(Launchable { kernel: name, args, launch }))
 }
+
+/// Joins consecutive independent launches side by side (see `side`).
+pub(super) fn join_all(
+    steps: Vec<DeviceStep>,
+    mut kernels: Vec<Kernel>,
+    loc: &[Location],
+) -> (Vec<DeviceStep>, Vec<Kernel>) {
+    let mut joined = vec![];
+    let mut s = 0;
+    while s < steps.len() {
+        let mut group: Vec<&Launchable> = vec![];
+        if let DeviceStep::Launch(l) = &steps[s] {
+            if can_start(l) {
+                group.push(l);
+                while let Some(DeviceStep::Launch(next)) = steps.get(s + group.len()) {
+                    if !can_join(loc, &kernels, &group, next) {
+                        break;
+                    }
+                    group.push(next);
+                }
+            }
+        }
+        if group.len() < 2 {
+            joined.push(steps[s].clone());
+            s += 1;
+            continue;
+        }
+        let names: Vec<&str> = group.iter().map(|l| l.kernel.as_str()).collect();
+        let sections: Vec<Kernel> = names
+            .iter()
+            .map(|n| kernels.iter().find(|k| k.name == *n).expect("every launch has its kernel").clone())
+            .collect();
+        let at = kernels.iter().position(|k| k.name == names[0]).expect("the group's first kernel");
+        let (kernel, step) = join(sections, group.iter().map(|l| (*l).clone()).collect());
+        kernels.retain(|k| !names.contains(&k.name.as_str()));
+        kernels.insert(at.min(kernels.len()), kernel);
+        joined.push(step);
+        s += names.len();
+    }
+    (joined, kernels)
+}

@@ -14,6 +14,7 @@ use super::ast::*;
 use super::emit::{DeviceStep, Launchable};
 use super::group::Location;
 use super::side::accesses;
+use crate::kernel::{KernelProgram, LoopKernel, Step};
 use std::collections::HashMap;
 
 /// Loop kernels up to this many elements can run in the single block.
@@ -150,4 +151,68 @@ pub(super) fn join(
     let launch = Launch { grid: (1, 1), block: (SINGLE_BLOCK_THREADS, 1) };
     let kernel = Kernel { name: name.into(), comments, params, body, launch };
     (kernel, DeviceStep::Launch(Launchable { kernel: name.into(), args, launch }))
+}
+
+/// Joins each stretch of two or more device steps of the same run (`step_run`, one entry per
+/// step) into one single-block kernel named after its first section.
+pub(super) fn join_runs(
+    steps: Vec<DeviceStep>,
+    mut kernels: Vec<Kernel>,
+    step_run: &[Option<usize>],
+    loc: &[Location],
+) -> (Vec<DeviceStep>, Vec<Kernel>) {
+    let mut joined = vec![];
+    let mut s = 0;
+    while s < steps.len() {
+        let len = match step_run[s] {
+            Some(r) => step_run[s..].iter().take_while(|&&x| x == Some(r)).count(),
+            None => 1,
+        };
+        let stretch = &steps[s..s + len];
+        if len < 2 {
+            joined.extend_from_slice(stretch);
+            s += len;
+            continue;
+        }
+        let names: Vec<&str> = stretch
+            .iter()
+            .map(|st| match st {
+                DeviceStep::Launch(l) => l.kernel.as_str(),
+                DeviceStep::Gemm(_) => unreachable!("runs have no cuBLAS products"),
+            })
+            .collect();
+        let first = names[0].split('_').next().unwrap_or(names[0]);
+        let name = format!("{first}_run");
+        let sections: Vec<Kernel> = kernels.iter().filter(|k| names.contains(&k.name.as_str())).cloned().collect();
+        let at = kernels.iter().position(|k| k.name == names[0]).expect("the run's first kernel");
+        let (kernel, step) = join(&name, &format!("{len} kernels"), sections, stretch.to_vec(), loc);
+        kernels.retain(|k| !names.contains(&k.name.as_str()));
+        kernels.insert(at.min(kernels.len()), kernel);
+        joined.push(step);
+        s += len;
+    }
+    (joined, kernels)
+}
+
+/// Whether a step is small enough to be a section of a single-block run: a few passes of the
+/// block, and reductions of short rows (a thread per row) or of a few rows (the block per row).
+pub(super) fn fits_a_run(kp: &KernelProgram, s: &Step) -> bool {
+    let small_loop = |k: &LoopKernel| {
+        let n: usize = k.shape.iter().product();
+        n <= RUN_ELEMENTS
+            && k.reduce.is_none_or(|(_, r)| {
+                let row_len: usize = k.shape[k.shape.len() - r..].iter().product();
+                row_len <= 16 || n / row_len.max(1) <= 4
+            })
+    };
+    match s {
+        Step::Loop(k) => small_loop(k),
+        Step::MatMul(mm) => {
+            mm.batch * mm.m * mm.n * mm.k <= RUN_MACS
+                && mm.batch * mm.m * mm.n <= RUN_ELEMENTS
+                && mm.epilogue.as_deref().is_none_or(small_loop)
+        }
+        Step::Gather(g) | Step::ScatterAdd(g) => kp.buffers[g.out].len <= RUN_ELEMENTS,
+        Step::Random { out, .. } => kp.buffers[*out].len <= RUN_ELEMENTS,
+    }
 }
