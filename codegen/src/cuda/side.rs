@@ -4,7 +4,8 @@
 //! `[0, G0)` run the first kernel's body, `[G0, G0 + G1)` the second's, and so on: each section
 //! reads `blockIdx` relative to its first block and `gridDim` as its own grid, and a section
 //! written for a two-dimensional block (a 32x8 reduction tile) reads its thread indices from the
-//! flat ones. A whole block runs one section, so block barriers stay correct. In a training step
+//! flat ones, and one written for a two-dimensional grid (a split reduction) its block indices from
+//! its range of the flat grid. A whole block runs one section, so block barriers stay correct. In a training step
 //! this puts a layer's bias gradient beside its weight update: one launch (one graph node) fewer
 //! each, and the two run at the same time instead of one after the other.
 
@@ -40,8 +41,8 @@ pub(super) fn can_join(loc: &[Location], kernels: &[Kernel], group: &[&Launchabl
     let kernel = |l: &Launchable| kernels.iter().find(|k| k.name == l.kernel).expect("every launch has its kernel");
     let threads = |l: &Launchable| l.launch.block.0 * l.launch.block.1;
     let first = group[0];
-    let grid: usize = group.iter().map(|l| l.launch.grid.0 as usize).sum::<usize>() + b.launch.grid.0 as usize;
-    if group.len() >= MAX_SECTIONS || b.launch.grid.1 != 1 || b.launch.grid.0 == 0 || grid > MAX_GRID {
+    let grid: usize = group.iter().map(|l| blocks(l)).sum::<usize>() + blocks(b);
+    if group.len() >= MAX_SECTIONS || blocks(b) == 0 || grid > MAX_GRID {
         return false;
     }
     if threads(b) != threads(first) {
@@ -54,9 +55,14 @@ pub(super) fn can_join(loc: &[Location], kernels: &[Kernel], group: &[&Launchabl
     })
 }
 
+/// The blocks of a launch's grid.
+fn blocks(l: &Launchable) -> usize {
+    l.launch.grid.0 as usize * l.launch.grid.1 as usize
+}
+
 /// Whether a launch can start a side-by-side group.
 pub(super) fn can_start(l: &Launchable) -> bool {
-    l.launch.grid.1 == 1 && l.launch.grid.0 > 0
+    blocks(l) > 0
 }
 
 /// Joins `kernels` (each launched once, in order, by `launches`) side by side into one kernel.
@@ -71,7 +77,8 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
     let mut start = 0u32;
     for (s, l) in launches.iter().enumerate() {
         let k = kernels.iter().find(|k| k.name == l.kernel).expect("every launch has its kernel");
-        let (grid, (bx, by)) = (l.launch.grid.0, l.launch.block);
+        let ((gx, gy), (bx, by)) = (l.launch.grid, l.launch.block);
+        let grid = gx * gy;
         let names = section_names(s, k);
         params.extend(k.params.iter().map(|p| Param { name: names[&p.name].clone(), ..p.clone() }));
         args.extend_from_slice(&l.args);
@@ -79,11 +86,20 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
         comments.extend(k.comments.iter().map(|c| format!("    {c}")));
         let tid = || cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx));
         let mut body = k.body.clone();
-        rewrite_stmts(&mut body, &names, &|b| match b {
-            Builtin::BlockIdx if start > 0 => {
-                Some(cast(CType::Int, Expr::Builtin(Builtin::BlockIdx)) - int(start as i64))
+        // The section's own block index: from its first block on, its grid's x then y.
+        let local = || {
+            let b = cast(CType::Int, Expr::Builtin(Builtin::BlockIdx));
+            if start > 0 {
+                b - int(start as i64)
+            } else {
+                b
             }
-            Builtin::GridDim => Some(int(grid as i64)),
+        };
+        rewrite_stmts(&mut body, &names, &|b| match b {
+            Builtin::BlockIdx if gy > 1 => Some(local() % int(gx as i64)),
+            Builtin::BlockIdxY if gy > 1 => Some(local() / int(gx as i64)),
+            Builtin::BlockIdx if start > 0 => Some(local()),
+            Builtin::GridDim => Some(int(gx as i64)),
             Builtin::BlockDim => Some(int(bx as i64)),
             Builtin::ThreadIdx if by > 1 => Some(tid() % int(bx as i64)),
             Builtin::ThreadIdxY if by > 1 => Some(tid() / int(bx as i64)),
