@@ -4,7 +4,9 @@
 //! constants (every program is specialized), so index arithmetic divides by literals. Elementwise
 //! kernels over contiguous float32 data read and write 16 bytes at a time; reductions run one
 //! warp-shuffle block per output row when the reduced dim is contiguous, a 32x8 tile per 32
-//! outputs when the kept dim is (column sums), or one thread per output when rows are short.
+//! outputs when the kept dim is (column sums), or one thread per output when rows are short. After
+//! emission, runs of tiny kernels become single-block kernels (`single`) and independent neighbours
+//! share a launch (`side`); the steps' dependencies are recorded for the scheduler (`schedule`).
 //! Kernels never read or write outside their buffers: views were checked by the lowering, and
 //! indices read from buffers are checked in the kernel (an out-of-range index sets an error code
 //! and reads element 0 instead).

@@ -1,7 +1,9 @@
 //! The CUDA backend: the kernel program printed as CUDA C (`emit` builds a typed AST, `print`
-//! prints it), compiled by NVRTC at run time, run on one stream with cuBLAS for float products.
-//! The runtime (`exec`, `runtime`, and NVRTC itself) needs the `cuda` feature (on by default);
-//! without it the CUDA C is still generated, and `Device::Cuda` says the feature is off.
+//! prints it), compiled by NVRTC at run time, run with cuBLAS for float products on one stream (or,
+//! opt-in, on several: `schedule`). Kernels are joined where that is safe (`group`, `single`,
+//! `side`), since a small step pays per launch. The runtime (`exec`, `runtime`, and NVRTC itself)
+//! needs the `cuda` feature (on by default); without it the CUDA C is still generated, and
+//! `Device::Cuda` says the feature is off. `emulator` runs the same program on the CPU, for tests.
 pub mod ast;
 pub mod emit;
 pub mod emulator;
