@@ -5,9 +5,9 @@
 //! reads `blockIdx` relative to its first block and `gridDim` as its own grid, and a section
 //! written for a two-dimensional block (a 32x8 reduction tile) reads its thread indices from the
 //! flat ones, and one written for a two-dimensional grid (a split reduction) its block indices from
-//! its range of the flat grid. A whole block runs one section, so block barriers stay correct. In a training step
-//! this puts a layer's bias gradient beside its weight update: one launch (one graph node) fewer
-//! each, and the two run at the same time instead of one after the other.
+//! its range of the flat grid. A whole block runs one section, so block barriers stay correct. In
+//! a training step this puts a layer's bias gradient beside its weight update: one launch (one
+//! graph node) fewer each, and the two run at the same time instead of one after the other.
 
 use super::ast::*;
 use super::emit::{DeviceStep, KernelArg, Launchable, MAX_GRID};
