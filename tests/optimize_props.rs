@@ -1,6 +1,8 @@
-//! Property test: random graphs give the same values optimized (every pass, fusion included) and
-//! unoptimized, on the reference backend and on the CPU backend. Where the unoptimized graph overflows or cancels to a non-finite value the optimized
-//! one may be finite (that is what stabilization is for), so only finite reference values are compared.
+//! Property tests: random graphs give the same values optimized (every pass, fusion included) and
+//! unoptimized, on the reference backend and on the CPU backend; and the CUDA backend's program for
+//! them, run on the CUDA emulator, gives the reference's values. Where the unoptimized graph
+//! overflows or cancels to a non-finite value the optimized one may be finite (that is what
+//! stabilization is for), so only finite reference values are compared.
 #![allow(clippy::cloned_ref_to_slice_refs, clippy::type_complexity)]
 
 use kiln::prelude::*;
