@@ -545,6 +545,8 @@ impl<'a> Emitter<'a> {
         for m in 1..self.group.len() {
             if self.group[m].kernel.reduce.is_some() {
                 self.follower_reduction(m, out);
+            } else if self.group[m].kernel.shape.len() > dims {
+                self.follower_row_elements(m, dims, out);
             } else {
                 self.member_element(m, dims, out);
             }

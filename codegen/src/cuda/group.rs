@@ -44,6 +44,10 @@ const MAX_FOLLOWERS: usize = 8;
 /// Thread`), whatever the launch: the one shape where a reduction can follow another.
 pub(super) const THREAD_ROWS: usize = 16;
 
+/// An elementwise kernel over whole rows follows a thread-per-row group only up to this many
+/// elements (a loss's gradient at batch 4096 is 40,960).
+const ROW_ELEMENTS: usize = 1 << 16;
+
 fn kept_dims(k: &LoopKernel) -> usize {
     k.shape.len() - k.reduce.map_or(0, |r| r.1)
 }
@@ -58,14 +62,22 @@ fn reads_row_value(v: &View, out: &View, kept: usize) -> bool {
     v.offset == out.offset && v.strides[..kept] == out.strides[..] && v.strides[kept..].iter().all(|&s| s == 0)
 }
 
-/// Whether input `v` of follower `f` reads what member `w` wrote, at the index the thread owns.
-fn reads_own(f: &LoopKernel, v: &View, w: &View) -> bool {
-    match f.reduce {
-        Some(_) => {
-            v.strides.len() == f.shape.len() && w.strides.len() == kept_dims(f) && reads_row_value(v, w, kept_dims(f))
-        }
-        None => same_view(w, v),
+/// Whether follower `k` of a group led by `primary` walks the primary's whole rows (a reduction
+/// over them, or an elementwise kernel over every element of them) rather than its kept space.
+pub(super) fn walks_rows(primary: &LoopKernel, k: &LoopKernel) -> bool {
+    primary.reduce.is_some() && k.shape == primary.shape
+}
+
+/// Whether input `v` of follower `f` reads what member `w` wrote, at the index the thread owns:
+/// for a follower walking whole rows, a row value at its row or (`w` walking rows too) the same
+/// element; otherwise the same index.
+fn reads_own(primary: &LoopKernel, f: &LoopKernel, v: &View, w: &View) -> bool {
+    if !walks_rows(primary, f) {
+        return same_view(w, v);
     }
+    let kept = kept_dims(primary);
+    v.strides.len() == f.shape.len()
+        && if w.strides.len() == kept { reads_row_value(v, w, kept) } else { same_view(w, v) }
 }
 
 /// Whether `cand` can follow the group `members` (the primary first).
@@ -74,14 +86,19 @@ pub(super) fn can_follow(loc: &[Location], members: &[&LoopKernel], cand: &LoopK
     if members.len() > MAX_FOLLOWERS {
         return false;
     }
+    let row_len: usize = primary.shape[kept_dims(primary)..].iter().product();
     let fits = match (cand.reduce, primary.reduce) {
-        (None, _) => cand.shape[..] == primary.shape[..kept_dims(primary)],
-        // A reduction over the same short rows, each reduced by the thread that owns it.
-        (Some(c), Some(p)) => {
-            let row_len: usize = primary.shape[kept_dims(primary)..].iter().product();
-            c.1 == p.1 && cand.shape == primary.shape && row_len <= THREAD_ROWS
+        (None, _) if cand.shape[..] == primary.shape[..kept_dims(primary)] => true,
+        // Every element of the same short rows, by the thread that owns the row: only for small
+        // kernels, where a launch costs more than the parallelism a thread per element would add.
+        (None, Some(_)) => {
+            cand.shape == primary.shape
+                && row_len <= THREAD_ROWS
+                && cand.shape.iter().product::<usize>() <= ROW_ELEMENTS
         }
-        (Some(_), None) => false,
+        // A reduction over the same short rows, each reduced by the thread that owns it.
+        (Some(c), Some(p)) => c.1 == p.1 && cand.shape == primary.shape && row_len <= THREAD_ROWS,
+        _ => false,
     };
     if !fits {
         return false;
@@ -93,22 +110,45 @@ pub(super) fn can_follow(loc: &[Location], members: &[&LoopKernel], cand: &LoopK
     for m in &members[1..] {
         reads.extend(m.inputs.iter().map(|v| (loc[v.buf], v, false)));
     }
-    let inputs_ok =
-        cand.inputs.iter().all(|v| writes.iter().filter(|w| w.0 == loc[v.buf]).all(|w| reads_own(cand, v, w.1)));
+    let inputs_ok = cand
+        .inputs
+        .iter()
+        .all(|v| writes.iter().filter(|w| w.0 == loc[v.buf]).all(|w| reads_own(primary, cand, v, w.1)));
     let o = &cand.out;
-    let out_ok = reads.iter().filter(|r| r.0 == loc[o.buf]).all(|r| !r.2 && same_view(r.1, o))
+    // A follower reading a row value at its own row reads what `cand` would write at that row
+    // only in the same thread, earlier: safe.
+    let kept = kept_dims(primary);
+    let own_row = |r: &View| {
+        primary.reduce.is_some()
+            && r.strides.len() == primary.shape.len()
+            && o.strides.len() == kept
+            && reads_row_value(r, o, kept)
+    };
+    // Where a thread reduces whole rows, even the first member reads only its own row, before
+    // any follower writes: writing what it read at the same element is safe.
+    let thread_rows = primary.reduce.is_some() && row_len <= THREAD_ROWS;
+    let out_ok = reads
+        .iter()
+        .filter(|r| r.0 == loc[o.buf])
+        .all(|r| (thread_rows || !r.2) && (same_view(r.1, o) || own_row(r.1)))
         && writes.iter().filter(|w| w.0 == loc[o.buf]).all(|w| same_view(w.1, o));
     inputs_ok && out_ok
 }
 
 /// For each input of follower `f` (index into `members`), the member whose output it takes from a
-/// register (the last one that wrote that memory), if any.
+/// register (the last one that wrote that memory), if any. What a member walking whole rows wrote
+/// element by element is read back from memory (the same thread wrote it, in an earlier loop).
 pub(super) fn forwarded(loc: &[Location], members: &[&LoopKernel], f: usize) -> Vec<Option<usize>> {
+    let primary = members[0];
     members[f]
         .inputs
         .iter()
         .map(|v| {
-            (0..f).rev().find(|&m| loc[members[m].out.buf] == loc[v.buf] && reads_own(members[f], v, &members[m].out))
+            let writer = (0..f).rev().find(|&m| loc[members[m].out.buf] == loc[v.buf]);
+            writer.filter(|&m| {
+                let element_wise_row = m > 0 && walks_rows(primary, members[m]) && members[m].reduce.is_none();
+                reads_own(primary, members[f], v, &members[m].out) && !element_wise_row
+            })
         })
         .collect()
 }
@@ -141,11 +181,13 @@ pub(super) fn collapse_group(members: &[&LoopKernel]) -> Vec<LoopKernel> {
     }];
     let cut = |v: View| View { strides: v.strides[..kept].to_vec(), ..v };
     for m in &members[1..] {
-        if m.reduce.is_some() {
-            // A reduction follower walks the same space; only its output is over the kept dims.
+        if walks_rows(primary, m) {
+            // A follower walking whole rows keeps the whole space; a reduction's output is over
+            // the kept dims, an elementwise kernel's over all of them.
             let inputs = views.by_ref().take(m.inputs.len()).collect();
-            let o = cut(views.next().expect("one view per follower output"));
-            // Its own operation, over the reduced dims as collapsed for the whole group.
+            let o = views.next().expect("one view per follower output");
+            let o = if m.reduce.is_some() { cut(o) } else { o };
+            // A reduction's own operation, over the reduced dims as collapsed for the whole group.
             let reduce = m.reduce.zip(c.reduce).map(|((op, _), (_, n))| (op, n));
             out.push(LoopKernel { inputs, out: o, shape: c.shape.clone(), reduce, ..(*m).clone() });
             continue;
@@ -254,12 +296,22 @@ mod tests {
     }
 
     #[test]
-    fn followers_run_over_the_kept_space_only() {
+    fn followers_run_over_the_kept_space_or_short_whole_rows() {
         let loc = locs(&[]);
-        let sum = kernel(&[3, 4], vec![view(0, &[4, 1])], view(1, &[1]), Some((ReduceOp::Sum, 1)));
-        let wrong_space = kernel(&[3, 4], vec![view(0, &[4, 1])], view(2, &[4, 1]), None);
-        assert!(!can_follow(&loc, &[&sum], &wrong_space));
+        // Rows of 100: a block per row, so only the kept space can follow.
+        let sum = kernel(&[3, 100], vec![view(0, &[100, 1])], view(1, &[1]), Some((ReduceOp::Sum, 1)));
+        let whole_rows = kernel(&[3, 100], vec![view(0, &[100, 1])], view(2, &[100, 1]), None);
+        assert!(!can_follow(&loc, &[&sum], &whole_rows));
         let reducing = kernel(&[3], vec![view(1, &[1])], view(2, &[]), Some((ReduceOp::Sum, 1)));
         assert!(!can_follow(&loc, &[&sum], &reducing));
+        // Rows of 4: a thread per row, which can go on over every element of its row, reading the
+        // row's sum from a register and writing over what the reduction read, at the same element.
+        let sum = kernel(&[3, 4], vec![view(0, &[4, 1])], view(1, &[1]), Some((ReduceOp::Sum, 1)));
+        let scaled = kernel(&[3, 4], vec![view(0, &[4, 1]), view(1, &[1, 0])], view(0, &[4, 1]), None);
+        assert!(can_follow(&loc, &[&sum], &scaled));
+        assert_eq!(forwarded(&loc, &[&sum, &scaled], 1), vec![None, Some(0)]);
+        // ...but not write another row's element.
+        let shifted = kernel(&[3, 4], vec![view(0, &[4, 1])], View { buf: 0, offset: 4, strides: vec![4, 1] }, None);
+        assert!(!can_follow(&loc, &[&sum], &shifted));
     }
 }

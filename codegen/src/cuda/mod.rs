@@ -98,6 +98,7 @@ pub fn specialize_program(
     let mut kp = crate::kernel::lower(&g, &program.inputs, &program.shared)?;
     let out_shapes = g.outputs().iter().map(|&o| g.ty(o).concrete().expect("specialized")).collect();
     let updates = crate::kernel::place_updates(&mut kp, &program.updates);
+    schedule::sink_unread_results(&mut kp);
     crate::kernel::check_bounds(&kp)?;
     Ok((kp, updates, out_shapes))
 }

@@ -77,6 +77,11 @@ fn take_ticket(counters: &str, key: Expr, first_thread: Expr, slices: usize) -> 
     ]
 }
 
+/// `for (r = 0; r < row_len; r++) body`: a thread's walk over its row.
+fn row_loop(it: CType, row_len: usize, body: Vec<Stmt>) -> Stmt {
+    Stmt::For { ty: it, var: "r".into(), init: int(0), end: int(row_len as i64), step: int(1), body }
+}
+
 /// Elements of a row that one block of a split row reduces (16 per thread).
 const SLICE_ELEMENTS: usize = 4096;
 
@@ -521,18 +526,24 @@ impl<'a> Emitter<'a> {
         let ins = self.member_inputs(m, k.shape.len(), "", &mut per_elem);
         let v = self.exprs(&k, &dtypes, &ins, &format!("_f{m}"), &mut per_elem);
         self.combine(op, d, v, cast(CType::LongLong, var("r")), &mut per_elem);
-        block.push(Stmt::For {
-            ty: it,
-            var: "r".into(),
-            init: int(0),
-            end: int(row_len as i64),
-            step: int(1),
-            body: per_elem,
-        });
+        block.push(row_loop(it, row_len, per_elem));
         let (value, dtype) = Self::row_value(op, d, row_len);
         block.push(assign(var(&y), self.scalars.unary(kiln_ir::ops::UnaryOp::Cast(k.out_dtype), dtype, value)));
         block.push(assign(index(var(format!("f{m}_out")), offset(&k.out, kept)), var(&y)));
         out.push(Stmt::Block(block));
+    }
+
+    /// Follower `m`, an elementwise kernel over every element of the row this thread just
+    /// finished (`kept` kept dims): a loop over the row, each element stored (later members read
+    /// it back from memory: this thread wrote it).
+    pub(super) fn follower_row_elements(&mut self, m: usize, kept: usize, out: &mut Vec<Stmt>) {
+        let k = self.group[m].kernel.clone();
+        let row_len: usize = k.shape[kept..].iter().product();
+        let it = self.index_type(&k);
+        let mut per_elem = vec![];
+        decompose(var("r"), &k.shape[kept..], kept, it, &mut per_elem);
+        self.member_element(m, k.shape.len(), &mut per_elem);
+        out.push(row_loop(it, row_len, per_elem));
     }
 
     /// Resets `acc` to the reduction's identity.

@@ -11,6 +11,7 @@ use super::ast::Kernel;
 use super::emit::DeviceStep;
 use super::group::Location;
 use super::side::accesses;
+use crate::kernel::{step_reads, step_writes, BufKind, KernelProgram, Step};
 
 /// For each step, the earlier steps it depends on.
 pub(super) fn dependencies(steps: &[DeviceStep], kernels: &[Kernel], loc: &[Location]) -> Vec<Vec<usize>> {
@@ -35,6 +36,46 @@ pub(super) fn dependencies(steps: &[DeviceStep], kernels: &[Kernel], loc: &[Loca
                 .collect()
         })
         .collect()
+}
+
+/// Moves each reduction whose result only the caller reads (a returned output, such as a loss's
+/// mean) past the loop kernels after it, up to the next product (or other non-loop step), when
+/// none of them writes what it reads: it then no longer stands between kernels that can be joined
+/// (the loss and its gradient become one pass per row), and it stays among the tiny kernels it
+/// can share a single-block run with. Before memory planning, so buffers are compared as buffers.
+pub fn sink_unread_results(kp: &mut KernelProgram) {
+    let returned = |kp: &KernelProgram, s: &Step| match s {
+        Step::Loop(k) => {
+            k.reduce.is_some() && kp.outputs.contains(&k.out.buf) && kp.buffers[k.out.buf].kind == BufKind::Temp
+        }
+        _ => false,
+    };
+    let mut i = 0;
+    while i < kp.steps.len() {
+        if !returned(kp, &kp.steps[i]) {
+            i += 1;
+            continue;
+        }
+        let Step::Loop(k) = &kp.steps[i] else { unreachable!("checked above") };
+        let (out, reads): (usize, Vec<usize>) = (k.out.buf, k.inputs.iter().map(|v| v.buf).collect());
+        // The loop kernels after it that it can move past, up to the next product.
+        let mut to = i;
+        for s in &kp.steps[i + 1..] {
+            let (r, w) = (step_reads(s), step_writes(s));
+            let independent = !r.contains(&out) && !w.contains(&out) && !w.iter().any(|b| reads.contains(b));
+            if !matches!(s, Step::Loop(_)) || !independent {
+                break;
+            }
+            to += 1;
+        }
+        // Only past other work (moving past other such reductions would only reorder them).
+        if kp.steps[i + 1..=to].iter().any(|s| !returned(kp, s)) {
+            let step = kp.steps.remove(i);
+            kp.steps.insert(to, step);
+        } else {
+            i += 1;
+        }
+    }
 }
 
 /// A topological order of the steps that takes the latest ready step first: as far from program
