@@ -97,6 +97,21 @@ fn build(inputs: &[Var], steps: &[Step], continuous: bool) -> Vec<Var> {
     pool.iter().rev().take(3).cloned().collect()
 }
 
+/// Whether `b` matches the reference values `a` to a relative 1e-9 wherever `a` is finite (near
+/// exp's overflow a few ulps decide between huge and inf); `context` describes the program.
+fn close(a: &[Tensor], b: &[Tensor], context: impl Fn() -> String) -> Result<(), TestCaseError> {
+    for (k, (ra, rb)) in a.iter().zip(b).enumerate() {
+        prop_assert_eq!(ra.shape(), rb.shape());
+        for (i, (u, v)) in ra.to_f64_vec().iter().zip(rb.to_f64_vec()).enumerate() {
+            if u.is_finite() && u.abs() < 1e300 {
+                let ok = (u - v).abs() <= 1e-9 * (1.0 + u.abs());
+                prop_assert!(ok, "output {} element {}: reference {} vs {}\n{}", k, i, u, v, context());
+            }
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 192, ..ProptestConfig::default() })]
     #[test]
@@ -118,18 +133,9 @@ proptest! {
             let a = plain.call(&args).unwrap();
             let mut f = g.function(inputs.iter(), outs.iter()).optimize(opts).compile(device).unwrap();
             let b = f.call(&args).unwrap();
-            for (k, (ra, rb)) in a.iter().zip(&b).enumerate() {
-                prop_assert_eq!(ra.shape(), rb.shape());
-                for (i, (u, v)) in ra.to_f64_vec().iter().zip(rb.to_f64_vec()).enumerate() {
-                    // (near exp's overflow a few ulps decide between huge and inf)
-                    if u.is_finite() && u.abs() < 1e300 {
-                        // The CPU backend's inline math is within a few ulps of std's; chains of
-                        // steep ops (exp, pow) can amplify that, hence the relative bound.
-                        let ok = (u - v).abs() <= 1e-9 * (1.0 + u.abs());
-                        prop_assert!(ok, "{:?} {:?}: output {} element {}: reference {} vs {}\n{}", device, opts, k, i, u, v, f.debugprint());
-                    }
-                }
-            }
+            // The CPU backend's inline math is within a few ulps of std's; chains of steep ops
+            // (exp, pow) can amplify that, hence the relative bound.
+            close(&a, &b, || format!("{device:?} {opts:?}\n{}", f.debugprint()))?;
         }
     }
 }
@@ -159,15 +165,7 @@ proptest! {
         let a = plain.call(&args).unwrap();
         let mut f = g.function(inputs.iter(), outs.iter()).compile(Device::CudaEmulator).unwrap();
         let b = f.call(&args).unwrap();
-        for (k, (ra, rb)) in a.iter().zip(&b).enumerate() {
-            prop_assert_eq!(ra.shape(), rb.shape());
-            for (i, (u, v)) in ra.to_f64_vec().iter().zip(rb.to_f64_vec()).enumerate() {
-                if u.is_finite() && u.abs() < 1e300 {
-                    // Sums over 20,000 rows in another order than the reference's.
-                    let ok = (u - v).abs() <= 1e-9 * (1.0 + u.abs());
-                    prop_assert!(ok, "output {} element {}: reference {} vs {}\n{}", k, i, u, v, f.generated_code());
-                }
-            }
-        }
+        // (sums over 20,000 rows in another order than the reference's)
+        close(&a, &b, || f.generated_code())?;
     }
 }

@@ -77,6 +77,12 @@ fn take_ticket(counters: &str, key: Expr, first_thread: Expr, slices: usize) -> 
     ]
 }
 
+/// A reduction's kept dims, its number of rows (outputs) and the length of each row.
+fn row_dims(k: &LoopKernel) -> (usize, usize, usize) {
+    let kept = k.shape.len() - k.reduce.map_or(0, |r| r.1);
+    (kept, k.shape[..kept].iter().product(), k.shape[kept..].iter().product())
+}
+
 /// `for (r = 0; r < row_len; r++) body`: a thread's walk over its row.
 fn row_loop(it: CType, row_len: usize, body: Vec<Stmt>) -> Stmt {
     Stmt::For { ty: it, var: "r".into(), init: int(0), end: int(row_len as i64), step: int(1), body }
@@ -232,10 +238,7 @@ impl<'a> Emitter<'a> {
 
     pub(super) fn reduction(&mut self, k: &LoopKernel, dtypes: &[DType], op: ReduceOp) -> (Vec<Stmt>, Launch) {
         let it = self.index_type(k);
-        let reduced = k.reduce.map_or(0, |r| r.1);
-        let kept = k.shape.len() - reduced;
-        let rows: usize = k.shape[..kept].iter().product();
-        let row_len: usize = k.shape[kept..].iter().product();
+        let (kept, rows, row_len) = row_dims(k);
         let d = *dtypes.last().expect("non-empty");
         let ad = acc_dtype(op, d);
         let out_at = offset(&k.out, kept);
@@ -373,10 +376,7 @@ impl<'a> Emitter<'a> {
         it: CType,
         slices: usize,
     ) -> (Vec<Stmt>, Launch) {
-        let reduced = k.reduce.map_or(0, |r| r.1);
-        let kept = k.shape.len() - reduced;
-        let rows: usize = k.shape[..kept].iter().product();
-        let row_len: usize = k.shape[kept..].iter().product();
+        let (kept, rows, row_len) = row_dims(k);
         let (tiles, chunk) = (rows.div_ceil(32), row_len.div_ceil(slices));
         let d = *dtypes.last().expect("non-empty");
         let ad = acc_dtype(op, d);
@@ -431,10 +431,7 @@ impl<'a> Emitter<'a> {
         it: CType,
         slices: usize,
     ) -> (Vec<Stmt>, Launch) {
-        let reduced = k.reduce.map_or(0, |r| r.1);
-        let kept = k.shape.len() - reduced;
-        let rows: usize = k.shape[..kept].iter().product();
-        let row_len: usize = k.shape[kept..].iter().product();
+        let (kept, rows, row_len) = row_dims(k);
         let chunk = row_len.div_ceil(slices);
         let (threads, warps) = (THREADS as usize, THREADS as usize / 32);
         let d = *dtypes.last().expect("non-empty");
@@ -484,9 +481,7 @@ impl<'a> Emitter<'a> {
     /// order, so the result does not depend on timing) for output `o`, stored, followers run.
     fn combine_slices(&mut self, k: &LoopKernel, op: ReduceOp, it: CType, scratch: &str, slices: usize) -> Vec<Stmt> {
         let d = *self.group[0].dtypes.last().expect("non-empty");
-        let kept = k.shape.len() - k.reduce.map_or(0, |r| r.1);
-        let rows: usize = k.shape[..kept].iter().product();
-        let row_len: usize = k.shape[kept..].iter().product();
+        let (kept, rows, row_len) = row_dims(k);
         let mut combine = vec![];
         self.init_acc_assign(op, d, &mut combine);
         let mut per_slice = vec![];
