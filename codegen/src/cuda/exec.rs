@@ -84,6 +84,8 @@ struct Plan {
     kp: KernelProgram,
     /// Which lane (stream) runs each device step, and what it waits for on the others.
     schedule: Schedule,
+    /// The streams of those lanes (the device's main stream first), fetched once per plan.
+    lanes: Vec<Arc<CudaStream>>,
     sync: LaneSync,
     updates: Vec<UpdateWrite>,
     returned: Vec<usize>,
@@ -199,6 +201,7 @@ impl Plan {
         }
         code.push_str(&source);
         let schedule = super::schedule::schedule(&dp.deps, streams);
+        let lanes = gpu.lane_streams(schedule.streams)?;
         let event = || gpu.ctx.new_event(None).map_err(cuda_err("creating an event"));
         let sync = LaneSync {
             fork: if schedule.streams > 1 { Some(event()?) } else { None },
@@ -238,6 +241,7 @@ impl Plan {
             returned: program.returned(),
             kp,
             schedule,
+            lanes,
             sync,
             updates,
             out_shapes,
@@ -280,7 +284,8 @@ impl Plan {
     }
 
     /// Makes the main stream wait for everything enqueued so far on the other lanes.
-    fn join_lanes(&self, lanes: &[Arc<CudaStream>]) -> Result<()> {
+    fn join_lanes(&self) -> Result<()> {
+        let lanes = &self.lanes;
         for (lane, joined) in lanes[1..].iter().zip(&self.sync.joins) {
             joined.record(lane).map_err(cuda_err("recording an event"))?;
             lanes[0].wait(joined).map_err(cuda_err("waiting for an event"))?;
@@ -293,7 +298,7 @@ impl Plan {
     /// stream's start and end joined into it, before the update copies. With `events` (one lane),
     /// records `events[i]` before step `i` and the last one after the last step.
     fn enqueue(&self, gpu: &Gpu, ptr: &[u64], shared_ptr: &[u64], events: Option<&[CudaEvent]>) -> Result<()> {
-        let lanes = gpu.lane_streams(self.schedule.streams)?;
+        let lanes = &self.lanes;
         let main = &lanes[0];
         if let Some(w) = &self.error_word {
             // SAFETY: a 4-byte buffer of this plan.
@@ -318,7 +323,7 @@ impl Plan {
                 record(&ev[i], main)?;
             }
             if i == device_steps {
-                self.join_lanes(&lanes)?;
+                self.join_lanes()?;
             }
             let lane = if i < device_steps { self.schedule.stream[i] } else { 0 };
             let stream = &lanes[lane];
@@ -367,7 +372,7 @@ impl Plan {
             }
         }
         if device_steps == self.steps.len() {
-            self.join_lanes(&lanes)?;
+            self.join_lanes()?;
         }
         if let Some(ev) = events {
             record(&ev[self.steps.len()], main)?;
