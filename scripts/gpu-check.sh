@@ -8,7 +8,7 @@
 #                                  prints a table: each test binary's result, then the benchmark
 #                                  on the GPU (cold NVRTC compile, then from the PTX disk cache,
 #                                  then without CUDA graphs, on two streams, with every kernel on
-#                                  its own),
+#                                  its own, with medium float products on cuBLAS instead of tiled),
 #                                  with the card's name.
 #                                  KILN_GPU_PROFILE=1 adds a per-kernel profile of each workload.
 #
@@ -65,10 +65,14 @@ for t in $TESTS; do
     grep -h '^note:' "$OUT_DIR/$t.log" | sort -u
 done
 if [ -x "$DIR/backend_agreement" ]; then
-    # Independent steps on two streams (opt-in until measured): the same agreement with the reference.
-    if KILN_CUDA_STREAMS=2 timeout 300 "$DIR/backend_agreement" >"$OUT_DIR/backend_agreement-2streams.log" 2>&1; then r=ok; else r=FAILED; status=1; fi
-    printf '%-20s %-8s %s\n' "backend_agreement" "$r" "with KILN_CUDA_STREAMS=2"
-    [ "$r" = ok ] || grep -E 'panicked|FAILED|Error|error' "$OUT_DIR/backend_agreement-2streams.log" | head -20
+    # The same agreement with the reference with independent steps on two streams (opt-in until
+    # measured), and with the float products on cuBLAS (the default tiles the workloads' products).
+    for setting in KILN_CUDA_STREAMS=2 KILN_CUDA_TILED=0; do
+        log="$OUT_DIR/backend_agreement-$setting.log"
+        if env "$setting" timeout 300 "$DIR/backend_agreement" >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
+        printf '%-20s %-8s %s\n' "backend_agreement" "$r" "with $setting"
+        [ "$r" = ok ] || grep -E 'panicked|FAILED|Error|error' "$log" | head -20
+    done
 fi
 if [ -x "$DIR/fashion_mnist_mlp" ]; then
     echo "== the main example on the GPU (the shipped subset)"
@@ -91,4 +95,6 @@ echo "-- independent steps on two streams (KILN_CUDA_STREAMS=2)"
 KILN_CUDA_STREAMS=2 "$DIR/steps" --device cuda --seconds ${BENCH_SECONDS:-1} 2>&1 | grep -v compile: | tee "$OUT_DIR/bench-2streams.txt"
 echo "-- every kernel on its own (no single-block runs, no kernels side by side, no product in its epilogue)"
 KILN_CUDA_JOIN=0 "$DIR/steps" --device cuda --seconds ${BENCH_SECONDS:-1} 2>&1 | grep -v compile: | tee "$OUT_DIR/bench-unjoined.txt"
+echo "-- medium float products on cuBLAS with their epilogue kernel, not tiled (KILN_CUDA_TILED=0)"
+KILN_CUDA_TILED=0 "$DIR/steps" --device cuda --seconds ${BENCH_SECONDS:-1} 2>&1 | grep -v compile: | tee "$OUT_DIR/bench-cublas.txt"
 exit $status

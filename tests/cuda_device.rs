@@ -166,3 +166,83 @@ fn long_rows_on(device: Device) {
         assert!((got - 1.9375 * s).abs() <= 1e-5 * (1.0 + s.abs()), "{got} vs {}", 1.9375 * s);
     }
 }
+
+#[test]
+fn products_in_tiles_with_their_epilogue_agree_with_the_cpu() {
+    for device in cuda_devices() {
+        tiled_products_on(device);
+    }
+}
+
+fn tiled_products_on(device: Device) {
+    // Products too large for a thread per output and small enough for kiln's tiled kernel, each
+    // with an epilogue: edge tiles, the inner dim cut into slices, transposed operands, 64x64 tiles,
+    // an in-place update of a shared variable, and an epilogue reading the product transposed
+    // (which goes to cuBLAS).
+    let g = Graph::new();
+    let x = g.input("x", F32, [200, 300]);
+    let w = g.input("w", F32, [300, 90]);
+    let b = g.input("b", F32, [90]);
+    let dense = (x.matmul(&w) + &b).relu();
+    let p = g.input("p", F32, [257, 130]);
+    let q = g.input("q", F32, [257, 70]);
+    let v = g.shared("v", kiln::testing::random_tensor(&[130, 70], -1.0, 1.0, 5).cast(F32));
+    let v_new = &v - 0.1 * p.t().matmul(&q);
+    let r = g.input("r", F32, [150, 70]);
+    let s = g.input("s", F32, [200, 70]);
+    let by_transposed = r.matmul(&s.t()).sigmoid();
+    let wide_a = g.input("wide_a", F32, [320, 32]);
+    let wide_b = g.input("wide_b", F32, [32, 1000]);
+    let wide = wide_a.matmul(&wide_b) * 0.5;
+    let x2 = g.input("x2", F32, [200, 300]);
+    let read_transposed = x2.matmul(&w).t() + 1.0;
+    let (big_a, big_b) = (g.input("big_a", F32, [400, 256]), g.input("big_b", F32, [300, 400]));
+    let both_transposed = big_a.t().matmul(&big_b.t()).tanh();
+    let outputs = [&dense, &by_transposed, &wide, &read_transposed, &both_transposed];
+    let build = |device| {
+        g.function([&x, &w, &b, &p, &q, &r, &s, &wide_a, &wide_b, &x2, &big_a, &big_b], outputs)
+            .updates([(&v, v_new.clone())])
+            .compile(device)
+            .unwrap()
+    };
+    let (mut tiled, mut on_cpu) = (build(device), build(Device::Cpu));
+    let shapes: [&[usize]; 12] = [
+        &[200, 300],
+        &[300, 90],
+        &[90],
+        &[257, 130],
+        &[257, 70],
+        &[150, 70],
+        &[200, 70],
+        &[320, 32],
+        &[32, 1000],
+        &[200, 300],
+        &[400, 256],
+        &[300, 400],
+    ];
+    let args: Vec<Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| kiln::testing::random_tensor(s, -1.0, 1.0, 10 + i as u64).cast(F32))
+        .collect();
+    let v0 = v.value().unwrap();
+    // Twice on the device (the ticket counters are ready again for the second call), then the
+    // CPU twice from the same start.
+    let on_device: Vec<Vec<Tensor>> = (0..2).map(|_| tiled.call(&args).unwrap()).collect();
+    let v_device = v.value().unwrap();
+    v.set_value(v0).unwrap();
+    for got in &on_device {
+        let want = on_cpu.call(&args).unwrap();
+        for (o, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(a.allclose(b, 1e-4, 1e-4), "output {o} differs by {}", a.max_abs_diff(b));
+        }
+    }
+    let v_cpu = v.value().unwrap();
+    assert!(v_device.allclose(&v_cpu, 1e-4, 1e-4), "updates differ by {}", v_device.max_abs_diff(&v_cpu));
+    let code = tiled.generated_code();
+    assert!(code.contains("(200x300x90) in 32x32 tiles, its inner dim in 5 slices"), "{code}");
+    assert!(code.contains("in 64x64 tiles (no cuBLAS call)"), "{code}");
+    assert!(code.contains("(256x400x300) in 64x64 tiles, its inner dim in 9 slices"), "{code}");
+    assert!(code.contains("(130x257x70) in 32x32 tiles"), "the update's product is tiled: {code}");
+    assert!(code.contains("cuBLAS 200x300 times 300x90"), "a product read transposed goes to cuBLAS: {code}");
+}

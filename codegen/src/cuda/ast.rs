@@ -28,6 +28,16 @@ impl CType {
             DType::Bool => CType::Bool,
         }
     }
+    /// Bytes of a value (as CUDA lays it out).
+    pub fn size(self) -> usize {
+        match self {
+            CType::Bool => 1,
+            CType::Float | CType::Int | CType::UInt => 4,
+            CType::Double | CType::LongLong | CType::ULongLong => 8,
+            CType::Float4 => 16,
+            CType::Void => 0,
+        }
+    }
     pub fn name(self) -> &'static str {
         match self {
             CType::Float => "float",
@@ -202,11 +212,13 @@ pub enum Stmt {
         init: Option<Expr>,
         constant: bool,
     },
-    /// `__shared__ type name[len];`
+    /// `__shared__ type name[len];` (`alignas(align)` first where `align` is not 0: an array read
+    /// as `float4`s).
     SharedArray {
         ty: CType,
         name: String,
         len: usize,
+        align: usize,
     },
     Assign(Expr, Expr),
     /// `lhs op= rhs;`

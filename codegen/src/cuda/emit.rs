@@ -1,6 +1,7 @@
 //! Lowers a kernel program to the CUDA AST: one `__global__` kernel per loop kernel, gather,
 //! scatter, random step and integer product, plus the list of device steps the runtime executes
-//! (kernel launches and cuBLAS products, each product followed by its epilogue kernel). Sizes are
+//! (kernel launches and cuBLAS products, each product followed by its epilogue kernel; a medium
+//! float product is instead computed in tiles by its epilogue's kernel, `tiled`). Sizes are
 //! constants (every program is specialized), so index arithmetic divides by literals. Elementwise
 //! kernels over contiguous float32 data read and write 16 bytes at a time; reductions run one
 //! warp-shuffle block per output row when the reduced dim is contiguous, a 32x8 tile per 32
@@ -16,6 +17,7 @@ use super::group::{can_follow, collapse_group, forwarded, locations, Location};
 use super::scalar::{scalar_literal, Scalars};
 use super::side;
 use super::single::{self, fits_a_run, join, SINGLE_BLOCK_ELEMENTS};
+use super::tiled;
 use crate::kernel::{BufId, KernelProgram, LoopKernel, MatMul, MemoryPlan, Step, View};
 use kiln_ir::ops::fused::{FusedKernel, ScalarExpr};
 use kiln_ir::ops::UnaryOp;
@@ -129,7 +131,7 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
         let (primary, extra) = match &kp.steps[i] {
             Step::Loop(k) => (Some(squeezed[i].as_ref().unwrap_or(k)), vec![]),
             Step::MatMul(mm) => {
-                if mm.dtype.is_float() && mm.batch * mm.m * mm.n * mm.k > SMALL_PRODUCT {
+                if big_product(mm) && !tiled::candidate(mm) {
                     e.steps.push(DeviceStep::Gemm(mm.clone()));
                 } else if mm.epilogue.is_some() {
                     // Emitted below: inside its epilogue where that is safe, else before it.
@@ -166,14 +168,33 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
             }
             let mut extra = extra;
             if let Some(mm) = product {
-                match e.product_in_epilogue(mm, &members, at).filter(|_| !forced) {
+                let fused = if big_product(mm) {
+                    e.tiled_product(mm, &members, at)
+                } else {
+                    e.product_in_epilogue(mm, &members, at).filter(|_| !forced)
+                };
+                match fused {
                     Some(fused) => {
-                        extra = vec![format!(
-                            "{} computes the product of {} where it reads it (no {} kernel)",
-                            k.name, mm.name, mm.name
-                        )];
+                        extra = vec![match fused.tiled {
+                            None => format!(
+                                "{} computes the product of {} where it reads it (no {} kernel)",
+                                k.name, mm.name, mm.name
+                            ),
+                            Some(p) => format!(
+                                "{} computes the product of {} ({}x{}x{}) in {}x{} tiles{} (no cuBLAS call), then its epilogue",
+                                k.name,
+                                mm.name,
+                                mm.m,
+                                mm.k,
+                                mm.n,
+                                p.bm,
+                                p.bn,
+                                if p.slices > 1 { format!(", its inner dim in {} slices", p.slices) } else { String::new() }
+                            ),
+                        }];
                         e.product = Some(fused);
                     }
+                    None if big_product(mm) => e.steps.push(DeviceStep::Gemm(mm.clone())),
                     None => e.direct_matmul(mm),
                 }
             }
@@ -199,6 +220,11 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
     let deps = super::schedule::dependencies(&e.steps, &e.kernels, &e.loc);
     let module = Module { helpers: e.scalars.prelude(), kernels: e.kernels };
     Ok(DeviceProgram { module, steps: e.steps, errors: e.errors, scratch: e.scratch, deps })
+}
+
+/// Whether `mm` is a float product too large for kiln's one-thread-per-output kernel.
+fn big_product(mm: &MatMul) -> bool {
+    mm.dtype.is_float() && mm.batch * mm.m * mm.n * mm.k > SMALL_PRODUCT
 }
 
 pub(super) struct Emitter<'a> {
@@ -229,6 +255,8 @@ pub(super) struct ProductInEpilogue {
     pub(super) mm: MatMul,
     /// The first member's input that reads the product.
     pub(super) input: usize,
+    /// Computed in tiles by the group's blocks (`tiled`), not a dot product per element.
+    pub(super) tiled: Option<super::tiled::TilePlan>,
 }
 
 /// Where a group member's input comes from.
@@ -398,7 +426,9 @@ impl<'a> Emitter<'a> {
             .collect();
         let (mut params, mut args) = self.group_params();
         let primary_c = self.group[0].kernel.clone();
+        let tiled = self.product.as_ref().and_then(|p| p.tiled);
         let (body, launch) = match primary_c.reduce {
+            None if tiled.is_some() => self.tiled_elementwise(tiled.expect("checked")),
             None => self.elementwise(),
             Some((op, _)) => {
                 let dtypes = self.group[0].dtypes.clone();
@@ -493,6 +523,10 @@ impl<'a> Emitter<'a> {
             match src {
                 Source::Register(k) => {
                     values.push(var(format!("y{k}{lane}")));
+                    continue;
+                }
+                Source::Product if self.product.as_ref().is_some_and(|p| p.tiled.is_some()) => {
+                    values.push(var("tile_value"));
                     continue;
                 }
                 Source::Product => {

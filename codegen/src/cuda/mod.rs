@@ -1,7 +1,8 @@
 //! The CUDA backend: the kernel program printed as CUDA C (`emit` builds a typed AST, `print`
-//! prints it), compiled by NVRTC at run time, run with cuBLAS for float products on one stream (or,
-//! opt-in, on several: `schedule`). Kernels are joined where that is safe (`group`, `single`,
-//! `side`), since a small step pays per launch. The runtime (`exec`, `runtime`, and NVRTC itself)
+//! prints it), compiled by NVRTC at run time, run with cuBLAS for large float products on one
+//! stream (or, opt-in, on several: `schedule`). Kernels are joined where that is safe (`group`,
+//! `single`, `side`, and medium products computed in tiles by their epilogue's kernel: `tiled`),
+//! since a small step pays per launch. The runtime (`exec`, `runtime`, and NVRTC itself)
 //! needs the `cuda` feature (on by default); without it the CUDA C is still generated, and
 //! `Device::Cuda` says the feature is off. `emulator` runs the same program on the CPU, for tests.
 pub mod ast;
@@ -20,6 +21,7 @@ pub mod schedule;
 mod side;
 mod single;
 mod special;
+mod tiled;
 
 #[cfg(feature = "cuda")]
 pub use exec::{CompileStats, Cuda, CudaExecutable};

@@ -174,7 +174,12 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
             }
             out.push_str(";\n");
         }
-        Stmt::SharedArray { ty, name, len } => writeln!(out, "__shared__ {} {name}[{len}];", ty.name()).unwrap(),
+        Stmt::SharedArray { ty, name, len, align: 0 } => {
+            writeln!(out, "__shared__ {} {name}[{len}];", ty.name()).unwrap()
+        }
+        Stmt::SharedArray { ty, name, len, align } => {
+            writeln!(out, "alignas({align}) __shared__ {} {name}[{len}];", ty.name()).unwrap()
+        }
         Stmt::Assign(l, r) => {
             write_expr(out, l, true);
             out.push_str(" = ");

@@ -63,7 +63,7 @@ enum ReduceShape {
 /// After a block wrote its slice's results: makes them visible to every block, takes the block's
 /// ticket for `key` (one thread, `first_thread`) and sets `last_block[0]` in the block that took the
 /// last of `slices` tickets.
-fn take_ticket(counters: &str, key: Expr, first_thread: Expr, slices: usize) -> Vec<Stmt> {
+pub(super) fn take_ticket(counters: &str, key: Expr, first_thread: Expr, slices: usize) -> Vec<Stmt> {
     let ticket = call("atomicAdd", vec![var(counters) + key, Expr::ULong(1)]);
     vec![
         Stmt::Call(call("__threadfence", vec![])),
@@ -251,9 +251,15 @@ impl<'a> Emitter<'a> {
             }
             ReduceShape::Block(threads) => {
                 let warps = (threads / 32) as usize;
-                let mut body = vec![Stmt::SharedArray { ty: CType::of(ad), name: "partial".into(), len: warps }];
+                let mut body =
+                    vec![Stmt::SharedArray { ty: CType::of(ad), name: "partial".into(), len: warps, align: 0 }];
                 if op == ReduceOp::ArgMax {
-                    body.push(Stmt::SharedArray { ty: CType::LongLong, name: "partial_best".into(), len: warps });
+                    body.push(Stmt::SharedArray {
+                        ty: CType::LongLong,
+                        name: "partial_best".into(),
+                        len: warps,
+                        align: 0,
+                    });
                 }
                 body.push(decl(
                     CType::Int,
@@ -310,9 +316,15 @@ impl<'a> Emitter<'a> {
             ReduceShape::SplitTile(slices) => self.split_tile(k, dtypes, op, it, slices),
             ReduceShape::SplitBlock(slices) => self.split_block(k, dtypes, op, it, slices),
             ReduceShape::Tile => {
-                let mut body = vec![Stmt::SharedArray { ty: CType::of(ad), name: "partial".into(), len: 256 }];
+                let mut body =
+                    vec![Stmt::SharedArray { ty: CType::of(ad), name: "partial".into(), len: 256, align: 0 }];
                 if op == ReduceOp::ArgMax {
-                    body.push(Stmt::SharedArray { ty: CType::LongLong, name: "partial_best".into(), len: 256 });
+                    body.push(Stmt::SharedArray {
+                        ty: CType::LongLong,
+                        name: "partial_best".into(),
+                        len: 256,
+                        align: 0,
+                    });
                 }
                 let (tx, ty) = (
                     cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)),
@@ -383,8 +395,8 @@ impl<'a> Emitter<'a> {
         let scratch = self.scratch_param(CType::of(ad), "scratch", slices * rows * elem_size(ad) as usize);
         let counters = self.scratch_param(CType::UInt, "tickets", tiles * 4);
         let mut body = vec![
-            Stmt::SharedArray { ty: CType::of(ad), name: "partial".into(), len: 256 },
-            Stmt::SharedArray { ty: CType::Bool, name: "last_block".into(), len: 1 },
+            Stmt::SharedArray { ty: CType::of(ad), name: "partial".into(), len: 256, align: 0 },
+            Stmt::SharedArray { ty: CType::Bool, name: "last_block".into(), len: 1, align: 0 },
             decl(CType::Int, "tx", cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx))),
             decl(CType::Int, "ty", cast(CType::Int, Expr::Builtin(Builtin::ThreadIdxY))),
             decl(it, "tile", cast(it, Expr::Builtin(Builtin::BlockIdx))),
@@ -440,8 +452,8 @@ impl<'a> Emitter<'a> {
         let counters = self.scratch_param(CType::UInt, "tickets", rows * 4);
         let tid = || cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx));
         let mut body = vec![
-            Stmt::SharedArray { ty: CType::of(ad), name: "partial".into(), len: warps },
-            Stmt::SharedArray { ty: CType::Bool, name: "last_block".into(), len: 1 },
+            Stmt::SharedArray { ty: CType::of(ad), name: "partial".into(), len: warps, align: 0 },
+            Stmt::SharedArray { ty: CType::Bool, name: "last_block".into(), len: 1, align: 0 },
             decl(CType::Int, "lane", bin(BinOp::BitAnd, tid(), int(31))),
             decl(CType::Int, "warp", tid() / int(32)),
             decl(it, "o", cast(it, Expr::Builtin(Builtin::BlockIdx))),

@@ -17,6 +17,22 @@ use super::single::{rewrite_stmts, section_names};
 /// At most this many kernels per joined kernel (keeps kernels readable).
 const MAX_SECTIONS: usize = 4;
 
+/// A kernel's static shared memory may not exceed 48 KiB; a joined kernel declares every
+/// section's arrays (tiled products use up to 25 KiB each).
+const MAX_SHARED_BYTES: usize = 48 * 1024;
+
+/// The bytes of the `__shared__` arrays a kernel declares.
+fn shared_bytes(body: &[Stmt]) -> usize {
+    body.iter()
+        .map(|s| match s {
+            Stmt::SharedArray { ty, len, .. } => len * ty.size(),
+            Stmt::If(_, a, b) => shared_bytes(a) + shared_bytes(b),
+            Stmt::For { body, .. } | Stmt::Block(body) => shared_bytes(body),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// The memory a launch reads and writes.
 pub(super) fn accesses(k: &Kernel, args: &[KernelArg], loc: &[Location]) -> (Vec<Location>, Vec<Location>) {
     let (mut reads, mut writes) = (vec![], vec![]);
@@ -46,6 +62,11 @@ pub(super) fn can_join(loc: &[Location], kernels: &[Kernel], group: &[&Launchabl
         return false;
     }
     if threads(b) != threads(first) {
+        return false;
+    }
+    let shared: usize =
+        group.iter().map(|l| shared_bytes(&kernel(l).body)).sum::<usize>() + shared_bytes(&kernel(b).body);
+    if shared > MAX_SHARED_BYTES {
         return false;
     }
     let (rb, wb) = accesses(kernel(b), &b.args, loc);
@@ -165,4 +186,31 @@ pub(super) fn join_all(
         s += names.len();
     }
     (joined, kernels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel(name: &str, shared_floats: usize) -> (Kernel, Launchable) {
+        let launch = Launch { grid: (10, 1), block: (256, 1) };
+        let body = vec![Stmt::If(
+            Expr::Bool(true),
+            vec![Stmt::SharedArray { ty: CType::Float, name: "tile".into(), len: shared_floats, align: 0 }],
+            vec![],
+        )];
+        let k = Kernel { name: name.into(), comments: vec![], params: vec![], body, launch };
+        (k, Launchable { kernel: name.into(), args: vec![], launch })
+    }
+
+    #[test]
+    fn joined_kernels_keep_within_the_static_shared_memory_limit() {
+        let (a, la) = kernel("a", 6500);
+        let (b, lb) = kernel("b", 6500);
+        let (c, lc) = kernel("c", 5000);
+        let kernels = vec![a, b, c];
+        // 26 KB each: two of them would need 52 KB.
+        assert!(!can_join(&[], &kernels, &[&la], &lb));
+        assert!(can_join(&[], &kernels, &[&la], &lc));
+    }
 }

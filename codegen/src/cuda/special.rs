@@ -285,7 +285,7 @@ impl<'a> Emitter<'a> {
         let read_later = self.kp.outputs.contains(&mm.c)
             || !matches!(self.kp.buffers[mm.c].kind, BufKind::Temp)
             || self.kp.steps[at + 1..].iter().any(|s| step_reads(s).contains(&mm.c));
-        (!read_later).then(|| ProductInEpilogue { mm: mm.clone(), input })
+        (!read_later).then(|| ProductInEpilogue { mm: mm.clone(), input, tiled: None })
     }
 
     pub(super) fn direct_matmul(&mut self, mm: &MatMul) {

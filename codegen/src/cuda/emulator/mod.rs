@@ -402,7 +402,7 @@ mod tests {
         // out[t] = in[63 - t] through shared memory: right only if every thread stored its element
         // before any thread read its partner's.
         let body = vec![
-            Stmt::SharedArray { ty: CType::Float, name: "s".into(), len: 64 },
+            Stmt::SharedArray { ty: CType::Float, name: "s".into(), len: 64, align: 0 },
             assign(index(var("s"), tid()), index(var("in"), tid())),
             Stmt::SyncThreads,
             assign(index(var("out"), tid()), index(var("s"), int(63) - tid())),

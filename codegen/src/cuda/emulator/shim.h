@@ -2,10 +2,13 @@
 // Blocks run one after another (last block first: any order is a legal schedule, and the reverse
 // of the usual one finds code that leans on it). The threads of a block run one after another too
 // unless the kernel waits on its block (__syncthreads) or its warp (shuffles): then each thread is
-// a fiber (ucontext) with its own stack, and a round-robin scheduler resumes them, so every thread
+// a fiber with its own stack, and a round-robin scheduler resumes them, so every thread
 // reaches a barrier before any passes it, and every lane of a warp has offered its value before any
 // lane reads its partner's. `__shared__` arrays are thread_local statics: one per block, since one
 // OS thread runs one block at a time. Atomics are plain read-modify-writes (one OS thread).
+// On x86-64 a fiber switch saves the callee-saved registers and swaps stack pointers (a tiled
+// product's block switches a few thousand times); elsewhere ucontext does it, with a system call
+// per switch for the signal mask.
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -50,10 +53,44 @@ KILN_ATOMIC_ADD(unsigned long long)
 KILN_ATOMIC_ADD(float)
 KILN_ATOMIC_ADD(double)
 
+#if defined(__x86_64__) && defined(__linux__)
+#define KILN_EMU_FAST_SWITCH 1
+// kiln_emu_switch(from, to): pushes the callee-saved registers, stores the stack pointer in *from,
+// loads `to` and pops that fiber's registers; `ret` resumes it where it switched away.
+extern "C" void kiln_emu_switch(void** from, void* to);
+asm(R"(
+    .text
+    .globl kiln_emu_switch
+    .hidden kiln_emu_switch
+    .type kiln_emu_switch, @function
+kiln_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size kiln_emu_switch, .-kiln_emu_switch
+)");
+#endif
+
 namespace kiln_emu {
 enum State { READY, AT_SHUFFLE, AT_SYNC, DONE };
 struct Fiber {
+#ifdef KILN_EMU_FAST_SWITCH
+    void* sp;
+#else
     ucontext_t ctx;
+#endif
     State state;
     unsigned x, y;
     unsigned char parity;
@@ -62,7 +99,11 @@ const unsigned MAX_THREADS = 1024;
 const size_t STACK_BYTES = 128 * 1024;
 static thread_local Fiber* fibers = nullptr;
 static thread_local char* stacks = nullptr;
+#ifdef KILN_EMU_FAST_SWITCH
+static thread_local void* scheduler = nullptr;
+#else
 static thread_local ucontext_t scheduler;
+#endif
 static thread_local unsigned current = 0;
 static thread_local unsigned block_threads = 0;
 static thread_local bool in_fibers = false;
@@ -83,13 +124,22 @@ static void yield(State s) {
     if (!in_fibers) fail("a kernel waited on a barrier outside a fiber (the emulator missed its barrier)");
     Fiber& f = fibers[current];
     f.state = s;
+#ifdef KILN_EMU_FAST_SWITCH
+    kiln_emu_switch(&f.sp, scheduler);
+#else
     swapcontext(&f.ctx, &scheduler);
+#endif
 }
 
 static void trampoline() {
     body(body_args);
     fibers[current].state = DONE;
+#ifdef KILN_EMU_FAST_SWITCH
+    kiln_emu_switch(&fibers[current].sp, scheduler);
+    __builtin_unreachable();
+#else
     swapcontext(&fibers[current].ctx, &scheduler);
+#endif
 }
 
 static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** args) {
@@ -111,11 +161,22 @@ static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** a
     block_threads = n;
     for (unsigned t = 0; t < n; t++) {
         Fiber& f = fibers[t];
+#ifdef KILN_EMU_FAST_SWITCH
+        // The first switch to the fiber pops six zero registers and returns into `trampoline`,
+        // with the stack aligned as at a function's entry (16-byte aligned plus the return slot).
+        uintptr_t top = ((uintptr_t)(stacks + (size_t)(t + 1) * STACK_BYTES)) & ~(uintptr_t)15;
+        void** frame = (void**)top;
+        frame[-1] = nullptr;
+        frame[-2] = (void*)&trampoline;
+        for (int r = 3; r <= 8; r++) frame[-r] = nullptr;
+        f.sp = (void*)&frame[-8];
+#else
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = stacks + (size_t)t * STACK_BYTES;
         f.ctx.uc_stack.ss_size = STACK_BYTES;
         f.ctx.uc_link = nullptr;
         makecontext(&f.ctx, trampoline, 0);
+#endif
         f.state = READY;
         f.x = t % bx;
         f.y = t / bx;
@@ -130,7 +191,11 @@ static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** a
             current = t;
             threadIdx = kiln_uint3{f.x, f.y, 0};
             f.state = READY;
+#ifdef KILN_EMU_FAST_SWITCH
+            kiln_emu_switch(&scheduler, f.sp);
+#else
             swapcontext(&scheduler, &f.ctx);
+#endif
             ran = true;
         }
         if (ran) continue;

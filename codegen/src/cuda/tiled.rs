@@ -1,0 +1,388 @@
+//! Float products of medium size computed by kiln's own tiled kernel, with their epilogue in the
+//! same kernel: one launch instead of a cuBLAS call and an epilogue kernel. At the batch sizes of a
+//! training step (a 128x784x256 layer) a product is a few microseconds of arithmetic, and what a
+//! step pays is per launch; cuBLAS stays for the large products, where its kernels' speed matters.
+//!
+//! Each block computes a tile of the result from slabs of both operands staged in shared memory
+//! (the next slab loaded into registers while the current one is used), each of its 256 threads a
+//! few outputs in registers: 64x64 tiles with 4x4 outputs a thread, read from shared memory as
+//! `float4`s (four multiply-adds per word read), where the output has 16 such tiles or more; else
+//! 32x32 tiles with 2x2 outputs a thread (rows `ty + 16 i`, columns `tx + 16 j`), which fill the
+//! card with more blocks. When tiles are too few to fill the card, the inner dimension is cut into
+//! slices, a block per (tile, slice): each block writes its partial tile to scratch memory, and the
+//! last block of a tile to finish (a ticket counter) adds the slices in slice order, so the result
+//! does not depend on timing. The block that holds a tile's final values then runs the epilogue
+//! group on it, an element per thread in row-major order (coalesced), with the product's value
+//! where the epilogue would have read it from memory.
+
+use super::ast::*;
+use super::emit::{decompose, Emitter, ProductInEpilogue, MAX_GRID, THREADS};
+use crate::kernel::{LoopKernel, MatMul};
+use kiln_ir::DType;
+
+/// Products of at most this many multiply-adds are tiled (when they have an epilogue to take in);
+/// larger ones go to cuBLAS, whose kernels are faster once the arithmetic dominates.
+const TILED_MACS: usize = 1 << 27;
+
+/// Tiles times slices aimed for: two blocks for each of an H100's 132 SMs.
+const TARGET_BLOCKS: usize = 264;
+
+/// A slice covers at least this many slabs (fewer would spend more on partial tiles than on
+/// arithmetic).
+const MIN_SLABS_PER_SLICE: usize = 2;
+
+/// At most this many slices: the last block of a tile reads every slice's partial tile.
+const MAX_SLICES: usize = 12;
+
+/// 64x64 tiles where the output has at least this many of them.
+const WIDE_TILES: usize = 16;
+
+/// Threads per block along each side of the tile.
+const SIDE: usize = 16;
+
+/// How a product is cut into tiles and slices.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct TilePlan {
+    pub(super) bm: usize,
+    pub(super) bn: usize,
+    pub(super) bk: usize,
+    pub(super) tiles_m: usize,
+    pub(super) tiles_n: usize,
+    /// Slices of the inner dimension (1: no partial tiles).
+    pub(super) slices: usize,
+    /// Slabs of `bk` per slice.
+    pub(super) slabs: usize,
+}
+
+impl TilePlan {
+    pub(super) fn for_product(mm: &MatMul) -> TilePlan {
+        let tiles64 = mm.m.div_ceil(64) * mm.n.div_ceil(64);
+        let (bm, bn, bk) = if tiles64 >= WIDE_TILES { (64, 64, 16) } else { (32, 32, 32) };
+        let (tiles_m, tiles_n) = (mm.m.div_ceil(bm), mm.n.div_ceil(bn));
+        let slabs_total = mm.k.div_ceil(bk).max(1);
+        let wanted = TARGET_BLOCKS.div_ceil(tiles_m * tiles_n).min(MAX_SLICES);
+        let most = slabs_total.div_ceil(MIN_SLABS_PER_SLICE);
+        let slabs = slabs_total.div_ceil(wanted.min(most).max(1));
+        TilePlan { bm, bn, bk, tiles_m, tiles_n, slices: slabs_total.div_ceil(slabs), slabs }
+    }
+
+    fn blocks(&self) -> usize {
+        self.tiles_m * self.tiles_n * self.slices
+    }
+
+    /// Outputs per thread along rows and columns.
+    fn per_thread(&self) -> (usize, usize) {
+        (self.bm / SIDE, self.bn / SIDE)
+    }
+
+    /// Whether a thread's outputs are adjacent (4x4, read as `float4`s) rather than 16 apart.
+    fn vectors(&self) -> bool {
+        self.bm == 64
+    }
+
+    /// Row pitch of the staged slabs (padded against bank conflicts; a multiple of four floats
+    /// where they are read as `float4`s).
+    fn pitch(&self, side: usize) -> usize {
+        side + if self.vectors() { 4 } else { 1 }
+    }
+
+    /// Words of one operand's slab that each thread stages.
+    fn loads_per_thread(&self) -> usize {
+        self.bm * self.bk / THREADS as usize
+    }
+}
+
+/// Whether tiled products are turned off (`KILN_CUDA_TILED=0`: every float product above the
+/// small-product size goes to cuBLAS, to measure what tiling saves).
+fn disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("KILN_CUDA_TILED").is_ok_and(|v| v == "0"))
+}
+
+/// Whether `mm` is of a kind and size the tiled kernel takes (its epilogue is checked later).
+pub(super) fn candidate(mm: &MatMul) -> bool {
+    mm.dtype == DType::F32
+        && mm.batch == 1
+        && mm.epilogue.is_some()
+        && mm.m * mm.n * mm.k <= TILED_MACS
+        && TilePlan::for_product(mm).blocks() <= MAX_GRID
+        && !disabled()
+        && !super::kernel_by_kernel_forced()
+}
+
+/// Whether `v` reads a row-major `[m, n]` buffer at the flat index of a row-major walk over
+/// `shape` (then the tile's element `(row, col)` is the walk's element `row * n + col`). The
+/// lowering only gives a product an epilogue that reads it so; this keeps tiling right should
+/// that change.
+fn walks_in_order(v: &crate::kernel::View, shape: &[usize]) -> bool {
+    let mut expected = 1;
+    for d in (0..shape.len()).rev() {
+        if shape[d] > 1 && v.strides[d] != expected {
+            return false;
+        }
+        expected *= shape[d] as isize;
+    }
+    v.offset == 0
+}
+
+/// The row (`a`) or column of the tile that a thread's `i`-th output lies in.
+fn lane_offset(plan: &TilePlan, along: &str, i: usize) -> Expr {
+    let per = plan.bm / SIDE;
+    if plan.vectors() {
+        var(along) * int(per as i64) + int(i as i64)
+    } else {
+        var(along) + int((SIDE * i) as i64)
+    }
+}
+
+impl<'a> Emitter<'a> {
+    /// The tiled form of `mm` inside its epilogue group `members`, if the group allows it: as for a
+    /// small product computed in its epilogue (`product_in_epilogue`), and the group elementwise
+    /// over exactly the product's elements, read in order.
+    pub(super) fn tiled_product(&self, mm: &MatMul, members: &[&LoopKernel], at: usize) -> Option<ProductInEpilogue> {
+        let epilogue = members[0];
+        if members.iter().any(|k| k.reduce.is_some()) || epilogue.shape.iter().product::<usize>() != mm.m * mm.n {
+            return None;
+        }
+        let p = self.product_in_epilogue(mm, members, at)?;
+        walks_in_order(&epilogue.inputs[p.input], &epilogue.shape)
+            .then(|| ProductInEpilogue { tiled: Some(TilePlan::for_product(mm)), ..p })
+    }
+
+    /// The body and launch of the group being emitted when it computes a tiled product: the tile's
+    /// product (sliced or whole), then the epilogue group over the tile's elements, `tile_value`
+    /// being the product's value at each.
+    pub(super) fn tiled_elementwise(&mut self, plan: TilePlan) -> (Vec<Stmt>, Launch) {
+        let mm = self.product.as_ref().expect("a tiled group has its product").mm.clone();
+        let primary = self.group[0].kernel.clone();
+        let TilePlan { bm, bn, bk, tiles_m, tiles_n, slices, slabs } = plan;
+        let (m, n, k) = (mm.m, mm.n, mm.k);
+        let big = |x: usize| x >= i32::MAX as usize / 2;
+        let lens = [m * n * slices, self.kp.buffers[mm.a].len, self.kp.buffers[mm.b].len];
+        let it = if lens.iter().any(|&l| big(l)) || self.index_type(&primary) == CType::LongLong {
+            CType::LongLong
+        } else {
+            CType::Int
+        };
+        let ft = CType::Float;
+        let (tm, tn) = plan.per_thread();
+        let (pitch_a, pitch_b) = (plan.pitch(bm), plan.pitch(bn));
+        let align = if plan.vectors() { 16 } else { 0 };
+        let tid = || cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx));
+        let mut body = vec![
+            Stmt::SharedArray { ty: ft, name: "tile_a".into(), len: bk * pitch_a, align },
+            Stmt::SharedArray { ty: ft, name: "tile_b".into(), len: bk * pitch_b, align },
+        ];
+        let mut setup =
+            vec![decl(CType::Int, "tx", tid() % int(SIDE as i64)), decl(CType::Int, "ty", tid() / int(SIDE as i64))];
+        let block = || cast(it, Expr::Builtin(Builtin::BlockIdx));
+        let tiles = (tiles_m * tiles_n) as i64;
+        setup.push(decl(it, "tile", block() % int(tiles)));
+        setup.push(decl(it, "slice", block() / int(tiles)));
+        setup.push(decl(it, "row0", (var("tile") / int(tiles_n as i64)) * int(bm as i64)));
+        setup.push(decl(it, "col0", (var("tile") % int(tiles_n as i64)) * int(bn as i64)));
+        setup.push(decl(it, "k_lo", var("slice") * int((slabs * bk) as i64)));
+        let hi = var("k_lo") + int((slabs * bk) as i64);
+        setup.push(decl(it, "k_hi", select(bin(BinOp::Lt, hi.clone(), int(k as i64)), hi, int(k as i64))));
+        let acc = |i: usize, j: usize| format!("acc_{i}_{j}");
+        for i in 0..tm {
+            for j in 0..tn {
+                setup.push(decl_mut(ft, acc(i, j), Expr::F32(0.0)));
+            }
+        }
+        // Where in the slabs each thread stages its words (the same for every slab), and the
+        // registers holding the next slab's words.
+        for a in [true, false] {
+            setup.extend(self.staging_places(&mm, &plan, a));
+        }
+        setup.extend(self.slab_fetch(&mm, &plan, it, var("k_lo"), true));
+        body.extend(setup);
+        let mut slab = vec![];
+        for (tile, side, pitch) in [("tile_a", "a", pitch_a), ("tile_b", "b", pitch_b)] {
+            for u in 0..plan.loads_per_thread() {
+                let at = var(format!("{side}_kk{u}")) * int(pitch as i64) + var(format!("{side}_r{u}"));
+                slab.push(assign(index(var(tile), at), var(format!("{side}_next{u}"))));
+            }
+        }
+        slab.push(Stmt::SyncThreads);
+        let next = var("kt") + int(bk as i64);
+        slab.push(Stmt::If(
+            bin(BinOp::Lt, next.clone(), var("k_hi")),
+            self.slab_fetch(&mm, &plan, it, next, false),
+            vec![],
+        ));
+        let mut step = vec![];
+        if plan.vectors() {
+            for (name, tile, pitch, along) in [("a", "tile_a", pitch_a, "ty"), ("b", "tile_b", pitch_b, "tx")] {
+                let base = var(tile) + var("kk") * int(pitch as i64);
+                step.push(decl(CType::Float4, name, Expr::Vec4(Box::new(base), Box::new(var(along)))));
+            }
+            let lane = |v: &str, i: usize| Expr::Lane(Box::new(var(v)), i as u8);
+            for i in 0..tm {
+                for j in 0..tn {
+                    step.push(assign(var(acc(i, j)), var(acc(i, j)) + lane("a", i) * lane("b", j)));
+                }
+            }
+        } else {
+            for i in 0..tm {
+                let at = var("kk") * int(pitch_a as i64) + lane_offset(&plan, "ty", i);
+                step.push(decl(ft, format!("a{i}"), index(var("tile_a"), at)));
+            }
+            for j in 0..tn {
+                let at = var("kk") * int(pitch_b as i64) + lane_offset(&plan, "tx", j);
+                step.push(decl(ft, format!("b{j}"), index(var("tile_b"), at)));
+            }
+            for i in 0..tm {
+                for j in 0..tn {
+                    step.push(assign(var(acc(i, j)), var(acc(i, j)) + var(format!("a{i}")) * var(format!("b{j}"))));
+                }
+            }
+        }
+        slab.push(Stmt::For {
+            ty: CType::Int,
+            var: "kk".into(),
+            init: int(0),
+            end: int(bk as i64),
+            step: int(1),
+            body: step,
+        });
+        slab.push(Stmt::SyncThreads);
+        body.push(Stmt::For {
+            ty: it,
+            var: "kt".into(),
+            init: var("k_lo"),
+            end: var("k_hi"),
+            step: int(bk as i64),
+            body: slab,
+        });
+        let row = |i: usize| var("row0") + cast(it, lane_offset(&plan, "ty", i));
+        let col = |j: usize| var("col0") + cast(it, lane_offset(&plan, "tx", j));
+        if slices == 1 {
+            // The tile through shared memory, so that the epilogue's threads walk it in row order.
+            let pitch_c = bn as i64 + 1;
+            body.insert(2, Stmt::SharedArray { ty: ft, name: "tile_c".into(), len: bm * pitch_c as usize, align: 0 });
+            for i in 0..tm {
+                for j in 0..tn {
+                    let at = lane_offset(&plan, "ty", i) * int(pitch_c) + lane_offset(&plan, "tx", j);
+                    body.push(assign(index(var("tile_c"), at), var(acc(i, j))));
+                }
+            }
+            body.push(Stmt::SyncThreads);
+            body.push(self.tile_epilogue(&mm, plan, it, None));
+        } else {
+            let scratch = self.scratch_param(ft, "partial", slices * m * n * 4);
+            let counters = self.scratch_param(CType::UInt, "tickets", tiles_m * tiles_n * 4);
+            body.insert(2, Stmt::SharedArray { ty: CType::Bool, name: "last_block".into(), len: 1, align: 0 });
+            for i in 0..tm {
+                for j in 0..tn {
+                    let inside =
+                        bin(BinOp::And, bin(BinOp::Lt, row(i), int(m as i64)), bin(BinOp::Lt, col(j), int(n as i64)));
+                    let at = var("slice") * int((m * n) as i64) + row(i) * int(n as i64) + col(j);
+                    body.push(Stmt::If(inside, vec![assign(index(var(&scratch), at), var(acc(i, j)))], vec![]));
+                }
+            }
+            let first_thread = bin(BinOp::Eq, tid(), int(0));
+            body.extend(super::reduce::take_ticket(&counters, var("tile"), first_thread.clone(), slices));
+            let last = vec![
+                self.tile_epilogue(&mm, plan, it, Some((&scratch, slices))),
+                // Ready for the next launch (a replayed graph runs the same kernel again).
+                Stmt::If(first_thread, vec![assign(index(var(&counters), var("tile")), Expr::ULong(0))], vec![]),
+            ];
+            body.push(Stmt::If(index(var("last_block"), int(0)), last, vec![]));
+        }
+        (body, Launch { grid: (plan.blocks() as u32, 1), block: (THREADS, 1) })
+    }
+
+    /// Declares where thread `threadIdx.x` stages its `u`-th word of an operand's slab (`a`: the
+    /// left operand): `{a|b}_r{u}` along the tile's side, `{a|b}_kk{u}` along the slab, so that
+    /// neighbouring threads read neighbouring words of the operand.
+    fn staging_places(&self, mm: &MatMul, plan: &TilePlan, a: bool) -> Vec<Stmt> {
+        let (bk, side) = (plan.bk as i64, if a { plan.bm } else { plan.bn } as i64);
+        // Whether the operand's inner index is its contiguous one (`a` as `[m, k]`, `b` as `[n, k]`).
+        let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
+        let name = if a { "a" } else { "b" };
+        let mut out = vec![];
+        for u in 0..plan.loads_per_thread() {
+            let l = cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)) + int((u * THREADS as usize) as i64);
+            let (r, kk) =
+                if k_inner { (l.clone() / int(bk), l % int(bk)) } else { (l.clone() % int(side), l / int(side)) };
+            out.push(decl(CType::Int, format!("{name}_r{u}"), r));
+            out.push(decl(CType::Int, format!("{name}_kk{u}"), kk));
+        }
+        out
+    }
+
+    /// Loads (`declare`: declares) the registers `{a|b}_next{u}` with both operands' words of the
+    /// slab starting at inner index `kt`, zero past the matrix or the slice.
+    fn slab_fetch(&self, mm: &MatMul, plan: &TilePlan, it: CType, kt: Expr, declare: bool) -> Vec<Stmt> {
+        let mut out = vec![];
+        for a in [true, false] {
+            let (first, bound) = if a { ("row0", mm.m as i64) } else { ("col0", mm.n as i64) };
+            let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
+            let (name, operand) = if a { ("a", "mm_a") } else { ("b", "mm_b") };
+            for u in 0..plan.loads_per_thread() {
+                let rg = var(first) + cast(it, var(format!("{name}_r{u}")));
+                let kg = kt.clone() + cast(it, var(format!("{name}_kk{u}")));
+                let at = if k_inner {
+                    rg.clone() * int(mm.k as i64) + kg.clone()
+                } else {
+                    kg.clone() * int(bound) + rg.clone()
+                };
+                let inside = bin(BinOp::And, bin(BinOp::Lt, rg, int(bound)), bin(BinOp::Lt, kg, var("k_hi")));
+                let value = select(inside, index(var(operand), at), Expr::F32(0.0));
+                let reg = format!("{name}_next{u}");
+                out.push(if declare { decl_mut(CType::Float, reg, value) } else { assign(var(reg), value) });
+            }
+        }
+        out
+    }
+
+    /// The walk over the tile's elements that runs the epilogue group at each: the product's value
+    /// read from the shared tile, or (`sliced`: the partial tiles and their number) added up from
+    /// the slices' partial tiles in slice order.
+    fn tile_epilogue(&mut self, mm: &MatMul, plan: TilePlan, it: CType, sliced: Option<(&str, usize)>) -> Stmt {
+        let (m, n) = (mm.m as i64, mm.n as i64);
+        let pitch = plan.bn as i64 + 1;
+        let mut per = vec![
+            decl(CType::Int, "r", var("l") / int(plan.bn as i64)),
+            decl(CType::Int, "q", var("l") % int(plan.bn as i64)),
+            decl(it, "row", var("row0") + cast(it, var("r"))),
+            decl(it, "col", var("col0") + cast(it, var("q"))),
+        ];
+        let mut inner = vec![];
+        match sliced {
+            None => {
+                inner.push(decl(CType::Float, "tile_value", index(var("tile_c"), var("r") * int(pitch) + var("q"))))
+            }
+            Some((scratch, slices)) => {
+                inner.push(decl_mut(CType::Float, "tile_value", Expr::F32(0.0)));
+                // `__ldcg` reads through L2, where the other blocks' partial tiles are.
+                let at = var(scratch) + (var("s") * int(m * n) + var("row") * int(n) + var("col"));
+                inner.push(Stmt::For {
+                    ty: it,
+                    var: "s".into(),
+                    init: int(0),
+                    end: int(slices as i64),
+                    step: int(1),
+                    body: vec![assign(var("tile_value"), var("tile_value") + call("__ldcg", vec![at]))],
+                });
+            }
+        }
+        let shape = self.group[0].kernel.shape.clone();
+        inner.push(decl(it, "t", var("row") * int(n) + var("col")));
+        decompose(var("t"), &shape, 0, it, &mut inner);
+        for mem in 0..self.group.len() {
+            self.member_element(mem, shape.len(), &mut inner);
+        }
+        let inside = bin(BinOp::And, bin(BinOp::Lt, var("row"), int(m)), bin(BinOp::Lt, var("col"), int(n)));
+        per.push(Stmt::If(inside, inner, vec![]));
+        Stmt::For {
+            ty: CType::Int,
+            var: "l".into(),
+            init: cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)),
+            end: int((plan.bm * plan.bn) as i64),
+            step: int(THREADS as i64),
+            body: per,
+        }
+    }
+}
