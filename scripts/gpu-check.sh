@@ -17,7 +17,7 @@ set -u
 DIR=${KILN_GPU_DIR:-.gpu}
 # KILN_GPU_TESTS picks test binaries (to fit a carry limit); KILN_GPU_BENCH=0 skips the benchmark;
 # KILN_GPU_EXAMPLE=0 leaves out the main example.
-TESTS=${KILN_GPU_TESTS:-"op_table gradcheck backend_agreement cuda_device cuda_codegen api nn"}
+TESTS=${KILN_GPU_TESTS:-"op_table gradcheck backend_agreement cuda_device cuda_products cuda_codegen api nn"}
 
 if [ "${1:-}" = "--build" ]; then
     set -e

@@ -165,7 +165,8 @@ pub fn cuda_skip_reason() -> Option<String> {
     Device::cuda_unavailable_reason()
 }
 
-/// Compiles the CUDA C that `f` generates for `args` with NVRTC (this needs libnvrtc, not a GPU).
+/// Compiles the CUDA C that `f` generates for `args` with NVRTC (this needs libnvrtc, not a GPU),
+/// cut into compilation units compiled on threads of their own, as the CUDA backend does.
 /// Returns `Ok(false)` where libnvrtc is not found (and says so once on stderr).
 pub fn check_cuda_source_compiles(f: &Function, args: &[Tensor]) -> Result<bool> {
     if !kiln_codegen::cuda::nvrtc::available() {
@@ -173,7 +174,6 @@ pub fn check_cuda_source_compiles(f: &Function, args: &[Tensor]) -> Result<bool>
         ONCE.call_once(|| note(&format!("NVRTC checks skipped: {}", kiln_codegen::cuda::nvrtc::missing_reason())));
         return Ok(false);
     }
-    let src = f.cuda_source(args)?;
-    kiln_codegen::cuda::nvrtc::compile(&src, "compute_90")?;
+    kiln_codegen::cuda::nvrtc::compile_module(&f.cuda_module(args)?, "compute_90")?;
     Ok(true)
 }

@@ -106,7 +106,8 @@ struct Plan {
     calls: usize,
     code: String,
     stats: CompileStats,
-    _module: Arc<CudaModule>,
+    /// The loaded modules (one per compilation unit), kept alive with the plan's functions.
+    _modules: Vec<Arc<CudaModule>>,
 }
 
 /// `KILN_CUDA_STREAMS`: how many streams a step's independent steps may spread over (default 1:
@@ -153,18 +154,25 @@ impl Plan {
         let dp = emit(&kp, &memory)?;
         let source = super::print::program(&dp.module, &dp.steps);
         let t = std::time::Instant::now();
-        let (ptx, origin) = nvrtc::compile(&source, gpu.arch)?;
+        let (parts, origin) = nvrtc::compile_module(&dp.module, gpu.arch)?;
         let nvrtc_seconds = t.elapsed().as_secs_f64();
         let t = std::time::Instant::now();
         gpu.bind()?;
-        let module =
-            gpu.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(cuda_err("loading the compiled module"))?;
-        let load_seconds = t.elapsed().as_secs_f64();
         let mut functions: HashMap<String, CudaFunction> = HashMap::new();
-        for k in &dp.module.kernels {
-            let f = module.load_function(&k.name).map_err(cuda_err("finding a kernel"))?;
-            functions.insert(k.name.clone(), f);
+        let mut modules = Vec::with_capacity(parts.len());
+        for part in parts {
+            let module = gpu
+                .ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(part.ptx))
+                .map_err(cuda_err("loading the compiled module"))?;
+            for k in part.kernels {
+                let name = &dp.module.kernels[k].name;
+                let f = module.load_function(name).map_err(cuda_err("finding a kernel"))?;
+                functions.insert(name.clone(), f);
+            }
+            modules.push(module);
         }
+        let load_seconds = t.elapsed().as_secs_f64();
         let mut step_names: Vec<String> = dp
             .steps
             .iter()
@@ -258,7 +266,7 @@ impl Plan {
             calls: 0,
             code,
             stats: CompileStats { nvrtc_seconds, origin, load_seconds },
-            _module: module,
+            _modules: modules,
         })
     }
 

@@ -105,6 +105,12 @@ pub fn specialize_program(
     Ok((kp, updates, out_shapes))
 }
 
+/// The CUDA kernels the CUDA backend compiles for a program called with these shapes.
+pub fn program_module(program: &crate::Program, shapes: &[Vec<usize>]) -> Result<ast::Module> {
+    let (kp, _, _) = specialize_program(program, shapes)?;
+    Ok(emit::emit(&kp, &crate::kernel::plan_memory(&kp))?.module)
+}
+
 /// The CUDA C the CUDA backend generates for a program called with these shapes (no GPU needed).
 pub fn program_source(program: &crate::Program, shapes: &[Vec<usize>]) -> Result<String> {
     let (kp, _, _) = specialize_program(program, shapes)?;

@@ -114,6 +114,43 @@ pub fn compile_with_cache(source: &str, arch: &'static str, dir: Option<PathBuf>
     Ok((ptx, Origin::Compiled))
 }
 
+/// Compilation units per module at most (the threads that compile them).
+const MAX_PARTS: usize = 8;
+
+/// One compilation unit of a module and its PTX: `kernels` index the module's kernels.
+pub struct CompiledPart {
+    pub kernels: Vec<usize>,
+    pub ptx: String,
+}
+
+/// Compiles a module cut into compilation units (`print::module_parts`), each on a thread of its
+/// own and through the caches, so that a step of many kernels compiles cold in about the time of
+/// its largest unit (NVRTC's calls may run concurrently on separate programs). The origin is the
+/// slowest of the units' (compiled, else from disk, else from memory).
+pub fn compile_module(m: &super::ast::Module, arch: &'static str) -> Result<(Vec<CompiledPart>, Origin)> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_PARTS);
+    let units = super::print::module_parts(m, threads);
+    let compiled: Vec<Result<(String, Origin)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = units.iter().map(|(source, _)| s.spawn(move || compile(source, arch))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Invalid("an NVRTC compilation thread panicked".into()))))
+            .collect()
+    });
+    let mut parts = Vec::with_capacity(units.len());
+    let mut origin = Origin::Memory;
+    for ((_, kernels), c) in units.into_iter().zip(compiled) {
+        let (ptx, o) = c?;
+        origin = match (origin, o) {
+            (Origin::Compiled, _) | (_, Origin::Compiled) => Origin::Compiled,
+            (Origin::Disk, _) | (_, Origin::Disk) => Origin::Disk,
+            _ => Origin::Memory,
+        };
+        parts.push(CompiledPart { kernels, ptx });
+    }
+    Ok((parts, origin))
+}
+
 /// One NVRTC compilation (the `cuda` feature is off: always an error).
 #[cfg(not(feature = "cuda"))]
 pub fn compile_uncached(_source: &str, _arch: &'static str) -> Result<String> {

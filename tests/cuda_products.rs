@@ -1,0 +1,84 @@
+//! Property test: float products of random sizes (large enough for kiln's tiled kernel), operand
+//! layouts and epilogues, run as the CUDA backend's program (on the CUDA emulator and, where there
+//! is one, the GPU) against the reference backend. The sizes give partial edge tiles, inner dims
+//! that are no multiple of a slab, both tile shapes, and inner dims whole or cut into slices.
+#![allow(clippy::cloned_ref_to_slice_refs)]
+
+use kiln::prelude::*;
+use kiln::testing::random_tensor;
+use proptest::prelude::*;
+
+/// The devices that run the CUDA backend's program (each one that cannot says why, once).
+fn cuda_devices() -> &'static [Device] {
+    static DEVICES: std::sync::OnceLock<Vec<Device>> = std::sync::OnceLock::new();
+    DEVICES.get_or_init(|| {
+        let mut d = vec![];
+        match kiln::testing::emulator_skip_reason() {
+            None => d.push(Device::CudaEmulator),
+            Some(why) => kiln::testing::note(&format!("emulator skipped: {why}")),
+        }
+        match kiln::testing::cuda_skip_reason() {
+            None => d.push(Device::Cuda(0)),
+            Some(why) => kiln::testing::note(&format!("GPU skipped: {why}")),
+        }
+        d
+    })
+}
+
+/// Multiply-adds above which a float product no longer gets a thread per output.
+const SMALL_PRODUCT: usize = 1 << 19;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #[test]
+    fn tiled_products_equal_the_reference(
+        m in 2usize..300,
+        n in 2usize..300,
+        k in 1usize..800,
+        a_transposed in any::<bool>(),
+        b_transposed in any::<bool>(),
+        epilogue in 0usize..3,
+        seed in 0u64..1000,
+    ) {
+        // At least the smallest tiled size: few outputs then take a long inner dim (many slices).
+        let k = k.max(SMALL_PRODUCT / (m * n) + 1);
+        let g = Graph::new();
+        let a_shape = if a_transposed { [k, m] } else { [m, k] };
+        let b_shape = if b_transposed { [n, k] } else { [k, n] };
+        let (a_in, b_in) = (g.input("a", F32, a_shape), g.input("b", F32, b_shape));
+        let a = if a_transposed { a_in.t() } else { a_in.clone() };
+        let b = if b_transposed { b_in.t() } else { b_in.clone() };
+        let bias = g.input("bias", F32, [n]);
+        let v = g.shared("v", random_tensor(&[m, n], -1.0, 1.0, seed + 3).cast(F32));
+        let product = a.matmul(&b);
+        // bias and activation, a parameter update in place, or an activation alone
+        let (out, updates) = match epilogue {
+            0 => ((&product + &bias).relu(), vec![]),
+            1 => (bias.sum_all(), vec![(v.clone(), &v - 0.1 * &product)]),
+            _ => ((&product * 0.5).tanh(), vec![]),
+        };
+        let args = [
+            random_tensor(&a_shape, -1.0, 1.0, seed).cast(F32),
+            random_tensor(&b_shape, -1.0, 1.0, seed + 1).cast(F32),
+            random_tensor(&[n], -1.0, 1.0, seed + 2).cast(F32),
+        ];
+        let v0 = v.value().unwrap();
+        let build = |device| g.function([&a_in, &b_in, &bias], [&out]).updates(updates.iter().map(|(p, u)| (p, u.clone()))).compile(device).unwrap();
+        let want = build(Device::Reference).call(&args).unwrap();
+        let v_want = v.value().unwrap();
+        for &device in cuda_devices() {
+            v.set_value(v0.clone()).unwrap();
+            let mut f = build(device);
+            let got = f.call(&args).unwrap();
+            let v_got = v.value().unwrap();
+            // Sums of k products of values in [-1, 1], in another order than the reference's.
+            let tol = 1e-6 * k as f64;
+            let pairs = [(got[0].to_f64_vec(), want[0].to_f64_vec()), (v_got.to_f64_vec(), v_want.to_f64_vec())];
+            for (u, w) in pairs.iter().flat_map(|(g, w)| g.iter().zip(w)) {
+                prop_assert!((u - w).abs() <= tol + 1e-5 * w.abs(), "{:?} {}x{}x{}: {} vs {}", device, m, k, n, u, w);
+            }
+            let code = f.generated_code();
+            prop_assert!(code.contains(&format!("({m}x{k}x{n}) in ")), "{:?}: not tiled\n{}", device, code);
+        }
+    }
+}
