@@ -3,7 +3,8 @@
 #
 #   scripts/gpu-check.sh --build   (on the development machine) builds the release test binaries
 #                                  that exercise Device::Cuda and the step benchmark, strips them
-#                                  and copies them into .gpu/ (git-ignored; carry that folder).
+#                                  and packs them into .gpu/bundle.tgz (git-ignored; carry that
+#                                  folder: ~25 MB, where the loose binaries are over 64 MiB).
 #   scripts/gpu-check.sh           (on the GPU machine, in the repository root) runs them and
 #                                  prints a table: each test binary's result, then the benchmark
 #                                  on the GPU (cold NVRTC compile, then from the PTX disk cache,
@@ -36,8 +37,17 @@ if [ "${1:-}" = "--build" ]; then
         cp target/release/examples/fashion_mnist_mlp "$DIR/fashion_mnist_mlp"
         strip "$DIR/fashion_mnist_mlp"
     fi
+    # Packed: the binaries share most of their bytes, and a carry holds 64 MiB.
+    packed=$(mktemp)
+    tar -czf "$packed" -C "$DIR" .
+    rm -rf "$DIR" && mkdir -p "$DIR" && mv "$packed" "$DIR/bundle.tgz"
     ls -la "$DIR"
     exit 0
+fi
+if [ -f "$DIR/bundle.tgz" ]; then
+    unpacked=$(mktemp -d)
+    tar -xzf "$DIR/bundle.tgz" -C "$unpacked"
+    DIR=$unpacked
 fi
 
 # The tests run the GPU only: the emulator's share ran on the development machine.
