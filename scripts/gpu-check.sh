@@ -107,4 +107,6 @@ echo "-- every kernel on its own (no single-block runs, no kernels side by side,
 KILN_CUDA_JOIN=0 "$DIR/steps" --device cuda --seconds ${BENCH_SECONDS:-1} 2>&1 | grep -v compile: | tee "$OUT_DIR/bench-unjoined.txt"
 echo "-- medium float products on cuBLAS with their epilogue kernel, not tiled (KILN_CUDA_TILED=0)"
 KILN_CUDA_TILED=0 "$DIR/steps" --device cuda --seconds ${BENCH_SECONDS:-1} 2>&1 | grep -v compile: | tee "$OUT_DIR/bench-cublas.txt"
+echo "-- every product with an epilogue tiled, up to 2^30 multiply-adds (KILN_CUDA_TILED_MACS; fmnist-mlp-4k)"
+KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | grep -v compile: | tee "$OUT_DIR/bench-tiled-4k.txt"
 exit $status

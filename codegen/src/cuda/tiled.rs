@@ -22,7 +22,13 @@ use kiln_ir::DType;
 
 /// Products of at most this many multiply-adds are tiled (when they have an epilogue to take in);
 /// larger ones go to cuBLAS, whose kernels are faster once the arithmetic dominates.
+/// `KILN_CUDA_TILED_MACS` sets another bound, to measure where that is on a card.
 const TILED_MACS: usize = 1 << 27;
+
+fn tiled_macs() -> usize {
+    static MACS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MACS.get_or_init(|| std::env::var("KILN_CUDA_TILED_MACS").ok().and_then(|v| v.parse().ok()).unwrap_or(TILED_MACS))
+}
 
 /// Tiles times slices aimed for: two blocks for each of an H100's 132 SMs.
 const TARGET_BLOCKS: usize = 264;
@@ -60,7 +66,9 @@ impl TilePlan {
         let (bm, bn, bk) = if tiles64 >= WIDE_TILES { (64, 64, 16) } else { (32, 32, 32) };
         let (tiles_m, tiles_n) = (mm.m.div_ceil(bm), mm.n.div_ceil(bn));
         let slabs_total = mm.k.div_ceil(bk).max(1);
-        let wanted = TARGET_BLOCKS.div_ceil(tiles_m * tiles_n).min(MAX_SLICES);
+        // Tiles enough for a block on every SM need no slices (they would only add partial tiles).
+        let tiles = tiles_m * tiles_n;
+        let wanted = if 2 * tiles >= TARGET_BLOCKS { 1 } else { TARGET_BLOCKS.div_ceil(tiles).min(MAX_SLICES) };
         let most = slabs_total.div_ceil(MIN_SLABS_PER_SLICE);
         let slabs = slabs_total.div_ceil(wanted.min(most).max(1));
         TilePlan { bm, bn, bk, tiles_m, tiles_n, slices: slabs_total.div_ceil(slabs), slabs }
@@ -104,7 +112,7 @@ pub(super) fn candidate(mm: &MatMul) -> bool {
     mm.dtype == DType::F32
         && mm.batch == 1
         && mm.epilogue.is_some()
-        && mm.m * mm.n * mm.k <= TILED_MACS
+        && mm.m * mm.n * mm.k <= tiled_macs()
         && TilePlan::for_product(mm).blocks() <= MAX_GRID
         && !disabled()
         && !super::kernel_by_kernel_forced()
