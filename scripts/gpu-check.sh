@@ -11,7 +11,8 @@
 #                                  then without CUDA graphs, on two streams, with every kernel on
 #                                  its own, with medium float products on cuBLAS instead of tiled),
 #                                  with the card's name.
-#                                  KILN_GPU_PROFILE=1 adds a per-kernel profile of each workload.
+#                                  Then a per-kernel profile of each workload (tiled products, and
+#                                  again with them on cuBLAS); KILN_GPU_PROFILE=0 leaves it out.
 #
 # The CUDA libraries are looked up under $CUDA_LIB (default: the CUDA 13.0 toolkit's lib folder).
 set -u
@@ -89,9 +90,13 @@ if [ -x "$DIR/fashion_mnist_mlp" ]; then
     "$DIR/fashion_mnist_mlp" --device cuda --data-dir data/fashion-mnist --out "$OUT_DIR/fmnist" 2>&1 | grep -v '^Epoch' | tail -n 8
 fi
 [ "${KILN_GPU_BENCH:-1}" = 0 ] && exit $status
-if [ "${KILN_GPU_PROFILE:-0}" = 1 ]; then
+if [ "${KILN_GPU_PROFILE:-1}" = 1 ]; then
     echo "== per-step profile (CUDA events around every kernel and product; no graphs)"
     KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile.txt"
+    echo "-- the same with the medium products on cuBLAS (KILN_CUDA_TILED=0)"
+    KILN_CUDA_TILED=0 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-cublas.txt"
+    echo "-- fmnist-mlp-4k with every product tiled (KILN_CUDA_TILED_MACS=2^30)"
+    KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-tiled-4k.txt"
 fi
 echo "== benchmark (ms per full training step, f32; compile_ms includes graph building)"
 export KILN_CACHE_DIR=$(mktemp -d)
