@@ -147,43 +147,91 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
     (kernel, DeviceStep::Launch(Launchable { kernel: name, args, launch }))
 }
 
-/// Joins consecutive independent launches side by side (see `side`).
+/// How far ahead of a launch `join_all` looks for launches to run beside it.
+const LOOKAHEAD: usize = 12;
+
+/// The memory a step reads and writes.
+fn step_accesses(step: &DeviceStep, kernels: &[Kernel], loc: &[Location]) -> (Vec<Location>, Vec<Location>) {
+    match step {
+        DeviceStep::Launch(l) => {
+            accesses(kernels.iter().find(|k| k.name == l.kernel).expect("every launch has its kernel"), &l.args, loc)
+        }
+        DeviceStep::Gemm(mm) => (vec![loc[mm.a], loc[mm.b]], vec![loc[mm.c]]),
+    }
+}
+
+/// Whether two steps may run in either order: neither writes memory the other reads or writes.
+fn independent(a: &(Vec<Location>, Vec<Location>), b: &(Vec<Location>, Vec<Location>)) -> bool {
+    let ((ra, wa), (rb, wb)) = (a, b);
+    wa.iter().all(|l| !rb.contains(l) && !wb.contains(l)) && ra.iter().all(|l| !wb.contains(l))
+}
+
+/// The launch of step `s` (groups hold launches only).
+fn launch_of(steps: &[DeviceStep], s: usize) -> &Launchable {
+    match &steps[s] {
+        DeviceStep::Launch(l) => l,
+        DeviceStep::Gemm(_) => unreachable!("groups hold launches"),
+    }
+}
+
+/// Joins independent launches side by side (see `side`): each launch takes the later launches (up
+/// to `LOOKAHEAD` steps on) that can run beside it and that may move up past every step between
+/// (a layer's weight update, which must wait for the product reading the old weights, then runs
+/// beside the next layer's input-gradient product instead of on its own).
 pub(super) fn join_all(
     steps: Vec<DeviceStep>,
     mut kernels: Vec<Kernel>,
     loc: &[Location],
 ) -> (Vec<DeviceStep>, Vec<Kernel>) {
+    let access: Vec<_> = steps.iter().map(|s| step_accesses(s, &kernels, loc)).collect();
+    let mut taken = vec![false; steps.len()];
     let mut joined = vec![];
-    let mut s = 0;
-    while s < steps.len() {
-        let mut group: Vec<&Launchable> = vec![];
-        if let DeviceStep::Launch(l) = &steps[s] {
-            if can_start(l) {
-                group.push(l);
-                while let Some(DeviceStep::Launch(next)) = steps.get(s + group.len()) {
-                    if !can_join(loc, &kernels, &group, next) {
-                        break;
+    for s in 0..steps.len() {
+        if taken[s] {
+            continue;
+        }
+        taken[s] = true;
+        let mut group = vec![s];
+        if matches!(&steps[s], DeviceStep::Launch(l) if can_start(l)) {
+            // The steps that stay where they are, between the group and a candidate.
+            let mut staying: Vec<usize> = vec![];
+            for j in s + 1..steps.len().min(s + 1 + LOOKAHEAD) {
+                if taken[j] {
+                    continue;
+                }
+                let launches: Vec<&Launchable> = group.iter().map(|&g| launch_of(&steps, g)).collect();
+                let joins = match &steps[j] {
+                    DeviceStep::Launch(next) => {
+                        can_join(loc, &kernels, &launches, next)
+                            && staying.iter().all(|&i| independent(&access[i], &access[j]))
                     }
-                    group.push(next);
+                    DeviceStep::Gemm(_) => false,
+                };
+                if joins {
+                    group.push(j);
+                } else {
+                    staying.push(j);
                 }
             }
         }
         if group.len() < 2 {
             joined.push(steps[s].clone());
-            s += 1;
             continue;
         }
-        let names: Vec<&str> = group.iter().map(|l| l.kernel.as_str()).collect();
+        for &g in &group {
+            taken[g] = true;
+        }
+        let launches: Vec<Launchable> = group.iter().map(|&g| launch_of(&steps, g).clone()).collect();
+        let names: Vec<String> = launches.iter().map(|l| l.kernel.clone()).collect();
         let sections: Vec<Kernel> = names
             .iter()
             .map(|n| kernels.iter().find(|k| k.name == *n).expect("every launch has its kernel").clone())
             .collect();
         let at = kernels.iter().position(|k| k.name == names[0]).expect("the group's first kernel");
-        let (kernel, step) = join(sections, group.iter().map(|l| (*l).clone()).collect());
-        kernels.retain(|k| !names.contains(&k.name.as_str()));
+        let (kernel, step) = join(sections, launches);
+        kernels.retain(|k| !names.contains(&k.name));
         kernels.insert(at.min(kernels.len()), kernel);
         joined.push(step);
-        s += names.len();
     }
     (joined, kernels)
 }
