@@ -13,7 +13,7 @@ use super::nvrtc::{self, Origin};
 use super::runtime::{cuda_err, CudaResident, DeviceBuffer, Gpu};
 use super::schedule::Schedule;
 use crate::bytes::{tensor_bytes, tensor_from_bytes};
-use crate::kernel::{elem_size, plan_memory_with, BufKind, KernelProgram, UpdateWrite};
+use crate::kernel::{elem_size, BufKind, KernelProgram, UpdateWrite};
 use crate::profile::StepProfile;
 use crate::{Backend, CompileOptions, Executable, Program, SharedValue};
 use cudarc::driver::{result, sys, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaStream};
@@ -149,8 +149,7 @@ fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
 impl Plan {
     fn build(gpu: &Arc<Gpu>, program: &Program, shapes: &[Vec<usize>], streams: usize) -> Result<Plan> {
         let (kp, updates, out_shapes) = super::specialize_program(program, shapes)?;
-        // Steps spread over several streams get memory of their own, so that only data orders them.
-        let memory = plan_memory_with(&kp, streams == 1);
+        let memory = super::memory_plan(&kp, streams);
         let dp = emit(&kp, &memory)?;
         let source = super::print::program(&dp.module, &dp.steps);
         let t = std::time::Instant::now();

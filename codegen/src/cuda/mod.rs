@@ -82,9 +82,25 @@ pub(crate) fn kernel_by_kernel_forced() -> bool {
         || *NO_JOIN.get_or_init(|| std::env::var("KILN_CUDA_JOIN").is_ok_and(|v| v == "0"))
 }
 
+/// Temporaries get memory of their own (no slot shared with an earlier temporary) while they need
+/// at most this many bytes in all: a step then waits for another only for its data, so more
+/// kernels can run side by side (fmnist-mlp one launch fewer); larger programs reuse slots.
+const OWN_MEMORY_BYTES: usize = 256 << 20;
+
+/// The memory plan of the CUDA backend's program when it runs on `streams` streams (steps spread
+/// over several streams always get memory of their own).
+pub(crate) fn memory_plan(kp: &KernelProgram, streams: usize) -> crate::kernel::MemoryPlan {
+    let own = crate::kernel::plan_memory_with(kp, false);
+    if streams > 1 || own.slot_bytes.iter().sum::<usize>() <= OWN_MEMORY_BYTES {
+        own
+    } else {
+        crate::kernel::plan_memory_with(kp, true)
+    }
+}
+
 /// The CUDA C of a kernel program.
 pub fn source(kp: &KernelProgram) -> Result<String> {
-    let dp = emit::emit(kp, &crate::kernel::plan_memory(kp))?;
+    let dp = emit::emit(kp, &memory_plan(kp, 1))?;
     Ok(print::program(&dp.module, &dp.steps))
 }
 
@@ -108,7 +124,7 @@ pub fn specialize_program(
 /// The CUDA kernels the CUDA backend compiles for a program called with these shapes.
 pub fn program_module(program: &crate::Program, shapes: &[Vec<usize>]) -> Result<ast::Module> {
     let (kp, _, _) = specialize_program(program, shapes)?;
-    Ok(emit::emit(&kp, &crate::kernel::plan_memory(&kp))?.module)
+    Ok(emit::emit(&kp, &memory_plan(&kp, 1))?.module)
 }
 
 /// The CUDA C the CUDA backend generates for a program called with these shapes (no GPU needed).

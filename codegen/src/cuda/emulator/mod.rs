@@ -15,7 +15,7 @@ pub use build::unavailable_reason;
 
 use super::emit::{emit, DeviceStep, ErrorSite, KernelArg};
 use crate::bytes::{tensor_bytes, tensor_from_bytes};
-use crate::kernel::{elem_size, plan_memory, BufKind, KernelProgram, MatMul, UpdateWrite};
+use crate::kernel::{elem_size, BufKind, KernelProgram, MatMul, UpdateWrite};
 use crate::{with_host_values, Backend, CompileOptions, Executable, Program, SharedValue};
 use kiln_ir::{DType, Error, Result, Tensor};
 use std::collections::HashMap;
@@ -132,7 +132,7 @@ fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
 impl Plan {
     fn build(program: &Program, shapes: &[Vec<usize>]) -> Result<Plan> {
         let (kp, updates, out_shapes) = super::specialize_program(program, shapes)?;
-        let memory = plan_memory(&kp);
+        let memory = crate::cuda::memory_plan(&kp, 1);
         let dp = emit(&kp, &memory)?;
         let source = super::print::program(&dp.module, &dp.steps);
         let lib = build::library(&build::unit(&dp.module, &source))?;
