@@ -143,6 +143,47 @@ fn lane_offset(plan: &TilePlan, along: &str, i: usize) -> Expr {
     }
 }
 
+/// Name of the register holding a thread's output `(i, j)`.
+fn acc(i: usize, j: usize) -> String {
+    format!("acc_{i}_{j}")
+}
+
+/// One step `kk` through the staged slabs: each thread's rows of `a` times its columns of `b`,
+/// added to its outputs (read as `float4`s where the thread's outputs are adjacent).
+fn slab_products(plan: &TilePlan) -> Vec<Stmt> {
+    let ft = CType::Float;
+    let (tm, tn) = plan.per_thread();
+    let (pitch_a, pitch_b) = (plan.pitch(plan.bm), plan.pitch(plan.bn));
+    let mut step = vec![];
+    if plan.vectors() {
+        for (name, tile, pitch, along) in [("a", "tile_a", pitch_a, "ty"), ("b", "tile_b", pitch_b, "tx")] {
+            let base = var(tile) + var("kk") * int(pitch as i64);
+            step.push(decl(CType::Float4, name, Expr::Vec4(Box::new(base), Box::new(var(along)))));
+        }
+        let lane = |v: &str, i: usize| Expr::Lane(Box::new(var(v)), i as u8);
+        for i in 0..tm {
+            for j in 0..tn {
+                step.push(assign(var(acc(i, j)), var(acc(i, j)) + lane("a", i) * lane("b", j)));
+            }
+        }
+    } else {
+        for i in 0..tm {
+            let at = var("kk") * int(pitch_a as i64) + lane_offset(plan, "ty", i);
+            step.push(decl(ft, format!("a{i}"), index(var("tile_a"), at)));
+        }
+        for j in 0..tn {
+            let at = var("kk") * int(pitch_b as i64) + lane_offset(plan, "tx", j);
+            step.push(decl(ft, format!("b{j}"), index(var("tile_b"), at)));
+        }
+        for i in 0..tm {
+            for j in 0..tn {
+                step.push(assign(var(acc(i, j)), var(acc(i, j)) + var(format!("a{i}")) * var(format!("b{j}"))));
+            }
+        }
+    }
+    step
+}
+
 impl<'a> Emitter<'a> {
     /// The tiled form of `mm` inside its epilogue group `members`, if the group allows it: as for a
     /// small product computed in its epilogue (`product_in_epilogue`), and the group elementwise
@@ -192,7 +233,6 @@ impl<'a> Emitter<'a> {
         setup.push(decl(it, "k_lo", var("slice") * int((slabs * bk) as i64)));
         let hi = var("k_lo") + int((slabs * bk) as i64);
         setup.push(decl(it, "k_hi", select(bin(BinOp::Lt, hi.clone(), int(k as i64)), hi, int(k as i64))));
-        let acc = |i: usize, j: usize| format!("acc_{i}_{j}");
         for i in 0..tm {
             for j in 0..tn {
                 setup.push(decl_mut(ft, acc(i, j), Expr::F32(0.0)));
@@ -219,40 +259,13 @@ impl<'a> Emitter<'a> {
             self.slab_fetch(&mm, &plan, it, next, false),
             vec![],
         ));
-        let mut step = vec![];
-        if plan.vectors() {
-            for (name, tile, pitch, along) in [("a", "tile_a", pitch_a, "ty"), ("b", "tile_b", pitch_b, "tx")] {
-                let base = var(tile) + var("kk") * int(pitch as i64);
-                step.push(decl(CType::Float4, name, Expr::Vec4(Box::new(base), Box::new(var(along)))));
-            }
-            let lane = |v: &str, i: usize| Expr::Lane(Box::new(var(v)), i as u8);
-            for i in 0..tm {
-                for j in 0..tn {
-                    step.push(assign(var(acc(i, j)), var(acc(i, j)) + lane("a", i) * lane("b", j)));
-                }
-            }
-        } else {
-            for i in 0..tm {
-                let at = var("kk") * int(pitch_a as i64) + lane_offset(&plan, "ty", i);
-                step.push(decl(ft, format!("a{i}"), index(var("tile_a"), at)));
-            }
-            for j in 0..tn {
-                let at = var("kk") * int(pitch_b as i64) + lane_offset(&plan, "tx", j);
-                step.push(decl(ft, format!("b{j}"), index(var("tile_b"), at)));
-            }
-            for i in 0..tm {
-                for j in 0..tn {
-                    step.push(assign(var(acc(i, j)), var(acc(i, j)) + var(format!("a{i}")) * var(format!("b{j}"))));
-                }
-            }
-        }
         slab.push(Stmt::For {
             ty: CType::Int,
             var: "kk".into(),
             init: int(0),
             end: int(bk as i64),
             step: int(1),
-            body: step,
+            body: slab_products(&plan),
         });
         slab.push(Stmt::SyncThreads);
         body.push(Stmt::For {
@@ -263,42 +276,62 @@ impl<'a> Emitter<'a> {
             step: int(bk as i64),
             body: slab,
         });
+        let (shared, finish) =
+            if slices == 1 { self.whole_tile_finish(&mm, plan, it) } else { self.sliced_tile_finish(&mm, plan, it) };
+        body.insert(2, shared);
+        body.extend(finish);
+        (body, Launch { grid: (plan.blocks() as u32, 1), block: (THREADS, 1) })
+    }
+
+    /// After an unsliced tile's product: the outputs through shared memory (declared by the first
+    /// statement returned), so that the epilogue's threads walk the tile in row order, then the
+    /// epilogue.
+    fn whole_tile_finish(&mut self, mm: &MatMul, plan: TilePlan, it: CType) -> (Stmt, Vec<Stmt>) {
+        let (tm, tn) = plan.per_thread();
+        let pitch_c = plan.bn as i64 + 1;
+        let shared =
+            Stmt::SharedArray { ty: CType::Float, name: "tile_c".into(), len: plan.bm * pitch_c as usize, align: 0 };
+        let mut body = vec![];
+        for i in 0..tm {
+            for j in 0..tn {
+                let at = lane_offset(&plan, "ty", i) * int(pitch_c) + lane_offset(&plan, "tx", j);
+                body.push(assign(index(var("tile_c"), at), var(acc(i, j))));
+            }
+        }
+        body.push(Stmt::SyncThreads);
+        body.push(self.tile_epilogue(mm, plan, it, None));
+        (shared, body)
+    }
+
+    /// After a slice's partial tile: written to scratch memory, then the tile's last block to
+    /// finish (its flag declared by the first statement returned) adds the slices and runs the
+    /// epilogue.
+    fn sliced_tile_finish(&mut self, mm: &MatMul, plan: TilePlan, it: CType) -> (Stmt, Vec<Stmt>) {
+        let (m, n, slices) = (mm.m, mm.n, plan.slices);
+        let (tm, tn) = plan.per_thread();
+        let scratch = self.scratch_param(CType::Float, "partial", slices * m * n * 4);
+        let counters = self.scratch_param(CType::UInt, "tickets", plan.tiles_m * plan.tiles_n * 4);
+        let shared = Stmt::SharedArray { ty: CType::Bool, name: "last_block".into(), len: 1, align: 0 };
         let row = |i: usize| var("row0") + cast(it, lane_offset(&plan, "ty", i));
         let col = |j: usize| var("col0") + cast(it, lane_offset(&plan, "tx", j));
-        if slices == 1 {
-            // The tile through shared memory, so that the epilogue's threads walk it in row order.
-            let pitch_c = bn as i64 + 1;
-            body.insert(2, Stmt::SharedArray { ty: ft, name: "tile_c".into(), len: bm * pitch_c as usize, align: 0 });
-            for i in 0..tm {
-                for j in 0..tn {
-                    let at = lane_offset(&plan, "ty", i) * int(pitch_c) + lane_offset(&plan, "tx", j);
-                    body.push(assign(index(var("tile_c"), at), var(acc(i, j))));
-                }
+        let mut body = vec![];
+        for i in 0..tm {
+            for j in 0..tn {
+                let inside =
+                    bin(BinOp::And, bin(BinOp::Lt, row(i), int(m as i64)), bin(BinOp::Lt, col(j), int(n as i64)));
+                let at = var("slice") * int((m * n) as i64) + row(i) * int(n as i64) + col(j);
+                body.push(Stmt::If(inside, vec![assign(index(var(&scratch), at), var(acc(i, j)))], vec![]));
             }
-            body.push(Stmt::SyncThreads);
-            body.push(self.tile_epilogue(&mm, plan, it, None));
-        } else {
-            let scratch = self.scratch_param(ft, "partial", slices * m * n * 4);
-            let counters = self.scratch_param(CType::UInt, "tickets", tiles_m * tiles_n * 4);
-            body.insert(2, Stmt::SharedArray { ty: CType::Bool, name: "last_block".into(), len: 1, align: 0 });
-            for i in 0..tm {
-                for j in 0..tn {
-                    let inside =
-                        bin(BinOp::And, bin(BinOp::Lt, row(i), int(m as i64)), bin(BinOp::Lt, col(j), int(n as i64)));
-                    let at = var("slice") * int((m * n) as i64) + row(i) * int(n as i64) + col(j);
-                    body.push(Stmt::If(inside, vec![assign(index(var(&scratch), at), var(acc(i, j)))], vec![]));
-                }
-            }
-            let first_thread = bin(BinOp::Eq, tid(), int(0));
-            body.extend(super::reduce::take_ticket(&counters, var("tile"), first_thread.clone(), slices));
-            let last = vec![
-                self.tile_epilogue(&mm, plan, it, Some((&scratch, slices))),
-                // Ready for the next launch (a replayed graph runs the same kernel again).
-                Stmt::If(first_thread, vec![assign(index(var(&counters), var("tile")), Expr::ULong(0))], vec![]),
-            ];
-            body.push(Stmt::If(index(var("last_block"), int(0)), last, vec![]));
         }
-        (body, Launch { grid: (plan.blocks() as u32, 1), block: (THREADS, 1) })
+        let first_thread = bin(BinOp::Eq, cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)), int(0));
+        body.extend(super::reduce::take_ticket(&counters, var("tile"), first_thread.clone(), slices));
+        let last = vec![
+            self.tile_epilogue(mm, plan, it, Some((&scratch, slices))),
+            // Ready for the next launch (a replayed graph runs the same kernel again).
+            Stmt::If(first_thread, vec![assign(index(var(&counters), var("tile")), Expr::ULong(0))], vec![]),
+        ];
+        body.push(Stmt::If(index(var("last_block"), int(0)), last, vec![]));
+        (shared, body)
     }
 
     /// Declares where thread `threadIdx.x` stages its `u`-th word of an operand's slab (`a`: the
