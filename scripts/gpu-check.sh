@@ -12,7 +12,9 @@
 #                                  its own, with medium float products on cuBLAS instead of tiled),
 #                                  with the card's name.
 #                                  Then a per-kernel profile of each workload (tiled products, and
-#                                  again with them on cuBLAS); KILN_GPU_PROFILE=0 leaves it out.
+#                                  again with them on cuBLAS) and the product benchmark (each
+#                                  workload product as cuBLAS + epilogue and with every tiling);
+#                                  KILN_GPU_PROFILE=0 leaves both out.
 #
 # The CUDA libraries are looked up under $CUDA_LIB (default: the CUDA 13.0 toolkit's lib folder).
 set -u
@@ -31,8 +33,13 @@ if [ "${1:-}" = "--build" ]; then
             bin=${bin#(}; bin=${bin%)}
             if [[ " $TESTS " == *" $name "* ]]; then cp "$bin" "$DIR/$name"; strip "$DIR/$name"; fi
         done
-    bench=$(cargo bench --bench steps --no-run 2>&1 | grep -o 'target/release/deps/steps-[0-9a-f]*' | head -1)
-    if [ "${KILN_GPU_BENCH:-1}" != 0 ]; then cp "$bench" "$DIR/steps"; strip "$DIR/steps"; fi
+    if [ "${KILN_GPU_BENCH:-1}" != 0 ]; then
+        for b in steps products; do
+            bin=$(cargo bench --bench $b --no-run 2>&1 | grep -o "target/release/deps/$b-[0-9a-f]*" | head -1)
+            cp "$bin" "$DIR/$b"
+            strip "$DIR/$b"
+        done
+    fi
     if [ "${KILN_GPU_EXAMPLE:-1}" != 0 ]; then
         cargo build --release --example fashion_mnist_mlp
         cp target/release/examples/fashion_mnist_mlp "$DIR/fashion_mnist_mlp"
@@ -97,6 +104,8 @@ if [ "${KILN_GPU_PROFILE:-1}" = 1 ]; then
     KILN_CUDA_TILED=0 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-cublas.txt"
     echo "-- fmnist-mlp-4k with every product tiled (KILN_CUDA_TILED_MACS=2^30)"
     KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-tiled-4k.txt"
+    echo "== products: device us per call of relu(a b + bias), cuBLAS + epilogue vs tilings (* fastest)"
+    timeout 240 "$DIR/products" --device cuda 2>&1 | tee "$OUT_DIR/products.txt"
 fi
 echo "== benchmark (ms per full training step, f32; compile_ms includes graph building)"
 export KILN_CACHE_DIR=$(mktemp -d)

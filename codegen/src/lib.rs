@@ -80,4 +80,9 @@ pub trait Executable {
     fn compile_stats(&self) -> Vec<String> {
         vec![]
     }
+    /// The per-step timing table so far, where a profile was asked for (`KILN_CUDA_PROFILE=1`,
+    /// `KILN_CPU_PROFILE=1`).
+    fn profile_report(&self) -> Option<String> {
+        None
+    }
 }

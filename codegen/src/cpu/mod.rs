@@ -249,6 +249,10 @@ impl Executable for CpuExecutable {
         Ok(())
     }
 
+    fn profile_report(&self) -> Option<String> {
+        self.profile.as_ref().map(|p| p.report("CPU"))
+    }
+
     fn generated_code(&self) -> String {
         self.order.iter().map(|k| self.plans[k].code.as_str()).collect::<Vec<_>>().join("\n")
     }

@@ -554,6 +554,10 @@ impl Executable for CudaExecutable {
         self.order.iter().map(|k| self.plans[k].code.as_str()).collect::<Vec<_>>().join("\n")
     }
 
+    fn profile_report(&self) -> Option<String> {
+        self.profile.as_ref().map(|p| p.steps.report("CUDA"))
+    }
+
     fn compile_stats(&self) -> Vec<String> {
         self.order
             .iter()

@@ -22,6 +22,7 @@ mod side;
 mod single;
 mod special;
 mod tiled;
+pub use tiled::{with_tile_choice, TileChoice};
 
 #[cfg(feature = "cuda")]
 pub use exec::{CompileStats, Cuda, CudaExecutable};

@@ -46,6 +46,36 @@ const WIDE_TILES: usize = 16;
 /// Threads per block along each side of the tile.
 const SIDE: usize = 16;
 
+/// A choice of tiling that overrides kiln's own, for measuring the alternatives on a card
+/// (`with_tile_choice`; the product benchmark, `benches/products.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TileChoice {
+    /// `Some(false)`: every float product above the small-product size goes to cuBLAS;
+    /// `Some(true)`: every one with an epilogue is tiled, whatever its size.
+    pub tiled: Option<bool>,
+    /// Tile side: 32 (2x2 outputs a thread) or 64 (4x4).
+    pub tile: Option<usize>,
+    /// Slices of the inner dimension (at most one per slab).
+    pub slices: Option<usize>,
+}
+
+thread_local! {
+    static CHOICE: std::cell::Cell<Option<TileChoice>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every CUDA program this thread specializes tiled as `choice` says (where it says
+/// nothing, as kiln would).
+pub fn with_tile_choice<R>(choice: TileChoice, f: impl FnOnce() -> R) -> R {
+    let before = CHOICE.with(|c| c.replace(Some(choice)));
+    let r = f();
+    CHOICE.with(|c| c.set(before));
+    r
+}
+
+fn choice() -> TileChoice {
+    CHOICE.with(|c| c.get()).unwrap_or_default()
+}
+
 /// How a product is cut into tiles and slices.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct TilePlan {
@@ -63,14 +93,16 @@ pub(super) struct TilePlan {
 impl TilePlan {
     pub(super) fn for_product(mm: &MatMul) -> TilePlan {
         let tiles64 = mm.m.div_ceil(64) * mm.n.div_ceil(64);
-        let (bm, bn, bk) = if tiles64 >= WIDE_TILES { (64, 64, 16) } else { (32, 32, 32) };
+        let wide = choice().tile.map_or(tiles64 >= WIDE_TILES, |t| t == 64);
+        let (bm, bn, bk) = if wide { (64, 64, 16) } else { (32, 32, 32) };
         let (tiles_m, tiles_n) = (mm.m.div_ceil(bm), mm.n.div_ceil(bn));
         let slabs_total = mm.k.div_ceil(bk).max(1);
         // Tiles enough for a block on every SM need no slices (they would only add partial tiles).
         let tiles = tiles_m * tiles_n;
         let wanted = if 2 * tiles >= TARGET_BLOCKS { 1 } else { TARGET_BLOCKS.div_ceil(tiles).min(MAX_SLICES) };
         let most = slabs_total.div_ceil(MIN_SLABS_PER_SLICE);
-        let slabs = slabs_total.div_ceil(wanted.min(most).max(1));
+        let wanted = choice().slices.map_or(wanted.min(most), |s| s.min(slabs_total));
+        let slabs = slabs_total.div_ceil(wanted.max(1));
         TilePlan { bm, bn, bk, tiles_m, tiles_n, slices: slabs_total.div_ceil(slabs), slabs }
     }
 
@@ -109,12 +141,12 @@ fn disabled() -> bool {
 
 /// Whether `mm` is of a kind and size the tiled kernel takes (its epilogue is checked later).
 pub(super) fn candidate(mm: &MatMul) -> bool {
+    let wanted = choice().tiled.unwrap_or(mm.m * mm.n * mm.k <= tiled_macs() && !disabled());
     mm.dtype == DType::F32
         && mm.batch == 1
         && mm.epilogue.is_some()
-        && mm.m * mm.n * mm.k <= tiled_macs()
+        && wanted
         && TilePlan::for_product(mm).blocks() <= MAX_GRID
-        && !disabled()
         && !super::kernel_by_kernel_forced()
 }
 
