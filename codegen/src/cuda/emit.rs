@@ -180,17 +180,7 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
                                 "{} computes the product of {} where it reads it (no {} kernel)",
                                 k.name, mm.name, mm.name
                             ),
-                            Some(p) => format!(
-                                "{} computes the product of {} ({}x{}x{}) in {}x{} tiles{} (no cuBLAS call), then its epilogue",
-                                k.name,
-                                mm.name,
-                                mm.m,
-                                mm.k,
-                                mm.n,
-                                p.bm,
-                                p.bn,
-                                if p.slices > 1 { format!(", its inner dim in {} slices", p.slices) } else { String::new() }
-                            ),
+                            Some(plan) => plan.describe(&k.name, mm),
                         }];
                         e.product = Some(fused);
                     }
@@ -427,10 +417,10 @@ impl<'a> Emitter<'a> {
         let (mut params, mut args) = self.group_params();
         let primary_c = self.group[0].kernel.clone();
         let tiled = self.product.as_ref().and_then(|p| p.tiled);
-        let (body, launch) = match primary_c.reduce {
-            None if tiled.is_some() => self.tiled_elementwise(tiled.expect("checked")),
-            None => self.elementwise(),
-            Some((op, _)) => {
+        let (body, launch) = match (primary_c.reduce, tiled) {
+            (None, Some(plan)) => self.tiled_elementwise(plan),
+            (None, None) => self.elementwise(),
+            (Some((op, _)), _) => {
                 let dtypes = self.group[0].dtypes.clone();
                 self.reduction(&primary_c, &dtypes, op)
             }

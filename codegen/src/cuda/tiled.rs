@@ -106,6 +106,15 @@ impl TilePlan {
         TilePlan { bm, bn, bk, tiles_m, tiles_n, slices: slabs_total.div_ceil(slabs), slabs }
     }
 
+    /// The comment heading the kernel `kernel` that computes `mm` so.
+    pub(super) fn describe(&self, kernel: &str, mm: &MatMul) -> String {
+        let sliced = if self.slices > 1 { format!(", its inner dim in {} slices", self.slices) } else { String::new() };
+        format!(
+            "{kernel} computes the product of {} ({}x{}x{}) in {}x{} tiles{sliced} (no cuBLAS call), then its epilogue",
+            mm.name, mm.m, mm.k, mm.n, self.bm, self.bn
+        )
+    }
+
     fn blocks(&self) -> usize {
         self.tiles_m * self.tiles_n * self.slices
     }
