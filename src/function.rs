@@ -334,7 +334,7 @@ impl Function {
         kiln_codegen::cuda::program_source(&self.program, &self.signature(args)?)
     }
     /// The CUDA kernels as the CUDA backend compiles them for these arguments (no GPU needed).
-    pub(crate) fn cuda_module(&self, args: &[Tensor]) -> Result<kiln_codegen::cuda::ast::Module> {
+    pub fn cuda_module(&self, args: &[Tensor]) -> Result<kiln_codegen::cuda::ast::Module> {
         kiln_codegen::cuda::program_module(&self.program, &self.signature(args)?)
     }
     /// Compile time of each specialization (NVRTC and module load on CUDA; empty elsewhere).

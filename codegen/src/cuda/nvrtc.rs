@@ -128,10 +128,23 @@ pub struct CompiledPart {
 /// its largest unit (NVRTC's calls may run concurrently on separate programs). The origin is the
 /// slowest of the units' (compiled, else from disk, else from memory).
 pub fn compile_module(m: &super::ast::Module, arch: &'static str) -> Result<(Vec<CompiledPart>, Origin)> {
+    compile_units(m, &|source| compile(source, arch))
+}
+
+/// `compile_module` without the caches (to measure a cold compile).
+pub fn compile_module_uncached(m: &super::ast::Module, arch: &'static str) -> Result<Vec<CompiledPart>> {
+    Ok(compile_units(m, &|source| Ok((compile_uncached(source, arch)?, Origin::Compiled)))?.0)
+}
+
+/// The module's compilation units, each compiled by `compile_one` on a thread of its own.
+fn compile_units(
+    m: &super::ast::Module,
+    compile_one: &(dyn Fn(&str) -> Result<(String, Origin)> + Sync),
+) -> Result<(Vec<CompiledPart>, Origin)> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_PARTS);
     let units = super::print::module_parts(m, threads);
     let compiled: Vec<Result<(String, Origin)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = units.iter().map(|(source, _)| s.spawn(move || compile(source, arch))).collect();
+        let handles: Vec<_> = units.iter().map(|(source, _)| s.spawn(move || compile_one(source))).collect();
         handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|_| Err(Error::Invalid("an NVRTC compilation thread panicked".into()))))
