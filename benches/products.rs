@@ -2,7 +2,7 @@
 //! the standard workloads (its shape and operand layout), `relu(a b + bias)` is timed on the device
 //! with CUDA events around each step (`KILN_CUDA_PROFILE`: the device's time for the product and
 //! its epilogue, not the host's share of a call) as cuBLAS plus an epilogue kernel, as kiln tiles
-//! it by default, and with each tile size and number of slices forced. Prints microseconds per
+//! it by default, and with each tile size (32x32, 64x64, 128x64) and number of slices forced. Prints microseconds per
 //! call, one row per product, the fastest variant marked `*`.
 //!
 //! `cargo bench --bench products [-- --device cuda|cuda:N|cuda-emulator] [--calls N] [--case TEXT]`
@@ -50,7 +50,7 @@ fn variants() -> Vec<(String, TileChoice)> {
         ("cuBLAS".to_string(), TileChoice { tiled: Some(false), ..TileChoice::default() }),
         ("kiln".to_string(), TileChoice::default()),
     ];
-    for tile in [32, 64] {
+    for tile in [32, 64, 128] {
         for slices in [1, 2, 4, 8, 12] {
             let choice = TileChoice { tiled: Some(true), tile: Some(tile), slices: Some(slices) };
             v.push((format!("t{tile}/s{slices}"), choice));
@@ -98,6 +98,7 @@ fn time(c: &Case, p: &Prepared, device: Device, choice: TileChoice, calls: usize
     let code = f.generated_code();
     let form = match (choice.tiled, choice.tile) {
         (Some(false), _) => "cuBLAS".to_string(),
+        (_, Some(128)) => "in 128x64 tiles".to_string(),
         (_, Some(t)) => format!("in {t}x{t} tiles"),
         _ => String::new(),
     };

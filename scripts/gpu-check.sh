@@ -105,7 +105,7 @@ if [ "${KILN_GPU_PROFILE:-1}" = 1 ]; then
     echo "-- fmnist-mlp-4k with every product tiled (KILN_CUDA_TILED_MACS=2^30)"
     KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-tiled-4k.txt"
     echo "== products: device us per call of relu(a b + bias), cuBLAS + epilogue vs tilings (* fastest)"
-    timeout 240 "$DIR/products" --device cuda 2>&1 | tee "$OUT_DIR/products.txt"
+    timeout 300 "$DIR/products" --device cuda 2>&1 | tee "$OUT_DIR/products.txt"
 fi
 echo "== benchmark (ms per full training step, f32; compile_ms includes graph building)"
 export KILN_CACHE_DIR=$(mktemp -d)

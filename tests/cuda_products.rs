@@ -1,11 +1,13 @@
 //! Property test: float products of random sizes (large enough for kiln's tiled kernel), operand
 //! layouts and epilogues, run as the CUDA backend's program (on the CUDA emulator and, where there
 //! is one, the GPU) against the reference backend. The sizes give partial edge tiles, inner dims
-//! that are no multiple of a slab, both tile shapes, and inner dims whole or cut into slices.
+//! that are no multiple of a slab, and inner dims whole or cut into slices; half the cases force a
+//! tile size (32, 64, or the 128x64 tiles kiln only uses when asked) and a number of slices.
 #![allow(clippy::cloned_ref_to_slice_refs)]
 
 use kiln::prelude::*;
 use kiln::testing::random_tensor;
+use kiln_codegen::cuda::{with_tile_choice, TileChoice};
 use proptest::prelude::*;
 
 /// The devices that run the CUDA backend's program (each one that cannot says why, once).
@@ -38,8 +40,10 @@ proptest! {
         a_transposed in any::<bool>(),
         b_transposed in any::<bool>(),
         epilogue in 0usize..3,
+        forced in prop::option::of((prop::sample::select(vec![32usize, 64, 128]), 1usize..13)),
         seed in 0u64..1000,
     ) {
+        let choice = forced.map_or(TileChoice::default(), |(tile, slices)| TileChoice { tiled: None, tile: Some(tile), slices: Some(slices) });
         // At least the smallest tiled size: few outputs then take a long inner dim (many slices).
         let k = k.max(SMALL_PRODUCT / (m * n) + 1);
         let g = Graph::new();
@@ -68,8 +72,12 @@ proptest! {
         let v_want = v.value().unwrap();
         for &device in cuda_devices() {
             v.set_value(v0.clone()).unwrap();
-            let mut f = build(device);
-            let got = f.call(&args).unwrap();
+            // (the program is specialized, so tiled, at its first call)
+            let (f, got) = with_tile_choice(choice, || {
+                let mut f = build(device);
+                let got = f.call(&args).unwrap();
+                (f, got)
+            });
             let v_got = v.value().unwrap();
             // Sums of k products of values in [-1, 1], in another order than the reference's.
             let tol = 1e-6 * k as f64;

@@ -53,7 +53,7 @@ pub struct TileChoice {
     /// `Some(false)`: every float product above the small-product size goes to cuBLAS;
     /// `Some(true)`: every one with an epilogue is tiled, whatever its size.
     pub tiled: Option<bool>,
-    /// Tile side: 32 (2x2 outputs a thread) or 64 (4x4).
+    /// Tile side: 32 (2x2 outputs a thread), 64 (4x4) or 128 (128x64 tiles, 8x4).
     pub tile: Option<usize>,
     /// Slices of the inner dimension (at most one per slab).
     pub slices: Option<usize>,
@@ -93,8 +93,13 @@ pub(super) struct TilePlan {
 impl TilePlan {
     pub(super) fn for_product(mm: &MatMul) -> TilePlan {
         let tiles64 = mm.m.div_ceil(64) * mm.n.div_ceil(64);
-        let wide = choice().tile.map_or(tiles64 >= WIDE_TILES, |t| t == 64);
-        let (bm, bn, bk) = if wide { (64, 64, 16) } else { (32, 32, 32) };
+        let tile = choice().tile.unwrap_or(if tiles64 >= WIDE_TILES { 64 } else { 32 });
+        // 128 (only when asked for): 128x64 tiles, 8x4 outputs a thread (to measure against 64).
+        let (bm, bn, bk) = match tile {
+            128 => (128, 64, 8),
+            64 => (64, 64, 16),
+            _ => (32, 32, 32),
+        };
         let (tiles_m, tiles_n) = (mm.m.div_ceil(bm), mm.n.div_ceil(bn));
         let slabs_total = mm.k.div_ceil(bk).max(1);
         // Tiles enough for a block on every SM need no slices (they would only add partial tiles).
@@ -126,7 +131,7 @@ impl TilePlan {
 
     /// Whether a thread's outputs are adjacent (4x4, read as `float4`s) rather than 16 apart.
     fn vectors(&self) -> bool {
-        self.bm == 64
+        self.bm >= 64
     }
 
     /// Row pitch of the staged slabs (padded against bank conflicts; a multiple of four floats
@@ -136,8 +141,8 @@ impl TilePlan {
     }
 
     /// Words of one operand's slab that each thread stages.
-    fn loads_per_thread(&self) -> usize {
-        self.bm * self.bk / THREADS as usize
+    fn loads_per_thread(&self, a: bool) -> usize {
+        (if a { self.bm } else { self.bn }) * self.bk / THREADS as usize
     }
 }
 
@@ -176,7 +181,8 @@ fn walks_in_order(v: &crate::kernel::View, shape: &[usize]) -> bool {
 
 /// The row (`a`) or column of the tile that a thread's `i`-th output lies in.
 fn lane_offset(plan: &TilePlan, along: &str, i: usize) -> Expr {
-    let per = plan.bm / SIDE;
+    let (tm, tn) = plan.per_thread();
+    let per = if along == "ty" { tm } else { tn };
     if plan.vectors() {
         var(along) * int(per as i64) + int(i as i64)
     } else {
@@ -197,11 +203,16 @@ fn slab_products(plan: &TilePlan) -> Vec<Stmt> {
     let (pitch_a, pitch_b) = (plan.pitch(plan.bm), plan.pitch(plan.bn));
     let mut step = vec![];
     if plan.vectors() {
-        for (name, tile, pitch, along) in [("a", "tile_a", pitch_a, "ty"), ("b", "tile_b", pitch_b, "tx")] {
+        // A thread's `per` adjacent rows (columns) are `per / 4` float4s.
+        for (name, tile, pitch, along, per) in [("a", "tile_a", pitch_a, "ty", tm), ("b", "tile_b", pitch_b, "tx", tn)]
+        {
             let base = var(tile) + var("kk") * int(pitch as i64);
-            step.push(decl(CType::Float4, name, Expr::Vec4(Box::new(base), Box::new(var(along)))));
+            for q in 0..per / 4 {
+                let at = var(along) * int((per / 4) as i64) + int(q as i64);
+                step.push(decl(CType::Float4, format!("{name}{q}"), Expr::Vec4(Box::new(base.clone()), Box::new(at))));
+            }
         }
-        let lane = |v: &str, i: usize| Expr::Lane(Box::new(var(v)), i as u8);
+        let lane = |v: &str, i: usize| Expr::Lane(Box::new(var(format!("{v}{}", i / 4))), (i % 4) as u8);
         for i in 0..tm {
             for j in 0..tn {
                 step.push(assign(var(acc(i, j)), var(acc(i, j)) + lane("a", i) * lane("b", j)));
@@ -288,7 +299,7 @@ impl<'a> Emitter<'a> {
         body.extend(setup);
         let mut slab = vec![];
         for (tile, side, pitch) in [("tile_a", "a", pitch_a), ("tile_b", "b", pitch_b)] {
-            for u in 0..plan.loads_per_thread() {
+            for u in 0..plan.loads_per_thread(side == "a") {
                 let at = var(format!("{side}_kk{u}")) * int(pitch as i64) + var(format!("{side}_r{u}"));
                 slab.push(assign(index(var(tile), at), var(format!("{side}_next{u}"))));
             }
@@ -384,7 +395,7 @@ impl<'a> Emitter<'a> {
         let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
         let name = if a { "a" } else { "b" };
         let mut out = vec![];
-        for u in 0..plan.loads_per_thread() {
+        for u in 0..plan.loads_per_thread(a) {
             let l = cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)) + int((u * THREADS as usize) as i64);
             let (r, kk) =
                 if k_inner { (l.clone() / int(bk), l % int(bk)) } else { (l.clone() % int(side), l / int(side)) };
@@ -402,7 +413,7 @@ impl<'a> Emitter<'a> {
             let (first, bound) = if a { ("row0", mm.m as i64) } else { ("col0", mm.n as i64) };
             let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
             let (name, operand) = if a { ("a", "mm_a") } else { ("b", "mm_b") };
-            for u in 0..plan.loads_per_thread() {
+            for u in 0..plan.loads_per_thread(a) {
                 let rg = var(first) + cast(it, var(format!("{name}_r{u}")));
                 let kg = kt.clone() + cast(it, var(format!("{name}_kk{u}")));
                 let at = if k_inner {
