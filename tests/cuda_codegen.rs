@@ -196,3 +196,26 @@ fn runs_of_tiny_kernels_become_one_single_block_kernel() {
     // the loss run, then the backward pass's products and updates, independent ones side by side).
     assert_eq!(src.matches("extern \"C\" __global__").count(), 7, "{src}");
 }
+
+#[test]
+fn every_tile_shape_compiles_with_nvrtc() {
+    // The tiled product in each of its shapes, whole and in slices (kiln only picks 128x64 tiles
+    // when asked; the product benchmark asks on a GPU).
+    use kiln_codegen::cuda::{with_tile_choice, TileChoice};
+    let g = Graph::new();
+    let x = g.input("x", F32, [512, 784]);
+    let w = g.input("w", F32, [784, 256]);
+    let f = g.function([&x, &w], [&x.matmul(&w).relu()]).compile(Device::Reference).unwrap();
+    let args = [f32s(&[512, 784], 1), f32s(&[784, 256], 2)];
+    for (tile, form) in [(32, "32x32"), (64, "64x64"), (128, "128x64")] {
+        for slices in [1, 3] {
+            let choice = TileChoice { tiled: Some(true), tile: Some(tile), slices: Some(slices) };
+            let src = with_tile_choice(choice, || {
+                check_cuda_source_compiles(&f, &args).unwrap();
+                f.cuda_source(&args).unwrap()
+            });
+            assert!(src.contains(&format!("in {form} tiles")), "{src}");
+            assert_eq!(src.contains("slices"), slices > 1, "{src}");
+        }
+    }
+}
