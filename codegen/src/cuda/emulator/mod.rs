@@ -356,7 +356,15 @@ mod tests {
 
     /// A one-kernel module `k(const float* in, float* out)` with `body`, launched on one block of
     /// `threads`, over `input`; returns `out` (`out_len` floats) and whether its guards held.
-    fn run_kernel(body: Vec<Stmt>, threads: u32, input: &[f32], out_len: usize) -> (Vec<f32>, bool) {
+    /// Runs a one-block kernel of `body` over `in` and `out`; `portable`: with the fibers that
+    /// switch through ucontext (what machines other than x86-64 Linux use).
+    fn run_kernel_with(
+        body: Vec<Stmt>,
+        threads: u32,
+        input: &[f32],
+        out_len: usize,
+        portable: bool,
+    ) -> (Vec<f32>, bool) {
         let params = vec![
             Param { ty: CType::Float, name: "in".into(), kind: ParamKind::In },
             Param { ty: CType::Float, name: "out".into(), kind: ParamKind::Out },
@@ -366,7 +374,11 @@ mod tests {
             helpers: vec![],
             kernels: vec![Kernel { name: "k".into(), comments: vec![], params, body, launch }],
         };
-        let lib = build::library(&build::unit(&module, &crate::cuda::print::module(&module))).unwrap();
+        let mut unit = build::unit(&module, &crate::cuda::print::module(&module));
+        if portable {
+            unit.insert_str(0, "#define KILN_EMU_UCONTEXT 1\n");
+        }
+        let lib = build::library(&unit).unwrap();
         // SAFETY: the entry point of the kernel above.
         let f = unsafe { lib.get::<EntryPoint>(b"kiln_emu_k") }.unwrap();
         let (mut a, mut b) = (HostBuffer::new(input.len() * 4), HostBuffer::new(out_len * 4));
@@ -376,6 +388,10 @@ mod tests {
         unsafe { f(args.as_mut_ptr(), 1, 1, threads, 1) };
         let out = b.data().chunks(4).map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
         (out, a.guards_intact() && b.guards_intact())
+    }
+
+    fn run_kernel(body: Vec<Stmt>, threads: u32, input: &[f32], out_len: usize) -> (Vec<f32>, bool) {
+        run_kernel_with(body, threads, input, out_len, false)
     }
 
     /// Whether the emulator runs here (where it cannot, the test says why and passes).
@@ -408,9 +424,11 @@ mod tests {
             assign(index(var("out"), tid()), index(var("s"), int(63) - tid())),
         ];
         let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
-        let (out, guards) = run_kernel(body, 64, &input, 64);
-        assert!(guards);
-        assert_eq!(out, input.iter().rev().copied().collect::<Vec<_>>());
+        for portable in [false, true] {
+            let (out, guards) = run_kernel_with(body.clone(), 64, &input, 64, portable);
+            assert!(guards);
+            assert_eq!(out, input.iter().rev().copied().collect::<Vec<_>>(), "portable fibers: {portable}");
+        }
     }
 
     #[test]
@@ -427,8 +445,11 @@ mod tests {
         let lane0 = bin(BinOp::Eq, tid() % int(32), int(0));
         body.push(Stmt::If(lane0, vec![assign(index(var("out"), tid() / int(32)), var("v"))], vec![]));
         let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
-        let (out, _) = run_kernel(body, 64, &input, 2);
-        assert_eq!(out, vec![(0..32).sum::<i32>() as f32, (32..64).sum::<i32>() as f32]);
+        for portable in [false, true] {
+            let (out, _) = run_kernel_with(body.clone(), 64, &input, 2, portable);
+            let want = vec![(0..32).sum::<i32>() as f32, (32..64).sum::<i32>() as f32];
+            assert_eq!(out, want, "portable fibers: {portable}");
+        }
     }
 
     #[test]

@@ -7,8 +7,8 @@
 // lane reads its partner's. `__shared__` arrays are thread_local statics: one per block, since one
 // OS thread runs one block at a time. Atomics are plain read-modify-writes (one OS thread).
 // On x86-64 a fiber switch saves the callee-saved registers and swaps stack pointers (a tiled
-// product's block switches a few thousand times); elsewhere ucontext does it, with a system call
-// per switch for the signal mask.
+// product's block switches a few thousand times); elsewhere (or with KILN_EMU_UCONTEXT defined, as a
+// test does) ucontext does it, with a system call per switch for the signal mask.
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -53,7 +53,7 @@ KILN_ATOMIC_ADD(unsigned long long)
 KILN_ATOMIC_ADD(float)
 KILN_ATOMIC_ADD(double)
 
-#if defined(__x86_64__) && defined(__linux__)
+#if defined(__x86_64__) && defined(__linux__) && !defined(KILN_EMU_UCONTEXT)
 #define KILN_EMU_FAST_SWITCH 1
 // kiln_emu_switch(from, to): pushes the callee-saved registers, stores the stack pointer in *from,
 // loads `to` and pops that fiber's registers; `ret` resumes it where it switched away.
