@@ -137,6 +137,12 @@ pub fn test_devices() -> Vec<Device> {
     d
 }
 
+/// The devices of `test_devices` that run the CUDA backend's program: the CUDA emulator and the
+/// GPU, each where it can run (each one that cannot says why, once).
+pub fn cuda_test_devices() -> Vec<Device> {
+    test_devices().into_iter().filter(|d| matches!(d, Device::CudaEmulator | Device::Cuda(_))).collect()
+}
+
 /// Runs `f` once for `device`, and for the CUDA emulator a second time with every program emitted
 /// kernel by kernel (the multi-block forms that large inputs get; small programs otherwise run as
 /// one single-block kernel). `f` gets a label for messages: "" or " (kernel by kernel)".

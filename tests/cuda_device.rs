@@ -21,18 +21,9 @@ fn gpu() -> bool {
     }
 }
 
-/// The devices that run the CUDA backend's program: the GPU and the CUDA emulator, where each can
-/// run (each one that cannot says why).
+/// The devices that run the CUDA backend's program (the emulator and the GPU, where each can).
 fn cuda_devices() -> Vec<Device> {
-    let mut d = vec![];
-    match kiln::testing::emulator_skip_reason() {
-        None => d.push(Device::CudaEmulator),
-        Some(why) => kiln::testing::note(&format!("emulator skipped: {why}")),
-    }
-    if gpu() {
-        d.push(Device::Cuda(0));
-    }
-    d
+    kiln::testing::cuda_test_devices()
 }
 
 #[test]

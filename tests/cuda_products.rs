@@ -10,23 +10,6 @@ use kiln::testing::random_tensor;
 use kiln_codegen::cuda::{with_tile_choice, TileChoice};
 use proptest::prelude::*;
 
-/// The devices that run the CUDA backend's program (each one that cannot says why, once).
-fn cuda_devices() -> &'static [Device] {
-    static DEVICES: std::sync::OnceLock<Vec<Device>> = std::sync::OnceLock::new();
-    DEVICES.get_or_init(|| {
-        let mut d = vec![];
-        match kiln::testing::emulator_skip_reason() {
-            None => d.push(Device::CudaEmulator),
-            Some(why) => kiln::testing::note(&format!("emulator skipped: {why}")),
-        }
-        match kiln::testing::cuda_skip_reason() {
-            None => d.push(Device::Cuda(0)),
-            Some(why) => kiln::testing::note(&format!("GPU skipped: {why}")),
-        }
-        d
-    })
-}
-
 /// Multiply-adds above which a float product no longer gets a thread per output.
 const SMALL_PRODUCT: usize = 1 << 19;
 
@@ -70,7 +53,7 @@ proptest! {
         let build = |device| g.function([&a_in, &b_in, &bias], [&out]).updates(updates.iter().map(|(p, u)| (p, u.clone()))).compile(device).unwrap();
         let want = build(Device::Reference).call(&args).unwrap();
         let v_want = v.value().unwrap();
-        for &device in cuda_devices() {
+        for device in kiln::testing::cuda_test_devices() {
             v.set_value(v0.clone()).unwrap();
             // (the program is specialized, so tiled, at its first call)
             let (f, got) = with_tile_choice(choice, || {

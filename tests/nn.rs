@@ -335,15 +335,7 @@ fn one_epoch_on_the_real_fashion_mnist() {
 #[test]
 fn fit_on_the_gpu_where_there_is_one() {
     // The GPU, and the CUDA emulator (the same program on the CPU), each where it can run.
-    let mut devices = vec![];
-    match kiln::testing::emulator_skip_reason() {
-        None => devices.push(Device::CudaEmulator),
-        Some(why) => kiln::testing::note(&format!("emulator skipped: {why}")),
-    }
-    match kiln::testing::cuda_skip_reason() {
-        None => devices.push(Device::Cuda(0)),
-        Some(why) => kiln::testing::note(&format!("skipped, no usable GPU: {why}")),
-    }
+    let devices = kiln::testing::cuda_test_devices();
     let (x, y) = blobs(90);
     let on = |device| {
         let mut m = small_model(11, 0.2).device(device);

@@ -10,32 +10,13 @@
 use super::ast::Kernel;
 use super::emit::DeviceStep;
 use super::group::Location;
-use super::side::accesses;
+use super::side::{independent, step_accesses};
 use crate::kernel::{step_reads, step_writes, BufKind, KernelProgram, Step};
 
 /// For each step, the earlier steps it depends on.
 pub(super) fn dependencies(steps: &[DeviceStep], kernels: &[Kernel], loc: &[Location]) -> Vec<Vec<usize>> {
-    let access: Vec<(Vec<Location>, Vec<Location>)> = steps
-        .iter()
-        .map(|s| match s {
-            DeviceStep::Launch(l) => {
-                let k = kernels.iter().find(|k| k.name == l.kernel).expect("every launch has its kernel");
-                accesses(k, &l.args, loc)
-            }
-            DeviceStep::Gemm(mm) => (vec![loc[mm.a], loc[mm.b]], vec![loc[mm.c]]),
-        })
-        .collect();
-    (0..steps.len())
-        .map(|i| {
-            let (ri, wi) = &access[i];
-            (0..i)
-                .filter(|&j| {
-                    let (rj, wj) = &access[j];
-                    wj.iter().any(|l| ri.contains(l) || wi.contains(l)) || rj.iter().any(|l| wi.contains(l))
-                })
-                .collect()
-        })
-        .collect()
+    let access: Vec<_> = steps.iter().map(|s| step_accesses(s, kernels, loc)).collect();
+    (0..steps.len()).map(|i| (0..i).filter(|&j| !independent(&access[j], &access[i])).collect()).collect()
 }
 
 /// Moves each reduction whose result only the caller reads (a returned output, such as a loss's

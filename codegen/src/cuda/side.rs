@@ -69,11 +69,8 @@ pub(super) fn can_join(loc: &[Location], kernels: &[Kernel], group: &[&Launchabl
     if shared > MAX_SHARED_BYTES {
         return false;
     }
-    let (rb, wb) = accesses(kernel(b), &b.args, loc);
-    group.iter().all(|a| {
-        let (ra, wa) = accesses(kernel(a), &a.args, loc);
-        wa.iter().all(|l| !rb.contains(l) && !wb.contains(l)) && ra.iter().all(|l| !wb.contains(l))
-    })
+    let mem_b = accesses(kernel(b), &b.args, loc);
+    group.iter().all(|a| independent(&accesses(kernel(a), &a.args, loc), &mem_b))
 }
 
 /// The blocks of a launch's grid.
@@ -151,7 +148,7 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
 const LOOKAHEAD: usize = 12;
 
 /// The memory a step reads and writes.
-fn step_accesses(step: &DeviceStep, kernels: &[Kernel], loc: &[Location]) -> (Vec<Location>, Vec<Location>) {
+pub(super) fn step_accesses(step: &DeviceStep, kernels: &[Kernel], loc: &[Location]) -> (Vec<Location>, Vec<Location>) {
     match step {
         DeviceStep::Launch(l) => {
             accesses(kernels.iter().find(|k| k.name == l.kernel).expect("every launch has its kernel"), &l.args, loc)
@@ -161,7 +158,7 @@ fn step_accesses(step: &DeviceStep, kernels: &[Kernel], loc: &[Location]) -> (Ve
 }
 
 /// Whether two steps may run in either order: neither writes memory the other reads or writes.
-fn independent(a: &(Vec<Location>, Vec<Location>), b: &(Vec<Location>, Vec<Location>)) -> bool {
+pub(super) fn independent(a: &(Vec<Location>, Vec<Location>), b: &(Vec<Location>, Vec<Location>)) -> bool {
     let ((ra, wa), (rb, wb)) = (a, b);
     wa.iter().all(|l| !rb.contains(l) && !wb.contains(l)) && ra.iter().all(|l| !wb.contains(l))
 }
