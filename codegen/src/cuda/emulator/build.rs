@@ -12,6 +12,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 const SHIM: &str = include_str!("shim.h");
 
+/// The undefined behaviour checked in emulated kernels (the shim's handlers report it as an error):
+/// what a GPU faults on (misaligned vector access) or computes differently from a CPU.
+const SANITIZE: &str = "-fsanitize=alignment,bounds,shift,integer-divide-by-zero,signed-integer-overflow,vla-bound";
+
 fn compiler() -> String {
     std::env::var("CXX").unwrap_or_else(|_| "g++".into())
 }
@@ -61,17 +65,38 @@ fn entry_point(k: &Kernel) -> String {
     let args: Vec<String> = k.params.iter().enumerate().map(|(i, p)| format!("({}*)args[{i}]", p.ty.name())).collect();
     format!(
         "static void kiln_emu_body_{name}(void** args) {{ {name}({args}); }}\n\
-         extern \"C\" __attribute__((visibility(\"default\"))) void kiln_emu_{name}(void** args, unsigned gx, \
-         unsigned gy, unsigned bx, unsigned by) {{\n    \
-         kiln_emu::launch(gx, gy, bx, by, {waits}, kiln_emu_body_{name}, args);\n}}\n",
+         extern \"C\" __attribute__((visibility(\"default\"))) const char* kiln_emu_{name}(void** args, \
+         unsigned gx, unsigned gy, unsigned bx, unsigned by) {{\n    \
+         kiln_emu::fault[0] = 0;\n    \
+         kiln_emu::launch(gx, gy, bx, by, {waits}, kiln_emu_body_{name}, args);\n    \
+         return kiln_emu::fault[0] ? kiln_emu::fault : nullptr;\n}}\n",
         name = k.name,
         args = args.join(", "),
         waits = waits(&k.body)
     )
 }
 
+/// `source` with `KILN_EMU_SHARED(name);` after each shared array's declaration, on its line (so
+/// that line numbers stay those of the module NVRTC compiles): the shim fills the array with
+/// garbage when a block first reaches it, as a GPU's shared memory would hold.
+fn poisoned_shared(source: &str) -> String {
+    let mut out = String::with_capacity(source.len() + 1024);
+    for line in source.lines() {
+        out.push_str(line);
+        let declaration = line.trim_start();
+        if declaration.starts_with("__shared__ ") || declaration.starts_with("alignas(") {
+            if let Some(name) = declaration.split('[').next().and_then(|d| d.split_whitespace().last()) {
+                out.push_str(&format!(" KILN_EMU_SHARED({name});"));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// The C++ compilation unit for a module printed as `source`.
 pub fn unit(module: &Module, source: &str) -> String {
+    let source = poisoned_shared(source);
     let mut out = format!("{SHIM}\n#line 1 \"kiln-module.cu\"\n{source}\n");
     for k in &module.kernels {
         out.push_str(&entry_point(k));
@@ -97,7 +122,7 @@ pub fn library(unit: &str) -> Result<Arc<libloading::Library>> {
         return Err(Error::Invalid(why));
     }
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    unit.hash(&mut h);
+    (unit, SANITIZE).hash(&mut h);
     let key = format!("{:016x}", h.finish());
     let dir = cache_dir();
     std::fs::create_dir_all(&dir).map_err(|e| Error::Invalid(format!("creating {}: {e}", dir.display())))?;
@@ -110,7 +135,7 @@ pub fn library(unit: &str) -> Result<Arc<libloading::Library>> {
         std::fs::write(&tmp_cpp, unit).map_err(|e| Error::Invalid(format!("writing {}: {e}", tmp_cpp.display())))?;
         let out = std::process::Command::new(compiler())
             .args(["-std=c++17", "-O1", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing"])
-            .args(["-ffp-contract=off", "-w", "-o"])
+            .args(["-ffp-contract=off", "-w", SANITIZE, "-fsanitize-recover=all", "-Wl,--as-needed", "-o"])
             .arg(&tmp_so)
             .arg(&tmp_cpp)
             .output()
@@ -132,4 +157,20 @@ pub fn library(unit: &str) -> Result<Arc<libloading::Library>> {
     let lib = Arc::new(lib);
     loaded().lock().expect("emulator cache").insert(unit.to_string(), lib.clone());
     Ok(lib)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_arrays_are_poisoned_on_their_own_line() {
+        let source = "__global__ void k() {\n  __shared__ float s[4];\n  alignas(16) __shared__ float t[8];\n  \
+                      s[0] = t[1];\n}\n";
+        let out = poisoned_shared(source);
+        assert_eq!(out.lines().count(), source.lines().count(), "line numbers stay those NVRTC reports");
+        assert!(out.contains("  __shared__ float s[4]; KILN_EMU_SHARED(s);\n"), "{out}");
+        assert!(out.contains("  alignas(16) __shared__ float t[8]; KILN_EMU_SHARED(t);\n"), "{out}");
+        assert!(out.contains("  s[0] = t[1];\n"), "{out}");
+    }
 }

@@ -6,7 +6,11 @@
 //! waits on its block or warp) and called step by step, in an order as far from the program's as
 //! the steps' dependencies allow (so a dependency the scheduler missed shows). cuBLAS products run
 //! on the host with the same operand layout. Every buffer is framed by guard bytes that are checked after each step, so
-//! a kernel that writes outside its buffers is an error naming it, not silent corruption.
+//! a kernel that writes outside its buffers is an error naming it, not silent corruption. Kernels
+//! are compiled with the compiler's undefined-behaviour checks (misaligned `float4` access, which a
+//! CPU forgives and a GPU faults on; shared-array indices out of bounds, which no guard byte sees;
+//! signed index overflow; bad shifts), reported as an error naming the kernel and the line of the
+//! printed module.
 //! What it cannot check: timing, the PTX NVRTC makes of the source (NVRTC compiles the same text in
 //! CI), races between warps that a real GPU could expose, and CUDA's own math library's rounding.
 
@@ -82,7 +86,19 @@ impl HostBuffer {
     }
 }
 
-type EntryPoint = unsafe extern "C" fn(*mut *mut c_void, u32, u32, u32, u32);
+/// A kernel's entry point (`build::entry_point`): null, or the first undefined behaviour its
+/// launch ran into (a C string, valid until the next launch on this thread).
+type EntryPoint = unsafe extern "C" fn(*mut *mut c_void, u32, u32, u32, u32) -> *const std::ffi::c_char;
+
+/// The entry point's report as an error naming the kernel.
+fn fault(kernel: &str, report: *const std::ffi::c_char) -> Result<()> {
+    if report.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null report is the shim's NUL-terminated buffer, untouched until the next launch.
+    let what = unsafe { std::ffi::CStr::from_ptr(report) }.to_string_lossy();
+    Err(Error::Invalid(format!("emulated kernel {kernel}: undefined behaviour at {what}")))
+}
 
 enum Exec {
     Launch {
@@ -238,7 +254,8 @@ impl Plan {
                         .collect();
                     // SAFETY: the entry point takes one pointer per kernel parameter; what the
                     // kernel does with them is what this emulator checks (guards below).
-                    unsafe { f(values.as_mut_ptr(), grid.0, grid.1, block.0, block.1) };
+                    let report = unsafe { f(values.as_mut_ptr(), grid.0, grid.1, block.0, block.1) };
+                    fault(kernel, report)?;
                     if !self.guards_intact(shared) {
                         return Err(Error::Invalid(format!("emulated kernel {kernel} wrote outside its buffers")));
                     }
@@ -365,6 +382,19 @@ mod tests {
         out_len: usize,
         portable: bool,
     ) -> (Vec<f32>, bool) {
+        let (out, guards, fault) = run_checked(body, threads, input, out_len, portable);
+        assert_eq!(fault, None);
+        (out, guards)
+    }
+
+    /// As `run_kernel_with`, also returning the undefined behaviour the launch reported.
+    fn run_checked(
+        body: Vec<Stmt>,
+        threads: u32,
+        input: &[f32],
+        out_len: usize,
+        portable: bool,
+    ) -> (Vec<f32>, bool, Option<String>) {
         let params = vec![
             Param { ty: CType::Float, name: "in".into(), kind: ParamKind::In },
             Param { ty: CType::Float, name: "out".into(), kind: ParamKind::Out },
@@ -385,9 +415,10 @@ mod tests {
         a.write(&input.iter().flat_map(|v| v.to_ne_bytes()).collect::<Vec<u8>>());
         let mut args = [a.ptr(), b.ptr()];
         // SAFETY: two pointers for the kernel's two parameters.
-        unsafe { f(args.as_mut_ptr(), 1, 1, threads, 1) };
+        let report = unsafe { f(args.as_mut_ptr(), 1, 1, threads, 1) };
+        let fault = fault("k", report).err().map(|e| e.to_string());
         let out = b.data().chunks(4).map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
-        (out, a.guards_intact() && b.guards_intact())
+        (out, a.guards_intact() && b.guards_intact(), fault)
     }
 
     fn run_kernel(body: Vec<Stmt>, threads: u32, input: &[f32], out_len: usize) -> (Vec<f32>, bool) {
@@ -462,5 +493,66 @@ mod tests {
         assert!(!guards, "the 17th element is outside the buffer");
         let body = vec![assign(index(var("out"), tid()), index(var("in"), tid()))];
         assert!(run_kernel(body, 16, &[1.0; 16], 16).1);
+    }
+
+    #[test]
+    fn a_misaligned_vector_load_is_an_error_naming_the_kernel_and_line() {
+        if !emulator() {
+            return;
+        }
+        // `in + 1` is 4 bytes past a 16-byte boundary: fine on a CPU, a fault on a GPU.
+        let load = |base: Expr| Expr::Lane(Box::new(Expr::Vec4(Box::new(base), Box::new(int(0)))), 0);
+        let body = |base: Expr| vec![assign(index(var("out"), tid()), load(base))];
+        let input = [1.0; 8];
+        let (_, _, fault) = run_checked(body(var("in") + int(1)), 1, &input, 1, false);
+        let fault = fault.expect("a misaligned float4 load is reported");
+        assert!(fault.contains("emulated kernel k") && fault.contains("kiln-module.cu:"), "{fault}");
+        assert!(fault.contains("float4'") && fault.contains("4 bytes past a 16-byte boundary"), "{fault}");
+        let (out, _, fault) = run_checked(body(var("in") + int(4)), 1, &input, 1, false);
+        assert_eq!((out, fault), (vec![1.0], None), "16 bytes in is aligned");
+    }
+
+    #[test]
+    fn a_shared_array_index_out_of_bounds_is_an_error() {
+        if !emulator() {
+            return;
+        }
+        // Shared memory has no guard bytes: the array's bound is what catches the 65th element.
+        let body = |len: usize| {
+            vec![
+                Stmt::SharedArray { ty: CType::Float, name: "s".into(), len, align: 0 },
+                assign(index(var("s"), tid() + int(1)), index(var("in"), tid())),
+                Stmt::SyncThreads,
+                assign(index(var("out"), tid()), index(var("s"), tid() + int(1))),
+            ]
+        };
+        let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let (_, _, fault) = run_checked(body(64), 64, &input, 64, false);
+        let fault = fault.expect("s[64] is reported");
+        assert!(fault.contains("array index out of bounds"), "{fault}");
+        let (out, _, fault) = run_checked(body(65), 64, &input, 64, false);
+        assert_eq!((out, fault), (input, None));
+    }
+
+    #[test]
+    fn shared_memory_a_block_never_wrote_holds_garbage_not_zeros() {
+        if !emulator() {
+            return;
+        }
+        // Only even threads store; every thread reads its own element. A thread_local array would
+        // give the odd ones zeros (the first block) or the previous block's values; a GPU gives
+        // whatever the memory held, which the emulator makes NaN.
+        let even = bin(BinOp::Eq, tid() % int(2), int(0));
+        let body = vec![
+            Stmt::SharedArray { ty: CType::Float, name: "s".into(), len: 64, align: 16 },
+            Stmt::If(even, vec![assign(index(var("s"), tid()), index(var("in"), tid()))], vec![]),
+            Stmt::SyncThreads,
+            assign(index(var("out"), tid()), index(var("s"), tid())),
+        ];
+        let input: Vec<f32> = (0..64).map(|i| i as f32 + 1.0).collect();
+        let (out, _) = run_kernel(body, 64, &input, 64);
+        for (t, v) in out.iter().enumerate() {
+            assert_eq!(v.is_nan(), t % 2 == 1, "thread {t} read {v}");
+        }
     }
 }

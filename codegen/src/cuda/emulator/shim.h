@@ -142,8 +142,42 @@ static void trampoline() {
 #endif
 }
 
+// A GPU's shared memory starts each block holding whatever was there; a thread_local array would
+// hold the previous block's values, or zeros in the first block, and hide a read of an element
+// the block never wrote. So each `__shared__` array is filled with 0xff bytes (NaN floats, -1
+// integers) the first time a block reaches its declaration (the declarations are followed by
+// KILN_EMU_SHARED(name) in the emulator's copy of the module, on the same line).
+static thread_local unsigned long long block_epoch = 0;
+struct Poisoned {
+    void* at;
+    unsigned long long epoch;
+};
+const unsigned MAX_POISONED = 256;
+static thread_local Poisoned poisoned[MAX_POISONED];
+static thread_local unsigned poisoned_count = 0;
+static void poison_once(void* at, size_t bytes) {
+    for (unsigned i = 0; i < poisoned_count; i++) {
+        if (poisoned[i].at != at) continue;
+        if (poisoned[i].epoch != block_epoch) {
+            memset(at, 0xff, bytes);
+            poisoned[i].epoch = block_epoch;
+        }
+        return;
+    }
+    if (poisoned_count == MAX_POISONED) {
+        // Forget the arrays of earlier blocks (this block's are few, and must stay remembered).
+        unsigned kept = 0;
+        for (unsigned i = 0; i < poisoned_count; i++)
+            if (poisoned[i].epoch == block_epoch) poisoned[kept++] = poisoned[i];
+        poisoned_count = kept;
+    }
+    poisoned[poisoned_count++] = Poisoned{at, block_epoch};
+    memset(at, 0xff, bytes);
+}
+
 static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** args) {
     unsigned n = bx * by;
+    block_epoch++;
     if (!barriers) {
         for (unsigned t = 0; t < n; t++) {
             threadIdx = kiln_uint3{t % bx, t / bx, 0};
@@ -241,6 +275,69 @@ template <class T> static T shuffle(T v, int src_lane, int width) {
     return r;
 }
 }  // namespace kiln_emu
+
+// Undefined behaviour a GPU would not forgive: kernels are compiled with UBSan checks (alignment,
+// array bounds, shifts, signed overflow, division by zero) whose handlers are these rather than
+// libubsan's. A handler records the first fault of the launch (where in kiln-module.cu, and what),
+// which the entry point hands back to the emulator as an error naming the kernel; the access goes
+// on meanwhile (an x86 core forgives a misaligned load), except a division by zero, which would trap.
+namespace kiln_emu {
+struct SourceLocation {
+    const char* file;
+    unsigned line, column;
+};
+struct TypeDescriptor {
+    unsigned short kind, info;
+    char name[1];
+};
+// Every check's data starts with its location; a type check's goes on with the type and alignment.
+struct TypeMismatch {
+    SourceLocation at;
+    const TypeDescriptor* type;
+    unsigned char log_alignment, check_kind;
+};
+static thread_local char fault[512];
+static void record(const SourceLocation* at, const char* what) {
+    if (fault[0]) return;
+    snprintf(fault, sizeof fault, "%s:%u:%u: %s", at->file, at->line, at->column, what);
+}
+}  // namespace kiln_emu
+
+#define KILN_UB_HANDLER(name, params, what)                                          \
+    extern "C" void __ubsan_handle_##name params { kiln_emu::record((const kiln_emu::SourceLocation*)data, what); } \
+    extern "C" void __ubsan_handle_##name##_abort params { kiln_emu::record((const kiln_emu::SourceLocation*)data, what); }
+KILN_UB_HANDLER(out_of_bounds, (void* data, void*), "array index out of bounds")
+KILN_UB_HANDLER(shift_out_of_bounds, (void* data, void*, void*), "shift out of range")
+KILN_UB_HANDLER(add_overflow, (void* data, void*, void*), "signed integer overflow in +")
+KILN_UB_HANDLER(sub_overflow, (void* data, void*, void*), "signed integer overflow in -")
+KILN_UB_HANDLER(mul_overflow, (void* data, void*, void*), "signed integer overflow in *")
+KILN_UB_HANDLER(negate_overflow, (void* data, void*), "signed integer overflow in unary -")
+KILN_UB_HANDLER(vla_bound_not_positive, (void* data, void*), "array of non-positive length")
+#undef KILN_UB_HANDLER
+static void kiln_emu_type_mismatch(void* data, void* pointer) {
+    const kiln_emu::TypeMismatch* d = (const kiln_emu::TypeMismatch*)data;
+    char what[160];
+    uintptr_t align = (uintptr_t)1 << d->log_alignment;
+    if (!pointer)
+        snprintf(what, sizeof what, "access through a null pointer to %s", d->type->name);
+    else
+        snprintf(what, sizeof what, "access to %s at an address %zu bytes past a %zu-byte boundary (GPUs fault on it)",
+                 d->type->name, (size_t)((uintptr_t)pointer % align), (size_t)align);
+    kiln_emu::record(&d->at, what);
+}
+extern "C" void __ubsan_handle_type_mismatch_v1(void* data, void* pointer) { kiln_emu_type_mismatch(data, pointer); }
+extern "C" void __ubsan_handle_type_mismatch_v1_abort(void* data, void* pointer) {
+    kiln_emu_type_mismatch(data, pointer);
+}
+static void kiln_emu_divrem(void* data) {
+    kiln_emu::record((const kiln_emu::SourceLocation*)data, "integer division by zero or overflow");
+    fprintf(stderr, "kiln CUDA emulator: %s\n", kiln_emu::fault);
+    abort();
+}
+extern "C" void __ubsan_handle_divrem_overflow(void* data, void*, void*) { kiln_emu_divrem(data); }
+extern "C" void __ubsan_handle_divrem_overflow_abort(void* data, void*, void*) { kiln_emu_divrem(data); }
+
+#define KILN_EMU_SHARED(name) kiln_emu::poison_once((void*)(name), sizeof(name))
 
 static inline void __syncthreads() { kiln_emu::yield(kiln_emu::AT_SYNC); }
 template <class T> static inline T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
