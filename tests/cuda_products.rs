@@ -2,11 +2,13 @@
 //! layouts and epilogues, run as the CUDA backend's program (on the CUDA emulator and, where there
 //! is one, the GPU) against the reference backend. The sizes give partial edge tiles, inner dims
 //! that are no multiple of a slab, and inner dims whole or cut into slices; half the cases force a
-//! tile size (32, 64, or the 128x64 tiles kiln only uses when asked) and a number of slices.
+//! tile size (32, 64, or the 128x64 tiles kiln only uses when asked) and a number of slices, and
+//! half run on the emulator's mirrored schedule (blocks and threads in the other order).
 #![allow(clippy::cloned_ref_to_slice_refs)]
 
 use kiln::prelude::*;
 use kiln::testing::random_tensor;
+use kiln_codegen::cuda::emulator::with_mirrored_schedule;
 use kiln_codegen::cuda::{with_tile_choice, TileChoice};
 use proptest::prelude::*;
 
@@ -24,6 +26,7 @@ proptest! {
         b_transposed in any::<bool>(),
         epilogue in 0usize..3,
         forced in prop::option::of((prop::sample::select(vec![32usize, 64, 128]), 1usize..13)),
+        mirrored in any::<bool>(),
         seed in 0u64..1000,
     ) {
         let choice = forced.map_or(TileChoice::default(), |(tile, slices)| TileChoice { tiled: None, tile: Some(tile), slices: Some(slices) });
@@ -56,11 +59,12 @@ proptest! {
         for device in kiln::testing::cuda_test_devices() {
             v.set_value(v0.clone()).unwrap();
             // (the program is specialized, so tiled, at its first call)
-            let (f, got) = with_tile_choice(choice, || {
+            let run = || with_tile_choice(choice, || {
                 let mut f = build(device);
                 let got = f.call(&args).unwrap();
                 (f, got)
             });
+            let (f, got) = if mirrored { with_mirrored_schedule(run) } else { run() };
             let v_got = v.value().unwrap();
             // Sums of k products of values in [-1, 1], in another order than the reference's.
             let tol = 1e-6 * k as f64;

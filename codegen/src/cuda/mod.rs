@@ -70,9 +70,19 @@ thread_local! {
 /// or a gradient check exercise the multi-block kernels too. `KILN_CUDA_JOIN=0` does the same for
 /// the whole process (to measure what joining kernels saves).
 pub fn kernel_by_kernel<R>(f: impl FnOnce() -> R) -> R {
-    let before = KERNEL_BY_KERNEL.with(|k| k.replace(true));
+    with_thread_setting(&KERNEL_BY_KERNEL, true, f)
+}
+
+/// Runs `f` with this thread's `setting` at `value`, then puts back what it was (the scoped
+/// switches that tests and benchmarks use: kernel by kernel, a tile choice, the emulator's schedule).
+pub(crate) fn with_thread_setting<T: Copy + 'static, R>(
+    setting: &'static std::thread::LocalKey<std::cell::Cell<T>>,
+    value: T,
+    f: impl FnOnce() -> R,
+) -> R {
+    let before = setting.with(|s| s.replace(value));
     let r = f();
-    KERNEL_BY_KERNEL.with(|k| k.set(before));
+    setting.with(|s| s.set(before));
     r
 }
 

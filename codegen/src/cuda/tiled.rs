@@ -66,10 +66,7 @@ thread_local! {
 /// Runs `f` with every CUDA program this thread specializes tiled as `choice` says (where it says
 /// nothing, as kiln would).
 pub fn with_tile_choice<R>(choice: TileChoice, f: impl FnOnce() -> R) -> R {
-    let before = CHOICE.with(|c| c.replace(Some(choice)));
-    let r = f();
-    CHOICE.with(|c| c.set(before));
-    r
+    super::with_thread_setting(&CHOICE, Some(choice), f)
 }
 
 fn choice() -> TileChoice {

@@ -66,9 +66,9 @@ fn entry_point(k: &Kernel) -> String {
     format!(
         "static void kiln_emu_body_{name}(void** args) {{ {name}({args}); }}\n\
          extern \"C\" __attribute__((visibility(\"default\"))) const char* kiln_emu_{name}(void** args, \
-         unsigned gx, unsigned gy, unsigned bx, unsigned by) {{\n    \
+         unsigned gx, unsigned gy, unsigned bx, unsigned by, int mirrored) {{\n    \
          kiln_emu::fault[0] = 0;\n    \
-         kiln_emu::launch(gx, gy, bx, by, {waits}, kiln_emu_body_{name}, args);\n    \
+         kiln_emu::launch(gx, gy, bx, by, {waits}, kiln_emu_body_{name}, args, mirrored != 0);\n    \
          return kiln_emu::fault[0] ? kiln_emu::fault : nullptr;\n}}\n",
         name = k.name,
         args = args.join(", "),

@@ -11,8 +11,10 @@
 //! CPU forgives and a GPU faults on; shared-array indices out of bounds, which no guard byte sees;
 //! signed index overflow; bad shifts), reported as an error naming the kernel and the line of the
 //! printed module.
-//! What it cannot check: timing, the PTX NVRTC makes of the source (NVRTC compiles the same text in
-//! CI), races between warps that a real GPU could expose, and CUDA's own math library's rounding.
+//! `with_mirrored_schedule` runs blocks and threads in the other order, so a race one order hides
+//! shows. What it cannot check: timing, the PTX NVRTC makes of the source (NVRTC compiles the same
+//! text in CI), memory ordering between blocks (one block runs at a time), and CUDA's own math
+//! library's rounding.
 
 mod build;
 pub use build::unavailable_reason;
@@ -88,7 +90,20 @@ impl HostBuffer {
 
 /// A kernel's entry point (`build::entry_point`): null, or the first undefined behaviour its
 /// launch ran into (a C string, valid until the next launch on this thread).
-type EntryPoint = unsafe extern "C" fn(*mut *mut c_void, u32, u32, u32, u32) -> *const std::ffi::c_char;
+type EntryPoint = unsafe extern "C" fn(*mut *mut c_void, u32, u32, u32, u32, i32) -> *const std::ffi::c_char;
+
+thread_local! {
+    static MIRRORED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every kernel this thread emulates on the mirrored schedule: blocks first to last
+/// and each block's threads last to first, where the usual schedule runs blocks last to first and
+/// threads first to last. Any order is one a GPU may take; a race between threads (a read of what
+/// another thread wrote with no barrier between) or between blocks that one order hides, the other
+/// shows, so the CUDA tests run the emulator both ways.
+pub fn with_mirrored_schedule<R>(f: impl FnOnce() -> R) -> R {
+    super::with_thread_setting(&MIRRORED, true, f)
+}
 
 /// The entry point's report as an error naming the kernel.
 fn fault(kernel: &str, report: *const std::ffi::c_char) -> Result<()> {
@@ -254,7 +269,8 @@ impl Plan {
                         .collect();
                     // SAFETY: the entry point takes one pointer per kernel parameter; what the
                     // kernel does with them is what this emulator checks (guards below).
-                    let report = unsafe { f(values.as_mut_ptr(), grid.0, grid.1, block.0, block.1) };
+                    let mirrored = MIRRORED.with(|m| m.get()) as i32;
+                    let report = unsafe { f(values.as_mut_ptr(), grid.0, grid.1, block.0, block.1, mirrored) };
                     fault(kernel, report)?;
                     if !self.guards_intact(shared) {
                         return Err(Error::Invalid(format!("emulated kernel {kernel} wrote outside its buffers")));
@@ -415,7 +431,7 @@ mod tests {
         a.write(&input.iter().flat_map(|v| v.to_ne_bytes()).collect::<Vec<u8>>());
         let mut args = [a.ptr(), b.ptr()];
         // SAFETY: two pointers for the kernel's two parameters.
-        let report = unsafe { f(args.as_mut_ptr(), 1, 1, threads, 1) };
+        let report = unsafe { f(args.as_mut_ptr(), 1, 1, threads, 1, MIRRORED.with(|m| m.get()) as i32) };
         let fault = fault("k", report).err().map(|e| e.to_string());
         let out = b.data().chunks(4).map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
         (out, a.guards_intact() && b.guards_intact(), fault)
@@ -460,6 +476,8 @@ mod tests {
             assert!(guards);
             assert_eq!(out, input.iter().rev().copied().collect::<Vec<_>>(), "portable fibers: {portable}");
         }
+        let (out, _) = with_mirrored_schedule(|| run_kernel(body, 64, &input, 64));
+        assert_eq!(out, input.iter().rev().copied().collect::<Vec<_>>(), "mirrored");
     }
 
     #[test]
@@ -476,11 +494,12 @@ mod tests {
         let lane0 = bin(BinOp::Eq, tid() % int(32), int(0));
         body.push(Stmt::If(lane0, vec![assign(index(var("out"), tid() / int(32)), var("v"))], vec![]));
         let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let want = vec![(0..32).sum::<i32>() as f32, (32..64).sum::<i32>() as f32];
         for portable in [false, true] {
             let (out, _) = run_kernel_with(body.clone(), 64, &input, 2, portable);
-            let want = vec![(0..32).sum::<i32>() as f32, (32..64).sum::<i32>() as f32];
             assert_eq!(out, want, "portable fibers: {portable}");
         }
+        assert_eq!(with_mirrored_schedule(|| run_kernel(body, 64, &input, 2)).0, want, "mirrored");
     }
 
     #[test]
@@ -554,5 +573,29 @@ mod tests {
         for (t, v) in out.iter().enumerate() {
             assert_eq!(v.is_nan(), t % 2 == 1, "thread {t} read {v}");
         }
+    }
+
+    #[test]
+    fn the_mirrored_schedule_shows_a_race_the_usual_one_hides() {
+        if !emulator() {
+            return;
+        }
+        // out[t] = s[t - 1] with no barrier after the stores: in the usual order thread t - 1 has
+        // stored before thread t reads; mirrored, it has not (the garbage fill shows the read).
+        let body = vec![
+            Stmt::SharedArray { ty: CType::Float, name: "s".into(), len: 64, align: 0 },
+            Stmt::SyncThreads,
+            assign(index(var("s"), tid()), index(var("in"), tid())),
+            Stmt::If(
+                bin(BinOp::Lt, int(0), tid()),
+                vec![assign(index(var("out"), tid()), index(var("s"), tid() - int(1)))],
+                vec![],
+            ),
+        ];
+        let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let (usual, _) = run_kernel(body.clone(), 64, &input, 64);
+        assert_eq!(usual[1..], input[..63], "the usual order hides the race");
+        let (mirrored, _) = with_mirrored_schedule(|| run_kernel(body, 64, &input, 64));
+        assert!(mirrored[1..].iter().all(|v| v.is_nan()), "{mirrored:?}");
     }
 }

@@ -1,7 +1,7 @@
 // kiln's CUDA emulator: what the CUDA C that kiln prints needs to compile as C++ and run on the CPU.
 // Blocks run one after another (last block first: any order is a legal schedule, and the reverse
-// of the usual one finds code that leans on it). The threads of a block run one after another too
-// unless the kernel waits on its block (__syncthreads) or its warp (shuffles): then each thread is
+// of the usual one finds code that leans on it; the mirrored schedule runs them first to last and
+// a block's threads last to first). The threads of a block run one after another too unless the kernel waits on its block (__syncthreads) or its warp (shuffles): then each thread is
 // a fiber with its own stack, and a round-robin scheduler resumes them, so every thread
 // reaches a barrier before any passes it, and every lane of a warp has offered its value before any
 // lane reads its partner's. `__shared__` arrays are thread_local statics: one per block, since one
@@ -105,6 +105,10 @@ static thread_local void* scheduler = nullptr;
 static thread_local ucontext_t scheduler;
 #endif
 static thread_local unsigned current = 0;
+// The mirrored schedule: blocks first to last, and the threads of a block last to first. A race
+// that one schedule hides (a thread reading, without a barrier, what a lower thread wrote: the
+// usual order ran that thread first) the other shows.
+static thread_local bool mirrored = false;
 static thread_local unsigned block_threads = 0;
 static thread_local bool in_fibers = false;
 // The kernel being run, and its arguments (as cuLaunchKernel takes them).
@@ -179,7 +183,8 @@ static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** a
     unsigned n = bx * by;
     block_epoch++;
     if (!barriers) {
-        for (unsigned t = 0; t < n; t++) {
+        for (unsigned i = 0; i < n; i++) {
+            unsigned t = mirrored ? n - 1 - i : i;
             threadIdx = kiln_uint3{t % bx, t / bx, 0};
             fn(args);
         }
@@ -219,7 +224,8 @@ static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** a
     in_fibers = true;
     for (;;) {
         bool ran = false;
-        for (unsigned t = 0; t < n; t++) {
+        for (unsigned i = 0; i < n; i++) {
+            unsigned t = mirrored ? n - 1 - i : i;
             Fiber& f = fibers[t];
             if (f.state != READY && f.state != AT_SHUFFLE) continue;
             current = t;
@@ -246,11 +252,14 @@ static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** a
     in_fibers = false;
 }
 
-static void launch(unsigned gx, unsigned gy, unsigned bx, unsigned by, bool barriers, Body fn, void** args) {
+static void launch(unsigned gx, unsigned gy, unsigned bx, unsigned by, bool barriers, Body fn, void** args,
+                   bool mirror) {
     gridDim = kiln_uint3{gx, gy, 1};
     blockDim = kiln_uint3{bx, by, 1};
-    for (unsigned y = gy; y-- > 0;) {
-        for (unsigned x = gx; x-- > 0;) {
+    mirrored = mirror;
+    for (unsigned j = 0; j < gy; j++) {
+        for (unsigned i = 0; i < gx; i++) {
+            unsigned x = mirrored ? i : gx - 1 - i, y = mirrored ? j : gy - 1 - j;
             blockIdx = kiln_uint3{x, y, 0};
             run_block(bx, by, barriers, fn, args);
         }
