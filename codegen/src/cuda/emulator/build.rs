@@ -1,7 +1,9 @@
 //! Turns a printed CUDA module into a shared library the emulator can call: the shim (CUDA's
-//! built-ins for the CPU), the module's text as printed for NVRTC, and one C entry point per kernel
-//! (`kiln_emu_<kernel>(args, grid, block)`, arguments as cuLaunchKernel takes them). Compiled by
-//! the system's C++ compiler (`$CXX`, else `g++`) and cached on disk by source, like the PTX.
+//! built-ins for the CPU), the module's text as printed for NVRTC (each shared array's declaration
+//! followed, on its line, by the shim's garbage fill), and one C entry point per kernel
+//! (`kiln_emu_<kernel>(args, grid, block, mirrored)`, arguments as cuLaunchKernel takes them,
+//! returning the first undefined behaviour the launch met). Compiled by the system's C++ compiler
+//! (`$CXX`, else `g++`) with undefined-behaviour checks, and cached on disk by source, like the PTX.
 
 use crate::cuda::ast::{Expr, Kernel, Module, Stmt};
 use kiln_ir::{Error, Result};
@@ -113,6 +115,22 @@ fn loaded() -> &'static Mutex<HashMap<String, Arc<libloading::Library>>> {
     LOADED.get_or_init(Default::default)
 }
 
+/// Runs the C++ compiler with `args`; an error quoting its complaint about `unit` if it fails.
+fn run_compiler<'a>(args: impl IntoIterator<Item = &'a std::ffi::OsStr>, unit: &std::path::Path) -> Result<()> {
+    let out = std::process::Command::new(compiler())
+        .args(args)
+        .output()
+        .map_err(|e| Error::Invalid(format!("running {}: {e}", compiler())))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "the CUDA emulator could not compile the generated CUDA C as C++ ({}):\n{}",
+        unit.display(),
+        String::from_utf8_lossy(&out.stderr)
+    )))
+}
+
 /// The compiled library of a C++ unit (compiled once per text; kept loaded for the process).
 pub fn library(unit: &str) -> Result<Arc<libloading::Library>> {
     if let Some(lib) = loaded().lock().expect("emulator cache").get(unit) {
@@ -133,20 +151,27 @@ pub fn library(unit: &str) -> Result<Arc<libloading::Library>> {
         let tag = format!("{}.{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], "");
         let (tmp_cpp, tmp_so) = (dir.join(format!("{key}.{tag}.cpp")), dir.join(format!("{key}.{tag}.so")));
         std::fs::write(&tmp_cpp, unit).map_err(|e| Error::Invalid(format!("writing {}: {e}", tmp_cpp.display())))?;
-        let out = std::process::Command::new(compiler())
-            .args(["-std=c++17", "-O1", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing"])
-            .args(["-ffp-contract=off", "-w", SANITIZE, "-fsanitize-recover=all", "-Wl,--as-needed", "-o"])
-            .arg(&tmp_so)
-            .arg(&tmp_cpp)
-            .output()
-            .map_err(|e| Error::Invalid(format!("running {}: {e}", compiler())))?;
-        if !out.status.success() {
-            return Err(Error::Invalid(format!(
-                "the CUDA emulator could not compile the generated CUDA C as C++ ({}):\n{}",
-                tmp_cpp.display(),
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
+        let tmp_o = tmp_so.with_extension("o");
+        // Compiled with the checks, linked without them: the shim defines their handlers, so the
+        // library needs no sanitizer runtime (which the driver would link when asked to check).
+        let compile = [
+            "-std=c++17",
+            "-O1",
+            "-fPIC",
+            "-fvisibility=hidden",
+            "-fno-strict-aliasing",
+            "-ffp-contract=off",
+            "-w",
+            SANITIZE,
+            "-fsanitize-recover=all",
+            "-c",
+        ];
+        run_compiler(
+            compile.iter().map(|a| a.as_ref()).chain([tmp_cpp.as_os_str(), "-o".as_ref(), tmp_o.as_os_str()]),
+            &tmp_cpp,
+        )?;
+        run_compiler(["-shared".as_ref(), "-o".as_ref(), tmp_so.as_os_str(), tmp_o.as_os_str()], &tmp_cpp)?;
+        let _ = std::fs::remove_file(&tmp_o);
         // Renames are atomic: a concurrent compile of the same unit leaves one whole library.
         let _ = std::fs::rename(&tmp_so, &so);
         let _ = std::fs::rename(&tmp_cpp, &cpp);
