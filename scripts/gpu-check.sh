@@ -13,8 +13,9 @@
 #                                  benchmark (each workload product as cuBLAS + epilogue and with
 #                                  every tiling; KILN_GPU_PROFILE=0 leaves both out); then the
 #                                  benchmark without CUDA graphs, on two streams, with every kernel
-#                                  on its own, with medium float products on cuBLAS, and with
-#                                  fmnist-mlp-4k fully tiled.
+#                                  on its own, with medium float products on cuBLAS, compiled cold
+#                                  to PTX rather than machine code, and with fmnist-mlp-4k fully
+#                                  tiled.
 #
 # The CUDA libraries are looked up under $CUDA_LIB (default: the CUDA 13.0 toolkit's lib folder).
 set -u
@@ -72,7 +73,7 @@ for t in $TESTS; do
     [ -x "$DIR/$t" ] || { printf '%-20s %-8s %s\n' "$t" missing "run --build first"; status=1; continue; }
     filter=()
     # The snapshot tests need the source tree's snapshots; on the GPU machine only the GPU parts run.
-    [ "$t" = cuda_codegen ] && filter=(cuda_device_errors every_workload kernels_name ptx_is_cached)
+    [ "$t" = cuda_codegen ] && filter=(cuda_device_errors every_workload kernels_name is_cached)
     [ "$t" = nn ] && filter=(fit_on_the_gpu dropout_is_off)
     start=$(date +%s%N)
     if timeout 300 "$DIR/$t" "${filter[@]}" >"$OUT_DIR/$t.log" 2>&1; then r=ok; else r=FAILED; status=1; fi
@@ -127,6 +128,8 @@ bench_row "every kernel on its own (no single-block runs, no kernels side by sid
     bench-unjoined.txt KILN_CUDA_JOIN=0
 bench_row "medium float products on cuBLAS with their epilogue kernel, not tiled (KILN_CUDA_TILED=0)" \
     bench-cublas.txt KILN_CUDA_TILED=0
+bench_row "cold again, as PTX that the driver compiles at load (KILN_CUDA_PTX=1, its JIT cache off)" \
+    bench-cold-ptx.txt KILN_CUDA_PTX=1 CUDA_CACHE_DISABLE=1 KILN_CACHE_DIR="$(mktemp -d)"
 echo "-- every product with an epilogue tiled, up to 2^30 multiply-adds (KILN_CUDA_TILED_MACS; fmnist-mlp-4k)"
 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tiled-4k.txt"
 exit $status

@@ -184,6 +184,6 @@ pub fn check_cuda_source_compiles(f: &Function, args: &[Tensor]) -> Result<bool>
         ONCE.call_once(|| note(&format!("NVRTC checks skipped: {}", kiln_codegen::cuda::nvrtc::missing_reason())));
         return Ok(false);
     }
-    kiln_codegen::cuda::nvrtc::compile_module(&f.cuda_module(args)?, "compute_90")?;
+    kiln_codegen::cuda::nvrtc::compile_module(&f.cuda_module(args)?, kiln_codegen::cuda::nvrtc::CHECK_ARCH)?;
     Ok(true)
 }

@@ -106,7 +106,7 @@ fn kernels_name_their_graph_nodes_and_call_sites() {
 }
 
 #[test]
-fn ptx_is_cached_in_memory_and_on_disk() {
+fn compiled_code_is_cached_in_memory_and_on_disk() {
     use kiln_codegen::cuda::nvrtc::{compile_with_cache, Origin};
     if !kiln_codegen::cuda::nvrtc::available() {
         kiln::testing::note(&format!("skipped: {}", kiln_codegen::cuda::nvrtc::missing_reason()));
@@ -114,13 +114,25 @@ fn ptx_is_cached_in_memory_and_on_disk() {
     }
     let dir = std::env::temp_dir().join(format!("kiln-ptx-test-{}", std::process::id()));
     let src = format!("extern \"C\" __global__ void probe_{}(float* x) {{ x[0] = 1.0f; }}\n", std::process::id());
+    // PTX for a virtual architecture (with the NUL that cuModuleLoadData reads to), machine code
+    // (an ELF cubin) for a real one, as the runtime asks.
     let (ptx, origin) = compile_with_cache(&src, "compute_90", Some(dir.clone())).unwrap();
     assert_eq!(origin, Origin::Compiled);
-    assert!(ptx.contains(".entry"), "{ptx}");
+    assert!(String::from_utf8_lossy(&ptx).contains(".entry") && ptx.ends_with(&[0]));
     assert_eq!(compile_with_cache(&src, "compute_90", Some(dir.clone())).unwrap().1, Origin::Memory);
-    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert!(files.iter().any(|f| f.to_string_lossy().ends_with(".ptx")), "{files:?}");
-    assert!(files.iter().any(|f| f.to_string_lossy().ends_with(".cu")), "{files:?}");
+    let (cubin, origin) = compile_with_cache(&src, "sm_90", Some(dir.clone())).unwrap();
+    assert_eq!((origin, &cubin[..4]), (Origin::Compiled, &b"\x7fELF"[..]));
+    let files: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    for ending in [".ptx", ".cubin", ".cu"] {
+        assert!(files.iter().any(|f| f.ends_with(ending)), "{ending}: {files:?}");
+    }
+    // What a fresh process (no memory cache) would load.
+    assert_eq!(
+        kiln_codegen::cuda::nvrtc::read_disk_cache(&src, "sm_90", &dir).as_deref(),
+        Some(&cubin[..]),
+        "the cubin is on disk"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -162,7 +162,7 @@ impl Plan {
         for part in parts {
             let module = gpu
                 .ctx
-                .load_module(cudarc::nvrtc::Ptx::from_src(part.ptx))
+                .load_module(cudarc::nvrtc::Ptx::from_binary(part.image))
                 .map_err(cuda_err("loading the compiled module"))?;
             for k in part.kernels {
                 let name = &dp.module.kernels[k].name;

@@ -1,8 +1,13 @@
-//! NVRTC compilation of generated CUDA C to PTX, with two caches: in the process (keyed by the
-//! source and the target architecture) and on disk (`$KILN_CACHE_DIR`, else
-//! `$XDG_CACHE_HOME/kiln/ptx`, else `~/.cache/kiln/ptx`), so a second run of a program loads its PTX
-//! instead of compiling again. A disk entry is used only if the source stored beside it is the
-//! same text, so a hash collision cannot load the wrong code. Needs libnvrtc, not a GPU.
+//! NVRTC compilation of generated CUDA C into what the driver loads, with two caches: in the
+//! process (keyed by the source and the target architecture) and on disk (`$KILN_CACHE_DIR`, else
+//! `$XDG_CACHE_HOME/kiln/ptx`, else `~/.cache/kiln/ptx`), so a second run of a program loads its
+//! code instead of compiling again. For a real architecture (`sm_90`, what the runtime asks for)
+//! NVRTC makes machine code (a cubin) that loads without the driver's JIT; for a virtual one
+//! (`compute_90`) it makes PTX, which the driver compiles when it loads it. Cut into units, a
+//! step's code is compiled on threads of their own, so that machine-code generation runs in
+//! parallel rather than in the driver's loads, one after another. A disk entry is used only if the
+//! source stored beside it is the same text, so a hash collision cannot load the wrong code.
+//! Needs libnvrtc, not a GPU.
 
 use kiln_ir::{Error, Result};
 use std::collections::HashMap;
@@ -65,12 +70,23 @@ fn key(source: &str, arch: &str) -> String {
     format!("{:016x}-{arch}", h.finish())
 }
 
-fn memory() -> &'static Mutex<HashMap<(String, String), String>> {
-    static CACHE: OnceLock<Mutex<HashMap<(String, String), String>>> = OnceLock::new();
+/// What NVRTC made of a source (`compile`): a cubin, or PTX text with its closing NUL.
+pub type Image = Vec<u8>;
+
+/// The process's images by (source, architecture).
+type MemoryCache = Mutex<HashMap<(String, String), Image>>;
+
+fn memory() -> &'static MemoryCache {
+    static CACHE: OnceLock<MemoryCache> = OnceLock::new();
     CACHE.get_or_init(Default::default)
 }
 
-/// Where the PTX of a compilation came from.
+/// The architecture that the checks made without a GPU compile for: an H100's, as the runtime
+/// would there (machine code, so that what only the code generator checks, such as the shared
+/// memory a kernel may declare, is checked too).
+pub const CHECK_ARCH: &str = "sm_90";
+
+/// Where the code of a compilation came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
     Compiled,
@@ -78,49 +94,62 @@ pub enum Origin {
     Disk,
 }
 
-/// Compiles `source` for `arch` (e.g. `compute_90`), or finds it in a cache.
-pub fn compile(source: &str, arch: &'static str) -> Result<(String, Origin)> {
+/// Compiles `source` for `arch` (e.g. `sm_90`), or finds it in a cache: the image `cuModuleLoadData`
+/// takes (a cubin, or PTX text with its closing NUL; see the module docs).
+pub fn compile(source: &str, arch: &'static str) -> Result<(Vec<u8>, Origin)> {
     compile_with_cache(source, arch, cache_dir("ptx"))
 }
 
-/// `compile` with the given disk cache folder (`None`: memory cache only).
-pub fn compile_with_cache(source: &str, arch: &'static str, dir: Option<PathBuf>) -> Result<(String, Origin)> {
-    let mem_key = (source.to_string(), arch.to_string());
-    if let Some(ptx) = memory().lock().expect("cache lock").get(&mem_key) {
-        return Ok((ptx.clone(), Origin::Memory));
+/// The file name ending of a cached image for `arch`.
+fn extension(arch: &str) -> &'static str {
+    if arch.starts_with("sm_") {
+        "cubin"
+    } else {
+        "ptx"
     }
+}
+
+/// The image of `source` for `arch` in the disk cache folder `dir`, if it is there (stored beside
+/// the same source text).
+pub fn read_disk_cache(source: &str, arch: &str, dir: &std::path::Path) -> Option<Vec<u8>> {
     let k = key(source, arch);
-    if let Some(dir) = &dir {
-        let (cu, ptx) = (dir.join(format!("{k}.cu")), dir.join(format!("{k}.ptx")));
-        if let (Ok(s), Ok(p)) = (std::fs::read_to_string(&cu), std::fs::read_to_string(&ptx)) {
-            if s == source {
-                memory().lock().expect("cache lock").insert(mem_key, p.clone());
-                return Ok((p, Origin::Disk));
-            }
-        }
+    let stored = std::fs::read_to_string(dir.join(format!("{k}.cu"))).ok()?;
+    (stored == source).then(|| std::fs::read(dir.join(format!("{k}.{}", extension(arch)))).ok()).flatten()
+}
+
+/// `compile` with the given disk cache folder (`None`: memory cache only).
+pub fn compile_with_cache(source: &str, arch: &'static str, dir: Option<PathBuf>) -> Result<(Vec<u8>, Origin)> {
+    let mem_key = (source.to_string(), arch.to_string());
+    if let Some(image) = memory().lock().expect("cache lock").get(&mem_key) {
+        return Ok((image.clone(), Origin::Memory));
     }
-    let ptx = compile_uncached(source, arch)?;
+    if let Some(image) = dir.as_deref().and_then(|d| read_disk_cache(source, arch, d)) {
+        memory().lock().expect("cache lock").insert(mem_key, image.clone());
+        return Ok((image, Origin::Disk));
+    }
+    let image = compile_uncached(source, arch)?;
     if let Some(dir) = &dir {
         // The disk cache is an optimization: failing to write it is not an error.
+        let k = key(source, arch);
         if std::fs::create_dir_all(dir).is_ok() {
             let tmp = dir.join(format!("{k}.{}.tmp", std::process::id()));
-            if std::fs::write(&tmp, &ptx).is_ok() {
+            if std::fs::write(&tmp, &image).is_ok() {
                 let _ = std::fs::write(dir.join(format!("{k}.cu")), source);
-                let _ = std::fs::rename(&tmp, dir.join(format!("{k}.ptx")));
+                let _ = std::fs::rename(&tmp, dir.join(format!("{k}.{}", extension(arch))));
             }
         }
     }
-    memory().lock().expect("cache lock").insert(mem_key, ptx.clone());
-    Ok((ptx, Origin::Compiled))
+    memory().lock().expect("cache lock").insert(mem_key, image.clone());
+    Ok((image, Origin::Compiled))
 }
 
 /// Compilation units per module at most (the threads that compile them).
 const MAX_PARTS: usize = 8;
 
-/// One compilation unit of a module and its PTX: `kernels` index the module's kernels.
+/// One compilation unit of a module and its image (`compile`): `kernels` index the module's kernels.
 pub struct CompiledPart {
     pub kernels: Vec<usize>,
-    pub ptx: String,
+    pub image: Vec<u8>,
 }
 
 /// Compiles a module cut into compilation units (`print::module_parts`), each on a thread of its
@@ -139,11 +168,11 @@ pub fn compile_module_uncached(m: &super::ast::Module, arch: &'static str) -> Re
 /// The module's compilation units, each compiled by `compile_one` on a thread of its own.
 fn compile_units(
     m: &super::ast::Module,
-    compile_one: &(dyn Fn(&str) -> Result<(String, Origin)> + Sync),
+    compile_one: &(dyn Fn(&str) -> Result<(Image, Origin)> + Sync),
 ) -> Result<(Vec<CompiledPart>, Origin)> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_PARTS);
     let units = super::print::module_parts(m, threads);
-    let compiled: Vec<Result<(String, Origin)>> = std::thread::scope(|s| {
+    let compiled: Vec<Result<(Image, Origin)>> = std::thread::scope(|s| {
         let handles: Vec<_> = units.iter().map(|(source, _)| s.spawn(move || compile_one(source))).collect();
         handles
             .into_iter()
@@ -153,39 +182,62 @@ fn compile_units(
     let mut parts = Vec::with_capacity(units.len());
     let mut origin = Origin::Memory;
     for ((_, kernels), c) in units.into_iter().zip(compiled) {
-        let (ptx, o) = c?;
+        let (image, o) = c?;
         origin = match (origin, o) {
             (Origin::Compiled, _) | (_, Origin::Compiled) => Origin::Compiled,
             (Origin::Disk, _) | (_, Origin::Disk) => Origin::Disk,
             _ => Origin::Memory,
         };
-        parts.push(CompiledPart { kernels, ptx });
+        parts.push(CompiledPart { kernels, image });
     }
     Ok((parts, origin))
 }
 
 /// One NVRTC compilation (the `cuda` feature is off: always an error).
 #[cfg(not(feature = "cuda"))]
-pub fn compile_uncached(_source: &str, _arch: &'static str) -> Result<String> {
+pub fn compile_uncached(_source: &str, _arch: &'static str) -> Result<Vec<u8>> {
     Err(Error::Invalid(missing_reason()))
 }
 
-/// One NVRTC compilation, with its log in the error.
+/// One NVRTC compilation, with its log in the error: a cubin for a real architecture (`sm_XX`),
+/// else PTX with its closing NUL.
 #[cfg(feature = "cuda")]
-pub fn compile_uncached(source: &str, arch: &'static str) -> Result<String> {
+pub fn compile_uncached(source: &str, arch: &'static str) -> Result<Vec<u8>> {
+    use cudarc::nvrtc::{result, sys};
     if !available() {
         return Err(Error::Invalid(missing_reason()));
     }
-    if source.contains('\0') {
-        return Err(Error::Invalid("generated CUDA C contains a NUL byte".into()));
-    }
-    let opts =
-        cudarc::nvrtc::CompileOptions { arch: Some(arch), options: vec!["--std=c++17".into()], ..Default::default() };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| match e {
-        cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-            Error::Invalid(format!("NVRTC rejected the generated CUDA C:\n{}", log.to_string_lossy()))
+    let text =
+        std::ffi::CString::new(source).map_err(|_| Error::Invalid("generated CUDA C contains a NUL byte".into()))?;
+    let failed = |what: &str, e: result::NvrtcError| Error::Invalid(format!("NVRTC failed {what}: {e:?}"));
+    let program = result::create_program(&text, None).map_err(|e| failed("creating a program", e))?;
+    let options = [format!("--gpu-architecture={arch}"), "--std=c++17".to_string()];
+    // SAFETY: `program` is live until destroyed below; each call gets buffers of the size NVRTC
+    // reported for it.
+    let compiled = || unsafe {
+        if result::compile_program(program, &options).is_err() {
+            let log = result::get_program_log(program).unwrap_or_default();
+            let log: Vec<u8> = log.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+            return Err(Error::Invalid(format!(
+                "NVRTC rejected the generated CUDA C:\n{}",
+                String::from_utf8_lossy(&log)
+            )));
         }
-        other => Error::Invalid(format!("NVRTC failed: {other:?}")),
-    })?;
-    Ok(ptx.to_src())
+        if extension(arch) == "ptx" {
+            // With its closing NUL, as `cuModuleLoadData` reads PTX.
+            let ptx = result::get_ptx(program).map_err(|e| failed("reading the PTX", e))?;
+            return Ok(ptx.into_iter().map(|c| c as u8).collect());
+        }
+        let mut size = 0usize;
+        sys::nvrtcGetCUBINSize(program, &mut size).result().map_err(|e| failed("sizing the cubin", e))?;
+        let mut cubin = vec![0u8; size];
+        sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr() as *mut std::ffi::c_char)
+            .result()
+            .map_err(|e| failed("reading the cubin", e))?;
+        Ok(cubin)
+    };
+    let image = compiled();
+    // SAFETY: created above, not used after this.
+    let _ = unsafe { result::destroy_program(program) };
+    image
 }

@@ -54,7 +54,7 @@ pub fn unavailable_reason() -> Option<String> {
 pub struct Gpu {
     pub ordinal: usize,
     pub name: String,
-    /// NVRTC target, e.g. `compute_90`.
+    /// NVRTC target: `sm_90` (machine code), or `compute_90` (PTX) with `KILN_CUDA_PTX=1`.
     pub arch: &'static str,
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
@@ -140,7 +140,10 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(cuda_err("creating a stream"))?;
         let (major, minor) = ctx.compute_capability().map_err(cuda_err("reading the compute capability"))?;
-        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        // Machine code for this card (no JIT when a module loads), or PTX with KILN_CUDA_PTX=1.
+        let ptx = std::env::var("KILN_CUDA_PTX").is_ok_and(|v| v == "1");
+        let arch = format!("{}_{major}{minor}", if ptx { "compute" } else { "sm" });
+        let arch: &'static str = Box::leak(arch.into_boxed_str());
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         ctx.bind_to_thread().map_err(cuda_err("binding the context"))?;
         let (blas, workspace) = blas_for(&stream)?;
