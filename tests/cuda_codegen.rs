@@ -231,3 +231,42 @@ fn every_tile_shape_compiles_with_nvrtc() {
         }
     }
 }
+
+#[test]
+fn generated_kernels_neither_spill_registers_nor_crowd_out_a_second_block() {
+    // What ptxas reports for each kernel of every workload step and of every tile shape: a spill
+    // (registers stored to local memory) or a stack frame would make a kernel wait on memory, and
+    // more than 128 registers a thread would leave room for only one 256-thread block an SM.
+    use kiln_codegen::cuda::nvrtc::{available, kernel_resources, missing_reason, CHECK_ARCH};
+    use kiln_codegen::cuda::{with_tile_choice, TileChoice};
+    if !available() {
+        kiln::testing::note(&format!("skipped: {}", missing_reason()));
+        return;
+    }
+    let mut sources = vec![];
+    for name in kiln::workloads::NAMES {
+        let w = kiln::workloads::build(name, Device::Reference).unwrap();
+        sources.push((name.to_string(), w.step.cuda_source(&w.args).unwrap()));
+    }
+    let g = Graph::new();
+    let x = g.input("x", F32, [512, 784]);
+    let w = g.input("w", F32, [784, 256]);
+    let f = g.function([&x, &w], [&x.matmul(&w).relu()]).compile(Device::Reference).unwrap();
+    let args = [f32s(&[512, 784], 1), f32s(&[784, 256], 2)];
+    for tile in [32, 64, 128] {
+        for slices in [1, 3] {
+            let choice = TileChoice { tiled: Some(true), tile: Some(tile), slices: Some(slices) };
+            let src = with_tile_choice(choice, || f.cuda_source(&args).unwrap());
+            sources.push((format!("tile {tile}, {slices} slices"), src));
+        }
+    }
+    for (what, src) in &sources {
+        let kernels = kernel_resources(src, CHECK_ARCH).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(!kernels.is_empty(), "{what}: no ptxas report");
+        for k in kernels {
+            assert!(k.spill_stores == 0 && k.spill_loads == 0 && k.stack_frame == 0, "{what}: {k:?}");
+            assert!(k.registers > 0 && k.registers <= 128, "{what}: {k:?}");
+            assert!(k.shared_bytes <= 48 * 1024, "{what}: {k:?}");
+        }
+    }
+}

@@ -203,6 +203,73 @@ pub fn compile_uncached(_source: &str, _arch: &'static str) -> Result<Vec<u8>> {
 /// else PTX with its closing NUL.
 #[cfg(feature = "cuda")]
 pub fn compile_uncached(source: &str, arch: &'static str) -> Result<Vec<u8>> {
+    Ok(run_nvrtc(source, arch, &[])?.0)
+}
+
+/// What the code generator gave one kernel (`kernel_resources`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KernelResources {
+    pub name: String,
+    pub registers: usize,
+    /// Bytes of registers spilled to local memory (stores and loads), and of stack.
+    pub spill_stores: usize,
+    pub spill_loads: usize,
+    pub stack_frame: usize,
+    /// Static shared memory.
+    pub shared_bytes: usize,
+}
+
+/// The registers, spills and shared memory of every kernel of `source` compiled for a real
+/// architecture (`sm_XX`), as ptxas reports them: what decides a kernel's occupancy and whether it
+/// waits on local memory, read without a GPU.
+#[cfg(feature = "cuda")]
+pub fn kernel_resources(source: &str, arch: &'static str) -> Result<Vec<KernelResources>> {
+    if extension(arch) != "cubin" {
+        return Err(Error::Invalid(format!("kernel resources need a real architecture (sm_XX), not {arch}")));
+    }
+    let (_, log) = run_nvrtc(source, arch, &["--ptxas-options=-v".to_string()])?;
+    Ok(parse_ptxas_report(&log))
+}
+
+/// Kernel resources (the `cuda` feature is off: always an error).
+#[cfg(not(feature = "cuda"))]
+pub fn kernel_resources(_source: &str, _arch: &'static str) -> Result<Vec<KernelResources>> {
+    Err(Error::Invalid(missing_reason()))
+}
+
+/// `kernel_resources` from ptxas's verbose log: an entry's lines follow its "Compiling entry
+/// function 'name'" line.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn parse_ptxas_report(log: &str) -> Vec<KernelResources> {
+    // The number before `unit` in `text` (as in "64 registers" or "0 bytes spill stores").
+    fn before(text: &str, unit: &str) -> Option<usize> {
+        let at = text.find(unit)?;
+        text[..at].split_whitespace().last()?.parse().ok()
+    }
+    let mut out: Vec<KernelResources> = vec![];
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or_default().to_string();
+            out.push(KernelResources { name, ..Default::default() });
+            continue;
+        }
+        let Some(k) = out.last_mut() else { continue };
+        if line.contains("bytes stack frame") {
+            k.stack_frame = before(line, " bytes stack frame").unwrap_or(0);
+            k.spill_stores = before(line, " bytes spill stores").unwrap_or(0);
+            k.spill_loads = before(line, " bytes spill loads").unwrap_or(0);
+        } else if line.contains(" registers") {
+            k.registers = before(line, " registers").unwrap_or(0);
+            k.shared_bytes = before(line, " bytes smem").unwrap_or(0);
+        }
+    }
+    out
+}
+
+/// Runs NVRTC on `source` for `arch` with `extra` options: the image (a cubin for `sm_XX`, else
+/// PTX with its closing NUL) and the program log; the log in the error if NVRTC rejects it.
+#[cfg(feature = "cuda")]
+fn run_nvrtc(source: &str, arch: &'static str, extra: &[String]) -> Result<(Vec<u8>, String)> {
     use cudarc::nvrtc::{result, sys};
     if !available() {
         return Err(Error::Invalid(missing_reason()));
@@ -211,22 +278,22 @@ pub fn compile_uncached(source: &str, arch: &'static str) -> Result<Vec<u8>> {
         std::ffi::CString::new(source).map_err(|_| Error::Invalid("generated CUDA C contains a NUL byte".into()))?;
     let failed = |what: &str, e: result::NvrtcError| Error::Invalid(format!("NVRTC failed {what}: {e:?}"));
     let program = result::create_program(&text, None).map_err(|e| failed("creating a program", e))?;
-    let options = [format!("--gpu-architecture={arch}"), "--std=c++17".to_string()];
+    let mut options = vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()];
+    options.extend_from_slice(extra);
     // SAFETY: `program` is live until destroyed below; each call gets buffers of the size NVRTC
     // reported for it.
     let compiled = || unsafe {
-        if result::compile_program(program, &options).is_err() {
-            let log = result::get_program_log(program).unwrap_or_default();
-            let log: Vec<u8> = log.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
-            return Err(Error::Invalid(format!(
-                "NVRTC rejected the generated CUDA C:\n{}",
-                String::from_utf8_lossy(&log)
-            )));
+        let status = result::compile_program(program, &options);
+        let log = result::get_program_log(program).unwrap_or_default();
+        let log: Vec<u8> = log.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+        let log = String::from_utf8_lossy(&log).into_owned();
+        if status.is_err() {
+            return Err(Error::Invalid(format!("NVRTC rejected the generated CUDA C:\n{log}")));
         }
         if extension(arch) == "ptx" {
             // With its closing NUL, as `cuModuleLoadData` reads PTX.
             let ptx = result::get_ptx(program).map_err(|e| failed("reading the PTX", e))?;
-            return Ok(ptx.into_iter().map(|c| c as u8).collect());
+            return Ok((ptx.into_iter().map(|c| c as u8).collect(), log));
         }
         let mut size = 0usize;
         sys::nvrtcGetCUBINSize(program, &mut size).result().map_err(|e| failed("sizing the cubin", e))?;
@@ -234,10 +301,44 @@ pub fn compile_uncached(source: &str, arch: &'static str) -> Result<Vec<u8>> {
         sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr() as *mut std::ffi::c_char)
             .result()
             .map_err(|e| failed("reading the cubin", e))?;
-        Ok(cubin)
+        Ok((cubin, log))
     };
     let image = compiled();
     // SAFETY: created above, not used after this.
     let _ = unsafe { result::destroy_program(program) };
     image
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptxas_reports_are_read_per_kernel() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+            ptxas info    : Compiling entry function 'k1_fused' for 'sm_90'\n\
+            ptxas info    : Function properties for k1_fused\n\
+            ptxas         .     8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
+            ptxas info    : Used 64 registers, used 1 barriers, 19458 bytes smem\n\
+            ptxas info    : Compile time = 75.122 ms\n\
+            ptxas info    : Compiling entry function 'k2_run' for 'sm_90'\n\
+            ptxas info    : Function properties for k2_run\n\
+            ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+            ptxas info    : Used 30 registers, used 0 barriers\n";
+        let k = parse_ptxas_report(log);
+        assert_eq!(
+            k,
+            vec![
+                KernelResources {
+                    name: "k1_fused".into(),
+                    registers: 64,
+                    spill_stores: 4,
+                    spill_loads: 12,
+                    stack_frame: 8,
+                    shared_bytes: 19458
+                },
+                KernelResources { name: "k2_run".into(), registers: 30, ..Default::default() },
+            ]
+        );
+    }
 }
