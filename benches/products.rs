@@ -112,8 +112,7 @@ fn time(c: &Case, p: &Prepared, device: Device, choice: TileChoice, calls: usize
     for _ in 0..calls {
         f.call(&p.args)?;
     }
-    // "kiln CUDA profile: 12.3 us per call in 2 steps"
-    Ok(f.profile_report().and_then(|r| r.split("profile: ").nth(1)?.split(' ').next()?.parse().ok()))
+    Ok(f.profile().map(|p| p.seconds_per_call * 1e6))
 }
 
 fn main() {

@@ -341,10 +341,11 @@ impl Function {
     pub fn compile_stats(&self) -> Vec<String> {
         self.exe.compile_stats()
     }
-    /// The per-step timing table of the calls so far, where the backend was asked for a profile
-    /// (`KILN_CUDA_PROFILE=1` or `KILN_CPU_PROFILE=1` when the function was compiled).
-    pub fn profile_report(&self) -> Option<String> {
-        self.exe.profile_report()
+    /// The time per step of the calls so far, where the backend was asked for a profile
+    /// (`KILN_CUDA_PROFILE=1` or `KILN_CPU_PROFILE=1` when the function was compiled); printed, the
+    /// per-step table.
+    pub fn profile(&self) -> Option<kiln_codegen::Profile> {
+        self.exe.profile()
     }
     /// The code the backend generated (empty for the reference interpreter).
     pub fn generated_code(&self) -> String {

@@ -16,6 +16,7 @@ pub mod workloads;
 
 pub use function::{Device, Function, FunctionBuilder};
 pub use graph::Graph;
+pub use kiln_codegen::{Profile, ProfiledStep};
 pub use kiln_ir as ir;
 pub use kiln_ir::grad::Disconnected;
 pub use kiln_ir::ops::{BinaryOp, ReduceOp, UnaryOp};

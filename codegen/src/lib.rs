@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod kernel;
 mod profile;
+pub use profile::{Profile, ProfiledStep};
 pub mod reference;
 mod shared;
 
@@ -80,9 +81,9 @@ pub trait Executable {
     fn compile_stats(&self) -> Vec<String> {
         vec![]
     }
-    /// The per-step timing table so far, where a profile was asked for (`KILN_CUDA_PROFILE=1`,
+    /// The time per step so far, where a profile was asked for (`KILN_CUDA_PROFILE=1`,
     /// `KILN_CPU_PROFILE=1`).
-    fn profile_report(&self) -> Option<String> {
+    fn profile(&self) -> Option<Profile> {
         None
     }
 }

@@ -1,6 +1,6 @@
 //! Per-step timing tables for the native backends' profiles (`KILN_CPU_PROFILE=1`,
 //! `KILN_CUDA_PROFILE=1`): total time and count per step name, in the order steps first ran,
-//! printed as a table sorted by time when the function is dropped.
+//! printed as a table sorted by time when the function is dropped, and read as a `Profile`.
 
 use std::collections::HashMap;
 
@@ -26,18 +26,79 @@ impl StepProfile {
         entry.1 += 1;
     }
 
-    /// The table, headed `kiln {backend} profile`.
-    pub(crate) fn report(&self, backend: &str) -> String {
+    /// The profile so far, by a backend named `backend`.
+    pub(crate) fn profile(&self, backend: &'static str) -> Profile {
         let all: f64 = self.totals.values().map(|t| t.0).sum();
         let calls = self.totals.values().map(|t| t.1).max().unwrap_or(1);
-        let mut rows: Vec<(&String, &(f64, usize))> = self.order.iter().map(|n| (n, &self.totals[n])).collect();
-        rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
-        let per_call = all * 1e6 / calls as f64;
-        let mut s = format!("kiln {backend} profile: {per_call:.1} us per call in {} steps\n", rows.len());
-        for (name, (secs, n)) in rows {
-            let share = 100.0 * secs / all.max(1e-12);
-            s.push_str(&format!("{:>9.1} us {share:>5.1}%  {name}\n", secs * 1e6 / *n as f64));
+        let mut steps: Vec<ProfiledStep> = self
+            .order
+            .iter()
+            .map(|name| {
+                let (seconds, runs) = self.totals[name];
+                ProfiledStep {
+                    name: name.clone(),
+                    seconds_per_run: seconds / runs as f64,
+                    share: seconds / all.max(1e-12),
+                }
+            })
+            .collect();
+        steps.sort_by(|a, b| (b.share).total_cmp(&a.share));
+        Profile { backend, seconds_per_call: all / calls as f64, steps }
+    }
+}
+
+/// A compiled function's time per step over its calls so far (`Function::profile`), where the
+/// backend was asked for one (`KILN_CPU_PROFILE=1`, `KILN_CUDA_PROFILE=1`). Printed, the table
+/// that the backend prints when the function is dropped.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Profile {
+    pub backend: &'static str,
+    /// Seconds per call, every step together.
+    pub seconds_per_call: f64,
+    /// Every step that ran, the most time first.
+    pub steps: Vec<ProfiledStep>,
+}
+
+/// One step of a `Profile`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProfiledStep {
+    /// The kernel's or product's name, as in the generated code.
+    pub name: String,
+    pub seconds_per_run: f64,
+    /// Its share of all the steps' time (0 to 1).
+    pub share: f64,
+}
+
+impl std::fmt::Display for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let per_call = self.seconds_per_call * 1e6;
+        writeln!(f, "kiln {} profile: {per_call:.1} us per call in {} steps", self.backend, self.steps.len())?;
+        for s in &self.steps {
+            writeln!(f, "{:>9.1} us {:>5.1}%  {}", s.seconds_per_run * 1e6, 100.0 * s.share, s.name)?;
         }
-        s
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_gives_each_step_its_time_per_run_and_share_most_first() {
+        let mut p = StepProfile::default();
+        for _ in 0..2 {
+            p.add("k1_fused", 1e-6);
+            p.add("k2_matmul", 3e-6);
+        }
+        let profile = p.profile("CPU");
+        assert_eq!(profile.steps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["k2_matmul", "k1_fused"]);
+        assert!((profile.seconds_per_call - 4e-6).abs() < 1e-12);
+        assert!(
+            (profile.steps[0].seconds_per_run - 3e-6).abs() < 1e-12 && (profile.steps[0].share - 0.75).abs() < 1e-9
+        );
+        let table = profile.to_string();
+        assert!(table.starts_with("kiln CPU profile: 4.0 us per call in 2 steps\n"), "{table}");
+        assert!(table.contains("      3.0 us  75.0%  k2_matmul\n"), "{table}");
     }
 }

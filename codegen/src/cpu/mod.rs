@@ -96,7 +96,7 @@ pub struct CpuExecutable {
 impl Drop for CpuExecutable {
     fn drop(&mut self) {
         if let Some(p) = &self.profile {
-            eprint!("{}", p.report("CPU"));
+            eprint!("{}", p.profile("CPU"));
         }
     }
 }
@@ -249,8 +249,8 @@ impl Executable for CpuExecutable {
         Ok(())
     }
 
-    fn profile_report(&self) -> Option<String> {
-        self.profile.as_ref().map(|p| p.report("CPU"))
+    fn profile(&self) -> Option<crate::Profile> {
+        self.profile.as_ref().map(|p| p.profile("CPU"))
     }
 
     fn generated_code(&self) -> String {

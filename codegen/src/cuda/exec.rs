@@ -393,7 +393,7 @@ impl Drop for CudaExecutable {
         // Graphs, modules and buffers are destroyed in this device's turn, never during another
         // thread's capture.
         if let Some(p) = &self.profile {
-            eprint!("{}", p.steps.report("CUDA"));
+            eprint!("{}", p.steps.profile("CUDA"));
         }
         let gpu = self.gpu.clone();
         let _turn = gpu.turn();
@@ -554,8 +554,8 @@ impl Executable for CudaExecutable {
         self.order.iter().map(|k| self.plans[k].code.as_str()).collect::<Vec<_>>().join("\n")
     }
 
-    fn profile_report(&self) -> Option<String> {
-        self.profile.as_ref().map(|p| p.steps.report("CUDA"))
+    fn profile(&self) -> Option<crate::Profile> {
+        self.profile.as_ref().map(|p| p.steps.profile("CUDA"))
     }
 
     fn compile_stats(&self) -> Vec<String> {
