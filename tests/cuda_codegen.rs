@@ -127,6 +127,10 @@ fn compiled_code_is_cached_in_memory_and_on_disk() {
     for ending in [".ptx", ".cubin", ".cu"] {
         assert!(files.iter().any(|f| f.ends_with(ending)), "{ending}: {files:?}");
     }
+    // PTX stored without its NUL (as an earlier kiln did) is read back with it.
+    let ptx_file = files.iter().find(|f| f.ends_with(".ptx")).unwrap();
+    std::fs::write(dir.join(ptx_file), &ptx[..ptx.len() - 1]).unwrap();
+    assert_eq!(kiln_codegen::cuda::nvrtc::read_disk_cache(&src, "compute_90", &dir).as_deref(), Some(&ptx[..]));
     // What a fresh process (no memory cache) would load.
     assert_eq!(
         kiln_codegen::cuda::nvrtc::read_disk_cache(&src, "sm_90", &dir).as_deref(),

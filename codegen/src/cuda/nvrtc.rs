@@ -114,7 +114,12 @@ fn extension(arch: &str) -> &'static str {
 pub fn read_disk_cache(source: &str, arch: &str, dir: &std::path::Path) -> Option<Vec<u8>> {
     let k = key(source, arch);
     let stored = std::fs::read_to_string(dir.join(format!("{k}.cu"))).ok()?;
-    (stored == source).then(|| std::fs::read(dir.join(format!("{k}.{}", extension(arch)))).ok()).flatten()
+    let mut image = (stored == source).then(|| std::fs::read(dir.join(format!("{k}.{}", extension(arch)))).ok())??;
+    // PTX cached by an earlier kiln lacks the NUL that the driver reads to.
+    if extension(arch) == "ptx" && image.last() != Some(&0) {
+        image.push(0);
+    }
+    Some(image)
 }
 
 /// `compile` with the given disk cache folder (`None`: memory cache only).
