@@ -7,7 +7,7 @@
 #                                  folder: ~25 MB, where the loose binaries are over 64 MiB).
 #   scripts/gpu-check.sh           (on the GPU machine, in the repository root) runs them and
 #                                  prints a table: each test binary's result, then the benchmark
-#                                  on the GPU (cold NVRTC compile, then from the PTX disk cache),
+#                                  on the GPU (cold NVRTC compile, then from the disk cache),
 #                                  with the card's name; then a per-kernel profile of each workload
 #                                  (tiled products, and again with them on cuBLAS) and the product
 #                                  benchmark (each workload product as cuBLAS + epilogue and with
@@ -15,7 +15,7 @@
 #                                  benchmark without CUDA graphs, on two streams, with every kernel
 #                                  on its own, with medium float products on cuBLAS, compiled cold
 #                                  to PTX rather than machine code, and with fmnist-mlp-4k fully
-#                                  tiled.
+#                                  tiled; last, a summary of the step times under each setting.
 #
 # The CUDA libraries are looked up under $CUDA_LIB (default: the CUDA 13.0 toolkit's lib folder).
 set -u
@@ -132,4 +132,21 @@ bench_row "cold again, as PTX that the driver compiles at load (KILN_CUDA_PTX=1,
     bench-cold-ptx.txt KILN_CUDA_PTX=1 CUDA_CACHE_DISABLE=1 KILN_CACHE_DIR="$(mktemp -d)"
 echo "-- every product with an epilogue tiled, up to 2^30 multiply-adds (KILN_CUDA_TILED_MACS; fmnist-mlp-4k)"
 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tiled-4k.txt"
+echo "== summary: median ms per step (compile ms for the cold and cached rows)"
+summary_files=(cold cached eager 2streams unjoined cublas cold-ptx tiled-4k)
+(
+    cd "$OUT_DIR" || exit
+    printf '%-16s' workload
+    for f in "${summary_files[@]}"; do printf ' %15s' "$f"; done
+    echo
+    for w in keras-mlp fmnist-mlp fmnist-mlp-4k autoencoder; do
+        printf '%-16s' "$w"
+        for f in "${summary_files[@]}"; do
+            # columns: workload device batch median_ms min_ms max_ms steps compile_ms
+            v=$(awk -v w="$w" -v f="$f" '$1 == w && $2 == "cuda" { m = $4; if (f ~ /^cold|^cached/) m = m " (" $8 ")" } END { print m }' "bench-$f.txt" 2>/dev/null)
+            printf ' %15s' "${v:--}"
+        done
+        echo
+    done
+)
 exit $status
