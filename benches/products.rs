@@ -2,14 +2,14 @@
 //! the standard workloads (its shape and operand layout), `relu(a b + bias)` is timed on the device
 //! with CUDA events around each step (`KILN_CUDA_PROFILE`: the device's time for the product and
 //! its epilogue, not the host's share of a call) as cuBLAS plus an epilogue kernel, as kiln tiles
-//! it by default, and with each tile size (32x32, 64x64, 128x64) and number of slices forced. Prints microseconds per
-//! call, one row per product, the fastest variant marked `*`.
+//! it by default, and with each tile shape (32x32, 64x64, 128x64, 128x128) and number of slices
+//! forced. Prints microseconds per call, one row per product, the fastest variant marked `*`.
 //!
 //! `cargo bench --bench products [-- --device cuda|cuda:N|cuda-emulator] [--calls N] [--case TEXT]`
 //! (on a device without a profile, such as the emulator, it only checks that every variant runs).
 
 use kiln::prelude::*;
-use kiln_codegen::cuda::{with_tile_choice, TileChoice};
+use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
 
 /// A product of the workloads: its name, `m x k x n`, and whether `a` (`[k, m]`) and `b` (`[n, k]`)
 /// are stored transposed (weight gradients read `a` transposed, input gradients `b`).
@@ -50,10 +50,10 @@ fn variants() -> Vec<(String, TileChoice)> {
         ("cuBLAS".to_string(), TileChoice { tiled: Some(false), ..TileChoice::default() }),
         ("kiln".to_string(), TileChoice::default()),
     ];
-    for tile in [32, 64, 128] {
+    for tile in TileShape::ALL {
         for slices in [1, 2, 4, 8, 12] {
             let choice = TileChoice { tiled: Some(true), tile: Some(tile), slices: Some(slices) };
-            v.push((format!("t{tile}/s{slices}"), choice));
+            v.push((format!("{}/s{slices}", tile.label()), choice));
         }
     }
     v
@@ -98,8 +98,7 @@ fn time(c: &Case, p: &Prepared, device: Device, choice: TileChoice, calls: usize
     let code = f.generated_code();
     let form = match (choice.tiled, choice.tile) {
         (Some(false), _) => "cuBLAS".to_string(),
-        (_, Some(128)) => "in 128x64 tiles".to_string(),
-        (_, Some(t)) => format!("in {t}x{t} tiles"),
+        (_, Some(t)) => format!("in {} tiles", t.label()),
         _ => String::new(),
     };
     if !code.contains(&form) {

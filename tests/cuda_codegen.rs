@@ -217,20 +217,20 @@ fn runs_of_tiny_kernels_become_one_single_block_kernel() {
 fn every_tile_shape_compiles_with_nvrtc() {
     // The tiled product in each of its shapes, whole and in slices (kiln only picks 128x64 tiles
     // when asked; the product benchmark asks on a GPU).
-    use kiln_codegen::cuda::{with_tile_choice, TileChoice};
+    use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
     let g = Graph::new();
     let x = g.input("x", F32, [512, 784]);
     let w = g.input("w", F32, [784, 256]);
     let f = g.function([&x, &w], [&x.matmul(&w).relu()]).compile(Device::Reference).unwrap();
     let args = [f32s(&[512, 784], 1), f32s(&[784, 256], 2)];
-    for (tile, form) in [(32, "32x32"), (64, "64x64"), (128, "128x64")] {
+    for tile in TileShape::ALL {
         for slices in [1, 3] {
             let choice = TileChoice { tiled: Some(true), tile: Some(tile), slices: Some(slices) };
             let src = with_tile_choice(choice, || {
                 check_cuda_source_compiles(&f, &args).unwrap();
                 f.cuda_source(&args).unwrap()
             });
-            assert!(src.contains(&format!("in {form} tiles")), "{src}");
+            assert!(src.contains(&format!("in {} tiles", tile.label())), "{src}");
             assert_eq!(src.contains("slices"), slices > 1, "{src}");
         }
     }
@@ -242,7 +242,7 @@ fn generated_kernels_neither_spill_registers_nor_crowd_out_a_second_block() {
     // (registers stored to local memory) or a stack frame would make a kernel wait on memory, and
     // more than 128 registers a thread would leave room for only one 256-thread block an SM.
     use kiln_codegen::cuda::nvrtc::{available, kernel_resources, missing_reason, CHECK_ARCH};
-    use kiln_codegen::cuda::{with_tile_choice, TileChoice};
+    use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
     if !available() {
         kiln::testing::note(&format!("skipped: {}", missing_reason()));
         return;
@@ -257,11 +257,11 @@ fn generated_kernels_neither_spill_registers_nor_crowd_out_a_second_block() {
     let w = g.input("w", F32, [784, 256]);
     let f = g.function([&x, &w], [&x.matmul(&w).relu()]).compile(Device::Reference).unwrap();
     let args = [f32s(&[512, 784], 1), f32s(&[784, 256], 2)];
-    for tile in [32, 64, 128] {
+    for tile in TileShape::ALL {
         for slices in [1, 3] {
             let choice = TileChoice { tiled: Some(true), tile: Some(tile), slices: Some(slices) };
             let src = with_tile_choice(choice, || f.cuda_source(&args).unwrap());
-            sources.push((format!("tile {tile}, {slices} slices"), src));
+            sources.push((format!("{} tiles, {slices} slices", tile.label()), src));
         }
     }
     for (what, src) in &sources {

@@ -2,14 +2,15 @@
 //! layouts and epilogues, run as the CUDA backend's program (on the CUDA emulator and, where there
 //! is one, the GPU) against the reference backend. The sizes give partial edge tiles, inner dims
 //! that are no multiple of a slab, and inner dims whole or cut into slices; half the cases force a
-//! tile size (32, 64, or the 128x64 tiles kiln only uses when asked) and a number of slices, and
+//! tile shape (32x32, 64x64, or the 128x64 and 128x128 tiles kiln only uses when asked) and a
+//! number of slices, and
 //! half run on the emulator's mirrored schedule (blocks and threads in the other order).
 #![allow(clippy::cloned_ref_to_slice_refs)]
 
 use kiln::prelude::*;
 use kiln::testing::random_tensor;
 use kiln_codegen::cuda::emulator::with_mirrored_schedule;
-use kiln_codegen::cuda::{with_tile_choice, TileChoice};
+use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
 use proptest::prelude::*;
 
 /// Multiply-adds above which a float product no longer gets a thread per output.
@@ -25,7 +26,7 @@ proptest! {
         a_transposed in any::<bool>(),
         b_transposed in any::<bool>(),
         epilogue in 0usize..3,
-        forced in prop::option::of((prop::sample::select(vec![32usize, 64, 128]), 1usize..13)),
+        forced in prop::option::of((prop::sample::select(TileShape::ALL.to_vec()), 1usize..13)),
         mirrored in any::<bool>(),
         seed in 0u64..1000,
     ) {

@@ -22,7 +22,7 @@ mod side;
 mod single;
 mod special;
 mod tiled;
-pub use tiled::{with_tile_choice, TileChoice};
+pub use tiled::{with_tile_choice, TileChoice, TileShape};
 
 #[cfg(feature = "cuda")]
 pub use exec::{CompileStats, Cuda, CudaExecutable};

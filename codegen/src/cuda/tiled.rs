@@ -43,8 +43,46 @@ const MAX_SLICES: usize = 12;
 /// 64x64 tiles where the output has at least this many of them.
 const WIDE_TILES: usize = 16;
 
+/// Static shared memory a block may declare.
+const SHARED_BYTES: usize = 48 * 1024;
+
 /// Threads per block along each side of the tile.
 const SIDE: usize = 16;
+
+/// The shapes of tile the tiled product comes in (256 threads a block each). kiln picks 32x32 or
+/// 64x64; the larger ones only when asked (`with_tile_choice`), to measure them on a card.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TileShape {
+    /// 2x2 outputs a thread, 16 apart.
+    T32x32,
+    /// 4x4 adjacent outputs a thread, read from shared memory as `float4`s.
+    T64x64,
+    /// 8x4 outputs a thread.
+    T128x64,
+    /// 8x8 outputs a thread; an unsliced tile reaches its epilogue in two bands of 64 rows
+    /// (the whole tile staged at once would pass the 48 KiB of shared memory).
+    T128x128,
+}
+
+impl TileShape {
+    pub const ALL: [TileShape; 4] = [TileShape::T32x32, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128];
+
+    /// Rows, columns, and the inner dimension's slab.
+    fn dims(self) -> (usize, usize, usize) {
+        match self {
+            TileShape::T32x32 => (32, 32, 32),
+            TileShape::T64x64 => (64, 64, 16),
+            TileShape::T128x64 => (128, 64, 8),
+            TileShape::T128x128 => (128, 128, 8),
+        }
+    }
+
+    /// `rows`x`columns`, as the kernel's heading comment says it.
+    pub fn label(self) -> String {
+        let (bm, bn, _) = self.dims();
+        format!("{bm}x{bn}")
+    }
+}
 
 /// A choice of tiling that overrides kiln's own, for measuring the alternatives on a card
 /// (`with_tile_choice`; the product benchmark, `benches/products.rs`).
@@ -53,8 +91,7 @@ pub struct TileChoice {
     /// `Some(false)`: every float product above the small-product size goes to cuBLAS;
     /// `Some(true)`: every one with an epilogue is tiled, whatever its size.
     pub tiled: Option<bool>,
-    /// Tile side: 32 (2x2 outputs a thread), 64 (4x4) or 128 (128x64 tiles, 8x4).
-    pub tile: Option<usize>,
+    pub tile: Option<TileShape>,
     /// Slices of the inner dimension (at most one per slab).
     pub slices: Option<usize>,
 }
@@ -90,13 +127,9 @@ pub(super) struct TilePlan {
 impl TilePlan {
     pub(super) fn for_product(mm: &MatMul) -> TilePlan {
         let tiles64 = mm.m.div_ceil(64) * mm.n.div_ceil(64);
-        let tile = choice().tile.unwrap_or(if tiles64 >= WIDE_TILES { 64 } else { 32 });
-        // 128 (only when asked for): 128x64 tiles, 8x4 outputs a thread (to measure against 64).
-        let (bm, bn, bk) = match tile {
-            128 => (128, 64, 8),
-            64 => (64, 64, 16),
-            _ => (32, 32, 32),
-        };
+        let wide = tiles64 >= WIDE_TILES;
+        let shape = choice().tile.unwrap_or(if wide { TileShape::T64x64 } else { TileShape::T32x32 });
+        let (bm, bn, bk) = shape.dims();
         let (tiles_m, tiles_n) = (mm.m.div_ceil(bm), mm.n.div_ceil(bn));
         let slabs_total = mm.k.div_ceil(bk).max(1);
         // Tiles enough for a block on every SM need no slices (they would only add partial tiles).
@@ -135,6 +168,14 @@ impl TilePlan {
     /// where they are read as `float4`s).
     fn pitch(&self, side: usize) -> usize {
         side + if self.vectors() { 4 } else { 1 }
+    }
+
+    /// Bands of rows in which an unsliced tile is staged for its epilogue: the fewest that keep
+    /// the block's static shared memory (both slabs and a band) within 48 KiB.
+    fn bands(&self) -> usize {
+        let slabs = self.bk * (self.pitch(self.bm) + self.pitch(self.bn));
+        let fits = |bands: usize| (slabs + self.bm / bands * (self.bn + 1)) * 4 <= SHARED_BYTES;
+        (0..).map(|p| 1 << p).find(|&b| fits(b) || b >= self.bm).expect("a band of one row fits")
     }
 
     /// Words of one operand's slab that each thread stages.
@@ -334,21 +375,42 @@ impl<'a> Emitter<'a> {
 
     /// After an unsliced tile's product: the outputs through shared memory (declared by the first
     /// statement returned), so that the epilogue's threads walk the tile in row order, then the
-    /// epilogue.
+    /// epilogue; in bands of rows where the whole tile would not fit beside the slabs.
     fn whole_tile_finish(&mut self, mm: &MatMul, plan: TilePlan, it: CType) -> (Stmt, Vec<Stmt>) {
         let (tm, tn) = plan.per_thread();
         let pitch_c = plan.bn as i64 + 1;
+        let bands = plan.bands();
+        let rows = plan.bm / bands;
         let shared =
-            Stmt::SharedArray { ty: CType::Float, name: "tile_c".into(), len: plan.bm * pitch_c as usize, align: 0 };
+            Stmt::SharedArray { ty: CType::Float, name: "tile_c".into(), len: rows * pitch_c as usize, align: 0 };
         let mut body = vec![];
-        for i in 0..tm {
-            for j in 0..tn {
-                let at = lane_offset(&plan, "ty", i) * int(pitch_c) + lane_offset(&plan, "tx", j);
-                body.push(assign(index(var("tile_c"), at), var(acc(i, j))));
+        for band in 0..bands {
+            let first = (band * rows) as i64;
+            for i in 0..tm {
+                let row = lane_offset(&plan, "ty", i);
+                let mut stores = vec![];
+                for j in 0..tn {
+                    let at = (row.clone() - int(first)) * int(pitch_c) + lane_offset(&plan, "tx", j);
+                    stores.push(assign(index(var("tile_c"), at), var(acc(i, j))));
+                }
+                if bands == 1 {
+                    body.extend(stores);
+                } else {
+                    let in_band = bin(
+                        BinOp::And,
+                        bin(BinOp::Le, int(first), row.clone()),
+                        bin(BinOp::Lt, row, int(first + rows as i64)),
+                    );
+                    body.push(Stmt::If(in_band, stores, vec![]));
+                }
+            }
+            body.push(Stmt::SyncThreads);
+            body.push(self.tile_epilogue(mm, plan, it, Rows::Staged { first, rows }));
+            if band + 1 < bands {
+                // The next band overwrites the staged rows once every thread has read them.
+                body.push(Stmt::SyncThreads);
             }
         }
-        body.push(Stmt::SyncThreads);
-        body.push(self.tile_epilogue(mm, plan, it, None));
         (shared, body)
     }
 
@@ -375,7 +437,7 @@ impl<'a> Emitter<'a> {
         let first_thread = bin(BinOp::Eq, cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)), int(0));
         body.extend(super::reduce::take_ticket(&counters, var("tile"), first_thread.clone(), slices));
         let last = vec![
-            self.tile_epilogue(mm, plan, it, Some((&scratch, slices))),
+            self.tile_epilogue(mm, plan, it, Rows::Sliced { scratch: &scratch, slices }),
             // Ready for the next launch (a replayed graph runs the same kernel again).
             Stmt::If(first_thread, vec![assign(index(var(&counters), var("tile")), Expr::ULong(0))], vec![]),
         ];
@@ -427,24 +489,30 @@ impl<'a> Emitter<'a> {
         out
     }
 
-    /// The walk over the tile's elements that runs the epilogue group at each: the product's value
-    /// read from the shared tile, or (`sliced`: the partial tiles and their number) added up from
-    /// the slices' partial tiles in slice order.
-    fn tile_epilogue(&mut self, mm: &MatMul, plan: TilePlan, it: CType, sliced: Option<(&str, usize)>) -> Stmt {
+    /// The walk over the tile's elements (those of `rows`) that runs the epilogue group at each,
+    /// the product's value read from the rows staged in shared memory, or added up from the
+    /// slices' partial tiles in slice order.
+    fn tile_epilogue(&mut self, mm: &MatMul, plan: TilePlan, it: CType, rows: Rows) -> Stmt {
         let (m, n) = (mm.m as i64, mm.n as i64);
         let pitch = plan.bn as i64 + 1;
+        let (first, count) = match rows {
+            Rows::Staged { first, rows } => (first, rows),
+            Rows::Sliced { .. } => (0, plan.bm),
+        };
+        let in_walk = var("l") / int(plan.bn as i64);
         let mut per = vec![
-            decl(CType::Int, "r", var("l") / int(plan.bn as i64)),
+            decl(CType::Int, "r", if first == 0 { in_walk } else { int(first) + in_walk }),
             decl(CType::Int, "q", var("l") % int(plan.bn as i64)),
             decl(it, "row", var("row0") + cast(it, var("r"))),
             decl(it, "col", var("col0") + cast(it, var("q"))),
         ];
         let mut inner = vec![];
-        match sliced {
-            None => {
-                inner.push(decl(CType::Float, "tile_value", index(var("tile_c"), var("r") * int(pitch) + var("q"))))
+        match rows {
+            Rows::Staged { first, .. } => {
+                let staged = if first == 0 { var("r") } else { var("r") - int(first) };
+                inner.push(decl(CType::Float, "tile_value", index(var("tile_c"), staged * int(pitch) + var("q"))))
             }
-            Some((scratch, slices)) => {
+            Rows::Sliced { scratch, slices } => {
                 inner.push(decl_mut(CType::Float, "tile_value", Expr::F32(0.0)));
                 // `__ldcg` reads through L2, where the other blocks' partial tiles are.
                 let at = var(scratch) + (var("s") * int(m * n) + var("row") * int(n) + var("col"));
@@ -470,9 +538,18 @@ impl<'a> Emitter<'a> {
             ty: CType::Int,
             var: "l".into(),
             init: cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)),
-            end: int((plan.bm * plan.bn) as i64),
+            end: int((count * plan.bn) as i64),
             step: int(THREADS as i64),
             body: per,
         }
     }
+}
+
+/// The rows of a tile that an epilogue walk covers, and where their product values are.
+#[derive(Clone, Copy)]
+enum Rows<'s> {
+    /// `rows` rows from `first`, staged in shared memory (`tile_c`).
+    Staged { first: i64, rows: usize },
+    /// Every row, added up from the partial tiles of `slices` slices in scratch memory.
+    Sliced { scratch: &'s str, slices: usize },
 }
