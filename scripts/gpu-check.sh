@@ -13,7 +13,8 @@
 #                                  benchmark (each workload product as cuBLAS + epilogue and with
 #                                  every tiling; KILN_GPU_PROFILE=0 leaves both out); then the
 #                                  benchmark without CUDA graphs, on two streams, with every kernel
-#                                  on its own, with medium float products on cuBLAS, compiled cold
+#                                  on its own, with medium float products on cuBLAS, with larger
+#                                  products inside single-block runs, compiled cold
 #                                  to PTX rather than machine code, and with fmnist-mlp-4k fully
 #                                  tiled; last, a summary of the step times under each setting.
 #
@@ -128,12 +129,14 @@ bench_row "every kernel on its own (no single-block runs, no kernels side by sid
     bench-unjoined.txt KILN_CUDA_JOIN=0
 bench_row "medium float products on cuBLAS with their epilogue kernel, not tiled (KILN_CUDA_TILED=0)" \
     bench-cublas.txt KILN_CUDA_TILED=0
+bench_row "products of up to 2^19 multiply-adds inside single-block runs (KILN_CUDA_RUN_MACS; fmnist-mlp: 6 kernels)" \
+    bench-runmacs.txt KILN_CUDA_RUN_MACS=524288
 bench_row "cold again, as PTX that the driver compiles at load (KILN_CUDA_PTX=1, its JIT cache off)" \
     bench-cold-ptx.txt KILN_CUDA_PTX=1 CUDA_CACHE_DISABLE=1 KILN_CACHE_DIR="$(mktemp -d)"
 echo "-- every product with an epilogue tiled, up to 2^30 multiply-adds (KILN_CUDA_TILED_MACS; fmnist-mlp-4k)"
 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tiled-4k.txt"
 echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-summary_files=(cold cached eager 2streams unjoined cublas cold-ptx tiled-4k)
+summary_files=(cold cached eager 2streams unjoined cublas runmacs cold-ptx tiled-4k)
 (
     cd "$OUT_DIR" || exit
     printf '%-16s' workload

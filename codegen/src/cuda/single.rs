@@ -22,8 +22,14 @@ pub(super) const SINGLE_BLOCK_ELEMENTS: usize = 1 << 16;
 /// In a program with larger steps too, loop kernels of at most this many elements (a few passes of
 /// the block) join a run of such kernels...
 pub(super) const RUN_ELEMENTS: usize = 4096;
-/// ...and products of at most this many multiply-adds (a few dozen per thread).
+/// ...and products of at most this many multiply-adds (a few dozen per thread; `KILN_CUDA_RUN_MACS`
+/// sets another bound, to measure on a card whether a larger product in the block beats a launch).
 pub(super) const RUN_MACS: usize = 1 << 16;
+
+fn run_macs() -> usize {
+    static MACS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MACS.get_or_init(|| std::env::var("KILN_CUDA_RUN_MACS").ok().and_then(|v| v.parse().ok()).unwrap_or(RUN_MACS))
+}
 /// The single block's size: the largest, so a step's typical few hundred to thousand elements take
 /// one pass (sections are latency-bound: each waits for the one before it).
 pub(super) const SINGLE_BLOCK_THREADS: u32 = 1024;
@@ -208,7 +214,7 @@ pub(super) fn fits_a_run(kp: &KernelProgram, s: &Step) -> bool {
     match s {
         Step::Loop(k) => small_loop(k),
         Step::MatMul(mm) => {
-            mm.batch * mm.m * mm.n * mm.k <= RUN_MACS
+            mm.batch * mm.m * mm.n * mm.k <= run_macs()
                 && mm.batch * mm.m * mm.n <= RUN_ELEMENTS
                 && mm.epilogue.as_deref().is_none_or(small_loop)
         }
