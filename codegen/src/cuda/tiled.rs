@@ -8,7 +8,7 @@
 //! few outputs in registers: 64x64 tiles with 4x4 outputs a thread, read from shared memory as
 //! `float4`s (four multiply-adds per word read), where the output has 16 such tiles or more; else
 //! 32x32 tiles with 2x2 outputs a thread (rows `ty + 16 i`, columns `tx + 16 j`), which fill the
-//! card with more blocks. When tiles are too few to fill the card, the inner dimension is cut into
+//! card with more blocks (128x64 and 128x128 tiles only when asked, to measure them: `TileShape`). When tiles are too few to fill the card, the inner dimension is cut into
 //! slices, a block per (tile, slice): each block writes its partial tile to scratch memory, and the
 //! last block of a tile to finish (a ticket counter) adds the slices in slice order, so the result
 //! does not depend on timing. The block that holds a tile's final values then runs the epilogue

@@ -1,10 +1,11 @@
 // kiln's CUDA emulator: what the CUDA C that kiln prints needs to compile as C++ and run on the CPU.
 // Blocks run one after another (last block first: any order is a legal schedule, and the reverse
 // of the usual one finds code that leans on it; the mirrored schedule runs them first to last and
-// a block's threads last to first). The threads of a block run one after another too unless the kernel waits on its block (__syncthreads) or its warp (shuffles): then each thread is
-// a fiber with its own stack, and a round-robin scheduler resumes them, so every thread
-// reaches a barrier before any passes it, and every lane of a warp has offered its value before any
-// lane reads its partner's. `__shared__` arrays are thread_local statics: one per block, since one
+// a block's threads last to first). The threads of a block run one after another too unless the
+// kernel waits on its block (__syncthreads) or its warp (shuffles): then each thread is a fiber
+// with its own stack, and a round-robin scheduler resumes them, so every thread reaches a barrier
+// before any passes it, and every lane of a warp has offered its value before any lane reads its
+// partner's. `__shared__` arrays are thread_local statics: one per block, since one
 // OS thread runs one block at a time. Atomics are plain read-modify-writes (one OS thread).
 // On x86-64 a fiber switch saves the callee-saved registers and swaps stack pointers (a tiled
 // product's block switches a few thousand times); elsewhere (or with KILN_EMU_UCONTEXT defined, as a
