@@ -10,7 +10,8 @@
 //! are compiled with the compiler's undefined-behaviour checks (misaligned `float4` access, which a
 //! CPU forgives and a GPU faults on; shared-array indices out of bounds, which no guard byte sees;
 //! signed index overflow; bad shifts), reported as an error naming the kernel and the line of the
-//! printed module.
+//! printed module; so is a block barrier that not every thread of the block reaches (a hang on a
+//! GPU).
 //! `with_mirrored_schedule` runs blocks and threads in the other order, so a race one order hides
 //! shows. What it cannot check: timing, the PTX NVRTC makes of the source (NVRTC compiles the same
 //! text in CI), memory ordering between blocks (one block runs at a time), and CUDA's own math
@@ -88,8 +89,9 @@ impl HostBuffer {
     }
 }
 
-/// A kernel's entry point (`build::entry_point`): null, or the first undefined behaviour its
-/// launch ran into (a C string, valid until the next launch on this thread).
+/// A kernel's entry point (`build::entry_point`): null, or the first fault its launch ran into
+/// (undefined behaviour, or a barrier that not every thread of a block reached; a C string, valid
+/// until the next launch on this thread).
 type EntryPoint = unsafe extern "C" fn(*mut *mut c_void, u32, u32, u32, u32, i32) -> *const std::ffi::c_char;
 
 thread_local! {
@@ -112,7 +114,7 @@ fn fault(kernel: &str, report: *const std::ffi::c_char) -> Result<()> {
     }
     // SAFETY: a non-null report is the shim's NUL-terminated buffer, untouched until the next launch.
     let what = unsafe { std::ffi::CStr::from_ptr(report) }.to_string_lossy();
-    Err(Error::Invalid(format!("emulated kernel {kernel}: undefined behaviour at {what}")))
+    Err(Error::Invalid(format!("emulated kernel {kernel}: {what}")))
 }
 
 enum Exec {
@@ -597,5 +599,29 @@ mod tests {
         assert_eq!(usual[1..], input[..63], "the usual order hides the race");
         let (mirrored, _) = with_mirrored_schedule(|| run_kernel(body, 64, &input, 64));
         assert!(mirrored[1..].iter().all(|v| v.is_nan()), "{mirrored:?}");
+    }
+
+    #[test]
+    fn a_barrier_that_some_threads_never_reach_is_an_error() {
+        if !emulator() {
+            return;
+        }
+        // On a GPU these hang or go wrong: a barrier inside a branch some threads skip, threads
+        // that return before the barrier, and two halves of a block waiting at different barriers.
+        let low = || bin(BinOp::Lt, tid(), int(32));
+        let store = || assign(index(var("out"), tid()), index(var("in"), tid()));
+        let cases = [
+            (vec![Stmt::If(low(), vec![Stmt::SyncThreads], vec![]), store()], "never reaches"),
+            (vec![Stmt::If(low(), vec![Stmt::Return], vec![]), Stmt::SyncThreads, store()], "never reaches"),
+            (vec![Stmt::If(low(), vec![Stmt::SyncThreads], vec![Stmt::SyncThreads]), store()], "different barriers"),
+        ];
+        let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        for (body, what) in cases {
+            let (_, _, fault) = run_checked(body, 64, &input, 64, false);
+            let fault = fault.unwrap_or_else(|| panic!("{what}: not reported"));
+            assert!(fault.contains(what) && fault.contains("kiln-module.cu:"), "{fault}");
+        }
+        let every_thread = vec![Stmt::SyncThreads, store(), Stmt::SyncThreads];
+        assert_eq!(run_checked(every_thread, 64, &input, 64, false).2, None);
     }
 }

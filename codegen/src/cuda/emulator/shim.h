@@ -95,6 +95,8 @@ struct Fiber {
     State state;
     unsigned x, y;
     unsigned char parity;
+    // The module line of the __syncthreads the fiber waits at.
+    unsigned sync_line;
 };
 const unsigned MAX_THREADS = 1024;
 const size_t STACK_BYTES = 128 * 1024;
@@ -119,6 +121,13 @@ static thread_local void** body_args = nullptr;
 // Each lane's offered value, double-buffered by the parity of the lane's shuffle count: a lane can
 // offer its next value while slower lanes still read the previous one.
 static thread_local unsigned long long offered[2][MAX_THREADS];
+
+// The first fault of the launch being run (undefined behaviour, a barrier not every thread
+// reaches), which the entry point returns; empty if none.
+static thread_local char fault[512];
+static void record_fault(const char* what) {
+    if (!fault[0]) snprintf(fault, sizeof fault, "%s", what);
+}
 
 [[noreturn]] static void fail(const char* what) {
     fprintf(stderr, "kiln CUDA emulator: %s\n", what);
@@ -240,13 +249,29 @@ static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** a
             ran = true;
         }
         if (ran) continue;
-        // Every thread left is at __syncthreads: release them all.
+        // Every thread left is at __syncthreads: release them all. On a GPU every thread of the
+        // block must reach the same barrier (else it hangs or goes wrong), so a barrier that some
+        // threads returned before, or threads at different barriers, is a fault.
         bool waiting = false;
+        unsigned done = n, line = 0;
         for (unsigned t = 0; t < n; t++) {
-            if (fibers[t].state == AT_SYNC) {
-                fibers[t].state = READY;
-                waiting = true;
+            if (fibers[t].state == DONE && done == n) done = t;
+            if (fibers[t].state != AT_SYNC) continue;
+            char what[200];
+            if (waiting && fibers[t].sync_line != line) {
+                snprintf(what, sizeof what, "threads of a block wait at different barriers (kiln-module.cu:%u and :%u)",
+                         line, fibers[t].sync_line);
+                record_fault(what);
             }
+            line = fibers[t].sync_line;
+            fibers[t].state = READY;
+            waiting = true;
+        }
+        if (waiting && done < n) {
+            char what[200];
+            snprintf(what, sizeof what, "kiln-module.cu:%u: a barrier that thread %u of block (%u, %u) never reaches",
+                     line, done, blockIdx.x, blockIdx.y);
+            record_fault(what);
         }
         if (!waiting) break;
     }
@@ -306,10 +331,10 @@ struct TypeMismatch {
     const TypeDescriptor* type;
     unsigned char log_alignment, check_kind;
 };
-static thread_local char fault[512];
 static void record(const SourceLocation* at, const char* what) {
-    if (fault[0]) return;
-    snprintf(fault, sizeof fault, "%s:%u:%u: %s", at->file, at->line, at->column, what);
+    char where[512];
+    snprintf(where, sizeof where, "%s:%u:%u: undefined behaviour: %s", at->file, at->line, at->column, what);
+    record_fault(where);
 }
 }  // namespace kiln_emu
 
@@ -349,7 +374,14 @@ extern "C" void __ubsan_handle_divrem_overflow_abort(void* data, void*, void*) {
 
 #define KILN_EMU_SHARED(name) kiln_emu::poison_once((void*)(name), sizeof(name))
 
-static inline void __syncthreads() { kiln_emu::yield(kiln_emu::AT_SYNC); }
+namespace kiln_emu {
+static inline void sync_at(unsigned line) {
+    if (in_fibers) fibers[current].sync_line = line;
+    yield(AT_SYNC);
+}
+}  // namespace kiln_emu
+// Where each thread waits, so that threads at different barriers are a fault.
+#define __syncthreads() kiln_emu::sync_at(__LINE__)
 template <class T> static inline T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
     int lane = (int)(kiln_emu::current % 32);
     return kiln_emu::shuffle(v, lane + (int)delta, width);
