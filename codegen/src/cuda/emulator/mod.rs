@@ -11,7 +11,7 @@
 //! CPU forgives and a GPU faults on; shared-array indices out of bounds, which no guard byte sees;
 //! signed index overflow; bad shifts), reported as an error naming the kernel and the line of the
 //! printed module; so is a block barrier that not every thread of the block reaches (a hang on a
-//! GPU).
+//! GPU), or a warp shuffle that a lane of the warp skips.
 //! `with_mirrored_schedule` runs blocks and threads in the other order, so a race one order hides
 //! shows. What it cannot check: timing, the PTX NVRTC makes of the source (NVRTC compiles the same
 //! text in CI), memory ordering between blocks (one block runs at a time), and CUDA's own math
@@ -623,5 +623,22 @@ mod tests {
         }
         let every_thread = vec![Stmt::SyncThreads, store(), Stmt::SyncThreads];
         assert_eq!(run_checked(every_thread, 64, &input, 64, false).2, None);
+    }
+
+    #[test]
+    fn a_warp_shuffle_that_some_lanes_skip_is_an_error() {
+        if !emulator() {
+            return;
+        }
+        // Lanes 16-31 return before the shuffle that lanes 0-15 read them through.
+        let shfl = call("__shfl_down_sync", vec![Expr::ULong(0xffff_ffff), var("v"), int(16)]);
+        let body = vec![
+            decl_mut(CType::Float, "v", index(var("in"), tid())),
+            Stmt::If(bin(BinOp::Lt, int(15), tid()), vec![Stmt::Return], vec![]),
+            assign(index(var("out"), tid()), shfl),
+        ];
+        let (_, _, fault) = run_checked(body, 32, &[1.0; 32], 32, false);
+        let fault = fault.expect("reported");
+        assert!(fault.contains("never reaches"), "{fault}");
     }
 }

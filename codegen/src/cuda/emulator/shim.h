@@ -97,6 +97,8 @@ struct Fiber {
     unsigned char parity;
     // The module line of the __syncthreads the fiber waits at.
     unsigned sync_line;
+    // Shuffles the fiber has offered a value to.
+    unsigned shuffles;
 };
 const unsigned MAX_THREADS = 1024;
 const size_t STACK_BYTES = 128 * 1024;
@@ -230,6 +232,7 @@ static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** a
         f.x = t % bx;
         f.y = t / bx;
         f.parity = 0;
+        f.shuffles = 0;
     }
     in_fibers = true;
     for (;;) {
@@ -299,12 +302,25 @@ template <class T> static T shuffle(T v, int src_lane, int width) {
     unsigned p = f.parity;
     f.parity ^= 1;
     memcpy(&offered[p][t], &v, sizeof(T));
+    unsigned nth = ++f.shuffles;
     yield(AT_SHUFFLE);
     int lane = (int)(t % 32);
     int base = lane - lane % width;
     if (src_lane < base || src_lane >= base + width) return v;
     unsigned src = t - (unsigned)lane + (unsigned)src_lane;
-    if (src >= block_threads) return v;
+    // Every lane of the mask (the whole warp) must take part, as on a GPU: a lane the block does
+    // not have, or one that returned or waits elsewhere, would leave this one reading garbage.
+    char what[160];
+    if (src >= block_threads) {
+        snprintf(what, sizeof what, "a warp shuffle of thread %u reads thread %u, past the block's %u", t, src,
+                 block_threads);
+        record_fault(what);
+        return v;
+    }
+    if (fibers[src].shuffles < nth) {
+        snprintf(what, sizeof what, "a warp shuffle of thread %u that thread %u of its warp never reaches", t, src);
+        record_fault(what);
+    }
     T r;
     memcpy(&r, &offered[p][src], sizeof(T));
     return r;
