@@ -96,7 +96,7 @@ pub enum Origin {
 
 /// Compiles `source` for `arch` (e.g. `sm_90`), or finds it in a cache: the image `cuModuleLoadData`
 /// takes (a cubin, or PTX text with its closing NUL; see the module docs).
-pub fn compile(source: &str, arch: &'static str) -> Result<(Vec<u8>, Origin)> {
+pub fn compile(source: &str, arch: &'static str) -> Result<(Image, Origin)> {
     compile_with_cache(source, arch, cache_dir("ptx"))
 }
 
@@ -111,7 +111,7 @@ fn extension(arch: &str) -> &'static str {
 
 /// The image of `source` for `arch` in the disk cache folder `dir`, if it is there (stored beside
 /// the same source text).
-pub fn read_disk_cache(source: &str, arch: &str, dir: &std::path::Path) -> Option<Vec<u8>> {
+pub fn read_disk_cache(source: &str, arch: &str, dir: &std::path::Path) -> Option<Image> {
     let k = key(source, arch);
     let stored = std::fs::read_to_string(dir.join(format!("{k}.cu"))).ok()?;
     let mut image = (stored == source).then(|| std::fs::read(dir.join(format!("{k}.{}", extension(arch)))).ok())??;
@@ -123,7 +123,7 @@ pub fn read_disk_cache(source: &str, arch: &str, dir: &std::path::Path) -> Optio
 }
 
 /// `compile` with the given disk cache folder (`None`: memory cache only).
-pub fn compile_with_cache(source: &str, arch: &'static str, dir: Option<PathBuf>) -> Result<(Vec<u8>, Origin)> {
+pub fn compile_with_cache(source: &str, arch: &'static str, dir: Option<PathBuf>) -> Result<(Image, Origin)> {
     let mem_key = (source.to_string(), arch.to_string());
     if let Some(image) = memory().lock().expect("cache lock").get(&mem_key) {
         return Ok((image.clone(), Origin::Memory));
@@ -154,7 +154,7 @@ const MAX_PARTS: usize = 8;
 /// One compilation unit of a module and its image (`compile`): `kernels` index the module's kernels.
 pub struct CompiledPart {
     pub kernels: Vec<usize>,
-    pub image: Vec<u8>,
+    pub image: Image,
 }
 
 /// Compiles a module cut into compilation units (`print::module_parts`), each on a thread of its
@@ -200,14 +200,14 @@ fn compile_units(
 
 /// One NVRTC compilation (the `cuda` feature is off: always an error).
 #[cfg(not(feature = "cuda"))]
-pub fn compile_uncached(_source: &str, _arch: &'static str) -> Result<Vec<u8>> {
+pub fn compile_uncached(_source: &str, _arch: &'static str) -> Result<Image> {
     Err(Error::Invalid(missing_reason()))
 }
 
 /// One NVRTC compilation, with its log in the error: a cubin for a real architecture (`sm_XX`),
 /// else PTX with its closing NUL.
 #[cfg(feature = "cuda")]
-pub fn compile_uncached(source: &str, arch: &'static str) -> Result<Vec<u8>> {
+pub fn compile_uncached(source: &str, arch: &'static str) -> Result<Image> {
     Ok(run_nvrtc(source, arch, &[])?.0)
 }
 
@@ -274,7 +274,7 @@ fn parse_ptxas_report(log: &str) -> Vec<KernelResources> {
 /// Runs NVRTC on `source` for `arch` with `extra` options: the image (a cubin for `sm_XX`, else
 /// PTX with its closing NUL) and the program log; the log in the error if NVRTC rejects it.
 #[cfg(feature = "cuda")]
-fn run_nvrtc(source: &str, arch: &'static str, extra: &[String]) -> Result<(Vec<u8>, String)> {
+fn run_nvrtc(source: &str, arch: &'static str, extra: &[String]) -> Result<(Image, String)> {
     use cudarc::nvrtc::{result, sys};
     if !available() {
         return Err(Error::Invalid(missing_reason()));
