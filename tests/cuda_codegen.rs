@@ -2,8 +2,8 @@
 //! elementwise chain, a softmax, reductions by row and by column, a product with its bias + relu
 //! epilogue, an SGD momentum update; dropout on a small batch, whose whole step becomes one
 //! single-block kernel), NVRTC compilation of every kernel of the benchmark
-//! workloads (wherever libnvrtc is found), the PTX caches, and the error `Device::Cuda` gives where
-//! the machine has no GPU.
+//! workloads and tile shapes (wherever libnvrtc is found) and ptxas's report of their resources,
+//! the compiled-code caches, and the error `Device::Cuda` gives where the machine has no GPU.
 
 use kiln::prelude::*;
 use kiln::testing::{check_cuda_source_compiles, random_tensor};
@@ -213,26 +213,42 @@ fn runs_of_tiny_kernels_become_one_single_block_kernel() {
     assert_eq!(src.matches("extern \"C\" __global__").count(), 7, "{src}");
 }
 
-#[test]
-fn every_tile_shape_compiles_with_nvrtc() {
-    // The tiled product in each of its shapes, whole and in slices (kiln only picks 128x64 tiles
-    // when asked; the product benchmark asks on a GPU).
+/// The CUDA C of `relu(x w)` (512x784x256) in each tile shape, whole and in 3 slices: the shape,
+/// the slices and the source. `inside` runs with each choice in force (where the program is
+/// specialized, so tiled).
+fn every_tile_shape(
+    mut inside: impl FnMut(&Function, &[Tensor]),
+) -> Vec<(kiln_codegen::cuda::TileShape, usize, String)> {
     use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
     let g = Graph::new();
     let x = g.input("x", F32, [512, 784]);
     let w = g.input("w", F32, [784, 256]);
     let f = g.function([&x, &w], [&x.matmul(&w).relu()]).compile(Device::Reference).unwrap();
     let args = [f32s(&[512, 784], 1), f32s(&[784, 256], 2)];
+    let mut out = vec![];
     for tile in TileShape::ALL {
         for slices in [1, 3] {
             let choice = TileChoice { tiled: Some(true), tile: Some(tile), slices: Some(slices) };
             let src = with_tile_choice(choice, || {
-                check_cuda_source_compiles(&f, &args).unwrap();
+                inside(&f, &args);
                 f.cuda_source(&args).unwrap()
             });
-            assert!(src.contains(&format!("in {} tiles", tile.label())), "{src}");
-            assert_eq!(src.contains("slices"), slices > 1, "{src}");
+            out.push((tile, slices, src));
         }
+    }
+    out
+}
+
+#[test]
+fn every_tile_shape_compiles_with_nvrtc() {
+    // The tiled product in each of its shapes, whole and in slices (kiln only picks 128x64 and
+    // 128x128 tiles when asked; the product benchmark asks on a GPU).
+    let sources = every_tile_shape(|f, args| {
+        check_cuda_source_compiles(f, args).unwrap();
+    });
+    for (tile, slices, src) in sources {
+        assert!(src.contains(&format!("in {} tiles", tile.label())), "{src}");
+        assert_eq!(src.contains("slices"), slices > 1, "{src}");
     }
 }
 
@@ -242,7 +258,6 @@ fn generated_kernels_neither_spill_registers_nor_crowd_out_a_second_block() {
     // (registers stored to local memory) or a stack frame would make a kernel wait on memory, and
     // more than 128 registers a thread would leave room for only one 256-thread block an SM.
     use kiln_codegen::cuda::nvrtc::{available, kernel_resources, missing_reason, CHECK_ARCH};
-    use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
     if !available() {
         kiln::testing::note(&format!("skipped: {}", missing_reason()));
         return;
@@ -252,17 +267,8 @@ fn generated_kernels_neither_spill_registers_nor_crowd_out_a_second_block() {
         let w = kiln::workloads::build(name, Device::Reference).unwrap();
         sources.push((name.to_string(), w.step.cuda_source(&w.args).unwrap()));
     }
-    let g = Graph::new();
-    let x = g.input("x", F32, [512, 784]);
-    let w = g.input("w", F32, [784, 256]);
-    let f = g.function([&x, &w], [&x.matmul(&w).relu()]).compile(Device::Reference).unwrap();
-    let args = [f32s(&[512, 784], 1), f32s(&[784, 256], 2)];
-    for tile in TileShape::ALL {
-        for slices in [1, 3] {
-            let choice = TileChoice { tiled: Some(true), tile: Some(tile), slices: Some(slices) };
-            let src = with_tile_choice(choice, || f.cuda_source(&args).unwrap());
-            sources.push((format!("{} tiles, {slices} slices", tile.label()), src));
-        }
+    for (tile, slices, src) in every_tile_shape(|_, _| {}) {
+        sources.push((format!("{} tiles, {slices} slices", tile.label()), src));
     }
     for (what, src) in &sources {
         let kernels = kernel_resources(src, CHECK_ARCH).unwrap_or_else(|e| panic!("{what}: {e}"));
