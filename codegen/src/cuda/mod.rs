@@ -86,6 +86,12 @@ pub(crate) fn with_thread_setting<T: Copy + 'static, R>(
     r
 }
 
+/// A size bound that the environment variable `var` may set (to measure another on a card), read
+/// once into `cell`; `default` where it is unset or not a number.
+pub(crate) fn bound_from_env(cell: &'static std::sync::OnceLock<usize>, var: &str, default: usize) -> usize {
+    *cell.get_or_init(|| std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
+}
+
 /// Whether `kernel_by_kernel` (or `KILN_CUDA_JOIN=0`) is in force on this thread.
 pub(crate) fn kernel_by_kernel_forced() -> bool {
     static NO_JOIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -27,7 +27,7 @@ const TILED_MACS: usize = 1 << 27;
 
 fn tiled_macs() -> usize {
     static MACS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MACS.get_or_init(|| std::env::var("KILN_CUDA_TILED_MACS").ok().and_then(|v| v.parse().ok()).unwrap_or(TILED_MACS))
+    super::bound_from_env(&MACS, "KILN_CUDA_TILED_MACS", TILED_MACS)
 }
 
 /// Tiles times slices aimed for: two blocks for each of an H100's 132 SMs.

@@ -2,8 +2,9 @@
 //! built-ins for the CPU), the module's text as printed for NVRTC (each shared array's declaration
 //! followed, on its line, by the shim's garbage fill), and one C entry point per kernel
 //! (`kiln_emu_<kernel>(args, grid, block, mirrored)`, arguments as cuLaunchKernel takes them,
-//! returning the first undefined behaviour the launch met). Compiled by the system's C++ compiler
-//! (`$CXX`, else `g++`) with undefined-behaviour checks, and cached on disk by source, like the PTX.
+//! returning the first fault the launch met: undefined behaviour, a barrier or shuffle that not
+//! every thread reaches). Compiled by the system's C++ compiler (`$CXX`, else `g++`) with
+//! undefined-behaviour checks, and cached on disk by source, like NVRTC's output.
 
 use crate::cuda::ast::{Expr, Kernel, Module, Stmt};
 use kiln_ir::{Error, Result};
