@@ -459,6 +459,11 @@ mod tests {
         cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx))
     }
 
+    /// The input of the 64-thread test kernels: 0, 1, ..., 63.
+    fn ramp() -> Vec<f32> {
+        (0..64).map(|i| i as f32).collect()
+    }
+
     #[test]
     fn a_block_barrier_waits_for_every_thread() {
         if !emulator() {
@@ -472,7 +477,7 @@ mod tests {
             Stmt::SyncThreads,
             assign(index(var("out"), tid()), index(var("s"), int(63) - tid())),
         ];
-        let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let input = ramp();
         for portable in [false, true] {
             let (out, guards) = run_kernel_with(body.clone(), 64, &input, 64, portable);
             assert!(guards);
@@ -495,7 +500,7 @@ mod tests {
         }
         let lane0 = bin(BinOp::Eq, tid() % int(32), int(0));
         body.push(Stmt::If(lane0, vec![assign(index(var("out"), tid() / int(32)), var("v"))], vec![]));
-        let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let input = ramp();
         let want = vec![(0..32).sum::<i32>() as f32, (32..64).sum::<i32>() as f32];
         for portable in [false, true] {
             let (out, _) = run_kernel_with(body.clone(), 64, &input, 2, portable);
@@ -547,7 +552,7 @@ mod tests {
                 assign(index(var("out"), tid()), index(var("s"), tid() + int(1))),
             ]
         };
-        let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let input = ramp();
         let (_, _, fault) = run_checked(body(64), 64, &input, 64, false);
         let fault = fault.expect("s[64] is reported");
         assert!(fault.contains("array index out of bounds"), "{fault}");
@@ -594,7 +599,7 @@ mod tests {
                 vec![],
             ),
         ];
-        let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let input = ramp();
         let (usual, _) = run_kernel(body.clone(), 64, &input, 64);
         assert_eq!(usual[1..], input[..63], "the usual order hides the race");
         let (mirrored, _) = with_mirrored_schedule(|| run_kernel(body, 64, &input, 64));
@@ -615,7 +620,7 @@ mod tests {
             (vec![Stmt::If(low(), vec![Stmt::Return], vec![]), Stmt::SyncThreads, store()], "never reaches"),
             (vec![Stmt::If(low(), vec![Stmt::SyncThreads], vec![Stmt::SyncThreads]), store()], "different barriers"),
         ];
-        let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let input = ramp();
         for (body, what) in cases {
             let (_, _, fault) = run_checked(body, 64, &input, 64, false);
             let fault = fault.unwrap_or_else(|| panic!("{what}: not reported"));
