@@ -3,7 +3,9 @@
 //! with CUDA events around each step (`KILN_CUDA_PROFILE`: the device's time for the product and
 //! its epilogue, not the host's share of a call) as cuBLAS plus an epilogue kernel, as kiln tiles
 //! it by default, and with each tile shape (32x32, 64x64, 128x64, 128x128) and number of slices
-//! forced. Prints microseconds per call, one row per product, the fastest variant marked `*`.
+//! forced, by float32 FMAs and (`tc` columns, fewer slice counts) on tensor cores at float32
+//! accuracy (3xTF32). Prints microseconds per call, one row per product, the fastest variant
+//! marked `*`.
 //!
 //! `cargo bench --bench products [-- --device cuda|cuda:N|cuda-emulator] [--calls N] [--case TEXT]`
 //! (on a device without a profile, such as the emulator, it only checks that every variant runs).
@@ -50,10 +52,16 @@ fn variants() -> Vec<(String, TileChoice)> {
         ("cuBLAS".to_string(), TileChoice { tiled: Some(false), ..TileChoice::default() }),
         ("kiln".to_string(), TileChoice::default()),
     ];
-    for tile in TileShape::ALL {
-        for slices in [1, 2, 4, 8, 12] {
-            let choice = TileChoice { tiled: Some(true), tile: Some(tile), slices: Some(slices) };
-            v.push((format!("{}/s{slices}", tile.label()), choice));
+    for tensor_cores in [false, true] {
+        let slice_counts: &[usize] = if tensor_cores { &[1, 4, 12] } else { &[1, 2, 4, 8, 12] };
+        for tile in TileShape::ALL {
+            for &slices in slice_counts {
+                let tiled = Some(true);
+                let choice =
+                    TileChoice { tiled, tile: Some(tile), slices: Some(slices), tensor_cores: Some(tensor_cores) };
+                let on = if tensor_cores { "tc" } else { "" };
+                v.push((format!("{on}{}/s{slices}", tile.label()), choice));
+            }
         }
     }
     v
@@ -96,9 +104,10 @@ fn time(c: &Case, p: &Prepared, device: Device, choice: TileChoice, calls: usize
         Ok(f)
     })?;
     let code = f.generated_code();
+    let on = if choice.tensor_cores == Some(true) { " on tensor cores" } else { "" };
     let form = match (choice.tiled, choice.tile) {
         (Some(false), _) => "cuBLAS".to_string(),
-        (_, Some(t)) => format!("in {} tiles", t.label()),
+        (_, Some(t)) => format!("in {} tiles{on}", t.label()),
         _ => String::new(),
     };
     if !code.contains(&form) {

@@ -7,8 +7,10 @@
 #                                  folder: ~25 MB, where the loose binaries are over 64 MiB).
 #   scripts/gpu-check.sh           (on the GPU machine, in the repository root) runs them and
 #                                  prints a table: each test binary's result, then the benchmark
-#                                  on the GPU (cold NVRTC compile, then from the disk cache),
-#                                  with the card's name; then a per-kernel profile of each workload
+#                                  on the GPU (cold NVRTC compile, then from the disk cache,
+#                                  then with the tiles on tensor cores, KILN_CUDA_TF32X3=1, and
+#                                  fmnist-mlp-4k fully tiled on them), with the card's name;
+#                                  then a per-kernel profile of each workload
 #                                  (tiled products, and again with them on cuBLAS) and the product
 #                                  benchmark (each workload product as cuBLAS + epilogue and with
 #                                  every tiling; KILN_GPU_PROFILE=0 leaves both out); then the
@@ -98,8 +100,9 @@ if grep -qs "loading the compiled module failed" "$OUT_DIR"/*.log; then
 fi
 if [ -x "$DIR/backend_agreement" ]; then
     # The same agreement with the reference with independent steps on two streams (opt-in until
-    # measured), and with the float products on cuBLAS (the default tiles the workloads' products).
-    for setting in KILN_CUDA_STREAMS=2 KILN_CUDA_TILED=0; do
+    # measured), with the float products on cuBLAS (the default tiles the workloads' products),
+    # and with the tiles on tensor cores (3xTF32, opt-in until measured).
+    for setting in KILN_CUDA_STREAMS=2 KILN_CUDA_TILED=0 KILN_CUDA_TF32X3=1; do
         log="$OUT_DIR/backend_agreement-$setting.log"
         if env "$setting" timeout 300 "$DIR/backend_agreement" >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
         printf '%-20s %-8s %s\n' "backend_agreement" "$r" "with $setting"
@@ -124,6 +127,10 @@ echo "== benchmark (ms per full training step, f32; compile_ms includes graph bu
 export KILN_CACHE_DIR=$(mktemp -d)
 bench_row "cold: NVRTC compiles every step" bench-cold.txt
 bench_row "again: PTX from the disk cache" bench-cached.txt
+bench_row "tiled products on tensor cores at float32 accuracy (KILN_CUDA_TF32X3=1)" bench-tf32x3.txt KILN_CUDA_TF32X3=1
+echo "-- fmnist-mlp-4k with every product tiled, on tensor cores (KILN_CUDA_TF32X3=1, KILN_CUDA_TILED_MACS=2^30)"
+KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k \
+    --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tf32x3-4k.txt"
 if [ "${KILN_GPU_PROFILE:-1}" = 1 ]; then
     echo "== per-step profile (CUDA events around every kernel and product; no graphs)"
     KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile.txt"
@@ -131,6 +138,8 @@ if [ "${KILN_GPU_PROFILE:-1}" = 1 ]; then
     KILN_CUDA_TILED=0 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-cublas.txt"
     echo "-- fmnist-mlp-4k with every product tiled (KILN_CUDA_TILED_MACS=2^30)"
     KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-tiled-4k.txt"
+    echo "-- the same on tensor cores (KILN_CUDA_TF32X3=1)"
+    KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-tf32x3-4k.txt"
     echo "== products: device us per call of relu(a b + bias), cuBLAS + epilogue vs tilings (* fastest)"
     timeout 300 "$DIR/products" --device cuda 2>&1 | tee "$OUT_DIR/products.txt"
 fi
@@ -148,7 +157,7 @@ bench_row "cold again, as PTX that the driver compiles at load (KILN_CUDA_PTX=1,
 echo "-- every product with an epilogue tiled, up to 2^30 multiply-adds (KILN_CUDA_TILED_MACS; fmnist-mlp-4k)"
 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tiled-4k.txt"
 echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-summary_files=(cold cached eager 2streams unjoined cublas runmacs cold-ptx tiled-4k)
+summary_files=(cold cached tf32x3 tf32x3-4k eager 2streams unjoined cublas runmacs cold-ptx tiled-4k)
 (
     cd "$OUT_DIR" || exit
     printf '%-16s' workload

@@ -240,9 +240,10 @@ fn tiled_products_on(device: Device) {
 
 #[test]
 fn every_tile_shape_agrees_with_the_cpu() {
-    // Each tile shape, whole and in slices, forced on products with edge tiles in both dims and
-    // a transposed operand: the 128x128 tiles reach their epilogue in two bands of rows, the
-    // others in one. Half the runs on the emulator's mirrored schedule.
+    // Each tile shape, whole and in slices, by float32 FMAs and on tensor cores (3xTF32), forced
+    // on products with edge tiles in both dims and a transposed operand: the 128x128 tiles reach
+    // their epilogue in two bands of rows, the others in one. Half the runs on the emulator's
+    // mirrored schedule.
     use kiln_codegen::cuda::emulator::with_mirrored_schedule;
     use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
     let g = Graph::new();
@@ -260,8 +261,13 @@ fn every_tile_shape_agrees_with_the_cpu() {
     let want = build(Device::Cpu).call(&args).unwrap();
     for device in cuda_devices() {
         for (n, tile) in TileShape::ALL.into_iter().enumerate() {
-            for slices in [1, 4] {
-                let choice = TileChoice { tiled: Some(true), tile: Some(tile), slices: Some(slices) };
+            for (slices, tensor_cores) in [(1, false), (4, false), (1, true), (4, true)] {
+                let choice = TileChoice {
+                    tiled: Some(true),
+                    tile: Some(tile),
+                    slices: Some(slices),
+                    tensor_cores: Some(tensor_cores),
+                };
                 let run = || {
                     with_tile_choice(choice, || {
                         let mut f = build(device);
@@ -269,12 +275,47 @@ fn every_tile_shape_agrees_with_the_cpu() {
                     })
                 };
                 let (got, code) = if (n + slices) % 2 == 0 { with_mirrored_schedule(run) } else { run() };
-                assert!(code.contains(&format!("in {} tiles", tile.label())), "{code}");
+                let on = if tensor_cores { " on tensor cores (3xTF32)" } else { "" };
+                assert!(code.contains(&format!("in {} tiles{on}", tile.label())), "{code}");
                 for (o, (a, e)) in got.iter().zip(&want).enumerate() {
                     let err = a.max_abs_diff(e);
-                    assert!(err < 1e-4, "{device:?} {} tiles, {slices} slices, output {o}: {err}", tile.label());
+                    let what = format!("{device:?} {} tiles{on}, {slices} slices, output {o}", tile.label());
+                    assert!(err < 1e-4, "{what}: {err}");
                 }
             }
         }
+    }
+}
+
+#[test]
+fn tensor_core_tiles_keep_float32_accuracy() {
+    // fmnist-mlp's first layer (128x784x256, values with full mantissas) against the product in
+    // f64: on tensor cores (3xTF32) within three times the error of float32 FMAs (it is about
+    // twice: each term is three roundings of the accumulator, not one), where a single TF32
+    // product would be off by about 2^-11 of each term (some hundred times more).
+    use kiln_codegen::cuda::{with_tile_choice, TileChoice};
+    let (m, k, n) = (128, 784, 256);
+    let g = Graph::new();
+    let x = g.input("x", F32, [m, k]);
+    let w = g.input("w", F32, [k, n]);
+    let out = x.matmul(&w).relu();
+    let args = [
+        kiln::testing::random_tensor(&[m, k], -1.0, 1.0, 7).cast(F32),
+        kiln::testing::random_tensor(&[k, n], -1.0, 1.0, 8).cast(F32),
+    ];
+    let (xs, ws) = (args[0].to_f64_vec(), args[1].to_f64_vec());
+    let want: Vec<f64> =
+        (0..m * n).map(|o| (0..k).map(|i| xs[o / n * k + i] * ws[i * n + o % n]).sum::<f64>().max(0.0)).collect();
+    for device in cuda_devices() {
+        let error = |tensor_cores: bool| {
+            let choice = TileChoice { tiled: Some(true), tensor_cores: Some(tensor_cores), ..TileChoice::default() };
+            let got = with_tile_choice(choice, || {
+                g.function([&x, &w], [&out]).compile(device).unwrap().call(&args).unwrap().remove(0)
+            });
+            got.to_f64_vec().iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max)
+        };
+        let (fma, tensor) = (error(false), error(true));
+        kiln::testing::note(&format!("{device:?}: largest error {fma:.2e} by FMAs, {tensor:.2e} on tensor cores"));
+        assert!(tensor <= 3.0 * fma.max(1e-6), "{device:?}: {tensor} on tensor cores, {fma} by FMAs");
     }
 }

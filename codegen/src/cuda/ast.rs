@@ -131,6 +131,8 @@ pub enum Expr {
     F32(f32),
     F64(f64),
     Int(i64),
+    /// An `unsigned int` literal (bit masks).
+    UInt(u32),
     ULong(u64),
     Bool(bool),
     Builtin(Builtin),
@@ -239,6 +241,15 @@ pub enum Stmt {
     /// An expression evaluated for its effect (`__threadfence();`).
     Call(Expr),
     Block(Vec<Stmt>),
+    /// Inline PTX for the GPU (`asm volatile`, outputs read and written: `"+f"`), and in its
+    /// place the emulator's C++ call: printed between `#ifdef __CUDA_ARCH__`, `#else` and `#endif`,
+    /// so NVRTC and the emulator compile the same text. Only in the prelude's helpers.
+    Asm {
+        ptx: &'static str,
+        outputs: Vec<(&'static str, Expr)>,
+        inputs: Vec<(&'static str, Expr)>,
+        emulated: Expr,
+    },
 }
 
 pub fn decl(ty: CType, name: impl Into<String>, init: Expr) -> Stmt {
@@ -277,6 +288,8 @@ pub struct DeviceFn {
     pub ret: CType,
     pub name: &'static str,
     pub params: Vec<(CType, &'static str)>,
+    /// The first this many params are references the helper writes (`float& d0`).
+    pub outputs: usize,
     pub body: Vec<Stmt>,
 }
 

@@ -142,6 +142,20 @@ struct Profile {
     steps: StepProfile,
 }
 
+/// Tiles on tensor cores (`KILN_CUDA_TF32X3=1`) need `mma.sync` for TF32: compute capability 8.0
+/// or newer.
+fn check_tensor_cores(module: &super::ast::Module, gpu: &Gpu) -> Result<()> {
+    let capability: u32 = gpu.arch.rsplit('_').next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    if capability < 80 && module.helpers.iter().any(|h| h.name == super::mma::MMA_HELPER) {
+        return Err(Error::Invalid(format!(
+            "tiled products on tensor cores (KILN_CUDA_TF32X3=1) need a GPU of compute capability 8.0 or newer; \
+             {} is {}",
+            gpu.name, gpu.arch
+        )));
+    }
+    Ok(())
+}
+
 fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
     kp.buffers[b].len * elem_size(kp.buffers[b].dtype) as usize
 }
@@ -152,6 +166,7 @@ impl Plan {
         let memory = super::memory_plan(&kp, streams);
         let dp = emit(&kp, &memory)?;
         let source = super::print::program(&dp.module, &dp.steps);
+        check_tensor_cores(&dp.module, gpu)?;
         let t = std::time::Instant::now();
         let (parts, origin) = nvrtc::compile_module(&dp.module, gpu.arch)?;
         let nvrtc_seconds = t.elapsed().as_secs_f64();

@@ -11,6 +11,7 @@ pub mod emulator;
 #[cfg(feature = "cuda")]
 mod exec;
 mod group;
+mod mma;
 pub mod nvrtc;
 pub mod print;
 mod reduce;

@@ -75,6 +75,8 @@ fn write_expr(out: &mut String, e: &Expr, lvalue: bool) {
         Expr::F32(v) => out.push_str(&float_literal(*v)),
         Expr::F64(v) => out.push_str(&double_literal(*v)),
         Expr::Int(v) => out.push_str(&int_literal(*v)),
+        Expr::UInt(v) if *v > 0xffff => write!(out, "{v:#x}u").unwrap(),
+        Expr::UInt(v) => write!(out, "{v}u").unwrap(),
         Expr::ULong(v) if *v > 0xffff => write!(out, "{v:#x}ULL").unwrap(),
         Expr::ULong(v) => write!(out, "{v}ULL").unwrap(),
         Expr::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -217,6 +219,20 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
             block(out, body, depth);
             out.push('\n');
         }
+        Stmt::Asm { ptx, outputs, inputs, emulated } => {
+            let operands = |ops: &[(&str, Expr)]| -> String {
+                ops.iter().map(|(c, e)| format!("\"{c}\"({})", expr(e))).collect::<Vec<_>>().join(", ")
+            };
+            // Preprocessor lines start at the margin.
+            out.truncate(out.trim_end_matches(' ').len());
+            out.push_str("#ifdef __CUDA_ARCH__\n");
+            indent(out, depth);
+            writeln!(out, "asm volatile(\"{ptx}\" : {} : {});", operands(outputs), operands(inputs)).unwrap();
+            out.push_str("#else\n");
+            indent(out, depth);
+            writeln!(out, "{};", expr(emulated)).unwrap();
+            out.push_str("#endif\n");
+        }
     }
 }
 
@@ -231,7 +247,9 @@ fn param(p: &Param) -> String {
 }
 
 pub fn device_fn(out: &mut String, f: &DeviceFn) {
-    let params: Vec<String> = f.params.iter().map(|(t, n)| format!("{} {n}", t.name())).collect();
+    let reference = |i: usize| if i < f.outputs { "&" } else { "" };
+    let params: Vec<String> =
+        f.params.iter().enumerate().map(|(i, (t, n))| format!("{}{} {n}", t.name(), reference(i))).collect();
     write!(out, "__device__ __forceinline__ {} {}({}) ", f.ret.name(), f.name, params.join(", ")).unwrap();
     block(out, &f.body, 0);
     out.push_str("\n\n");
@@ -356,6 +374,7 @@ mod tests {
             ret: CType::Float,
             name: "kiln_helper",
             params: vec![],
+            outputs: 0,
             body: vec![Stmt::ReturnValue(Expr::F32(1.0))],
         };
         let kernel = |i: usize, lines: usize| Kernel {

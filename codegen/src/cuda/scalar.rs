@@ -19,6 +19,10 @@ pub enum Helper {
     Min(CTypeKey),
     /// Whether the candidate (vb, ib) beats the current (va, ia) of an argmax.
     ArgMaxTake(CTypeKey),
+    /// A float's high and low TF32 parts, and one warp's tensor-core multiply-add (`mma`).
+    Tf32High,
+    Tf32Low,
+    MmaTf32,
 }
 
 /// A value type usable as an ordered key.
@@ -193,6 +197,7 @@ fn is_nan(x: Expr) -> Expr {
 
 fn helper_fn(h: Helper) -> DeviceFn {
     let (name, k) = match h {
+        Helper::Tf32High | Helper::Tf32Low | Helper::MmaTf32 => return super::mma::helper_fn(h),
         Helper::Sigmoid(k) => ("kiln_sigmoid", k),
         Helper::Softplus(k) => ("kiln_softplus", k),
         Helper::Sign(k) => ("kiln_sign", k),
@@ -256,6 +261,7 @@ fn helper_fn(h: Helper) -> DeviceFn {
                 ordered
             }
         }
+        Helper::Tf32High | Helper::Tf32Low | Helper::MmaTf32 => unreachable!("returned above"),
     };
     let (ret_ty, params): (CType, Vec<(CType, &'static str)>) = match h {
         Helper::Max(_) | Helper::Min(_) => (t, vec![(t, "a"), (t, "b")]),
@@ -264,5 +270,5 @@ fn helper_fn(h: Helper) -> DeviceFn {
         }
         _ => (t, vec![(t, "x")]),
     };
-    DeviceFn { ret: ret_ty, name, params, body: vec![Stmt::ReturnValue(body_expr)] }
+    DeviceFn { ret: ret_ty, name, params, outputs: 0, body: vec![Stmt::ReturnValue(body_expr)] }
 }

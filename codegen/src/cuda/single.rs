@@ -47,7 +47,7 @@ pub(super) fn rewrite_expr(e: &mut Expr, names: &HashMap<String, String>, builti
                 *e = v
             }
         }
-        Expr::F32(_) | Expr::F64(_) | Expr::Int(_) | Expr::ULong(_) | Expr::Bool(_) => {}
+        Expr::F32(_) | Expr::F64(_) | Expr::Int(_) | Expr::UInt(_) | Expr::ULong(_) | Expr::Bool(_) => {}
         Expr::Neg(a) | Expr::Not(a) | Expr::Cast(_, a) | Expr::Lane(a, _) => rewrite_expr(a, names, builtin),
         Expr::Binary(_, a, b) | Expr::Index(a, b) | Expr::Vec4(a, b) => {
             rewrite_expr(a, names, builtin);
@@ -93,6 +93,10 @@ pub(super) fn rewrite_stmts(
             }
             Stmt::ReturnValue(e) | Stmt::Call(e) => rewrite_expr(e, names, builtin),
             Stmt::Block(b) => rewrite_stmts(b, names, builtin),
+            Stmt::Asm { outputs, inputs, emulated, .. } => {
+                outputs.iter_mut().chain(inputs).for_each(|(_, e)| rewrite_expr(e, names, builtin));
+                rewrite_expr(emulated, names, builtin);
+            }
         }
     }
 }

@@ -13,10 +13,14 @@
 //! last block of a tile to finish (a ticket counter) adds the slices in slice order, so the result
 //! does not depend on timing. The block that holds a tile's final values then runs the epilogue
 //! group on it, an element per thread in row-major order (coalesced), with the product's value
-//! where the epilogue would have read it from memory.
+//! where the epilogue would have read it from memory. With tensor cores asked for
+//! (`KILN_CUDA_TF32X3=1`, or `TileChoice::tensor_cores`), the same tiles are computed by warp
+//! multiply-adds at float32 accuracy (3xTF32, `mma.rs`); opt-in until measured on a card.
 
 use super::ast::*;
 use super::emit::{decompose, Emitter, ProductInEpilogue, MAX_GRID, THREADS};
+use super::mma;
+use super::scalar::Helper;
 use crate::kernel::{LoopKernel, MatMul};
 use kiln_ir::DType;
 
@@ -94,6 +98,8 @@ pub struct TileChoice {
     pub tile: Option<TileShape>,
     /// Slices of the inner dimension (at most one per slab).
     pub slices: Option<usize>,
+    /// `Some(true)`: tiles computed on tensor cores (3xTF32); `Some(false)`: by float32 FMAs.
+    pub tensor_cores: Option<bool>,
 }
 
 thread_local! {
@@ -110,6 +116,13 @@ fn choice() -> TileChoice {
     CHOICE.with(|c| c.get()).unwrap_or_default()
 }
 
+/// Whether tiles go to tensor cores where no choice says (`KILN_CUDA_TF32X3=1`; needs compute
+/// capability 8.0 or newer).
+fn tensor_cores_from_env() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KILN_CUDA_TF32X3").is_ok_and(|v| v == "1"))
+}
+
 /// How a product is cut into tiles and slices.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct TilePlan {
@@ -122,6 +135,8 @@ pub(super) struct TilePlan {
     pub(super) slices: usize,
     /// Slabs of `bk` per slice.
     pub(super) slabs: usize,
+    /// Computed by tensor-core multiply-adds (3xTF32) rather than float32 FMAs.
+    pub(super) tensor_cores: bool,
 }
 
 impl TilePlan {
@@ -138,14 +153,16 @@ impl TilePlan {
         let most = slabs_total.div_ceil(MIN_SLABS_PER_SLICE);
         let wanted = choice().slices.map_or(wanted.min(most), |s| s.min(slabs_total));
         let slabs = slabs_total.div_ceil(wanted.max(1));
-        TilePlan { bm, bn, bk, tiles_m, tiles_n, slices: slabs_total.div_ceil(slabs), slabs }
+        let tensor_cores = choice().tensor_cores.unwrap_or_else(tensor_cores_from_env);
+        TilePlan { bm, bn, bk, tiles_m, tiles_n, slices: slabs_total.div_ceil(slabs), slabs, tensor_cores }
     }
 
     /// The comment heading the kernel `kernel` that computes `mm` so.
     pub(super) fn describe(&self, kernel: &str, mm: &MatMul) -> String {
         let sliced = if self.slices > 1 { format!(", its inner dim in {} slices", self.slices) } else { String::new() };
+        let on = if self.tensor_cores { " on tensor cores (3xTF32)" } else { "" };
         format!(
-            "{kernel} computes the product of {} ({}x{}x{}) in {}x{} tiles{sliced} (no cuBLAS call), then its epilogue",
+            "{kernel} computes the product of {} ({}x{}x{}) in {}x{} tiles{on}{sliced} (no cuBLAS call), then its epilogue",
             mm.name, mm.m, mm.k, mm.n, self.bm, self.bn
         )
     }
@@ -156,24 +173,58 @@ impl TilePlan {
 
     /// Outputs per thread along rows and columns.
     fn per_thread(&self) -> (usize, usize) {
-        (self.bm / SIDE, self.bn / SIDE)
+        if self.tensor_cores {
+            mma::per_thread(self.bm, self.bn)
+        } else {
+            (self.bm / SIDE, self.bn / SIDE)
+        }
     }
 
     /// Whether a thread's outputs are adjacent (4x4, read as `float4`s) rather than 16 apart.
     fn vectors(&self) -> bool {
-        self.bm >= 64
+        self.bm >= 64 && !self.tensor_cores
     }
 
     /// Row pitch of the staged slabs (padded against bank conflicts; a multiple of four floats
-    /// where they are read as `float4`s).
+    /// where they are read as `float4`s; 8 past a multiple of 32 words for tensor cores, so a
+    /// fragment's 32 words, rows `quad` by columns `group`, fall in 32 different banks).
     fn pitch(&self, side: usize) -> usize {
-        side + if self.vectors() { 4 } else { 1 }
+        side + if self.tensor_cores {
+            8
+        } else if self.vectors() {
+            4
+        } else {
+            1
+        }
+    }
+
+    /// Words of shared memory that both operands' slabs take (high and low parts on tensor cores).
+    fn slab_words(&self) -> usize {
+        self.bk * (self.pitch(self.bm) + self.pitch(self.bn)) * if self.tensor_cores { 2 } else { 1 }
+    }
+
+    /// The row of the tile that a thread's `i`-th output lies in.
+    fn out_row(&self, i: usize) -> Expr {
+        if self.tensor_cores {
+            mma::output_row(self.bm, i)
+        } else {
+            lane_offset(self, "ty", i)
+        }
+    }
+
+    /// The column of the tile that a thread's `j`-th output lies in.
+    fn out_col(&self, j: usize) -> Expr {
+        if self.tensor_cores {
+            mma::output_col(self.bn, j)
+        } else {
+            lane_offset(self, "tx", j)
+        }
     }
 
     /// Bands of rows in which an unsliced tile is staged for its epilogue: the fewest that keep
     /// the block's static shared memory (both slabs and a band) within 48 KiB.
     fn bands(&self) -> usize {
-        let slabs = self.bk * (self.pitch(self.bm) + self.pitch(self.bn));
+        let slabs = self.slab_words();
         let fits = |bands: usize| (slabs + self.bm / bands * (self.bn + 1)) * 4 <= SHARED_BYTES;
         (0..).map(|p| 1 << p).find(|&b| fits(b) || b >= self.bm).expect("a band of one row fits")
     }
@@ -294,7 +345,7 @@ impl<'a> Emitter<'a> {
     pub(super) fn tiled_elementwise(&mut self, plan: TilePlan) -> (Vec<Stmt>, Launch) {
         let mm = self.product.as_ref().expect("a tiled group has its product").mm.clone();
         let primary = self.group[0].kernel.clone();
-        let TilePlan { bm, bn, bk, tiles_m, tiles_n, slices, slabs } = plan;
+        let TilePlan { bm, bn, bk, tiles_m, tiles_n, slices, slabs, .. } = plan;
         let (m, n, k) = (mm.m, mm.n, mm.k);
         let big = |x: usize| x >= i32::MAX as usize / 2;
         let lens = [m * n * slices, self.kp.buffers[mm.a].len, self.kp.buffers[mm.b].len];
@@ -308,12 +359,26 @@ impl<'a> Emitter<'a> {
         let (pitch_a, pitch_b) = (plan.pitch(bm), plan.pitch(bn));
         let align = if plan.vectors() { 16 } else { 0 };
         let tid = || cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx));
-        let mut body = vec![
-            Stmt::SharedArray { ty: ft, name: "tile_a".into(), len: bk * pitch_a, align },
-            Stmt::SharedArray { ty: ft, name: "tile_b".into(), len: bk * pitch_b, align },
-        ];
-        let mut setup =
-            vec![decl(CType::Int, "tx", tid() % int(SIDE as i64)), decl(CType::Int, "ty", tid() / int(SIDE as i64))];
+        // Tensor cores take each operand as its high and low TF32 parts, split once when staged.
+        let slab_arrays: Vec<(String, CType, usize)> = if plan.tensor_cores {
+            for h in [Helper::Tf32High, Helper::Tf32Low, Helper::MmaTf32] {
+                self.scalars.used.insert(h);
+            }
+            let arrays = [("a", pitch_a), ("b", pitch_b)].into_iter();
+            arrays
+                .flat_map(|(o, p)| ["hi", "lo"].map(|part| (format!("tile_{o}_{part}"), CType::UInt, bk * p)))
+                .collect()
+        } else {
+            vec![("tile_a".into(), ft, bk * pitch_a), ("tile_b".into(), ft, bk * pitch_b)]
+        };
+        let mut body: Vec<Stmt> =
+            slab_arrays.into_iter().map(|(name, ty, len)| Stmt::SharedArray { ty, name, len, align }).collect();
+        let shared_arrays = body.len();
+        let mut setup = if plan.tensor_cores {
+            mma::places()
+        } else {
+            vec![decl(CType::Int, "tx", tid() % int(SIDE as i64)), decl(CType::Int, "ty", tid() / int(SIDE as i64))]
+        };
         let block = || cast(it, Expr::Builtin(Builtin::BlockIdx));
         let tiles = (tiles_m * tiles_n) as i64;
         setup.push(decl(it, "tile", block() % int(tiles)));
@@ -339,7 +404,16 @@ impl<'a> Emitter<'a> {
         for (tile, side, pitch) in [("tile_a", "a", pitch_a), ("tile_b", "b", pitch_b)] {
             for u in 0..plan.loads_per_thread(side == "a") {
                 let at = var(format!("{side}_kk{u}")) * int(pitch as i64) + var(format!("{side}_r{u}"));
-                slab.push(assign(index(var(tile), at), var(format!("{side}_next{u}"))));
+                let word = var(format!("{side}_next{u}"));
+                if plan.tensor_cores {
+                    let hi = format!("{side}_hi{u}");
+                    slab.push(decl(CType::UInt, &hi, call(mma::HIGH_HELPER, vec![word.clone()])));
+                    slab.push(assign(index(var(format!("{tile}_hi")), at.clone()), var(&hi)));
+                    let lo = call(mma::LOW_HELPER, vec![word, var(&hi)]);
+                    slab.push(assign(index(var(format!("{tile}_lo")), at), lo));
+                } else {
+                    slab.push(assign(index(var(tile), at), word));
+                }
             }
         }
         slab.push(Stmt::SyncThreads);
@@ -349,13 +423,18 @@ impl<'a> Emitter<'a> {
             self.slab_fetch(&mm, &plan, it, next, false),
             vec![],
         ));
+        let (step, products) = if plan.tensor_cores {
+            (mma::MMA_K, mma::slab_step(bm, bn, (pitch_a, pitch_b), acc))
+        } else {
+            (1, slab_products(&plan))
+        };
         slab.push(Stmt::For {
             ty: CType::Int,
             var: "kk".into(),
             init: int(0),
             end: int(bk as i64),
-            step: int(1),
-            body: slab_products(&plan),
+            step: int(step as i64),
+            body: products,
         });
         slab.push(Stmt::SyncThreads);
         body.push(Stmt::For {
@@ -368,7 +447,7 @@ impl<'a> Emitter<'a> {
         });
         let (shared, finish) =
             if slices == 1 { self.whole_tile_finish(&mm, plan, it) } else { self.sliced_tile_finish(&mm, plan, it) };
-        body.insert(2, shared);
+        body.insert(shared_arrays, shared);
         body.extend(finish);
         (body, Launch { grid: (plan.blocks() as u32, 1), block: (THREADS, 1) })
     }
@@ -387,10 +466,10 @@ impl<'a> Emitter<'a> {
         for band in 0..bands {
             let first = (band * rows) as i64;
             for i in 0..tm {
-                let row = lane_offset(&plan, "ty", i);
+                let row = plan.out_row(i);
                 let mut stores = vec![];
                 for j in 0..tn {
-                    let at = (row.clone() - int(first)) * int(pitch_c) + lane_offset(&plan, "tx", j);
+                    let at = (row.clone() - int(first)) * int(pitch_c) + plan.out_col(j);
                     stores.push(assign(index(var("tile_c"), at), var(acc(i, j))));
                 }
                 if bands == 1 {
@@ -423,8 +502,8 @@ impl<'a> Emitter<'a> {
         let scratch = self.scratch_param(CType::Float, "partial", slices * m * n * 4);
         let counters = self.scratch_param(CType::UInt, "tickets", plan.tiles_m * plan.tiles_n * 4);
         let shared = Stmt::SharedArray { ty: CType::Bool, name: "last_block".into(), len: 1, align: 0 };
-        let row = |i: usize| var("row0") + cast(it, lane_offset(&plan, "ty", i));
-        let col = |j: usize| var("col0") + cast(it, lane_offset(&plan, "tx", j));
+        let row = |i: usize| var("row0") + cast(it, plan.out_row(i));
+        let col = |j: usize| var("col0") + cast(it, plan.out_col(j));
         let mut body = vec![];
         for i in 0..tm {
             for j in 0..tn {

@@ -43,7 +43,9 @@ pub fn unavailable_reason() -> Option<String> {
 fn waits(body: &[Stmt]) -> bool {
     fn expr_waits(e: &Expr) -> bool {
         match e {
-            Expr::Call(f, args) => f.starts_with("__shfl") || args.iter().any(expr_waits),
+            Expr::Call(f, args) => {
+                f.starts_with("__shfl") || *f == crate::cuda::mma::MMA_HELPER || args.iter().any(expr_waits)
+            }
             Expr::Neg(a) | Expr::Not(a) | Expr::Cast(_, a) | Expr::Lane(a, _) => expr_waits(a),
             Expr::Binary(_, a, b) | Expr::Index(a, b) | Expr::Vec4(a, b) => expr_waits(a) || expr_waits(b),
             Expr::Select(c, a, b) => expr_waits(c) || expr_waits(a) || expr_waits(b),
@@ -60,6 +62,7 @@ fn waits(body: &[Stmt]) -> bool {
         }
         Stmt::ReturnValue(e) | Stmt::Call(e) => expr_waits(e),
         Stmt::Block(b) => waits(b),
+        Stmt::Asm { .. } => true,
         Stmt::Comment(_) | Stmt::SharedArray { .. } | Stmt::Return => false,
     })
 }

@@ -37,6 +37,8 @@ static inline float4 make_float4(float x, float y, float z, float w) { return fl
 
 static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 static inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
+static inline float __uint_as_float(unsigned i) { float f; memcpy(&f, &i, 4); return f; }
+static inline unsigned __float_as_uint(float f) { unsigned i; memcpy(&i, &f, 4); return i; }
 static inline double __longlong_as_double(long long i) { double d; memcpy(&d, &i, 8); return d; }
 static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __fmul_rn(float a, float b) { return a * b; }
@@ -295,6 +297,55 @@ static void launch(unsigned gx, unsigned gy, unsigned bx, unsigned by, bool barr
     }
 }
 
+// Each lane's fragments offered to a warp multiply-add (A's four words, then B's two),
+// double-buffered by the lane's parity like shuffles (with which they share the count).
+static thread_local unsigned mma_offered[2][MAX_THREADS][6];
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 on the fragment layout of the PTX ISA: lane
+// l = 4 group + quad holds A[group + 8 (r % 2)][quad + 4 (r / 2)] in a[r], B[quad + 4 r][group] in
+// b[r], and D[group + 8 (i / 2)][2 quad + i % 2] in d[i]. A word is read as a TF32 (its low 13 bits
+// dropped); products of TF32s are exact in float32, and each is added in k order.
+static void mma_tf32(float* d, const unsigned* a, const unsigned* b) {
+    unsigned t = current;
+    Fiber& f = fibers[t];
+    unsigned p = f.parity;
+    f.parity ^= 1;
+    memcpy(mma_offered[p][t], a, 4 * sizeof(unsigned));
+    memcpy(mma_offered[p][t] + 4, b, 2 * sizeof(unsigned));
+    unsigned nth = ++f.shuffles;
+    yield(AT_SHUFFLE);
+    unsigned lane = t % 32, first = t - lane;
+    char what[160];
+    if (first + 32 > block_threads) {
+        snprintf(what, sizeof what, "a warp multiply-add of thread %u in a warp of fewer than 32 threads", t);
+        record_fault(what);
+        return;
+    }
+    for (unsigned l = 0; l < 32; l++) {
+        if (fibers[first + l].shuffles < nth) {
+            snprintf(what, sizeof what, "a warp multiply-add of thread %u that thread %u of its warp never reaches", t,
+                     first + l);
+            record_fault(what);
+            return;
+        }
+    }
+    auto tf32 = [](unsigned w) {
+        w &= 0xffffe000u;
+        float x;
+        memcpy(&x, &w, 4);
+        return x;
+    };
+    auto A = [&](unsigned row, unsigned k) { return tf32(mma_offered[p][first + row % 8 * 4 + k % 4][row / 8 + 2 * (k / 4)]); };
+    auto B = [&](unsigned k, unsigned col) { return tf32(mma_offered[p][first + col * 4 + k % 4][4 + k / 4]); };
+    unsigned group = lane / 4, quad = lane % 4;
+    for (unsigned i = 0; i < 4; i++) {
+        unsigned row = group + 8 * (i / 2), col = 2 * quad + i % 2;
+        float acc = d[i];
+        for (unsigned k = 0; k < 8; k++) acc += A(row, k) * B(k, col);
+        d[i] = acc;
+    }
+}
+
 template <class T> static T shuffle(T v, int src_lane, int width) {
     static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
     unsigned t = current;
@@ -405,4 +456,12 @@ template <class T> static inline T __shfl_down_sync(unsigned, T v, unsigned delt
 template <class T> static inline T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
     int lane = (int)(kiln_emu::current % 32);
     return kiln_emu::shuffle(v, lane ^ mask, width);
+}
+// The emulator's side of the prelude's kiln_mma_tf32 (inline PTX on a GPU).
+static inline void kiln_emu_mma_tf32(float& d0, float& d1, float& d2, float& d3, unsigned a0, unsigned a1, unsigned a2,
+                                     unsigned a3, unsigned b0, unsigned b1) {
+    float d[4] = {d0, d1, d2, d3};
+    const unsigned a[4] = {a0, a1, a2, a3}, b[2] = {b0, b1};
+    kiln_emu::mma_tf32(d, a, b);
+    d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
 }

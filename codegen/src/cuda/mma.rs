@@ -1,0 +1,184 @@
+//! Tiled products on tensor cores at float32 accuracy (3xTF32). Each operand element is split
+//! once, when its slab is staged, into a TF32 high part and a TF32 low part (`x = hi + lo` to
+//! within 2^-22 |x|), and each product is `lo*hi + hi*lo + hi*hi`, three `mma.sync.m16n8k8` with
+//! float32 accumulators (`lo*lo`, below float32's rounding, is left out). So a product keeps the
+//! accuracy the float32 peers are measured at (TF32 off) while running on the tensor cores.
+//!
+//! This module owns what differs from the float32 tiles: the prelude's helpers (the split, robust
+//! to infinities, NaNs and values that would round past the largest float; and the multiply-add,
+//! inline PTX on the GPU and the shim's `kiln_emu_mma_tf32` in the emulator, which follows the PTX
+//! ISA's fragment layout), where a thread's outputs lie in the tile, and one slab step. A block's
+//! 8 warps cover the tile as 2x4 warp tiles; a thread's output `(i, j)` is the accumulator
+//! `i % 2 * 2 + j % 2` of the warp's 16x8 product `(i / 2, j / 2)`.
+
+use super::ast::*;
+use super::scalar::Helper;
+
+/// The prelude helper doing one warp's multiply-add (kernels calling it run as fibers in the
+/// emulator: every lane must reach it).
+pub(crate) const MMA_HELPER: &str = "kiln_mma_tf32";
+pub(super) const HIGH_HELPER: &str = "kiln_tf32_hi";
+pub(super) const LOW_HELPER: &str = "kiln_tf32_lo";
+
+/// Warps of a block along the tile's rows and columns.
+const WARP_ROWS: usize = 2;
+const WARP_COLS: usize = 4;
+/// The shape of one `mma.sync`: 16x8 outputs, 8 along the inner dimension.
+const MMA_M: usize = 16;
+const MMA_N: usize = 8;
+pub(super) const MMA_K: usize = 8;
+
+/// A float's exponent bits: all set in infinities and NaNs.
+const EXPONENT: u32 = 0x7f80_0000;
+/// The bits a TF32 keeps (sign, exponent, 10 bits of mantissa), and half of its last place.
+const TF32_BITS: u32 = 0xffff_e000;
+const TF32_HALF_ULP: u32 = 0x1000;
+
+/// The prelude's device function for a tensor-core helper.
+pub(super) fn helper_fn(h: Helper) -> DeviceFn {
+    let u = CType::UInt;
+    let not_finite = |bits: Expr| bin(BinOp::Eq, bin(BinOp::BitAnd, bits, Expr::UInt(EXPONENT)), Expr::UInt(EXPONENT));
+    let round = |bits: Expr| bin(BinOp::BitAnd, bits + Expr::UInt(TF32_HALF_ULP), Expr::UInt(TF32_BITS));
+    match h {
+        Helper::Tf32High => DeviceFn {
+            ret: u,
+            name: HIGH_HELPER,
+            params: vec![(CType::Float, "x")],
+            outputs: 0,
+            body: vec![
+                decl(u, "bits", call("__float_as_uint", vec![var("x")])),
+                decl(u, "rounded", round(var("bits"))),
+                Stmt::Comment(
+                    "A NaN as a quiet NaN that is a TF32 (its payload may lie in the bits a TF32 drops).".into(),
+                ),
+                Stmt::If(
+                    not_finite(var("bits")),
+                    vec![Stmt::ReturnValue(select(
+                        bin(BinOp::Ne, var("x"), var("x")),
+                        Expr::UInt(0x7fff_e000),
+                        var("bits"),
+                    ))],
+                    vec![],
+                ),
+                Stmt::Comment("Rounding up past the largest float: truncated instead.".into()),
+                Stmt::ReturnValue(select(
+                    not_finite(var("rounded")),
+                    bin(BinOp::BitAnd, var("bits"), Expr::UInt(TF32_BITS)),
+                    var("rounded"),
+                )),
+            ],
+        },
+        Helper::Tf32Low => DeviceFn {
+            ret: u,
+            name: LOW_HELPER,
+            params: vec![(CType::Float, "x"), (u, "hi")],
+            outputs: 0,
+            body: vec![
+                Stmt::Comment("Exact; where x is not finite its high part carries it.".into()),
+                decl(u, "rest", call("__float_as_uint", vec![var("x") - call("__uint_as_float", vec![var("hi")])])),
+                Stmt::ReturnValue(select(not_finite(var("rest")), Expr::UInt(0), round(var("rest")))),
+            ],
+        },
+        Helper::MmaTf32 => {
+            let d = ["d0", "d1", "d2", "d3"];
+            let ins = ["a0", "a1", "a2", "a3", "b0", "b1"];
+            let mut params: Vec<(CType, &'static str)> = d.iter().map(|&n| (CType::Float, n)).collect();
+            params.extend(ins.iter().map(|&n| (u, n)));
+            let args = d.iter().chain(&ins).map(|&n| var(n)).collect();
+            DeviceFn {
+                ret: CType::Void,
+                name: MMA_HELPER,
+                params,
+                outputs: d.len(),
+                body: vec![Stmt::Asm {
+                    ptx: "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 \
+                          {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};",
+                    outputs: d.iter().map(|&n| ("+f", var(n))).collect(),
+                    inputs: ins.iter().map(|&n| ("r", var(n))).collect(),
+                    emulated: call("kiln_emu_mma_tf32", args),
+                }],
+            }
+        }
+        _ => unreachable!("not a tensor-core helper: {h:?}"),
+    }
+}
+
+/// Declares the thread's place in the warp grid: `warp_row`, `warp_col`, and within its warp
+/// `group` (lane / 4: a fragment's row) and `quad` (lane % 4: its column).
+pub(super) fn places() -> Vec<Stmt> {
+    let tid = || cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx));
+    vec![
+        decl(CType::Int, "warp_row", tid() / int(32) / int(WARP_COLS as i64)),
+        decl(CType::Int, "warp_col", tid() / int(32) % int(WARP_COLS as i64)),
+        decl(CType::Int, "group", tid() % int(32) / int(4)),
+        decl(CType::Int, "quad", tid() % int(4)),
+    ]
+}
+
+/// A thread's outputs along rows and columns, for a `bm`x`bn` tile.
+pub(super) fn per_thread(bm: usize, bn: usize) -> (usize, usize) {
+    (bm / WARP_ROWS / MMA_M * 2, bn / WARP_COLS / MMA_N * 2)
+}
+
+/// The row within the tile of a thread's `i`-th row of outputs: fragment rows `group` and
+/// `group + 8` of the warp's `i / 2`-th 16-row product.
+pub(super) fn output_row(bm: usize, i: usize) -> Expr {
+    var("warp_row") * int((bm / WARP_ROWS) as i64) + int((i / 2 * MMA_M + i % 2 * 8) as i64) + var("group")
+}
+
+/// The column within the tile of a thread's `j`-th column of outputs: fragment columns
+/// `2 quad` and `2 quad + 1` of the warp's `j / 2`-th 8-column product.
+pub(super) fn output_col(bn: usize, j: usize) -> Expr {
+    var("warp_col") * int((bn / WARP_COLS) as i64) + int((j / 2 * MMA_N + j % 2) as i64) + var("quad") * int(2)
+}
+
+/// One step of 8 along the staged slabs (`kk` its first): each warp's fragments of both operands'
+/// high and low parts (`tile_{a,b}_{hi,lo}`, stored `[kk][row]` with the given pitches), then
+/// three multiply-adds per 16x8 product into the accumulators `acc(i, j)`.
+pub(super) fn slab_step(
+    bm: usize,
+    bn: usize,
+    pitches: (usize, usize),
+    acc: impl Fn(usize, usize) -> String,
+) -> Vec<Stmt> {
+    let (tm, tn) = per_thread(bm, bn);
+    let (pitch_a, pitch_b) = (pitches.0 as i64, pitches.1 as i64);
+    let mut step = vec![];
+    // B's fragment register r holds (row quad + 4 r, column group); A's, (row group + 8 (r % 2),
+    // column quad + 4 (r / 2)). All of B's fragments first, then one 16-row band of A's at a time
+    // with its products, so that few fragments are live at once (registers for the accumulators).
+    for part in ["hi", "lo"] {
+        for nj in 0..tn / 2 {
+            for r in 0..2 {
+                let kk = var("kk") + var("quad") + int((4 * r) as i64);
+                let col = var("warp_col") * int((bn / WARP_COLS) as i64) + int((nj * MMA_N) as i64) + var("group");
+                let at = kk * int(pitch_b) + col;
+                step.push(decl(CType::UInt, format!("b_{part}{nj}_{r}"), index(var(format!("tile_b_{part}")), at)));
+            }
+        }
+    }
+    for mi in 0..tm / 2 {
+        for part in ["hi", "lo"] {
+            for r in 0..4 {
+                let kk = var("kk") + var("quad") + int((4 * (r / 2)) as i64);
+                let row = var("warp_row") * int((bm / WARP_ROWS) as i64)
+                    + int((mi * MMA_M + 8 * (r % 2)) as i64)
+                    + var("group");
+                let at = kk * int(pitch_a) + row;
+                step.push(decl(CType::UInt, format!("a_{part}{mi}_{r}"), index(var(format!("tile_a_{part}")), at)));
+            }
+        }
+        for nj in 0..tn / 2 {
+            let d =
+                [acc(2 * mi, 2 * nj), acc(2 * mi, 2 * nj + 1), acc(2 * mi + 1, 2 * nj), acc(2 * mi + 1, 2 * nj + 1)];
+            // The small terms first, so the large one lands on a sum that already holds them.
+            for (pa, pb) in [("lo", "hi"), ("hi", "lo"), ("hi", "hi")] {
+                let mut args: Vec<Expr> = d.iter().map(var).collect();
+                args.extend((0..4).map(|r| var(format!("a_{pa}{mi}_{r}"))));
+                args.extend((0..2).map(|r| var(format!("b_{pb}{nj}_{r}"))));
+                step.push(Stmt::Call(call(MMA_HELPER, args)));
+            }
+        }
+    }
+    step
+}
