@@ -263,14 +263,22 @@ fn generated_kernels_neither_spill_registers_nor_crowd_out_a_second_block() {
     // (registers stored to local memory) or a stack frame would make a kernel wait on memory, and
     // more than 128 registers a thread would leave room for only one 256-thread block an SM.
     use kiln_codegen::cuda::nvrtc::{available, kernel_resources, missing_reason, CHECK_ARCH};
+    use kiln_codegen::cuda::{with_tile_choice, TileChoice};
     if !available() {
         kiln::testing::note(&format!("skipped: {}", missing_reason()));
         return;
     }
     let mut sources = vec![];
+    // Each workload as kiln emits it, and with every product that has an epilogue tiled on tensor
+    // cores (what KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=2^30 give; keras-mlp's step is one
+    // single-block kernel either way).
+    let on_tensor_cores = TileChoice { tiled: Some(true), tensor_cores: Some(true), ..TileChoice::default() };
     for name in kiln::workloads::NAMES {
         let w = kiln::workloads::build(name, Device::Reference).unwrap();
         sources.push((name.to_string(), w.step.cuda_source(&w.args).unwrap()));
+        let src = with_tile_choice(on_tensor_cores, || w.step.cuda_source(&w.args).unwrap());
+        assert_eq!(src.contains("on tensor cores"), name != "keras-mlp", "{name}: {src}");
+        sources.push((format!("{name} on tensor cores"), src));
     }
     for (tile, slices, src) in every_tile_shape(|_, _| {}) {
         sources.push((format!("{} tiles, {slices} slices", tile.label()), src));

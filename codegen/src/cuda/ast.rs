@@ -262,6 +262,45 @@ pub fn assign(lhs: Expr, rhs: Expr) -> Stmt {
     Stmt::Assign(lhs, rhs)
 }
 
+impl Expr {
+    /// Whether this expression calls a function whose name satisfies `f`.
+    pub fn calls(&self, f: &dyn Fn(&str) -> bool) -> bool {
+        match self {
+            Expr::Call(name, args) => f(name) || args.iter().any(|a| a.calls(f)),
+            Expr::Neg(a) | Expr::Not(a) | Expr::Cast(_, a) | Expr::Lane(a, _) => a.calls(f),
+            Expr::Binary(_, a, b) | Expr::Index(a, b) | Expr::Vec4(a, b) => a.calls(f) || b.calls(f),
+            Expr::Select(c, a, b) => c.calls(f) || a.calls(f) || b.calls(f),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a statement of `body` (or one nested in it) calls a function whose name satisfies `f`.
+pub fn calls(body: &[Stmt], f: &dyn Fn(&str) -> bool) -> bool {
+    body.iter().any(|s| match s {
+        Stmt::Decl { init, .. } => init.as_ref().is_some_and(|e| e.calls(f)),
+        Stmt::Assign(a, b) | Stmt::Compound(_, a, b) => a.calls(f) || b.calls(f),
+        Stmt::If(c, a, b) => c.calls(f) || calls(a, f) || calls(b, f),
+        Stmt::For { init, end, step, body, .. } => init.calls(f) || end.calls(f) || step.calls(f) || calls(body, f),
+        Stmt::ReturnValue(e) | Stmt::Call(e) => e.calls(f),
+        Stmt::Block(b) => calls(b, f),
+        Stmt::Asm { outputs, inputs, emulated, .. } => {
+            outputs.iter().chain(inputs).any(|(_, e)| e.calls(f)) || emulated.calls(f)
+        }
+        Stmt::Comment(_) | Stmt::SharedArray { .. } | Stmt::Return | Stmt::SyncThreads => false,
+    })
+}
+
+/// Whether a statement of `body` (or one nested in it) is a block barrier.
+pub fn syncs(body: &[Stmt]) -> bool {
+    body.iter().any(|s| match s {
+        Stmt::SyncThreads => true,
+        Stmt::If(_, a, b) => syncs(a) || syncs(b),
+        Stmt::For { body, .. } | Stmt::Block(body) => syncs(body),
+        _ => false,
+    })
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum ParamKind {
     /// `const T* __restrict__`

@@ -263,8 +263,11 @@ pub fn kernel(out: &mut String, k: &Kernel) {
     writeln!(out, "// launch: grid ({}, {}), block ({}, {})", l.grid.0, l.grid.1, l.block.0, l.block.1).unwrap();
     let params: Vec<String> = k.params.iter().map(param).collect();
     let threads = l.block.0 * l.block.1;
-    write!(out, "extern \"C\" __global__ void __launch_bounds__({threads}) {}({}) ", k.name, params.join(", "))
-        .unwrap();
+    // With the threads alone as its bound, ptxas may hold a tensor-core tile to 64 registers so
+    // more blocks fit, and spill; one block an SM is all such a tile asks for.
+    let bounds =
+        if calls(&k.body, &|f| f == super::mma::MMA_HELPER) { format!("{threads}, 1") } else { threads.to_string() };
+    write!(out, "extern \"C\" __global__ void __launch_bounds__({bounds}) {}({}) ", k.name, params.join(", ")).unwrap();
     block(out, &k.body, 0);
     out.push_str("\n\n");
 }

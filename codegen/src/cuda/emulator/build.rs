@@ -6,7 +6,7 @@
 //! every thread reaches). Compiled by the system's C++ compiler (`$CXX`, else `g++`) with
 //! undefined-behaviour checks, and cached on disk by source, like NVRTC's output.
 
-use crate::cuda::ast::{Expr, Kernel, Module, Stmt};
+use crate::cuda::ast::{Kernel, Module, Stmt};
 use kiln_ir::{Error, Result};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -39,32 +39,11 @@ pub fn unavailable_reason() -> Option<String> {
         .clone()
 }
 
-/// Whether a kernel waits on its block or warp (then its threads run as fibers).
+/// Whether a kernel waits on its block or warp (then its threads run as fibers): a barrier, a
+/// shuffle, or a tensor-core multiply-add.
 fn waits(body: &[Stmt]) -> bool {
-    fn expr_waits(e: &Expr) -> bool {
-        match e {
-            Expr::Call(f, args) => {
-                f.starts_with("__shfl") || *f == crate::cuda::mma::MMA_HELPER || args.iter().any(expr_waits)
-            }
-            Expr::Neg(a) | Expr::Not(a) | Expr::Cast(_, a) | Expr::Lane(a, _) => expr_waits(a),
-            Expr::Binary(_, a, b) | Expr::Index(a, b) | Expr::Vec4(a, b) => expr_waits(a) || expr_waits(b),
-            Expr::Select(c, a, b) => expr_waits(c) || expr_waits(a) || expr_waits(b),
-            _ => false,
-        }
-    }
-    body.iter().any(|s| match s {
-        Stmt::SyncThreads => true,
-        Stmt::Decl { init, .. } => init.as_ref().is_some_and(expr_waits),
-        Stmt::Assign(a, b) | Stmt::Compound(_, a, b) => expr_waits(a) || expr_waits(b),
-        Stmt::If(c, a, b) => expr_waits(c) || waits(a) || waits(b),
-        Stmt::For { init, end, step, body, .. } => {
-            expr_waits(init) || expr_waits(end) || expr_waits(step) || waits(body)
-        }
-        Stmt::ReturnValue(e) | Stmt::Call(e) => expr_waits(e),
-        Stmt::Block(b) => waits(b),
-        Stmt::Asm { .. } => true,
-        Stmt::Comment(_) | Stmt::SharedArray { .. } | Stmt::Return => false,
-    })
+    crate::cuda::ast::syncs(body)
+        || crate::cuda::ast::calls(body, &|f| f.starts_with("__shfl") || f == crate::cuda::mma::MMA_HELPER)
 }
 
 fn entry_point(k: &Kernel) -> String {
