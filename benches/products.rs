@@ -7,7 +7,9 @@
 //! accuracy (3xTF32). Prints microseconds per call, one row per product, the fastest variant
 //! marked `*`.
 //!
-//! `cargo bench --bench products [-- --device cuda|cuda:N|cuda-emulator] [--calls N] [--case TEXT]`
+//! `cargo bench --bench products [-- --device cuda|cuda:N|cuda-emulator] [--calls N] [--case TEXT]
+//! [--variant TEXT]` (`--case`, `--variant`: only the products, or the columns, whose name holds
+//! TEXT: `--variant tc` times the tensor-core tilings alone, with cuBLAS and kiln's own choice)
 //! (on a device without a profile, such as the emulator, it only checks that every variant runs).
 
 use kiln::prelude::*;
@@ -125,7 +127,7 @@ fn time(c: &Case, p: &Prepared, device: Device, choice: TileChoice, calls: usize
 
 fn main() {
     let mut device = Device::Cuda(0);
-    let (mut calls, mut filter) = (200, String::new());
+    let (mut calls, mut filter, mut columns) = (200, String::new(), String::new());
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -138,6 +140,7 @@ fn main() {
             },
             "--calls" => calls = it.next().and_then(|s| s.parse().ok()).unwrap_or(calls),
             "--case" => filter = it.next().unwrap_or_default(),
+            "--variant" => columns = it.next().unwrap_or_default(),
             "--bench" => {}
             other => {
                 eprintln!("unknown argument {other}");
@@ -147,7 +150,8 @@ fn main() {
     }
     // Read when each function is compiled: every CUDA function below keeps a profile.
     std::env::set_var("KILN_CUDA_PROFILE", "1");
-    let variants = variants();
+    let keep = |label: &str| label.contains(&columns) || label == "cuBLAS" || label == "kiln";
+    let variants: Vec<_> = variants().into_iter().filter(|(label, _)| keep(label)).collect();
     let width = variants.iter().map(|(l, _)| l.len()).max().unwrap_or(8).max(7);
     print!("{:<22} {:>16}", "product (us per call)", "m x k x n");
     for (label, _) in &variants {

@@ -16,6 +16,8 @@ pub enum CType {
     Void,
     /// Four floats, loaded or stored as one 16-byte access.
     Float4,
+    /// Two words, loaded or stored as one 8-byte access (a float's TF32 high and low parts).
+    UInt2,
 }
 
 impl CType {
@@ -35,6 +37,7 @@ impl CType {
             CType::Float | CType::Int | CType::UInt => 4,
             CType::Double | CType::LongLong | CType::ULongLong => 8,
             CType::Float4 => 16,
+            CType::UInt2 => 8,
             CType::Void => 0,
         }
     }
@@ -49,6 +52,7 @@ impl CType {
             CType::Bool => "bool",
             CType::Void => "void",
             CType::Float4 => "float4",
+            CType::UInt2 => "uint2",
         }
     }
 }

@@ -132,9 +132,10 @@ pub(super) fn output_col(bn: usize, j: usize) -> Expr {
     var("warp_col") * int((bn / WARP_COLS) as i64) + int((j / 2 * MMA_N + j % 2) as i64) + var("quad") * int(2)
 }
 
-/// One step of 8 along the staged slabs (`kk` its first): each warp's fragments of both operands'
-/// high and low parts (`tile_{a,b}_{hi,lo}`, stored `[kk][row]` with the given pitches), then
-/// three multiply-adds per 16x8 product into the accumulators `acc(i, j)`.
+/// One step of 8 along the staged slabs (`kk` its first): each warp's fragments of both operands
+/// (`tile_a`, `tile_b`: each element's high and low parts as a `uint2`, stored `[kk][row]` with
+/// the given pitches), then three multiply-adds per 16x8 product into the accumulators
+/// `acc(i, j)`.
 pub(super) fn slab_step(
     bm: usize,
     bn: usize,
@@ -147,35 +148,30 @@ pub(super) fn slab_step(
     // B's fragment register r holds (row quad + 4 r, column group); A's, (row group + 8 (r % 2),
     // column quad + 4 (r / 2)). All of B's fragments first, then one 16-row band of A's at a time
     // with its products, so that few fragments are live at once (registers for the accumulators).
-    for part in ["hi", "lo"] {
-        for nj in 0..tn / 2 {
-            for r in 0..2 {
-                let kk = var("kk") + var("quad") + int((4 * r) as i64);
-                let col = var("warp_col") * int((bn / WARP_COLS) as i64) + int((nj * MMA_N) as i64) + var("group");
-                let at = kk * int(pitch_b) + col;
-                step.push(decl(CType::UInt, format!("b_{part}{nj}_{r}"), index(var(format!("tile_b_{part}")), at)));
-            }
+    for nj in 0..tn / 2 {
+        for r in 0..2 {
+            let kk = var("kk") + var("quad") + int((4 * r) as i64);
+            let col = var("warp_col") * int((bn / WARP_COLS) as i64) + int((nj * MMA_N) as i64) + var("group");
+            step.push(decl(CType::UInt2, format!("b{nj}_{r}"), index(var("tile_b"), kk * int(pitch_b) + col)));
         }
     }
+    // `.x` is a word's high part, `.y` its low part.
+    let part = |name: String, hi: bool| Expr::Lane(Box::new(var(name)), if hi { 0 } else { 1 });
     for mi in 0..tm / 2 {
-        for part in ["hi", "lo"] {
-            for r in 0..4 {
-                let kk = var("kk") + var("quad") + int((4 * (r / 2)) as i64);
-                let row = var("warp_row") * int((bm / WARP_ROWS) as i64)
-                    + int((mi * MMA_M + 8 * (r % 2)) as i64)
-                    + var("group");
-                let at = kk * int(pitch_a) + row;
-                step.push(decl(CType::UInt, format!("a_{part}{mi}_{r}"), index(var(format!("tile_a_{part}")), at)));
-            }
+        for r in 0..4 {
+            let kk = var("kk") + var("quad") + int((4 * (r / 2)) as i64);
+            let row =
+                var("warp_row") * int((bm / WARP_ROWS) as i64) + int((mi * MMA_M + 8 * (r % 2)) as i64) + var("group");
+            step.push(decl(CType::UInt2, format!("a{mi}_{r}"), index(var("tile_a"), kk * int(pitch_a) + row)));
         }
         for nj in 0..tn / 2 {
             let d =
                 [acc(2 * mi, 2 * nj), acc(2 * mi, 2 * nj + 1), acc(2 * mi + 1, 2 * nj), acc(2 * mi + 1, 2 * nj + 1)];
             // The small terms first, so the large one lands on a sum that already holds them.
-            for (pa, pb) in [("lo", "hi"), ("hi", "lo"), ("hi", "hi")] {
+            for (a_hi, b_hi) in [(false, true), (true, false), (true, true)] {
                 let mut args: Vec<Expr> = d.iter().map(var).collect();
-                args.extend((0..4).map(|r| var(format!("a_{pa}{mi}_{r}"))));
-                args.extend((0..2).map(|r| var(format!("b_{pb}{nj}_{r}"))));
+                args.extend((0..4).map(|r| part(format!("a{mi}_{r}"), a_hi)));
+                args.extend((0..2).map(|r| part(format!("b{nj}_{r}"), b_hi)));
                 step.push(Stmt::Call(call(MMA_HELPER, args)));
             }
         }

@@ -185,17 +185,12 @@ impl TilePlan {
         self.bm >= 64 && !self.tensor_cores
     }
 
-    /// Row pitch of the staged slabs (padded against bank conflicts; a multiple of four floats
-    /// where they are read as `float4`s; 8 past a multiple of 32 words for tensor cores, so a
-    /// fragment's 32 words, rows `quad` by columns `group`, fall in 32 different banks).
+    /// Row pitch of the staged slabs, padded against bank conflicts: a multiple of four floats
+    /// where they are read as `float4`s; for tensor cores, 4 past a multiple of 16 pairs of words,
+    /// so each half-warp's 16 pairs of a fragment (rows `quad` by columns `group`) fall in 32
+    /// different banks.
     fn pitch(&self, side: usize) -> usize {
-        side + if self.tensor_cores {
-            8
-        } else if self.vectors() {
-            4
-        } else {
-            1
-        }
+        side + if self.tensor_cores || self.vectors() { 4 } else { 1 }
     }
 
     /// Words of shared memory that both operands' slabs take (high and low parts on tensor cores).
@@ -359,21 +354,20 @@ impl<'a> Emitter<'a> {
         let (pitch_a, pitch_b) = (plan.pitch(bm), plan.pitch(bn));
         let align = if plan.vectors() { 16 } else { 0 };
         let tid = || cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx));
-        // Tensor cores take each operand as its high and low TF32 parts, split once when staged.
-        let slab_arrays: Vec<(String, CType, usize)> = if plan.tensor_cores {
+        // Tensor cores take each operand element as its TF32 high and low parts, split once when
+        // staged and kept side by side (one 8-byte access reads both).
+        let slab_type = if plan.tensor_cores {
             for h in [Helper::Tf32High, Helper::Tf32Low, Helper::MmaTf32] {
                 self.scalars.used.insert(h);
             }
-            let arrays = [("a", pitch_a), ("b", pitch_b)].into_iter();
-            arrays
-                .flat_map(|(o, p)| ["hi", "lo"].map(|part| (format!("tile_{o}_{part}"), CType::UInt, bk * p)))
-                .collect()
+            CType::UInt2
         } else {
-            vec![("tile_a".into(), ft, bk * pitch_a), ("tile_b".into(), ft, bk * pitch_b)]
+            ft
         };
-        let mut body: Vec<Stmt> =
-            slab_arrays.into_iter().map(|(name, ty, len)| Stmt::SharedArray { ty, name, len, align }).collect();
-        let shared_arrays = body.len();
+        let mut body = vec![
+            Stmt::SharedArray { ty: slab_type, name: "tile_a".into(), len: bk * pitch_a, align },
+            Stmt::SharedArray { ty: slab_type, name: "tile_b".into(), len: bk * pitch_b, align },
+        ];
         let mut setup = if plan.tensor_cores {
             mma::places()
         } else {
@@ -408,9 +402,8 @@ impl<'a> Emitter<'a> {
                 if plan.tensor_cores {
                     let hi = format!("{side}_hi{u}");
                     slab.push(decl(CType::UInt, &hi, call(mma::HIGH_HELPER, vec![word.clone()])));
-                    slab.push(assign(index(var(format!("{tile}_hi")), at.clone()), var(&hi)));
                     let lo = call(mma::LOW_HELPER, vec![word, var(&hi)]);
-                    slab.push(assign(index(var(format!("{tile}_lo")), at), lo));
+                    slab.push(assign(index(var(tile), at), call("make_uint2", vec![var(&hi), lo])));
                 } else {
                     slab.push(assign(index(var(tile), at), word));
                 }
@@ -447,7 +440,7 @@ impl<'a> Emitter<'a> {
         });
         let (shared, finish) =
             if slices == 1 { self.whole_tile_finish(&mm, plan, it) } else { self.sliced_tile_finish(&mm, plan, it) };
-        body.insert(shared_arrays, shared);
+        body.insert(2, shared);
         body.extend(finish);
         (body, Launch { grid: (plan.blocks() as u32, 1), block: (THREADS, 1) })
     }
