@@ -404,4 +404,30 @@ mod tests {
         // One unit is the module as printed.
         assert_eq!(module_parts(&m, 1)[0].0, module(&m));
     }
+
+    #[test]
+    fn inline_ptx_is_printed_for_nvrtc_with_the_emulators_call_beside_it() {
+        let f = DeviceFn {
+            ret: CType::Void,
+            name: "kiln_twice",
+            params: vec![(CType::Float, "d"), (CType::UInt, "a")],
+            outputs: 1,
+            body: vec![Stmt::Asm {
+                ptx: "add.f32 %0, %0, %0;",
+                outputs: vec![("+f", var("d"))],
+                inputs: vec![("r", var("a"))],
+                emulated: call("kiln_emu_twice", vec![var("d"), var("a")]),
+            }],
+        };
+        let mut out = String::new();
+        device_fn(&mut out, &f);
+        assert_eq!(
+            out,
+            "__device__ __forceinline__ void kiln_twice(float& d, unsigned int a) {\n\
+             #ifdef __CUDA_ARCH__\n    asm volatile(\"add.f32 %0, %0, %0;\" : \"+f\"(d) : \"r\"(a));\n\
+             #else\n    kiln_emu_twice(d, a);\n#endif\n}\n\n"
+        );
+        assert_eq!(expr(&Expr::UInt(0xffff_e000)), "0xffffe000u");
+        assert_eq!(expr(&Expr::UInt(4096)), "4096u");
+    }
 }
