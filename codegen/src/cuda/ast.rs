@@ -226,6 +226,13 @@ pub enum Stmt {
         len: usize,
         align: usize,
     },
+    /// `__shared__ union { struct { arrays } s0; ... } name;`: the `SharedArray`s of the sections
+    /// of a side-by-side kernel (`side.rs`), which overlap since a block runs one section; section
+    /// code names its arrays `name.sN.array`.
+    SharedUnion {
+        name: String,
+        members: Vec<(String, Vec<Stmt>)>,
+    },
     Assign(Expr, Expr),
     /// `lhs op= rhs;`
     Compound(BinOp, Expr, Expr),
@@ -291,7 +298,9 @@ pub fn calls(body: &[Stmt], f: &dyn Fn(&str) -> bool) -> bool {
         Stmt::Asm { outputs, inputs, emulated, .. } => {
             outputs.iter().chain(inputs).any(|(_, e)| e.calls(f)) || emulated.calls(f)
         }
-        Stmt::Comment(_) | Stmt::SharedArray { .. } | Stmt::Return | Stmt::SyncThreads => false,
+        Stmt::Comment(_) | Stmt::SharedArray { .. } | Stmt::SharedUnion { .. } | Stmt::Return | Stmt::SyncThreads => {
+            false
+        }
     })
 }
 

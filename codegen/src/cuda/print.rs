@@ -182,6 +182,23 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
         Stmt::SharedArray { ty, name, len, align } => {
             writeln!(out, "alignas({align}) __shared__ {} {name}[{len}];", ty.name()).unwrap()
         }
+        Stmt::SharedUnion { name, members } => {
+            out.push_str("__shared__ union {\n");
+            for (member, arrays) in members {
+                indent(out, depth + 1);
+                out.push_str("struct {");
+                for a in arrays {
+                    let Stmt::SharedArray { ty, name, len, align } = a else {
+                        unreachable!("a shared union holds shared arrays")
+                    };
+                    let aligned = if *align > 0 { format!("alignas({align}) ") } else { String::new() };
+                    write!(out, " {aligned}{} {name}[{len}];", ty.name()).unwrap();
+                }
+                writeln!(out, " }} {member};").unwrap();
+            }
+            indent(out, depth);
+            writeln!(out, "}} {name};").unwrap();
+        }
         Stmt::Assign(l, r) => {
             write_expr(out, l, true);
             out.push_str(" = ");

@@ -5,8 +5,9 @@
 //! reads `blockIdx` relative to its first block and `gridDim` as its own grid, and a section
 //! written for a two-dimensional block (a 32x8 reduction tile) reads its thread indices from the
 //! flat ones, and one written for a two-dimensional grid (a split reduction) its block indices from
-//! its range of the flat grid. A whole block runs one section, so block barriers stay correct. In
-//! a training step this puts a layer's bias gradient beside its weight update: one launch (one
+//! its range of the flat grid. A whole block runs one section, so block barriers stay correct, and
+//! the sections' shared arrays overlap in one `__shared__` union (the kernel needs the largest
+//! section's shared memory, not their sum). In a training step this puts a layer's bias gradient beside its weight update: one launch (one
 //! graph node) fewer each, and the two run at the same time instead of one after the other.
 
 use super::ast::*;
@@ -17,17 +18,48 @@ use super::single::{rewrite_stmts, section_names};
 /// At most this many kernels per joined kernel (keeps kernels readable).
 const MAX_SECTIONS: usize = 4;
 
-/// A kernel's static shared memory may not exceed 48 KiB; a joined kernel declares every
-/// section's arrays (tiled products use up to 25 KiB each).
+/// A kernel's static shared memory may not exceed 48 KiB (tiled products use up to 45 KiB).
 const MAX_SHARED_BYTES: usize = 48 * 1024;
 
-/// The bytes of the `__shared__` arrays a kernel declares.
-fn shared_bytes(body: &[Stmt]) -> usize {
+/// The name of a side-by-side kernel's union of its sections' shared arrays.
+pub(crate) const SHARED_UNION: &str = "smem";
+
+/// Bytes a shared array may take beyond its elements in a union's struct (its alignment).
+const ALIGN_SLACK: usize = 16;
+
+/// The bytes of the `__shared__` arrays a kernel declares: at the top of its body (what a
+/// side-by-side kernel overlaps with its other sections'), and nested in its statements.
+fn shared_bytes(body: &[Stmt]) -> (usize, usize) {
+    let top = body
+        .iter()
+        .map(|s| {
+            if matches!(s, Stmt::SharedArray { .. }) {
+                all_shared_bytes(std::slice::from_ref(s)) + ALIGN_SLACK
+            } else {
+                0
+            }
+        })
+        .sum();
+    let nested = body
+        .iter()
+        .filter(|s| !matches!(s, Stmt::SharedArray { .. }))
+        .map(|s| all_shared_bytes(std::slice::from_ref(s)))
+        .sum();
+    (top, nested)
+}
+
+/// The bytes of every `__shared__` array in `body`.
+fn all_shared_bytes(body: &[Stmt]) -> usize {
     body.iter()
         .map(|s| match s {
             Stmt::SharedArray { ty, len, .. } => len * ty.size(),
-            Stmt::If(_, a, b) => shared_bytes(a) + shared_bytes(b),
-            Stmt::For { body, .. } | Stmt::Block(body) => shared_bytes(body),
+            Stmt::SharedUnion { members, .. } => members
+                .iter()
+                .map(|(_, arrays)| all_shared_bytes(arrays) + ALIGN_SLACK * arrays.len())
+                .max()
+                .unwrap_or(0),
+            Stmt::If(_, a, b) => all_shared_bytes(a) + all_shared_bytes(b),
+            Stmt::For { body, .. } | Stmt::Block(body) => all_shared_bytes(body),
             _ => 0,
         })
         .sum()
@@ -64,8 +96,10 @@ pub(super) fn can_join(loc: &[Location], kernels: &[Kernel], group: &[&Launchabl
     if threads(b) != threads(first) {
         return false;
     }
-    let shared: usize =
-        group.iter().map(|l| shared_bytes(&kernel(l).body)).sum::<usize>() + shared_bytes(&kernel(b).body);
+    // The sections' top-level arrays overlap; nested ones are each the kernel's own.
+    let sizes: Vec<(usize, usize)> =
+        group.iter().chain(std::iter::once(&b)).map(|l| shared_bytes(&kernel(l).body)).collect();
+    let shared = sizes.iter().map(|s| s.0).max().unwrap_or(0) + sizes.iter().map(|s| s.1).sum::<usize>();
     if shared > MAX_SHARED_BYTES {
         return false;
     }
@@ -127,6 +161,30 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
         sections.push((end, k.name.clone(), body));
         start = end;
     }
+    // Where more than one section declares shared arrays (at the top of its body), they overlap
+    // in one union: member `sN` holds section N's, which its code then names `smem.sN.array`.
+    let top_arrays = |body: &[Stmt]| body.iter().filter(|st| matches!(st, Stmt::SharedArray { .. })).count();
+    let mut union_members = vec![];
+    if sections.iter().filter(|(_, _, body)| top_arrays(body) > 0).count() > 1 {
+        for (s, (_, _, body)) in sections.iter_mut().enumerate() {
+            let (arrays, rest): (Vec<Stmt>, Vec<Stmt>) =
+                std::mem::take(body).into_iter().partition(|st| matches!(st, Stmt::SharedArray { .. }));
+            *body = rest;
+            if arrays.is_empty() {
+                continue;
+            }
+            let member = format!("s{s}");
+            let names = arrays
+                .iter()
+                .map(|a| {
+                    let Stmt::SharedArray { name, .. } = a else { unreachable!("partitioned") };
+                    (name.clone(), format!("{SHARED_UNION}.{member}.{name}"))
+                })
+                .collect();
+            rewrite_stmts(body, &names, &|_| None);
+            union_members.push((member, arrays));
+        }
+    }
     // if (blockIdx.x < end0) { section 0 } else if (blockIdx.x < end1) { section 1 } ...
     let mut tail: Vec<Stmt> = vec![];
     for (end, kname, body) in sections.into_iter().rev() {
@@ -138,6 +196,9 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
             let cond = bin(BinOp::Lt, cast(CType::Int, Expr::Builtin(Builtin::BlockIdx)), int(end as i64));
             tail = vec![Stmt::If(cond, then, tail)];
         }
+    }
+    if !union_members.is_empty() {
+        tail.insert(0, Stmt::SharedUnion { name: SHARED_UNION.into(), members: union_members });
     }
     let launch = Launch { grid: (start, 1), block: (threads, 1) };
     let kernel = Kernel { name: name.clone(), comments, params, body: tail, launch };

@@ -70,7 +70,11 @@ pub(super) fn rewrite_stmts(
 ) {
     for s in body {
         match s {
-            Stmt::Comment(_) | Stmt::SharedArray { .. } | Stmt::Return | Stmt::SyncThreads => {}
+            Stmt::Comment(_)
+            | Stmt::SharedArray { .. }
+            | Stmt::SharedUnion { .. }
+            | Stmt::Return
+            | Stmt::SyncThreads => {}
             Stmt::Decl { init, .. } => {
                 if let Some(e) = init {
                     rewrite_expr(e, names, builtin)

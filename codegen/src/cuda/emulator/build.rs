@@ -66,10 +66,16 @@ fn entry_point(k: &Kernel) -> String {
 /// garbage when a block first reaches it, as a GPU's shared memory would hold.
 fn poisoned_shared(source: &str) -> String {
     let mut out = String::with_capacity(source.len() + 1024);
+    // A side-by-side kernel's union of its sections' arrays is filled where its declaration ends.
+    let union_end = format!("}} {};", crate::cuda::side::SHARED_UNION);
     for line in source.lines() {
         out.push_str(line);
         let declaration = line.trim_start();
-        if declaration.starts_with("__shared__ ") || declaration.starts_with("alignas(") {
+        if declaration == union_end {
+            out.push_str(&format!(" KILN_EMU_SHARED({});", crate::cuda::side::SHARED_UNION));
+        } else if (declaration.starts_with("__shared__ ") && !declaration.starts_with("__shared__ union"))
+            || declaration.starts_with("alignas(")
+        {
             if let Some(name) = declaration.split('[').next().and_then(|d| d.split_whitespace().last()) {
                 out.push_str(&format!(" KILN_EMU_SHARED({name});"));
             }

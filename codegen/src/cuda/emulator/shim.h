@@ -443,7 +443,7 @@ static void kiln_emu_divrem(void* data) {
 extern "C" void __ubsan_handle_divrem_overflow(void* data, void*, void*) { kiln_emu_divrem(data); }
 extern "C" void __ubsan_handle_divrem_overflow_abort(void* data, void*, void*) { kiln_emu_divrem(data); }
 
-#define KILN_EMU_SHARED(name) kiln_emu::poison_once((void*)(name), sizeof(name))
+#define KILN_EMU_SHARED(name) kiln_emu::poison_once((void*)&(name), sizeof(name))
 
 namespace kiln_emu {
 static inline void sync_at(unsigned line) {
