@@ -1,8 +1,10 @@
 //! Tiled products on tensor cores at float32 accuracy (3xTF32). Each operand element is split
 //! once, when its slab is staged, into a TF32 high part and a TF32 low part (`x = hi + lo` to
 //! within 2^-22 |x|), and each product is `lo*hi + hi*lo + hi*hi`, three `mma.sync.m16n8k8` with
-//! float32 accumulators (`lo*lo`, below float32's rounding, is left out). So a product keeps the
-//! accuracy the float32 peers are measured at (TF32 off) while running on the tensor cores.
+//! float32 accumulators (`lo*lo`, below float32's rounding, is left out). So a product keeps
+//! float32's accuracy, as the peers are measured (TF32 off), while running on the tensor cores:
+//! about twice the error of float32 FMAs (each term rounds the accumulator three times, not
+//! once), where a single TF32 product is some hundred times worse.
 //!
 //! This module owns what differs from the float32 tiles: the prelude's helpers (the split, robust
 //! to infinities, NaNs and values that would round past the largest float; and the multiply-add,

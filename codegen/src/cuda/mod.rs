@@ -1,8 +1,8 @@
 //! The CUDA backend: the kernel program printed as CUDA C (`emit` builds a typed AST, `print`
 //! prints it), compiled by NVRTC at run time, run with cuBLAS for large float products on one
 //! stream (or, opt-in, on several: `schedule`). Kernels are joined where that is safe (`group`,
-//! `single`, `side`, and medium products computed in tiles by their epilogue's kernel: `tiled`),
-//! since a small step pays per launch. The runtime (`exec`, `runtime`, and NVRTC itself)
+//! `single`, `side`, and medium products computed in tiles by their epilogue's kernel: `tiled`,
+//! on tensor cores when asked: `mma`), since a small step pays per launch. The runtime (`exec`, `runtime`, and NVRTC itself)
 //! needs the `cuda` feature (on by default); without it the CUDA C is still generated, and
 //! `Device::Cuda` says the feature is off. `emulator` runs the same program on the CPU, for tests.
 pub mod ast;
