@@ -58,9 +58,7 @@ fn variants() -> Vec<(String, TileChoice)> {
         let slice_counts: &[usize] = if tensor_cores { &[1, 4, 12] } else { &[1, 2, 4, 8, 12] };
         for tile in TileShape::ALL {
             for &slices in slice_counts {
-                let tiled = Some(true);
-                let choice =
-                    TileChoice { tiled, tile: Some(tile), slices: Some(slices), tensor_cores: Some(tensor_cores) };
+                let choice = TileChoice::forced(tile, slices, tensor_cores);
                 let on = if tensor_cores { "tc" } else { "" };
                 v.push((format!("{on}{}/s{slices}", tile.label()), choice));
             }

@@ -228,12 +228,7 @@ fn every_tile_shape(
     let mut out = vec![];
     for tile in TileShape::ALL {
         for (slices, tensor_cores) in [(1, false), (3, false), (1, true), (3, true)] {
-            let choice = TileChoice {
-                tiled: Some(true),
-                tile: Some(tile),
-                slices: Some(slices),
-                tensor_cores: Some(tensor_cores),
-            };
+            let choice = TileChoice::forced(tile, slices, tensor_cores);
             let src = with_tile_choice(choice, || {
                 inside(&f, &args);
                 f.cuda_source(&args).unwrap()

@@ -262,12 +262,7 @@ fn every_tile_shape_agrees_with_the_cpu() {
     for device in cuda_devices() {
         for (n, tile) in TileShape::ALL.into_iter().enumerate() {
             for (slices, tensor_cores) in [(1, false), (4, false), (1, true), (4, true)] {
-                let choice = TileChoice {
-                    tiled: Some(true),
-                    tile: Some(tile),
-                    slices: Some(slices),
-                    tensor_cores: Some(tensor_cores),
-                };
+                let choice = TileChoice::forced(tile, slices, tensor_cores);
                 let run = || {
                     with_tile_choice(choice, || {
                         let mut f = build(device);

@@ -14,13 +14,12 @@
 //! `i % 2 * 2 + j % 2` of the warp's 16x8 product `(i / 2, j / 2)`.
 
 use super::ast::*;
-use super::scalar::Helper;
 
 /// The prelude helper doing one warp's multiply-add (kernels calling it run as fibers in the
 /// emulator: every lane must reach it).
 pub(crate) const MMA_HELPER: &str = "kiln_mma_tf32";
-pub(super) const HIGH_HELPER: &str = "kiln_tf32_hi";
-pub(super) const LOW_HELPER: &str = "kiln_tf32_lo";
+pub(crate) const HIGH_HELPER: &str = "kiln_tf32_hi";
+pub(crate) const LOW_HELPER: &str = "kiln_tf32_lo";
 
 /// Warps of a block along the tile's rows and columns.
 const WARP_ROWS: usize = 2;
@@ -36,73 +35,67 @@ const EXPONENT: u32 = 0x7f80_0000;
 const TF32_BITS: u32 = 0xffff_e000;
 const TF32_HALF_ULP: u32 = 0x1000;
 
-/// The prelude's device function for a tensor-core helper.
-pub(super) fn helper_fn(h: Helper) -> DeviceFn {
+/// The prelude's tensor-core helpers: a float's high and low TF32 parts, and one warp's
+/// multiply-add.
+pub(super) fn helpers() -> Vec<DeviceFn> {
     let u = CType::UInt;
     let not_finite = |bits: Expr| bin(BinOp::Eq, bin(BinOp::BitAnd, bits, Expr::UInt(EXPONENT)), Expr::UInt(EXPONENT));
     let round = |bits: Expr| bin(BinOp::BitAnd, bits + Expr::UInt(TF32_HALF_ULP), Expr::UInt(TF32_BITS));
-    match h {
-        Helper::Tf32High => DeviceFn {
-            ret: u,
-            name: HIGH_HELPER,
-            params: vec![(CType::Float, "x")],
-            outputs: 0,
-            body: vec![
-                decl(u, "bits", call("__float_as_uint", vec![var("x")])),
-                decl(u, "rounded", round(var("bits"))),
-                Stmt::Comment(
-                    "A NaN as a quiet NaN that is a TF32 (its payload may lie in the bits a TF32 drops).".into(),
-                ),
-                Stmt::If(
-                    not_finite(var("bits")),
-                    vec![Stmt::ReturnValue(select(
-                        bin(BinOp::Ne, var("x"), var("x")),
-                        Expr::UInt(0x7fff_e000),
-                        var("bits"),
-                    ))],
-                    vec![],
-                ),
-                Stmt::Comment("Rounding up past the largest float: truncated instead.".into()),
-                Stmt::ReturnValue(select(
-                    not_finite(var("rounded")),
-                    bin(BinOp::BitAnd, var("bits"), Expr::UInt(TF32_BITS)),
-                    var("rounded"),
-                )),
-            ],
-        },
-        Helper::Tf32Low => DeviceFn {
-            ret: u,
-            name: LOW_HELPER,
-            params: vec![(CType::Float, "x"), (u, "hi")],
-            outputs: 0,
-            body: vec![
-                Stmt::Comment("Exact; where x is not finite its high part carries it.".into()),
-                decl(u, "rest", call("__float_as_uint", vec![var("x") - call("__uint_as_float", vec![var("hi")])])),
-                Stmt::ReturnValue(select(not_finite(var("rest")), Expr::UInt(0), round(var("rest")))),
-            ],
-        },
-        Helper::MmaTf32 => {
-            let d = ["d0", "d1", "d2", "d3"];
-            let ins = ["a0", "a1", "a2", "a3", "b0", "b1"];
-            let mut params: Vec<(CType, &'static str)> = d.iter().map(|&n| (CType::Float, n)).collect();
-            params.extend(ins.iter().map(|&n| (u, n)));
-            let args = d.iter().chain(&ins).map(|&n| var(n)).collect();
-            DeviceFn {
-                ret: CType::Void,
-                name: MMA_HELPER,
-                params,
-                outputs: d.len(),
-                body: vec![Stmt::Asm {
-                    ptx: "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 \
-                          {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};",
-                    outputs: d.iter().map(|&n| ("+f", var(n))).collect(),
-                    inputs: ins.iter().map(|&n| ("r", var(n))).collect(),
-                    emulated: call("kiln_emu_mma_tf32", args),
-                }],
-            }
-        }
-        _ => unreachable!("not a tensor-core helper: {h:?}"),
-    }
+    let high = DeviceFn {
+        ret: u,
+        name: HIGH_HELPER,
+        params: vec![(CType::Float, "x")],
+        outputs: 0,
+        body: vec![
+            decl(u, "bits", call("__float_as_uint", vec![var("x")])),
+            decl(u, "rounded", round(var("bits"))),
+            Stmt::Comment("A NaN as a quiet NaN that is a TF32 (its payload may lie in the bits a TF32 drops).".into()),
+            Stmt::If(
+                not_finite(var("bits")),
+                vec![Stmt::ReturnValue(select(
+                    bin(BinOp::Ne, var("x"), var("x")),
+                    Expr::UInt(0x7fff_e000),
+                    var("bits"),
+                ))],
+                vec![],
+            ),
+            Stmt::Comment("Rounding up past the largest float: truncated instead.".into()),
+            Stmt::ReturnValue(select(
+                not_finite(var("rounded")),
+                bin(BinOp::BitAnd, var("bits"), Expr::UInt(TF32_BITS)),
+                var("rounded"),
+            )),
+        ],
+    };
+    let low = DeviceFn {
+        ret: u,
+        name: LOW_HELPER,
+        params: vec![(CType::Float, "x"), (u, "hi")],
+        outputs: 0,
+        body: vec![
+            Stmt::Comment("Exact; where x is not finite its high part carries it.".into()),
+            decl(u, "rest", call("__float_as_uint", vec![var("x") - call("__uint_as_float", vec![var("hi")])])),
+            Stmt::ReturnValue(select(not_finite(var("rest")), Expr::UInt(0), round(var("rest")))),
+        ],
+    };
+    let d = ["d0", "d1", "d2", "d3"];
+    let ins = ["a0", "a1", "a2", "a3", "b0", "b1"];
+    let mut params: Vec<(CType, &'static str)> = d.iter().map(|&n| (CType::Float, n)).collect();
+    params.extend(ins.iter().map(|&n| (u, n)));
+    let multiply_add = DeviceFn {
+        ret: CType::Void,
+        name: MMA_HELPER,
+        params,
+        outputs: d.len(),
+        body: vec![Stmt::Asm {
+            ptx: "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 \
+                  {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};",
+            outputs: d.iter().map(|&n| ("+f", var(n))).collect(),
+            inputs: ins.iter().map(|&n| ("r", var(n))).collect(),
+            emulated: call("kiln_emu_mma_tf32", d.iter().chain(&ins).map(|&n| var(n)).collect()),
+        }],
+    };
+    vec![high, low, multiply_add]
 }
 
 /// Declares the thread's place in the warp grid: `warp_row`, `warp_col`, and within its warp

@@ -176,23 +176,14 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
             }
             out.push_str(";\n");
         }
-        Stmt::SharedArray { ty, name, len, align: 0 } => {
-            writeln!(out, "__shared__ {} {name}[{len}];", ty.name()).unwrap()
-        }
-        Stmt::SharedArray { ty, name, len, align } => {
-            writeln!(out, "alignas({align}) __shared__ {} {name}[{len}];", ty.name()).unwrap()
-        }
+        Stmt::SharedArray { .. } => writeln!(out, "{}", shared_array(s, "__shared__ ")).unwrap(),
         Stmt::SharedUnion { name, members } => {
             out.push_str("__shared__ union {\n");
             for (member, arrays) in members {
                 indent(out, depth + 1);
                 out.push_str("struct {");
                 for a in arrays {
-                    let Stmt::SharedArray { ty, name, len, align } = a else {
-                        unreachable!("a shared union holds shared arrays")
-                    };
-                    let aligned = if *align > 0 { format!("alignas({align}) ") } else { String::new() };
-                    write!(out, " {aligned}{} {name}[{len}];", ty.name()).unwrap();
+                    write!(out, " {}", shared_array(a, "")).unwrap();
                 }
                 writeln!(out, " }} {member};").unwrap();
             }
@@ -251,6 +242,13 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
             out.push_str("#endif\n");
         }
     }
+}
+
+/// `[alignas(N) ]{qualifier}type name[len];` for a `Stmt::SharedArray`.
+fn shared_array(s: &Stmt, qualifier: &str) -> String {
+    let Stmt::SharedArray { ty, name, len, align } = s else { unreachable!("a shared array") };
+    let aligned = if *align > 0 { format!("alignas({align}) ") } else { String::new() };
+    format!("{aligned}{qualifier}{} {name}[{len}];", ty.name())
 }
 
 fn param(p: &Param) -> String {

@@ -19,10 +19,6 @@ pub enum Helper {
     Min(CTypeKey),
     /// Whether the candidate (vb, ib) beats the current (va, ia) of an argmax.
     ArgMaxTake(CTypeKey),
-    /// A float's high and low TF32 parts, and one warp's tensor-core multiply-add (`mma`).
-    Tf32High,
-    Tf32Low,
-    MmaTf32,
 }
 
 /// A value type usable as an ordered key.
@@ -94,6 +90,8 @@ fn wrapping(op: BinOp, d: DType, a: Expr, b: Expr) -> Expr {
 #[derive(Default)]
 pub struct Scalars {
     pub used: BTreeSet<Helper>,
+    /// Whether a tiled product runs on tensor cores (the prelude then holds `mma`'s helpers).
+    pub tensor_cores: bool,
 }
 
 impl Scalars {
@@ -187,7 +185,8 @@ impl Scalars {
 
     /// The helpers used so far, as device functions.
     pub fn prelude(&self) -> Vec<DeviceFn> {
-        self.used.iter().map(|&h| helper_fn(h)).collect()
+        let tensor_cores = if self.tensor_cores { super::mma::helpers() } else { vec![] };
+        self.used.iter().map(|&h| helper_fn(h)).chain(tensor_cores).collect()
     }
 }
 
@@ -197,7 +196,6 @@ fn is_nan(x: Expr) -> Expr {
 
 fn helper_fn(h: Helper) -> DeviceFn {
     let (name, k) = match h {
-        Helper::Tf32High | Helper::Tf32Low | Helper::MmaTf32 => return super::mma::helper_fn(h),
         Helper::Sigmoid(k) => ("kiln_sigmoid", k),
         Helper::Softplus(k) => ("kiln_softplus", k),
         Helper::Sign(k) => ("kiln_sign", k),
@@ -261,7 +259,6 @@ fn helper_fn(h: Helper) -> DeviceFn {
                 ordered
             }
         }
-        Helper::Tf32High | Helper::Tf32Low | Helper::MmaTf32 => unreachable!("returned above"),
     };
     let (ret_ty, params): (CType, Vec<(CType, &'static str)>) = match h {
         Helper::Max(_) | Helper::Min(_) => (t, vec![(t, "a"), (t, "b")]),

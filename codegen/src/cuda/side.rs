@@ -7,8 +7,9 @@
 //! flat ones, and one written for a two-dimensional grid (a split reduction) its block indices from
 //! its range of the flat grid. A whole block runs one section, so block barriers stay correct, and
 //! the sections' shared arrays overlap in one `__shared__` union (the kernel needs the largest
-//! section's shared memory, not their sum). In a training step this puts a layer's bias gradient beside its weight update: one launch (one
-//! graph node) fewer each, and the two run at the same time instead of one after the other.
+//! section's shared memory, not their sum). In a training step this puts a layer's bias gradient
+//! beside its weight update: one launch (one graph node) fewer each, and the two run at the same
+//! time instead of one after the other.
 
 use super::ast::*;
 use super::emit::{DeviceStep, KernelArg, Launchable, MAX_GRID};
@@ -27,42 +28,31 @@ pub(crate) const SHARED_UNION: &str = "smem";
 /// Bytes a shared array may take beyond its elements in a union's struct (its alignment).
 const ALIGN_SLACK: usize = 16;
 
-/// The bytes of the `__shared__` arrays a kernel declares: at the top of its body (what a
-/// side-by-side kernel overlaps with its other sections'), and nested in its statements.
-fn shared_bytes(body: &[Stmt]) -> (usize, usize) {
-    let top = body
-        .iter()
-        .map(|s| {
-            if matches!(s, Stmt::SharedArray { .. }) {
-                all_shared_bytes(std::slice::from_ref(s)) + ALIGN_SLACK
-            } else {
-                0
-            }
-        })
-        .sum();
-    let nested = body
-        .iter()
-        .filter(|s| !matches!(s, Stmt::SharedArray { .. }))
-        .map(|s| all_shared_bytes(std::slice::from_ref(s)))
-        .sum();
-    (top, nested)
+fn is_shared_array(s: &Stmt) -> bool {
+    matches!(s, Stmt::SharedArray { .. })
 }
 
-/// The bytes of every `__shared__` array in `body`.
-fn all_shared_bytes(body: &[Stmt]) -> usize {
-    body.iter()
-        .map(|s| match s {
-            Stmt::SharedArray { ty, len, .. } => len * ty.size(),
-            Stmt::SharedUnion { members, .. } => members
-                .iter()
-                .map(|(_, arrays)| all_shared_bytes(arrays) + ALIGN_SLACK * arrays.len())
-                .max()
-                .unwrap_or(0),
-            Stmt::If(_, a, b) => all_shared_bytes(a) + all_shared_bytes(b),
-            Stmt::For { body, .. } | Stmt::Block(body) => all_shared_bytes(body),
-            _ => 0,
-        })
-        .sum()
+/// The bytes of the `__shared__` arrays a kernel declares: at the top of its body (what a
+/// side-by-side kernel overlaps with its other sections', each array perhaps padded), and nested
+/// in its statements.
+fn shared_bytes(body: &[Stmt]) -> (usize, usize) {
+    let (arrays, rest): (Vec<&Stmt>, Vec<&Stmt>) = body.iter().partition(|s| is_shared_array(s));
+    let bytes = |stmts: &[&Stmt]| stmts.iter().map(|s| stmt_shared_bytes(s)).sum::<usize>();
+    (bytes(&arrays) + ALIGN_SLACK * arrays.len(), bytes(&rest))
+}
+
+/// The bytes of every `__shared__` array a statement declares.
+fn stmt_shared_bytes(s: &Stmt) -> usize {
+    let all = |body: &[Stmt]| body.iter().map(stmt_shared_bytes).sum::<usize>();
+    match s {
+        Stmt::SharedArray { ty, len, .. } => len * ty.size(),
+        Stmt::SharedUnion { members, .. } => {
+            members.iter().map(|(_, arrays)| all(arrays) + ALIGN_SLACK * arrays.len()).max().unwrap_or(0)
+        }
+        Stmt::If(_, a, b) => all(a) + all(b),
+        Stmt::For { body, .. } | Stmt::Block(body) => all(body),
+        _ => 0,
+    }
 }
 
 /// The memory a launch reads and writes.
@@ -163,12 +153,10 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
     }
     // Where more than one section declares shared arrays (at the top of its body), they overlap
     // in one union: member `sN` holds section N's, which its code then names `smem.sN.array`.
-    let top_arrays = |body: &[Stmt]| body.iter().filter(|st| matches!(st, Stmt::SharedArray { .. })).count();
     let mut union_members = vec![];
-    if sections.iter().filter(|(_, _, body)| top_arrays(body) > 0).count() > 1 {
+    if sections.iter().filter(|(_, _, body)| body.iter().any(is_shared_array)).count() > 1 {
         for (s, (_, _, body)) in sections.iter_mut().enumerate() {
-            let (arrays, rest): (Vec<Stmt>, Vec<Stmt>) =
-                std::mem::take(body).into_iter().partition(|st| matches!(st, Stmt::SharedArray { .. }));
+            let (arrays, rest): (Vec<Stmt>, Vec<Stmt>) = std::mem::take(body).into_iter().partition(is_shared_array);
             *body = rest;
             if arrays.is_empty() {
                 continue;

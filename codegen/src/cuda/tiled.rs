@@ -20,7 +20,6 @@
 use super::ast::*;
 use super::emit::{decompose, Emitter, ProductInEpilogue, MAX_GRID, THREADS};
 use super::mma;
-use super::scalar::Helper;
 use crate::kernel::{LoopKernel, MatMul};
 use kiln_ir::DType;
 
@@ -100,6 +99,14 @@ pub struct TileChoice {
     pub slices: Option<usize>,
     /// `Some(true)`: tiles computed on tensor cores (3xTF32); `Some(false)`: by float32 FMAs.
     pub tensor_cores: Option<bool>,
+}
+
+impl TileChoice {
+    /// Every product with an epilogue tiled, in `tile`s, its inner dimension in `slices`, by
+    /// float32 FMAs or on tensor cores.
+    pub fn forced(tile: TileShape, slices: usize, tensor_cores: bool) -> TileChoice {
+        TileChoice { tiled: Some(true), tile: Some(tile), slices: Some(slices), tensor_cores: Some(tensor_cores) }
+    }
 }
 
 thread_local! {
@@ -357,9 +364,7 @@ impl<'a> Emitter<'a> {
         // Tensor cores take each operand element as its TF32 high and low parts, split once when
         // staged and kept side by side (one 8-byte access reads both).
         let slab_type = if plan.tensor_cores {
-            for h in [Helper::Tf32High, Helper::Tf32Low, Helper::MmaTf32] {
-                self.scalars.used.insert(h);
-            }
+            self.scalars.tensor_cores = true;
             CType::UInt2
         } else {
             ft

@@ -186,5 +186,11 @@ mod tests {
         assert!(out.contains("  __shared__ float s[4]; KILN_EMU_SHARED(s);\n"), "{out}");
         assert!(out.contains("  alignas(16) __shared__ float t[8]; KILN_EMU_SHARED(t);\n"), "{out}");
         assert!(out.contains("  s[0] = t[1];\n"), "{out}");
+        // A side-by-side kernel's union is filled as a whole, where its declaration ends.
+        let source = "  __shared__ union {\n    struct { float s[4]; } s0;\n  } smem;\n  smem.s0.s[0] = 1.0f;\n";
+        let out = poisoned_shared(source);
+        assert_eq!(out.lines().count(), source.lines().count());
+        assert_eq!(out.matches("KILN_EMU_SHARED").count(), 1, "{out}");
+        assert!(out.contains("  } smem; KILN_EMU_SHARED(smem);\n"), "{out}");
     }
 }

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::cuda::ast::*;
+use crate::cuda::mma;
 
 /// A one-kernel module `k(const float* in, float* out)` with `body`, launched on one block of
 /// `threads`, over `input`; returns `out` (`out_len` floats) and whether its guards held.
@@ -265,12 +266,6 @@ fn a_warp_shuffle_that_some_lanes_skip_is_an_error() {
     assert!(fault.contains("never reaches"), "{fault}");
 }
 
-/// The prelude's tensor-core helpers (the TF32 split and the warp multiply-add).
-fn tensor_core_helpers() -> Vec<DeviceFn> {
-    use crate::cuda::scalar::Helper;
-    [Helper::Tf32High, Helper::Tf32Low, Helper::MmaTf32].into_iter().map(crate::cuda::mma::helper_fn).collect()
-}
-
 /// A warp's m16n8k8 product of `a` (16x8, row-major, from `in[0..128]`) and `b` (8x8, from
 /// `in[128..192]`) into `out` (16x8), each lane loading and storing its fragments where the PTX
 /// ISA puts them; with `split`, as the tiles do it (high and low parts, three multiply-adds),
@@ -293,14 +288,14 @@ fn warp_product(split: bool) -> Vec<Stmt> {
         body.push(decl_mut(CType::Float, d, Expr::F32(0.0)));
     }
     for (name, at) in words {
-        body.push(decl(u, format!("{name}_hi"), call("kiln_tf32_hi", vec![at.clone()])));
-        body.push(decl(u, format!("{name}_lo"), call("kiln_tf32_lo", vec![at, var(format!("{name}_hi"))])));
+        body.push(decl(u, format!("{name}_hi"), call(mma::HIGH_HELPER, vec![at.clone()])));
+        body.push(decl(u, format!("{name}_lo"), call(mma::LOW_HELPER, vec![at, var(format!("{name}_hi"))])));
     }
     let mma = |pa: &str, pb: &str| {
         let mut args: Vec<Expr> = ["d0", "d1", "d2", "d3"].iter().map(|&d| var(d)).collect();
         args.extend(["a0", "a1", "a2", "a3"].iter().map(|w| var(format!("{w}_{pa}"))));
         args.extend(["b0", "b1"].iter().map(|w| var(format!("{w}_{pb}"))));
-        Stmt::Call(call("kiln_mma_tf32", args))
+        Stmt::Call(call(mma::MMA_HELPER, args))
     };
     if split {
         body.extend([mma("lo", "hi"), mma("hi", "lo")]);
@@ -336,7 +331,7 @@ fn a_warp_multiply_add_follows_the_ptx_fragment_layout() {
     // and outputs are where the PTX ISA says.
     let input: Vec<f32> =
         (0..192).map(|i| if i < 128 { (i * 5 % 7) as f32 - 3.0 } else { (i * 3 % 5) as f32 - 2.0 }).collect();
-    let (out, _, fault) = run_with_helpers(warp_product(false), tensor_core_helpers(), 32, &input, 128, false);
+    let (out, _, fault) = run_with_helpers(warp_product(false), mma::helpers(), 32, &input, 128, false);
     assert_eq!(fault, None);
     let want: Vec<f32> = product_in_f64(&input).iter().map(|&v| v as f32).collect();
     assert_eq!(out, want);
@@ -353,7 +348,7 @@ fn three_tf32_products_keep_float32_accuracy() {
     let want = product_in_f64(&input);
     let scale: f64 = want.iter().map(|v| v.abs()).fold(0.0, f64::max);
     let worst = |split: bool| {
-        let (out, _, fault) = run_with_helpers(warp_product(split), tensor_core_helpers(), 32, &input, 128, false);
+        let (out, _, fault) = run_with_helpers(warp_product(split), mma::helpers(), 32, &input, 128, false);
         assert_eq!(fault, None);
         out.iter().zip(&want).map(|(&o, w)| (o as f64 - w).abs() / scale).fold(0.0, f64::max)
     };
@@ -382,14 +377,14 @@ fn the_tf32_split_is_exact_to_float32_and_keeps_infinities_and_nans() {
     input.extend((0..54u32).map(|i| f32::from_bits(0x3000_0000 + i.wrapping_mul(0x0123_4567) % 0x1800_0000)));
     let word = || index(var("in"), tid());
     let body = vec![
-        decl(CType::UInt, "hi", call("kiln_tf32_hi", vec![word()])),
+        decl(CType::UInt, "hi", call(mma::HIGH_HELPER, vec![word()])),
         assign(index(var("out"), tid()), call("__uint_as_float", vec![var("hi")])),
         assign(
             index(var("out"), tid() + int(64)),
-            call("__uint_as_float", vec![call("kiln_tf32_lo", vec![word(), var("hi")])]),
+            call("__uint_as_float", vec![call(mma::LOW_HELPER, vec![word(), var("hi")])]),
         ),
     ];
-    let (out, _, fault) = run_with_helpers(body, tensor_core_helpers(), 64, &input, 128, false);
+    let (out, _, fault) = run_with_helpers(body, mma::helpers(), 64, &input, 128, false);
     assert_eq!(fault, None);
     for (i, &x) in input.iter().enumerate() {
         let (hi, lo) = (out[i], out[64 + i]);
@@ -415,7 +410,7 @@ fn a_warp_multiply_add_that_some_lanes_skip_is_an_error() {
     let mut body = warp_product(false);
     let at = body.iter().position(|s| matches!(s, Stmt::Call(_))).expect("the multiply-add");
     body.insert(at, Stmt::If(bin(BinOp::Lt, int(15), tid()), vec![Stmt::Return], vec![]));
-    let (_, _, fault) = run_with_helpers(body, tensor_core_helpers(), 32, &[1.0; 192], 128, false);
+    let (_, _, fault) = run_with_helpers(body, mma::helpers(), 32, &[1.0; 192], 128, false);
     let fault = fault.expect("reported");
     assert!(fault.contains("warp multiply-add") && fault.contains("never reaches"), "{fault}");
 }
