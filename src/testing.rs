@@ -146,13 +146,15 @@ pub fn cuda_test_devices() -> Vec<Device> {
 /// Runs `f` once for `device`, and for the CUDA emulator a second time with every program emitted
 /// kernel by kernel (the multi-block forms that large inputs get; small programs otherwise run as
 /// one single-block kernel) on the emulator's mirrored schedule (blocks and threads in the other
-/// order, which shows the races the usual one hides). `f` gets a label for messages: "" or
-/// " (kernel by kernel, mirrored)".
+/// order, which shows the races the usual one hides) and under its race check (every load and store
+/// checked against CUDA's ordering rules: barriers, and between blocks the last-block protocol).
+/// `f` gets a label for messages: "" or " (kernel by kernel, mirrored, race-checked)".
 pub fn in_each_cuda_form(device: Device, mut f: impl FnMut(&str)) {
+    use kiln_codegen::cuda::emulator::{with_mirrored_schedule, with_race_check};
     f("");
     if device == Device::CudaEmulator {
         kiln_codegen::cuda::kernel_by_kernel(|| {
-            kiln_codegen::cuda::emulator::with_mirrored_schedule(|| f(" (kernel by kernel, mirrored)"))
+            with_mirrored_schedule(|| with_race_check(|| f(" (kernel by kernel, mirrored, race-checked)")))
         });
     }
 }

@@ -9,8 +9,9 @@
 //! emission, runs of tiny kernels become single-block kernels (`single`) and independent neighbours
 //! share a launch (`side`); the steps' dependencies are recorded for the scheduler (`schedule`).
 //! Kernels never read or write outside their buffers: views were checked by the lowering, and
-//! indices read from buffers are checked in the kernel (an out-of-range index sets an error code
-//! and reads element 0 instead).
+//! indices read from buffers are checked in the kernel (an out-of-range index lowers the error word
+//! to its site's code, atomically, so the earliest site wins whatever the threads' order, and reads
+//! element 0 instead).
 
 use super::ast::*;
 use super::group::{can_follow, collapse_group, forwarded, locations, Location};
@@ -54,7 +55,8 @@ pub enum DeviceStep {
     Gemm(MatMul),
 }
 
-/// What a nonzero error word means: code `k` is `errors[k - 1]` (the op and the user's call site).
+/// What an error word below `NO_ERROR` means: code `k` is `errors[k - 1]` (the op and the user's
+/// call site).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ErrorSite {
     pub op: &'static str,

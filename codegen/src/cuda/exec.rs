@@ -324,7 +324,7 @@ impl Plan {
         let main = &lanes[0];
         if let Some(w) = &self.error_word {
             // SAFETY: a 4-byte buffer of this plan.
-            unsafe { result::memset_d8_async(w.ptr, 0, 4, main.cu_stream()) }
+            unsafe { result::memset_d8_async(w.ptr, 0xff, 4, main.cu_stream()) }
                 .map_err(cuda_err("clearing the error word"))?;
         }
         let record = |e: &CudaEvent, s: &CudaStream| e.record(s).map_err(cuda_err("recording an event"));
@@ -554,7 +554,7 @@ impl Executable for CudaExecutable {
         if let Some(w) = &plan.error_word {
             let mut code = [0u8; 4];
             w.download(&mut code)?;
-            super::check_error_word(&plan.errors, i32::from_ne_bytes(code))?;
+            super::check_error_word(&plan.errors, u32::from_ne_bytes(code))?;
         }
         Ok(outs)
     }

@@ -174,9 +174,13 @@ pub(crate) fn check_argument_indices(kp: &KernelProgram, inputs: &[&kiln_ir::Ten
     Ok(())
 }
 
-/// The error a step's error word reports (0: none; `k`: the `k`-th site of `errors`).
-pub(crate) fn check_error_word(errors: &[emit::ErrorSite], code: i32) -> Result<()> {
-    if code <= 0 {
+/// The error word's value before a step: every byte 0xff. Kernels lower it to their site's code
+/// with `atomicMin`, so the earliest site in the program wins, as on the CPU.
+pub(crate) const NO_ERROR: u32 = u32::MAX;
+
+/// The error a step's error word reports (`NO_ERROR`: none; `k`: the `k`-th site of `errors`).
+pub(crate) fn check_error_word(errors: &[emit::ErrorSite], code: u32) -> Result<()> {
+    if code == NO_ERROR || code == 0 {
         return Ok(());
     }
     let site = &errors[code as usize - 1];

@@ -29,7 +29,10 @@ impl<'a> Emitter<'a> {
                 Stmt::If(bin(BinOp::Lt, var(a), int(0)), vec![assign(var(a), var(a) + axis.clone())], vec![]),
                 Stmt::If(
                     bin(BinOp::Or, bin(BinOp::Lt, var(a), int(0)), bin(BinOp::Ge, var(a), axis.clone())),
-                    vec![assign(index(var("error"), int(0)), int(code)), assign(var(a), int(-1))],
+                    vec![
+                        Stmt::Call(call("atomicMin", vec![var("error"), Expr::UInt(code as u32)])),
+                        assign(var(a), int(-1)),
+                    ],
                     vec![],
                 ),
             ]
@@ -76,7 +79,7 @@ impl<'a> Emitter<'a> {
             Param { ty: value_t, name: "src".into(), kind: ParamKind::In },
             Param { ty: idx_t, name: "idx".into(), kind: ParamKind::In },
             Param { ty: value_t, name: "out".into(), kind: ParamKind::Out },
-            Param { ty: CType::Int, name: "error".into(), kind: ParamKind::InOut },
+            Param { ty: CType::UInt, name: "error".into(), kind: ParamKind::InOut },
         ];
         let launch = launch_1d(total);
         let loop_ = grid_stride_loop(it, "t", total, body);

@@ -3,8 +3,9 @@
 //! followed, on its line, by the shim's garbage fill), and one C entry point per kernel
 //! (`kiln_emu_<kernel>(args, grid, block, mirrored)`, arguments as cuLaunchKernel takes them,
 //! returning the first fault the launch met: undefined behaviour, a barrier or shuffle that not
-//! every thread reaches). Compiled by the system's C++ compiler (`$CXX`, else `g++`) with
-//! undefined-behaviour checks, and cached on disk by source, like NVRTC's output.
+//! every thread reaches, with the race check a conflicting access). Compiled by the system's C++
+//! compiler (`$CXX`, else `g++`) with undefined-behaviour checks (and for the race check, the
+//! thread sanitizer's instrumentation), and cached on disk by source, like NVRTC's output.
 
 use crate::cuda::ast::{Kernel, Module, Stmt};
 use kiln_ir::{Error, Result};
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 const SHIM: &str = include_str!("shim.h");
+const RACE: &str = include_str!("race.h");
 
 /// The undefined behaviour checked in emulated kernels (the shim's handlers report it as an error):
 /// what a GPU faults on (misaligned vector access) or computes differently from a CPU.
@@ -85,10 +87,16 @@ fn poisoned_shared(source: &str) -> String {
     out
 }
 
-/// The C++ compilation unit for a module printed as `source`.
-pub fn unit(module: &Module, source: &str) -> String {
+/// What opens a unit compiled for the race check (see the shim): the shim's race check on, and the
+/// compiler's thread-sanitizer instrumentation calling it on every load and store.
+const RACE_CHECK: &str = "#define KILN_EMU_RACECHECK 1\n";
+
+/// The C++ compilation unit for a module printed as `source`; `race_check`: with every load and
+/// store checked against CUDA's ordering rules (slower).
+pub fn unit(module: &Module, source: &str, race_check: bool) -> String {
     let source = poisoned_shared(source);
-    let mut out = format!("{SHIM}\n#line 1 \"kiln-module.cu\"\n{source}\n");
+    let race = if race_check { RACE_CHECK } else { "" };
+    let mut out = format!("{race}{SHIM}\n{RACE}\n#line 1 \"kiln-module.cu\"\n{source}\n");
     for k in &module.kernels {
         out.push_str(&entry_point(k));
     }
@@ -155,11 +163,25 @@ pub fn library(unit: &str) -> Result<Arc<libloading::Library>> {
             "-fsanitize-recover=all",
             "-c",
         ];
+        // The race check's instrumentation calls hooks the shim defines; linked with `-z defs`, a
+        // hook the shim lacks is an error here rather than a crash in a kernel.
+        let race: &[&str] = if unit.contains(RACE_CHECK) { &["-fsanitize=thread", "-Wl,-z,defs"] } else { &[] };
         run_compiler(
-            compile.iter().map(|a| a.as_ref()).chain([tmp_cpp.as_os_str(), "-o".as_ref(), tmp_o.as_os_str()]),
+            compile.iter().chain(&race[..race.len().min(1)]).map(|a| a.as_ref()).chain([
+                tmp_cpp.as_os_str(),
+                "-o".as_ref(),
+                tmp_o.as_os_str(),
+            ]),
             &tmp_cpp,
         )?;
-        run_compiler(["-shared".as_ref(), "-o".as_ref(), tmp_so.as_os_str(), tmp_o.as_os_str()], &tmp_cpp)?;
+        run_compiler(
+            ["-shared"].iter().chain(&race[race.len().min(1)..]).map(|a| a.as_ref()).chain([
+                "-o".as_ref(),
+                tmp_so.as_os_str(),
+                tmp_o.as_os_str(),
+            ]),
+            &tmp_cpp,
+        )?;
         let _ = std::fs::remove_file(&tmp_o);
         // Renames are atomic: a concurrent compile of the same unit leaves one whole library.
         let _ = std::fs::rename(&tmp_so, &so);

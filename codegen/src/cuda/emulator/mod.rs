@@ -5,21 +5,26 @@
 //! shim of CUDA's built-ins (`shim.h`: blocks in reverse order, threads as fibers where a kernel
 //! waits on its block or warp) and called step by step, in an order as far from the program's as
 //! the steps' dependencies allow (so a dependency the scheduler missed shows). cuBLAS products run
-//! on the host with the same operand layout. Every buffer is framed by guard bytes that are checked after each step, so
-//! a kernel that writes outside its buffers is an error naming it, not silent corruption. Kernels
+//! on the host with the same operand layout. Every buffer is framed by guard bytes that are checked
+//! after each step, so a kernel that writes outside its buffers is an error naming it, not silent
+//! corruption. Kernels
 //! are compiled with the compiler's undefined-behaviour checks (misaligned `float4` access, which a
 //! CPU forgives and a GPU faults on; shared-array indices out of bounds, which no guard byte sees;
 //! signed index overflow; bad shifts), reported as an error naming the kernel and the line of the
 //! printed module; so is a block barrier that not every thread of the block reaches (a hang on a
 //! GPU), or a warp shuffle that a lane of the warp skips.
 //! `with_mirrored_schedule` runs blocks and threads in the other order, so a race one order hides
-//! shows. What it cannot check: timing, the PTX NVRTC makes of the source (NVRTC compiles the same
-//! text in CI), memory ordering between blocks (one block runs at a time), and CUDA's own math
-//! library's rounding.
+//! shows; `with_race_check` (or `KILN_EMU_RACECHECK=1`) checks every load and store against CUDA's
+//! ordering rules instead, whatever the order: barriers within a block, and between the blocks of
+//! a launch only the last-block protocol (fence, ticket, L2 load). What it cannot check: timing,
+//! the PTX NVRTC makes of the source (NVRTC compiles the same text in CI), what the hardware does
+//! with a protocol the rules accept (the race check takes the CUDA memory model's word for it),
+//! and CUDA's own math library's rounding.
 
 mod build;
 pub use build::unavailable_reason;
 
+use super::ast::Module;
 use super::emit::{emit, DeviceStep, ErrorSite, KernelArg};
 use crate::bytes::{tensor_bytes, tensor_from_bytes};
 use crate::kernel::{elem_size, BufKind, KernelProgram, MatMul, UpdateWrite};
@@ -96,6 +101,7 @@ type EntryPoint = unsafe extern "C" fn(*mut *mut c_void, u32, u32, u32, u32, i32
 
 thread_local! {
     static MIRRORED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static RACE_CHECK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Runs `f` with every kernel this thread emulates on the mirrored schedule: blocks first to last
@@ -105,6 +111,63 @@ thread_local! {
 /// shows, so the CUDA tests run the emulator both ways.
 pub fn with_mirrored_schedule<R>(f: impl FnOnce() -> R) -> R {
     super::with_thread_setting(&MIRRORED, true, f)
+}
+
+/// Runs `f` with every kernel this thread emulates under the race check: each load and store of
+/// the kernel is checked against CUDA's ordering rules, not against the order the emulator happens
+/// to run threads and blocks in (see the shim): a conflicting access by two threads of a block
+/// with no `__syncthreads` between, an access to what another block of the same launch wrote (other
+/// than the last-block protocol: published by `__threadfence`, read from L2 after a ticket), or two
+/// blocks writing one element, is an error naming the kernel, the buffer or shared array, the
+/// element and both threads. Several times slower; `KILN_EMU_RACECHECK=1` turns it on everywhere.
+pub fn with_race_check<R>(f: impl FnOnce() -> R) -> R {
+    super::with_thread_setting(&RACE_CHECK, true, f)
+}
+
+fn race_check_on() -> bool {
+    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    RACE_CHECK.with(|r| r.get())
+        || *FROM_ENV.get_or_init(|| std::env::var("KILN_EMU_RACECHECK").is_ok_and(|v| v == "1"))
+}
+
+/// The race check's registration of a launch's buffers (`kiln_emu_race_buffers` in the shim):
+/// count, names, addresses, sizes in bytes, element sizes.
+type RaceBuffers =
+    unsafe extern "C" fn(u32, *const *const std::ffi::c_char, *const *mut c_void, *const usize, *const u32);
+
+/// A compiled form of the plan's module: its library and each step's entry point.
+struct Compiled {
+    entries: Vec<Option<EntryPoint>>,
+    race_buffers: Option<RaceBuffers>,
+    _lib: Arc<libloading::Library>,
+}
+
+impl Compiled {
+    fn new(module: &Module, source: &str, steps: &[DeviceStep], race_check: bool) -> Result<Compiled> {
+        let lib = build::library(&build::unit(module, source, race_check))?;
+        let mut entries = Vec::with_capacity(steps.len());
+        for s in steps {
+            entries.push(match s {
+                DeviceStep::Launch(l) => {
+                    let symbol = format!("kiln_emu_{}", l.kernel);
+                    // SAFETY: every kernel has an entry point of this signature (build::entry_point).
+                    let f = unsafe { lib.get::<EntryPoint>(symbol.as_bytes()) }
+                        .map_err(|e| Error::Invalid(format!("emulated kernel {}: {e}", l.kernel)))?;
+                    Some(*f)
+                }
+                DeviceStep::Gemm(_) => None,
+            });
+        }
+        let race_buffers = if race_check {
+            // SAFETY: the shim defines it with this signature in race-checked units.
+            let f = unsafe { lib.get::<RaceBuffers>(b"kiln_emu_race_buffers") }
+                .map_err(|e| Error::Invalid(format!("the emulator's race check: {e}")))?;
+            Some(*f)
+        } else {
+            None
+        };
+        Ok(Compiled { entries, race_buffers, _lib: lib })
+    }
 }
 
 /// The entry point's report as an error naming the kernel.
@@ -119,9 +182,10 @@ fn fault(kernel: &str, report: *const std::ffi::c_char) -> Result<()> {
 
 enum Exec {
     Launch {
-        f: EntryPoint,
         kernel: String,
         args: Vec<KernelArg>,
+        /// Each argument's parameter name and element size (what the race check reports).
+        params: Vec<(std::ffi::CString, u32)>,
         grid: (u32, u32),
         block: (u32, u32),
     },
@@ -149,7 +213,11 @@ struct Plan {
     error_word: HostBuffer,
     scratch: Vec<HostBuffer>,
     code: String,
-    _lib: Arc<libloading::Library>,
+    module: Module,
+    device_steps: Vec<DeviceStep>,
+    /// The module compiled as is, and (once asked for) compiled for the race check.
+    compiled: Compiled,
+    race_checked: Option<Compiled>,
 }
 
 pub struct EmulatedExecutable {
@@ -168,19 +236,22 @@ impl Plan {
         let memory = crate::cuda::memory_plan(&kp, 1);
         let dp = emit(&kp, &memory)?;
         let source = super::print::program(&dp.module, &dp.steps);
-        let lib = build::library(&build::unit(&dp.module, &source))?;
+        let compiled = Compiled::new(&dp.module, &source, &dp.steps, false)?;
         let mut steps = Vec::with_capacity(dp.steps.len());
         for s in &dp.steps {
             steps.push(match s {
                 DeviceStep::Launch(l) => {
-                    let symbol = format!("kiln_emu_{}", l.kernel);
-                    // SAFETY: every kernel has an entry point of this signature (build::entry_point).
-                    let f = unsafe { lib.get::<EntryPoint>(symbol.as_bytes()) }
-                        .map_err(|e| Error::Invalid(format!("emulated kernel {}: {e}", l.kernel)))?;
+                    let kernel = dp.module.kernels.iter().find(|k| k.name == l.kernel);
+                    let params = kernel.map_or(vec![], |k| {
+                        k.params
+                            .iter()
+                            .map(|p| (std::ffi::CString::new(p.name.as_str()).unwrap_or_default(), p.ty.size() as u32))
+                            .collect()
+                    });
                     Exec::Launch {
-                        f: *f,
                         kernel: l.kernel.clone(),
                         args: l.args.clone(),
+                        params,
                         grid: l.launch.grid,
                         block: l.launch.block,
                     }
@@ -223,7 +294,10 @@ impl Plan {
             error_word: HostBuffer::new(4),
             scratch: dp.scratch.iter().map(|&n| HostBuffer::new(n)).collect(),
             code: source,
-            _lib: lib,
+            module: dp.module,
+            device_steps: dp.steps,
+            compiled,
+            race_checked: None,
         })
     }
 
@@ -251,16 +325,22 @@ impl Plan {
     }
 
     fn execute(&mut self, shared: &mut [HostBuffer]) -> Result<()> {
+        let race_check = race_check_on();
+        if race_check && self.race_checked.is_none() {
+            self.race_checked = Some(Compiled::new(&self.module, &self.code, &self.device_steps, true)?);
+        }
         let ptr = self.pointers(shared);
-        self.error_word.write(&[0; 4]);
+        self.error_word.write(&super::NO_ERROR.to_ne_bytes());
         let error_ptr = self.error_word.ptr();
         let scratch: Vec<*mut c_void> = self.scratch.iter_mut().map(|h| h.ptr()).collect();
+        let compiled = if race_check { self.race_checked.as_ref().expect("compiled above") } else { &self.compiled };
         for &i in &self.order {
             match &self.steps[i] {
-                Exec::Launch { f, kernel, args, grid, block } => {
+                Exec::Launch { kernel, args, params, grid, block } => {
                     if grid.0 == 0 {
                         continue;
                     }
+                    let f = compiled.entries[i].expect("a launch has an entry point");
                     let mut values: Vec<*mut c_void> = args
                         .iter()
                         .map(|a| match a {
@@ -269,6 +349,34 @@ impl Plan {
                             KernelArg::Scratch(k) => scratch[*k],
                         })
                         .collect();
+                    if let Some(register) = compiled.race_buffers {
+                        let bytes: Vec<usize> = args
+                            .iter()
+                            .map(|a| match a {
+                                KernelArg::Buf(b) => bytes_of(&self.kp, *b),
+                                KernelArg::ErrorFlag => 4,
+                                KernelArg::Scratch(k) => self.scratch[*k].bytes,
+                            })
+                            .collect();
+                        let names: Vec<*const std::ffi::c_char> = params.iter().map(|(n, _)| n.as_ptr()).collect();
+                        let sizes: Vec<u32> = params.iter().map(|&(_, s)| s).collect();
+                        if names.len() != values.len() {
+                            return Err(Error::Invalid(format!(
+                                "emulated kernel {kernel}: parameters and arguments differ"
+                            )));
+                        }
+                        // SAFETY: four arrays of the launch's argument count, the names NUL-terminated
+                        // and alive for the call; the shim copies what it keeps.
+                        unsafe {
+                            register(
+                                values.len() as u32,
+                                names.as_ptr(),
+                                values.as_ptr(),
+                                bytes.as_ptr(),
+                                sizes.as_ptr(),
+                            )
+                        };
+                    }
                     // SAFETY: the entry point takes one pointer per kernel parameter; what the
                     // kernel does with them is what this emulator checks (guards below).
                     let mirrored = MIRRORED.with(|m| m.get()) as i32;
@@ -347,7 +455,7 @@ impl Executable for EmulatedExecutable {
                 .collect();
             plan.execute(&mut memory)?;
             let word = plan.error_word.data();
-            super::check_error_word(&plan.errors, i32::from_ne_bytes([word[0], word[1], word[2], word[3]]))?;
+            super::check_error_word(&plan.errors, u32::from_ne_bytes([word[0], word[1], word[2], word[3]]))?;
             let outs = plan
                 .returned
                 .iter()
@@ -384,5 +492,7 @@ impl Executable for EmulatedExecutable {
     }
 }
 
+#[cfg(test)]
+mod race_tests;
 #[cfg(test)]
 mod tests;

@@ -7,6 +7,9 @@
 // before any passes it, and every lane of a warp has offered its value before any lane reads its
 // partner's. `__shared__` arrays are thread_local statics: one per block, since one
 // OS thread runs one block at a time. Atomics are plain read-modify-writes (one OS thread).
+// With KILN_EMU_RACECHECK defined (and the unit compiled with the thread sanitizer's
+// instrumentation), every load and store is also checked against CUDA's ordering rules: see "The
+// race check" in race.h.
 // On x86-64 a fiber switch saves the callee-saved registers and swaps stack pointers (a tiled
 // product's block switches a few thousand times); elsewhere (or with KILN_EMU_UCONTEXT defined, as a
 // test does) ucontext does it, with a system call per switch for the signal mask.
@@ -16,6 +19,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <ucontext.h>
+
+// The race check's instrumentation (see below) skips what the shim itself does to memory.
+#ifdef KILN_EMU_RACECHECK
+#define KILN_EMU_UNCHECKED __attribute__((no_sanitize_thread))
+#else
+#define KILN_EMU_UNCHECKED
+#endif
 
 #define __global__
 #define __device__
@@ -49,16 +59,6 @@ static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline double __dadd_rn(double a, double b) { return a + b; }
 static inline double __dmul_rn(double a, double b) { return a * b; }
 static inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
-template <class T> static inline T __ldcg(const T* p) { return *p; }
-static inline void __threadfence() {}
-// CUDA's overloads (arguments convert to the pointee's type, as there).
-#define KILN_ATOMIC_ADD(T) \
-    static inline T atomicAdd(T* p, T v) { T old = *p; *p = old + v; return old; }
-KILN_ATOMIC_ADD(int)
-KILN_ATOMIC_ADD(unsigned)
-KILN_ATOMIC_ADD(unsigned long long)
-KILN_ATOMIC_ADD(float)
-KILN_ATOMIC_ADD(double)
 
 #if defined(__x86_64__) && defined(__linux__) && !defined(KILN_EMU_UCONTEXT)
 #define KILN_EMU_FAST_SWITCH 1
@@ -91,6 +91,14 @@ kiln_emu_switch:
 #endif
 
 namespace kiln_emu {
+// The race check's side of the emulator (race.h, which follows this shim in every unit: the check
+// itself where KILN_EMU_RACECHECK is defined, else nothing).
+static void race_shared(const char* name, void* at, size_t bytes);
+static void race_launch(size_t blocks, size_t threads_per_block);
+static void race_enter(unsigned t, unsigned barriers);
+static void race_fence();
+static void race_mark(bool coherent_load, bool atomic_access);
+
 enum State { READY, AT_SHUFFLE, AT_SYNC, DONE };
 struct Fiber {
 #ifdef KILN_EMU_FAST_SWITCH
@@ -105,6 +113,8 @@ struct Fiber {
     unsigned sync_line;
     // Shuffles the fiber has offered a value to.
     unsigned shuffles;
+    // Block barriers the fiber has passed (what orders its memory accesses with its block's).
+    unsigned barriers;
 };
 const unsigned MAX_THREADS = 1024;
 const size_t STACK_BYTES = 128 * 1024;
@@ -177,11 +187,12 @@ struct Poisoned {
 const unsigned MAX_POISONED = 256;
 static thread_local Poisoned poisoned[MAX_POISONED];
 static thread_local unsigned poisoned_count = 0;
-static void poison_once(void* at, size_t bytes) {
+KILN_EMU_UNCHECKED static void poison_once(void* at, size_t bytes, const char* name) {
     for (unsigned i = 0; i < poisoned_count; i++) {
         if (poisoned[i].at != at) continue;
         if (poisoned[i].epoch != block_epoch) {
             memset(at, 0xff, bytes);
+            race_shared(name, at, bytes);
             poisoned[i].epoch = block_epoch;
         }
         return;
@@ -195,6 +206,7 @@ static void poison_once(void* at, size_t bytes) {
     }
     poisoned[poisoned_count++] = Poisoned{at, block_epoch};
     memset(at, 0xff, bytes);
+    race_shared(name, at, bytes);
 }
 
 static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** args) {
@@ -204,6 +216,7 @@ static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** a
         for (unsigned i = 0; i < n; i++) {
             unsigned t = mirrored ? n - 1 - i : i;
             threadIdx = kiln_uint3{t % bx, t / bx, 0};
+            race_enter(t, 0);
             fn(args);
         }
         return;
@@ -239,6 +252,7 @@ static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** a
         f.y = t / bx;
         f.parity = 0;
         f.shuffles = 0;
+        f.barriers = 0;
     }
     in_fibers = true;
     for (;;) {
@@ -249,6 +263,7 @@ static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** a
             if (f.state != READY && f.state != AT_SHUFFLE) continue;
             current = t;
             threadIdx = kiln_uint3{f.x, f.y, 0};
+            race_enter(t, f.barriers);
             f.state = READY;
 #ifdef KILN_EMU_FAST_SWITCH
             kiln_emu_switch(&scheduler, f.sp);
@@ -292,6 +307,7 @@ static void launch(unsigned gx, unsigned gy, unsigned bx, unsigned by, bool barr
     gridDim = kiln_uint3{gx, gy, 1};
     blockDim = kiln_uint3{bx, by, 1};
     mirrored = mirror;
+    race_launch((size_t)gx * gy, (size_t)bx * by);
     for (unsigned j = 0; j < gy; j++) {
         for (unsigned i = 0; i < gx; i++) {
             unsigned x = mirrored ? i : gx - 1 - i, y = mirrored ? j : gy - 1 - j;
@@ -300,6 +316,7 @@ static void launch(unsigned gx, unsigned gy, unsigned bx, unsigned by, bool barr
         }
     }
 }
+
 
 // Each lane's fragments offered to a warp multiply-add (A's four words, then B's two),
 // double-buffered by the lane's parity like shuffles (with which they share the count).
@@ -382,6 +399,7 @@ template <class T> static T shuffle(T v, int src_lane, int width) {
 }
 }  // namespace kiln_emu
 
+
 // Undefined behaviour a GPU would not forgive: kernels are compiled with UBSan checks (alignment,
 // array bounds, shifts, signed overflow, division by zero) whose handlers are these rather than
 // libubsan's. A handler records the first fault of the launch (where in kiln-module.cu, and what),
@@ -443,11 +461,14 @@ static void kiln_emu_divrem(void* data) {
 extern "C" void __ubsan_handle_divrem_overflow(void* data, void*, void*) { kiln_emu_divrem(data); }
 extern "C" void __ubsan_handle_divrem_overflow_abort(void* data, void*, void*) { kiln_emu_divrem(data); }
 
-#define KILN_EMU_SHARED(name) kiln_emu::poison_once((void*)&(name), sizeof(name))
+#define KILN_EMU_SHARED(name) kiln_emu::poison_once((void*)&(name), sizeof(name), #name)
 
 namespace kiln_emu {
 static inline void sync_at(unsigned line) {
-    if (in_fibers) fibers[current].sync_line = line;
+    if (in_fibers) {
+        fibers[current].sync_line = line;
+        fibers[current].barriers++;
+    }
     yield(AT_SYNC);
 }
 }  // namespace kiln_emu
@@ -468,4 +489,37 @@ static inline void kiln_emu_mma_tf32(float& d0, float& d1, float& d2, float& d3,
     const unsigned a[4] = {a0, a1, a2, a3}, b[2] = {b0, b1};
     kiln_emu::mma_tf32(d, a, b);
     d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
+}
+
+// An L2 load (what the last block of a ticket reads other blocks' results with); the race check
+// sees it as the one kind of load that may read another block's writes of the same launch.
+template <class T> static inline T __ldcg(const T* p) {
+    kiln_emu::race_mark(true, false);
+    T v = *p;
+    kiln_emu::race_mark(false, false);
+    return v;
+}
+static inline void __threadfence() { kiln_emu::race_fence(); }
+// CUDA's overloads (arguments convert to the pointee's type, as there). Atomics are plain
+// read-modify-writes (one OS thread runs a launch), marked as atomic for the race check.
+#define KILN_ATOMIC_ADD(T)                          \
+    static inline T atomicAdd(T* p, T v) {          \
+        kiln_emu::race_mark(false, true);           \
+        T old = *p;                                 \
+        *p = old + v;                               \
+        kiln_emu::race_mark(false, false);          \
+        return old;                                 \
+    }
+KILN_ATOMIC_ADD(int)
+KILN_ATOMIC_ADD(unsigned)
+KILN_ATOMIC_ADD(unsigned long long)
+KILN_ATOMIC_ADD(float)
+KILN_ATOMIC_ADD(double)
+#undef KILN_ATOMIC_ADD
+static inline unsigned atomicMin(unsigned* p, unsigned v) {
+    kiln_emu::race_mark(false, true);
+    unsigned old = *p;
+    if (v < old) *p = v;
+    kiln_emu::race_mark(false, false);
+    return old;
 }

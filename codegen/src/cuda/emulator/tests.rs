@@ -41,7 +41,7 @@ fn run_with_helpers(
     ];
     let launch = Launch { grid: (1, 1), block: (threads, 1) };
     let module = Module { helpers, kernels: vec![Kernel { name: "k".into(), comments: vec![], params, body, launch }] };
-    let mut unit = build::unit(&module, &crate::cuda::print::module(&module));
+    let mut unit = build::unit(&module, &crate::cuda::print::module(&module), RACE_CHECK.with(|r| r.get()));
     if portable {
         unit.insert_str(0, "#define KILN_EMU_UCONTEXT 1\n");
     }
@@ -63,7 +63,7 @@ fn run_kernel(body: Vec<Stmt>, threads: u32, input: &[f32], out_len: usize) -> (
 }
 
 /// Whether the emulator runs here (where it cannot, the test says why and passes).
-fn emulator() -> bool {
+pub(super) fn emulator() -> bool {
     match unavailable_reason() {
         None => true,
         Some(why) => {
@@ -74,7 +74,7 @@ fn emulator() -> bool {
     }
 }
 
-fn tid() -> Expr {
+pub(super) fn tid() -> Expr {
     cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx))
 }
 

@@ -1,0 +1,74 @@
+//! The CUDA backend's training steps under the emulator's race check (`with_race_check`): every
+//! load and store of every kernel is checked against CUDA's ordering rules, so a missing
+//! `__syncthreads`, two blocks of one launch touching one element, or a last-block protocol
+//! without its fence, L2 load or ticket is an error here, whatever order the emulator ran the
+//! threads in. Each workload runs one step as the GPU would run it (single-block runs, side-by-side
+//! launches, tiled products with their epilogues), kernel by kernel on the mirrored schedule, with
+//! every product tiled on tensor cores, and with each tile shape sliced, and its loss must match
+//! the reference's.
+
+use kiln::workloads::build;
+use kiln::Device;
+use kiln_codegen::cuda::emulator::{with_mirrored_schedule, with_race_check};
+use kiln_codegen::cuda::{kernel_by_kernel, with_tile_choice, TileChoice, TileShape};
+
+fn one_step(name: &str, form: &str) {
+    let mut emulated = build(name, Device::CudaEmulator).unwrap();
+    let mut reference = build(name, Device::Reference).unwrap();
+    let a = match emulated.step.call1(&emulated.args) {
+        Ok(loss) => loss.item().unwrap(),
+        Err(e) => panic!("{name}{form}: {e}"),
+    };
+    let b = reference.step.call1(&reference.args).unwrap().item().unwrap();
+    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{name}{form}: loss {a} vs reference {b}");
+}
+
+/// One step of `name` as the GPU would run it and kernel by kernel on the mirrored schedule. (Tiles
+/// on tensor cores are checked in `every_tile_shape_is_race_free`: the emulator's warp
+/// multiply-adds are slow, the autoencoder's step takes minutes with every product on them.)
+fn race_free_in_each_form(name: &str) {
+    if let Some(why) = kiln::testing::emulator_skip_reason() {
+        kiln::testing::note(&format!("race check of {name} skipped: {why}"));
+        return;
+    }
+    with_race_check(|| {
+        one_step(name, "");
+        kernel_by_kernel(|| with_mirrored_schedule(|| one_step(name, " (kernel by kernel, mirrored)")));
+    });
+}
+
+#[test]
+fn keras_mlp_step_is_race_free() {
+    race_free_in_each_form("keras-mlp");
+}
+
+#[test]
+fn fmnist_mlp_step_is_race_free() {
+    race_free_in_each_form("fmnist-mlp");
+}
+
+#[test]
+fn autoencoder_step_is_race_free() {
+    race_free_in_each_form("autoencoder");
+}
+
+/// fmnist-mlp with every product tiled in each shape, whole and sliced, by FMAs and on tensor
+/// cores: the staging, the sliced finish's tickets and the side-by-side launches of each.
+#[test]
+fn every_tile_shape_is_race_free() {
+    if let Some(why) = kiln::testing::emulator_skip_reason() {
+        kiln::testing::note(&format!("race check of the tile shapes skipped: {why}"));
+        return;
+    }
+    for (i, tile) in
+        [TileShape::T32x32, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128].into_iter().enumerate()
+    {
+        let slices = [1, 4, 3, 2][i];
+        for tensor_cores in [false, true] {
+            let form = format!(" ({tile:?} tiles in {slices} slices, tensor cores: {tensor_cores})");
+            with_race_check(|| {
+                with_tile_choice(TileChoice::forced(tile, slices, tensor_cores), || one_step("fmnist-mlp", &form))
+            });
+        }
+    }
+}
