@@ -165,23 +165,13 @@ pub fn library(unit: &str) -> Result<Arc<libloading::Library>> {
         ];
         // The race check's instrumentation calls hooks the shim defines; linked with `-z defs`, a
         // hook the shim lacks is an error here rather than a crash in a kernel.
-        let race: &[&str] = if unit.contains(RACE_CHECK) { &["-fsanitize=thread", "-Wl,-z,defs"] } else { &[] };
-        run_compiler(
-            compile.iter().chain(&race[..race.len().min(1)]).map(|a| a.as_ref()).chain([
-                tmp_cpp.as_os_str(),
-                "-o".as_ref(),
-                tmp_o.as_os_str(),
-            ]),
-            &tmp_cpp,
-        )?;
-        run_compiler(
-            ["-shared"].iter().chain(&race[race.len().min(1)..]).map(|a| a.as_ref()).chain([
-                "-o".as_ref(),
-                tmp_so.as_os_str(),
-                tmp_o.as_os_str(),
-            ]),
-            &tmp_cpp,
-        )?;
+        let (instrument, link_check): (&[&str], &[&str]) =
+            if unit.contains(RACE_CHECK) { (&["-fsanitize=thread"], &["-Wl,-z,defs"]) } else { (&[], &[]) };
+        let (source, object, shared_object) = (tmp_cpp.as_os_str(), tmp_o.as_os_str(), tmp_so.as_os_str());
+        let compile = compile.iter().chain(instrument).map(|a| a.as_ref());
+        run_compiler(compile.chain([source, "-o".as_ref(), object]), &tmp_cpp)?;
+        let link = ["-shared"].iter().chain(link_check).map(|a| a.as_ref());
+        run_compiler(link.chain(["-o".as_ref(), shared_object, object]), &tmp_cpp)?;
         let _ = std::fs::remove_file(&tmp_o);
         // Renames are atomic: a concurrent compile of the same unit leaves one whole library.
         let _ = std::fs::rename(&tmp_so, &so);

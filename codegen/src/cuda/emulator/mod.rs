@@ -7,12 +7,11 @@
 //! the steps' dependencies allow (so a dependency the scheduler missed shows). cuBLAS products run
 //! on the host with the same operand layout. Every buffer is framed by guard bytes that are checked
 //! after each step, so a kernel that writes outside its buffers is an error naming it, not silent
-//! corruption. Kernels
-//! are compiled with the compiler's undefined-behaviour checks (misaligned `float4` access, which a
-//! CPU forgives and a GPU faults on; shared-array indices out of bounds, which no guard byte sees;
-//! signed index overflow; bad shifts), reported as an error naming the kernel and the line of the
-//! printed module; so is a block barrier that not every thread of the block reaches (a hang on a
-//! GPU), or a warp shuffle that a lane of the warp skips.
+//! corruption. Kernels are compiled with the compiler's undefined-behaviour checks (misaligned
+//! `float4` access, which a CPU forgives and a GPU faults on; shared-array indices out of bounds,
+//! which no guard byte sees; signed index overflow; bad shifts), reported as an error naming the
+//! kernel and the line of the printed module; so is a block barrier that not every thread of the
+//! block reaches (a hang on a GPU), or a warp shuffle that a lane of the warp skips.
 //! `with_mirrored_schedule` runs blocks and threads in the other order, so a race one order hides
 //! shows; `with_race_check` (or `KILN_EMU_RACECHECK=1`) checks every load and store against CUDA's
 //! ordering rules instead, whatever the order: barriers within a block, and between the blocks of
@@ -184,8 +183,9 @@ enum Exec {
     Launch {
         kernel: String,
         args: Vec<KernelArg>,
-        /// Each argument's parameter name and element size (what the race check reports).
-        params: Vec<(std::ffi::CString, u32)>,
+        /// What the race check is told of each argument: the kernel's name for it, its bytes and
+        /// its element size.
+        race_buffers: Vec<(std::ffi::CString, usize, u32)>,
         grid: (u32, u32),
         block: (u32, u32),
     },
@@ -241,17 +241,26 @@ impl Plan {
         for s in &dp.steps {
             steps.push(match s {
                 DeviceStep::Launch(l) => {
-                    let kernel = dp.module.kernels.iter().find(|k| k.name == l.kernel);
-                    let params = kernel.map_or(vec![], |k| {
-                        k.params
-                            .iter()
-                            .map(|p| (std::ffi::CString::new(p.name.as_str()).unwrap_or_default(), p.ty.size() as u32))
-                            .collect()
-                    });
+                    let params = dp.module.kernels.iter().find(|k| k.name == l.kernel).map(|k| &k.params);
+                    let params = params.filter(|p| p.len() == l.args.len()).ok_or_else(|| {
+                        Error::Invalid(format!("emulated kernel {}: its parameters and arguments differ", l.kernel))
+                    })?;
+                    let race_buffers = params
+                        .iter()
+                        .zip(&l.args)
+                        .map(|(p, a)| {
+                            let bytes = match a {
+                                KernelArg::Buf(b) => bytes_of(&kp, *b),
+                                KernelArg::ErrorFlag => 4,
+                                KernelArg::Scratch(k) => dp.scratch[*k],
+                            };
+                            (std::ffi::CString::new(p.name.as_str()).unwrap_or_default(), bytes, p.ty.size() as u32)
+                        })
+                        .collect();
                     Exec::Launch {
                         kernel: l.kernel.clone(),
                         args: l.args.clone(),
-                        params,
+                        race_buffers,
                         grid: l.launch.grid,
                         block: l.launch.block,
                     }
@@ -336,7 +345,7 @@ impl Plan {
         let compiled = if race_check { self.race_checked.as_ref().expect("compiled above") } else { &self.compiled };
         for &i in &self.order {
             match &self.steps[i] {
-                Exec::Launch { kernel, args, params, grid, block } => {
+                Exec::Launch { kernel, args, race_buffers, grid, block } => {
                     if grid.0 == 0 {
                         continue;
                     }
@@ -350,23 +359,12 @@ impl Plan {
                         })
                         .collect();
                     if let Some(register) = compiled.race_buffers {
-                        let bytes: Vec<usize> = args
-                            .iter()
-                            .map(|a| match a {
-                                KernelArg::Buf(b) => bytes_of(&self.kp, *b),
-                                KernelArg::ErrorFlag => 4,
-                                KernelArg::Scratch(k) => self.scratch[*k].bytes,
-                            })
-                            .collect();
-                        let names: Vec<*const std::ffi::c_char> = params.iter().map(|(n, _)| n.as_ptr()).collect();
-                        let sizes: Vec<u32> = params.iter().map(|&(_, s)| s).collect();
-                        if names.len() != values.len() {
-                            return Err(Error::Invalid(format!(
-                                "emulated kernel {kernel}: parameters and arguments differ"
-                            )));
-                        }
-                        // SAFETY: four arrays of the launch's argument count, the names NUL-terminated
-                        // and alive for the call; the shim copies what it keeps.
+                        let names: Vec<*const std::ffi::c_char> = race_buffers.iter().map(|b| b.0.as_ptr()).collect();
+                        let bytes: Vec<usize> = race_buffers.iter().map(|b| b.1).collect();
+                        let sizes: Vec<u32> = race_buffers.iter().map(|b| b.2).collect();
+                        // SAFETY: four arrays of the launch's argument count (checked when the plan
+                        // was built), the names NUL-terminated and alive for the call; the shim
+                        // copies what it keeps.
                         unsafe {
                             register(
                                 values.len() as u32,
