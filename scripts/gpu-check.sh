@@ -21,6 +21,8 @@
 #                                  tiled; last, a summary of the step times under each setting.
 #                                  Should the driver refuse NVRTC's machine code (cubins), the
 #                                  run says so and goes on with PTX (KILN_CUDA_PTX=1).
+#                                  KILN_GPU_SANITIZE=1 also runs tests/cuda_device.rs under
+#                                  compute-sanitizer's racecheck, memcheck and synccheck.
 #
 # The CUDA libraries are looked up under $CUDA_LIB (default: the CUDA 13.0 toolkit's lib folder).
 set -u
@@ -111,6 +113,23 @@ if [ -x "$DIR/backend_agreement" ] && [[ " $TESTS " == *" backend_agreement "* ]
         printf '%-20s %-8s %s\n' "backend_agreement" "$r" "with $setting"
         [ "$r" = ok ] || grep -E 'panicked|FAILED|Error|error' "$log" | head -20
     done
+fi
+if [ "${KILN_GPU_SANITIZE:-0}" = 1 ]; then
+    # Opt-in (many times slower): NVIDIA's own checks of what the emulator's race check and guard
+    # bytes cover on the CPU: shared-memory hazards (racecheck), out-of-bounds and misaligned
+    # accesses (memcheck) and barrier misuse (synccheck), on the kernels of tests/cuda_device.rs.
+    sanitizer=${CUDA_HOME:-/usr/local/cuda-13.0}/bin/compute-sanitizer
+    if [ -x "$sanitizer" ] && [ -x "$DIR/cuda_device" ]; then
+        for tool in racecheck memcheck synccheck; do
+            log="$OUT_DIR/sanitize-$tool.log"
+            if timeout 300 "$sanitizer" --tool "$tool" --error-exitcode 1 "$DIR/cuda_device" --test-threads 1 \
+                >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
+            printf '%-20s %-8s %s\n' "cuda_device" "$r" "under compute-sanitizer --tool $tool"
+            [ "$r" = ok ] || grep -E 'ERROR|Error|hazard|panicked' "$log" | head -20
+        done
+    else
+        echo "compute-sanitizer ($sanitizer) or the cuda_device binary not found: its checks skipped"
+    fi
 fi
 if [ -x "$DIR/fashion_mnist_mlp" ] && [ "${KILN_GPU_EXAMPLE:-1}" != 0 ]; then
     echo "== the main example on the GPU (the shipped subset)"

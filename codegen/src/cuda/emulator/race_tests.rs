@@ -77,6 +77,27 @@ fn a_shared_read_without_a_barrier_after_the_write_is_a_race() {
 }
 
 #[test]
+fn global_memory_within_a_block_needs_a_barrier_as_shared_memory_does() {
+    if !emulator() {
+        return;
+    }
+    // A single-block run's sections pass results through global memory: a section reading what
+    // another thread of the block wrote in an earlier section needs the barrier between them.
+    let sections = |barrier: bool| {
+        let mut body = vec![assign(index(var("partial"), tid()), index(var("in"), tid()))];
+        if barrier {
+            body.push(Stmt::SyncThreads);
+        }
+        body.push(assign(index(var("out"), tid()), index(var("partial"), int(63) - tid())));
+        race_checked(body, 1, 64)
+    };
+    let (out, fault) = sections(true);
+    assert_eq!((out[0], fault), (63.0, None));
+    let fault = sections(false).1.expect("a race");
+    assert!(fault.contains("race on partial[") && fault.contains("with no __syncthreads between"), "{fault}");
+}
+
+#[test]
 fn a_shared_write_over_what_another_thread_reads_needs_a_barrier_too() {
     if !emulator() {
         return;
