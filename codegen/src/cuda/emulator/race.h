@@ -239,7 +239,7 @@ KILN_EMU_UNCHECKED static int race_region_of(RaceState& s, uintptr_t a) {
 }
 
 KILN_EMU_UNCHECKED static void race_access(const void* at, size_t size, bool store) {
-    if (!race || !race->region_count) return;
+    if (!race || !race->region_count || size == 0) return;
     RaceState& s = *race;
     uintptr_t a = (uintptr_t)at;
     int i = race_region_of(s, a);
