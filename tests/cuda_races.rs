@@ -2,15 +2,16 @@
 //! load and store of every kernel is checked against CUDA's ordering rules, so a missing
 //! `__syncthreads`, two blocks of one launch touching one element, or a last-block protocol
 //! without its fence, L2 load or ticket is an error here, whatever order the emulator ran the
-//! threads in. Each workload runs one step as the GPU would run it (single-block runs, side-by-side
-//! launches, tiled products with their epilogues), kernel by kernel on the mirrored schedule, with
-//! every product tiled on tensor cores, and with each tile shape sliced, and its loss must match
-//! the reference's.
+//! threads in; so are two steps that no dependency orders touching one byte, one of them writing
+//! (what several streams would run at once). Each workload runs one step as the GPU would run it
+//! (single-block runs, side-by-side launches, tiled products with their epilogues), kernel by kernel
+//! on the mirrored schedule, and planned for two streams; fmnist-mlp also with every tile shape,
+//! whole or sliced, by FMAs and on tensor cores. Each loss must match the reference's.
 
 use kiln::workloads::build;
 use kiln::Device;
 use kiln_codegen::cuda::emulator::{with_mirrored_schedule, with_race_check};
-use kiln_codegen::cuda::{kernel_by_kernel, with_tile_choice, TileChoice, TileShape};
+use kiln_codegen::cuda::{kernel_by_kernel, with_streams, with_tile_choice, TileChoice, TileShape};
 
 fn one_step(name: &str, form: &str) {
     let mut emulated = build(name, Device::CudaEmulator).unwrap();
@@ -23,7 +24,9 @@ fn one_step(name: &str, form: &str) {
     assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{name}{form}: loss {a} vs reference {b}");
 }
 
-/// One step of `name` as the GPU would run it and kernel by kernel on the mirrored schedule. (Tiles
+/// One step of `name` as the GPU would run it, kernel by kernel on the mirrored schedule, and planned
+/// for two streams (memory of its own for every temporary, and the dependencies two streams would
+/// follow, which the check between steps holds the kernels' actual accesses to). (Tiles
 /// on tensor cores are checked in `every_tile_shape_is_race_free`: the emulator's warp
 /// multiply-adds are slow, the autoencoder's step takes minutes with every product on them.)
 fn race_free_in_each_form(name: &str) {
@@ -34,6 +37,7 @@ fn race_free_in_each_form(name: &str) {
     with_race_check(|| {
         one_step(name, "");
         kernel_by_kernel(|| with_mirrored_schedule(|| one_step(name, " (kernel by kernel, mirrored)")));
+        with_streams(2, || one_step(name, " (planned for two streams)"));
     });
 }
 

@@ -35,7 +35,7 @@ impl Backend for Cuda {
         let graphs = std::env::var("KILN_CUDA_GRAPHS").map_or(true, |v| v != "0");
         let profile = StepProfile::requested("KILN_CUDA_PROFILE").map(|steps| Profile { events: vec![], steps });
         // Timing every step with events needs them on one stream.
-        let streams = if profile.is_some() { 1 } else { lanes_requested()? };
+        let streams = if profile.is_some() { 1 } else { super::streams_requested()? };
         Ok(Box::new(CudaExecutable {
             gpu,
             streams,
@@ -108,18 +108,6 @@ struct Plan {
     stats: CompileStats,
     /// The loaded modules (one per compilation unit), kept alive with the plan's functions.
     _modules: Vec<Arc<CudaModule>>,
-}
-
-/// `KILN_CUDA_STREAMS`: how many streams a step's independent steps may spread over (default 1:
-/// every step on one stream, in program order).
-fn lanes_requested() -> Result<usize> {
-    match std::env::var("KILN_CUDA_STREAMS") {
-        Err(_) => Ok(1),
-        Ok(v) => match v.parse::<usize>() {
-            Ok(n @ 1..=8) => Ok(n),
-            _ => Err(Error::Invalid(format!("KILN_CUDA_STREAMS={v}: expected a number of streams from 1 to 8"))),
-        },
-    }
 }
 
 pub struct CudaExecutable {

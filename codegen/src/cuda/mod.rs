@@ -63,6 +63,14 @@ use kiln_ir::Result;
 
 thread_local! {
     static KERNEL_BY_KERNEL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static STREAMS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every CUDA program this thread compiles planned for `streams` streams, as
+/// `KILN_CUDA_STREAMS` would (for tests: the emulator's race check then holds the steps to the
+/// dependencies those streams follow).
+pub fn with_streams<R>(streams: usize, f: impl FnOnce() -> R) -> R {
+    with_thread_setting(&STREAMS, Some(streams), f)
 }
 
 /// For tests: runs `f` with every CUDA program that this thread specializes emitted kernel by
@@ -104,6 +112,24 @@ pub(crate) fn kernel_by_kernel_forced() -> bool {
 /// at most this many bytes in all: a step then waits for another only for its data, so more
 /// kernels can run side by side (fmnist-mlp one launch fewer); larger programs reuse slots.
 const OWN_MEMORY_BYTES: usize = 256 << 20;
+
+/// `KILN_CUDA_STREAMS`: how many streams a step's independent steps may spread over (default 1:
+/// every step on one stream, in program order). The emulator plans memory for them too, so that
+/// its race check sees the dependencies those streams would follow.
+pub(crate) fn streams_requested() -> Result<usize> {
+    if let Some(n) = STREAMS.with(|s| s.get()) {
+        return Ok(n.clamp(1, 8));
+    }
+    match std::env::var("KILN_CUDA_STREAMS") {
+        Err(_) => Ok(1),
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n @ 1..=8) => Ok(n),
+            _ => {
+                Err(kiln_ir::Error::Invalid(format!("KILN_CUDA_STREAMS={v}: expected a number of streams from 1 to 8")))
+            }
+        },
+    }
+}
 
 /// The memory plan of the CUDA backend's program when it runs on `streams` streams (steps spread
 /// over several streams always get memory of their own).

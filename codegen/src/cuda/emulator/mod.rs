@@ -21,6 +21,7 @@
 //! and CUDA's own math library's rounding.
 
 mod build;
+mod step_races;
 pub use build::unavailable_reason;
 
 use super::ast::Module;
@@ -134,10 +135,11 @@ fn race_check_on() -> bool {
 type RaceBuffers =
     unsafe extern "C" fn(u32, *const *const std::ffi::c_char, *const *mut c_void, *const usize, *const u32);
 
-/// A compiled form of the plan's module: its library and each step's entry point.
+/// A compiled form of the plan's module: its library, each step's entry point, and in
+/// race-checked form the check's registration of buffers and report of what a launch touched.
 struct Compiled {
     entries: Vec<Option<EntryPoint>>,
-    race_buffers: Option<RaceBuffers>,
+    race: Option<(RaceBuffers, step_races::RaceRuns)>,
     _lib: Arc<libloading::Library>,
 }
 
@@ -157,15 +159,18 @@ impl Compiled {
                 DeviceStep::Gemm(_) => None,
             });
         }
-        let race_buffers = if race_check {
-            // SAFETY: the shim defines it with this signature in race-checked units.
-            let f = unsafe { lib.get::<RaceBuffers>(b"kiln_emu_race_buffers") }
-                .map_err(|e| Error::Invalid(format!("the emulator's race check: {e}")))?;
-            Some(*f)
+        let race = if race_check {
+            let missing = |e: libloading::Error| Error::Invalid(format!("the emulator's race check: {e}"));
+            // SAFETY: the shim defines both with these signatures in race-checked units.
+            unsafe {
+                let buffers = lib.get::<RaceBuffers>(b"kiln_emu_race_buffers").map_err(missing)?;
+                let runs = lib.get::<step_races::RaceRuns>(b"kiln_emu_race_runs").map_err(missing)?;
+                Some((*buffers, *runs))
+            }
         } else {
             None
         };
-        Ok(Compiled { entries, race_buffers, _lib: lib })
+        Ok(Compiled { entries, race, _lib: lib })
     }
 }
 
@@ -215,6 +220,8 @@ struct Plan {
     code: String,
     module: Module,
     device_steps: Vec<DeviceStep>,
+    /// The device steps' dependencies (what the race check between steps holds them to).
+    deps: Vec<Vec<usize>>,
     /// The module compiled as is, and (once asked for) compiled for the race check.
     compiled: Compiled,
     race_checked: Option<Compiled>,
@@ -233,7 +240,7 @@ fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
 impl Plan {
     fn build(program: &Program, shapes: &[Vec<usize>]) -> Result<Plan> {
         let (kp, updates, out_shapes) = super::specialize_program(program, shapes)?;
-        let memory = crate::cuda::memory_plan(&kp, 1);
+        let memory = crate::cuda::memory_plan(&kp, crate::cuda::streams_requested()?);
         let dp = emit(&kp, &memory)?;
         let source = super::print::program(&dp.module, &dp.steps);
         let compiled = Compiled::new(&dp.module, &source, &dp.steps, false)?;
@@ -305,6 +312,7 @@ impl Plan {
             code: source,
             module: dp.module,
             device_steps: dp.steps,
+            deps: dp.deps,
             compiled,
             race_checked: None,
         })
@@ -343,6 +351,8 @@ impl Plan {
         let error_ptr = self.error_word.ptr();
         let scratch: Vec<*mut c_void> = self.scratch.iter_mut().map(|h| h.ptr()).collect();
         let compiled = if race_check { self.race_checked.as_ref().expect("compiled above") } else { &self.compiled };
+        // What each device step touched, for the race check between steps.
+        let mut touched: Vec<Vec<step_races::Touch>> = vec![vec![]; self.device_steps.len()];
         for &i in &self.order {
             match &self.steps[i] {
                 Exec::Launch { kernel, args, race_buffers, grid, block } => {
@@ -358,7 +368,7 @@ impl Plan {
                             KernelArg::Scratch(k) => scratch[*k],
                         })
                         .collect();
-                    if let Some(register) = compiled.race_buffers {
+                    if let Some((register, _)) = compiled.race {
                         let names: Vec<*const std::ffi::c_char> = race_buffers.iter().map(|b| b.0.as_ptr()).collect();
                         let bytes: Vec<usize> = race_buffers.iter().map(|b| b.1).collect();
                         let sizes: Vec<u32> = race_buffers.iter().map(|b| b.2).collect();
@@ -383,15 +393,45 @@ impl Plan {
                     if !self.guards_intact(shared) {
                         return Err(Error::Invalid(format!("emulated kernel {kernel} wrote outside its buffers")));
                     }
+                    if let Some((_, runs)) = compiled.race {
+                        for (k, (name, _, _)) in race_buffers.iter().enumerate() {
+                            if !values[..k].contains(&values[k]) {
+                                step_races::launch_touched(runs, values[k], &name.to_string_lossy(), &mut touched[i]);
+                            }
+                        }
+                    }
                 }
-                // SAFETY: the lowering checked the operand sizes against the product.
-                Exec::Gemm(mm) => unsafe { host_gemm(mm, ptr[mm.a], ptr[mm.b], ptr[mm.c])? },
+                Exec::Gemm(mm) => {
+                    // SAFETY: the lowering checked the operand sizes against the product.
+                    unsafe { host_gemm(mm, ptr[mm.a], ptr[mm.b], ptr[mm.c])? };
+                    if compiled.race.is_some() {
+                        touched[i] = [(mm.a, "a", false), (mm.b, "b", false), (mm.c, "c", true)]
+                            .into_iter()
+                            .map(|(b, name, write)| {
+                                let lo = ptr[b] as usize;
+                                step_races::Touch { lo, hi: lo + bytes_of(&self.kp, b), write, buffer: name.into() }
+                            })
+                            .collect();
+                    }
+                }
                 Exec::Copy { from, shared: s } => {
                     let n = bytes_of(&self.kp, *from);
                     // SAFETY: both buffers hold n bytes (an update keeps its variable's type).
                     unsafe { std::ptr::copy_nonoverlapping(ptr[*from] as *const u8, shared[*s].ptr() as *mut u8, n) };
                 }
             }
+        }
+        if compiled.race.is_some() {
+            let names: Vec<String> = self
+                .device_steps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| match s {
+                    DeviceStep::Launch(l) => l.kernel.clone(),
+                    DeviceStep::Gemm(_) => format!("cuBLAS product (step {i})"),
+                })
+                .collect();
+            step_races::check(&self.deps, &names, &touched)?;
         }
         Ok(())
     }

@@ -280,6 +280,36 @@ extern "C" KILN_EMU_UNCHECKED void __tsan_func_exit() {}
 extern "C" KILN_EMU_UNCHECKED void __tsan_init() {}
 // The launch's buffers, named as the kernel's parameters, before each launch. The last launch's
 // regions are dropped, its shared arrays too: a block registers those when it first reaches them.
+// What the last launch did to the buffer at `at`: its maximal runs of elements it only read (kind
+// 1) or wrote (kind 2), as (first byte, end byte, kind) triples in `out` (room for `cap` triples).
+// Returns the number of runs (more than `cap`: call again with that room).
+extern "C" __attribute__((visibility("default"))) KILN_EMU_UNCHECKED size_t kiln_emu_race_runs(const void* at,
+                                                                                            size_t* out, size_t cap) {
+    kiln_emu::RaceState& s = kiln_emu::race_state();
+    for (unsigned i = 0; i < s.region_count; i++) {
+        const kiln_emu::RaceRegion& r = s.regions[i];
+        if (r.shared || r.lo != (uintptr_t)at) continue;
+        size_t runs = 0, bytes = r.hi - r.lo, granules = (bytes + r.granule - 1) / r.granule;
+        unsigned open = 0;
+        size_t first = 0;
+        for (size_t g = 0; g <= granules; g++) {
+            unsigned char f = g < granules ? r.records[g].flags : 0;
+            unsigned kind = f & kiln_emu::WRITTEN ? 2 : f & kiln_emu::READ ? 1 : 0;
+            if (kind == open) continue;
+            if (open) {
+                if (runs < cap) {
+                    size_t end = g * r.granule < bytes ? g * r.granule : bytes;
+                    out[3 * runs] = first, out[3 * runs + 1] = end, out[3 * runs + 2] = open;
+                }
+                runs++;
+            }
+            open = kind;
+            first = g * r.granule;
+        }
+        return runs;
+    }
+    return 0;
+}
 extern "C" __attribute__((visibility("default"))) KILN_EMU_UNCHECKED void kiln_emu_race_buffers(
     unsigned n, const char* const* names, void* const* at, const size_t* bytes, const unsigned* element_bytes) {
     kiln_emu::race_drop_regions();
