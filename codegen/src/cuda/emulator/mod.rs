@@ -135,6 +135,14 @@ fn race_check_on() -> bool {
 type RaceBuffers =
     unsafe extern "C" fn(u32, *const *const std::ffi::c_char, *const *mut c_void, *const usize, *const u32);
 
+/// What the race check is told of a launch's arguments, in the shim's layout: the kernel's name
+/// for each, its bytes and its element size.
+struct RaceArgs {
+    names: Vec<std::ffi::CString>,
+    bytes: Vec<usize>,
+    element_bytes: Vec<u32>,
+}
+
 /// A compiled form of the plan's module: its library, each step's entry point, and in
 /// race-checked form the check's registration of buffers and report of what a launch touched.
 struct Compiled {
@@ -188,9 +196,8 @@ enum Exec {
     Launch {
         kernel: String,
         args: Vec<KernelArg>,
-        /// What the race check is told of each argument: the kernel's name for it, its bytes and
-        /// its element size.
-        race_buffers: Vec<(std::ffi::CString, usize, u32)>,
+        /// What the race check is told of the arguments.
+        race_buffers: RaceArgs,
         grid: (u32, u32),
         block: (u32, u32),
     },
@@ -220,8 +227,10 @@ struct Plan {
     code: String,
     module: Module,
     device_steps: Vec<DeviceStep>,
-    /// The device steps' dependencies (what the race check between steps holds them to).
+    /// The device steps' dependencies (what the race check between steps holds them to), and
+    /// the steps' names in its reports.
     deps: Vec<Vec<usize>>,
+    step_names: Vec<String>,
     /// The module compiled as is, and (once asked for) compiled for the race check.
     compiled: Compiled,
     race_checked: Option<Compiled>,
@@ -252,18 +261,22 @@ impl Plan {
                     let params = params.filter(|p| p.len() == l.args.len()).ok_or_else(|| {
                         Error::Invalid(format!("emulated kernel {}: its parameters and arguments differ", l.kernel))
                     })?;
-                    let race_buffers = params
-                        .iter()
-                        .zip(&l.args)
-                        .map(|(p, a)| {
-                            let bytes = match a {
+                    let race_buffers = RaceArgs {
+                        names: params
+                            .iter()
+                            .map(|p| std::ffi::CString::new(p.name.as_str()).unwrap_or_default())
+                            .collect(),
+                        bytes: l
+                            .args
+                            .iter()
+                            .map(|a| match a {
                                 KernelArg::Buf(b) => bytes_of(&kp, *b),
                                 KernelArg::ErrorFlag => 4,
                                 KernelArg::Scratch(k) => dp.scratch[*k],
-                            };
-                            (std::ffi::CString::new(p.name.as_str()).unwrap_or_default(), bytes, p.ty.size() as u32)
-                        })
-                        .collect();
+                            })
+                            .collect(),
+                        element_bytes: params.iter().map(|p| p.ty.size() as u32).collect(),
+                    };
                     Exec::Launch {
                         kernel: l.kernel.clone(),
                         args: l.args.clone(),
@@ -311,6 +324,15 @@ impl Plan {
             scratch: dp.scratch.iter().map(|&n| HostBuffer::new(n)).collect(),
             code: source,
             module: dp.module,
+            step_names: dp
+                .steps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| match s {
+                    DeviceStep::Launch(l) => l.kernel.clone(),
+                    DeviceStep::Gemm(_) => format!("cuBLAS product (step {i})"),
+                })
+                .collect(),
             device_steps: dp.steps,
             deps: dp.deps,
             compiled,
@@ -369,9 +391,8 @@ impl Plan {
                         })
                         .collect();
                     if let Some((register, _)) = compiled.race {
-                        let names: Vec<*const std::ffi::c_char> = race_buffers.iter().map(|b| b.0.as_ptr()).collect();
-                        let bytes: Vec<usize> = race_buffers.iter().map(|b| b.1).collect();
-                        let sizes: Vec<u32> = race_buffers.iter().map(|b| b.2).collect();
+                        let names: Vec<*const std::ffi::c_char> =
+                            race_buffers.names.iter().map(|n| n.as_ptr()).collect();
                         // SAFETY: four arrays of the launch's argument count (checked when the plan
                         // was built), the names NUL-terminated and alive for the call; the shim
                         // copies what it keeps.
@@ -380,8 +401,8 @@ impl Plan {
                                 values.len() as u32,
                                 names.as_ptr(),
                                 values.as_ptr(),
-                                bytes.as_ptr(),
-                                sizes.as_ptr(),
+                                race_buffers.bytes.as_ptr(),
+                                race_buffers.element_bytes.as_ptr(),
                             )
                         };
                     }
@@ -394,7 +415,7 @@ impl Plan {
                         return Err(Error::Invalid(format!("emulated kernel {kernel} wrote outside its buffers")));
                     }
                     if let Some((_, runs)) = compiled.race {
-                        for (k, (name, _, _)) in race_buffers.iter().enumerate() {
+                        for (k, name) in race_buffers.names.iter().enumerate() {
                             if !values[..k].contains(&values[k]) {
                                 step_races::launch_touched(runs, values[k], &name.to_string_lossy(), &mut touched[i]);
                             }
@@ -422,16 +443,7 @@ impl Plan {
             }
         }
         if compiled.race.is_some() {
-            let names: Vec<String> = self
-                .device_steps
-                .iter()
-                .enumerate()
-                .map(|(i, s)| match s {
-                    DeviceStep::Launch(l) => l.kernel.clone(),
-                    DeviceStep::Gemm(_) => format!("cuBLAS product (step {i})"),
-                })
-                .collect();
-            step_races::check(&self.deps, &names, &touched)?;
+            step_races::check(&self.deps, &self.step_names, &touched)?;
         }
         Ok(())
     }

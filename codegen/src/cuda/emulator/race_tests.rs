@@ -49,14 +49,19 @@ fn shared_s() -> Stmt {
     Stmt::SharedArray { ty: CType::Float, name: "s".into(), len: 64, align: 0 }
 }
 
+/// `before`, a barrier or not, then `after`: the kernels whose race is the missing barrier.
+fn split_by_barrier(before: Vec<Stmt>, barrier: bool, after: Vec<Stmt>) -> Vec<Stmt> {
+    let barrier = if barrier { vec![Stmt::SyncThreads] } else { vec![] };
+    before.into_iter().chain(barrier).chain(after).collect()
+}
+
 /// `out[t] = s[63 - t]` after every thread stored `s[t]`, with a barrier between or not.
 fn reversal(barrier: bool) -> Vec<Stmt> {
-    let mut body = vec![shared_s(), assign(index(var("s"), tid()), index(var("in"), tid()))];
-    if barrier {
-        body.push(Stmt::SyncThreads);
-    }
-    body.push(assign(index(var("out"), tid()), index(var("s"), int(63) - tid())));
-    body
+    split_by_barrier(
+        vec![shared_s(), assign(index(var("s"), tid()), index(var("in"), tid()))],
+        barrier,
+        vec![assign(index(var("out"), tid()), index(var("s"), int(63) - tid()))],
+    )
 }
 
 #[test]
@@ -84,11 +89,11 @@ fn global_memory_within_a_block_needs_a_barrier_as_shared_memory_does() {
     // A single-block run's sections pass results through global memory: a section reading what
     // another thread of the block wrote in an earlier section needs the barrier between them.
     let sections = |barrier: bool| {
-        let mut body = vec![assign(index(var("partial"), tid()), index(var("in"), tid()))];
-        if barrier {
-            body.push(Stmt::SyncThreads);
-        }
-        body.push(assign(index(var("out"), tid()), index(var("partial"), int(63) - tid())));
+        let body = split_by_barrier(
+            vec![assign(index(var("partial"), tid()), index(var("in"), tid()))],
+            barrier,
+            vec![assign(index(var("out"), tid()), index(var("partial"), int(63) - tid()))],
+        );
         race_checked(body, 1, 64)
     };
     let (out, fault) = sections(true);
@@ -105,17 +110,16 @@ fn a_shared_write_over_what_another_thread_reads_needs_a_barrier_too() {
     // Each thread reads its neighbour's element, then overwrites its own: the neighbour may not
     // have read it yet unless a barrier lies between (write after read).
     let war = |barrier: bool| {
-        let mut body = vec![
-            shared_s(),
-            assign(index(var("s"), tid()), index(var("in"), tid())),
-            Stmt::SyncThreads,
-            decl(CType::Float, "v", index(var("s"), (tid() + int(1)) % int(64))),
-        ];
-        if barrier {
-            body.push(Stmt::SyncThreads);
-        }
-        body.push(assign(index(var("s"), tid()), var("v") * Expr::F32(2.0)));
-        body.push(assign(index(var("out"), tid()), var("v")));
+        let body = split_by_barrier(
+            vec![
+                shared_s(),
+                assign(index(var("s"), tid()), index(var("in"), tid())),
+                Stmt::SyncThreads,
+                decl(CType::Float, "v", index(var("s"), (tid() + int(1)) % int(64))),
+            ],
+            barrier,
+            vec![assign(index(var("s"), tid()), var("v") * Expr::F32(2.0)), assign(index(var("out"), tid()), var("v"))],
+        );
         race_checked(body, 1, 64)
     };
     assert_eq!(war(true).1, None);
