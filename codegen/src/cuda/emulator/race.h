@@ -14,7 +14,7 @@ namespace kiln_emu {
 //     once the block took its ticket: the last block resetting the counter).
 // Shared arrays are checked per block, the launch's buffers per launch (kernel boundaries order
 // everything); the first conflict is the launch's fault. Elements are the buffer's element size
-// (4 bytes in shared memory).
+// (in shared memory, the array's element size up to 4 bytes; a union's elements are 4 bytes).
 #ifdef KILN_EMU_RACECHECK
 struct RaceRecord {
     unsigned writer, writer_barriers, writer_fences;
@@ -89,7 +89,7 @@ KILN_EMU_UNCHECKED static void race_drop_regions() {
     s.generation++;
 }
 
-KILN_EMU_UNCHECKED static void race_shared(const char* name, void* at, size_t bytes) {
+KILN_EMU_UNCHECKED static void race_shared(const char* name, void* at, size_t bytes, unsigned granule) {
     RaceState& s = race_state();
     for (unsigned i = 0; i < s.region_count; i++) {
         RaceRegion& r = s.regions[i];
@@ -98,7 +98,7 @@ KILN_EMU_UNCHECKED static void race_shared(const char* name, void* at, size_t by
             return;
         }
     }
-    race_add(name, at, bytes, 4, true);
+    race_add(name, at, bytes, granule, true);
 }
 
 KILN_EMU_UNCHECKED static void race_launch(size_t blocks, size_t threads_per_block) {
@@ -252,7 +252,7 @@ KILN_EMU_UNCHECKED static void race_access(const void* at, size_t size, bool sto
     for (size_t g = (a - r.lo) / r.granule; g <= (end - 1 - r.lo) / r.granule; g++) race_check(s, r, g, kind);
 }
 #else
-static inline void race_shared(const char*, void*, size_t) {}
+static inline void race_shared(const char*, void*, size_t, unsigned) {}
 static inline void race_launch(size_t, size_t) {}
 static inline void race_enter(unsigned, unsigned) {}
 static inline void race_fence() {}

@@ -206,3 +206,32 @@ fn the_last_block_protocol_passes_and_each_missing_part_is_named() {
     let (_, mirrored) = with_mirrored_schedule(|| race_checked(last_block_sum(true, true, false), 2, 32));
     assert!(mirrored.unwrap_or_default().contains("in another block of the same launch"));
 }
+
+#[test]
+fn threads_may_each_write_a_bool_of_their_own() {
+    if !emulator() {
+        return;
+    }
+    // `flags[t] = in[t] > 10` from every thread, then `out[t] = flags[63 - t]`: four threads write
+    // into each word of `flags`, each its own byte, so only the read needs the barrier. (A shared
+    // array's elements are its own element size, not 4-byte words.)
+    let flags = |barrier: bool| {
+        let body = split_by_barrier(
+            vec![
+                Stmt::SharedArray { ty: CType::Bool, name: "flags".into(), len: 64, align: 0 },
+                assign(index(var("flags"), tid()), bin(BinOp::Gt, index(var("in"), tid()), Expr::F32(10.0))),
+            ],
+            barrier,
+            vec![assign(
+                index(var("out"), tid()),
+                select(index(var("flags"), int(63) - tid()), Expr::F32(1.0), Expr::F32(0.0)),
+            )],
+        );
+        race_checked(body, 1, 64)
+    };
+    let (out, fault) = flags(true);
+    assert_eq!(fault, None);
+    assert_eq!((out[0], out[52], out[53]), (1.0, 1.0, 0.0));
+    let fault = flags(false).1.expect("a race");
+    assert!(fault.contains("race on shared array flags[") && fault.contains("(1-byte elements)"), "{fault}");
+}

@@ -93,7 +93,7 @@ kiln_emu_switch:
 namespace kiln_emu {
 // The race check's side of the emulator (race.h, which follows this shim in every unit: the check
 // itself where KILN_EMU_RACECHECK is defined, else nothing).
-static void race_shared(const char* name, void* at, size_t bytes);
+static void race_shared(const char* name, void* at, size_t bytes, unsigned granule);
 static void race_launch(size_t blocks, size_t threads_per_block);
 static void race_enter(unsigned t, unsigned barriers);
 static void race_fence();
@@ -187,12 +187,12 @@ struct Poisoned {
 const unsigned MAX_POISONED = 256;
 static thread_local Poisoned poisoned[MAX_POISONED];
 static thread_local unsigned poisoned_count = 0;
-KILN_EMU_UNCHECKED static void poison_once(void* at, size_t bytes, const char* name) {
+KILN_EMU_UNCHECKED static void poison_once(void* at, size_t bytes, const char* name, unsigned granule) {
     for (unsigned i = 0; i < poisoned_count; i++) {
         if (poisoned[i].at != at) continue;
         if (poisoned[i].epoch != block_epoch) {
             memset(at, 0xff, bytes);
-            race_shared(name, at, bytes);
+            race_shared(name, at, bytes, granule);
             poisoned[i].epoch = block_epoch;
         }
         return;
@@ -206,7 +206,7 @@ KILN_EMU_UNCHECKED static void poison_once(void* at, size_t bytes, const char* n
     }
     poisoned[poisoned_count++] = Poisoned{at, block_epoch};
     memset(at, 0xff, bytes);
-    race_shared(name, at, bytes);
+    race_shared(name, at, bytes, granule);
 }
 
 static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** args) {
@@ -461,7 +461,15 @@ static void kiln_emu_divrem(void* data) {
 extern "C" void __ubsan_handle_divrem_overflow(void* data, void*, void*) { kiln_emu_divrem(data); }
 extern "C" void __ubsan_handle_divrem_overflow_abort(void* data, void*, void*) { kiln_emu_divrem(data); }
 
-#define KILN_EMU_SHARED(name) kiln_emu::poison_once((void*)&(name), sizeof(name), #name)
+// The race check's element in a shared array: the array's element size up to 4 bytes (so threads
+// may each write a `bool` of their own); 4 bytes in a union of kernels' arrays (whose members'
+// types differ).
+namespace kiln_emu {
+template <class T, size_t N> constexpr unsigned shared_granule(T (&)[N]) { return sizeof(T) < 4 ? sizeof(T) : 4; }
+template <class T> constexpr unsigned shared_granule(T&) { return 4; }
+}  // namespace kiln_emu
+#define KILN_EMU_SHARED(name) \
+    kiln_emu::poison_once((void*)&(name), sizeof(name), #name, kiln_emu::shared_granule(name))
 
 namespace kiln_emu {
 static inline void sync_at(unsigned line) {
