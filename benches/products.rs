@@ -1,52 +1,49 @@
 //! Product benchmark, for tuning the CUDA backend's tiled products on a card: for each product of
-//! the standard workloads (its shape and operand layout), `relu(a b + bias)` is timed on the device
-//! with CUDA events around each step (`KILN_CUDA_PROFILE`: the device's time for the product and
-//! its epilogue, not the host's share of a call) as cuBLAS plus an epilogue kernel, as kiln tiles
-//! it by default, and with each tile shape (32x32, 64x64, 128x64, 128x128) and number of slices
-//! forced, by float32 FMAs and (`tc` columns, fewer slice counts) on tensor cores at float32
-//! accuracy (3xTF32). Prints microseconds per call, one row per product, the fastest variant
-//! marked `*`.
+//! the standard workloads that kiln may tile (`Function::cuda_products`: one per shape and operand
+//! layout, `+N` saying how many more share it), `relu(a b + bias)` is timed on the device with
+//! CUDA events around each step (`KILN_CUDA_PROFILE`: the device's time for the product and its
+//! epilogue, not the host's share of a call) as cuBLAS plus an epilogue kernel, as kiln tiles it by
+//! default, and with each tile shape (32x32, 64x64, 128x64, 128x128) and number of slices forced,
+//! by float32 FMAs and (`tc` columns, fewer slice counts) on tensor cores at float32 accuracy
+//! (3xTF32). Prints microseconds per call, one row per product, the fastest variant marked `*`;
+//! `--write-table FILE` writes the fastest of each product as a tile table, which
+//! `KILN_CUDA_TILES=FILE` then makes the CUDA backend follow (the step benchmark's tuned row).
+//! On a GPU, every program is first compiled by NVRTC on all cores.
 //!
 //! `cargo bench --bench products [-- --device cuda|cuda:N|cuda-emulator] [--calls N] [--case TEXT]
-//! [--variant TEXT]` (`--case`, `--variant`: only the products, or the columns, whose name holds
-//! TEXT: `--variant tc` times the tensor-core tilings alone, with cuBLAS and kiln's own choice)
-//! (on a device without a profile, such as the emulator, it only checks that every variant runs).
+//! [--variant TEXT] [--write-table FILE]` (`--case`, `--variant`: only the products, or the
+//! columns, whose name holds TEXT: `--variant tc` times the tensor-core tilings alone, with cuBLAS
+//! and kiln's own choice) (on a device without a profile, such as the emulator, it only checks
+//! that every variant runs, and a table it writes is empty).
 
 use kiln::prelude::*;
-use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
+use kiln_codegen::cuda::{with_tile_choice, ProductKey, TileChoice, TileShape, TileTable};
 
-/// A product of the workloads: its name, `m x k x n`, and whether `a` (`[k, m]`) and `b` (`[n, k]`)
-/// are stored transposed (weight gradients read `a` transposed, input gradients `b`).
+/// A product of the workloads: where it comes from (its workload and kernel names, and how many
+/// other products share its shape and layout) and its shape and layout.
 struct Case {
-    name: &'static str,
-    m: usize,
-    k: usize,
-    n: usize,
-    a_transposed: bool,
-    b_transposed: bool,
+    name: String,
+    key: ProductKey,
 }
 
-const fn case(name: &'static str, m: usize, k: usize, n: usize, a_transposed: bool, b_transposed: bool) -> Case {
-    Case { name, m, k, n, a_transposed, b_transposed }
+/// Every product of the standard workloads that a tile table can direct, one per shape and layout,
+/// in the workloads' order.
+fn cases() -> kiln::Result<Vec<Case>> {
+    let mut cases: Vec<(String, ProductKey, usize)> = vec![];
+    for workload in kiln::workloads::NAMES {
+        let w = kiln::workloads::build(workload, Device::Reference)?;
+        for (kernel, key) in w.step.cuda_products(&w.args)? {
+            match cases.iter_mut().find(|c| c.1 == key) {
+                Some(c) => c.2 += 1,
+                None => cases.push((format!("{workload} {}", kernel.trim_end_matches("_matmul")), key, 0)),
+            }
+        }
+    }
+    Ok(cases
+        .into_iter()
+        .map(|(name, key, more)| Case { name: if more > 0 { format!("{name} +{more}") } else { name }, key })
+        .collect())
 }
-
-const CASES: [Case; 15] = [
-    case("fmnist-mlp dense1", 128, 784, 256, false, false),
-    case("fmnist-mlp dense2", 128, 256, 256, false, false),
-    case("fmnist-mlp dH1", 128, 256, 256, false, true),
-    case("fmnist-mlp dW1", 784, 128, 256, true, false),
-    case("fmnist-mlp dW2", 256, 128, 256, true, false),
-    case("autoencoder dense1", 128, 784, 1000, false, false),
-    case("autoencoder dense2", 128, 1000, 500, false, false),
-    case("autoencoder dH7", 128, 1000, 784, false, true),
-    case("autoencoder dW1", 784, 128, 1000, true, false),
-    case("autoencoder dW2", 1000, 128, 500, true, false),
-    case("fmnist-mlp-4k dense1", 4096, 784, 256, false, false),
-    case("fmnist-mlp-4k dense2", 4096, 256, 256, false, false),
-    case("fmnist-mlp-4k dH1", 4096, 256, 256, false, true),
-    case("fmnist-mlp-4k dW1", 784, 4096, 256, true, false),
-    case("fmnist-mlp-4k dW2", 256, 4096, 256, true, false),
-];
 
 /// The variants timed: a label and the tiling it forces.
 fn variants() -> Vec<(String, TileChoice)> {
@@ -59,8 +56,7 @@ fn variants() -> Vec<(String, TileChoice)> {
         for tile in TileShape::ALL {
             for &slices in slice_counts {
                 let choice = TileChoice::forced(tile, slices, tensor_cores);
-                let on = if tensor_cores { "tc" } else { "" };
-                v.push((format!("{on}{}/s{slices}", tile.label()), choice));
+                v.push((choice.label().expect("a whole choice"), choice));
             }
         }
     }
@@ -73,31 +69,61 @@ struct Prepared {
     inputs: [Var; 3],
     out: Var,
     args: [Tensor; 3],
-    want: Tensor,
 }
 
-fn prepare(c: &Case) -> kiln::Result<Prepared> {
+/// `relu(a b + bias)` for case `c`, its operands stored in the case's layout.
+fn prepare(c: &Case) -> Prepared {
+    let ProductKey { m, k, n, a_transposed, b_transposed } = c.key;
     let g = Graph::new();
-    let a_shape = if c.a_transposed { [c.k, c.m] } else { [c.m, c.k] };
-    let b_shape = if c.b_transposed { [c.n, c.k] } else { [c.k, c.n] };
+    let a_shape = if a_transposed { [k, m] } else { [m, k] };
+    let b_shape = if b_transposed { [n, k] } else { [k, n] };
     let (a_in, b_in) = (g.input("a", F32, a_shape), g.input("b", F32, b_shape));
-    let a = if c.a_transposed { a_in.t() } else { a_in.clone() };
-    let b = if c.b_transposed { b_in.t() } else { b_in.clone() };
-    let bias = g.input("bias", F32, [c.n]);
+    let a = if a_transposed { a_in.t() } else { a_in.clone() };
+    let b = if b_transposed { b_in.t() } else { b_in.clone() };
+    let bias = g.input("bias", F32, [n]);
     let out = (a.matmul(&b) + &bias).relu();
     let args = [
         kiln::testing::random_tensor(&a_shape, -1.0, 1.0, 1).cast(F32),
         kiln::testing::random_tensor(&b_shape, -1.0, 1.0, 2).cast(F32),
-        kiln::testing::random_tensor(&[c.n], -1.0, 1.0, 3).cast(F32),
+        kiln::testing::random_tensor(&[n], -1.0, 1.0, 3).cast(F32),
     ];
-    let inputs = [a_in, b_in, bias];
-    let want = g.function(inputs.iter(), [&out]).compile(Device::Cpu)?.call(&args)?.remove(0);
-    Ok(Prepared { g, inputs, out, args, want })
+    Prepared { g, inputs: [a_in, b_in, bias], out, args }
+}
+
+/// Compiles every (case, variant) program with NVRTC for the card's `arch`, on all cores, into
+/// NVRTC's in-process cache, where timing each of them then finds it (one after another, NVRTC
+/// would take most of the run). A program that fails here fails again when timed, and says why.
+#[cfg(feature = "cuda")]
+fn precompile(cases: &[Case], variants: &[(String, TileChoice)], arch: &'static str) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let jobs: Vec<(usize, usize)> = (0..cases.len()).flat_map(|c| (0..variants.len()).map(move |v| (c, v))).collect();
+    let next = AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                while let Some(&(c, v)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let p = prepare(&cases[c]);
+                    let Ok(f) = p.g.function(p.inputs.iter(), [&p.out]).compile(Device::Reference) else { continue };
+                    if let Ok(module) = with_tile_choice(variants[v].1, || f.cuda_module(&p.args)) {
+                        let _ = kiln_codegen::cuda::nvrtc::compile_module(&module, arch);
+                    }
+                }
+            });
+        }
+    });
 }
 
 /// Device microseconds per call of case `c` under `choice` (`None` where the device keeps no
-/// profile), after checking that the program has the form asked for and the CPU's result.
-fn time(c: &Case, p: &Prepared, device: Device, choice: TileChoice, calls: usize) -> kiln::Result<Option<f64>> {
+/// profile), after checking that the program has the form asked for and the CPU's result `want`.
+fn time(
+    c: &Case,
+    p: &Prepared,
+    want: &Tensor,
+    device: Device,
+    choice: TileChoice,
+    calls: usize,
+) -> kiln::Result<Option<f64>> {
     let mut f = with_tile_choice(choice, || -> kiln::Result<Function> {
         let mut f = p.g.function(p.inputs.iter(), [&p.out]).compile(device)?;
         f.call(&p.args)?;
@@ -113,8 +139,8 @@ fn time(c: &Case, p: &Prepared, device: Device, choice: TileChoice, calls: usize
     if !code.contains(&form) {
         return Err(kiln::Error::Invalid(format!("{}: the program has no '{form}'", c.name)));
     }
-    let err = f.call(&p.args)?[0].max_abs_diff(&p.want);
-    if err > 1e-5 * c.k as f64 {
+    let err = f.call(&p.args)?[0].max_abs_diff(want);
+    if err > 1e-5 * c.key.k as f64 {
         return Err(kiln::Error::Invalid(format!("{}: differs from the CPU by {err}", c.name)));
     }
     for _ in 0..calls {
@@ -123,9 +149,9 @@ fn time(c: &Case, p: &Prepared, device: Device, choice: TileChoice, calls: usize
     Ok(f.profile().map(|p| p.seconds_per_call * 1e6))
 }
 
-fn main() {
+fn main() -> kiln::Result<()> {
     let mut device = Device::Cuda(0);
-    let (mut calls, mut filter, mut columns) = (200, String::new(), String::new());
+    let (mut calls, mut filter, mut columns, mut table_path) = (200, String::new(), String::new(), None);
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -139,6 +165,7 @@ fn main() {
             "--calls" => calls = it.next().and_then(|s| s.parse().ok()).unwrap_or(calls),
             "--case" => filter = it.next().unwrap_or_default(),
             "--variant" => columns = it.next().unwrap_or_default(),
+            "--write-table" => table_path = it.next(),
             "--bench" => {}
             other => {
                 eprintln!("unknown argument {other}");
@@ -150,31 +177,29 @@ fn main() {
     std::env::set_var("KILN_CUDA_PROFILE", "1");
     let keep = |label: &str| label.contains(&columns) || label == "cuBLAS" || label == "kiln";
     let variants: Vec<_> = variants().into_iter().filter(|(label, _)| keep(label)).collect();
+    let cases: Vec<Case> = cases()?.into_iter().filter(|c| c.name.contains(&filter)).collect();
+    let mut card = format!("{device:?}");
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(ordinal) = device {
+        let gpu = kiln_codegen::cuda::runtime::Gpu::get(ordinal)?;
+        card = format!("{} ({})", gpu.name, gpu.arch);
+        let t = std::time::Instant::now();
+        precompile(&cases, &variants, gpu.arch);
+        eprintln!("{} programs compiled in {:.1} s", cases.len() * variants.len(), t.elapsed().as_secs_f64());
+    }
     let width = variants.iter().map(|(l, _)| l.len()).max().unwrap_or(8).max(7);
-    print!("{:<22} {:>16}", "product (us per call)", "m x k x n");
+    print!("{:<28} {:>17}", "product (us per call)", "m x k x n");
     for (label, _) in &variants {
         print!(" {label:>width$}");
     }
     println!();
-    for c in CASES.iter().filter(|c| c.name.contains(&filter)) {
-        let shape = format!(
-            "{}x{}{}x{}{}",
-            c.m,
-            c.k,
-            if c.a_transposed { "^T" } else { "" },
-            c.n,
-            if c.b_transposed { "^T" } else { "" }
-        );
-        let prepared = match prepare(c) {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("{}: {e}", c.name);
-                continue;
-            }
-        };
+    let mut table = TileTable::default();
+    for c in &cases {
+        let p = prepare(c);
+        let want = p.g.function(p.inputs.iter(), [&p.out]).compile(Device::Cpu)?.call(&p.args)?.remove(0);
         let times: Vec<Option<f64>> = variants
             .iter()
-            .map(|(label, choice)| match time(c, &prepared, device, *choice, calls) {
+            .map(|(label, choice)| match time(c, &p, &want, device, *choice, calls) {
                 Ok(t) => t,
                 Err(e) => {
                     eprintln!("{} {label}: {e}", c.name);
@@ -183,7 +208,7 @@ fn main() {
             })
             .collect();
         let best = times.iter().flatten().copied().fold(f64::INFINITY, f64::min);
-        print!("{:<22} {shape:>16}", c.name);
+        print!("{:<28} {:>17}", c.name, c.key.to_string());
         for t in &times {
             let cell = match t {
                 Some(t) if *t == best => format!("{t:.1}*"),
@@ -193,5 +218,19 @@ fn main() {
             print!(" {cell:>width$}");
         }
         println!();
+        if let Some(fastest) = times.iter().position(|t| *t == Some(best)) {
+            table.insert(c.key, variants[fastest].1)?;
+        }
     }
+    if let Some(path) = table_path {
+        let heading = format!(
+            "kiln tile table: the fastest way to compute each product, as timed by\n\
+             `cargo bench --bench products -- --write-table` on {card}, {calls} calls each.\n\
+             Use it with KILN_CUDA_TILES={path}."
+        );
+        std::fs::write(&path, table.to_text(&heading))
+            .map_err(|e| kiln::Error::Invalid(format!("--write-table {path}: {e}")))?;
+        eprintln!("tile table of {} products written to {path}", table.entries.len());
+    }
+    Ok(())
 }

@@ -13,7 +13,9 @@
 #                                  then a per-kernel profile of each workload
 #                                  (tiled products, and again with them on cuBLAS) and the product
 #                                  benchmark (each workload product as cuBLAS + epilogue and with
-#                                  every tiling; KILN_GPU_PROFILE=0 leaves both out); then the
+#                                  every tiling, the fastest of each written to a tile table,
+#                                  $OUT/tiles.txt) and the step benchmark tuned by that table
+#                                  (KILN_CUDA_TILES; KILN_GPU_PROFILE=0 leaves these out); then the
 #                                  benchmark without CUDA graphs, on two streams, with every kernel
 #                                  on its own, with medium float products on cuBLAS, with larger
 #                                  products inside single-block runs, compiled cold
@@ -163,7 +165,15 @@ if [ "${KILN_GPU_PROFILE:-1}" = 1 ]; then
     echo "-- the same on tensor cores (KILN_CUDA_TF32X3=1)"
     KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-tf32x3-4k.txt"
     echo "== products: device us per call of relu(a b + bias), cuBLAS + epilogue vs tilings (* fastest)"
-    timeout 300 "$DIR/products" --device cuda 2>&1 | tee "$OUT_DIR/products.txt"
+    timeout 300 "$DIR/products" --device cuda --write-table "$OUT_DIR/tiles.txt" 2>&1 | tee "$OUT_DIR/products.txt"
+    if grep -qsv "^#" "$OUT_DIR/tiles.txt"; then
+        # The fastest choice of each product, as the product benchmark just measured it.
+        bench_row "tuned: every product as the tile table says (KILN_CUDA_TILES=tiles.txt)" bench-tuned.txt \
+            KILN_CUDA_TILES="$OUT_DIR/tiles.txt"
+        echo "-- its per-step profile"
+        KILN_CUDA_TILES="$OUT_DIR/tiles.txt" KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 |
+            grep -v compile: | tee "$OUT_DIR/profile-tuned.txt"
+    fi
 fi
 echo "== the benchmark under each setting"
 bench_row "without CUDA graphs (every kernel launched from the host)" bench-eager.txt KILN_CUDA_GRAPHS=0
@@ -179,7 +189,7 @@ bench_row "cold again, as PTX that the driver compiles at load (KILN_CUDA_PTX=1,
 echo "-- every product with an epilogue tiled, up to 2^30 multiply-adds (KILN_CUDA_TILED_MACS; fmnist-mlp-4k)"
 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tiled-4k.txt"
 echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-summary_files=(cold cached tf32x3 tf32x3-4k eager 2streams unjoined cublas runmacs cold-ptx tiled-4k)
+summary_files=(cold cached tf32x3 tf32x3-4k tuned eager 2streams unjoined cublas runmacs cold-ptx tiled-4k)
 (
     cd "$OUT_DIR" || exit
     printf '%-16s' workload

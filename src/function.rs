@@ -337,6 +337,11 @@ impl Function {
     pub fn cuda_module(&self, args: &[Tensor]) -> Result<kiln_codegen::cuda::ast::Module> {
         kiln_codegen::cuda::program_module(&self.program, &self.signature(args)?)
     }
+    /// The float products the CUDA backend may tile for these arguments, by kernel name, shape and
+    /// layout: what a tile table (`KILN_CUDA_TILES`) lists, and what the product benchmark tunes.
+    pub fn cuda_products(&self, args: &[Tensor]) -> Result<Vec<(String, kiln_codegen::cuda::ProductKey)>> {
+        kiln_codegen::cuda::program_products(&self.program, &self.signature(args)?)
+    }
     /// Compile time of each specialization (NVRTC and module load on CUDA; empty elsewhere).
     pub fn compile_stats(&self) -> Vec<String> {
         self.exe.compile_stats()

@@ -76,6 +76,7 @@ pub struct DeviceProgram {
 
 /// The CUDA kernels and device steps of a kernel program.
 pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
+    super::tile_table::table()?;
     let loc = locations(kp, memory);
     let small = |n: usize| n <= SINGLE_BLOCK_ELEMENTS;
     let forced = super::kernel_by_kernel_forced();
@@ -215,7 +216,7 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
 }
 
 /// Whether `mm` is a float product too large for kiln's one-thread-per-output kernel.
-fn big_product(mm: &MatMul) -> bool {
+pub(super) fn big_product(mm: &MatMul) -> bool {
     mm.dtype.is_float() && mm.batch * mm.m * mm.n * mm.k > SMALL_PRODUCT
 }
 

@@ -2,7 +2,8 @@
 //! prints it), compiled by NVRTC at run time, run with cuBLAS for large float products on one
 //! stream (or, opt-in, on several: `schedule`). Kernels are joined where that is safe (`group`,
 //! `single`, `side`, and medium products computed in tiles by their epilogue's kernel: `tiled`,
-//! on tensor cores when asked: `mma`), since a small step pays per launch. The runtime (`exec`, `runtime`, and NVRTC itself)
+//! on tensor cores when asked: `mma`; or as a tile table measured on the card says: `tile_table`),
+//! since a small step pays per launch. The runtime (`exec`, `runtime`, and NVRTC itself)
 //! needs the `cuda` feature (on by default); without it the CUDA C is still generated, and
 //! `Device::Cuda` says the feature is off. `emulator` runs the same program on the CPU, for tests.
 pub mod ast;
@@ -22,7 +23,9 @@ pub mod schedule;
 mod side;
 mod single;
 mod special;
+mod tile_table;
 mod tiled;
+pub use tile_table::{with_tile_table, ProductKey, TileTable};
 pub use tiled::{with_tile_choice, TileChoice, TileShape};
 
 #[cfg(feature = "cuda")]
@@ -163,6 +166,13 @@ pub fn specialize_program(
     schedule::sink_unread_results(&mut kp);
     crate::kernel::check_bounds(&kp)?;
     Ok((kp, updates, out_shapes))
+}
+
+/// The float products of a program called with these shapes that a tile table can direct
+/// (`TileTable`), with their kernels' names, in program order.
+pub fn program_products(program: &crate::Program, shapes: &[Vec<usize>]) -> Result<Vec<(String, ProductKey)>> {
+    let (kp, _, _) = specialize_program(program, shapes)?;
+    Ok(tile_table::tunable_products(&kp))
 }
 
 /// The CUDA kernels the CUDA backend compiles for a program called with these shapes.

@@ -15,7 +15,8 @@
 //! group on it, an element per thread in row-major order (coalesced), with the product's value
 //! where the epilogue would have read it from memory. With tensor cores asked for
 //! (`KILN_CUDA_TF32X3=1`, or `TileChoice::tensor_cores`), the same tiles are computed by warp
-//! multiply-adds at float32 accuracy (3xTF32, `mma.rs`); opt-in until measured on a card.
+//! multiply-adds at float32 accuracy (3xTF32, `mma.rs`); opt-in until measured on a card. Where
+//! a tile table (`tile_table.rs`) lists a product, its measured choice replaces these estimates.
 
 use super::ast::*;
 use super::emit::{decompose, Emitter, ProductInEpilogue, MAX_GRID, THREADS};
@@ -119,8 +120,10 @@ pub fn with_tile_choice<R>(choice: TileChoice, f: impl FnOnce() -> R) -> R {
     super::with_thread_setting(&CHOICE, Some(choice), f)
 }
 
-fn choice() -> TileChoice {
-    CHOICE.with(|c| c.get()).unwrap_or_default()
+/// How `mm` is to be tiled: this thread's `with_tile_choice`, else the tile table's line for it
+/// (`tile_table`), else kiln's estimate (the fields left `None`).
+fn choice(mm: &MatMul) -> TileChoice {
+    CHOICE.with(|c| c.get()).or_else(|| super::tile_table::choice_for(mm)).unwrap_or_default()
 }
 
 /// Whether tiles go to tensor cores where no choice says (`KILN_CUDA_TF32X3=1`; needs compute
@@ -150,7 +153,8 @@ impl TilePlan {
     pub(super) fn for_product(mm: &MatMul) -> TilePlan {
         let tiles64 = mm.m.div_ceil(64) * mm.n.div_ceil(64);
         let wide = tiles64 >= WIDE_TILES;
-        let shape = choice().tile.unwrap_or(if wide { TileShape::T64x64 } else { TileShape::T32x32 });
+        let choice = choice(mm);
+        let shape = choice.tile.unwrap_or(if wide { TileShape::T64x64 } else { TileShape::T32x32 });
         let (bm, bn, bk) = shape.dims();
         let (tiles_m, tiles_n) = (mm.m.div_ceil(bm), mm.n.div_ceil(bn));
         let slabs_total = mm.k.div_ceil(bk).max(1);
@@ -158,9 +162,9 @@ impl TilePlan {
         let tiles = tiles_m * tiles_n;
         let wanted = if 2 * tiles >= TARGET_BLOCKS { 1 } else { TARGET_BLOCKS.div_ceil(tiles).min(MAX_SLICES) };
         let most = slabs_total.div_ceil(MIN_SLABS_PER_SLICE);
-        let wanted = choice().slices.map_or(wanted.min(most), |s| s.min(slabs_total));
+        let wanted = choice.slices.map_or(wanted.min(most), |s| s.min(slabs_total));
         let slabs = slabs_total.div_ceil(wanted.max(1));
-        let tensor_cores = choice().tensor_cores.unwrap_or_else(tensor_cores_from_env);
+        let tensor_cores = choice.tensor_cores.unwrap_or_else(tensor_cores_from_env);
         TilePlan { bm, bn, bk, tiles_m, tiles_n, slices: slabs_total.div_ceil(slabs), slabs, tensor_cores }
     }
 
@@ -246,7 +250,7 @@ fn disabled() -> bool {
 
 /// Whether `mm` is of a kind and size the tiled kernel takes (its epilogue is checked later).
 pub(super) fn candidate(mm: &MatMul) -> bool {
-    let wanted = choice().tiled.unwrap_or(mm.m * mm.n * mm.k <= tiled_macs() && !disabled());
+    let wanted = choice(mm).tiled.unwrap_or(mm.m * mm.n * mm.k <= tiled_macs() && !disabled());
     mm.dtype == DType::F32
         && mm.batch == 1
         && mm.epilogue.is_some()
