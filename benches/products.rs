@@ -114,6 +114,23 @@ fn precompile(cases: &[Case], variants: &[(String, TileChoice)], arch: &'static 
     });
 }
 
+/// The card's name and arch, once every program is compiled for it (`precompile`); the device's
+/// name where it is not a GPU.
+#[cfg(feature = "cuda")]
+fn ready(device: Device, cases: &[Case], variants: &[(String, TileChoice)]) -> kiln::Result<String> {
+    let Device::Cuda(ordinal) = device else { return Ok(format!("{device:?}")) };
+    let gpu = kiln_codegen::cuda::runtime::Gpu::get(ordinal)?;
+    let t = std::time::Instant::now();
+    precompile(cases, variants, gpu.arch);
+    eprintln!("{} programs compiled in {:.1} s", cases.len() * variants.len(), t.elapsed().as_secs_f64());
+    Ok(format!("{} ({})", gpu.name, gpu.arch))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn ready(device: Device, _: &[Case], _: &[(String, TileChoice)]) -> kiln::Result<String> {
+    Ok(format!("{device:?}"))
+}
+
 /// Device microseconds per call of case `c` under `choice` (`None` where the device keeps no
 /// profile), after checking that the program has the form asked for and the CPU's result `want`.
 fn time(
@@ -178,15 +195,7 @@ fn main() -> kiln::Result<()> {
     let keep = |label: &str| label.contains(&columns) || label == "cuBLAS" || label == "kiln";
     let variants: Vec<_> = variants().into_iter().filter(|(label, _)| keep(label)).collect();
     let cases: Vec<Case> = cases()?.into_iter().filter(|c| c.name.contains(&filter)).collect();
-    let mut card = format!("{device:?}");
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(ordinal) = device {
-        let gpu = kiln_codegen::cuda::runtime::Gpu::get(ordinal)?;
-        card = format!("{} ({})", gpu.name, gpu.arch);
-        let t = std::time::Instant::now();
-        precompile(&cases, &variants, gpu.arch);
-        eprintln!("{} programs compiled in {:.1} s", cases.len() * variants.len(), t.elapsed().as_secs_f64());
-    }
+    let card = ready(device, &cases, &variants)?;
     let width = variants.iter().map(|(l, _)| l.len()).max().unwrap_or(8).max(7);
     print!("{:<28} {:>17}", "product (us per call)", "m x k x n");
     for (label, _) in &variants {

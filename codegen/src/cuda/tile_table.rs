@@ -17,7 +17,10 @@
 //!
 //! `m`x`k`x`n` as the kernels' comments print a product, the operands' layout (`a` then `b`: `n`
 //! as is, `t` stored transposed), then the choice: `cuBLAS`, `kiln` (its own estimate), or a tile
-//! shape and its slice count, `tc` in front for tensor cores (3xTF32).
+//! shape and its slice count, `tc` in front for tensor cores (3xTF32). A tiling that a product
+//! cannot take in its step (an epilogue that does not read it element by element in order, or
+//! more blocks than a grid holds) goes to cuBLAS, as a forced `TileChoice` does; the step's
+//! launch list in the generated code says which.
 
 use super::tiled::{TileChoice, TileShape};
 use crate::kernel::MatMul;
