@@ -230,15 +230,18 @@ fn main() -> kiln::Result<()> {
         if let Some(fastest) = times.iter().position(|t| *t == Some(best)) {
             table.insert(c.key, variants[fastest].1)?;
         }
+        // Written after each product, so that a run cut short still leaves what it measured.
+        if let Some(path) = &table_path {
+            let heading = format!(
+                "kiln tile table: the fastest way to compute each product, as timed by\n\
+                 `cargo bench --bench products -- --write-table` on {card}, {calls} calls each.\n\
+                 Use it with KILN_CUDA_TILES={path}."
+            );
+            std::fs::write(path, table.to_text(&heading))
+                .map_err(|e| kiln::Error::Invalid(format!("--write-table {path}: {e}")))?;
+        }
     }
-    if let Some(path) = table_path {
-        let heading = format!(
-            "kiln tile table: the fastest way to compute each product, as timed by\n\
-             `cargo bench --bench products -- --write-table` on {card}, {calls} calls each.\n\
-             Use it with KILN_CUDA_TILES={path}."
-        );
-        std::fs::write(&path, table.to_text(&heading))
-            .map_err(|e| kiln::Error::Invalid(format!("--write-table {path}: {e}")))?;
+    if let Some(path) = &table_path {
         eprintln!("tile table of {} products written to {path}", table.entries.len());
     }
     Ok(())
