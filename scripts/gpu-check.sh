@@ -20,7 +20,8 @@
 #                                  on its own, with medium float products on cuBLAS, with larger
 #                                  products inside single-block runs, compiled cold
 #                                  to PTX rather than machine code, and with fmnist-mlp-4k fully
-#                                  tiled; last, a summary of the step times under each setting.
+#                                  tiled; last, a summary of the step times under each setting
+#                                  and of each workload against its target (default and best).
 #                                  Should the driver refuse NVRTC's machine code (cubins), the
 #                                  run says so and goes on with PTX (KILN_CUDA_PTX=1).
 #                                  KILN_GPU_SANITIZE=1 also runs tests/cuda_device.rs under
@@ -203,6 +204,18 @@ summary_files=(cold cached tf32x3 tf32x3-4k tuned eager 2streams unjoined cublas
             printf ' %15s' "${v:--}"
         done
         echo
+    done
+    # The targets (H100, ms per step): half the best peer's time, and for fmnist-mlp-4k
+    # 1.25x of the cuBLAS floor; against the default setting (cached) and the best of all.
+    echo
+    printf '%-16s %8s %10s %s\n' workload target default "best (setting)"
+    for wt in keras-mlp:0.025 fmnist-mlp:0.045 fmnist-mlp-4k:0.1625 autoencoder:0.154; do
+        w=${wt%%:*} target=${wt#*:}
+        default=$(awk -v w="$w" '$1 == w && $2 == "cuda" { print $4 }' bench-cached.txt 2>/dev/null)
+        best=$(for f in "${summary_files[@]}"; do
+            awk -v w="$w" -v f="$f" '$1 == w && $2 == "cuda" { print $4, f }' "bench-$f.txt" 2>/dev/null
+        done | sort -g | head -1)
+        printf '%-16s %8s %10s %s\n' "$w" "$target" "${default:--}" "${best:--}"
     done
 )
 exit $status
