@@ -63,7 +63,7 @@ fn variants() -> Vec<(String, TileChoice)> {
     v
 }
 
-/// A case's graph, arguments and the CPU backend's result.
+/// A case's graph (`relu(a b + bias)`), its inputs and output, and arguments.
 struct Prepared {
     g: Graph,
     inputs: [Var; 3],
