@@ -102,9 +102,17 @@ fn precompile(cases: &[Case], variants: &[(String, TileChoice)], arch: &'static 
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
+                // Jobs go out in case order, so a thread's next job is mostly of the case it holds.
+                let mut held: Option<(usize, Prepared, Function)> = None;
                 while let Some(&(c, v)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    let p = prepare(&cases[c]);
-                    let Ok(f) = p.g.function(p.inputs.iter(), [&p.out]).compile(Device::Reference) else { continue };
+                    if held.as_ref().is_none_or(|h| h.0 != c) {
+                        let p = prepare(&cases[c]);
+                        let Ok(f) = p.g.function(p.inputs.iter(), [&p.out]).compile(Device::Reference) else {
+                            continue;
+                        };
+                        held = Some((c, p, f));
+                    }
+                    let (_, p, f) = held.as_ref().expect("held");
                     if let Ok(module) = with_tile_choice(variants[v].1, || f.cuda_module(&p.args)) {
                         let _ = kiln_codegen::cuda::nvrtc::compile_module(&module, arch);
                     }

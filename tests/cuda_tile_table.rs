@@ -64,8 +64,8 @@ fn a_table_directs_each_product_of_a_step() {
 
 #[test]
 fn a_table_lists_products_by_shape_and_layout() {
-    // The same size in another layout is another product: an `nn` line does not reach the `nt`
-    // product k19 (128x256x256, its `b` stored transposed), nor k3's line k19.
+    // The same size in another layout is another product: k3's line (128x256x256 nn) does not
+    // reach k19 (128x256x256 nt, its `b` stored transposed).
     let (products, _) = fmnist_table();
     let (k3, k19) = (products[1].1, products[2].1);
     assert_eq!((k3.m, k3.k, k3.n, k3.b_transposed), (k19.m, k19.k, k19.n, !k19.b_transposed));
