@@ -16,8 +16,9 @@
 #                                  every tiling, the fastest of each written to a tile table,
 #                                  $OUT/tiles.txt) and the step benchmark tuned by that table
 #                                  (KILN_CUDA_TILES; KILN_GPU_PROFILE=0 leaves these out); then the
-#                                  benchmark without CUDA graphs, on two streams, with every kernel
-#                                  on its own, with medium float products on cuBLAS, with larger
+#                                  benchmark without CUDA graphs, on one stream, with every kernel
+#                                  on its own, with medium float products on cuBLAS, with small
+#                                  products' long dots one per output thread, with larger
 #                                  products inside single-block runs, compiled cold
 #                                  to PTX rather than machine code, and with fmnist-mlp-4k fully
 #                                  tiled; last, a summary of the step times under each setting
@@ -34,6 +35,10 @@ DIR=${KILN_GPU_DIR:-.gpu}
 # skips the benchmark; KILN_GPU_EXAMPLE=0 leaves out the main example. So a run that may not fit
 # one command's time limit can be cut in two: KILN_GPU_BENCH=0 (tests and example), then
 # KILN_GPU_TESTS=none KILN_GPU_EXAMPLE=0 (the benchmarks).
+# KILN_GPU_TEST_TIMEOUT and KILN_GPU_BENCH_TIMEOUT bound each test binary's and each benchmark
+# row's run (seconds; default 300), so that a hang costs a lease no more than that.
+TEST_TIMEOUT=${KILN_GPU_TEST_TIMEOUT:-300}
+BENCH_TIMEOUT=${KILN_GPU_BENCH_TIMEOUT:-300}
 TESTS=${KILN_GPU_TESTS:-"op_table gradcheck backend_agreement cuda_device cuda_products cuda_codegen api nn"}
 [ "$TESTS" = none ] && TESTS=""
 
@@ -89,7 +94,7 @@ for t in $TESTS; do
     [ "$t" = cuda_codegen ] && filter=(cuda_device_errors every_workload kernels_name is_cached)
     [ "$t" = nn ] && filter=(fit_on_the_gpu dropout_is_off)
     start=$(date +%s%N)
-    if timeout 300 "$DIR/$t" "${filter[@]}" >"$OUT_DIR/$t.log" 2>&1; then r=ok; else r=FAILED; status=1; fi
+    if timeout "$TEST_TIMEOUT" "$DIR/$t" "${filter[@]}" >"$OUT_DIR/$t.log" 2>&1; then r=ok; else r=FAILED; status=1; fi
     ms=$(( ($(date +%s%N) - start) / 1000000 ))
     summary=$(grep -E '^test result' "$OUT_DIR/$t.log" | tail -1 | sed 's/test result: //; s/; 0 measured.*//')
     printf '%-20s %-8s %s (%d ms)\n' "$t" "$r" "$summary" "$ms"
@@ -102,17 +107,18 @@ if grep -qs "loading the compiled module failed" "$OUT_DIR"/*.log; then
     echo "!! the driver did not load NVRTC's cubin; the rest of this run uses PTX (KILN_CUDA_PTX=1)"
     export KILN_CUDA_PTX=1
     if [ -x "$DIR/backend_agreement" ]; then
-        if timeout 300 "$DIR/backend_agreement" >"$OUT_DIR/backend_agreement-ptx.log" 2>&1; then r=ok; else r=FAILED; fi
+        if timeout "$TEST_TIMEOUT" "$DIR/backend_agreement" >"$OUT_DIR/backend_agreement-ptx.log" 2>&1; then r=ok; else r=FAILED; fi
         printf '%-20s %-8s %s\n' "backend_agreement" "$r" "with KILN_CUDA_PTX=1"
     fi
 fi
 if [ -x "$DIR/backend_agreement" ] && [[ " $TESTS " == *" backend_agreement "* ]]; then
-    # The same agreement with the reference with independent steps on two streams (opt-in until
-    # measured), with the float products on cuBLAS (the default tiles the workloads' products),
-    # and with the tiles on tensor cores (3xTF32, opt-in until measured).
-    for setting in KILN_CUDA_STREAMS=2 KILN_CUDA_TILED=0 KILN_CUDA_TF32X3=1; do
+    # The same agreement with the reference with every step on one stream (the default spreads
+    # independent steps over two), with the float products on cuBLAS (the default tiles the
+    # workloads' products), with the tiles on tensor cores (3xTF32, opt-in until it wins), and with
+    # small products' long dots computed one per output thread (the default tiles them).
+    for setting in KILN_CUDA_STREAMS=1 KILN_CUDA_TILED=0 KILN_CUDA_TF32X3=1 KILN_CUDA_DOT_DEPTH=1073741824; do
         log="$OUT_DIR/backend_agreement-$setting.log"
-        if env "$setting" timeout 300 "$DIR/backend_agreement" >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
+        if env "$setting" timeout "$TEST_TIMEOUT" "$DIR/backend_agreement" >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
         printf '%-20s %-8s %s\n' "backend_agreement" "$r" "with $setting"
         [ "$r" = ok ] || grep -E 'panicked|FAILED|Error|error' "$log" | head -20
     done
@@ -146,7 +152,7 @@ bench_row() { # bench_row <title> <file> [VAR=value ...] [-- steps args]
     local title=$1 file=$2
     shift 2
     echo "-- $title"
-    env "$@" "$DIR/steps" --device cuda --seconds "${BENCH_SECONDS:-1}" 2>&1 | tee "$OUT_DIR/$file"
+    env "$@" timeout "$BENCH_TIMEOUT" "$DIR/steps" --device cuda --seconds "${BENCH_SECONDS:-1}" 2>&1 | tee "$OUT_DIR/$file"
 }
 echo "== benchmark (ms per full training step, f32; compile_ms includes graph building)"
 export KILN_CACHE_DIR=$(mktemp -d)
@@ -166,7 +172,9 @@ if [ "${KILN_GPU_PROFILE:-1}" = 1 ]; then
     echo "-- the same on tensor cores (KILN_CUDA_TF32X3=1)"
     KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-tf32x3-4k.txt"
     echo "== products: device us per call of relu(a b + bias), cuBLAS + epilogue vs tilings (* fastest)"
-    timeout 300 "$DIR/products" --device cuda --write-table "$OUT_DIR/tiles.txt" 2>&1 | tee "$OUT_DIR/products.txt"
+    # (Each function's profile, printed when it is dropped, left out.)
+    timeout 300 "$DIR/products" --device cuda --write-table "$OUT_DIR/tiles.txt" 2>&1 |
+        grep -v -e '^kiln CUDA profile' -e '^ *[0-9.]* us ' | tee "$OUT_DIR/products.txt"
     if grep -qsv "^#" "$OUT_DIR/tiles.txt"; then
         # The fastest choice of each product, as the product benchmark just measured it.
         bench_row "tuned: every product as the tile table says (KILN_CUDA_TILES=tiles.txt)" bench-tuned.txt \
@@ -178,11 +186,13 @@ if [ "${KILN_GPU_PROFILE:-1}" = 1 ]; then
 fi
 echo "== the benchmark under each setting"
 bench_row "without CUDA graphs (every kernel launched from the host)" bench-eager.txt KILN_CUDA_GRAPHS=0
-bench_row "independent steps on two streams (KILN_CUDA_STREAMS=2)" bench-2streams.txt KILN_CUDA_STREAMS=2
+bench_row "every step on one stream (KILN_CUDA_STREAMS=1)" bench-1stream.txt KILN_CUDA_STREAMS=1
 bench_row "every kernel on its own (no single-block runs, no kernels side by side, no product in its epilogue)" \
     bench-unjoined.txt KILN_CUDA_JOIN=0
 bench_row "medium float products on cuBLAS with their epilogue kernel, not tiled (KILN_CUDA_TILED=0)" \
     bench-cublas.txt KILN_CUDA_TILED=0
+bench_row "small products' dots one per output thread, however long (KILN_CUDA_DOT_DEPTH=2^30)" \
+    bench-dots.txt KILN_CUDA_DOT_DEPTH=1073741824
 bench_row "products of up to 2^19 multiply-adds inside single-block runs (KILN_CUDA_RUN_MACS; fmnist-mlp: 6 kernels)" \
     bench-runmacs.txt KILN_CUDA_RUN_MACS=524288
 bench_row "cold again, as PTX that the driver compiles at load (KILN_CUDA_PTX=1, its JIT cache off)" \
@@ -190,7 +200,7 @@ bench_row "cold again, as PTX that the driver compiles at load (KILN_CUDA_PTX=1,
 echo "-- every product with an epilogue tiled, up to 2^30 multiply-adds (KILN_CUDA_TILED_MACS; fmnist-mlp-4k)"
 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tiled-4k.txt"
 echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-summary_files=(cold cached tf32x3 tf32x3-4k tuned eager 2streams unjoined cublas runmacs cold-ptx tiled-4k)
+summary_files=(cold cached tf32x3 tf32x3-4k tuned eager 1stream unjoined cublas dots runmacs cold-ptx tiled-4k)
 (
     cd "$OUT_DIR" || exit
     printf '%-16s' workload
@@ -200,7 +210,7 @@ summary_files=(cold cached tf32x3 tf32x3-4k tuned eager 2streams unjoined cublas
         printf '%-16s' "$w"
         for f in "${summary_files[@]}"; do
             # columns: workload device batch median_ms min_ms max_ms steps compile_ms
-            v=$(awk -v w="$w" -v f="$f" '$1 == w && $2 == "cuda" { m = $4; if (f ~ /^cold|^cached/) m = m " (" $8 ")" } END { print m }' "bench-$f.txt" 2>/dev/null)
+            v=$(awk -v w="$w" -v f="$f" '$1 == w && $2 ~ /^cuda/ { m = $4; if (f ~ /^cold|^cached/) m = m " (" $8 ")" } END { print m }' "bench-$f.txt" 2>/dev/null)
             printf ' %15s' "${v:--}"
         done
         echo
@@ -211,9 +221,9 @@ summary_files=(cold cached tf32x3 tf32x3-4k tuned eager 2streams unjoined cublas
     printf '%-16s %8s %10s %s\n' workload target default "best (setting)"
     for wt in keras-mlp:0.025 fmnist-mlp:0.045 fmnist-mlp-4k:0.1625 autoencoder:0.154; do
         w=${wt%%:*} target=${wt#*:}
-        default=$(awk -v w="$w" '$1 == w && $2 == "cuda" { print $4 }' bench-cached.txt 2>/dev/null)
+        default=$(awk -v w="$w" '$1 == w && $2 ~ /^cuda/ { print $4 }' bench-cached.txt 2>/dev/null)
         best=$(for f in "${summary_files[@]}"; do
-            awk -v w="$w" -v f="$f" '$1 == w && $2 == "cuda" { print $4, f }' "bench-$f.txt" 2>/dev/null
+            awk -v w="$w" -v f="$f" '$1 == w && $2 ~ /^cuda/ { print $4, f }' "bench-$f.txt" 2>/dev/null
         done | sort -g | head -1)
         printf '%-16s %8s %10s %s\n' "$w" "$target" "${default:--}" "${best:--}"
     done

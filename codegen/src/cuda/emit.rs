@@ -30,6 +30,17 @@ pub(super) const THREADS: u32 = 256;
 /// one-thread-per-output kernel a few.
 const SMALL_PRODUCT: usize = 1 << 19;
 pub(super) const MAX_GRID: usize = 65535;
+/// Smaller float products with a longer inner dimension than this are tiled too, its slices
+/// spread over blocks, rather than computed as one dot product per output: those dots run one
+/// after another in each thread. On an H100 (Nsight Compute) fmnist-mlp's 128x256x10 logits took
+/// 18.6 us so, in 5 blocks, where tiled products of up to a million multiply-adds took 4.7-7.4.
+/// `KILN_CUDA_DOT_DEPTH` sets another bound, to measure it on a card.
+const DOT_DEPTH: usize = 64;
+
+fn dot_depth() -> usize {
+    static DEPTH: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    super::bound_from_env(&DEPTH, "KILN_CUDA_DOT_DEPTH", DOT_DEPTH)
+}
 
 /// What a kernel parameter is bound to at launch.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -173,8 +184,12 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
             if let Some(mm) = product {
                 let fused = if big_product(mm) {
                     e.tiled_product(mm, &members, at)
+                } else if forced {
+                    None
+                } else if deep_dots(mm) && !e.single_block {
+                    e.tiled_product(mm, &members, at).or_else(|| e.product_in_epilogue(mm, &members, at))
                 } else {
-                    e.product_in_epilogue(mm, &members, at).filter(|_| !forced)
+                    e.product_in_epilogue(mm, &members, at)
                 };
                 match fused {
                     Some(fused) => {
@@ -218,6 +233,12 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
 /// Whether `mm` is a float product too large for kiln's one-thread-per-output kernel.
 pub(super) fn big_product(mm: &MatMul) -> bool {
     mm.dtype.is_float() && mm.batch * mm.m * mm.n * mm.k > SMALL_PRODUCT
+}
+
+/// Whether `mm`, a product small enough for one thread per output, has dot products too long
+/// for that (`DOT_DEPTH`).
+fn deep_dots(mm: &MatMul) -> bool {
+    mm.dtype == DType::F32 && mm.batch == 1 && mm.k > dot_depth()
 }
 
 pub(super) struct Emitter<'a> {

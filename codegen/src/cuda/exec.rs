@@ -35,7 +35,7 @@ impl Backend for Cuda {
         let graphs = std::env::var("KILN_CUDA_GRAPHS").map_or(true, |v| v != "0");
         let profile = StepProfile::requested("KILN_CUDA_PROFILE").map(|steps| Profile { events: vec![], steps });
         // Timing every step with events needs them on one stream.
-        let streams = if profile.is_some() { 1 } else { super::streams_requested()? };
+        let streams = if profile.is_some() { Some(1) } else { super::streams_requested()? };
         Ok(Box::new(CudaExecutable {
             gpu,
             streams,
@@ -112,8 +112,8 @@ struct Plan {
 
 pub struct CudaExecutable {
     gpu: Arc<Gpu>,
-    /// Streams a step may use (`KILN_CUDA_STREAMS`).
-    streams: usize,
+    /// Streams a step may use (`KILN_CUDA_STREAMS`; `None`: as `streams_for` picks).
+    streams: Option<usize>,
     program: Program,
     plans: HashMap<Vec<Vec<usize>>, Plan>,
     order: Vec<Vec<Vec<usize>>>,
@@ -149,8 +149,9 @@ fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
 }
 
 impl Plan {
-    fn build(gpu: &Arc<Gpu>, program: &Program, shapes: &[Vec<usize>], streams: usize) -> Result<Plan> {
+    fn build(gpu: &Arc<Gpu>, program: &Program, shapes: &[Vec<usize>], streams: Option<usize>) -> Result<Plan> {
         let (kp, updates, out_shapes) = super::specialize_program(program, shapes)?;
+        let streams = super::streams_for(&kp, streams);
         let memory = super::memory_plan(&kp, streams);
         let dp = emit(&kp, &memory)?;
         let source = super::print::program(&dp.module, &dp.steps);
