@@ -10,8 +10,10 @@
 //! `KILN_CUDA_TILES=FILE` then makes the CUDA backend follow (the step benchmark's tuned row).
 //! On a GPU, every program is first compiled by NVRTC on all cores.
 //!
-//! `cargo bench --bench products [-- --device cuda|cuda:N|cuda-emulator] [--calls N] [--case TEXT]
-//! [--variant TEXT] [--write-table FILE]` (`--case`, `--variant`: only the products, or the
+//! `cargo bench --bench products [-- --device cuda|cuda:N|cuda-emulator] [--calls N] [--seconds S]
+//! [--case TEXT]
+//! [--variant TEXT] [--write-table FILE]` (each variant timed over at most N calls, default 200,
+//! or S seconds, default 0.1, and at least ten calls; `--case`, `--variant`: only the products, or the
 //! columns, whose name holds TEXT: `--variant tc` times the tensor-core tilings alone, with cuBLAS
 //! and kiln's own choice) (on a device without a profile, such as the emulator, it only checks
 //! that every variant runs, and a table it writes is empty).
@@ -148,6 +150,7 @@ fn time(
     device: Device,
     choice: TileChoice,
     calls: usize,
+    seconds: f64,
 ) -> kiln::Result<Option<f64>> {
     let mut f = with_tile_choice(choice, || -> kiln::Result<Function> {
         let mut f = p.g.function(p.inputs.iter(), [&p.out]).compile(device)?;
@@ -171,15 +174,21 @@ fn time(
     // The two calls so far are left out: a first call can pay for more than the product (cuBLAS
     // loads its kernels for a new shape there, which took 90 ms on an H100).
     let warm_up = f.profile().map_or(0.0, |p| p.seconds_per_call * 2.0);
-    for _ in 0..calls {
+    // At most `calls` calls or `seconds` (at least ten calls): each call also copies the output to
+    // the host, which for fmnist-mlp-4k's products took longer than the product.
+    let start = std::time::Instant::now();
+    let mut done = 0;
+    while done < calls && (done < 10 || start.elapsed().as_secs_f64() < seconds) {
         f.call(&p.args)?;
+        done += 1;
     }
-    Ok(f.profile().map(|p| (p.seconds_per_call * (calls + 2) as f64 - warm_up) / calls as f64 * 1e6))
+    Ok(f.profile().map(|p| (p.seconds_per_call * (done + 2) as f64 - warm_up) / done as f64 * 1e6))
 }
 
 fn main() -> kiln::Result<()> {
     let mut device = Device::Cuda(0);
-    let (mut calls, mut filter, mut columns, mut table_path) = (200, String::new(), String::new(), None);
+    let (mut calls, mut seconds, mut filter, mut columns, mut table_path) =
+        (200, 0.1, String::new(), String::new(), None);
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -191,6 +200,7 @@ fn main() -> kiln::Result<()> {
                 }
             },
             "--calls" => calls = it.next().and_then(|s| s.parse().ok()).unwrap_or(calls),
+            "--seconds" => seconds = it.next().and_then(|s| s.parse().ok()).unwrap_or(seconds),
             "--case" => filter = it.next().unwrap_or_default(),
             "--variant" => columns = it.next().unwrap_or_default(),
             "--write-table" => table_path = it.next(),
@@ -220,7 +230,7 @@ fn main() -> kiln::Result<()> {
         let want = p.g.function(p.inputs.iter(), [&p.out]).compile(Device::Cpu)?.call(&p.args)?.remove(0);
         let times: Vec<Option<f64>> = variants
             .iter()
-            .map(|(label, choice)| match time(c, &p, &want, device, *choice, calls) {
+            .map(|(label, choice)| match time(c, &p, &want, device, *choice, calls, seconds) {
                 Ok(t) => t,
                 Err(e) => {
                     eprintln!("{} {label}: {e}", c.name);
@@ -246,7 +256,7 @@ fn main() -> kiln::Result<()> {
         if let Some(path) = &table_path {
             let heading = format!(
                 "kiln tile table: the fastest way to compute each product, as timed by\n\
-                 `cargo bench --bench products -- --write-table` on {card}, {calls} calls each.\n\
+                 `cargo bench --bench products -- --write-table` on {card}, up to {calls} calls or {seconds} s each.\n\
                  Use it with KILN_CUDA_TILES={path}."
             );
             std::fs::write(path, table.to_text(&heading))

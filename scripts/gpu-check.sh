@@ -15,7 +15,9 @@
 #                                  benchmark (each workload product as cuBLAS + epilogue and with
 #                                  every tiling, the fastest of each written to a tile table,
 #                                  $OUT/tiles.txt) and the step benchmark tuned by that table
-#                                  (KILN_CUDA_TILES; KILN_GPU_PROFILE=0 leaves these out); then the
+#                                  (KILN_CUDA_TILES; KILN_GPU_PROFILE=0 leaves these out), and
+#                                  Nsight Compute's device time of every kernel of each workload
+#                                  (KILN_GPU_NCU=0 leaves it out); then the
 #                                  benchmark without CUDA graphs, on one stream, with every kernel
 #                                  on its own, with medium float products on cuBLAS, with small
 #                                  products' long dots one per output thread, with larger
@@ -182,6 +184,52 @@ if [ "${KILN_GPU_PROFILE:-1}" = 1 ]; then
         echo "-- its per-step profile"
         KILN_CUDA_TILES="$OUT_DIR/tiles.txt" KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 |
             grep -v compile: | tee "$OUT_DIR/profile-tuned.txt"
+    fi
+fi
+if [ "${KILN_GPU_NCU:-1}" = 1 ]; then
+    # Nsight Compute's device time of every kernel (each on its own, caches flushed: an upper
+    # bound, but without the events' launch latency), median per kernel over two steps or so.
+    ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    if [ -n "$ncu" ] && command -v python3 >/dev/null; then
+        echo "== per-kernel device time (Nsight Compute, eager, us; median over the launches captured)"
+        for w in keras-mlp fmnist-mlp fmnist-mlp-4k autoencoder; do
+            case $w in autoencoder) n=80 ;; fmnist-mlp-4k) n=40 ;; *) n=16 ;; esac
+            KILN_CUDA_GRAPHS=0 timeout 90 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv \
+                --launch-skip $((n * 3 / 4)) --launch-count $n "$DIR/steps" --device cuda --workload $w --seconds 0 \
+                >"$OUT_DIR/ncu-$w.csv" 2>"$OUT_DIR/ncu-$w.err"
+            echo "-- $w"
+            python3 - "$OUT_DIR/ncu-$w.csv" <<'PY'
+import csv, sys
+from collections import defaultdict
+rows = list(csv.reader(line for line in open(sys.argv[1]) if line.startswith('"')))
+if not rows:
+    sys.exit(print("   no kernels captured (see the .err file)"))
+head = rows[0]
+name, value, unit = (head.index(c) for c in ("Kernel Name", "Metric Value", "Metric Unit"))
+scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
+times = defaultdict(list)
+for r in rows[1:]:
+    times[r[name][:70]].append(float(r[value].replace(",", "")) * scale.get(r[unit], 1.0))
+medians = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+for k, t in sorted(medians.items(), key=lambda kv: -kv[1]):
+    print(f"{t:9.2f}  {k} (x{len(times[k])})")
+print(f"{sum(medians.values()):9.2f}  every kernel once")
+PY
+        done
+        # Why the largest kernels take what they take: throughput against the card's peaks,
+        # occupancy and its limits, and the warps' stall cycles, one step's launches of each.
+        echo "== the largest kernels of fmnist-mlp and the autoencoder in detail (Nsight Compute sections)"
+        for w in fmnist-mlp autoencoder; do
+            KILN_CUDA_GRAPHS=0 timeout 120 "$ncu" --clock-control none --section SpeedOfLight --section Occupancy \
+                --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+                -k 'regex:^k(1|7|22|15|35|60)_' --launch-skip 6 --launch-count 6 \
+                "$DIR/steps" --device cuda --workload $w --seconds 0 >"$OUT_DIR/ncu-detail-$w.txt" 2>&1
+            echo "-- $w (the whole report: ncu-detail-$w.txt)"
+            grep -E '^  k[0-9]|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per Thread|Block Limit (Registers|Shared Mem)|Warp Cycles Per Issued|Dynamic Shared|Static Shared' \
+                "$OUT_DIR/ncu-detail-$w.txt" | head -80
+        done
+    else
+        echo "== per-kernel device time: ncu or python3 not found, skipped"
     fi
 fi
 echo "== the benchmark under each setting"
