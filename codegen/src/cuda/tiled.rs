@@ -35,14 +35,15 @@ fn tiled_macs() -> usize {
 }
 
 /// Tiles times slices aimed for: about one and a half blocks for each of an H100's 132 SMs.
-/// Measured there (`cargo bench --bench products`, the 31 tiled products of the workloads), 200
-/// came within 5% of the best tiling of each product on average (geometric mean), where 264
-/// with the earlier rules was 23% off.
+/// Measured there (`cargo bench --bench products`, the workloads' 31 tiled products; figures in
+/// `benches/results/h100-2026-11-27`), `TilePlan::for_product`'s choice came within 4% of the
+/// best tiling of each product (geometric mean), where the rule before it (264 blocks, 64x64
+/// tiles from 16 of them up, slices two slabs deep) was 23% off.
 const TARGET_BLOCKS: usize = 200;
 
 /// A slice of a 32x32 tile is at least one slab (32) deep, of a larger tile 64: thinner slices
 /// of the larger tiles spent more on their partial tiles than they gained (on the H100, a
-/// 784x128x256 weight gradient took 17.8 us in 64x64 tiles of four 32-deep slices and 11.9 in
+/// 784x128x256 weight gradient took 18.4 us in 64x64 tiles of four 32-deep slices and 11.9 in
 /// whole 32x32 tiles).
 fn shallowest_slice(shape: TileShape) -> usize {
     if shape == TileShape::T32x32 {
@@ -172,8 +173,8 @@ impl TilePlan {
         let choice = choice(mm);
         // Larger tiles do more arithmetic per byte staged, so the largest shape that still
         // gives the SMs enough blocks, counting the slices its inner dimension allows, and that
-        // the output fills at least half of (a 4096x256x10 product took 15.5 us in 64x64 tiles
-        // and 10.9 in 32x32 ones).
+        // the output fills at least half of (a 4096x256x10 product took 15.1 us in 64x64 tiles
+        // of four slices and 10.9 in whole 32x32 ones).
         let shape = choice.tile.unwrap_or_else(|| {
             let filled = |s: TileShape| {
                 let (bm, bn, _) = s.dims();
