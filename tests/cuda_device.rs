@@ -3,7 +3,8 @@
 //! for; `set_value` between calls is seen by the next call (the captured CUDA graph is captured
 //! again when a variable's memory moved); two functions sharing variables see each other's
 //! updates, also across devices; an index computed by the graph that is out of range is an error;
-//! long column reductions split across blocks agree with the CPU. Where a device cannot run, each
+//! long column reductions split across blocks agree with the CPU, and so do products in tiles and
+//! small products with long dots, which are tiled too. Where a device cannot run, each
 //! test says why and goes on with the others.
 
 #![allow(clippy::cloned_ref_to_slice_refs)]
@@ -314,5 +315,45 @@ fn tensor_core_tiles_keep_float32_accuracy() {
         let (fma, tensor) = (error(false), error(true));
         kiln::testing::note(&format!("{device:?}: largest error {fma:.2e} by FMAs, {tensor:.2e} on tensor cores"));
         assert!(tensor <= 8.0 * fma.max(1e-6), "{device:?}: {tensor} on tensor cores, {fma} by FMAs");
+    }
+}
+
+#[test]
+fn small_products_with_long_dots_are_tiled_and_agree_with_the_cpu() {
+    // Three products small enough for a thread per output: one with dots 300 long is tiled (its
+    // inner dim in slices), one with dots of 40 stays a dot per thread, and one with long dots
+    // whose epilogue reduces rows (a softmax, which tiles cannot end in) is not tiled. The large
+    // elementwise output keeps the step from running in one block, where nothing is tiled.
+    let g = Graph::new();
+    let x = g.input("x", F32, [60, 300]);
+    let w = g.input("w", F32, [300, 7]);
+    let w2 = g.input("w2", F32, [300, 7]);
+    let b = g.input("b", F32, [7]);
+    let v = g.input("v", F32, [60, 40]);
+    let u = g.input("u", F32, [40, 7]);
+    let big = g.input("big", F32, [300, 300]);
+    let deep = (x.matmul(&w) + &b).sigmoid();
+    let shallow = (v.matmul(&u) + &b).relu();
+    let deep_softmax = x.matmul(&w2).softmax(-1);
+    let doubled = &big * 2.0;
+    let shapes: [&[usize]; 7] = [&[60, 300], &[300, 7], &[300, 7], &[7], &[60, 40], &[40, 7], &[300, 300]];
+    let args: Vec<Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| kiln::testing::random_tensor(s, -1.0, 1.0, 40 + i as u64).cast(F32))
+        .collect();
+    let inputs = [&x, &w, &w2, &b, &v, &u, &big];
+    let outputs = [&deep, &shallow, &deep_softmax, &doubled];
+    let want = g.function(inputs, outputs).compile(Device::Cpu).unwrap().call(&args).unwrap();
+    for device in cuda_devices() {
+        let mut f = g.function(inputs, outputs).compile(device).unwrap();
+        let got = f.call(&args).unwrap();
+        for (o, (a, e)) in got.iter().zip(&want).enumerate() {
+            assert!(a.allclose(e, 1e-5, 1e-5), "{device:?} output {o} differs by {}", a.max_abs_diff(e));
+        }
+        let code = f.generated_code();
+        assert!(code.contains("(60x300x7) in 32x32 tiles, its inner dim in"), "{code}");
+        assert_eq!(code.matches(" tiles, its inner dim in").count(), 1, "only the deep product is tiled: {code}");
+        assert!(code.contains("where it reads it"), "the shallow product is a dot per thread: {code}");
     }
 }
