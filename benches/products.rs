@@ -8,6 +8,7 @@
 //! (3xTF32). Prints microseconds per call, one row per product, the fastest variant marked `*`;
 //! `--write-table FILE` writes the fastest of each product as a tile table, which
 //! `KILN_CUDA_TILES=FILE` then makes the CUDA backend follow (the step benchmark's tuned row).
+//! The last line says how far kiln's own choices are from the fastest, over every product.
 //! On a GPU, every program is first compiled by NVRTC on all cores.
 //!
 //! `cargo bench --bench products [-- --device cuda|cuda:N|cuda-emulator] [--calls N] [--seconds S]
@@ -225,6 +226,9 @@ fn main() -> kiln::Result<()> {
     }
     println!();
     let mut table = TileTable::default();
+    // kiln's own choice against the fastest variant, per product: how good its rule is on the card.
+    let kiln_column = variants.iter().position(|(label, _)| label == "kiln");
+    let mut kiln_against_best: Vec<(&str, f64, f64)> = vec![];
     for c in &cases {
         let p = prepare(c);
         let want = p.g.function(p.inputs.iter(), [&p.out]).compile(Device::Cpu)?.call(&p.args)?.remove(0);
@@ -249,6 +253,9 @@ fn main() -> kiln::Result<()> {
             print!(" {cell:>width$}");
         }
         println!();
+        if let Some(Some(kiln)) = kiln_column.map(|k| times[k]) {
+            kiln_against_best.push((&c.name, kiln, best));
+        }
         if let Some(fastest) = times.iter().position(|t| *t == Some(best)) {
             table.insert(c.key, variants[fastest].1)?;
         }
@@ -262,6 +269,18 @@ fn main() -> kiln::Result<()> {
             std::fs::write(path, table.to_text(&heading))
                 .map_err(|e| kiln::Error::Invalid(format!("--write-table {path}: {e}")))?;
         }
+    }
+    if !kiln_against_best.is_empty() {
+        let n = kiln_against_best.len() as f64;
+        let geo = (kiln_against_best.iter().map(|(_, k, b)| (k / b).ln()).sum::<f64>() / n).exp();
+        let (kiln_sum, best_sum) = kiln_against_best.iter().fold((0.0, 0.0), |(s, t), (_, k, b)| (s + k, t + b));
+        let (worst, k, b) = kiln_against_best.iter().max_by(|x, y| (x.1 / x.2).total_cmp(&(y.1 / y.2))).expect("some");
+        println!(
+            "kiln's own choice: {:.1}% over the fastest variant of each product (geometric mean of {n}), \
+             {kiln_sum:.1} us against {best_sum:.1} in all; the worst {:.2}x ({worst})",
+            (geo - 1.0) * 100.0,
+            k / b
+        );
     }
     if let Some(path) = &table_path {
         eprintln!("tile table of {} products written to {path}", table.entries.len());
