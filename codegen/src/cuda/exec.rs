@@ -112,7 +112,7 @@ struct Plan {
 
 pub struct CudaExecutable {
     gpu: Arc<Gpu>,
-    /// Streams a step may use (`KILN_CUDA_STREAMS`; `None`: as `streams_for` picks).
+    /// Streams a step may use (`KILN_CUDA_STREAMS`; `None`: as `streams_and_memory` picks).
     streams: Option<usize>,
     program: Program,
     plans: HashMap<Vec<Vec<usize>>, Plan>,
@@ -151,8 +151,7 @@ fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
 impl Plan {
     fn build(gpu: &Arc<Gpu>, program: &Program, shapes: &[Vec<usize>], streams: Option<usize>) -> Result<Plan> {
         let (kp, updates, out_shapes) = super::specialize_program(program, shapes)?;
-        let streams = super::streams_for(&kp, streams);
-        let memory = super::memory_plan(&kp, streams);
+        let (streams, memory) = super::streams_and_memory(&kp, streams);
         let dp = emit(&kp, &memory)?;
         let source = super::print::program(&dp.module, &dp.steps);
         check_tensor_cores(&dp.module, gpu)?;

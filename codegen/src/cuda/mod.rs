@@ -117,8 +117,8 @@ pub(crate) fn kernel_by_kernel_forced() -> bool {
 const OWN_MEMORY_BYTES: usize = 256 << 20;
 
 /// `KILN_CUDA_STREAMS`: how many streams a step's independent steps may spread over (`None`: not
-/// set, `streams_for` picks). The emulator plans memory for them too, so that its race check sees
-/// the dependencies those streams would follow.
+/// set, `streams_and_memory` picks). The emulator plans memory for them too, so that its race
+/// check sees the dependencies those streams would follow.
 pub(crate) fn streams_requested() -> Result<Option<usize>> {
     if let Some(n) = STREAMS.with(|s| s.get()) {
         return Ok(Some(n.clamp(1, 8)));
@@ -134,30 +134,25 @@ pub(crate) fn streams_requested() -> Result<Option<usize>> {
     }
 }
 
-/// The streams `kp` runs on: as requested, else two where its temporaries fit in memory of their
-/// own (`OWN_MEMORY_BYTES`), else one. On an H100, two streams took fmnist-mlp-4k from 0.231 to
-/// 0.223 ms a step and the autoencoder from 0.277 to 0.253 (the others within noise, twice);
-/// a larger program keeps one, so that its temporaries can share memory.
-pub(crate) fn streams_for(kp: &KernelProgram, requested: Option<usize>) -> usize {
-    requested.unwrap_or_else(|| {
-        let own = crate::kernel::plan_memory_with(kp, false);
-        if own.slot_bytes.iter().sum::<usize>() <= OWN_MEMORY_BYTES {
-            2
-        } else {
-            1
-        }
-    })
+/// The streams `kp` runs on and its memory plan for them. Streams: as requested, else two where
+/// its temporaries fit in memory of their own (`OWN_MEMORY_BYTES`), else one. On an H100, two
+/// streams took fmnist-mlp-4k from 0.231 to 0.223 ms a step and the autoencoder from 0.277 to
+/// 0.253 (the others within noise, twice); a larger program keeps one, so that its temporaries
+/// can share memory. Steps spread over several streams always get memory of their own.
+pub(crate) fn streams_and_memory(kp: &KernelProgram, requested: Option<usize>) -> (usize, crate::kernel::MemoryPlan) {
+    let own = crate::kernel::plan_memory_with(kp, false);
+    let fits = own.slot_bytes.iter().sum::<usize>() <= OWN_MEMORY_BYTES;
+    let streams = requested.unwrap_or(if fits { 2 } else { 1 });
+    if streams > 1 || fits {
+        (streams, own)
+    } else {
+        (streams, crate::kernel::plan_memory_with(kp, true))
+    }
 }
 
-/// The memory plan of the CUDA backend's program when it runs on `streams` streams (steps spread
-/// over several streams always get memory of their own).
+/// The memory plan of the CUDA backend's program when it runs on `streams` streams.
 pub(crate) fn memory_plan(kp: &KernelProgram, streams: usize) -> crate::kernel::MemoryPlan {
-    let own = crate::kernel::plan_memory_with(kp, false);
-    if streams > 1 || own.slot_bytes.iter().sum::<usize>() <= OWN_MEMORY_BYTES {
-        own
-    } else {
-        crate::kernel::plan_memory_with(kp, true)
-    }
+    streams_and_memory(kp, Some(streams)).1
 }
 
 /// The CUDA C of a kernel program.

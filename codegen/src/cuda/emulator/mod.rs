@@ -249,8 +249,7 @@ fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
 impl Plan {
     fn build(program: &Program, shapes: &[Vec<usize>]) -> Result<Plan> {
         let (kp, updates, out_shapes) = super::specialize_program(program, shapes)?;
-        let streams = crate::cuda::streams_for(&kp, crate::cuda::streams_requested()?);
-        let memory = crate::cuda::memory_plan(&kp, streams);
+        let (_, memory) = crate::cuda::streams_and_memory(&kp, crate::cuda::streams_requested()?);
         let dp = emit(&kp, &memory)?;
         let source = super::print::program(&dp.module, &dp.steps);
         let compiled = Compiled::new(&dp.module, &source, &dp.steps, false)?;
