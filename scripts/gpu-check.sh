@@ -18,7 +18,8 @@
 #                                  (KILN_CUDA_TILES; KILN_GPU_PROFILE=0 leaves these out), and
 #                                  Nsight Compute's device time of every kernel of each workload
 #                                  (KILN_GPU_NCU=0 leaves it out); then the
-#                                  benchmark without CUDA graphs, on one stream, with every kernel
+#                                  benchmark without CUDA graphs, on one stream, with outputs read
+#                                  back through page-locked memory, with every kernel
 #                                  on its own, with medium float products on cuBLAS, with small
 #                                  products' long dots one per output thread, with larger
 #                                  products inside single-block runs, compiled cold
@@ -117,8 +118,10 @@ if [ -x "$DIR/backend_agreement" ] && [[ " $TESTS " == *" backend_agreement "* ]
     # The same agreement with the reference with every step on one stream (the default spreads
     # independent steps over two), with the float products on cuBLAS (the default tiles the
     # workloads' products), with the tiles on tensor cores (3xTF32, opt-in until it wins), and with
-    # small products' long dots computed one per output thread (the default tiles them).
-    for setting in KILN_CUDA_STREAMS=1 KILN_CUDA_TILED=0 KILN_CUDA_TF32X3=1 KILN_CUDA_DOT_DEPTH=1073741824; do
+    # small products' long dots computed one per output thread (the default tiles them), and with
+    # the outputs read back through page-locked memory (opt-in until timed).
+    for setting in KILN_CUDA_STREAMS=1 KILN_CUDA_TILED=0 KILN_CUDA_TF32X3=1 KILN_CUDA_DOT_DEPTH=1073741824 \
+        KILN_CUDA_PINNED=1; do
         log="$OUT_DIR/backend_agreement-$setting.log"
         if env "$setting" timeout "$TEST_TIMEOUT" "$DIR/backend_agreement" >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
         printf '%-20s %-8s %s\n' "backend_agreement" "$r" "with $setting"
@@ -235,6 +238,8 @@ fi
 echo "== the benchmark under each setting"
 bench_row "without CUDA graphs (every kernel launched from the host)" bench-eager.txt KILN_CUDA_GRAPHS=0
 bench_row "every step on one stream (KILN_CUDA_STREAMS=1)" bench-1stream.txt KILN_CUDA_STREAMS=1
+bench_row "outputs and the error word read back through page-locked memory (KILN_CUDA_PINNED=1)" bench-pinned.txt \
+    KILN_CUDA_PINNED=1
 bench_row "every kernel on its own (no single-block runs, no kernels side by side, no product in its epilogue)" \
     bench-unjoined.txt KILN_CUDA_JOIN=0
 bench_row "medium float products on cuBLAS with their epilogue kernel, not tiled (KILN_CUDA_TILED=0)" \
@@ -248,7 +253,7 @@ bench_row "cold again, as PTX that the driver compiles at load (KILN_CUDA_PTX=1,
 echo "-- every product with an epilogue tiled, up to 2^30 multiply-adds (KILN_CUDA_TILED_MACS; fmnist-mlp-4k)"
 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tiled-4k.txt"
 echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-summary_files=(cold cached tf32x3 tf32x3-4k tuned eager 1stream unjoined cublas dots runmacs cold-ptx tiled-4k)
+summary_files=(cold cached tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
 (
     cd "$OUT_DIR" || exit
     printf '%-16s' workload

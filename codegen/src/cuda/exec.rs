@@ -98,6 +98,8 @@ struct Plan {
     inputs: Vec<Option<DeviceBuffer>>,
     errors: Vec<ErrorSite>,
     error_word: Option<DeviceBuffer>,
+    /// Page-locked staging for the outputs and the error word (`KILN_CUDA_PINNED=1`).
+    pinned: Option<cudarc::driver::PinnedHostSlice<u8>>,
     /// The buffer of each shared variable (none where the program does not use it).
     shared_buffer: Vec<Option<usize>>,
     scratch: Vec<DeviceBuffer>,
@@ -262,6 +264,7 @@ impl Plan {
             inputs,
             errors: dp.errors,
             error_word,
+            pinned: None,
             shared_buffer,
             scratch,
             graph: None,
@@ -439,6 +442,12 @@ impl CudaExecutable {
     }
 }
 
+/// Whether outputs come back through page-locked memory (`KILN_CUDA_PINNED=1`).
+fn pinned_requested() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KILN_CUDA_PINNED").is_ok_and(|v| v == "1"))
+}
+
 impl Executable for CudaExecutable {
     fn run(&mut self, inputs: &[&Tensor], shared: &mut [SharedValue]) -> Result<Vec<Tensor>> {
         let key: Vec<Vec<usize>> =
@@ -513,36 +522,70 @@ impl Executable for CudaExecutable {
             };
             shared[s].mark_resident_newer();
         }
-        // Every output's copy is queued behind the step, then one wait for all of them.
-        let mut host: Vec<Vec<u8>> = Vec::with_capacity(plan.returned.len());
-        for &o in &plan.returned {
-            let b = plan.kp.outputs[o];
-            let mut bytes = vec![0u8; bytes_of(&plan.kp, b)];
-            let src = match plan.kp.buffers[b].kind {
+        // Every output's copy and the error word's are queued behind the step, then one wait for
+        // all of them. They land in one staging area: page-locked memory with KILN_CUDA_PINNED=1
+        // (opt-in until timed on a GPU), whose copies need not each wait for the stream as copies
+        // into pageable memory do.
+        let sizes: Vec<usize> = plan.returned.iter().map(|&o| bytes_of(&plan.kp, plan.kp.outputs[o])).collect();
+        let sources: Vec<Option<u64>> = plan
+            .returned
+            .iter()
+            .map(|&o| match plan.kp.buffers[plan.kp.outputs[o]].kind {
                 BufKind::Input(k) => plan.inputs[k].as_ref().map(|d| d.ptr),
                 BufKind::Shared(k) => Some(shared_ptr[k]),
-                _ => plan.slot[b].map(|s| plan.slots[s].ptr),
-            };
-            if let Some(src) = src {
-                if !bytes.is_empty() {
-                    // SAFETY: the buffer holds this many bytes; the copy is ordered after the step.
-                    unsafe { result::memcpy_dtoh_async(&mut bytes, src, gpu.stream.cu_stream()) }
-                        .map_err(cuda_err("copying an output"))?;
-                }
+                _ => plan.slot[plan.kp.outputs[o]].map(|s| plan.slots[s].ptr),
+            })
+            .collect();
+        let error_ptr = plan.error_word.as_ref().map(|w| w.ptr);
+        let total = sizes.iter().sum::<usize>() + 4;
+        if pinned_requested() && plan.pinned.as_ref().is_none_or(|p| p.len() < total) {
+            // SAFETY: every byte read from it is first written by a copy below.
+            let pinned = unsafe { gpu.ctx.alloc_pinned_with_flags::<u8>(total, 0) };
+            plan.pinned = Some(pinned.map_err(cuda_err("allocating page-locked memory"))?);
+        }
+        let mut pageable = vec![];
+        let staging: &mut [u8] = match &mut plan.pinned {
+            Some(p) => &mut p.as_mut_slice().map_err(cuda_err("reading page-locked memory"))?[..total],
+            None => {
+                pageable.resize(total, 0u8);
+                &mut pageable
             }
-            host.push(bytes);
+        };
+        let (outputs_area, code) = staging.split_at_mut(total - 4);
+        let mut rest = &mut *outputs_area;
+        for (&size, src) in sizes.iter().zip(&sources) {
+            let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(size);
+            rest = tail;
+            match src {
+                // SAFETY: the buffer holds `size` bytes; the copy is ordered after the step and
+                // `chunk` outlives the wait below.
+                Some(src) if !chunk.is_empty() => {
+                    unsafe { result::memcpy_dtoh_async(chunk, *src, gpu.stream.cu_stream()) }
+                        .map_err(cuda_err("copying an output"))?
+                }
+                // An output with no device memory reads as zeros (not the last call's bytes).
+                _ => chunk.fill(0),
+            }
+        }
+        if let Some(w) = error_ptr {
+            // SAFETY: as above, for the 4-byte error word.
+            unsafe { result::memcpy_dtoh_async(&mut *code, w, gpu.stream.cu_stream()) }
+                .map_err(cuda_err("copying the error word"))?;
         }
         gpu.synchronize()?;
+        let mut at = 0;
         let outs = plan
             .returned
             .iter()
-            .zip(&host)
-            .map(|(&o, bytes)| tensor_from_bytes(plan.kp.buffers[plan.kp.outputs[o]].dtype, &plan.out_shapes[o], bytes))
+            .zip(&sizes)
+            .map(|(&o, &size)| {
+                at += size;
+                let bytes = &outputs_area[at - size..at];
+                tensor_from_bytes(plan.kp.buffers[plan.kp.outputs[o]].dtype, &plan.out_shapes[o], bytes)
+            })
             .collect();
-        if let Some(w) = &plan.error_word {
-            let mut code = [0u8; 4];
-            w.download(&mut code)?;
-            super::check_error_word(&plan.errors, u32::from_ne_bytes(code))?;
+        if error_ptr.is_some() {
+            super::check_error_word(&plan.errors, u32::from_ne_bytes([code[0], code[1], code[2], code[3]]))?;
         }
         Ok(outs)
     }
