@@ -12,10 +12,9 @@
 //! On a GPU, every program is first compiled by NVRTC on all cores.
 //!
 //! `cargo bench --bench products [-- --device cuda|cuda:N|cuda-emulator] [--calls N] [--seconds S]
-//! [--case TEXT]
-//! [--variant TEXT] [--write-table FILE]` (each variant timed over at most N calls, default 200,
-//! or S seconds, default 0.1, and at least ten calls; `--case`, `--variant`: only the products, or the
-//! columns, whose name holds TEXT: `--variant tc` times the tensor-core tilings alone, with cuBLAS
+//! [--case TEXT] [--variant TEXT] [--write-table FILE]` (each variant timed over at most N calls,
+//! default 200, or S seconds, default 0.1, and at least ten calls; `--case`, `--variant`: only the
+//! products, or the columns, whose name holds TEXT: `--variant tc` times the tensor-core tilings alone, with cuBLAS
 //! and kiln's own choice) (on a device without a profile, such as the emulator, it only checks
 //! that every variant runs, and a table it writes is empty).
 

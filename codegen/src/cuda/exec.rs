@@ -445,7 +445,7 @@ impl CudaExecutable {
 /// Whether outputs come back through page-locked memory (`KILN_CUDA_PINNED=1`).
 fn pinned_requested() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KILN_CUDA_PINNED").is_ok_and(|v| v == "1"))
+    super::switch_from_env(&ON, "KILN_CUDA_PINNED", "1")
 }
 
 impl Executable for CudaExecutable {
@@ -527,15 +527,6 @@ impl Executable for CudaExecutable {
         // (opt-in until timed on a GPU), whose copies need not each wait for the stream as copies
         // into pageable memory do.
         let sizes: Vec<usize> = plan.returned.iter().map(|&o| bytes_of(&plan.kp, plan.kp.outputs[o])).collect();
-        let sources: Vec<Option<u64>> = plan
-            .returned
-            .iter()
-            .map(|&o| match plan.kp.buffers[plan.kp.outputs[o]].kind {
-                BufKind::Input(k) => plan.inputs[k].as_ref().map(|d| d.ptr),
-                BufKind::Shared(k) => Some(shared_ptr[k]),
-                _ => plan.slot[plan.kp.outputs[o]].map(|s| plan.slots[s].ptr),
-            })
-            .collect();
         let error_ptr = plan.error_word.as_ref().map(|w| w.ptr);
         let total = sizes.iter().sum::<usize>() + 4;
         if pinned_requested() && plan.pinned.as_ref().is_none_or(|p| p.len() < total) {
@@ -553,18 +544,17 @@ impl Executable for CudaExecutable {
         };
         let (outputs_area, code) = staging.split_at_mut(total - 4);
         let mut rest = &mut *outputs_area;
-        for (&size, src) in sizes.iter().zip(&sources) {
+        for (&o, &size) in plan.returned.iter().zip(&sizes) {
             let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(size);
             rest = tail;
-            match src {
+            match ptr[plan.kp.outputs[o]] {
+                // An output with no device memory reads as zeros (not the last call's bytes).
+                0 => chunk.fill(0),
                 // SAFETY: the buffer holds `size` bytes; the copy is ordered after the step and
                 // `chunk` outlives the wait below.
-                Some(src) if !chunk.is_empty() => {
-                    unsafe { result::memcpy_dtoh_async(chunk, *src, gpu.stream.cu_stream()) }
-                        .map_err(cuda_err("copying an output"))?
-                }
-                // An output with no device memory reads as zeros (not the last call's bytes).
-                _ => chunk.fill(0),
+                src if !chunk.is_empty() => unsafe { result::memcpy_dtoh_async(chunk, src, gpu.stream.cu_stream()) }
+                    .map_err(cuda_err("copying an output"))?,
+                _ => {}
             }
         }
         if let Some(w) = error_ptr {

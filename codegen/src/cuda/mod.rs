@@ -98,6 +98,11 @@ pub(crate) fn with_thread_setting<T: Copy + 'static, R>(
     r
 }
 
+/// Whether the environment variable `var` is set to `value` (a switch), read once into `cell`.
+pub(crate) fn switch_from_env(cell: &'static std::sync::OnceLock<bool>, var: &str, value: &str) -> bool {
+    *cell.get_or_init(|| std::env::var(var).is_ok_and(|v| v == value))
+}
+
 /// A size bound that the environment variable `var` may set (to measure another on a card), read
 /// once into `cell`; `default` where it is unset or not a number.
 pub(crate) fn bound_from_env(cell: &'static std::sync::OnceLock<usize>, var: &str, default: usize) -> usize {
@@ -107,8 +112,7 @@ pub(crate) fn bound_from_env(cell: &'static std::sync::OnceLock<usize>, var: &st
 /// Whether `kernel_by_kernel` (or `KILN_CUDA_JOIN=0`) is in force on this thread.
 pub(crate) fn kernel_by_kernel_forced() -> bool {
     static NO_JOIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    KERNEL_BY_KERNEL.with(|k| k.get())
-        || *NO_JOIN.get_or_init(|| std::env::var("KILN_CUDA_JOIN").is_ok_and(|v| v == "0"))
+    KERNEL_BY_KERNEL.with(|k| k.get()) || switch_from_env(&NO_JOIN, "KILN_CUDA_JOIN", "0")
 }
 
 /// Temporaries get memory of their own (no slot shared with an earlier temporary) while they need

@@ -144,7 +144,7 @@ fn choice(mm: &MatMul) -> TileChoice {
 /// capability 8.0 or newer).
 fn tensor_cores_from_env() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KILN_CUDA_TF32X3").is_ok_and(|v| v == "1"))
+    super::switch_from_env(&ON, "KILN_CUDA_TF32X3", "1")
 }
 
 /// How a product is cut into tiles and slices.
@@ -165,7 +165,7 @@ pub(super) struct TilePlan {
 
 impl TilePlan {
     pub(super) fn for_product(mm: &MatMul) -> TilePlan {
-        let tiles = |shape: TileShape| {
+        let tiles_in = |shape: TileShape| {
             let (bm, bn, _) = shape.dims();
             mm.m.div_ceil(bm) * mm.n.div_ceil(bn)
         };
@@ -180,7 +180,7 @@ impl TilePlan {
                 let (bm, bn, _) = s.dims();
                 bm < 2 * mm.m && bn < 2 * mm.n
             };
-            let enough = |s: &TileShape| filled(*s) && tiles(*s) * deepest_cut(*s) >= TARGET_BLOCKS;
+            let enough = |s: &TileShape| filled(*s) && tiles_in(*s) * deepest_cut(*s) >= TARGET_BLOCKS;
             SHAPES_BY_SIZE.into_iter().find(enough).unwrap_or(TileShape::T32x32)
         });
         let (bm, bn, bk) = shape.dims();
@@ -272,7 +272,7 @@ impl TilePlan {
 /// small-product size goes to cuBLAS, to measure what tiling saves).
 fn disabled() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var("KILN_CUDA_TILED").is_ok_and(|v| v == "0"))
+    super::switch_from_env(&OFF, "KILN_CUDA_TILED", "0")
 }
 
 /// Whether `mm` is of a kind and size the tiled kernel takes (its epilogue is checked later).

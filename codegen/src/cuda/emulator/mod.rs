@@ -126,8 +126,7 @@ pub fn with_race_check<R>(f: impl FnOnce() -> R) -> R {
 
 fn race_check_on() -> bool {
     static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    RACE_CHECK.with(|r| r.get())
-        || *FROM_ENV.get_or_init(|| std::env::var("KILN_EMU_RACECHECK").is_ok_and(|v| v == "1"))
+    RACE_CHECK.with(|r| r.get()) || crate::cuda::switch_from_env(&FROM_ENV, "KILN_EMU_RACECHECK", "1")
 }
 
 /// The race check's registration of a launch's buffers (`kiln_emu_race_buffers` in the shim):
