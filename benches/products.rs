@@ -3,9 +3,10 @@
 //! layout, `+N` saying how many more share it), `relu(a b + bias)` is timed on the device with
 //! CUDA events around each step (`KILN_CUDA_PROFILE`: the device's time for the product and its
 //! epilogue, not the host's share of a call) as cuBLAS plus an epilogue kernel, as kiln tiles it by
-//! default, and with each tile shape (32x32, 64x64, 128x64, 128x128) and number of slices forced,
-//! by float32 FMAs and (`tc` columns, fewer slice counts) on tensor cores at float32 accuracy
-//! (3xTF32). Prints microseconds per call, one row per product, the fastest variant marked `*`;
+//! default, and with each tile shape (32x32, 32x32k4, 64x64, 128x64, 128x128) and number of slices
+//! forced, by float32 FMAs, the shapes kiln picks also with three slab buffers filled by
+//! asynchronous copies (`/p3` columns), and (`tc` columns, fewer slice counts) on tensor cores at
+//! float32 accuracy (3xTF32). Prints microseconds per call, one row per product, the fastest variant marked `*`;
 //! `--write-table FILE` writes the fastest of each product as a tile table, which
 //! `KILN_CUDA_TILES=FILE` then makes the CUDA backend follow (the step benchmark's tuned row).
 //! The last line says how far kiln's own choices are from the fastest, over every product.
@@ -56,10 +57,23 @@ fn variants() -> Vec<(String, TileChoice)> {
     for tensor_cores in [false, true] {
         let slice_counts: &[usize] = if tensor_cores { &[1, 4, 12] } else { &[1, 2, 4, 8, 12] };
         for tile in TileShape::ALL {
+            // On tensor cores 32x32k4 tiles are 32x32 ones.
+            if tensor_cores && tile == TileShape::T32x32K4 {
+                continue;
+            }
             for &slices in slice_counts {
                 let choice = TileChoice::forced(tile, slices, tensor_cores);
                 v.push((choice.label().expect("a whole choice"), choice));
             }
+        }
+    }
+    // The shapes kiln picks by FMAs again with three slab buffers filled by asynchronous copies,
+    // and 128x128 tiles (which may need them most: a block an SM, few warps to hide memory).
+    for tile in [TileShape::T32x32K4, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128] {
+        let slice_counts: &[usize] = if tile == TileShape::T128x128 { &[1, 4] } else { &[1, 4, 8] };
+        for &slices in slice_counts {
+            let choice = TileChoice { stages: Some(3), ..TileChoice::forced(tile, slices, false) };
+            v.push((choice.label().expect("a whole choice"), choice));
         }
     }
     v

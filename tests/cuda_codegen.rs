@@ -213,8 +213,9 @@ fn runs_of_tiny_kernels_become_one_single_block_kernel() {
     assert_eq!(src.matches("extern \"C\" __global__").count(), 7, "{src}");
 }
 
-/// The CUDA C of `relu(x w)` (512x784x256) in each tile shape, whole and in 3 slices: the shape,
-/// the slices and the source. `inside` runs with each choice in force (where the program is
+/// The CUDA C of `relu(x w)` (512x784x256) in each tile shape, whole and in 3 slices, by FMAs and
+/// on tensor cores, and whole with 3 slab buffers filled by asynchronous copies: the shape, the
+/// slices and the source. `inside` runs with each choice in force (where the program is
 /// specialized, so tiled).
 fn every_tile_shape(
     mut inside: impl FnMut(&Function, &[Tensor]),
@@ -227,8 +228,9 @@ fn every_tile_shape(
     let args = [f32s(&[512, 784], 1), f32s(&[784, 256], 2)];
     let mut out = vec![];
     for tile in TileShape::ALL {
-        for (slices, tensor_cores) in [(1, false), (3, false), (1, true), (3, true)] {
-            let choice = TileChoice::forced(tile, slices, tensor_cores);
+        for (slices, tensor_cores, stages) in [(1, false, 1), (3, false, 1), (1, true, 1), (3, true, 1), (1, false, 3)]
+        {
+            let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, slices, tensor_cores) };
             let src = with_tile_choice(choice, || {
                 inside(&f, &args);
                 f.cuda_source(&args).unwrap()
@@ -247,7 +249,9 @@ fn every_tile_shape_compiles_with_nvrtc() {
         check_cuda_source_compiles(f, args).unwrap();
     });
     for (tile, slices, src) in sources {
-        assert!(src.contains(&format!("in {} tiles", tile.label())), "{src}");
+        // On tensor cores a warp's multiply-adds cover the whole slab: 32x32k4 is 32x32 there.
+        let label = if src.contains("on tensor cores") { tile.label().replace("k4", "") } else { tile.label() };
+        assert!(src.contains(&format!("in {label} tiles")), "{src}");
         assert_eq!(src.contains("slices"), slices > 1, "{src}");
     }
 }
@@ -278,6 +282,11 @@ fn generated_kernels_neither_spill_registers_nor_crowd_out_a_second_block() {
             |src: &str| src.lines().take_while(|l| l.starts_with("//")).filter(|l| l.starts_with("//   k")).count();
         assert!(launches(&src) <= launches(&sources.last().unwrap().1), "{name}: {src}");
         sources.push((format!("{name} on tensor cores"), src));
+        // And with three slab buffers filled by asynchronous copies (KILN_CUDA_STAGES=3).
+        let staged = TileChoice { stages: Some(3), ..TileChoice::default() };
+        let src = with_tile_choice(staged, || w.step.cuda_source(&w.args).unwrap());
+        assert_eq!(src.contains("in flight (cp.async)"), name != "keras-mlp", "{name}: {src}");
+        sources.push((format!("{name} with slabs copied asynchronously"), src));
     }
     for (tile, slices, src) in every_tile_shape(|_, _| {}) {
         sources.push((format!("{} tiles, {slices} slices", tile.label()), src));

@@ -232,10 +232,10 @@ fn tiled_products_on(device: Device) {
     let v_cpu = v.value().unwrap();
     assert!(v_device.allclose(&v_cpu, 1e-4, 1e-4), "updates differ by {}", v_device.max_abs_diff(&v_cpu));
     let code = tiled.generated_code();
-    assert!(code.contains("(200x300x90) in 32x32 tiles, its inner dim in 5 slices"), "{code}");
-    assert!(code.contains("(320x32x1000) in 32x32 tiles (no cuBLAS call)"), "{code}");
-    assert!(code.contains("(256x400x300) in 32x32 tiles, its inner dim in 3 slices"), "{code}");
-    assert!(code.contains("(130x257x70) in 32x32 tiles"), "the update's product is tiled: {code}");
+    assert!(code.contains("(200x300x90) in 32x32k4 tiles, its inner dim in 5 slices"), "{code}");
+    assert!(code.contains("(320x32x1000) in 32x32k4 tiles (no cuBLAS call)"), "{code}");
+    assert!(code.contains("(256x400x300) in 32x32k4 tiles, its inner dim in 3 slices"), "{code}");
+    assert!(code.contains("(130x257x70) in 32x32k4 tiles"), "the update's product is tiled: {code}");
     assert!(code.contains("cuBLAS 200x300 times 300x90"), "a product read transposed goes to cuBLAS: {code}");
 }
 
@@ -262,20 +262,26 @@ fn every_tile_shape_agrees_with_the_cpu() {
     let want = build(Device::Cpu).call(&args).unwrap();
     for device in cuda_devices() {
         for (n, tile) in TileShape::ALL.into_iter().enumerate() {
-            for (slices, tensor_cores) in [(1, false), (4, false), (1, true), (4, true)] {
-                let choice = TileChoice::forced(tile, slices, tensor_cores);
+            // By FMAs also with slabs copied asynchronously, 2 and 3 buffers.
+            for (slices, tensor_cores, stages) in
+                [(1, false, 1), (4, false, 1), (1, true, 1), (4, true, 1), (1, false, 3), (4, false, 2)]
+            {
+                let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, slices, tensor_cores) };
                 let run = || {
                     with_tile_choice(choice, || {
                         let mut f = build(device);
                         (f.call(&args).unwrap(), f.generated_code())
                     })
                 };
-                let (got, code) = if (n + slices) % 2 == 0 { with_mirrored_schedule(run) } else { run() };
+                let (got, code) = if (n + slices + stages) % 2 == 0 { with_mirrored_schedule(run) } else { run() };
                 let on = if tensor_cores { " on tensor cores (3xTF32)" } else { "" };
-                assert!(code.contains(&format!("in {} tiles{on}", tile.label())), "{code}");
+                // On tensor cores a warp's multiply-adds cover the whole slab: no groups.
+                let label = if tensor_cores { tile.label().replace("k4", "") } else { tile.label() };
+                assert!(code.contains(&format!("in {label} tiles{on}")), "{code}");
+                assert_eq!(code.contains("in flight (cp.async)"), stages > 1, "{code}");
                 for (o, (a, e)) in got.iter().zip(&want).enumerate() {
                     let err = a.max_abs_diff(e);
-                    let what = format!("{device:?} {} tiles{on}, {slices} slices, output {o}", tile.label());
+                    let what = format!("{device:?} {label} tiles{on}, {slices} slices, {stages} stages, output {o}");
                     assert!(err < 1e-4, "{what}: {err}");
                 }
             }
@@ -352,7 +358,7 @@ fn small_products_with_long_dots_are_tiled_and_agree_with_the_cpu() {
             assert!(a.allclose(e, 1e-5, 1e-5), "{device:?} output {o} differs by {}", a.max_abs_diff(e));
         }
         let code = f.generated_code();
-        assert!(code.contains("(60x300x7) in 32x32 tiles, its inner dim in"), "{code}");
+        assert!(code.contains("(60x300x7) in 32x32k4 tiles, its inner dim in"), "{code}");
         assert_eq!(code.matches(" tiles, its inner dim in").count(), 1, "only the deep product is tiled: {code}");
         assert!(code.contains("where it reads it"), "the shallow product is a dot per thread: {code}");
     }

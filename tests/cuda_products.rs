@@ -26,11 +26,11 @@ proptest! {
         a_transposed in any::<bool>(),
         b_transposed in any::<bool>(),
         epilogue in 0usize..3,
-        forced in prop::option::of((prop::sample::select(TileShape::ALL.to_vec()), 1usize..13, any::<bool>())),
+        forced in prop::option::of((prop::sample::select(TileShape::ALL.to_vec()), 1usize..13, any::<bool>(), 1usize..5)),
         mirrored in any::<bool>(),
         seed in 0u64..1000,
     ) {
-        let choice = forced.map_or(TileChoice::default(), |(tile, slices, tensor_cores)| TileChoice { tiled: None, tile: Some(tile), slices: Some(slices), tensor_cores: Some(tensor_cores) });
+        let choice = forced.map_or(TileChoice::default(), |(tile, slices, tensor_cores, stages)| TileChoice { tiled: None, tile: Some(tile), slices: Some(slices), tensor_cores: Some(tensor_cores), stages: Some(stages) });
         // At least the smallest tiled size: few outputs then take a long inner dim (many slices).
         let k = k.max(SMALL_PRODUCT / (m * n) + 1);
         let g = Graph::new();

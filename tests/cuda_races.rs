@@ -6,7 +6,8 @@
 //! (what several streams would run at once). Each workload runs one step as the GPU would run it
 //! (single-block runs, side-by-side launches, tiled products with their epilogues), kernel by kernel
 //! on the mirrored schedule, and planned for two streams; fmnist-mlp also with every tile shape,
-//! whole or sliced, by FMAs and on tensor cores. Each loss must match the reference's.
+//! whole or sliced, by FMAs (slabs through registers and copied asynchronously) and on tensor
+//! cores. Each loss must match the reference's.
 
 use kiln::workloads::build;
 use kiln::Device;
@@ -56,23 +57,22 @@ fn autoencoder_step_is_race_free() {
     race_free_in_each_form("autoencoder");
 }
 
-/// fmnist-mlp with every product tiled in each shape, whole and sliced, by FMAs and on tensor
-/// cores: the staging, the sliced finish's tickets and the side-by-side launches of each.
+/// fmnist-mlp with every product tiled in each shape, whole and sliced, by FMAs (one slab buffer,
+/// or three filled by asynchronous copies) and on tensor cores: the staging, the sliced finish's
+/// tickets and the side-by-side launches of each.
 #[test]
 fn every_tile_shape_is_race_free() {
     if let Some(why) = kiln::testing::emulator_skip_reason() {
         kiln::testing::note(&format!("race check of the tile shapes skipped: {why}"));
         return;
     }
-    for (i, tile) in
-        [TileShape::T32x32, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128].into_iter().enumerate()
-    {
-        let slices = [1, 4, 3, 2][i];
-        for tensor_cores in [false, true] {
-            let form = format!(" ({tile:?} tiles in {slices} slices, tensor cores: {tensor_cores})");
-            with_race_check(|| {
-                with_tile_choice(TileChoice::forced(tile, slices, tensor_cores), || one_step("fmnist-mlp", &form))
-            });
+    for (i, tile) in TileShape::ALL.into_iter().enumerate() {
+        let slices = [1, 4, 2, 3, 2][i];
+        // By FMAs with one slab buffer and with three filled by asynchronous copies; on tensor cores.
+        for (tensor_cores, stages) in [(false, 1), (false, 3), (true, 1)] {
+            let form = format!(" ({tile:?} tiles in {slices} slices, tensor cores: {tensor_cores}, {stages} stages)");
+            let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, slices, tensor_cores) };
+            with_race_check(|| with_tile_choice(choice, || one_step("fmnist-mlp", &form)));
         }
     }
 }

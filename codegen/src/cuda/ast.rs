@@ -18,6 +18,9 @@ pub enum CType {
     Float4,
     /// Two words, loaded or stored as one 8-byte access (a float's TF32 high and low parts).
     UInt2,
+    /// `float*` and `const float*` (a helper's or a slab's pointer into memory).
+    FloatPtr,
+    ConstFloatPtr,
 }
 
 impl CType {
@@ -37,7 +40,7 @@ impl CType {
             CType::Float | CType::Int | CType::UInt => 4,
             CType::Double | CType::LongLong | CType::ULongLong => 8,
             CType::Float4 => 16,
-            CType::UInt2 => 8,
+            CType::UInt2 | CType::FloatPtr | CType::ConstFloatPtr => 8,
             CType::Void => 0,
         }
     }
@@ -53,6 +56,8 @@ impl CType {
             CType::Void => "void",
             CType::Float4 => "float4",
             CType::UInt2 => "uint2",
+            CType::FloatPtr => "float*",
+            CType::ConstFloatPtr => "const float*",
         }
     }
 }

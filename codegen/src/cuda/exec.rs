@@ -134,14 +134,20 @@ struct Profile {
 
 /// Tiles on tensor cores (`KILN_CUDA_TF32X3=1`) need `mma.sync` for TF32: compute capability 8.0
 /// or newer.
-fn check_tensor_cores(module: &super::ast::Module, gpu: &Gpu) -> Result<()> {
+/// So do slabs copied asynchronously (`KILN_CUDA_STAGES` above 1: `cp.async`).
+fn check_compute_capability(module: &super::ast::Module, gpu: &Gpu) -> Result<()> {
     let capability: u32 = gpu.arch.rsplit('_').next().and_then(|c| c.parse().ok()).unwrap_or(0);
-    if capability < 80 && module.helpers.iter().any(|h| h.name == super::mma::MMA_HELPER) {
-        return Err(Error::Invalid(format!(
-            "tiled products on tensor cores (KILN_CUDA_TF32X3=1) need a GPU of compute capability 8.0 or newer; \
-             {} is {}",
-            gpu.name, gpu.arch
-        )));
+    let uses = |helper: &str| module.helpers.iter().any(|h| h.name == helper);
+    for (helper, what) in [
+        (super::mma::MMA_HELPER, "tiled products on tensor cores (KILN_CUDA_TF32X3=1)"),
+        (super::tile_staging::COPY_HELPER, "tiles whose slabs are copied asynchronously (KILN_CUDA_STAGES above 1)"),
+    ] {
+        if capability < 80 && uses(helper) {
+            return Err(Error::Invalid(format!(
+                "{what} need a GPU of compute capability 8.0 or newer; {} is {}",
+                gpu.name, gpu.arch
+            )));
+        }
     }
     Ok(())
 }
@@ -156,7 +162,7 @@ impl Plan {
         let (streams, memory) = super::streams_and_memory(&kp, streams);
         let dp = emit(&kp, &memory)?;
         let source = super::print::program(&dp.module, &dp.steps);
-        check_tensor_cores(&dp.module, gpu)?;
+        check_compute_capability(&dp.module, gpu)?;
         let t = std::time::Instant::now();
         let (parts, origin) = nvrtc::compile_module(&dp.module, gpu.arch)?;
         let nvrtc_seconds = t.elapsed().as_secs_f64();

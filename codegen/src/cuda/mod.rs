@@ -23,6 +23,8 @@ pub mod schedule;
 mod side;
 mod single;
 mod special;
+mod tile_finish;
+mod tile_staging;
 mod tile_table;
 mod tiled;
 pub use tile_table::{with_tile_table, ProductKey, TileTable};

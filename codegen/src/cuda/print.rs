@@ -279,9 +279,16 @@ pub fn kernel(out: &mut String, k: &Kernel) {
     let params: Vec<String> = k.params.iter().map(param).collect();
     let threads = l.block.0 * l.block.1;
     // With the threads alone as its bound, ptxas may hold a tensor-core tile to 64 registers so
-    // more blocks fit, and spill; one block an SM is all such a tile asks for.
-    let bounds =
-        if calls(&k.body, &|f| f == super::mma::MMA_HELPER) { format!("{threads}, 1") } else { threads.to_string() };
+    // more blocks fit, and spill; one block an SM is all such a tile asks for. A tile whose slabs
+    // are copied asynchronously (their addresses held too) spilled so as well: two blocks an SM
+    // (128 registers a thread), as many as its shared memory leaves room for.
+    let bounds = if calls(&k.body, &|f| f == super::mma::MMA_HELPER) {
+        format!("{threads}, 1")
+    } else if calls(&k.body, &|f| f == super::tile_staging::COPY_HELPER) {
+        format!("{threads}, 2")
+    } else {
+        threads.to_string()
+    };
     write!(out, "extern \"C\" __global__ void __launch_bounds__({bounds}) {}({}) ", k.name, params.join(", ")).unwrap();
     block(out, &k.body, 0);
     out.push_str("\n\n");

@@ -92,6 +92,9 @@ pub struct Scalars {
     pub used: BTreeSet<Helper>,
     /// Whether a tiled product runs on tensor cores (the prelude then holds `mma`'s helpers).
     pub tensor_cores: bool,
+    /// The most slab buffers a tiled product fills by asynchronous copies (above 1, the prelude
+    /// holds `tile_staging`'s helpers).
+    pub async_copies: usize,
 }
 
 impl Scalars {
@@ -186,7 +189,8 @@ impl Scalars {
     /// The helpers used so far, as device functions.
     pub fn prelude(&self) -> Vec<DeviceFn> {
         let tensor_cores = if self.tensor_cores { super::mma::helpers() } else { vec![] };
-        self.used.iter().map(|&h| helper_fn(h)).chain(tensor_cores).collect()
+        let copies = if self.async_copies > 1 { super::tile_staging::helpers(self.async_copies) } else { vec![] };
+        self.used.iter().map(|&h| helper_fn(h)).chain(tensor_cores).chain(copies).collect()
     }
 }
 

@@ -22,6 +22,7 @@
 //! more blocks than a grid holds) goes to cuBLAS, as a forced `TileChoice` does; the step's
 //! launch list in the generated code says which.
 
+use super::tile_staging::MAX_STAGES;
 use super::tiled::{TileChoice, TileShape};
 use crate::kernel::MatMul;
 use kiln_ir::{Error, Result};
@@ -55,13 +56,18 @@ impl std::fmt::Display for ProductKey {
 
 impl TileChoice {
     /// The choice as a tile table and the product benchmark's columns name it: `cuBLAS`, `kiln`,
-    /// or `[tc]RxC/sN`. `None` for a partial choice that a table cannot hold.
+    /// or `[tc]RxC/sN[/pS]` (`/pS`: S slab buffers filled by asynchronous copies). `None` for a
+    /// partial choice that a table cannot hold.
     pub fn label(&self) -> Option<String> {
-        match (self.tiled, self.tile, self.slices, self.tensor_cores) {
-            (Some(false), None, None, None) => Some("cuBLAS".into()),
-            (None, None, None, None) => Some("kiln".into()),
-            (Some(true), Some(tile), Some(slices), Some(tc)) => {
-                Some(format!("{}{}/s{slices}", if tc { "tc" } else { "" }, tile.label()))
+        match (self.tiled, self.tile, self.slices, self.tensor_cores, self.stages) {
+            (Some(false), None, None, None, None) => Some("cuBLAS".into()),
+            (None, None, None, None, None) => Some("kiln".into()),
+            (Some(true), Some(tile), Some(slices), Some(tc), stages) => {
+                let staged = match stages {
+                    Some(s) if s > 1 => format!("/p{s}"),
+                    _ => String::new(),
+                };
+                Some(format!("{}{}/s{slices}{staged}", if tc { "tc" } else { "" }, tile.label()))
             }
             _ => None,
         }
@@ -78,10 +84,14 @@ impl TileChoice {
             Some(rest) => (true, rest),
             None => (false, text),
         };
-        let (shape, slices) = rest.split_once("/s")?;
+        let (shape, rest) = rest.split_once("/s")?;
         let tile = TileShape::ALL.into_iter().find(|t| t.label() == shape)?;
+        let (slices, stages) = match rest.split_once("/p") {
+            Some((slices, stages)) => (slices, Some(stages.parse().ok().filter(|&s| (2..=MAX_STAGES).contains(&s))?)),
+            None => (rest, None),
+        };
         let slices = slices.parse().ok().filter(|&s| s >= 1)?;
-        Some(TileChoice::forced(tile, slices, tensor_cores))
+        Some(TileChoice { stages, ..TileChoice::forced(tile, slices, tensor_cores) })
     }
 }
 
@@ -104,7 +114,7 @@ impl TileTable {
                 Error::Invalid(format!(
                     "tile table {origin}, line {}: {what} in '{line}' (expected a line such as \
                      '128x784x256 nn 64x64/s4': m x k x n, the layout of a and b (n or t), and cuBLAS, \
-                     kiln or [tc]RxC/sN)",
+                     kiln or [tc]RxC/sN[/pS])",
                     i + 1
                 ))
             };
@@ -236,7 +246,7 @@ mod tests {
         let printed = table.to_text("measured on: a card");
         assert!(printed.starts_with("# measured on: a card\n"), "{printed}");
         assert_eq!(TileTable::parse(&printed, "again").unwrap(), table);
-        for label in ["cuBLAS", "kiln", "32x32/s1", "tc128x128/s2", "128x64/s12"] {
+        for label in ["cuBLAS", "kiln", "32x32/s1", "32x32k4/s7/p3", "tc128x128/s2", "128x64/s12"] {
             assert_eq!(TileChoice::from_label(label).and_then(|c| c.label()).as_deref(), Some(label));
         }
     }
@@ -248,6 +258,7 @@ mod tests {
             ("128x784x256 nx kiln", "bad layout"),
             ("128x784x256 nn 48x48/s2", "unknown choice"),
             ("128x784x256 nn 32x32/s0", "unknown choice"),
+            ("128x784x256 nn 64x64/s2/p9", "unknown choice"),
             ("128x784x256 nn", "three words"),
             ("128x0x256 nn kiln", "bad size"),
         ] {

@@ -4,14 +4,18 @@
 //! step pays is per launch; cuBLAS stays for the large products, where its kernels' speed matters.
 //!
 //! Each block computes a tile of the result from slabs of both operands staged in shared memory
-//! (the next slab loaded into registers while the current one is used), each of its 256 threads a
-//! few outputs in registers: 64x64 tiles with 4x4 outputs a thread, read from shared memory as
-//! `float4`s (four multiply-adds per word read), where the output has 16 such tiles or more; else
-//! 32x32 tiles with 2x2 outputs a thread (rows `ty + 16 i`, columns `tx + 16 j`), which fill the
-//! card with more blocks (128x64 and 128x128 tiles only when asked, to measure them: `TileShape`). When tiles are too few to fill the card, the inner dimension is cut into
-//! slices, a block per (tile, slice): each block writes its partial tile to scratch memory, and the
-//! last block of a tile to finish (a ticket counter) adds the slices in slice order, so the result
-//! does not depend on timing. The block that holds a tile's final values then runs the epilogue
+//! (the next slab loaded into registers while the current one is used; `tile_staging.rs`), each
+//! of its 256 threads a few outputs in registers: 128x64 or 64x64 tiles with 8x4 or 4x4 outputs a
+//! thread, read from shared memory as `float4`s (four multiply-adds per word read); 32x32 tiles
+//! with four groups of 64 threads, each group computing the whole tile (4x4 outputs a thread, as
+//! `float4`s) over a quarter of each slab's depth, the groups' partial tiles added in group order
+//! (`T32x32K4`; `T32x32`, 2x2 outputs a thread 16 apart, read a word for every multiply-add).
+//! The shape is the largest that the output fills and that gives the card enough blocks
+//! (`TilePlan::for_product`; 128x128 tiles only when asked, to measure them). When tiles are too
+//! few to fill the card, the inner dimension is cut into slices, a block per (tile, slice): each
+//! block writes its partial tile to scratch memory, and the last block of a tile to finish (a
+//! ticket counter) adds the slices in slice order, so the result does not depend on timing
+//! (`tile_finish.rs`). The block that holds a tile's final values then runs the epilogue
 //! group on it, an element per thread in row-major order (coalesced), with the product's value
 //! where the epilogue would have read it from memory. With tensor cores asked for
 //! (`KILN_CUDA_TF32X3=1`, or `TileChoice::tensor_cores`), the same tiles are computed by warp
@@ -19,8 +23,9 @@
 //! a tile table (`tile_table.rs`) lists a product, its measured choice replaces these estimates.
 
 use super::ast::*;
-use super::emit::{decompose, Emitter, ProductInEpilogue, MAX_GRID, THREADS};
+use super::emit::{Emitter, ProductInEpilogue, MAX_GRID, THREADS};
 use super::mma;
+use super::tile_staging::{self, MAX_STAGES};
 use crate::kernel::{LoopKernel, MatMul};
 use kiln_ir::DType;
 
@@ -46,7 +51,7 @@ const TARGET_BLOCKS: usize = 200;
 /// 784x128x256 weight gradient took 18.4 us in 64x64 tiles of four 32-deep slices and 11.9 in
 /// whole 32x32 tiles).
 fn shallowest_slice(shape: TileShape) -> usize {
-    if shape == TileShape::T32x32 {
+    if shape.dims().0 == 32 {
         32
     } else {
         64
@@ -57,8 +62,21 @@ fn shallowest_slice(shape: TileShape) -> usize {
 const MAX_SLICES: usize = 12;
 
 /// The tile shapes kiln picks from, largest first (128x128 tiles lost to 128x64 on every
-/// product measured).
-const SHAPES_BY_SIZE: [TileShape; 3] = [TileShape::T128x64, TileShape::T64x64, TileShape::T32x32];
+/// product measured), the smallest as `smallest_shape` says.
+const SHAPES_BY_SIZE: [TileShape; 2] = [TileShape::T128x64, TileShape::T64x64];
+
+/// The 32x32 tiles kiln picks: in four groups of threads along each slab (`T32x32K4`), unless
+/// `KILN_CUDA_K_GROUPS=0` (then `T32x32`, 2x2 outputs a thread, to measure what the groups
+/// save: on the H100 the 2x2 form read shared memory as often as it multiplied, so its 32x32
+/// products ran at a quarter of the FMA rate at best).
+fn smallest_shape() -> TileShape {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if super::switch_from_env(&OFF, "KILN_CUDA_K_GROUPS", "0") {
+        TileShape::T32x32
+    } else {
+        TileShape::T32x32K4
+    }
+}
 
 /// Static shared memory a block may declare.
 const SHARED_BYTES: usize = 48 * 1024;
@@ -80,15 +98,22 @@ pub enum TileShape {
     /// 8x8 outputs a thread; an unsliced tile reaches its epilogue in two bands of 64 rows
     /// (the whole tile staged at once would pass the 48 KiB of shared memory).
     T128x128,
+    /// 32x32 tiles computed by four groups of 64 threads, each the whole tile (4x4 adjacent
+    /// outputs a thread, read as `float4`s) over a quarter of each slab's depth, the four
+    /// partial tiles added in group order in shared memory. A thread reads two `float4`s from
+    /// shared memory for every 16 multiply-adds, where `T32x32`'s threads read a word for each
+    /// (on tensor cores, the same as `T32x32`).
+    T32x32K4,
 }
 
 impl TileShape {
-    pub const ALL: [TileShape; 4] = [TileShape::T32x32, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128];
+    pub const ALL: [TileShape; 5] =
+        [TileShape::T32x32, TileShape::T32x32K4, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128];
 
     /// Rows, columns, and the inner dimension's slab.
     fn dims(self) -> (usize, usize, usize) {
         match self {
-            TileShape::T32x32 => (32, 32, 32),
+            TileShape::T32x32 | TileShape::T32x32K4 => (32, 32, 32),
             TileShape::T64x64 => (64, 64, 16),
             TileShape::T128x64 => (128, 64, 8),
             TileShape::T128x128 => (128, 128, 8),
@@ -98,7 +123,17 @@ impl TileShape {
     /// `rows`x`columns`, as the kernel's heading comment says it.
     pub fn label(self) -> String {
         let (bm, bn, _) = self.dims();
-        format!("{bm}x{bn}")
+        let groups = if self == TileShape::T32x32K4 { "k4" } else { "" };
+        format!("{bm}x{bn}{groups}")
+    }
+
+    /// Groups of threads that split each slab's depth between them (by float32 FMAs).
+    fn groups(self) -> usize {
+        if self == TileShape::T32x32K4 {
+            4
+        } else {
+            1
+        }
     }
 }
 
@@ -114,13 +149,22 @@ pub struct TileChoice {
     pub slices: Option<usize>,
     /// `Some(true)`: tiles computed on tensor cores (3xTF32); `Some(false)`: by float32 FMAs.
     pub tensor_cores: Option<bool>,
+    /// Slab buffers filled by asynchronous copies (1: the next slab through registers; by float32
+    /// FMAs only).
+    pub stages: Option<usize>,
 }
 
 impl TileChoice {
     /// Every product with an epilogue tiled, in `tile`s, its inner dimension in `slices`, by
     /// float32 FMAs or on tensor cores.
     pub fn forced(tile: TileShape, slices: usize, tensor_cores: bool) -> TileChoice {
-        TileChoice { tiled: Some(true), tile: Some(tile), slices: Some(slices), tensor_cores: Some(tensor_cores) }
+        TileChoice {
+            tiled: Some(true),
+            tile: Some(tile),
+            slices: Some(slices),
+            tensor_cores: Some(tensor_cores),
+            stages: None,
+        }
     }
 }
 
@@ -138,6 +182,12 @@ pub fn with_tile_choice<R>(choice: TileChoice, f: impl FnOnce() -> R) -> R {
 /// (`tile_table`), else kiln's estimate (the fields left `None`).
 fn choice(mm: &MatMul) -> TileChoice {
     CHOICE.with(|c| c.get()).or_else(|| super::tile_table::choice_for(mm)).unwrap_or_default()
+}
+
+/// Slab buffers where no choice says (`KILN_CUDA_STAGES`, default 1: opt-in until timed on a GPU).
+fn stages_from_env() -> usize {
+    static STAGES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    super::bound_from_env(&STAGES, "KILN_CUDA_STAGES", 1)
 }
 
 /// Whether tiles go to tensor cores where no choice says (`KILN_CUDA_TF32X3=1`; needs compute
@@ -161,6 +211,11 @@ pub(super) struct TilePlan {
     pub(super) slabs: usize,
     /// Computed by tensor-core multiply-adds (3xTF32) rather than float32 FMAs.
     pub(super) tensor_cores: bool,
+    /// Groups of threads splitting each slab's depth, each computing the whole tile (1: none).
+    pub(super) groups: usize,
+    /// Slab buffers, filled by asynchronous copies `stages - 1` slabs ahead (1: one buffer, the
+    /// next slab loaded into registers).
+    pub(super) stages: usize,
 }
 
 impl TilePlan {
@@ -181,7 +236,7 @@ impl TilePlan {
                 bm < 2 * mm.m && bn < 2 * mm.n
             };
             let enough = |s: &TileShape| filled(*s) && tiles_in(*s) * deepest_cut(*s) >= TARGET_BLOCKS;
-            SHAPES_BY_SIZE.into_iter().find(enough).unwrap_or(TileShape::T32x32)
+            SHAPES_BY_SIZE.into_iter().find(enough).unwrap_or_else(smallest_shape)
         });
         let (bm, bn, bk) = shape.dims();
         let (tiles_m, tiles_n) = (mm.m.div_ceil(bm), mm.n.div_ceil(bn));
@@ -192,52 +247,100 @@ impl TilePlan {
         let wanted = choice.slices.map_or(wanted, |s| s.min(slabs_total));
         let slabs = slabs_total.div_ceil(wanted.max(1));
         let tensor_cores = choice.tensor_cores.unwrap_or_else(tensor_cores_from_env);
-        TilePlan { bm, bn, bk, tiles_m, tiles_n, slices: slabs_total.div_ceil(slabs), slabs, tensor_cores }
+        let groups = if tensor_cores { 1 } else { shape.groups() };
+        // Tensor cores take their operands split when staged: through registers.
+        let stages = if tensor_cores { 1 } else { choice.stages.unwrap_or_else(stages_from_env) };
+        let mut plan = TilePlan {
+            bm,
+            bn,
+            bk,
+            tiles_m,
+            tiles_n,
+            slices: slabs_total.div_ceil(slabs),
+            slabs,
+            tensor_cores,
+            groups,
+            stages: stages.clamp(1, MAX_STAGES),
+        };
+        // As many buffers as fit in shared memory beside a band of the staged tile.
+        while plan.stages > 1 && !plan.fits_in_shared_memory() {
+            plan.stages -= 1;
+        }
+        plan
     }
 
     /// The comment heading the kernel `kernel` that computes `mm` so.
     pub(super) fn describe(&self, kernel: &str, mm: &MatMul) -> String {
         let sliced = if self.slices > 1 { format!(", its inner dim in {} slices", self.slices) } else { String::new() };
         let on = if self.tensor_cores { " on tensor cores (3xTF32)" } else { "" };
+        let copied =
+            if self.stages > 1 { format!(", {} slabs in flight (cp.async)", self.stages - 1) } else { String::new() };
+        let groups = if self.groups > 1 { format!("k{}", self.groups) } else { String::new() };
         format!(
-            "{kernel} computes the product of {} ({}x{}x{}) in {}x{} tiles{on}{sliced} (no cuBLAS call), then its epilogue",
+            "{kernel} computes the product of {} ({}x{}x{}) in {}x{}{groups} tiles{on}{sliced}{copied} (no cuBLAS call), then its epilogue",
             mm.name, mm.m, mm.k, mm.n, self.bm, self.bn
         )
     }
 
-    fn blocks(&self) -> usize {
+    pub(super) fn blocks(&self) -> usize {
         self.tiles_m * self.tiles_n * self.slices
     }
 
     /// Outputs per thread along rows and columns.
-    fn per_thread(&self) -> (usize, usize) {
+    pub(super) fn per_thread(&self) -> (usize, usize) {
         if self.tensor_cores {
             mma::per_thread(self.bm, self.bn)
         } else {
-            (self.bm / SIDE, self.bn / SIDE)
+            (self.bm / self.side(), self.bn / self.side())
         }
     }
 
-    /// Whether a thread's outputs are adjacent (4x4, read as `float4`s) rather than 16 apart.
-    fn vectors(&self) -> bool {
-        self.bm >= 64 && !self.tensor_cores
+    /// Threads of a group along each side of the tile (by float32 FMAs): 16 (a group of 256),
+    /// or 8 in each of four groups.
+    pub(super) fn side(&self) -> usize {
+        if self.groups == 4 {
+            SIDE / 2
+        } else {
+            SIDE
+        }
+    }
+
+    /// Threads in each group.
+    pub(super) fn group_threads(&self) -> usize {
+        THREADS as usize / self.groups
+    }
+
+    /// Whether a thread's outputs are adjacent (4x4 or more, read as `float4`s) rather than 16
+    /// apart.
+    pub(super) fn vectors(&self) -> bool {
+        !self.tensor_cores && self.per_thread().0 >= 4
     }
 
     /// Row pitch of the staged slabs, padded against bank conflicts: a multiple of four floats
     /// where they are read as `float4`s; for tensor cores, 4 past a multiple of 16 pairs of words,
     /// so each half-warp's 16 pairs of a fragment (rows `quad` by columns `group`) fall in 32
     /// different banks.
-    fn pitch(&self, side: usize) -> usize {
+    pub(super) fn pitch(&self, side: usize) -> usize {
         side + if self.tensor_cores || self.vectors() { 4 } else { 1 }
     }
 
-    /// Words of shared memory that both operands' slabs take (high and low parts on tensor cores).
-    fn slab_words(&self) -> usize {
-        self.bk * (self.pitch(self.bm) + self.pitch(self.bn)) * if self.tensor_cores { 2 } else { 1 }
+    /// Words of shared memory that both operands' slab buffers take (high and low parts on tensor
+    /// cores).
+    pub(super) fn slab_words(&self) -> usize {
+        let buffer = self.bk * (self.pitch(self.bm) + self.pitch(self.bn));
+        buffer * self.stages * if self.tensor_cores { 2 } else { 1 }
+    }
+
+    /// Whether the slab buffers and the smallest band of the staged tile (the whole tile where
+    /// groups add their copies) fit in a block's shared memory, with room for its flags.
+    fn fits_in_shared_memory(&self) -> bool {
+        let rows = if self.groups > 1 { self.bm } else { 1 };
+        let staged = rows * super::tile_finish::staged_pitch(self) as usize * self.groups;
+        (self.slab_words() + staged) * 4 + 16 <= SHARED_BYTES
     }
 
     /// The row of the tile that a thread's `i`-th output lies in.
-    fn out_row(&self, i: usize) -> Expr {
+    pub(super) fn out_row(&self, i: usize) -> Expr {
         if self.tensor_cores {
             mma::output_row(self.bm, i)
         } else {
@@ -246,7 +349,7 @@ impl TilePlan {
     }
 
     /// The column of the tile that a thread's `j`-th output lies in.
-    fn out_col(&self, j: usize) -> Expr {
+    pub(super) fn out_col(&self, j: usize) -> Expr {
         if self.tensor_cores {
             mma::output_col(self.bn, j)
         } else {
@@ -256,14 +359,15 @@ impl TilePlan {
 
     /// Bands of rows in which an unsliced tile is staged for its epilogue: the fewest that keep
     /// the block's static shared memory (both slabs and a band) within 48 KiB.
-    fn bands(&self) -> usize {
+    pub(super) fn bands(&self) -> usize {
         let slabs = self.slab_words();
-        let fits = |bands: usize| (slabs + self.bm / bands * (self.bn + 1)) * 4 <= SHARED_BYTES;
+        let staged_row = super::tile_finish::staged_pitch(self) as usize * self.groups;
+        let fits = |bands: usize| (slabs + self.bm / bands * staged_row) * 4 <= SHARED_BYTES;
         (0..).map(|p| 1 << p).find(|&b| fits(b) || b >= self.bm).expect("a band of one row fits")
     }
 
     /// Words of one operand's slab that each thread stages.
-    fn loads_per_thread(&self, a: bool) -> usize {
+    pub(super) fn loads_per_thread(&self, a: bool) -> usize {
         (if a { self.bm } else { self.bn }) * self.bk / THREADS as usize
     }
 }
@@ -308,26 +412,58 @@ fn lane_offset(plan: &TilePlan, along: &str, i: usize) -> Expr {
     if plan.vectors() {
         var(along) * int(per as i64) + int(i as i64)
     } else {
-        var(along) + int((SIDE * i) as i64)
+        var(along) + int((plan.side() * i) as i64)
     }
 }
 
 /// Name of the register holding a thread's output `(i, j)`.
-fn acc(i: usize, j: usize) -> String {
+pub(super) fn acc(i: usize, j: usize) -> String {
     format!("acc_{i}_{j}")
+}
+
+/// The multiply-adds of one slab, read from the slab buffers `slabs` (`a`'s, `b`'s): every step
+/// along its depth, or, where groups of threads split it, the group's run of steps (a loop of
+/// constant trip count, which NVRTC unrolls as it does the whole slab's).
+fn slab_multiply(plan: &TilePlan, slabs: (&str, &str)) -> Stmt {
+    if plan.tensor_cores {
+        let pitches = (plan.pitch(plan.bm), plan.pitch(plan.bn));
+        let products = mma::slab_step(plan.bm, plan.bn, pitches, acc);
+        return Stmt::For {
+            ty: CType::Int,
+            var: "kk".into(),
+            init: int(0),
+            end: int(plan.bk as i64),
+            step: int(mma::MMA_K as i64),
+            body: products,
+        };
+    }
+    let mut products = slab_products(plan, slabs);
+    if plan.groups > 1 {
+        let depth = (plan.bk / plan.groups) as i64;
+        products.insert(0, decl(CType::Int, "kk", var("grp") * int(depth) + var("kq")));
+        Stmt::For { ty: CType::Int, var: "kq".into(), init: int(0), end: int(depth), step: int(1), body: products }
+    } else {
+        Stmt::For {
+            ty: CType::Int,
+            var: "kk".into(),
+            init: int(0),
+            end: int(plan.bk as i64),
+            step: int(1),
+            body: products,
+        }
+    }
 }
 
 /// One step `kk` through the staged slabs: each thread's rows of `a` times its columns of `b`,
 /// added to its outputs (read as `float4`s where the thread's outputs are adjacent).
-fn slab_products(plan: &TilePlan) -> Vec<Stmt> {
+fn slab_products(plan: &TilePlan, (slab_a, slab_b): (&str, &str)) -> Vec<Stmt> {
     let ft = CType::Float;
     let (tm, tn) = plan.per_thread();
     let (pitch_a, pitch_b) = (plan.pitch(plan.bm), plan.pitch(plan.bn));
     let mut step = vec![];
     if plan.vectors() {
         // A thread's `per` adjacent rows (columns) are `per / 4` float4s.
-        for (name, tile, pitch, along, per) in [("a", "tile_a", pitch_a, "ty", tm), ("b", "tile_b", pitch_b, "tx", tn)]
-        {
+        for (name, tile, pitch, along, per) in [("a", slab_a, pitch_a, "ty", tm), ("b", slab_b, pitch_b, "tx", tn)] {
             let base = var(tile) + var("kk") * int(pitch as i64);
             for q in 0..per / 4 {
                 let at = var(along) * int((per / 4) as i64) + int(q as i64);
@@ -343,11 +479,11 @@ fn slab_products(plan: &TilePlan) -> Vec<Stmt> {
     } else {
         for i in 0..tm {
             let at = var("kk") * int(pitch_a as i64) + lane_offset(plan, "ty", i);
-            step.push(decl(ft, format!("a{i}"), index(var("tile_a"), at)));
+            step.push(decl(ft, format!("a{i}"), index(var(slab_a), at)));
         }
         for j in 0..tn {
             let at = var("kk") * int(pitch_b as i64) + lane_offset(plan, "tx", j);
-            step.push(decl(ft, format!("b{j}"), index(var("tile_b"), at)));
+            step.push(decl(ft, format!("b{j}"), index(var(slab_b), at)));
         }
         for i in 0..tm {
             for j in 0..tn {
@@ -401,13 +537,21 @@ impl<'a> Emitter<'a> {
             ft
         };
         let mut body = vec![
-            Stmt::SharedArray { ty: slab_type, name: "tile_a".into(), len: bk * pitch_a, align },
-            Stmt::SharedArray { ty: slab_type, name: "tile_b".into(), len: bk * pitch_b, align },
+            Stmt::SharedArray { ty: slab_type, name: "tile_a".into(), len: plan.stages * bk * pitch_a, align },
+            Stmt::SharedArray { ty: slab_type, name: "tile_b".into(), len: plan.stages * bk * pitch_b, align },
         ];
         let mut setup = if plan.tensor_cores {
             mma::places()
         } else {
-            vec![decl(CType::Int, "tx", tid() % int(SIDE as i64)), decl(CType::Int, "ty", tid() / int(SIDE as i64))]
+            let side = plan.side() as i64;
+            let mut places = vec![decl(CType::Int, "tx", tid() % int(side))];
+            if plan.groups > 1 {
+                places.push(decl(CType::Int, "ty", tid() / int(side) % int(side)));
+                places.push(decl(CType::Int, "grp", tid() / int(plan.group_threads() as i64)));
+            } else {
+                places.push(decl(CType::Int, "ty", tid() / int(side)));
+            }
+            places
         };
         let block = || cast(it, Expr::Builtin(Builtin::BlockIdx));
         let tiles = (tiles_m * tiles_n) as i64;
@@ -428,8 +572,25 @@ impl<'a> Emitter<'a> {
         for a in [true, false] {
             setup.extend(self.staging_places(&mm, &plan, a));
         }
-        setup.extend(self.slab_fetch(&mm, &plan, it, var("k_lo"), true));
         body.extend(setup);
+        if plan.stages > 1 {
+            body.extend(self.slabs_by_copies(&mm, &plan, it));
+        } else {
+            body.extend(self.slabs_through_registers(&mm, &plan, it));
+        }
+        let (shared, finish) =
+            if slices == 1 { self.whole_tile_finish(&mm, plan, it) } else { self.sliced_tile_finish(&mm, plan, it) };
+        body.splice(2..2, shared);
+        body.extend(finish);
+        (body, Launch { grid: (plan.blocks() as u32, 1), block: (THREADS, 1) })
+    }
+
+    /// The loop over the slice's slabs with one slab buffer: each slab's words come from the
+    /// registers loaded during the slab before (the first before the loop), are stored to the
+    /// buffer, and multiplied once every thread has stored its words.
+    fn slabs_through_registers(&mut self, mm: &MatMul, plan: &TilePlan, it: CType) -> Vec<Stmt> {
+        let (bk, pitch_a, pitch_b) = (plan.bk, plan.pitch(plan.bm), plan.pitch(plan.bn));
+        let mut out = self.slab_fetch(mm, plan, it, var("k_lo"), true);
         let mut slab = vec![];
         for (tile, side, pitch) in [("tile_a", "a", pitch_a), ("tile_b", "b", pitch_b)] {
             for u in 0..plan.loads_per_thread(side == "a") {
@@ -449,24 +610,12 @@ impl<'a> Emitter<'a> {
         let next = var("kt") + int(bk as i64);
         slab.push(Stmt::If(
             bin(BinOp::Lt, next.clone(), var("k_hi")),
-            self.slab_fetch(&mm, &plan, it, next, false),
+            self.slab_fetch(mm, plan, it, next, false),
             vec![],
         ));
-        let (step, products) = if plan.tensor_cores {
-            (mma::MMA_K, mma::slab_step(bm, bn, (pitch_a, pitch_b), acc))
-        } else {
-            (1, slab_products(&plan))
-        };
-        slab.push(Stmt::For {
-            ty: CType::Int,
-            var: "kk".into(),
-            init: int(0),
-            end: int(bk as i64),
-            step: int(step as i64),
-            body: products,
-        });
+        slab.push(slab_multiply(plan, ("tile_a", "tile_b")));
         slab.push(Stmt::SyncThreads);
-        body.push(Stmt::For {
+        out.push(Stmt::For {
             ty: it,
             var: "kt".into(),
             init: var("k_lo"),
@@ -474,200 +623,59 @@ impl<'a> Emitter<'a> {
             step: int(bk as i64),
             body: slab,
         });
-        let (shared, finish) =
-            if slices == 1 { self.whole_tile_finish(&mm, plan, it) } else { self.sliced_tile_finish(&mm, plan, it) };
-        body.insert(2, shared);
-        body.extend(finish);
-        (body, Launch { grid: (plan.blocks() as u32, 1), block: (THREADS, 1) })
-    }
-
-    /// After an unsliced tile's product: the outputs through shared memory (declared by the first
-    /// statement returned), so that the epilogue's threads walk the tile in row order, then the
-    /// epilogue; in bands of rows where the whole tile would not fit beside the slabs.
-    fn whole_tile_finish(&mut self, mm: &MatMul, plan: TilePlan, it: CType) -> (Stmt, Vec<Stmt>) {
-        let (tm, tn) = plan.per_thread();
-        let pitch_c = plan.bn as i64 + 1;
-        let bands = plan.bands();
-        let rows = plan.bm / bands;
-        let shared =
-            Stmt::SharedArray { ty: CType::Float, name: "tile_c".into(), len: rows * pitch_c as usize, align: 0 };
-        let mut body = vec![];
-        for band in 0..bands {
-            let first = (band * rows) as i64;
-            for i in 0..tm {
-                let row = plan.out_row(i);
-                let mut stores = vec![];
-                for j in 0..tn {
-                    let at = (row.clone() - int(first)) * int(pitch_c) + plan.out_col(j);
-                    stores.push(assign(index(var("tile_c"), at), var(acc(i, j))));
-                }
-                if bands == 1 {
-                    body.extend(stores);
-                } else {
-                    let in_band = bin(
-                        BinOp::And,
-                        bin(BinOp::Le, int(first), row.clone()),
-                        bin(BinOp::Lt, row, int(first + rows as i64)),
-                    );
-                    body.push(Stmt::If(in_band, stores, vec![]));
-                }
-            }
-            body.push(Stmt::SyncThreads);
-            body.push(self.tile_epilogue(mm, plan, it, Rows::Staged { first, rows }));
-            if band + 1 < bands {
-                // The next band overwrites the staged rows once every thread has read them.
-                body.push(Stmt::SyncThreads);
-            }
-        }
-        (shared, body)
-    }
-
-    /// After a slice's partial tile: written to scratch memory, then the tile's last block to
-    /// finish (its flag declared by the first statement returned) adds the slices and runs the
-    /// epilogue.
-    fn sliced_tile_finish(&mut self, mm: &MatMul, plan: TilePlan, it: CType) -> (Stmt, Vec<Stmt>) {
-        let (m, n, slices) = (mm.m, mm.n, plan.slices);
-        let (tm, tn) = plan.per_thread();
-        let scratch = self.scratch_param(CType::Float, "partial", slices * m * n * 4);
-        let counters = self.scratch_param(CType::UInt, "tickets", plan.tiles_m * plan.tiles_n * 4);
-        let shared = Stmt::SharedArray { ty: CType::Bool, name: "last_block".into(), len: 1, align: 0 };
-        let row = |i: usize| var("row0") + cast(it, plan.out_row(i));
-        let col = |j: usize| var("col0") + cast(it, plan.out_col(j));
-        let mut body = vec![];
-        for i in 0..tm {
-            for j in 0..tn {
-                let inside =
-                    bin(BinOp::And, bin(BinOp::Lt, row(i), int(m as i64)), bin(BinOp::Lt, col(j), int(n as i64)));
-                let at = var("slice") * int((m * n) as i64) + row(i) * int(n as i64) + col(j);
-                body.push(Stmt::If(inside, vec![assign(index(var(&scratch), at), var(acc(i, j)))], vec![]));
-            }
-        }
-        let first_thread = bin(BinOp::Eq, cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)), int(0));
-        body.extend(super::reduce::take_ticket(&counters, var("tile"), first_thread.clone(), slices));
-        let last = vec![
-            self.tile_epilogue(mm, plan, it, Rows::Sliced { scratch: &scratch, slices }),
-            // Ready for the next launch (a replayed graph runs the same kernel again).
-            Stmt::If(first_thread, vec![assign(index(var(&counters), var("tile")), Expr::ULong(0))], vec![]),
-        ];
-        body.push(Stmt::If(index(var("last_block"), int(0)), last, vec![]));
-        (shared, body)
-    }
-
-    /// Declares where thread `threadIdx.x` stages its `u`-th word of an operand's slab (`a`: the
-    /// left operand): `{a|b}_r{u}` along the tile's side, `{a|b}_kk{u}` along the slab, so that
-    /// neighbouring threads read neighbouring words of the operand.
-    fn staging_places(&self, mm: &MatMul, plan: &TilePlan, a: bool) -> Vec<Stmt> {
-        let (bk, side) = (plan.bk as i64, if a { plan.bm } else { plan.bn } as i64);
-        // Whether the operand's inner index is its contiguous one (`a` as `[m, k]`, `b` as `[n, k]`).
-        let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
-        let name = if a { "a" } else { "b" };
-        let mut out = vec![];
-        for u in 0..plan.loads_per_thread(a) {
-            let l = cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)) + int((u * THREADS as usize) as i64);
-            let (r, kk) =
-                if k_inner { (l.clone() / int(bk), l % int(bk)) } else { (l.clone() % int(side), l / int(side)) };
-            out.push(decl(CType::Int, format!("{name}_r{u}"), r));
-            out.push(decl(CType::Int, format!("{name}_kk{u}"), kk));
-        }
         out
     }
 
-    /// Loads (`declare`: declares) the registers `{a|b}_next{u}` with both operands' words of the
-    /// slab starting at inner index `kt`, zero past the matrix or the slice.
-    fn slab_fetch(&self, mm: &MatMul, plan: &TilePlan, it: CType, kt: Expr, declare: bool) -> Vec<Stmt> {
+    /// The loop over the slice's slabs with `stages` slab buffers filled by asynchronous copies:
+    /// the first `stages - 1` slabs' copies issued before the loop, and in each turn, once the
+    /// thread's copies of the slab have landed and the block has passed a barrier (so every
+    /// thread's copies are in, and every thread is done with the buffer used a turn ago), the
+    /// copies of the slab `stages - 1` ahead into that buffer, then the slab's multiply-adds.
+    /// Each turn closes one group of copies, empty past the slice's end, so that the wait for all
+    /// but the newest `stages - 2` groups is a wait for this turn's slab.
+    fn slabs_by_copies(&mut self, mm: &MatMul, plan: &TilePlan, it: CType) -> Vec<Stmt> {
+        let (bk, stages) = (plan.bk as i64, plan.stages);
+        self.scalars.async_copies = self.scalars.async_copies.max(stages);
         let mut out = vec![];
-        for a in [true, false] {
-            let (first, bound) = if a { ("row0", mm.m as i64) } else { ("col0", mm.n as i64) };
-            let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
-            let (name, operand) = if a { ("a", "mm_a") } else { ("b", "mm_b") };
-            for u in 0..plan.loads_per_thread(a) {
-                let rg = var(first) + cast(it, var(format!("{name}_r{u}")));
-                let kg = kt.clone() + cast(it, var(format!("{name}_kk{u}")));
-                let at = if k_inner {
-                    rg.clone() * int(mm.k as i64) + kg.clone()
-                } else {
-                    kg.clone() * int(bound) + rg.clone()
-                };
-                let inside = bin(BinOp::And, bin(BinOp::Lt, rg, int(bound)), bin(BinOp::Lt, kg, var("k_hi")));
-                let value = select(inside, index(var(operand), at), Expr::F32(0.0));
-                let reg = format!("{name}_next{u}");
-                out.push(if declare { decl_mut(CType::Float, reg, value) } else { assign(var(reg), value) });
-            }
+        for s in 0..stages - 1 {
+            let kt = var("k_lo") + int(s as i64 * bk);
+            let copies = self.slab_copy(mm, plan, it, kt.clone(), int(s as i64));
+            out.push(Stmt::If(bin(BinOp::Lt, kt, var("k_hi")), copies, vec![]));
+            out.push(tile_staging::commit());
         }
+        let ahead = var("kt") + int((stages - 1) as i64 * bk);
+        let refill = (var("st") + int(stages as i64 - 1)) % int(stages as i64);
+        let slab_at = |tile: &str, side: usize| var(tile) + var("st") * int(bk * plan.pitch(side) as i64);
+        let turn = vec![
+            decl(CType::Int, "st", cast(CType::Int, (var("kt") - var("k_lo")) / int(bk) % int(stages as i64))),
+            tile_staging::wait(stages - 2),
+            Stmt::SyncThreads,
+            Stmt::If(bin(BinOp::Lt, ahead.clone(), var("k_hi")), self.slab_copy(mm, plan, it, ahead, refill), vec![]),
+            tile_staging::commit(),
+            decl_mut(CType::ConstFloatPtr, "slab_a", slab_at("tile_a", plan.bm)),
+            decl_mut(CType::ConstFloatPtr, "slab_b", slab_at("tile_b", plan.bn)),
+            slab_multiply(plan, ("slab_a", "slab_b")),
+        ];
+        out.push(Stmt::For {
+            ty: it,
+            var: "kt".into(),
+            init: var("k_lo"),
+            end: var("k_hi"),
+            step: int(bk),
+            body: turn,
+        });
+        // The groups left are empty (nothing copied past the slice): no copy outlives the loop.
+        out.push(tile_staging::wait(0));
         out
     }
-
-    /// The walk over the tile's elements (those of `rows`) that runs the epilogue group at each,
-    /// the product's value read from the rows staged in shared memory, or added up from the
-    /// slices' partial tiles in slice order.
-    fn tile_epilogue(&mut self, mm: &MatMul, plan: TilePlan, it: CType, rows: Rows) -> Stmt {
-        let (m, n) = (mm.m as i64, mm.n as i64);
-        let pitch = plan.bn as i64 + 1;
-        let (first, count) = match rows {
-            Rows::Staged { first, rows } => (first, rows),
-            Rows::Sliced { .. } => (0, plan.bm),
-        };
-        let in_walk = var("l") / int(plan.bn as i64);
-        let mut per = vec![
-            decl(CType::Int, "r", if first == 0 { in_walk } else { int(first) + in_walk }),
-            decl(CType::Int, "q", var("l") % int(plan.bn as i64)),
-            decl(it, "row", var("row0") + cast(it, var("r"))),
-            decl(it, "col", var("col0") + cast(it, var("q"))),
-        ];
-        let mut inner = vec![];
-        match rows {
-            Rows::Staged { first, .. } => {
-                let staged = if first == 0 { var("r") } else { var("r") - int(first) };
-                inner.push(decl(CType::Float, "tile_value", index(var("tile_c"), staged * int(pitch) + var("q"))))
-            }
-            Rows::Sliced { scratch, slices } => {
-                inner.push(decl_mut(CType::Float, "tile_value", Expr::F32(0.0)));
-                // `__ldcg` reads through L2, where the other blocks' partial tiles are.
-                let at = var(scratch) + (var("s") * int(m * n) + var("row") * int(n) + var("col"));
-                inner.push(Stmt::For {
-                    ty: it,
-                    var: "s".into(),
-                    init: int(0),
-                    end: int(slices as i64),
-                    step: int(1),
-                    body: vec![assign(var("tile_value"), var("tile_value") + call("__ldcg", vec![at]))],
-                });
-            }
-        }
-        let shape = self.group[0].kernel.shape.clone();
-        inner.push(decl(it, "t", var("row") * int(n) + var("col")));
-        decompose(var("t"), &shape, 0, it, &mut inner);
-        for mem in 0..self.group.len() {
-            self.member_element(mem, shape.len(), &mut inner);
-        }
-        let inside = bin(BinOp::And, bin(BinOp::Lt, var("row"), int(m)), bin(BinOp::Lt, var("col"), int(n)));
-        per.push(Stmt::If(inside, inner, vec![]));
-        Stmt::For {
-            ty: CType::Int,
-            var: "l".into(),
-            init: cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)),
-            end: int((count * plan.bn) as i64),
-            step: int(THREADS as i64),
-            body: per,
-        }
-    }
-}
-
-/// The rows of a tile that an epilogue walk covers, and where their product values are.
-#[derive(Clone, Copy)]
-enum Rows<'s> {
-    /// `rows` rows from `first`, staged in shared memory (`tile_c`).
-    Staged { first: i64, rows: usize },
-    /// Every row, added up from the partial tiles of `slices` slices in scratch memory.
-    Sliced { scratch: &'s str, slices: usize },
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn plan(m: usize, k: usize, n: usize) -> (String, usize) {
-        let mm = MatMul {
+    fn product(m: usize, k: usize, n: usize) -> MatMul {
+        MatMul {
             name: "k0_matmul".into(),
             origin: vec![],
             dtype: kiln_ir::DType::F32,
@@ -683,25 +691,47 @@ mod tests {
             k,
             n,
             epilogue: None,
-        };
+        }
+    }
+
+    fn plan(m: usize, k: usize, n: usize) -> (String, usize) {
+        let mm = product(m, k, n);
         let p = TilePlan::for_product(&mm);
-        (format!("{}x{}", p.bm, p.bn), p.slices)
+        let groups = if p.groups > 1 { format!("k{}", p.groups) } else { String::new() };
+        (format!("{}x{}{groups}", p.bm, p.bn), p.slices)
     }
 
     #[test]
     fn the_largest_tile_that_still_fills_the_card_with_slices_only_where_the_inner_dim_is_deep() {
         // Products of the workloads, each tiled as the H100 timed it fastest or within 10%.
         // Weight gradients (k = the batch, 128): whole tiles, larger as the output grows.
-        assert_eq!(plan(784, 128, 256), ("32x32".into(), 1));
+        assert_eq!(plan(784, 128, 256), ("32x32k4".into(), 1));
         assert_eq!(plan(1000, 128, 500), ("64x64".into(), 1));
         assert_eq!(plan(784, 128, 1000), ("128x64".into(), 1));
         // Forward products of a batch of 128: few tiles, so the inner dim in slices.
-        assert_eq!(plan(128, 784, 256), ("32x32".into(), 7));
-        assert_eq!(plan(128, 256, 256), ("32x32".into(), 4));
+        assert_eq!(plan(128, 784, 256), ("32x32k4".into(), 7));
+        assert_eq!(plan(128, 256, 256), ("32x32k4".into(), 4));
         assert_eq!(plan(128, 1000, 784), ("64x64".into(), 8));
         // An inner dim too shallow to slice.
-        assert_eq!(plan(128, 30, 250), ("32x32".into(), 1));
+        assert_eq!(plan(128, 30, 250), ("32x32k4".into(), 1));
         // A batch of 4096: tiles enough without slices.
-        assert_eq!(plan(4096, 256, 10), ("32x32".into(), 1));
+        assert_eq!(plan(4096, 256, 10), ("32x32k4".into(), 1));
+    }
+
+    #[test]
+    fn asynchronous_slab_buffers_are_as_many_as_asked_where_they_fit_in_shared_memory() {
+        let stages = |tile, stages, tensor_cores| {
+            let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, 1, tensor_cores) };
+            with_tile_choice(choice, || TilePlan::for_product(&product(128, 784, 256)))
+        };
+        assert_eq!(stages(TileShape::T64x64, 3, false).stages, 3);
+        // Four 32x32k4 buffers (9 KiB each) and the groups' four copies of the tile (18 KiB) would
+        // pass 48 KiB: three.
+        let plan = stages(TileShape::T32x32K4, 4, false);
+        assert_eq!(plan.stages, 3);
+        assert!(plan.fits_in_shared_memory());
+        // Tensor cores stage their operands split, through registers.
+        assert_eq!(stages(TileShape::T64x64, 3, true).stages, 1);
+        assert_eq!(stages(TileShape::T64x64, 1, false).stages, 1);
     }
 }

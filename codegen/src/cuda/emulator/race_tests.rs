@@ -9,6 +9,11 @@ use crate::cuda::ast::*;
 /// `grid` blocks of `threads` under the race check; `in` holds 0, 1, ..., the others zeros
 /// (64 elements each). Returns `out` and the launch's fault.
 fn race_checked(body: Vec<Stmt>, grid: u32, threads: u32) -> (Vec<f32>, Option<String>) {
+    race_checked_with(vec![], body, grid, threads)
+}
+
+/// `race_checked` with the prelude's `helpers`.
+fn race_checked_with(helpers: Vec<DeviceFn>, body: Vec<Stmt>, grid: u32, threads: u32) -> (Vec<f32>, Option<String>) {
     let param = |ty, name: &str, kind| Param { ty, name: name.into(), kind };
     let params = vec![
         param(CType::Float, "in", ParamKind::In),
@@ -17,8 +22,7 @@ fn race_checked(body: Vec<Stmt>, grid: u32, threads: u32) -> (Vec<f32>, Option<S
         param(CType::UInt, "tickets", ParamKind::InOut),
     ];
     let launch = Launch { grid: (grid, 1), block: (threads, 1) };
-    let module =
-        Module { helpers: vec![], kernels: vec![Kernel { name: "k".into(), comments: vec![], params, body, launch }] };
+    let module = Module { helpers, kernels: vec![Kernel { name: "k".into(), comments: vec![], params, body, launch }] };
     let lib = build::library(&build::unit(&module, &crate::cuda::print::module(&module), true)).unwrap();
     // SAFETY: the kernel's entry point and the race check's registration, as the shim defines them.
     let (f, register) = unsafe {
@@ -234,4 +238,37 @@ fn threads_may_each_write_a_bool_of_their_own() {
     assert_eq!((out[0], out[52], out[53]), (1.0, 1.0, 0.0));
     let fault = flags(false).1.expect("a race");
     assert!(fault.contains("race on shared array flags[") && fault.contains("(1-byte elements)"), "{fault}");
+}
+
+/// `s[t] = in[t]` by an asynchronous copy (with its wait for the copy or not, a barrier or not),
+/// then `out[t] = s[63 - t]`.
+fn reversal_by_copies(wait: bool, barrier: bool) -> Vec<Stmt> {
+    use crate::cuda::tile_staging::{commit, wait as wait_for, COPY_HELPER};
+    let copy = call(COPY_HELPER, vec![var("s") + tid(), var("in") + tid(), Expr::Bool(true)]);
+    let mut before = vec![shared_s(), Stmt::Call(copy), commit()];
+    if wait {
+        before.push(wait_for(0));
+    }
+    split_by_barrier(before, barrier, vec![assign(index(var("out"), tid()), index(var("s"), int(63) - tid()))])
+}
+
+#[test]
+fn an_asynchronous_copy_is_read_only_after_its_wait_and_a_barrier() {
+    if !emulator() {
+        return;
+    }
+    let helpers = || crate::cuda::tile_staging::helpers(2);
+    let (out, fault) = race_checked_with(helpers(), reversal_by_copies(true, true), 1, 64);
+    assert_eq!(fault, None);
+    assert_eq!(out[..3], [63.0, 62.0, 61.0]);
+    // Waited for but read by other threads before a barrier: a race.
+    let (_, fault) = race_checked_with(helpers(), reversal_by_copies(true, false), 1, 64);
+    let fault = fault.expect("a race");
+    assert!(fault.contains("race on shared array s["), "{fault}");
+    // Never waited for: the copy has not landed when the block reads it (NaN, as a GPU's shared
+    // memory holds what was there), and the threads end with copies in flight.
+    let (out, fault) = race_checked_with(helpers(), reversal_by_copies(false, true), 1, 64);
+    assert!(out[0].is_nan(), "{out:?}");
+    let fault = fault.expect("copies never waited for");
+    assert!(fault.contains("asynchronous copies it never waited for"), "{fault}");
 }

@@ -140,6 +140,22 @@ static thread_local void** body_args = nullptr;
 // offer its next value while slower lanes still read the previous one.
 static thread_local unsigned long long offered[2][MAX_THREADS];
 
+// Each thread's asynchronous copies (cp.async) not yet waited for: a copy lands when its thread
+// waits for its group, as late as a GPU may land it (and its destination is poisoned when it is
+// issued), so that a slab read before the wait and the barrier after it reads NaNs here.
+struct AsyncCopy {
+    float* dst;
+    const float* src;
+    bool inside;
+    // The group the copy belongs to: the number of groups its thread had committed when it issued it.
+    unsigned group;
+};
+const unsigned MAX_ASYNC_COPIES = 64;
+static thread_local AsyncCopy* async_copies = nullptr;  // MAX_THREADS x MAX_ASYNC_COPIES, when first used
+static thread_local unsigned async_pending[MAX_THREADS];
+static thread_local unsigned async_committed[MAX_THREADS];
+static thread_local unsigned long long async_epoch[MAX_THREADS];
+
 // The first fault of the launch being run (undefined behaviour, a barrier not every thread
 // reaches), which the entry point returns; empty if none.
 static thread_local char fault[512];
@@ -208,6 +224,8 @@ KILN_EMU_UNCHECKED static void poison_once(void* at, size_t bytes, const char* n
     memset(at, 0xff, bytes);
     race_shared(name, at, bytes, granule);
 }
+
+static void check_async_copies_landed(unsigned n);
 
 static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** args) {
     unsigned n = bx * by;
@@ -300,6 +318,7 @@ static void run_block(unsigned bx, unsigned by, bool barriers, Body fn, void** a
         if (!waiting) break;
     }
     in_fibers = false;
+    check_async_copies_landed(n);
 }
 
 static void launch(unsigned gx, unsigned gy, unsigned bx, unsigned by, bool barriers, Body fn, void** args,
@@ -397,7 +416,62 @@ template <class T> static T shuffle(T v, int src_lane, int width) {
     memcpy(&r, &offered[p][src], sizeof(T));
     return r;
 }
+
+// The calling thread's slot in the asynchronous-copy tables, its state reset in a new block.
+static unsigned async_thread() {
+    unsigned t = threadIdx.x + blockDim.x * threadIdx.y;
+    if (!async_copies) async_copies = new AsyncCopy[(size_t)MAX_THREADS * MAX_ASYNC_COPIES];
+    if (async_epoch[t] != block_epoch) {
+        async_epoch[t] = block_epoch;
+        async_pending[t] = 0;
+        async_committed[t] = 0;
+    }
+    return t;
+}
+
+static void check_async_copies_landed(unsigned n) {
+    if (!async_copies) return;
+    for (unsigned t = 0; t < n; t++) {
+        if (async_epoch[t] == block_epoch && async_pending[t] > 0) {
+            char what[200];
+            snprintf(what, sizeof what,
+                     "thread %u of block (%u, %u) ended with %u asynchronous copies it never waited for", t,
+                     blockIdx.x, blockIdx.y, async_pending[t]);
+            record_fault(what);
+            async_pending[t] = 0;
+        }
+    }
+}
 }  // namespace kiln_emu
+
+// The emulator's side of the prelude's cp.async helpers (inline PTX on a GPU).
+static inline void kiln_emu_cp_async4(float* dst, const float* src, bool inside) {
+    unsigned t = kiln_emu::async_thread();
+    if (kiln_emu::async_pending[t] == kiln_emu::MAX_ASYNC_COPIES) {
+        kiln_emu::record_fault("a thread issued more asynchronous copies than the emulator holds before waiting");
+        return;
+    }
+    kiln_emu::async_copies[(size_t)t * kiln_emu::MAX_ASYNC_COPIES + kiln_emu::async_pending[t]++] =
+        kiln_emu::AsyncCopy{dst, src, inside, kiln_emu::async_committed[t]};
+    // Not there yet: what a GPU's shared memory holds until the copy lands is not the word.
+    *dst = __uint_as_float(0xffffffffu);
+}
+static inline void kiln_emu_cp_async_commit() { kiln_emu::async_committed[kiln_emu::async_thread()]++; }
+// cp.async.wait_group n: the copies of every committed group but the newest n land.
+static inline void kiln_emu_cp_async_wait(int newest) {
+    unsigned t = kiln_emu::async_thread();
+    kiln_emu::AsyncCopy* mine = kiln_emu::async_copies + (size_t)t * kiln_emu::MAX_ASYNC_COPIES;
+    unsigned committed = kiln_emu::async_committed[t], kept = 0;
+    for (unsigned i = 0; i < kiln_emu::async_pending[t]; i++) {
+        kiln_emu::AsyncCopy c = mine[i];
+        if (c.group + (unsigned)newest < committed) {
+            *c.dst = c.inside ? *c.src : 0.0f;
+        } else {
+            mine[kept++] = c;
+        }
+    }
+    kiln_emu::async_pending[t] = kept;
+}
 
 
 // Undefined behaviour a GPU would not forgive: kernels are compiled with UBSan checks (alignment,

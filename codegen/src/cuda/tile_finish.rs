@@ -1,0 +1,208 @@
+//! The end of a tiled product's kernel (`tiled.rs`): the tile's values through shared memory to
+//! the epilogue group, or, where the inner dimension is cut into slices, each slice's partial
+//! tile to scratch memory and the tile's last block to finish adding the slices in slice order
+//! (so the result does not depend on timing) and running the epilogue. Where groups of threads
+//! split each slab's depth (`T32x32K4`), their partial tiles are added here, in group order.
+
+use super::ast::*;
+use super::emit::{decompose, Emitter, THREADS};
+use super::tiled::{acc, TilePlan};
+use crate::kernel::MatMul;
+
+/// The shared array `tile_c` in which `rows` rows of the tile's outputs are staged, a copy for
+/// each group of threads.
+fn staged_tile(plan: &TilePlan, rows: usize) -> Stmt {
+    let len = plan.groups * rows * staged_pitch(plan) as usize;
+    let align = if plan.groups > 1 { 16 } else { 0 };
+    Stmt::SharedArray { ty: CType::Float, name: "tile_c".into(), len, align }
+}
+
+/// Row pitch of `tile_c`: one past the tile's width against bank conflicts, or where groups store
+/// their 4x4 outputs as `float4`s (a quarter warp's eight stores one row of 128 bytes), four.
+pub(super) fn staged_pitch(plan: &TilePlan) -> i64 {
+    plan.bn as i64 + if plan.groups > 1 { 4 } else { 1 }
+}
+
+/// Each thread's outputs that lie in rows `first..first + rows` of the tile, stored to its
+/// group's copy in `tile_c`.
+fn stage_outputs(plan: &TilePlan, first: i64, rows: usize) -> Vec<Stmt> {
+    let (tm, tn) = plan.per_thread();
+    let pitch = staged_pitch(plan);
+    let whole = rows == plan.bm;
+    let mut out = vec![];
+    if plan.groups > 1 {
+        assert!(first == 0 && whole, "groups' copies of a tile are staged whole");
+        let copy = var("tile_c") + var("grp") * int(rows as i64 * pitch);
+        for i in 0..tm {
+            let at = plan.out_row(i) * int(pitch / 4) + var("tx");
+            let lanes = (0..tn).map(|j| var(acc(i, j))).collect();
+            out.push(assign(Expr::Vec4(Box::new(copy.clone()), Box::new(at)), call("make_float4", lanes)));
+        }
+        return out;
+    }
+    for i in 0..tm {
+        let row = plan.out_row(i);
+        let mut stores = vec![];
+        for j in 0..tn {
+            let at = (row.clone() - int(first)) * int(pitch) + plan.out_col(j);
+            stores.push(assign(index(var("tile_c"), at), var(acc(i, j))));
+        }
+        if whole {
+            out.extend(stores);
+        } else {
+            let in_band =
+                bin(BinOp::And, bin(BinOp::Le, int(first), row.clone()), bin(BinOp::Lt, row, int(first + rows as i64)));
+            out.push(Stmt::If(in_band, stores, vec![]));
+        }
+    }
+    out
+}
+
+/// The product's value at the tile's element (`r`, `q`) staged in `tile_c` (rows `first..first +
+/// rows`): the groups' copies added in group order.
+fn staged_value(plan: &TilePlan, first: i64, rows: usize) -> Expr {
+    let pitch = staged_pitch(plan);
+    let staged = if first == 0 { var("r") } else { var("r") - int(first) };
+    let at = staged * int(pitch) + var("q");
+    (1..plan.groups).fold(index(var("tile_c"), at.clone()), |sum, g| {
+        sum + index(var("tile_c"), int((g * rows) as i64 * pitch) + at.clone())
+    })
+}
+
+impl<'a> Emitter<'a> {
+    /// After an unsliced tile's product: the outputs through shared memory (declared by the
+    /// statements returned first), so that the epilogue's threads walk the tile in row order,
+    /// then the epilogue; in bands of rows where the whole tile would not fit beside the slabs.
+    pub(super) fn whole_tile_finish(&mut self, mm: &MatMul, plan: TilePlan, it: CType) -> (Vec<Stmt>, Vec<Stmt>) {
+        let bands = plan.bands();
+        let rows = plan.bm / bands;
+        let mut body = vec![];
+        for band in 0..bands {
+            let first = (band * rows) as i64;
+            body.extend(stage_outputs(&plan, first, rows));
+            body.push(Stmt::SyncThreads);
+            body.push(self.tile_epilogue(mm, plan, it, Rows::Staged { first, rows }));
+            if band + 1 < bands {
+                // The next band overwrites the staged rows once every thread has read them.
+                body.push(Stmt::SyncThreads);
+            }
+        }
+        (vec![staged_tile(&plan, rows)], body)
+    }
+
+    /// After a slice's partial tile: written to scratch memory (through shared memory, where
+    /// groups of threads add their parts), then the tile's last block to finish (its flag
+    /// declared with the shared arrays returned first) adds the slices and runs the epilogue.
+    pub(super) fn sliced_tile_finish(&mut self, mm: &MatMul, plan: TilePlan, it: CType) -> (Vec<Stmt>, Vec<Stmt>) {
+        let (m, n, slices) = (mm.m, mm.n, plan.slices);
+        let (tm, tn) = plan.per_thread();
+        let scratch = self.scratch_param(CType::Float, "partial", slices * m * n * 4);
+        let counters = self.scratch_param(CType::UInt, "tickets", plan.tiles_m * plan.tiles_n * 4);
+        let mut shared = vec![Stmt::SharedArray { ty: CType::Bool, name: "last_block".into(), len: 1, align: 0 }];
+        let inside = |row: Expr, col: Expr| {
+            bin(BinOp::And, bin(BinOp::Lt, row, int(m as i64)), bin(BinOp::Lt, col, int(n as i64)))
+        };
+        let partial_at = |row: Expr, col: Expr| var("slice") * int((m * n) as i64) + row * int(n as i64) + col;
+        let mut body = vec![];
+        if plan.groups > 1 {
+            shared.push(staged_tile(&plan, plan.bm));
+            body.extend(stage_outputs(&plan, 0, plan.bm));
+            body.push(Stmt::SyncThreads);
+            let (row, col) = (var("row0") + cast(it, var("r")), var("col0") + cast(it, var("q")));
+            let write =
+                assign(index(var(&scratch), partial_at(row.clone(), col.clone())), staged_value(&plan, 0, plan.bm));
+            body.push(Stmt::For {
+                ty: CType::Int,
+                var: "l".into(),
+                init: cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)),
+                end: int((plan.bm * plan.bn) as i64),
+                step: int(THREADS as i64),
+                body: vec![
+                    decl(CType::Int, "r", var("l") / int(plan.bn as i64)),
+                    decl(CType::Int, "q", var("l") % int(plan.bn as i64)),
+                    Stmt::If(inside(row, col), vec![write], vec![]),
+                ],
+            });
+        } else {
+            let row = |i: usize| var("row0") + cast(it, plan.out_row(i));
+            let col = |j: usize| var("col0") + cast(it, plan.out_col(j));
+            for i in 0..tm {
+                for j in 0..tn {
+                    let store = assign(index(var(&scratch), partial_at(row(i), col(j))), var(acc(i, j)));
+                    body.push(Stmt::If(inside(row(i), col(j)), vec![store], vec![]));
+                }
+            }
+        }
+        let first_thread = bin(BinOp::Eq, cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)), int(0));
+        body.extend(super::reduce::take_ticket(&counters, var("tile"), first_thread.clone(), slices));
+        let last = vec![
+            self.tile_epilogue(mm, plan, it, Rows::Sliced { scratch: &scratch, slices }),
+            // Ready for the next launch (a replayed graph runs the same kernel again).
+            Stmt::If(first_thread, vec![assign(index(var(&counters), var("tile")), Expr::ULong(0))], vec![]),
+        ];
+        body.push(Stmt::If(index(var("last_block"), int(0)), last, vec![]));
+        (shared, body)
+    }
+
+    /// The walk over the tile's elements (those of `rows`) that runs the epilogue group at each,
+    /// the product's value read from the rows staged in shared memory, or added up from the
+    /// slices' partial tiles in slice order.
+    fn tile_epilogue(&mut self, mm: &MatMul, plan: TilePlan, it: CType, rows: Rows) -> Stmt {
+        let (m, n) = (mm.m as i64, mm.n as i64);
+        let (first, count) = match rows {
+            Rows::Staged { first, rows } => (first, rows),
+            Rows::Sliced { .. } => (0, plan.bm),
+        };
+        let in_walk = var("l") / int(plan.bn as i64);
+        let mut per = vec![
+            decl(CType::Int, "r", if first == 0 { in_walk } else { int(first) + in_walk }),
+            decl(CType::Int, "q", var("l") % int(plan.bn as i64)),
+            decl(it, "row", var("row0") + cast(it, var("r"))),
+            decl(it, "col", var("col0") + cast(it, var("q"))),
+        ];
+        let mut inner = vec![];
+        match rows {
+            Rows::Staged { first, rows } => {
+                inner.push(decl(CType::Float, "tile_value", staged_value(&plan, first, rows)))
+            }
+            Rows::Sliced { scratch, slices } => {
+                inner.push(decl_mut(CType::Float, "tile_value", Expr::F32(0.0)));
+                // `__ldcg` reads through L2, where the other blocks' partial tiles are.
+                let at = var(scratch) + (var("s") * int(m * n) + var("row") * int(n) + var("col"));
+                inner.push(Stmt::For {
+                    ty: it,
+                    var: "s".into(),
+                    init: int(0),
+                    end: int(slices as i64),
+                    step: int(1),
+                    body: vec![assign(var("tile_value"), var("tile_value") + call("__ldcg", vec![at]))],
+                });
+            }
+        }
+        let shape = self.group[0].kernel.shape.clone();
+        inner.push(decl(it, "t", var("row") * int(n) + var("col")));
+        decompose(var("t"), &shape, 0, it, &mut inner);
+        for mem in 0..self.group.len() {
+            self.member_element(mem, shape.len(), &mut inner);
+        }
+        let inside = bin(BinOp::And, bin(BinOp::Lt, var("row"), int(m)), bin(BinOp::Lt, var("col"), int(n)));
+        per.push(Stmt::If(inside, inner, vec![]));
+        Stmt::For {
+            ty: CType::Int,
+            var: "l".into(),
+            init: cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)),
+            end: int((count * plan.bn) as i64),
+            step: int(THREADS as i64),
+            body: per,
+        }
+    }
+}
+
+/// The rows of a tile that an epilogue walk covers, and where their product values are.
+#[derive(Clone, Copy)]
+enum Rows<'s> {
+    /// `rows` rows from `first`, staged in shared memory (`tile_c`).
+    Staged { first: i64, rows: usize },
+    /// Every row, added up from the partial tiles of `slices` slices in scratch memory.
+    Sliced { scratch: &'s str, slices: usize },
+}

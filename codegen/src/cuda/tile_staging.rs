@@ -1,0 +1,185 @@
+//! How a tiled product's blocks bring each slab of both operands into shared memory (`tiled.rs`):
+//! where each thread stages its words, chosen so that a warp's loads are coalesced and its
+//! stores to shared memory conflict-free, and the loads themselves: into registers one slab
+//! ahead (stored to shared memory once the block has used the slab before), or, with stages
+//! (`KILN_CUDA_STAGES=N`, N > 1; compute capability 8.0 or newer), as asynchronous copies
+//! (`cp.async`) straight into N slab buffers, N - 1 slabs in flight while the block multiplies
+//! the oldest, so that a block with few slabs to go through waits for memory about once rather
+//! than once a slab.
+//!
+//! The copies are the prelude's helpers: inline PTX on the GPU and, in the emulator, the shim's
+//! `kiln_emu_cp_async*`, which keep each thread's copies pending until it waits for their group
+//! (and poison the destination when the copy is issued), so a slab read before its wait and
+//! barrier reads NaNs there and is a race under the race check, as on a GPU it reads stale words.
+
+use super::ast::*;
+use super::emit::{Emitter, THREADS};
+use super::tiled::TilePlan;
+use crate::kernel::MatMul;
+
+/// The prelude's helper that copies one word of global memory to shared memory asynchronously
+/// (zero when `inside` is false).
+pub(crate) const COPY_HELPER: &str = "kiln_cp_async4";
+/// Closes the thread's group of copies issued since the last.
+const COMMIT_HELPER: &str = "kiln_cp_async_commit";
+
+/// The helper that waits until all but the newest `pending` groups of the thread's copies have
+/// landed (`cp.async.wait_group` takes its count as an immediate: a helper per count).
+fn wait_helper(pending: usize) -> &'static str {
+    ["kiln_cp_async_wait0", "kiln_cp_async_wait1", "kiln_cp_async_wait2"][pending]
+}
+
+/// Most stages a tile may ask for (so that `wait_helper` has its count).
+pub(super) const MAX_STAGES: usize = 4;
+
+/// The prelude's asynchronous-copy helpers, for a program whose tiles have `stages` slab buffers.
+pub(super) fn helpers(stages: usize) -> Vec<DeviceFn> {
+    let copy = DeviceFn {
+        ret: CType::Void,
+        name: COPY_HELPER,
+        params: vec![(CType::FloatPtr, "dst"), (CType::ConstFloatPtr, "src"), (CType::Bool, "inside")],
+        outputs: 0,
+        body: vec![Stmt::Asm {
+            ptx: "cp.async.ca.shared.global [%0], [%1], 4, %2;",
+            outputs: vec![],
+            inputs: vec![
+                ("r", cast(CType::UInt, call("__cvta_generic_to_shared", vec![var("dst")]))),
+                ("l", var("src")),
+                ("r", select(var("inside"), Expr::UInt(4), Expr::UInt(0))),
+            ],
+            emulated: call("kiln_emu_cp_async4", vec![var("dst"), var("src"), var("inside")]),
+        }],
+    };
+    let commit = DeviceFn {
+        ret: CType::Void,
+        name: COMMIT_HELPER,
+        params: vec![],
+        outputs: 0,
+        body: vec![Stmt::Asm {
+            ptx: "cp.async.commit_group;",
+            outputs: vec![],
+            inputs: vec![],
+            emulated: call("kiln_emu_cp_async_commit", vec![]),
+        }],
+    };
+    let ptx = ["cp.async.wait_group 0;", "cp.async.wait_group 1;", "cp.async.wait_group 2;"];
+    let waits = (0..=stages - 2).map(|pending| DeviceFn {
+        ret: CType::Void,
+        name: wait_helper(pending),
+        params: vec![],
+        outputs: 0,
+        body: vec![Stmt::Asm {
+            ptx: ptx[pending],
+            outputs: vec![],
+            inputs: vec![],
+            emulated: call("kiln_emu_cp_async_wait", vec![int(pending as i64)]),
+        }],
+    });
+    [copy, commit].into_iter().chain(waits).collect()
+}
+
+/// Closes the thread's group of copies.
+pub(super) fn commit() -> Stmt {
+    Stmt::Call(call(COMMIT_HELPER, vec![]))
+}
+
+/// Waits until all but the newest `pending` groups of the thread's copies have landed.
+pub(super) fn wait(pending: usize) -> Stmt {
+    Stmt::Call(call(wait_helper(pending), vec![]))
+}
+
+impl<'a> Emitter<'a> {
+    /// Declares where thread `threadIdx.x` stages its `u`-th word of an operand's slab (`a`: the
+    /// left operand): `{a|b}_r{u}` along the tile's side, `{a|b}_kk{u}` along the slab, so that
+    /// neighbouring threads read neighbouring words of the operand.
+    pub(super) fn staging_places(&self, mm: &MatMul, plan: &TilePlan, a: bool) -> Vec<Stmt> {
+        let (bk, side) = (plan.bk as i64, if a { plan.bm } else { plan.bn } as i64);
+        // Whether the operand's inner index is its contiguous one (`a` as `[m, k]`, `b` as `[n, k]`).
+        let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
+        let name = if a { "a" } else { "b" };
+        let mut out = vec![];
+        for u in 0..plan.loads_per_thread(a) {
+            let l = cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)) + int((u * THREADS as usize) as i64);
+            let (r, kk) = if k_inner && plan.vectors() {
+                // A warp stages 8 words along the slab (32 bytes, one memory sector) in each of 4
+                // rows: with the slab's pitch 4 past a multiple of 32, the 32 stores fall in 32
+                // different banks (a warp's 32 words along one row would fall in 8).
+                debug_assert_eq!(plan.pitch(side as usize) % 32, 4);
+                let (chunk, lane) = (l.clone() / int(32), l % int(32));
+                let along = bk / 8;
+                (
+                    lane.clone() / int(8) + chunk.clone() / int(along) * int(4),
+                    lane % int(8) + chunk % int(along) * int(8),
+                )
+            } else if k_inner {
+                (l.clone() / int(bk), l % int(bk))
+            } else {
+                (l.clone() % int(side), l / int(side))
+            };
+            out.push(decl(CType::Int, format!("{name}_r{u}"), r));
+            out.push(decl(CType::Int, format!("{name}_kk{u}"), kk));
+        }
+        out
+    }
+
+    /// Loads (`declare`: declares) the registers `{a|b}_next{u}` with both operands' words of the
+    /// slab starting at inner index `kt`, zero past the matrix or the slice.
+    pub(super) fn slab_fetch(&self, mm: &MatMul, plan: &TilePlan, it: CType, kt: Expr, declare: bool) -> Vec<Stmt> {
+        let mut out = vec![];
+        for w in slab_words(mm, plan, it, kt) {
+            let value = select(w.inside, index(var(w.operand), w.at), Expr::F32(0.0));
+            let reg = format!("{}_next{}", w.side, w.u);
+            out.push(if declare { decl_mut(CType::Float, reg, value) } else { assign(var(reg), value) });
+        }
+        out
+    }
+
+    /// Issues the asynchronous copies of both operands' words of the slab starting at inner index
+    /// `kt` into slab buffer `stage` (zeros past the matrix or the slice); statements for a scope
+    /// of their own (they declare each word's flag).
+    pub(super) fn slab_copy(&self, mm: &MatMul, plan: &TilePlan, it: CType, kt: Expr, stage: Expr) -> Vec<Stmt> {
+        let mut out = vec![];
+        for w in slab_words(mm, plan, it, kt) {
+            let (side, u) = (w.side, w.u);
+            let pitch = plan.pitch(if side == "a" { plan.bm } else { plan.bn }) as i64;
+            let flag = format!("{side}_in{u}");
+            out.push(decl(CType::Bool, &flag, w.inside));
+            // Nothing is read where the word is outside, but the address stays in the operand.
+            let src = var(w.operand) + select(var(&flag), w.at, int(0));
+            let within = stage.clone() * int(plan.bk as i64 * pitch)
+                + var(format!("{side}_kk{u}")) * int(pitch)
+                + var(format!("{side}_r{u}"));
+            out.push(Stmt::Call(call(COPY_HELPER, vec![var(format!("tile_{side}")) + within, src, var(&flag)])));
+        }
+        out
+    }
+}
+
+/// One word of a slab that a thread stages: its operand (`a` or `b`) and number, where it is in
+/// the operand, and whether it lies inside the matrix and the slice.
+struct SlabWord {
+    side: &'static str,
+    operand: &'static str,
+    u: usize,
+    at: Expr,
+    inside: Expr,
+}
+
+/// The words of the slab starting at inner index `kt` that each thread stages, `a`'s then `b`'s.
+fn slab_words(mm: &MatMul, plan: &TilePlan, it: CType, kt: Expr) -> Vec<SlabWord> {
+    let mut out = vec![];
+    for a in [true, false] {
+        let (first, bound) = if a { ("row0", mm.m as i64) } else { ("col0", mm.n as i64) };
+        let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
+        let (side, operand) = if a { ("a", "mm_a") } else { ("b", "mm_b") };
+        for u in 0..plan.loads_per_thread(a) {
+            let rg = var(first) + cast(it, var(format!("{side}_r{u}")));
+            let kg = kt.clone() + cast(it, var(format!("{side}_kk{u}")));
+            let at =
+                if k_inner { rg.clone() * int(mm.k as i64) + kg.clone() } else { kg.clone() * int(bound) + rg.clone() };
+            let inside = bin(BinOp::And, bin(BinOp::Lt, rg, int(bound)), bin(BinOp::Lt, kg, var("k_hi")));
+            out.push(SlabWord { side, operand, u, at, inside });
+        }
+    }
+    out
+}
