@@ -120,10 +120,11 @@ if [ -x "$DIR/backend_agreement" ] && [[ " $TESTS " == *" backend_agreement "* ]
     # workloads' products), with the tiles on tensor cores (3xTF32, opt-in until it wins), and with
     # small products' long dots computed one per output thread (the default tiles them), with
     # the outputs read back through page-locked memory (opt-in until timed), with slabs copied
-    # asynchronously into three buffers (cp.async, opt-in until timed), and with 32x32 tiles
-    # computed as before the thread groups (2x2 outputs a thread).
+    # asynchronously into three buffers (cp.async, opt-in until timed), with 32x32 tiles
+    # computed as before the thread groups (2x2 outputs a thread), and with programmatic dependent
+    # launch (opt-in until timed).
     for setting in KILN_CUDA_STREAMS=1 KILN_CUDA_TILED=0 KILN_CUDA_TF32X3=1 KILN_CUDA_DOT_DEPTH=1073741824 \
-        KILN_CUDA_PINNED=1 KILN_CUDA_STAGES=3 KILN_CUDA_K_GROUPS=0; do
+        KILN_CUDA_PINNED=1 KILN_CUDA_STAGES=3 KILN_CUDA_K_GROUPS=0 KILN_CUDA_PDL=1; do
         log="$OUT_DIR/backend_agreement-$setting.log"
         if env "$setting" timeout "$TEST_TIMEOUT" "$DIR/backend_agreement" >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
         printf '%-20s %-8s %s\n' "backend_agreement" "$r" "with $setting"
@@ -169,6 +170,10 @@ bench_row "slabs copied asynchronously into three buffers (KILN_CUDA_STAGES=3, c
     KILN_CUDA_STAGES=3
 bench_row "32x32 tiles without thread groups (KILN_CUDA_K_GROUPS=0: 2x2 outputs a thread, as before)" \
     bench-kgroups0.txt KILN_CUDA_K_GROUPS=0
+bench_row "each kernel launched before the one ahead of it ends (KILN_CUDA_PDL=1, programmatic dependent launch)" \
+    bench-pdl.txt KILN_CUDA_PDL=1
+bench_row "both opt-ins together (KILN_CUDA_STAGES=3 KILN_CUDA_PDL=1)" bench-stages3-pdl.txt KILN_CUDA_STAGES=3 \
+    KILN_CUDA_PDL=1
 bench_row "tiled products on tensor cores at float32 accuracy (KILN_CUDA_TF32X3=1)" bench-tf32x3.txt KILN_CUDA_TF32X3=1
 echo "-- fmnist-mlp-4k with every product tiled, on tensor cores (KILN_CUDA_TF32X3=1, KILN_CUDA_TILED_MACS=2^30)"
 KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k \
@@ -259,7 +264,7 @@ bench_row "cold again, as PTX that the driver compiles at load (KILN_CUDA_PTX=1,
 echo "-- every product with an epilogue tiled, up to 2^30 multiply-adds (KILN_CUDA_TILED_MACS; fmnist-mlp-4k)"
 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tiled-4k.txt"
 echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-summary_files=(cold cached stages3 kgroups0 tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
+summary_files=(cold cached stages3 kgroups0 pdl stages3-pdl tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
 (
     cd "$OUT_DIR" || exit
     printf '%-16s' workload

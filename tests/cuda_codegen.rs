@@ -287,6 +287,13 @@ fn generated_kernels_neither_spill_registers_nor_crowd_out_a_second_block() {
         let src = with_tile_choice(staged, || w.step.cuda_source(&w.args).unwrap());
         assert_eq!(src.contains("in flight (cp.async)"), name != "keras-mlp", "{name}: {src}");
         sources.push((format!("{name} with slabs copied asynchronously"), src));
+        // And emitted for programmatic dependent launch (KILN_CUDA_PDL=1): every kernel opens
+        // with the grid-dependency wait.
+        let src = kiln_codegen::cuda::with_dependent_launch(|| w.step.cuda_source(&w.args).unwrap());
+        let kernels = src.matches("extern \"C\" __global__").count();
+        assert_eq!(src.matches(") {\n    kiln_dependent_launch();\n").count(), kernels, "{name}: {src}");
+        assert!(src.contains("asm volatile(\"griddepcontrol.wait;\" :  :  : \"memory\");"), "{src}");
+        sources.push((format!("{name} for programmatic dependent launch"), src));
     }
     for (tile, slices, src) in every_tile_shape(|_, _| {}) {
         sources.push((format!("{} tiles, {slices} slices", tile.label()), src));

@@ -5,14 +5,17 @@
 //! threads in; so are two steps that no dependency orders touching one byte, one of them writing
 //! (what several streams would run at once). Each workload runs one step as the GPU would run it
 //! (single-block runs, side-by-side launches, tiled products with their epilogues), kernel by kernel
-//! on the mirrored schedule, and planned for two streams; fmnist-mlp also with every tile shape,
+//! on the mirrored schedule, planned for two streams, and emitted for programmatic dependent
+//! launch (each kernel opening with its wait, nothing on the CPU); fmnist-mlp also with every tile shape,
 //! whole or sliced, by FMAs (slabs through registers and copied asynchronously) and on tensor
 //! cores. Each loss must match the reference's.
 
 use kiln::workloads::build;
 use kiln::Device;
 use kiln_codegen::cuda::emulator::{with_mirrored_schedule, with_race_check};
-use kiln_codegen::cuda::{kernel_by_kernel, with_streams, with_tile_choice, TileChoice, TileShape};
+use kiln_codegen::cuda::{
+    kernel_by_kernel, with_dependent_launch, with_streams, with_tile_choice, TileChoice, TileShape,
+};
 
 fn one_step(name: &str, form: &str) {
     let mut emulated = build(name, Device::CudaEmulator).unwrap();
@@ -39,6 +42,7 @@ fn race_free_in_each_form(name: &str) {
         one_step(name, "");
         kernel_by_kernel(|| with_mirrored_schedule(|| one_step(name, " (kernel by kernel, mirrored)")));
         with_streams(2, || one_step(name, " (planned for two streams)"));
+        with_dependent_launch(|| one_step(name, " (for programmatic dependent launch)"));
     });
 }
 

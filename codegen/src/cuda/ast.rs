@@ -264,6 +264,9 @@ pub enum Stmt {
         ptx: &'static str,
         outputs: Vec<(&'static str, Expr)>,
         inputs: Vec<(&'static str, Expr)>,
+        /// Whether it orders memory accesses, so the compiler may not move any across it (a
+        /// `"memory"` clobber).
+        memory: bool,
         emulated: Expr,
     },
 }

@@ -226,7 +226,10 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
         return Err(Error::Invalid(format!("two CUDA kernels named {}", k.name)));
     }
     let deps = super::schedule::dependencies(&e.steps, &e.kernels, &e.loc);
-    let module = Module { helpers: e.scalars.prelude(), kernels: e.kernels };
+    let mut module = Module { helpers: e.scalars.prelude(), kernels: e.kernels };
+    if super::dependent_launch::requested() {
+        super::dependent_launch::prepare(&mut module);
+    }
     Ok(DeviceProgram { module, steps: e.steps, errors: e.errors, scratch: e.scratch, deps })
 }
 

@@ -108,6 +108,8 @@ struct Plan {
     calls: usize,
     code: String,
     stats: CompileStats,
+    /// Kernels launched for programmatic dependent launch (`dependent_launch`).
+    dependent_launch: bool,
     /// The loaded modules (one per compilation unit), kept alive with the plan's functions.
     _modules: Vec<Arc<CudaModule>>,
 }
@@ -133,23 +135,63 @@ struct Profile {
 }
 
 /// Tiles on tensor cores (`KILN_CUDA_TF32X3=1`) need `mma.sync` for TF32: compute capability 8.0
-/// or newer.
-/// So do slabs copied asynchronously (`KILN_CUDA_STAGES` above 1: `cp.async`).
+/// or newer; so do slabs copied asynchronously (`KILN_CUDA_STAGES` above 1: `cp.async`), and
+/// programmatic dependent launch (`KILN_CUDA_PDL=1`: `griddepcontrol`) needs 9.0.
 fn check_compute_capability(module: &super::ast::Module, gpu: &Gpu) -> Result<()> {
     let capability: u32 = gpu.arch.rsplit('_').next().and_then(|c| c.parse().ok()).unwrap_or(0);
     let uses = |helper: &str| module.helpers.iter().any(|h| h.name == helper);
-    for (helper, what) in [
-        (super::mma::MMA_HELPER, "tiled products on tensor cores (KILN_CUDA_TF32X3=1)"),
-        (super::tile_staging::COPY_HELPER, "tiles whose slabs are copied asynchronously (KILN_CUDA_STAGES above 1)"),
+    for (helper, what, needed) in [
+        (super::mma::MMA_HELPER, "tiled products on tensor cores (KILN_CUDA_TF32X3=1)", 80),
+        (
+            super::tile_staging::COPY_HELPER,
+            "tiles whose slabs are copied asynchronously (KILN_CUDA_STAGES above 1)",
+            80,
+        ),
+        (super::dependent_launch::HELPER, "programmatic dependent launch (KILN_CUDA_PDL=1)", 90),
     ] {
-        if capability < 80 && uses(helper) {
+        if capability < needed && uses(helper) {
             return Err(Error::Invalid(format!(
-                "{what} need a GPU of compute capability 8.0 or newer; {} is {}",
-                gpu.name, gpu.arch
+                "{what} needs a GPU of compute capability {}.{} or newer; {} is {}",
+                needed / 10,
+                needed % 10,
+                gpu.name,
+                gpu.arch
             )));
         }
     }
     Ok(())
+}
+
+/// Launches `f` with the attribute that lets it start before the kernel ahead of it on `stream`
+/// has finished (programmatic stream serialization).
+///
+/// # Safety
+/// As `cuLaunchKernel`: `params` holds one pointer to each of the kernel's arguments.
+unsafe fn launch_dependent(
+    f: &CudaFunction,
+    grid: (u32, u32),
+    block: (u32, u32),
+    stream: &CudaStream,
+    params: &mut [*mut std::ffi::c_void],
+) -> Result<()> {
+    let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
+    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attribute.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: 1,
+        blockDimX: block.0,
+        blockDimY: block.1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: stream.cu_stream(),
+        attrs: &mut attribute,
+        numAttrs: 1,
+    };
+    sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
+        .result()
+        .map_err(cuda_err("launching a kernel (programmatic dependent launch)"))
 }
 
 fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
@@ -163,6 +205,7 @@ impl Plan {
         let dp = emit(&kp, &memory)?;
         let source = super::print::program(&dp.module, &dp.steps);
         check_compute_capability(&dp.module, gpu)?;
+        let dependent_launch = super::dependent_launch::uses(&dp.module);
         let t = std::time::Instant::now();
         let (parts, origin) = nvrtc::compile_module(&dp.module, gpu.arch)?;
         let nvrtc_seconds = t.elapsed().as_secs_f64();
@@ -277,6 +320,7 @@ impl Plan {
             calls: 0,
             code,
             stats: CompileStats { nvrtc_seconds, origin, load_seconds },
+            dependent_launch,
             _modules: modules,
         })
     }
@@ -363,19 +407,26 @@ impl Plan {
                         .collect();
                     let mut params: Vec<*mut std::ffi::c_void> =
                         values.iter_mut().map(|v| v as *mut u64 as *mut std::ffi::c_void).collect();
-                    // SAFETY: the kernel takes one pointer per argument, each a device buffer at
-                    // least as long as every index the kernel can form (checked by the lowering).
-                    unsafe {
-                        result::launch_kernel(
-                            f.cu_function(),
-                            (grid.0, grid.1, 1),
-                            (block.0, block.1, 1),
-                            0,
-                            stream.cu_stream(),
-                            &mut params,
-                        )
+                    if self.dependent_launch {
+                        // SAFETY: as below; the kernel waits for the grids ahead of it before it
+                        // touches memory (`dependent_launch`).
+                        unsafe { launch_dependent(f, *grid, *block, stream, &mut params)? };
+                    } else {
+                        // SAFETY: the kernel takes one pointer per argument, each a device buffer
+                        // at least as long as every index the kernel can form (checked by the
+                        // lowering).
+                        unsafe {
+                            result::launch_kernel(
+                                f.cu_function(),
+                                (grid.0, grid.1, 1),
+                                (block.0, block.1, 1),
+                                0,
+                                stream.cu_stream(),
+                                &mut params,
+                            )
+                        }
+                        .map_err(cuda_err("launching a kernel"))?;
                     }
-                    .map_err(cuda_err("launching a kernel"))?;
                 }
                 Exec::Launch { .. } => {}
                 // SAFETY: operand sizes were checked by the lowering.

@@ -96,6 +96,7 @@ pub(super) fn helpers() -> Vec<DeviceFn> {
                   {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};",
             outputs: d.iter().map(|&n| ("+f", var(n))).collect(),
             inputs: ins.iter().map(|&n| ("r", var(n))).collect(),
+            memory: false,
             emulated: call("kiln_emu_mma_tf32", d.iter().chain(&ins).map(|&n| var(n)).collect()),
         }],
     };

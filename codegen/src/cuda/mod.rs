@@ -1,12 +1,14 @@
 //! The CUDA backend: the kernel program printed as CUDA C (`emit` builds a typed AST, `print`
-//! prints it), compiled by NVRTC at run time, run with cuBLAS for large float products on one
-//! stream (or, opt-in, on several: `schedule`). Kernels are joined where that is safe (`group`,
+//! prints it), compiled by NVRTC at run time, run with cuBLAS for large float products on two
+//! streams where the memory allows (`schedule`), each kernel launched so that it may start before
+//! the one ahead of it finishes where asked (`dependent_launch`). Kernels are joined where that is safe (`group`,
 //! `single`, `side`, and medium products computed in tiles by their epilogue's kernel: `tiled`,
 //! on tensor cores when asked: `mma`; or as a tile table measured on the card says: `tile_table`),
 //! since a small step pays per launch. The runtime (`exec`, `runtime`, and NVRTC itself)
 //! needs the `cuda` feature (on by default); without it the CUDA C is still generated, and
 //! `Device::Cuda` says the feature is off. `emulator` runs the same program on the CPU, for tests.
 pub mod ast;
+mod dependent_launch;
 pub mod emit;
 pub mod emulator;
 #[cfg(feature = "cuda")]
@@ -27,6 +29,7 @@ mod tile_finish;
 mod tile_staging;
 mod tile_table;
 mod tiled;
+pub use dependent_launch::with_dependent_launch;
 pub use tile_table::{with_tile_table, ProductKey, TileTable};
 pub use tiled::{with_tile_choice, TileChoice, TileShape};
 

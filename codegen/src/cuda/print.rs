@@ -227,7 +227,7 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
             block(out, body, depth);
             out.push('\n');
         }
-        Stmt::Asm { ptx, outputs, inputs, emulated } => {
+        Stmt::Asm { ptx, outputs, inputs, memory, emulated } => {
             let operands = |ops: &[(&str, Expr)]| -> String {
                 ops.iter().map(|(c, e)| format!("\"{c}\"({})", expr(e))).collect::<Vec<_>>().join(", ")
             };
@@ -235,7 +235,8 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
             out.truncate(out.trim_end_matches(' ').len());
             out.push_str("#ifdef __CUDA_ARCH__\n");
             indent(out, depth);
-            writeln!(out, "asm volatile(\"{ptx}\" : {} : {});", operands(outputs), operands(inputs)).unwrap();
+            let clobbers = if *memory { " : \"memory\"" } else { "" };
+            writeln!(out, "asm volatile(\"{ptx}\" : {} : {}{clobbers});", operands(outputs), operands(inputs)).unwrap();
             out.push_str("#else\n");
             indent(out, depth);
             writeln!(out, "{};", expr(emulated)).unwrap();
@@ -438,6 +439,7 @@ mod tests {
                 ptx: "add.f32 %0, %0, %0;",
                 outputs: vec![("+f", var("d"))],
                 inputs: vec![("r", var("a"))],
+                memory: false,
                 emulated: call("kiln_emu_twice", vec![var("d"), var("a")]),
             }],
         };

@@ -47,6 +47,7 @@ pub(super) fn helpers(stages: usize) -> Vec<DeviceFn> {
                 ("l", var("src")),
                 ("r", select(var("inside"), Expr::UInt(4), Expr::UInt(0))),
             ],
+            memory: false,
             emulated: call("kiln_emu_cp_async4", vec![var("dst"), var("src"), var("inside")]),
         }],
     };
@@ -59,6 +60,7 @@ pub(super) fn helpers(stages: usize) -> Vec<DeviceFn> {
             ptx: "cp.async.commit_group;",
             outputs: vec![],
             inputs: vec![],
+            memory: false,
             emulated: call("kiln_emu_cp_async_commit", vec![]),
         }],
     };
@@ -72,6 +74,8 @@ pub(super) fn helpers(stages: usize) -> Vec<DeviceFn> {
             ptx: ptx[pending],
             outputs: vec![],
             inputs: vec![],
+            // What the copies wrote may not be read before it.
+            memory: true,
             emulated: call("kiln_emu_cp_async_wait", vec![int(pending as i64)]),
         }],
     });

@@ -456,6 +456,8 @@ static inline void kiln_emu_cp_async4(float* dst, const float* src, bool inside)
     // Not there yet: what a GPU's shared memory holds until the copy lands is not the word.
     *dst = __uint_as_float(0xffffffffu);
 }
+// The emulator's side of instructions that only order a GPU's grids (it runs one at a time).
+static inline void kiln_emu_nothing() {}
 static inline void kiln_emu_cp_async_commit() { kiln_emu::async_committed[kiln_emu::async_thread()]++; }
 // cp.async.wait_group n: the copies of every committed group but the newest n land.
 static inline void kiln_emu_cp_async_wait(int newest) {
