@@ -4,7 +4,8 @@
 //! step pays is per launch; cuBLAS stays for the large products, where its kernels' speed matters.
 //!
 //! Each block computes a tile of the result from slabs of both operands staged in shared memory
-//! (the next slab loaded into registers while the current one is used; `tile_staging.rs`), each
+//! (the next slab loaded into registers while the current one is used, or, opt-in, several slabs
+//! copied asynchronously into buffers of their own; `tile_staging.rs`), each
 //! of its 256 threads a few outputs in registers: 128x64 or 64x64 tiles with 8x4 or 4x4 outputs a
 //! thread, read from shared memory as `float4`s (four multiply-adds per word read); 32x32 tiles
 //! with four groups of 64 threads, each group computing the whole tile (4x4 outputs a thread, as
