@@ -8,7 +8,10 @@
 #   scripts/gpu-check.sh           (on the GPU machine, in the repository root) runs them and
 #                                  prints a table: each test binary's result, then the benchmark
 #                                  on the GPU (cold NVRTC compile, then from the disk cache,
-#                                  then with the tiles on tensor cores, KILN_CUDA_TF32X3=1, and
+#                                  then with slabs copied asynchronously, KILN_CUDA_STAGES=3, with
+#                                  32x32 tiles without thread groups, KILN_CUDA_K_GROUPS=0, with
+#                                  programmatic dependent launch, KILN_CUDA_PDL=1, alone and with
+#                                  the copies, then with the tiles on tensor cores, KILN_CUDA_TF32X3=1, and
 #                                  fmnist-mlp-4k fully tiled on them), with the card's name;
 #                                  then a per-kernel profile of each workload
 #                                  (tiled products, and again with them on cuBLAS) and the product
