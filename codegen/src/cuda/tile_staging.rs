@@ -95,7 +95,8 @@ pub(super) fn wait(pending: usize) -> Stmt {
 impl<'a> Emitter<'a> {
     /// Declares where thread `threadIdx.x` stages its `u`-th word of an operand's slab (`a`: the
     /// left operand): `{a|b}_r{u}` along the tile's side, `{a|b}_kk{u}` along the slab, so that
-    /// neighbouring threads read neighbouring words of the operand.
+    /// neighbouring threads read neighbouring words of the operand (runs of 8 where the slab's
+    /// rows are padded for `float4` reads, so that a warp's stores fall in different banks).
     pub(super) fn staging_places(&self, mm: &MatMul, plan: &TilePlan, a: bool) -> Vec<Stmt> {
         let (bk, side) = (plan.bk as i64, if a { plan.bm } else { plan.bn } as i64);
         // Whether the operand's inner index is its contiguous one (`a` as `[m, k]`, `b` as `[n, k]`).
