@@ -1,0 +1,48 @@
+//! The CUDA C of a standard workload's training step, as the CUDA backend would compile it, on
+//! any machine (no GPU needed): the step's launches, then every kernel headed by the graph nodes
+//! and source lines it computes. With `--resources`, what ptxas makes of each kernel for an H100
+//! instead (registers a thread, spills, static shared memory; needs libnvrtc), which is how a
+//! kernel change is checked for register pressure before a GPU is at hand. The CUDA backend's
+//! variables apply (`KILN_CUDA_STAGES=3`, `KILN_CUDA_PDL=1`, `KILN_CUDA_TILES=FILE`, ...).
+//!
+//! `cargo run --release --example cuda_source -- [--workload NAME] [--resources]`
+
+use clap::Parser;
+use kiln::workloads::{build, NAMES};
+use kiln::Device;
+use kiln_codegen::cuda::nvrtc::{kernel_resources, CHECK_ARCH};
+use std::io::Write;
+
+#[derive(Parser)]
+struct Args {
+    /// keras-mlp, fmnist-mlp, fmnist-mlp-4k or autoencoder
+    #[arg(long, default_value = "fmnist-mlp")]
+    workload: String,
+    /// Print ptxas's report on each kernel rather than the CUDA C.
+    #[arg(long)]
+    resources: bool,
+}
+
+fn main() -> kiln::Result<()> {
+    let args = Args::parse();
+    if !NAMES.contains(&args.workload.as_str()) {
+        return Err(kiln::Error::Invalid(format!("--workload {}: expected one of {NAMES:?}", args.workload)));
+    }
+    let w = build(&args.workload, Device::Reference)?;
+    let source = w.step.cuda_source(&w.args)?;
+    let mut text = String::new();
+    if args.resources {
+        text.push_str(&format!("{:<40} {:>9} {:>7} {:>12}\n", "kernel", "registers", "spills", "shared bytes"));
+        for k in kernel_resources(&source, CHECK_ARCH)? {
+            let spills = k.spill_stores + k.spill_loads;
+            text.push_str(&format!("{:<40} {:>9} {:>7} {:>12}\n", k.name, k.registers, spills, k.shared_bytes));
+        }
+    } else {
+        text = source;
+    }
+    // A reader that stops early (`| head`) is not an error.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(kiln::Error::Invalid(format!("stdout: {e}"))),
+        _ => Ok(()),
+    }
+}
