@@ -249,8 +249,7 @@ fn every_tile_shape_compiles_with_nvrtc() {
         check_cuda_source_compiles(f, args).unwrap();
     });
     for (tile, slices, src) in sources {
-        // On tensor cores a warp's multiply-adds cover the whole slab: 32x32k4 is 32x32 there.
-        let label = if src.contains("on tensor cores") { tile.label().replace("k4", "") } else { tile.label() };
+        let label = tile.computed_as(src.contains("on tensor cores")).label();
         assert!(src.contains(&format!("in {label} tiles")), "{src}");
         assert_eq!(src.contains("slices"), slices > 1, "{src}");
     }

@@ -275,8 +275,7 @@ fn every_tile_shape_agrees_with_the_cpu() {
                 };
                 let (got, code) = if (n + slices + stages) % 2 == 0 { with_mirrored_schedule(run) } else { run() };
                 let on = if tensor_cores { " on tensor cores (3xTF32)" } else { "" };
-                // On tensor cores a warp's multiply-adds cover the whole slab: no groups.
-                let label = if tensor_cores { tile.label().replace("k4", "") } else { tile.label() };
+                let label = tile.computed_as(tensor_cores).label();
                 assert!(code.contains(&format!("in {label} tiles{on}")), "{code}");
                 assert_eq!(code.contains("in flight (cp.async)"), stages > 1, "{code}");
                 for (o, (a, e)) in got.iter().zip(&want).enumerate() {

@@ -12,15 +12,15 @@ use crate::kernel::MatMul;
 /// The shared array `tile_c` in which `rows` rows of the tile's outputs are staged, a copy for
 /// each group of threads.
 fn staged_tile(plan: &TilePlan, rows: usize) -> Stmt {
-    let len = plan.groups * rows * staged_pitch(plan) as usize;
-    let align = if plan.groups > 1 { 16 } else { 0 };
+    let len = plan.staged_words(rows);
+    let align = if plan.groups() > 1 { 16 } else { 0 };
     Stmt::SharedArray { ty: CType::Float, name: "tile_c".into(), len, align }
 }
 
 /// Row pitch of `tile_c`: one past the tile's width against bank conflicts, or where groups store
 /// their 4x4 outputs as `float4`s (a quarter warp's eight stores one row of 128 bytes), four.
 pub(super) fn staged_pitch(plan: &TilePlan) -> i64 {
-    plan.bn as i64 + if plan.groups > 1 { 4 } else { 1 }
+    plan.bn as i64 + if plan.groups() > 1 { 4 } else { 1 }
 }
 
 /// Each thread's outputs that lie in rows `first..first + rows` of the tile, stored to its
@@ -30,7 +30,7 @@ fn stage_outputs(plan: &TilePlan, first: i64, rows: usize) -> Vec<Stmt> {
     let pitch = staged_pitch(plan);
     let whole = rows == plan.bm;
     let mut out = vec![];
-    if plan.groups > 1 {
+    if plan.groups() > 1 {
         assert!(first == 0 && whole, "groups' copies of a tile are staged whole");
         let copy = var("tile_c") + var("grp") * int(rows as i64 * pitch);
         for i in 0..tm {
@@ -64,7 +64,7 @@ fn staged_value(plan: &TilePlan, first: i64, rows: usize) -> Expr {
     let pitch = staged_pitch(plan);
     let staged = if first == 0 { var("r") } else { var("r") - int(first) };
     let at = staged * int(pitch) + var("q");
-    (1..plan.groups).fold(index(var("tile_c"), at.clone()), |sum, g| {
+    (1..plan.groups()).fold(index(var("tile_c"), at.clone()), |sum, g| {
         sum + index(var("tile_c"), int((g * rows) as i64 * pitch) + at.clone())
     })
 }
@@ -104,7 +104,7 @@ impl<'a> Emitter<'a> {
         };
         let partial_at = |row: Expr, col: Expr| var("slice") * int((m * n) as i64) + row * int(n as i64) + col;
         let mut body = vec![];
-        if plan.groups > 1 {
+        if plan.groups() > 1 {
             shared.push(staged_tile(&plan, plan.bm));
             body.extend(stage_outputs(&plan, 0, plan.bm));
             body.push(Stmt::SyncThreads);

@@ -128,6 +128,16 @@ impl TileShape {
         format!("{bm}x{bn}{groups}")
     }
 
+    /// The shape as its tiles are computed: on tensor cores a warp's multiply-adds cover the whole
+    /// slab, so 32x32k4 tiles are 32x32 ones there.
+    pub fn computed_as(self, tensor_cores: bool) -> TileShape {
+        if tensor_cores && self == TileShape::T32x32K4 {
+            TileShape::T32x32
+        } else {
+            self
+        }
+    }
+
     /// Groups of threads that split each slab's depth between them (by float32 FMAs).
     fn groups(self) -> usize {
         if self == TileShape::T32x32K4 {
@@ -212,8 +222,8 @@ pub(super) struct TilePlan {
     pub(super) slabs: usize,
     /// Computed by tensor-core multiply-adds (3xTF32) rather than float32 FMAs.
     pub(super) tensor_cores: bool,
-    /// Groups of threads splitting each slab's depth, each computing the whole tile (1: none).
-    pub(super) groups: usize,
+    /// The tile shape, as computed (`TileShape::computed_as`).
+    pub(super) shape: TileShape,
     /// Slab buffers, filled by asynchronous copies `stages - 1` slabs ahead (1: one buffer, the
     /// next slab loaded into registers).
     pub(super) stages: usize,
@@ -248,7 +258,6 @@ impl TilePlan {
         let wanted = choice.slices.map_or(wanted, |s| s.min(slabs_total));
         let slabs = slabs_total.div_ceil(wanted.max(1));
         let tensor_cores = choice.tensor_cores.unwrap_or_else(tensor_cores_from_env);
-        let groups = if tensor_cores { 1 } else { shape.groups() };
         // Tensor cores take their operands split when staged: through registers.
         let stages = if tensor_cores { 1 } else { choice.stages.unwrap_or_else(stages_from_env) };
         let mut plan = TilePlan {
@@ -260,7 +269,7 @@ impl TilePlan {
             slices: slabs_total.div_ceil(slabs),
             slabs,
             tensor_cores,
-            groups,
+            shape: shape.computed_as(tensor_cores),
             stages: stages.clamp(1, MAX_STAGES),
         };
         // As many buffers as fit in shared memory beside a band of the staged tile.
@@ -276,10 +285,13 @@ impl TilePlan {
         let on = if self.tensor_cores { " on tensor cores (3xTF32)" } else { "" };
         let copied =
             if self.stages > 1 { format!(", {} slabs in flight (cp.async)", self.stages - 1) } else { String::new() };
-        let groups = if self.groups > 1 { format!("k{}", self.groups) } else { String::new() };
         format!(
-            "{kernel} computes the product of {} ({}x{}x{}) in {}x{}{groups} tiles{on}{sliced}{copied} (no cuBLAS call), then its epilogue",
-            mm.name, mm.m, mm.k, mm.n, self.bm, self.bn
+            "{kernel} computes the product of {} ({}x{}x{}) in {} tiles{on}{sliced}{copied} (no cuBLAS call), then its epilogue",
+            mm.name,
+            mm.m,
+            mm.k,
+            mm.n,
+            self.shape.label()
         )
     }
 
@@ -299,7 +311,7 @@ impl TilePlan {
     /// Threads of a group along each side of the tile (by float32 FMAs): 16 (a group of 256),
     /// or 8 in each of four groups.
     pub(super) fn side(&self) -> usize {
-        if self.groups == 4 {
+        if self.groups() == 4 {
             SIDE / 2
         } else {
             SIDE
@@ -308,7 +320,12 @@ impl TilePlan {
 
     /// Threads in each group.
     pub(super) fn group_threads(&self) -> usize {
-        THREADS as usize / self.groups
+        THREADS as usize / self.groups()
+    }
+
+    /// Groups of threads splitting each slab's depth, each computing the whole tile (1: none).
+    pub(super) fn groups(&self) -> usize {
+        self.shape.groups()
     }
 
     /// Whether a thread's outputs are adjacent (4x4 or more, read as `float4`s) rather than 16
@@ -335,9 +352,13 @@ impl TilePlan {
     /// Whether the slab buffers and the smallest band of the staged tile (the whole tile where
     /// groups add their copies) fit in a block's shared memory, with room for its flags.
     fn fits_in_shared_memory(&self) -> bool {
-        let rows = if self.groups > 1 { self.bm } else { 1 };
-        let staged = rows * super::tile_finish::staged_pitch(self) as usize * self.groups;
-        (self.slab_words() + staged) * 4 + 16 <= SHARED_BYTES
+        let rows = if self.groups() > 1 { self.bm } else { 1 };
+        (self.slab_words() + self.staged_words(rows)) * 4 + 16 <= SHARED_BYTES
+    }
+
+    /// Words of shared memory that `rows` rows of the staged tile take (a copy per group).
+    pub(super) fn staged_words(&self, rows: usize) -> usize {
+        rows * super::tile_finish::staged_pitch(self) as usize * self.groups()
     }
 
     /// The row of the tile that a thread's `i`-th output lies in.
@@ -362,8 +383,7 @@ impl TilePlan {
     /// the block's static shared memory (both slabs and a band) within 48 KiB.
     pub(super) fn bands(&self) -> usize {
         let slabs = self.slab_words();
-        let staged_row = super::tile_finish::staged_pitch(self) as usize * self.groups;
-        let fits = |bands: usize| (slabs + self.bm / bands * staged_row) * 4 <= SHARED_BYTES;
+        let fits = |bands: usize| (slabs + self.staged_words(self.bm / bands)) * 4 <= SHARED_BYTES;
         (0..).map(|p| 1 << p).find(|&b| fits(b) || b >= self.bm).expect("a band of one row fits")
     }
 
@@ -439,8 +459,8 @@ fn slab_multiply(plan: &TilePlan, slabs: (&str, &str)) -> Stmt {
         };
     }
     let mut products = slab_products(plan, slabs);
-    if plan.groups > 1 {
-        let depth = (plan.bk / plan.groups) as i64;
+    if plan.groups() > 1 {
+        let depth = (plan.bk / plan.groups()) as i64;
         products.insert(0, decl(CType::Int, "kk", var("grp") * int(depth) + var("kq")));
         Stmt::For { ty: CType::Int, var: "kq".into(), init: int(0), end: int(depth), step: int(1), body: products }
     } else {
@@ -546,7 +566,7 @@ impl<'a> Emitter<'a> {
         } else {
             let side = plan.side() as i64;
             let mut places = vec![decl(CType::Int, "tx", tid() % int(side))];
-            if plan.groups > 1 {
+            if plan.groups() > 1 {
                 places.push(decl(CType::Int, "ty", tid() / int(side) % int(side)));
                 places.push(decl(CType::Int, "grp", tid() / int(plan.group_threads() as i64)));
             } else {
@@ -698,8 +718,7 @@ mod tests {
     fn plan(m: usize, k: usize, n: usize) -> (String, usize) {
         let mm = product(m, k, n);
         let p = TilePlan::for_product(&mm);
-        let groups = if p.groups > 1 { format!("k{}", p.groups) } else { String::new() };
-        (format!("{}x{}{groups}", p.bm, p.bn), p.slices)
+        (p.shape.label(), p.slices)
     }
 
     #[test]
