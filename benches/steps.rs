@@ -1,9 +1,12 @@
 //! Step-time benchmark: for each standard workload (see `kiln::workloads`), the median, min and max
 //! milliseconds of a full training step (forward, backward, optimizer update, f32) after warm-up,
 //! and the compile time (graph building, optimization and the shape specialization's code
-//! generation). Prints a table, or with `--json` one JSON array.
+//! generation). Prints a table, or with `--json` one JSON array. With `--autotune` (a CUDA device)
+//! each step is autotuned first (`Function::autotune`, at most `--autotune-budget S` seconds a
+//! workload, default 120; its report on stderr) and the table gives the tuned step's times.
 //!
-//! `cargo bench --bench steps [-- --json] [--device cpu|reference|cuda|cuda:N] [--workload NAME] [--seconds S]`
+//! `cargo bench --bench steps [-- --json] [--device cpu|reference|cuda|cuda:N] [--workload NAME] [--seconds S]
+//! [--autotune] [--autotune-budget S]`
 
 use kiln::workloads::{build, NAMES};
 use kiln::Device;
@@ -14,10 +17,12 @@ struct Args {
     device: Device,
     workloads: Vec<String>,
     seconds: f64,
+    /// Seconds of autotuning a workload may take (`None`: no autotune).
+    autotune: Option<f64>,
 }
 
 fn parse() -> Result<Args, String> {
-    let mut a = Args { json: false, device: Device::Cpu, workloads: vec![], seconds: 2.0 };
+    let mut a = Args { json: false, device: Device::Cpu, workloads: vec![], seconds: 2.0, autotune: None };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -31,6 +36,10 @@ fn parse() -> Result<Args, String> {
             }
             "--workload" => a.workloads.push(it.next().ok_or("--workload NAME")?),
             "--seconds" => a.seconds = it.next().and_then(|s| s.parse().ok()).ok_or("--seconds S")?,
+            "--autotune" => a.autotune = Some(a.autotune.unwrap_or(120.0)),
+            "--autotune-budget" => {
+                a.autotune = Some(it.next().and_then(|s| s.parse().ok()).ok_or("--autotune-budget S")?)
+            }
             "--bench" => {}
             other => return Err(format!("unknown argument {other}")),
         }
@@ -64,6 +73,16 @@ fn main() {
         let compile_ms = (w.build_seconds + t.elapsed().as_secs_f64()) * 1e3;
         for line in w.step.compile_stats() {
             eprintln!("{name} compile: {line}");
+        }
+        if let Some(budget) = args.autotune {
+            let opts = kiln::AutotuneOptions { budget_seconds: budget, ..kiln::AutotuneOptions::default() };
+            match w.step.autotune(&w.args, &opts) {
+                Ok(report) => eprint!("{name} {report}"),
+                Err(e) => {
+                    eprintln!("{name}: autotune: {e}");
+                    std::process::exit(1)
+                }
+            }
         }
         for _ in 0..3 {
             w.step.call(&w.args).unwrap();

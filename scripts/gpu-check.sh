@@ -11,7 +11,9 @@
 #                                  then with slabs copied asynchronously, KILN_CUDA_STAGES=3, with
 #                                  32x32 tiles without thread groups, KILN_CUDA_K_GROUPS=0, with
 #                                  programmatic dependent launch, KILN_CUDA_PDL=1, alone and with
-#                                  the copies, then with the tiles on tensor cores, KILN_CUDA_TF32X3=1, and
+#                                  the copies, then each step autotuned, Function::autotune, at most
+#                                  AUTOTUNE_SECONDS a workload (default 45), its report first, then
+#                                  with the tiles on tensor cores, KILN_CUDA_TF32X3=1, and
 #                                  fmnist-mlp-4k fully tiled on them), with the card's name;
 #                                  then a per-kernel profile of each workload
 #                                  (tiled products, and again with them on cuBLAS) and the product
@@ -45,7 +47,7 @@ DIR=${KILN_GPU_DIR:-.gpu}
 # row's run (seconds; default 300), so that a hang costs a lease no more than that.
 TEST_TIMEOUT=${KILN_GPU_TEST_TIMEOUT:-300}
 BENCH_TIMEOUT=${KILN_GPU_BENCH_TIMEOUT:-300}
-TESTS=${KILN_GPU_TESTS:-"op_table gradcheck backend_agreement cuda_device cuda_products cuda_codegen api nn"}
+TESTS=${KILN_GPU_TESTS:-"op_table gradcheck backend_agreement cuda_device cuda_products cuda_codegen api nn autotune"}
 [ "$TESTS" = none ] && TESTS=""
 
 if [ "${1:-}" = "--build" ]; then
@@ -160,10 +162,15 @@ fi
 # the product benchmark), then the step times under each setting, so that a run cut short by the
 # machine's time limit still has the headline.
 bench_row() { # bench_row <title> <file> [VAR=value ...] [-- steps args]
-    local title=$1 file=$2
+    local title=$1 file=$2 vars=() limit=$BENCH_TIMEOUT
     shift 2
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do vars+=("$1"); shift; done
+    [ "${1:-}" = -- ] && shift
+    # An autotuned row also spends its budget, a workload at a time.
+    [[ " $* " == *" --autotune-budget "* ]] && limit=$((BENCH_TIMEOUT + 4 * ${AUTOTUNE_SECONDS:-45}))
     echo "-- $title"
-    env "$@" timeout "$BENCH_TIMEOUT" "$DIR/steps" --device cuda --seconds "${BENCH_SECONDS:-1}" 2>&1 | tee "$OUT_DIR/$file"
+    env "${vars[@]}" timeout "$limit" "$DIR/steps" --device cuda --seconds "${BENCH_SECONDS:-1}" "$@" 2>&1 |
+        tee "$OUT_DIR/$file"
 }
 echo "== benchmark (ms per full training step, f32; compile_ms includes graph building)"
 export KILN_CACHE_DIR=$(mktemp -d)
@@ -177,6 +184,10 @@ bench_row "each kernel launched before the one ahead of it ends (KILN_CUDA_PDL=1
     bench-pdl.txt KILN_CUDA_PDL=1
 bench_row "both opt-ins together (KILN_CUDA_STAGES=3 KILN_CUDA_PDL=1)" bench-stages3-pdl.txt KILN_CUDA_STAGES=3 \
     KILN_CUDA_PDL=1
+# Each workload autotuned (Function::autotune: every product as cuBLAS and in each tiling, the
+# whole step timed for each, then dependent launch; its report first, then the tuned step's times).
+bench_row "autotuned: each step's products and launch timed on this card (Function::autotune)" bench-autotuned.txt \
+    -- --autotune-budget "${AUTOTUNE_SECONDS:-45}"
 bench_row "tiled products on tensor cores at float32 accuracy (KILN_CUDA_TF32X3=1)" bench-tf32x3.txt KILN_CUDA_TF32X3=1
 echo "-- fmnist-mlp-4k with every product tiled, on tensor cores (KILN_CUDA_TF32X3=1, KILN_CUDA_TILED_MACS=2^30)"
 KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k \
@@ -267,7 +278,7 @@ bench_row "cold again, as PTX that the driver compiles at load (KILN_CUDA_PTX=1,
 echo "-- every product with an epilogue tiled, up to 2^30 multiply-adds (KILN_CUDA_TILED_MACS; fmnist-mlp-4k)"
 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tiled-4k.txt"
 echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-summary_files=(cold cached stages3 kgroups0 pdl stages3-pdl tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
+summary_files=(cold cached stages3 kgroups0 pdl stages3-pdl autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
 (
     cd "$OUT_DIR" || exit
     printf '%-16s' workload

@@ -33,7 +33,7 @@ pub enum Device {
 }
 
 impl Device {
-    fn backend(self) -> Box<dyn Backend> {
+    pub(crate) fn backend(self) -> Box<dyn Backend> {
         match self {
             Device::Cpu => Box::new(kiln_codegen::cpu::Cpu),
             Device::Reference => Box::new(kiln_codegen::reference::Reference),
@@ -226,61 +226,71 @@ impl FunctionBuilder {
 
 /// A compiled function: call it with ndarray values for its inputs.
 pub struct Function {
-    graph: Graph,
+    pub(crate) graph: Graph,
     input_types: Vec<(String, TensorType)>,
     /// Shared variables the program reads or writes, in the program's order.
-    shared: Vec<SharedId>,
-    program: Program,
-    exe: Box<dyn Executable>,
+    pub(crate) shared: Vec<SharedId>,
+    pub(crate) program: Program,
+    pub(crate) exe: Box<dyn Executable>,
     log: RewriteLog,
     device: Device,
 }
 
-impl Function {
-    /// Checks each argument against its input and binds the symbolic sizes.
-    fn check_args(&self, args: &[Tensor]) -> Result<()> {
-        if args.len() != self.input_types.len() {
-            let names: Vec<&str> = self.input_types.iter().map(|(n, _)| n.as_str()).collect();
-            return Err(Error::Invalid(format!(
-                "expected {} arguments ({}), got {}",
-                names.len(),
-                names.join(", "),
-                args.len()
-            )));
-        }
-        let mut b = Bindings::new();
-        for ((name, ty), a) in self.input_types.iter().zip(args) {
-            let fail = |detail: String| Error::Call { input: name.clone(), detail };
-            if a.dtype() != ty.dtype {
-                return Err(fail(format!("expected dtype {}, got {} (declared {ty})", ty.dtype, a.dtype())));
-            }
-            unify(&ty.shape, a.shape(), &mut b)
-                .map_err(|e| fail(format!("declared {ty}, got shape {:?}: {e}", a.shape())))?;
-        }
-        Ok(())
+/// Checks each argument against its input and binds the symbolic sizes.
+fn check_args(input_types: &[(String, TensorType)], args: &[Tensor]) -> Result<()> {
+    if args.len() != input_types.len() {
+        let names: Vec<&str> = input_types.iter().map(|(n, _)| n.as_str()).collect();
+        return Err(Error::Invalid(format!(
+            "expected {} arguments ({}), got {}",
+            names.len(),
+            names.join(", "),
+            args.len()
+        )));
     }
+    let mut b = Bindings::new();
+    for ((name, ty), a) in input_types.iter().zip(args) {
+        let fail = |detail: String| Error::Call { input: name.clone(), detail };
+        if a.dtype() != ty.dtype {
+            return Err(fail(format!("expected dtype {}, got {} (declared {ty})", ty.dtype, a.dtype())));
+        }
+        unify(&ty.shape, a.shape(), &mut b)
+            .map_err(|e| fail(format!("declared {ty}, got shape {:?}: {e}", a.shape())))?;
+    }
+    Ok(())
+}
 
+/// Runs `exe` on checked arguments and the values of the shared variables `shared` of `graph`,
+/// which it borrows for the call and writes the updates into.
+fn run_on(graph: &Graph, shared: &[SharedId], exe: &mut dyn Executable, args: &[Tensor]) -> Result<Vec<Tensor>> {
+    let inputs: Vec<&Tensor> = args.iter().collect();
+    let mut st = graph.state.borrow_mut();
+    let mut values: Vec<SharedValue> = shared
+        .iter()
+        .map(|id| {
+            std::mem::replace(
+                st.shared.get_mut(id).expect("variables live in their graph"),
+                SharedValue::new(Tensor::zeros(DType::F32, &[0])),
+            )
+        })
+        .collect();
+    let result = exe.run(&inputs, &mut values);
+    for (id, v) in shared.iter().zip(values) {
+        st.shared.insert(*id, v);
+    }
+    result
+}
+
+impl Function {
     /// Runs the function; returns its outputs and then applies its updates.
     pub fn call(&mut self, args: &[Tensor]) -> Result<Vec<Tensor>> {
-        self.check_args(args)?;
-        let inputs: Vec<&Tensor> = args.iter().collect();
-        // The backend borrows the variables' values for the call and writes the updates into them.
-        let mut st = self.graph.state.borrow_mut();
-        let mut shared: Vec<SharedValue> = self
-            .shared
-            .iter()
-            .map(|id| {
-                std::mem::replace(
-                    st.shared.get_mut(id).expect("variables live in their graph"),
-                    SharedValue::new(Tensor::zeros(DType::F32, &[0])),
-                )
-            })
-            .collect();
-        let result = self.exe.run(&inputs, &mut shared);
-        for (id, v) in self.shared.iter().zip(shared) {
-            st.shared.insert(*id, v);
-        }
-        result
+        check_args(&self.input_types, args)?;
+        run_on(&self.graph, &self.shared, &mut *self.exe, args)
+    }
+
+    /// `call` on another executable of this function's program (an autotune's trial).
+    pub(crate) fn call_on(&self, exe: &mut dyn Executable, args: &[Tensor]) -> Result<Vec<Tensor>> {
+        check_args(&self.input_types, args)?;
+        run_on(&self.graph, &self.shared, exe, args)
     }
 
     /// Compiles the specialization for these arguments' shapes now, without running (a call with
@@ -292,8 +302,8 @@ impl Function {
 
     /// The shapes a call with these arguments specializes on: the arguments' (checked as `call`
     /// checks them), then the shared variables'.
-    fn signature(&self, args: &[Tensor]) -> Result<Vec<Vec<usize>>> {
-        self.check_args(args)?;
+    pub(crate) fn signature(&self, args: &[Tensor]) -> Result<Vec<Vec<usize>>> {
+        check_args(&self.input_types, args)?;
         let st = self.graph.state.borrow();
         Ok(args
             .iter()

@@ -4,6 +4,7 @@
 //! `Device`. The optimized graph can be printed (`debugprint`), drawn (`to_dot`), and explained
 //! (`rewrite_log`). `use kiln::prelude::*` brings in everything a program needs.
 
+pub mod autotune;
 pub mod data;
 pub mod function;
 pub mod graph;
@@ -14,6 +15,7 @@ pub mod testing;
 pub mod var;
 pub mod workloads;
 
+pub use autotune::{AutotuneOptions, AutotuneReport};
 pub use function::{Device, Function, FunctionBuilder};
 pub use graph::Graph;
 pub use kiln_codegen::{Profile, ProfiledStep};

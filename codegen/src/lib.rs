@@ -38,8 +38,16 @@ impl Program {
     }
 }
 
+/// What a compile fixes for every specialization of its function, beyond the program: for the
+/// CUDA backends, what an autotune found (`cuda::autotune`). Other backends ignore it.
 #[derive(Clone, Debug, Default)]
-pub struct CompileOptions {}
+pub struct CompileOptions {
+    /// How the float products are computed, in place of the thread's or `KILN_CUDA_TILES`'s
+    /// table (`None`: as those say).
+    pub tile_table: Option<std::sync::Arc<cuda::TileTable>>,
+    /// Kernels emitted and launched for programmatic dependent launch, as `KILN_CUDA_PDL=1` asks.
+    pub dependent_launch: bool,
+}
 
 /// Moves each update output into its shared variable (after checking it keeps the variable's
 /// shape) and returns the other outputs: the update step of a backend that computes every output
@@ -63,6 +71,13 @@ pub fn apply_updates(program: &Program, outputs: Vec<Tensor>, shared: &mut [Tens
 pub trait Backend {
     fn name(&self) -> &'static str;
     fn compile(&self, program: &Program, opts: &CompileOptions) -> Result<Box<dyn Executable>>;
+    /// Does ahead, into the backend's caches, the slow part of what `compile` with `opts` and a
+    /// first call with these shapes would do, without running anything; safe to call from several
+    /// threads at once, so that many variants of a program are compiled on every core before they
+    /// are run one by one (an autotune). Nothing to do where compiling is quick.
+    fn precompile(&self, _program: &Program, _shapes: &[Vec<usize>], _opts: &CompileOptions) -> Result<()> {
+        Ok(())
+    }
 }
 
 pub trait Executable {

@@ -30,12 +30,11 @@ impl Backend for Cuda {
     fn name(&self) -> &'static str {
         "cuda"
     }
-    fn compile(&self, program: &Program, _opts: &CompileOptions) -> Result<Box<dyn Executable>> {
+    fn compile(&self, program: &Program, opts: &CompileOptions) -> Result<Box<dyn Executable>> {
         let gpu = Gpu::get(self.ordinal)?;
         let graphs = std::env::var("KILN_CUDA_GRAPHS").map_or(true, |v| v != "0");
         let profile = StepProfile::requested("KILN_CUDA_PROFILE").map(|steps| Profile { events: vec![], steps });
-        // Timing every step with events needs them on one stream.
-        let streams = if profile.is_some() { Some(1) } else { super::streams_requested()? };
+        let streams = streams_for(profile.is_some())?;
         Ok(Box::new(CudaExecutable {
             gpu,
             streams,
@@ -44,7 +43,32 @@ impl Backend for Cuda {
             order: vec![],
             graphs,
             profile,
+            opts: opts.clone(),
         }))
+    }
+
+    /// NVRTC's compilation of the specialization's module (into its caches), as `Plan::build`
+    /// would compile it; nothing is loaded.
+    fn precompile(&self, program: &Program, shapes: &[Vec<usize>], opts: &CompileOptions) -> Result<()> {
+        let gpu = Gpu::get(self.ordinal)?;
+        let streams = streams_for(StepProfile::requested("KILN_CUDA_PROFILE").is_some())?;
+        super::with_compile_options(opts, || {
+            let (kp, _, _) = super::specialize_program(program, shapes)?;
+            let (_, memory) = super::streams_and_memory(&kp, streams);
+            let dp = emit(&kp, &memory)?;
+            check_compute_capability(&dp.module, &gpu)?;
+            nvrtc::compile_module(&dp.module, gpu.arch).map(|_| ())
+        })
+    }
+}
+
+/// The streams a function compiled now plans its steps for: `KILN_CUDA_STREAMS`, or one where
+/// every step is timed (`profiled`: events need the steps on one stream).
+fn streams_for(profiled: bool) -> Result<Option<usize>> {
+    if profiled {
+        Ok(Some(1))
+    } else {
+        super::streams_requested()
     }
 }
 
@@ -127,6 +151,8 @@ pub struct CudaExecutable {
     /// `KILN_CUDA_PROFILE=1`: time every step with events (no graphs) and print the totals when
     /// the function is dropped.
     profile: Option<Profile>,
+    /// What the compile fixed for every specialization (an autotune's tile table).
+    opts: CompileOptions,
 }
 
 struct Profile {
@@ -671,7 +697,8 @@ impl Executable for CudaExecutable {
 impl CudaExecutable {
     fn prepare_in_turn(&mut self, key: &[Vec<usize>]) -> Result<()> {
         if !self.plans.contains_key(key) {
-            let plan = Plan::build(&self.gpu, &self.program, key, self.streams)?;
+            let plan =
+                super::with_compile_options(&self.opts, || Plan::build(&self.gpu, &self.program, key, self.streams))?;
             self.plans.insert(key.to_vec(), plan);
             self.order.push(key.to_vec());
         }

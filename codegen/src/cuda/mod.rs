@@ -8,6 +8,7 @@
 //! needs the `cuda` feature (on by default); without it the CUDA C is still generated, and
 //! `Device::Cuda` says the feature is off. `emulator` runs the same program on the CPU, for tests.
 pub mod ast;
+pub mod autotune;
 mod dependent_launch;
 pub mod emit;
 pub mod emulator;
@@ -101,6 +102,16 @@ pub(crate) fn with_thread_setting<T: Copy + 'static, R>(
     let r = f();
     setting.with(|s| s.set(before));
     r
+}
+
+/// Runs `f` (a specialization's build, or printing one) under what `opts` fixes for a compiled
+/// function: its tile table and programmatic dependent launch, where it fixes them.
+pub fn with_compile_options<R>(opts: &crate::CompileOptions, f: impl FnOnce() -> R) -> R {
+    let f = || if opts.dependent_launch { with_dependent_launch(f) } else { f() };
+    match &opts.tile_table {
+        Some(table) => tile_table::with_shared_tile_table(table.clone(), f),
+        None => f(),
+    }
 }
 
 /// Whether the environment variable `var` is set to `value` (a switch), read once into `cell`.

@@ -181,7 +181,12 @@ thread_local! {
 /// Runs `f` with every CUDA program this thread specializes computing its products as `table`
 /// says (instead of `KILN_CUDA_TILES`'s table); a `with_tile_choice` around it still wins.
 pub fn with_tile_table<R>(table: TileTable, f: impl FnOnce() -> R) -> R {
-    let before = TABLE.with(|t| t.replace(Some(Arc::new(table))));
+    with_shared_tile_table(Arc::new(table), f)
+}
+
+/// `with_tile_table` for a table held elsewhere too (a compile's options).
+pub(super) fn with_shared_tile_table<R>(table: Arc<TileTable>, f: impl FnOnce() -> R) -> R {
+    let before = TABLE.with(|t| t.replace(Some(table)));
     let r = f();
     TABLE.with(|t| *t.borrow_mut() = before);
     r

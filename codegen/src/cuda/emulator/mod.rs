@@ -41,11 +41,16 @@ impl Backend for CudaEmulator {
     fn name(&self) -> &'static str {
         "cuda-emulator"
     }
-    fn compile(&self, program: &Program, _opts: &CompileOptions) -> Result<Box<dyn Executable>> {
+    fn compile(&self, program: &Program, opts: &CompileOptions) -> Result<Box<dyn Executable>> {
         if let Some(why) = unavailable_reason() {
             return Err(Error::Invalid(format!("Device::CudaEmulator is not available: {why}")));
         }
-        Ok(Box::new(EmulatedExecutable { program: program.clone(), plans: HashMap::new(), order: vec![] }))
+        Ok(Box::new(EmulatedExecutable {
+            program: program.clone(),
+            opts: opts.clone(),
+            plans: HashMap::new(),
+            order: vec![],
+        }))
     }
 }
 
@@ -237,6 +242,8 @@ struct Plan {
 
 pub struct EmulatedExecutable {
     program: Program,
+    /// What the compile fixed for every specialization (an autotune's tile table).
+    opts: CompileOptions,
     plans: HashMap<Vec<Vec<usize>>, Plan>,
     order: Vec<Vec<Vec<usize>>>,
 }
@@ -530,7 +537,8 @@ impl Executable for EmulatedExecutable {
 
     fn prepare(&mut self, key: &[Vec<usize>]) -> Result<()> {
         if !self.plans.contains_key(key) {
-            self.plans.insert(key.to_vec(), Plan::build(&self.program, key)?);
+            let plan = super::with_compile_options(&self.opts, || Plan::build(&self.program, key))?;
+            self.plans.insert(key.to_vec(), plan);
             self.order.push(key.to_vec());
         }
         Ok(())

@@ -1,0 +1,472 @@
+//! Autotuning a step on the card at hand: how each of its float products is computed (cuBLAS and
+//! an epilogue kernel, or kiln's tiles of one shape, slice count and number of slab buffers), and
+//! whether its kernels are launched for programmatic dependent launch, chosen by timing the whole
+//! step, not each product alone. The rules of `TilePlan::for_product` are estimates fitted to one
+//! card's product table; a product timed on its own misses what the step around it does (two
+//! streams, kernels side by side, what the L2 cache already holds). So the search times the step
+//! itself, as XLA's and `torch.compile`'s autotuners do, and keeps what it finds in kiln's cache
+//! folder, keyed by the step's code and the card, so that a later run finds it at once.
+//!
+//! The search is a coordinate descent: from kiln's own choices, each product in turn tries every
+//! candidate with the others held at the best found so far, then the step tries dependent launch.
+//! A candidate whose generated code equals one already timed (a tiling the product cannot take
+//! falls back to cuBLAS; a slice count past the inner dimension is cut to fit) is not timed again,
+//! and the best is timed afresh before each product, so that a candidate is measured against the
+//! same moment's noise; it must be faster by more than `MARGIN` to be taken. Every setting is
+//! correct (a tile table changes how a product is computed, never what), so a stale or mistaken
+//! cache entry can only cost speed. This module holds the search and the cache; the timing (which
+//! calls a function) is the caller's (`kiln::Function::autotune`).
+
+use super::tile_table::{ProductKey, TileTable};
+use super::tiled::{TileChoice, TileShape};
+use crate::CompileOptions;
+use kiln_ir::{Error, Result};
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How much faster than the best so far a candidate must be to replace it: less is within the
+/// noise of a shared machine's step times.
+pub const MARGIN: f64 = 0.01;
+
+/// What the search varies: a tile table for the products and dependent launch for the step.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Setting {
+    pub table: TileTable,
+    pub dependent_launch: bool,
+}
+
+impl Setting {
+    /// The compile options that give a function this setting.
+    pub fn compile_options(&self) -> CompileOptions {
+        CompileOptions { tile_table: Some(Arc::new(self.table.clone())), dependent_launch: self.dependent_launch }
+    }
+
+    /// `self` with `key` computed as `choice` (`kiln`'s own choice: no line for it).
+    fn with(&self, key: ProductKey, choice: TileChoice) -> Setting {
+        let mut s = self.clone();
+        if choice == TileChoice::default() {
+            s.table.entries.remove(&key);
+        } else {
+            s.table.entries.insert(key, choice);
+        }
+        s
+    }
+}
+
+/// The choices tried for each product: cuBLAS, and by float32 FMAs each tile shape kiln picks
+/// from (32x32 in thread groups, 64x64, 128x64) and 128x128 at slice counts from 1 to 12, each
+/// with one slab buffer and with three filled by asynchronous copies (compute capability 8.0 or
+/// newer; elsewhere they fail and are passed over). Tensor cores (3xTF32) are left out: they lost
+/// every product of the H100's product table.
+pub fn default_candidates() -> Vec<TileChoice> {
+    let mut v = vec![TileChoice { tiled: Some(false), ..TileChoice::default() }];
+    for tile in [TileShape::T32x32K4, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128] {
+        let slice_counts: &[usize] = if tile == TileShape::T128x128 { &[1, 2, 4] } else { &[1, 2, 4, 8, 12] };
+        for &slices in slice_counts {
+            for stages in [None, Some(3)] {
+                v.push(TileChoice { stages, ..TileChoice::forced(tile, slices, false) });
+            }
+        }
+    }
+    v
+}
+
+/// What a search found and what it cost.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// The fastest setting found (kiln's own choices where nothing beat them).
+    pub setting: Setting,
+    /// Milliseconds a step took with kiln's own choices, and with `setting` (its last timing).
+    pub before_ms: f64,
+    pub after_ms: f64,
+    /// Settings timed, including kiln's own and the fresh timings of the best.
+    pub timed: usize,
+    /// Candidates not timed because their code was that of a setting already timed.
+    pub same_code: usize,
+    /// Candidates that could not be compiled or run, with why (a card too old for a feature).
+    pub failed: Vec<String>,
+    /// Whether the time budget ran out before every candidate was tried.
+    pub out_of_budget: bool,
+}
+
+/// A stable hash of a program's code (`DefaultHasher::new()` has fixed keys).
+fn code_hash(code: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    code.hash(&mut h);
+    h.finish()
+}
+
+/// Searches for the fastest setting of a step whose tunable products are `products` (repeats
+/// allowed: a table has one line per shape and layout). `code_of` gives a setting's generated
+/// code (to pass over candidates that change nothing); `prepare` is handed each round's settings
+/// to be timed before any is timed (to compile them all at once, on every core); `time` gives a
+/// setting's milliseconds per step. The first timing, of kiln's own choices, must succeed; after
+/// `budget_seconds` no further candidate is timed. Products are tuned in the order given.
+pub fn search<C, P, T>(
+    products: &[ProductKey],
+    candidates: &[TileChoice],
+    try_dependent_launch: bool,
+    budget_seconds: f64,
+    code_of: C,
+    prepare: P,
+    time: T,
+) -> Result<Outcome>
+where
+    C: FnMut(&Setting) -> Result<String>,
+    P: FnMut(&[Setting]),
+    T: FnMut(&Setting) -> Result<f64>,
+{
+    let start = std::time::Instant::now();
+    let (mut code_of, mut time) = (code_of, time);
+    let mut seen = HashSet::new();
+    seen.insert(code_hash(&code_of(&Setting::default())?));
+    let before_ms = time(&Setting::default())?;
+    let out = Outcome {
+        setting: Setting::default(),
+        before_ms,
+        after_ms: before_ms,
+        timed: 1,
+        same_code: 0,
+        failed: vec![],
+        out_of_budget: false,
+    };
+    let mut s = Search { code_of, prepare, time, seen, best: Setting::default(), best_ms: before_ms, out };
+    let mut keys: Vec<ProductKey> = vec![];
+    for k in products {
+        if !keys.contains(k) {
+            keys.push(*k);
+        }
+    }
+    let out_of_time = || start.elapsed().as_secs_f64() > budget_seconds;
+    let mut first = true;
+    for key in keys {
+        if !first {
+            s.retime()?;
+        }
+        first = false;
+        // The round's settings differ from the best only in this product's line, so they are
+        // known before any is timed, whichever wins.
+        let round = candidates.iter().map(|&c| s.best.with(key, c)).collect();
+        if !s.round(round, &out_of_time) {
+            break;
+        }
+    }
+    if try_dependent_launch && !s.out.out_of_budget {
+        if !first {
+            s.retime()?;
+        }
+        let candidate = Setting { dependent_launch: true, ..s.best.clone() };
+        s.round(vec![candidate], &out_of_time);
+    }
+    s.out.setting = s.best;
+    s.out.after_ms = s.best_ms;
+    Ok(s.out)
+}
+
+/// A search's state: the best setting so far and its time, and the code of every setting timed.
+struct Search<C, P, T> {
+    code_of: C,
+    prepare: P,
+    time: T,
+    seen: HashSet<u64>,
+    best: Setting,
+    best_ms: f64,
+    out: Outcome,
+}
+
+impl<C, P, T> Search<C, P, T>
+where
+    C: FnMut(&Setting) -> Result<String>,
+    P: FnMut(&[Setting]),
+    T: FnMut(&Setting) -> Result<f64>,
+{
+    /// Times the best setting again, so that the candidates after are measured beside it.
+    fn retime(&mut self) -> Result<()> {
+        self.best_ms = (self.time)(&self.best)?;
+        self.out.timed += 1;
+        Ok(())
+    }
+
+    /// Times each of `candidates` whose code was not timed before; the fastest becomes the best
+    /// if it wins. False when the budget ran out first.
+    fn round(&mut self, candidates: Vec<Setting>, out_of_time: &impl Fn() -> bool) -> bool {
+        let mut fresh = vec![];
+        for c in candidates {
+            match (self.code_of)(&c) {
+                Ok(code) if self.seen.insert(code_hash(&code)) => fresh.push(c),
+                Ok(_) => self.out.same_code += 1,
+                Err(e) => self.out.failed.push(format!("{}: {e}", describe(&c))),
+            }
+        }
+        (self.prepare)(&fresh);
+        for c in fresh {
+            if out_of_time() {
+                self.out.out_of_budget = true;
+                return false;
+            }
+            match (self.time)(&c) {
+                Ok(ms) => {
+                    self.out.timed += 1;
+                    if ms < self.best_ms * (1.0 - MARGIN) {
+                        self.best = c;
+                        self.best_ms = ms;
+                    }
+                }
+                Err(e) => self.out.failed.push(format!("{}: {e}", describe(&c))),
+            }
+        }
+        true
+    }
+}
+
+/// A setting in a line, for errors.
+fn describe(s: &Setting) -> String {
+    let mut parts: Vec<String> =
+        s.table.entries.iter().map(|(k, c)| format!("{k} {}", c.label().unwrap_or_default())).collect();
+    if s.dependent_launch {
+        parts.push("dependent launch".into());
+    }
+    if parts.is_empty() {
+        "kiln's own choices".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// The cache entry's name for a step whose code with kiln's own choices is `code`, tuned on
+/// `device` over `candidates` (and dependent launch, if tried).
+pub fn cache_key(code: &str, device: &str, candidates: &[TileChoice], try_dependent_launch: bool) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    code.hash(&mut h);
+    device.hash(&mut h);
+    for c in candidates {
+        c.label().hash(&mut h);
+    }
+    try_dependent_launch.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// The line of a cache entry that says whether dependent launch won.
+const LAUNCH_LINE: &str = "dependent-launch";
+
+/// A setting as a cache entry's text: `heading` as comments, the launch line, then the table.
+pub fn setting_text(s: &Setting, heading: &str) -> String {
+    let table = s.table.to_text(heading);
+    let (comments, lines): (Vec<&str>, Vec<&str>) = table.lines().partition(|l| l.starts_with('#'));
+    let mut text = comments.join("\n");
+    text.push_str(&format!("\n{LAUNCH_LINE} {}\n", if s.dependent_launch { "on" } else { "off" }));
+    for l in lines {
+        text.push_str(l);
+        text.push('\n');
+    }
+    text
+}
+
+/// Reads `setting_text`'s text back; `origin` is what errors name.
+pub fn parse_setting(text: &str, origin: &str) -> Result<Setting> {
+    let mut dependent_launch = None;
+    let mut table = String::new();
+    for line in text.lines() {
+        match line.trim().strip_prefix(LAUNCH_LINE) {
+            Some(v) => {
+                dependent_launch = match v.trim() {
+                    "on" => Some(true),
+                    "off" => Some(false),
+                    other => {
+                        return Err(Error::Invalid(format!("{origin}: '{LAUNCH_LINE} {other}' (expected on or off)")))
+                    }
+                }
+            }
+            None => {
+                table.push_str(line);
+                table.push('\n');
+            }
+        }
+    }
+    let dependent_launch =
+        dependent_launch.ok_or_else(|| Error::Invalid(format!("{origin}: no '{LAUNCH_LINE} on|off' line")))?;
+    Ok(Setting { table: TileTable::parse(&table, origin)?, dependent_launch })
+}
+
+/// The folder autotune results are kept in by default: `tuned` in kiln's cache folder.
+pub fn default_cache_folder() -> Option<PathBuf> {
+    super::nvrtc::cache_dir("tuned")
+}
+
+/// Where the setting cached under `key` is kept in `folder`.
+pub fn cache_path(folder: &Path, key: &str) -> PathBuf {
+    folder.join(format!("{key}.txt"))
+}
+
+/// The setting cached under `key` in `folder`, if there is one that reads.
+pub fn read_cached(folder: &Path, key: &str) -> Option<Setting> {
+    let path = cache_path(folder, key);
+    let text = std::fs::read_to_string(&path).ok()?;
+    parse_setting(&text, &path.display().to_string()).ok()
+}
+
+/// Keeps `s` under `key` in `folder` (written to a temporary file and renamed, so that a reader
+/// never sees half of it); returns the entry's path.
+pub fn write_cached(folder: &Path, key: &str, s: &Setting, heading: &str) -> Result<PathBuf> {
+    let io = |e: std::io::Error| Error::Invalid(format!("autotune cache {}: {e}", folder.display()));
+    std::fs::create_dir_all(folder).map_err(io)?;
+    let path = cache_path(folder, key);
+    let partial = folder.join(format!("{key}.{}.partial", std::process::id()));
+    std::fs::write(&partial, setting_text(s, heading)).map_err(io)?;
+    std::fs::rename(&partial, &path).map_err(io)?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(m: usize) -> ProductKey {
+        ProductKey { m, k: 64, n: 32, a_transposed: false, b_transposed: false }
+    }
+
+    fn label(c: &TileChoice) -> String {
+        c.label().unwrap()
+    }
+
+    /// A step whose time is the sum over its products of a per-(product, choice) cost, plus a
+    /// saving for dependent launch; its code is the table's text (so equal settings share code).
+    fn synthetic(cost: impl Fn(ProductKey, &str) -> f64, launch_saves: f64) -> impl FnMut(&Setting) -> Result<f64> {
+        move |s: &Setting| {
+            let mut t = 0.0;
+            for k in [key(128), key(256)] {
+                let c = s.table.entries.get(&k).map_or("kiln".to_string(), label);
+                t += cost(k, &c);
+            }
+            Ok(if s.dependent_launch { t - launch_saves } else { t })
+        }
+    }
+
+    fn code(s: &Setting) -> Result<String> {
+        Ok(setting_text(s, ""))
+    }
+
+    #[test]
+    fn the_search_finds_each_products_fastest_choice_and_dependent_launch() {
+        let cost = |k: ProductKey, c: &str| match (k.m, c) {
+            (128, "64x64/s4/p3") => 2.0,
+            (256, "cuBLAS") => 3.0,
+            _ => 10.0,
+        };
+        let products = [key(128), key(256), key(128)];
+        let out = search(&products, &default_candidates(), true, 60.0, code, |_| {}, synthetic(cost, 1.0)).unwrap();
+        assert_eq!(out.before_ms, 20.0);
+        assert_eq!(out.after_ms, 4.0);
+        assert!(out.setting.dependent_launch);
+        assert_eq!(label(&out.setting.table.entries[&key(128)]), "64x64/s4/p3");
+        assert_eq!(label(&out.setting.table.entries[&key(256)]), "cuBLAS");
+        // Each distinct setting timed once, plus the best again before the second product and
+        // before dependent launch; the repeated product is tuned once.
+        let n = default_candidates().len();
+        assert_eq!(out.timed, 1 + n + 1 + n + 1 + 1);
+        assert!(out.failed.is_empty() && !out.out_of_budget);
+    }
+
+    #[test]
+    fn a_candidate_within_the_margin_does_not_replace_the_best() {
+        let cost = |_: ProductKey, c: &str| if c == "32x32k4/s1" { 10.0 * (1.0 - MARGIN / 2.0) } else { 10.0 };
+        let out = search(&[key(128)], &default_candidates(), false, 60.0, code, |_| {}, synthetic(cost, 0.0)).unwrap();
+        assert_eq!(out.setting, Setting::default());
+        assert_eq!(out.after_ms, 20.0);
+    }
+
+    #[test]
+    fn candidates_with_the_code_of_one_timed_are_not_timed_again() {
+        // Every tiling of the first product makes the same code (as when none can be taken and
+        // each falls back to cuBLAS): one of them is timed.
+        let cuda_c = |s: &Setting| -> Result<String> {
+            Ok(match s.table.entries.get(&key(128)) {
+                Some(c) if c.tiled == Some(true) => "cuBLAS".into(),
+                Some(c) => label(c),
+                None => "kiln".into(),
+            })
+        };
+        let mut times = 0;
+        let mut prepared = vec![];
+        let out = search(
+            &[key(128)],
+            &default_candidates(),
+            false,
+            60.0,
+            cuda_c,
+            |s| prepared.push(s.len()),
+            |_| {
+                times += 1;
+                Ok(1.0)
+            },
+        )
+        .unwrap();
+        assert_eq!(times, 2, "kiln's own choice and cuBLAS");
+        assert_eq!(prepared, [1], "cuBLAS, the one setting of the round with new code");
+        assert_eq!(out.same_code, default_candidates().len() - 1);
+    }
+
+    #[test]
+    fn failing_candidates_are_passed_over_and_said() {
+        let time = |s: &Setting| -> Result<f64> {
+            match s.table.entries.values().next() {
+                Some(c) if c.stages.is_some() => Err(Error::Invalid("compute capability 7.5".into())),
+                Some(_) => Ok(5.0),
+                None => Ok(10.0),
+            }
+        };
+        let out = search(&[key(128)], &default_candidates(), false, 60.0, code, |_| {}, time).unwrap();
+        assert_eq!(out.after_ms, 5.0);
+        assert_eq!(out.failed.len(), default_candidates().iter().filter(|c| c.stages.is_some()).count());
+        assert!(out.failed[0].contains("/p3: compute capability 7.5"), "{}", out.failed[0]);
+    }
+
+    #[test]
+    fn kilns_own_choice_must_run_and_the_budget_stops_the_search() {
+        let err =
+            search(&[key(128)], &default_candidates(), true, 60.0, code, |_| {}, |_| Err(Error::Invalid("no".into())));
+        assert!(err.is_err());
+        let out = search(&[key(128)], &default_candidates(), true, 0.0, code, |_| {}, |_| Ok(1.0)).unwrap();
+        assert!(out.out_of_budget);
+        assert_eq!((out.timed, out.setting.clone()), (1, Setting::default()));
+    }
+
+    #[test]
+    fn a_setting_reads_back_from_its_text() {
+        let mut s = Setting { dependent_launch: true, ..Setting::default() };
+        s.table.insert(key(128), TileChoice::from_label("128x64/s2/p3").unwrap()).unwrap();
+        s.table.insert(key(256), TileChoice::from_label("cuBLAS").unwrap()).unwrap();
+        let text = setting_text(&s, "tuned on a card\nin 3 s");
+        assert!(text.starts_with("# tuned on a card\n# in 3 s\ndependent-launch on\n"), "{text}");
+        assert_eq!(parse_setting(&text, "entry").unwrap(), s);
+        let err = parse_setting("128x64x32 nn cuBLAS\n", "entry").unwrap_err().to_string();
+        assert!(err.contains("no 'dependent-launch on|off' line"), "{err}");
+    }
+
+    #[test]
+    fn a_cached_setting_reads_back_and_a_missing_or_bad_entry_reads_as_none() {
+        let folder = std::env::temp_dir().join(format!("kiln-autotune-cache-{}", std::process::id()));
+        let mut s = Setting { dependent_launch: true, ..Setting::default() };
+        s.table.insert(key(128), TileChoice::from_label("32x32k4/s2").unwrap()).unwrap();
+        assert_eq!(read_cached(&folder, "0123"), None);
+        let path = write_cached(&folder, "0123", &s, "a test").unwrap();
+        assert_eq!(path, cache_path(&folder, "0123"));
+        assert_eq!(read_cached(&folder, "0123"), Some(s));
+        std::fs::write(&path, "not a setting").unwrap();
+        assert_eq!(read_cached(&folder, "0123"), None);
+        std::fs::remove_dir_all(&folder).unwrap();
+    }
+
+    #[test]
+    fn the_cache_key_follows_the_code_the_card_and_the_candidates() {
+        let c = default_candidates();
+        let k = cache_key("code", "H100 (sm_90)", &c, true);
+        assert_eq!(k, cache_key("code", "H100 (sm_90)", &c, true));
+        assert_ne!(k, cache_key("code2", "H100 (sm_90)", &c, true));
+        assert_ne!(k, cache_key("code", "H200 (sm_90)", &c, true));
+        assert_ne!(k, cache_key("code", "H100 (sm_90)", &c[1..], true));
+        assert_ne!(k, cache_key("code", "H100 (sm_90)", &c, false));
+    }
+}
