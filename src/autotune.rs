@@ -8,8 +8,8 @@
 //! so the next run of the program finds it without timing anything.
 
 use crate::function::{Device, Function};
-use kiln_codegen::cuda::autotune::{self, Outcome, Setting};
-use kiln_codegen::cuda::{ProductKey, TileChoice, TileTable};
+use kiln_codegen::cuda::autotune::{self, Outcome, Setting, Space};
+use kiln_codegen::cuda::{ProductKey, TileTable};
 use kiln_codegen::Executable;
 use kiln_ir::{Error, Result, Tensor};
 use std::time::Instant;
@@ -23,10 +23,10 @@ pub struct AutotuneOptions {
     pub min_calls: usize,
     /// No further candidate is tried after this many seconds (the best so far is kept).
     pub budget_seconds: f64,
-    /// The tilings tried for each product (`autotune::default_candidates`).
-    pub candidates: Vec<TileChoice>,
-    /// Also try programmatic dependent launch (compute capability 9.0 or newer).
-    pub dependent_launch: bool,
+    /// What is tried: the tilings of each product (`autotune::default_candidates`), then for the
+    /// whole step programmatic dependent launch (compute capability 9.0 or newer) and each number
+    /// of streams (1 to 3).
+    pub space: Space,
     /// Read the result from the cache folder where a run before found it, and keep it there
     /// (unless the budget ran out before every candidate was tried).
     pub cache: bool,
@@ -41,8 +41,7 @@ impl Default for AutotuneOptions {
             seconds_per_setting: 0.05,
             min_calls: 5,
             budget_seconds: 300.0,
-            candidates: autotune::default_candidates(),
-            dependent_launch: true,
+            space: Space::default(),
             cache: true,
             cache_folder: None,
         }
@@ -98,7 +97,8 @@ impl std::fmt::Display for AutotuneReport {
             let choice = o.setting.table.entries.get(key).copied().unwrap_or_default();
             writeln!(f, "  {kernel:<16} {:<18} {}", key.to_string(), choice.label().unwrap_or_default())?;
         }
-        writeln!(f, "  dependent launch {}", if o.setting.dependent_launch { "on" } else { "off" })?;
+        let streams = o.setting.streams.map_or("as kiln plans them".to_string(), |n| n.to_string());
+        writeln!(f, "  dependent launch {}, streams {streams}", if o.setting.dependent_launch { "on" } else { "off" })?;
         if let Some(path) = &self.cache_entry {
             writeln!(f, "  cache entry {}", path.display())?;
         }
@@ -125,8 +125,8 @@ fn device_label(device: Device) -> Result<String> {
 impl Function {
     /// Times the CUDA backend's ways of computing this step on its card, for calls with these
     /// arguments' shapes, and from then on runs the fastest: each float product that the backend
-    /// may tile as cuBLAS or in each tiling of `opts.candidates`, and the step with programmatic
-    /// dependent launch (see `kiln_codegen::cuda::autotune`). The values of the shared variables
+    /// may tile as cuBLAS or in each tiling of `opts.space`, then the step with programmatic
+    /// dependent launch and over each number of streams (see `kiln_codegen::cuda::autotune`). The values of the shared variables
     /// are as before the call when it returns. Later specializations (other shapes) keep the
     /// tuned choices for the products they share. An `Err` for a function that does not run on a
     /// CUDA device, or where the step fails to run as compiled at first.
@@ -141,7 +141,7 @@ impl Function {
                 kiln_codegen::cuda::program_source(&self.program, &shapes)
             })
         };
-        let key = autotune::cache_key(&code_of(&Setting::default())?, &device, &opts.candidates, opts.dependent_launch);
+        let key = autotune::cache_key(&code_of(&Setting::default())?, &device, &opts.space);
         let folder = opts.cache_folder.clone().or_else(autotune::default_cache_folder).filter(|_| opts.cache);
         let cached = folder.as_deref().and_then(|folder| autotune::read_cached(folder, &key));
         let (outcome, from_cache) = match cached {
@@ -162,8 +162,7 @@ impl Function {
                 let saved = self.save_shared()?;
                 let found = autotune::search(
                     &keys,
-                    &opts.candidates,
-                    opts.dependent_launch,
+                    &opts.space,
                     opts.budget_seconds,
                     code_of,
                     |round: &[Setting]| self.precompile(round, &shapes),

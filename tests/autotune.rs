@@ -7,6 +7,7 @@
 use kiln::prelude::*;
 use kiln::testing::random_tensor;
 use kiln::{AutotuneOptions, AutotuneReport, Disconnected};
+use kiln_codegen::cuda::autotune::Space;
 use kiln_codegen::cuda::TileChoice;
 
 /// A two-layer classifier's SGD step (64x128 inputs, 96 hidden units, 10 classes): its forward
@@ -44,7 +45,10 @@ fn options(folder: &std::path::Path) -> AutotuneOptions {
     AutotuneOptions {
         seconds_per_setting: 0.0,
         min_calls: 1,
-        candidates: ["cuBLAS", "32x32k4/s2", "64x64/s1/p3"].map(|l| TileChoice::from_label(l).unwrap()).to_vec(),
+        space: Space {
+            candidates: ["cuBLAS", "32x32k4/s2", "64x64/s1/p3"].map(|l| TileChoice::from_label(l).unwrap()).to_vec(),
+            ..Space::default()
+        },
         cache_folder: Some(folder.to_path_buf()),
         ..AutotuneOptions::default()
     }
@@ -64,12 +68,12 @@ fn check_report(report: &AutotuneReport, opts: &AutotuneOptions) {
     assert_eq!(names.len(), 2, "{report}");
     assert!(report.outcome.failed.is_empty(), "{report}\n{:?}", report.outcome.failed);
     assert!(!report.outcome.out_of_budget, "{report}");
-    // Kiln's own choices, each candidate of each product that changes the code, dependent launch,
-    // and the best again before the second product and before dependent launch.
-    let candidates = opts.candidates.len();
-    assert_eq!(report.outcome.timed + report.outcome.same_code, 1 + 2 * candidates + 1 + 2, "{report}");
+    // Kiln's own choices, each candidate of each product, dependent launch, each number of
+    // streams, and the best again before the second product, dependent launch and the streams.
+    let (candidates, streams) = (opts.space.candidates.len(), opts.space.streams.len());
+    assert_eq!(report.outcome.timed + report.outcome.same_code, 1 + 2 * candidates + 1 + 2 + 1 + streams, "{report}");
     for choice in report.table().entries.values() {
-        assert!(opts.candidates.contains(choice), "{report}");
+        assert!(opts.space.candidates.contains(choice), "{report}");
     }
 }
 

@@ -47,6 +47,8 @@ pub struct CompileOptions {
     pub tile_table: Option<std::sync::Arc<cuda::TileTable>>,
     /// Kernels emitted and launched for programmatic dependent launch, as `KILN_CUDA_PDL=1` asks.
     pub dependent_launch: bool,
+    /// The streams a step may spread over, as `KILN_CUDA_STREAMS` says (`None`: as that says).
+    pub streams: Option<usize>,
 }
 
 /// Moves each update output into its shared variable (after checking it keeps the variable's

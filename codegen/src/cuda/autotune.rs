@@ -30,17 +30,24 @@ use std::sync::Arc;
 /// noise of a shared machine's step times.
 pub const MARGIN: f64 = 0.01;
 
-/// What the search varies: a tile table for the products and dependent launch for the step.
+/// What the search varies: a tile table for the products, and for the whole step dependent
+/// launch and the number of streams.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Setting {
     pub table: TileTable,
     pub dependent_launch: bool,
+    /// `None`: as kiln plans it (`KILN_CUDA_STREAMS`, else two where the memory allows).
+    pub streams: Option<usize>,
 }
 
 impl Setting {
     /// The compile options that give a function this setting.
     pub fn compile_options(&self) -> CompileOptions {
-        CompileOptions { tile_table: Some(Arc::new(self.table.clone())), dependent_launch: self.dependent_launch }
+        CompileOptions {
+            tile_table: Some(Arc::new(self.table.clone())),
+            dependent_launch: self.dependent_launch,
+            streams: self.streams,
+        }
     }
 
     /// `self` with `key` computed as `choice` (`kiln`'s own choice: no line for it).
@@ -55,13 +62,33 @@ impl Setting {
     }
 }
 
+/// What a search tries: its candidates for each product, then for the step dependent launch (if
+/// `dependent_launch`) and each number of streams of `streams`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Space {
+    pub candidates: Vec<TileChoice>,
+    pub dependent_launch: bool,
+    pub streams: Vec<usize>,
+}
+
+impl Default for Space {
+    /// `default_candidates`, dependent launch, and one to three streams.
+    fn default() -> Self {
+        Space { candidates: default_candidates(), dependent_launch: true, streams: vec![1, 2, 3] }
+    }
+}
+
 /// The choices tried for each product: cuBLAS, and by float32 FMAs each tile shape kiln picks
 /// from (32x32 in thread groups, 64x64, 128x64) and 128x128 at slice counts from 1 to 12, each
 /// with one slab buffer and with three filled by asynchronous copies (compute capability 8.0 or
-/// newer; elsewhere they fail and are passed over). Tensor cores (3xTF32) are left out: they lost
-/// every product of the H100's product table.
+/// newer; elsewhere they fail and are passed over), and 32x32 tiles of 2x2 outputs a thread (the
+/// form before the thread groups). Tensor cores (3xTF32) are left out: they lost every product of
+/// the H100's product table.
 pub fn default_candidates() -> Vec<TileChoice> {
     let mut v = vec![TileChoice { tiled: Some(false), ..TileChoice::default() }];
+    for slices in [1, 2, 4, 8, 12] {
+        v.push(TileChoice::forced(TileShape::T32x32, slices, false));
+    }
     for tile in [TileShape::T32x32K4, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128] {
         let slice_counts: &[usize] = if tile == TileShape::T128x128 { &[1, 2, 4] } else { &[1, 2, 4, 8, 12] };
         for &slices in slice_counts {
@@ -91,23 +118,25 @@ pub struct Outcome {
     pub out_of_budget: bool,
 }
 
-/// A stable hash of a program's code (`DefaultHasher::new()` has fixed keys).
-fn code_hash(code: &str) -> u64 {
+/// What makes two settings run alike: their code and their streams (the code does not show
+/// them). A stable hash (`DefaultHasher::new()` has fixed keys).
+fn fingerprint(code: &str, s: &Setting) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     code.hash(&mut h);
+    s.streams.hash(&mut h);
     h.finish()
 }
 
-/// Searches for the fastest setting of a step whose tunable products are `products` (repeats
-/// allowed: a table has one line per shape and layout). `code_of` gives a setting's generated
-/// code (to pass over candidates that change nothing); `prepare` is handed each round's settings
-/// to be timed before any is timed (to compile them all at once, on every core); `time` gives a
+/// Searches `space` for the fastest setting of a step whose tunable products are `products`
+/// (repeats allowed: a table has one line per shape and layout). `code_of` gives a setting's
+/// generated code (to pass over candidates that change nothing but it; the number of streams,
+/// which the code does not show, counts too); `prepare` is handed each round's settings to be
+/// timed before any is timed (to compile them all at once, on every core); `time` gives a
 /// setting's milliseconds per step. The first timing, of kiln's own choices, must succeed; after
 /// `budget_seconds` no further candidate is timed. Products are tuned in the order given.
 pub fn search<C, P, T>(
     products: &[ProductKey],
-    candidates: &[TileChoice],
-    try_dependent_launch: bool,
+    space: &Space,
     budget_seconds: f64,
     code_of: C,
     prepare: P,
@@ -121,7 +150,7 @@ where
     let start = std::time::Instant::now();
     let (mut code_of, mut time) = (code_of, time);
     let mut seen = HashSet::new();
-    seen.insert(code_hash(&code_of(&Setting::default())?));
+    seen.insert(fingerprint(&code_of(&Setting::default())?, &Setting::default()));
     let before_ms = time(&Setting::default())?;
     let out = Outcome {
         setting: Setting::default(),
@@ -148,21 +177,48 @@ where
         first = false;
         // The round's settings differ from the best only in this product's line, so they are
         // known before any is timed, whichever wins.
-        let round = candidates.iter().map(|&c| s.best.with(key, c)).collect();
+        let round = space.candidates.iter().map(|&c| s.best.with(key, c)).collect();
         if !s.round(round, &out_of_time) {
             break;
         }
     }
-    if try_dependent_launch && !s.out.out_of_budget {
+    // Then the step as a whole: dependent launch, then the number of streams, each round made
+    // from the best after the one before.
+    for knob in [StepKnob::Launch, StepKnob::Streams] {
+        let round = knob.settings(space, &s.best);
+        if s.out.out_of_budget {
+            break;
+        }
+        if round.is_empty() {
+            continue;
+        }
         if !first {
             s.retime()?;
         }
-        let candidate = Setting { dependent_launch: true, ..s.best.clone() };
-        s.round(vec![candidate], &out_of_time);
+        first = false;
+        s.round(round, &out_of_time);
     }
     s.out.setting = s.best;
     s.out.after_ms = s.best_ms;
     Ok(s.out)
+}
+
+/// What the rounds for the whole step vary, in their order.
+#[derive(Clone, Copy)]
+enum StepKnob {
+    Launch,
+    Streams,
+}
+
+impl StepKnob {
+    /// The round's settings: `best` with each value of the knob that `space` tries.
+    fn settings(self, space: &Space, best: &Setting) -> Vec<Setting> {
+        match self {
+            StepKnob::Launch if space.dependent_launch => vec![Setting { dependent_launch: true, ..best.clone() }],
+            StepKnob::Launch => vec![],
+            StepKnob::Streams => space.streams.iter().map(|&n| Setting { streams: Some(n), ..best.clone() }).collect(),
+        }
+    }
 }
 
 /// A search's state: the best setting so far and its time, and the code of every setting timed.
@@ -195,7 +251,7 @@ where
         let mut fresh = vec![];
         for c in candidates {
             match (self.code_of)(&c) {
-                Ok(code) if self.seen.insert(code_hash(&code)) => fresh.push(c),
+                Ok(code) if self.seen.insert(fingerprint(&code, &c)) => fresh.push(c),
                 Ok(_) => self.out.same_code += 1,
                 Err(e) => self.out.failed.push(format!("{}: {e}", describe(&c))),
             }
@@ -228,6 +284,9 @@ fn describe(s: &Setting) -> String {
     if s.dependent_launch {
         parts.push("dependent launch".into());
     }
+    if let Some(n) = s.streams {
+        parts.push(format!("{n} streams"));
+    }
     if parts.is_empty() {
         "kiln's own choices".into()
     } else {
@@ -236,27 +295,32 @@ fn describe(s: &Setting) -> String {
 }
 
 /// The cache entry's name for a step whose code with kiln's own choices is `code`, tuned on
-/// `device` over `candidates` (and dependent launch, if tried).
-pub fn cache_key(code: &str, device: &str, candidates: &[TileChoice], try_dependent_launch: bool) -> String {
+/// `device` over `space`.
+pub fn cache_key(code: &str, device: &str, space: &Space) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     code.hash(&mut h);
     device.hash(&mut h);
-    for c in candidates {
+    for c in &space.candidates {
         c.label().hash(&mut h);
     }
-    try_dependent_launch.hash(&mut h);
+    space.dependent_launch.hash(&mut h);
+    space.streams.hash(&mut h);
     format!("{:016x}", h.finish())
 }
 
-/// The line of a cache entry that says whether dependent launch won.
+/// The lines of a cache entry that say whether dependent launch won, and how many streams.
 const LAUNCH_LINE: &str = "dependent-launch";
+const STREAMS_LINE: &str = "streams";
 
-/// A setting as a cache entry's text: `heading` as comments, the launch line, then the table.
+/// A setting as a cache entry's text: `heading` as comments, the launch and streams lines, then
+/// the table.
 pub fn setting_text(s: &Setting, heading: &str) -> String {
     let table = s.table.to_text(heading);
     let (comments, lines): (Vec<&str>, Vec<&str>) = table.lines().partition(|l| l.starts_with('#'));
     let mut text = comments.join("\n");
     text.push_str(&format!("\n{LAUNCH_LINE} {}\n", if s.dependent_launch { "on" } else { "off" }));
+    let streams = s.streams.map_or("kiln".to_string(), |n| n.to_string());
+    text.push_str(&format!("{STREAMS_LINE} {streams}\n"));
     for l in lines {
         text.push_str(l);
         text.push('\n');
@@ -266,28 +330,34 @@ pub fn setting_text(s: &Setting, heading: &str) -> String {
 
 /// Reads `setting_text`'s text back; `origin` is what errors name.
 pub fn parse_setting(text: &str, origin: &str) -> Result<Setting> {
-    let mut dependent_launch = None;
+    let (mut dependent_launch, mut streams) = (None, None);
     let mut table = String::new();
     for line in text.lines() {
-        match line.trim().strip_prefix(LAUNCH_LINE) {
-            Some(v) => {
-                dependent_launch = match v.trim() {
-                    "on" => Some(true),
-                    "off" => Some(false),
-                    other => {
-                        return Err(Error::Invalid(format!("{origin}: '{LAUNCH_LINE} {other}' (expected on or off)")))
-                    }
+        let bad = |what: &str| Error::Invalid(format!("{origin}: '{}' (expected {what})", line.trim()));
+        if let Some(v) = line.trim().strip_prefix(LAUNCH_LINE) {
+            dependent_launch = Some(match v.trim() {
+                "on" => true,
+                "off" => false,
+                _ => return Err(bad("on or off")),
+            });
+        } else if let Some(v) = line.trim().strip_prefix(STREAMS_LINE) {
+            streams = Some(match v.trim() {
+                "kiln" => None,
+                n => {
+                    Some(n.parse::<usize>().ok().filter(|n| (1..=8).contains(n)).ok_or_else(|| bad("kiln or 1 to 8"))?)
                 }
-            }
-            None => {
-                table.push_str(line);
-                table.push('\n');
-            }
+            });
+        } else {
+            table.push_str(line);
+            table.push('\n');
         }
     }
-    let dependent_launch =
-        dependent_launch.ok_or_else(|| Error::Invalid(format!("{origin}: no '{LAUNCH_LINE} on|off' line")))?;
-    Ok(Setting { table: TileTable::parse(&table, origin)?, dependent_launch })
+    let missing = |l: &str| Error::Invalid(format!("{origin}: no '{l}' line"));
+    Ok(Setting {
+        table: TileTable::parse(&table, origin)?,
+        dependent_launch: dependent_launch.ok_or_else(|| missing("dependent-launch on|off"))?,
+        streams: streams.ok_or_else(|| missing("streams N|kiln"))?,
+    })
 }
 
 /// The folder autotune results are kept in by default: `tuned` in kiln's cache folder.
@@ -327,12 +397,17 @@ mod tests {
         ProductKey { m, k: 64, n: 32, a_transposed: false, b_transposed: false }
     }
 
+    /// The default candidates for the products, nothing for the step.
+    fn only_products() -> Space {
+        Space { dependent_launch: false, streams: vec![], ..Space::default() }
+    }
+
     fn label(c: &TileChoice) -> String {
         c.label().unwrap()
     }
 
-    /// A step whose time is the sum over its products of a per-(product, choice) cost, plus a
-    /// saving for dependent launch; its code is the table's text (so equal settings share code).
+    /// A step whose time is the sum over its products of a per-(product, choice) cost, less a
+    /// saving for dependent launch and half a millisecond on two streams.
     fn synthetic(cost: impl Fn(ProductKey, &str) -> f64, launch_saves: f64) -> impl FnMut(&Setting) -> Result<f64> {
         move |s: &Setting| {
             let mut t = 0.0;
@@ -340,39 +415,45 @@ mod tests {
                 let c = s.table.entries.get(&k).map_or("kiln".to_string(), label);
                 t += cost(k, &c);
             }
-            Ok(if s.dependent_launch { t - launch_saves } else { t })
+            if s.dependent_launch {
+                t -= launch_saves;
+            }
+            Ok(if s.streams == Some(2) { t - 0.5 } else { t })
         }
     }
 
+    /// A setting's code: its text, without the streams (which the code does not show).
     fn code(s: &Setting) -> Result<String> {
-        Ok(setting_text(s, ""))
+        Ok(setting_text(&Setting { streams: None, ..s.clone() }, ""))
     }
 
     #[test]
-    fn the_search_finds_each_products_fastest_choice_and_dependent_launch() {
+    fn the_search_finds_each_products_fastest_choice_then_the_steps_launch_and_streams() {
         let cost = |k: ProductKey, c: &str| match (k.m, c) {
             (128, "64x64/s4/p3") => 2.0,
             (256, "cuBLAS") => 3.0,
             _ => 10.0,
         };
         let products = [key(128), key(256), key(128)];
-        let out = search(&products, &default_candidates(), true, 60.0, code, |_| {}, synthetic(cost, 1.0)).unwrap();
+        let out = search(&products, &Space::default(), 60.0, code, |_| {}, synthetic(cost, 1.0)).unwrap();
         assert_eq!(out.before_ms, 20.0);
-        assert_eq!(out.after_ms, 4.0);
+        assert_eq!(out.after_ms, 3.5);
         assert!(out.setting.dependent_launch);
+        assert_eq!(out.setting.streams, Some(2));
         assert_eq!(label(&out.setting.table.entries[&key(128)]), "64x64/s4/p3");
         assert_eq!(label(&out.setting.table.entries[&key(256)]), "cuBLAS");
-        // Each distinct setting timed once, plus the best again before the second product and
-        // before dependent launch; the repeated product is tuned once.
+        // Each distinct setting timed once (the repeated product is tuned once; the settings of
+        // the streams' round share their code but not their streams), plus the best again before
+        // the second product, before dependent launch and before the streams.
         let n = default_candidates().len();
-        assert_eq!(out.timed, 1 + n + 1 + n + 1 + 1);
+        assert_eq!(out.timed, 1 + n + 1 + n + 1 + 1 + 1 + 3);
         assert!(out.failed.is_empty() && !out.out_of_budget);
     }
 
     #[test]
     fn a_candidate_within_the_margin_does_not_replace_the_best() {
         let cost = |_: ProductKey, c: &str| if c == "32x32k4/s1" { 10.0 * (1.0 - MARGIN / 2.0) } else { 10.0 };
-        let out = search(&[key(128)], &default_candidates(), false, 60.0, code, |_| {}, synthetic(cost, 0.0)).unwrap();
+        let out = search(&[key(128)], &only_products(), 60.0, code, |_| {}, synthetic(cost, 0.0)).unwrap();
         assert_eq!(out.setting, Setting::default());
         assert_eq!(out.after_ms, 20.0);
     }
@@ -392,8 +473,7 @@ mod tests {
         let mut prepared = vec![];
         let out = search(
             &[key(128)],
-            &default_candidates(),
-            false,
+            &only_products(),
             60.0,
             cuda_c,
             |s| prepared.push(s.len()),
@@ -417,7 +497,7 @@ mod tests {
                 None => Ok(10.0),
             }
         };
-        let out = search(&[key(128)], &default_candidates(), false, 60.0, code, |_| {}, time).unwrap();
+        let out = search(&[key(128)], &only_products(), 60.0, code, |_| {}, time).unwrap();
         assert_eq!(out.after_ms, 5.0);
         assert_eq!(out.failed.len(), default_candidates().iter().filter(|c| c.stages.is_some()).count());
         assert!(out.failed[0].contains("/p3: compute capability 7.5"), "{}", out.failed[0]);
@@ -425,24 +505,27 @@ mod tests {
 
     #[test]
     fn kilns_own_choice_must_run_and_the_budget_stops_the_search() {
-        let err =
-            search(&[key(128)], &default_candidates(), true, 60.0, code, |_| {}, |_| Err(Error::Invalid("no".into())));
+        let err = search(&[key(128)], &Space::default(), 60.0, code, |_| {}, |_| Err(Error::Invalid("no".into())));
         assert!(err.is_err());
-        let out = search(&[key(128)], &default_candidates(), true, 0.0, code, |_| {}, |_| Ok(1.0)).unwrap();
+        let out = search(&[key(128)], &Space::default(), 0.0, code, |_| {}, |_| Ok(1.0)).unwrap();
         assert!(out.out_of_budget);
         assert_eq!((out.timed, out.setting.clone()), (1, Setting::default()));
     }
 
     #[test]
     fn a_setting_reads_back_from_its_text() {
-        let mut s = Setting { dependent_launch: true, ..Setting::default() };
+        let mut s = Setting { dependent_launch: true, streams: Some(3), ..Setting::default() };
         s.table.insert(key(128), TileChoice::from_label("128x64/s2/p3").unwrap()).unwrap();
         s.table.insert(key(256), TileChoice::from_label("cuBLAS").unwrap()).unwrap();
         let text = setting_text(&s, "tuned on a card\nin 3 s");
-        assert!(text.starts_with("# tuned on a card\n# in 3 s\ndependent-launch on\n"), "{text}");
+        assert!(text.starts_with("# tuned on a card\n# in 3 s\ndependent-launch on\nstreams 3\n"), "{text}");
         assert_eq!(parse_setting(&text, "entry").unwrap(), s);
-        let err = parse_setting("128x64x32 nn cuBLAS\n", "entry").unwrap_err().to_string();
+        let kiln_streams = Setting { streams: None, ..s.clone() };
+        assert_eq!(parse_setting(&setting_text(&kiln_streams, ""), "entry").unwrap(), kiln_streams);
+        let err = parse_setting("128x64x32 nn cuBLAS\nstreams kiln\n", "entry").unwrap_err().to_string();
         assert!(err.contains("no 'dependent-launch on|off' line"), "{err}");
+        let err = parse_setting("dependent-launch off\nstreams 9\n", "entry").unwrap_err().to_string();
+        assert!(err.contains("'streams 9' (expected kiln or 1 to 8)"), "{err}");
     }
 
     #[test]
@@ -460,13 +543,15 @@ mod tests {
     }
 
     #[test]
-    fn the_cache_key_follows_the_code_the_card_and_the_candidates() {
-        let c = default_candidates();
-        let k = cache_key("code", "H100 (sm_90)", &c, true);
-        assert_eq!(k, cache_key("code", "H100 (sm_90)", &c, true));
-        assert_ne!(k, cache_key("code2", "H100 (sm_90)", &c, true));
-        assert_ne!(k, cache_key("code", "H200 (sm_90)", &c, true));
-        assert_ne!(k, cache_key("code", "H100 (sm_90)", &c[1..], true));
-        assert_ne!(k, cache_key("code", "H100 (sm_90)", &c, false));
+    fn the_cache_key_follows_the_code_the_card_and_the_space() {
+        let space = Space::default();
+        let k = cache_key("code", "H100 (sm_90)", &space);
+        assert_eq!(k, cache_key("code", "H100 (sm_90)", &space));
+        assert_ne!(k, cache_key("code2", "H100 (sm_90)", &space));
+        assert_ne!(k, cache_key("code", "H200 (sm_90)", &space));
+        let fewer = Space { candidates: space.candidates[1..].to_vec(), ..space.clone() };
+        assert_ne!(k, cache_key("code", "H100 (sm_90)", &fewer));
+        assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { dependent_launch: false, ..space.clone() }));
+        assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { streams: vec![1, 2], ..space.clone() }));
     }
 }

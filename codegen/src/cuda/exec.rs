@@ -34,7 +34,7 @@ impl Backend for Cuda {
         let gpu = Gpu::get(self.ordinal)?;
         let graphs = std::env::var("KILN_CUDA_GRAPHS").map_or(true, |v| v != "0");
         let profile = StepProfile::requested("KILN_CUDA_PROFILE").map(|steps| Profile { events: vec![], steps });
-        let streams = streams_for(profile.is_some())?;
+        let streams = super::with_compile_options(opts, || streams_for(profile.is_some()))?;
         Ok(Box::new(CudaExecutable {
             gpu,
             streams,
@@ -51,8 +51,8 @@ impl Backend for Cuda {
     /// would compile it; nothing is loaded.
     fn precompile(&self, program: &Program, shapes: &[Vec<usize>], opts: &CompileOptions) -> Result<()> {
         let gpu = Gpu::get(self.ordinal)?;
-        let streams = streams_for(StepProfile::requested("KILN_CUDA_PROFILE").is_some())?;
         super::with_compile_options(opts, || {
+            let streams = streams_for(StepProfile::requested("KILN_CUDA_PROFILE").is_some())?;
             let (kp, _, _) = super::specialize_program(program, shapes)?;
             let (_, memory) = super::streams_and_memory(&kp, streams);
             let dp = emit(&kp, &memory)?;

@@ -105,9 +105,13 @@ pub(crate) fn with_thread_setting<T: Copy + 'static, R>(
 }
 
 /// Runs `f` (a specialization's build, or printing one) under what `opts` fixes for a compiled
-/// function: its tile table and programmatic dependent launch, where it fixes them.
+/// function: its tile table, programmatic dependent launch and streams, where it fixes them.
 pub fn with_compile_options<R>(opts: &crate::CompileOptions, f: impl FnOnce() -> R) -> R {
     let f = || if opts.dependent_launch { with_dependent_launch(f) } else { f() };
+    let f = || match opts.streams {
+        Some(n) => with_streams(n, f),
+        None => f(),
+    };
     match &opts.tile_table {
         Some(table) => tile_table::with_shared_tile_table(table.clone(), f),
         None => f(),
