@@ -38,7 +38,7 @@ pub struct AutotuneOptions {
 impl Default for AutotuneOptions {
     fn default() -> Self {
         AutotuneOptions {
-            seconds_per_setting: 0.05,
+            seconds_per_setting: 0.03,
             min_calls: 5,
             budget_seconds: 300.0,
             space: Space::default(),

@@ -311,3 +311,24 @@ fn generated_kernels_neither_spill_registers_nor_crowd_out_a_second_block() {
         }
     }
 }
+
+#[test]
+fn every_workloads_compilation_units_compile_with_only_the_helpers_they_call() {
+    // What the runtime compiles (`nvrtc::compile_module`): each step cut into units of whole
+    // kernels, each unit with only the helpers its kernels call; with slabs copied asynchronously
+    // and for programmatic dependent launch, where kernels call helpers.
+    use kiln_codegen::cuda::nvrtc::{available, compile_module, missing_reason, CHECK_ARCH};
+    use kiln_codegen::cuda::{with_dependent_launch, with_tile_choice, TileChoice};
+    if !available() {
+        kiln::testing::note(&format!("skipped: {}", missing_reason()));
+        return;
+    }
+    let staged = TileChoice { stages: Some(3), ..TileChoice::default() };
+    for name in kiln::workloads::NAMES {
+        let w = kiln::workloads::build(name, Device::Reference).unwrap();
+        let module = with_dependent_launch(|| with_tile_choice(staged, || w.step.cuda_module(&w.args).unwrap()));
+        let (parts, _) = compile_module(&module, CHECK_ARCH).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let kernels: usize = parts.iter().map(|p| p.kernels.len()).sum();
+        assert_eq!(kernels, module.kernels.len(), "{name}");
+    }
+}

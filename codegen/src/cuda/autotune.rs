@@ -133,7 +133,8 @@ fn fingerprint(code: &str, s: &Setting) -> u64 {
 /// which the code does not show, counts too); `prepare` is handed each round's settings to be
 /// timed before any is timed (to compile them all at once, on every core); `time` gives a
 /// setting's milliseconds per step. The first timing, of kiln's own choices, must succeed; after
-/// `budget_seconds` no further candidate is timed. Products are tuned in the order given.
+/// `budget_seconds` no further candidate is timed. Products are tuned largest first (by
+/// multiply-adds; in the order given where equal).
 pub fn search<C, P, T>(
     products: &[ProductKey],
     space: &Space,
@@ -162,12 +163,14 @@ where
         out_of_budget: false,
     };
     let mut s = Search { code_of, prepare, time, seen, best: Setting::default(), best_ms: before_ms, out };
+    // The largest products first: a search cut short by its budget has tuned what weighs most.
     let mut keys: Vec<ProductKey> = vec![];
     for k in products {
         if !keys.contains(k) {
             keys.push(*k);
         }
     }
+    keys.sort_by_key(|k| std::cmp::Reverse(k.m * k.k * k.n));
     let out_of_time = || start.elapsed().as_secs_f64() > budget_seconds;
     let mut first = true;
     for key in keys {
