@@ -5,7 +5,8 @@
 //! and saves the weights (safetensors).
 //!
 //! `cargo run --release --example fashion_mnist_mlp -- [--device cpu|cuda] [--epochs N]
-//!  [--data-dir DIR] [--optimizer adam|sgd] [--out DIR]`
+//!  [--data-dir DIR] [--optimizer adam|sgd] [--out DIR] [--autotune]` (`--autotune`, on a CUDA
+//! device: the training step is autotuned on one batch before training, `Sequential::autotune`).
 
 use clap::Parser;
 use kiln::data::fashion_mnist;
@@ -32,6 +33,9 @@ struct Args {
     /// Where the loss curve and the weights go.
     #[arg(long, default_value = "target/fashion_mnist_mlp")]
     out: PathBuf,
+    /// Autotune the training step on its CUDA device before training (the report is printed).
+    #[arg(long)]
+    autotune: bool,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -70,6 +74,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         validation_data: Some((tx.clone(), ty.clone())),
         ..Fit::default()
     };
+    if args.autotune {
+        let rows: Vec<usize> = (0..args.batch_size.min(data.train_x.nrows())).collect();
+        let batch_x: Tensor = data.train_x.select(ndarray::Axis(0), &rows).into();
+        let batch_y: Tensor = data.train_y.select(ndarray::Axis(0), &rows).into();
+        print!("{}", model.autotune(&batch_x, &batch_y, &kiln::AutotuneOptions::default())?);
+    }
     let history = model.fit(&x, &y, &fit)?;
     let test = model.evaluate(&tx, &ty, 1000)?;
     let seconds: Vec<f64> = history.epochs.iter().map(|e| e.seconds).collect();

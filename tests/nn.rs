@@ -352,6 +352,31 @@ fn fit_on_the_gpu_where_there_is_one() {
 }
 
 #[test]
+fn autotuned_fit_on_the_gpu_matches_the_cpu() {
+    // Autotuning the training step (on one batch) trains nothing: its weights and dropout stream
+    // are put back, so the fit after it is the CPU's fit.
+    let (x, y) = blobs(90);
+    let fit = Fit { epochs: 3, batch_size: 16, seed: 4, verbose: 0, ..Fit::default() };
+    let mut cpu = small_model(11, 0.2);
+    cpu.compile(Loss::SparseCategoricalCrossentropy, Optimizer::adam(0.05), &[Metric::Accuracy]).unwrap();
+    let want = cpu.fit(&x, &y, &fit).unwrap().loss();
+    for device in kiln::testing::cuda_test_devices() {
+        let mut m = small_model(11, 0.2).device(device);
+        m.compile(Loss::SparseCategoricalCrossentropy, Optimizer::adam(0.05), &[Metric::Accuracy]).unwrap();
+        let (batch_x, batch_y) = blobs(16);
+        let opts = kiln::AutotuneOptions { seconds_per_setting: 0.0, min_calls: 1, cache: false, ..Default::default() };
+        let report = m.autotune(&batch_x, &batch_y, &opts).unwrap();
+        assert!(report.outcome.timed >= 2, "{report}");
+        let got = m.fit(&x, &y, &fit).unwrap().loss();
+        for (a, b) in want.iter().zip(&got) {
+            assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()), "cpu {want:?} {device:?} {got:?}");
+        }
+    }
+    let err = cpu.autotune(&x, &y, &kiln::AutotuneOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("Device::Cuda"), "{err}");
+}
+
+#[test]
 fn history_plots_the_loss_curves_as_png() {
     let (x, y) = blobs(60);
     let mut m = small_model(2, 0.0);

@@ -291,6 +291,16 @@ impl Sequential {
         Ok(self.compiled()?.train.generated_code())
     }
 
+    /// Autotunes the training step on its CUDA device for batches shaped as `x` and `y` (one
+    /// batch: `Function::autotune`, which leaves the weights as they were); later `fit` calls
+    /// with that batch size run the fastest setting found. An `Err` off the CUDA backend.
+    pub fn autotune(&mut self, x: &Tensor, y: &Tensor, opts: &crate::AutotuneOptions) -> Result<crate::AutotuneReport> {
+        let loss = self.compiled()?.loss;
+        let (x, y) = (x.cast(F32), Self::targets(loss, y));
+        check_rows(&x, &y)?;
+        self.compiled()?.train.autotune(&[x, y], opts)
+    }
+
     /// Targets as the model's `y` input wants them (i64 class indices for sparse losses).
     fn targets(loss: Loss, y: &Tensor) -> Tensor {
         if loss.sparse_targets() {
