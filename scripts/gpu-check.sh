@@ -20,7 +20,8 @@
 #                                  benchmark (each workload product as cuBLAS + epilogue and with
 #                                  every tiling, the fastest of each written to a tile table,
 #                                  $OUT/tiles.txt) and the step benchmark tuned by that table
-#                                  (KILN_CUDA_TILES; KILN_GPU_PROFILE=0 leaves these out), and
+#                                  (KILN_CUDA_TILES; KILN_GPU_PROFILE=0 leaves these out,
+#                                  KILN_GPU_PRODUCTS=0 the product benchmark alone), and
 #                                  Nsight Compute's device time of every kernel of each workload
 #                                  (KILN_GPU_NCU=0 leaves it out); then the
 #                                  benchmark without CUDA graphs, on one stream, with outputs read
@@ -35,6 +36,8 @@
 #                                  run says so and goes on with PTX (KILN_CUDA_PTX=1).
 #                                  KILN_GPU_SANITIZE=1 also runs tests/cuda_device.rs under
 #                                  compute-sanitizer's racecheck, memcheck and synccheck.
+#   scripts/gpu-check.sh --summary (on the GPU machine) only the summary, from the benchmark files
+#                                  an earlier run left in $OUT (one cut short by a time limit).
 #
 # The CUDA libraries are looked up under $CUDA_LIB (default: the CUDA 13.0 toolkit's lib folder).
 set -u
@@ -90,6 +93,42 @@ export KILN_TEST_EMULATOR=0
 export LD_LIBRARY_PATH=${CUDA_LIB:-/usr/local/cuda-13.0/targets/x86_64-linux/lib}:${LD_LIBRARY_PATH:-}
 OUT_DIR=${OUT:-/tmp/kiln-gpu-check}
 mkdir -p "$OUT_DIR"
+summary() {
+    echo "== summary: median ms per step (compile ms for the cold and cached rows)"
+    summary_files=(cold cached stages3 kgroups0 pdl stages3-pdl autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
+    (
+        cd "$OUT_DIR" || exit
+        printf '%-16s' workload
+        for f in "${summary_files[@]}"; do printf ' %15s' "$f"; done
+        echo
+        for w in keras-mlp fmnist-mlp fmnist-mlp-4k autoencoder; do
+            printf '%-16s' "$w"
+            for f in "${summary_files[@]}"; do
+                # columns: workload device batch median_ms min_ms max_ms steps compile_ms
+                v=$(awk -v w="$w" -v f="$f" '$1 == w && $2 ~ /^cuda/ { m = $4; if (f ~ /^cold|^cached/) m = m " (" $8 ")" } END { print m }' "bench-$f.txt" 2>/dev/null)
+                printf ' %15s' "${v:--}"
+            done
+            echo
+        done
+        # The issue's targets (H100, ms per step): half the best peer's time, and for fmnist-mlp-4k
+        # 1.25x of the cuBLAS floor; against the default setting (cached) and the best of all.
+        echo
+        printf '%-16s %8s %10s %s\n' workload target default "best (setting)"
+        for wt in keras-mlp:0.025 fmnist-mlp:0.045 fmnist-mlp-4k:0.1625 autoencoder:0.154; do
+            w=${wt%%:*} target=${wt#*:}
+            default=$(awk -v w="$w" '$1 == w && $2 ~ /^cuda/ { print $4 }' bench-cached.txt 2>/dev/null)
+            best=$(for f in "${summary_files[@]}"; do
+                awk -v w="$w" -v f="$f" '$1 == w && $2 ~ /^cuda/ { print $4, f }' "bench-$f.txt" 2>/dev/null
+            done | sort -g | head -1)
+            printf '%-16s %8s %10s %s\n' "$w" "$target" "${default:--}" "${best:--}"
+        done
+    )
+}
+if [ "${1:-}" = "--summary" ]; then
+    # Only the summary, from the benchmark files of an earlier run in $OUT (one cut short, say).
+    summary
+    exit 0
+fi
 echo "== device"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi failed"
 echo "== tests"
@@ -201,10 +240,12 @@ if [ "${KILN_GPU_PROFILE:-1}" = 1 ]; then
     KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-tiled-4k.txt"
     echo "-- the same on tensor cores (KILN_CUDA_TF32X3=1)"
     KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-tf32x3-4k.txt"
-    echo "== products: device us per call of relu(a b + bias), cuBLAS + epilogue vs tilings (* fastest)"
-    # (Each function's profile, printed when it is dropped, left out.)
-    timeout 300 "$DIR/products" --device cuda --write-table "$OUT_DIR/tiles.txt" 2>&1 |
-        grep -v -e '^kiln CUDA profile' -e '^ *[0-9.]* us ' | tee "$OUT_DIR/products.txt"
+    if [ "${KILN_GPU_PRODUCTS:-1}" = 1 ]; then
+        echo "== products: device us per call of relu(a b + bias), cuBLAS + epilogue vs tilings (* fastest)"
+        # (Each function's profile, printed when it is dropped, left out.)
+        timeout 300 "$DIR/products" --device cuda --write-table "$OUT_DIR/tiles.txt" 2>&1 |
+            grep -v -e '^kiln CUDA profile' -e '^ *[0-9.]* us ' | tee "$OUT_DIR/products.txt"
+    fi
     if grep -qsv "^#" "$OUT_DIR/tiles.txt"; then
         # The fastest choice of each product, as the product benchmark just measured it.
         bench_row "tuned: every product as the tile table says (KILN_CUDA_TILES=tiles.txt)" bench-tuned.txt \
@@ -277,33 +318,5 @@ bench_row "cold again, as PTX that the driver compiles at load (KILN_CUDA_PTX=1,
     bench-cold-ptx.txt KILN_CUDA_PTX=1 CUDA_CACHE_DISABLE=1 KILN_CACHE_DIR="$(mktemp -d)"
 echo "-- every product with an epilogue tiled, up to 2^30 multiply-adds (KILN_CUDA_TILED_MACS; fmnist-mlp-4k)"
 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tiled-4k.txt"
-echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-summary_files=(cold cached stages3 kgroups0 pdl stages3-pdl autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
-(
-    cd "$OUT_DIR" || exit
-    printf '%-16s' workload
-    for f in "${summary_files[@]}"; do printf ' %15s' "$f"; done
-    echo
-    for w in keras-mlp fmnist-mlp fmnist-mlp-4k autoencoder; do
-        printf '%-16s' "$w"
-        for f in "${summary_files[@]}"; do
-            # columns: workload device batch median_ms min_ms max_ms steps compile_ms
-            v=$(awk -v w="$w" -v f="$f" '$1 == w && $2 ~ /^cuda/ { m = $4; if (f ~ /^cold|^cached/) m = m " (" $8 ")" } END { print m }' "bench-$f.txt" 2>/dev/null)
-            printf ' %15s' "${v:--}"
-        done
-        echo
-    done
-    # The issue's targets (H100, ms per step): half the best peer's time, and for fmnist-mlp-4k
-    # 1.25x of the cuBLAS floor; against the default setting (cached) and the best of all.
-    echo
-    printf '%-16s %8s %10s %s\n' workload target default "best (setting)"
-    for wt in keras-mlp:0.025 fmnist-mlp:0.045 fmnist-mlp-4k:0.1625 autoencoder:0.154; do
-        w=${wt%%:*} target=${wt#*:}
-        default=$(awk -v w="$w" '$1 == w && $2 ~ /^cuda/ { print $4 }' bench-cached.txt 2>/dev/null)
-        best=$(for f in "${summary_files[@]}"; do
-            awk -v w="$w" -v f="$f" '$1 == w && $2 ~ /^cuda/ { print $4, f }' "bench-$f.txt" 2>/dev/null
-        done | sort -g | head -1)
-        printf '%-16s %8s %10s %s\n' "$w" "$target" "${default:--}" "${best:--}"
-    done
-)
+summary
 exit $status
