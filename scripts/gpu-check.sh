@@ -12,7 +12,7 @@
 #                                  32x32 tiles without thread groups, KILN_CUDA_K_GROUPS=0, with
 #                                  programmatic dependent launch, KILN_CUDA_PDL=1, alone and with
 #                                  the copies, then each step autotuned, Function::autotune, at most
-#                                  AUTOTUNE_SECONDS a workload (default 45), its report first, then
+#                                  AUTOTUNE_SECONDS a workload (default 60), its report first, then
 #                                  with the tiles on tensor cores, KILN_CUDA_TF32X3=1, and
 #                                  fmnist-mlp-4k fully tiled on them), with the card's name;
 #                                  then a per-kernel profile of each workload
@@ -206,7 +206,7 @@ bench_row() { # bench_row <title> <file> [VAR=value ...] [-- steps args]
     while [ $# -gt 0 ] && [ "$1" != -- ]; do vars+=("$1"); shift; done
     [ "${1:-}" = -- ] && shift
     # An autotuned row also spends its budget, a workload at a time.
-    [[ " $* " == *" --autotune-budget "* ]] && limit=$((BENCH_TIMEOUT + 4 * ${AUTOTUNE_SECONDS:-45}))
+    [[ " $* " == *" --autotune-budget "* ]] && limit=$((BENCH_TIMEOUT + 4 * ${AUTOTUNE_SECONDS:-60}))
     echo "-- $title"
     env "${vars[@]}" timeout "$limit" "$DIR/steps" --device cuda --seconds "${BENCH_SECONDS:-1}" "$@" 2>&1 |
         tee "$OUT_DIR/$file"
@@ -226,7 +226,7 @@ bench_row "both opt-ins together (KILN_CUDA_STAGES=3 KILN_CUDA_PDL=1)" bench-sta
 # Each workload autotuned (Function::autotune: every product as cuBLAS and in each tiling, the
 # whole step timed for each, then dependent launch; its report first, then the tuned step's times).
 bench_row "autotuned: each step's products and launch timed on this card (Function::autotune)" bench-autotuned.txt \
-    -- --autotune-budget "${AUTOTUNE_SECONDS:-45}"
+    -- --autotune-budget "${AUTOTUNE_SECONDS:-60}"
 bench_row "tiled products on tensor cores at float32 accuracy (KILN_CUDA_TF32X3=1)" bench-tf32x3.txt KILN_CUDA_TF32X3=1
 echo "-- fmnist-mlp-4k with every product tiled, on tensor cores (KILN_CUDA_TF32X3=1, KILN_CUDA_TILED_MACS=2^30)"
 KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k \
