@@ -7,7 +7,8 @@
 //! (the next slab loaded into registers while the current one is used, or, opt-in, several slabs
 //! copied asynchronously into buffers of their own; `tile_staging.rs`), each
 //! of its 256 threads a few outputs in registers: 128x64 or 64x64 tiles with 8x4 or 4x4 outputs a
-//! thread, read from shared memory as `float4`s (four multiply-adds per word read); 32x32 tiles
+//! thread, read from shared memory as `float4`s (four multiply-adds per word read; eight rows as
+//! two runs of four, half the tile apart, so that a quarter warp's reads hit 32 banks); 32x32 tiles
 //! with four groups of 64 threads, each group computing the whole tile (4x4 outputs a thread, as
 //! `float4`s) over a quarter of each slab's depth, the groups' partial tiles added in group order
 //! (`T32x32K4`; `T32x32`, 2x2 outputs a thread 16 apart, read a word for every multiply-add).
@@ -428,10 +429,9 @@ fn walks_in_order(v: &crate::kernel::View, shape: &[usize]) -> bool {
 
 /// The row (`a`) or column of the tile that a thread's `i`-th output lies in.
 fn lane_offset(plan: &TilePlan, along: &str, i: usize) -> Expr {
-    let (tm, tn) = plan.per_thread();
-    let per = if along == "ty" { tm } else { tn };
     if plan.vectors() {
-        var(along) * int(per as i64) + int(i as i64)
+        // Runs of four adjacent outputs (a float4), a thread's runs `side` float4s apart.
+        var(along) * int(4) + int((i % 4 + i / 4 * 4 * plan.side()) as i64)
     } else {
         var(along) + int((plan.side() * i) as i64)
     }
@@ -483,11 +483,13 @@ fn slab_products(plan: &TilePlan, (slab_a, slab_b): (&str, &str)) -> Vec<Stmt> {
     let (pitch_a, pitch_b) = (plan.pitch(plan.bm), plan.pitch(plan.bn));
     let mut step = vec![];
     if plan.vectors() {
-        // A thread's `per` adjacent rows (columns) are `per / 4` float4s.
+        // A thread's `per` rows (columns) are `per / 4` float4s, `side` float4s apart: a quarter
+        // warp's eight threads then read eight float4s in a row, all 32 banks (adjacent runs of
+        // eight, as before, put two threads in each bank for 128-wide tiles).
         for (name, tile, pitch, along, per) in [("a", slab_a, pitch_a, "ty", tm), ("b", slab_b, pitch_b, "tx", tn)] {
             let base = var(tile) + var("kk") * int(pitch as i64);
             for q in 0..per / 4 {
-                let at = var(along) * int((per / 4) as i64) + int(q as i64);
+                let at = var(along) * int(1) + int((q * plan.side()) as i64);
                 step.push(decl(CType::Float4, format!("{name}{q}"), Expr::Vec4(Box::new(base.clone()), Box::new(at))));
             }
         }
