@@ -97,8 +97,16 @@ impl std::fmt::Display for AutotuneReport {
             let choice = o.setting.table.entries.get(key).copied().unwrap_or_default();
             writeln!(f, "  {kernel:<16} {:<18} {}", key.to_string(), choice.label().unwrap_or_default())?;
         }
-        let streams = o.setting.streams.map_or("as kiln plans them".to_string(), |n| n.to_string());
-        writeln!(f, "  dependent launch {}, streams {streams}", if o.setting.dependent_launch { "on" } else { "off" })?;
+        // As in the cache entry: `kiln` where kiln's own value (or the environment's) won.
+        let kiln = |v: Option<usize>| v.map_or("kiln".to_string(), |n| n.to_string());
+        writeln!(
+            f,
+            "  dependent launch {}, streams {}, run-macs {} (KILN_CUDA_RUN_MACS), dot-depth {} (KILN_CUDA_DOT_DEPTH)",
+            if o.setting.dependent_launch { "on" } else { "off" },
+            kiln(o.setting.streams),
+            kiln(o.setting.run_macs),
+            kiln(o.setting.dot_depth)
+        )?;
         if let Some(path) = &self.cache_entry {
             writeln!(f, "  cache entry {}", path.display())?;
         }

@@ -68,10 +68,16 @@ fn check_report(report: &AutotuneReport, opts: &AutotuneOptions) {
     assert_eq!(names.len(), 2, "{report}");
     assert!(report.outcome.failed.is_empty(), "{report}\n{:?}", report.outcome.failed);
     assert!(!report.outcome.out_of_budget, "{report}");
-    // Kiln's own choices, each candidate of each product, dependent launch, each number of
-    // streams, and the best again before the second product, dependent launch and the streams.
-    let (candidates, streams) = (opts.space.candidates.len(), opts.space.streams.len());
-    assert_eq!(report.outcome.timed + report.outcome.same_code, 1 + 2 * candidates + 1 + 2 + 1 + streams, "{report}");
+    // Kiln's own choices, each candidate of each product, and each value of the step's knobs
+    // (dependent launch, streams, the two bounds); the best again before the second product and
+    // before each of the step's rounds.
+    let space = &opts.space;
+    let step = 1 + space.streams.len() + space.run_macs.len() + space.dot_depth.len();
+    assert_eq!(
+        report.outcome.timed + report.outcome.same_code,
+        1 + 2 * space.candidates.len() + 1 + step + 4,
+        "{report}"
+    );
     for choice in report.table().entries.values() {
         assert!(opts.space.candidates.contains(choice), "{report}");
     }

@@ -49,6 +49,12 @@ pub struct CompileOptions {
     pub dependent_launch: bool,
     /// The streams a step may spread over, as `KILN_CUDA_STREAMS` says (`None`: as that says).
     pub streams: Option<usize>,
+    /// Products of up to this many multiply-adds join single-block runs, as `KILN_CUDA_RUN_MACS`
+    /// says (`None`: as that says, else 2^16).
+    pub run_macs: Option<usize>,
+    /// Smaller products with longer dots than this are tiled, as `KILN_CUDA_DOT_DEPTH` says
+    /// (`None`: as that says, else 64).
+    pub dot_depth: Option<usize>,
 }
 
 /// Moves each update output into its shared variable (after checking it keeps the variable's

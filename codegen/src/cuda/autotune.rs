@@ -31,13 +31,19 @@ use std::sync::Arc;
 pub const MARGIN: f64 = 0.01;
 
 /// What the search varies: a tile table for the products, and for the whole step dependent
-/// launch and the number of streams.
+/// launch, the number of streams, and the bounds of products in single-block runs and of the
+/// small products tiled for their long dots (`None`: as kiln has them, from the environment or
+/// its defaults).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Setting {
     pub table: TileTable,
     pub dependent_launch: bool,
     /// `None`: as kiln plans it (`KILN_CUDA_STREAMS`, else two where the memory allows).
     pub streams: Option<usize>,
+    /// `KILN_CUDA_RUN_MACS`'s bound.
+    pub run_macs: Option<usize>,
+    /// `KILN_CUDA_DOT_DEPTH`'s bound.
+    pub dot_depth: Option<usize>,
 }
 
 impl Setting {
@@ -47,6 +53,8 @@ impl Setting {
             tile_table: Some(Arc::new(self.table.clone())),
             dependent_launch: self.dependent_launch,
             streams: self.streams,
+            run_macs: self.run_macs,
+            dot_depth: self.dot_depth,
         }
     }
 
@@ -62,19 +70,30 @@ impl Setting {
     }
 }
 
-/// What a search tries: its candidates for each product, then for the step dependent launch (if
-/// `dependent_launch`) and each number of streams of `streams`.
+/// What a search tries: its candidates for each product, then for the whole step dependent
+/// launch (if `dependent_launch`), each number of streams of `streams`, each bound of `run_macs`
+/// and each of `dot_depth`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Space {
     pub candidates: Vec<TileChoice>,
     pub dependent_launch: bool,
     pub streams: Vec<usize>,
+    pub run_macs: Vec<usize>,
+    pub dot_depth: Vec<usize>,
 }
 
 impl Default for Space {
-    /// `default_candidates`, dependent launch, and one to three streams.
+    /// `default_candidates`, dependent launch, one to three streams, products of up to 2^19
+    /// multiply-adds in single-block runs (fmnist-mlp's last layer joins its loss), and every
+    /// small product's dots one per output thread however long (as before they were tiled).
     fn default() -> Self {
-        Space { candidates: default_candidates(), dependent_launch: true, streams: vec![1, 2, 3] }
+        Space {
+            candidates: default_candidates(),
+            dependent_launch: true,
+            streams: vec![1, 2, 3],
+            run_macs: vec![1 << 19],
+            dot_depth: vec![1 << 30],
+        }
     }
 }
 
@@ -185,9 +204,9 @@ where
             break;
         }
     }
-    // Then the step as a whole: dependent launch, then the number of streams, each round made
-    // from the best after the one before.
-    for knob in [StepKnob::Launch, StepKnob::Streams] {
+    // Then the step as a whole: dependent launch, the number of streams, then the two bounds,
+    // each round made from the best after the one before.
+    for knob in [StepKnob::Launch, StepKnob::Streams, StepKnob::RunMacs, StepKnob::DotDepth] {
         let round = knob.settings(space, &s.best);
         if s.out.out_of_budget {
             break;
@@ -211,6 +230,8 @@ where
 enum StepKnob {
     Launch,
     Streams,
+    RunMacs,
+    DotDepth,
 }
 
 impl StepKnob {
@@ -220,6 +241,12 @@ impl StepKnob {
             StepKnob::Launch if space.dependent_launch => vec![Setting { dependent_launch: true, ..best.clone() }],
             StepKnob::Launch => vec![],
             StepKnob::Streams => space.streams.iter().map(|&n| Setting { streams: Some(n), ..best.clone() }).collect(),
+            StepKnob::RunMacs => {
+                space.run_macs.iter().map(|&n| Setting { run_macs: Some(n), ..best.clone() }).collect()
+            }
+            StepKnob::DotDepth => {
+                space.dot_depth.iter().map(|&n| Setting { dot_depth: Some(n), ..best.clone() }).collect()
+            }
         }
     }
 }
@@ -290,6 +317,12 @@ fn describe(s: &Setting) -> String {
     if let Some(n) = s.streams {
         parts.push(format!("{n} streams"));
     }
+    if let Some(n) = s.run_macs {
+        parts.push(format!("runs of products up to {n} multiply-adds"));
+    }
+    if let Some(n) = s.dot_depth {
+        parts.push(format!("dots up to {n} deep one per thread"));
+    }
     if parts.is_empty() {
         "kiln's own choices".into()
     } else {
@@ -308,22 +341,32 @@ pub fn cache_key(code: &str, device: &str, space: &Space) -> String {
     }
     space.dependent_launch.hash(&mut h);
     space.streams.hash(&mut h);
+    space.run_macs.hash(&mut h);
+    space.dot_depth.hash(&mut h);
     format!("{:016x}", h.finish())
 }
 
-/// The lines of a cache entry that say whether dependent launch won, and how many streams.
+/// The line of a cache entry that says whether dependent launch won, and those of the step's
+/// numbers (each a number, or `kiln`: as kiln has it), with the most each may be.
 const LAUNCH_LINE: &str = "dependent-launch";
-const STREAMS_LINE: &str = "streams";
+const NUMBER_LINES: [(&str, usize); 3] = [("streams", 8), ("run-macs", usize::MAX), ("dot-depth", usize::MAX)];
 
-/// A setting as a cache entry's text: `heading` as comments, the launch and streams lines, then
-/// the table.
+/// The setting's step numbers, in `NUMBER_LINES`' order.
+fn numbers(s: &mut Setting) -> [&mut Option<usize>; 3] {
+    [&mut s.streams, &mut s.run_macs, &mut s.dot_depth]
+}
+
+/// A setting as a cache entry's text: `heading` as comments, the launch line and the step's
+/// numbers, then the table.
 pub fn setting_text(s: &Setting, heading: &str) -> String {
     let table = s.table.to_text(heading);
     let (comments, lines): (Vec<&str>, Vec<&str>) = table.lines().partition(|l| l.starts_with('#'));
     let mut text = comments.join("\n");
     text.push_str(&format!("\n{LAUNCH_LINE} {}\n", if s.dependent_launch { "on" } else { "off" }));
-    let streams = s.streams.map_or("kiln".to_string(), |n| n.to_string());
-    text.push_str(&format!("{STREAMS_LINE} {streams}\n"));
+    let mut s = s.clone();
+    for ((name, _), value) in NUMBER_LINES.iter().zip(numbers(&mut s)) {
+        text.push_str(&format!("{name} {}\n", value.map_or("kiln".to_string(), |n| n.to_string())));
+    }
     for l in lines {
         text.push_str(l);
         text.push('\n');
@@ -333,34 +376,49 @@ pub fn setting_text(s: &Setting, heading: &str) -> String {
 
 /// Reads `setting_text`'s text back; `origin` is what errors name.
 pub fn parse_setting(text: &str, origin: &str) -> Result<Setting> {
-    let (mut dependent_launch, mut streams) = (None, None);
+    let mut setting = Setting::default();
+    let (mut launch, mut seen) = (None, [false; 3]);
     let mut table = String::new();
     for line in text.lines() {
         let bad = |what: &str| Error::Invalid(format!("{origin}: '{}' (expected {what})", line.trim()));
-        if let Some(v) = line.trim().strip_prefix(LAUNCH_LINE) {
-            dependent_launch = Some(match v.trim() {
-                "on" => true,
-                "off" => false,
-                _ => return Err(bad("on or off")),
-            });
-        } else if let Some(v) = line.trim().strip_prefix(STREAMS_LINE) {
-            streams = Some(match v.trim() {
-                "kiln" => None,
-                n => {
-                    Some(n.parse::<usize>().ok().filter(|n| (1..=8).contains(n)).ok_or_else(|| bad("kiln or 1 to 8"))?)
-                }
-            });
-        } else {
-            table.push_str(line);
-            table.push('\n');
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let number = NUMBER_LINES.iter().position(|(name, _)| words.first() == Some(name));
+        match (words.as_slice(), number) {
+            ([LAUNCH_LINE, v], _) => {
+                launch = Some(match *v {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(bad("on or off")),
+                })
+            }
+            ([LAUNCH_LINE, ..], _) => return Err(bad("on or off")),
+            (&[_, v], Some(i)) => {
+                let most = NUMBER_LINES[i].1;
+                *numbers(&mut setting)[i] = match v {
+                    "kiln" => None,
+                    n => Some(
+                        n.parse::<usize>()
+                            .ok()
+                            .filter(|n| (1..=most).contains(n))
+                            .ok_or_else(|| bad(&format!("kiln or a number from 1 to {most}")))?,
+                    ),
+                };
+                seen[i] = true;
+            }
+            (_, Some(_)) => return Err(bad("kiln or a number")),
+            _ => {
+                table.push_str(line);
+                table.push('\n');
+            }
         }
     }
     let missing = |l: &str| Error::Invalid(format!("{origin}: no '{l}' line"));
-    Ok(Setting {
-        table: TileTable::parse(&table, origin)?,
-        dependent_launch: dependent_launch.ok_or_else(|| missing("dependent-launch on|off"))?,
-        streams: streams.ok_or_else(|| missing("streams N|kiln"))?,
-    })
+    setting.dependent_launch = launch.ok_or_else(|| missing("dependent-launch on|off"))?;
+    if let Some(i) = seen.iter().position(|s| !s) {
+        return Err(missing(&format!("{} N|kiln", NUMBER_LINES[i].0)));
+    }
+    setting.table = TileTable::parse(&table, origin)?;
+    Ok(setting)
 }
 
 /// The folder autotune results are kept in by default: `tuned` in kiln's cache folder.
@@ -402,7 +460,7 @@ mod tests {
 
     /// The default candidates for the products, nothing for the step.
     fn only_products() -> Space {
-        Space { dependent_launch: false, streams: vec![], ..Space::default() }
+        Space { dependent_launch: false, streams: vec![], run_macs: vec![], dot_depth: vec![], ..Space::default() }
     }
 
     fn label(c: &TileChoice) -> String {
@@ -447,9 +505,10 @@ mod tests {
         assert_eq!(label(&out.setting.table.entries[&key(256)]), "cuBLAS");
         // Each distinct setting timed once (the repeated product is tuned once; the settings of
         // the streams' round share their code but not their streams), plus the best again before
-        // the second product, before dependent launch and before the streams.
+        // the second product and before each round of the step's: dependent launch, streams, and
+        // the two bounds.
         let n = default_candidates().len();
-        assert_eq!(out.timed, 1 + n + 1 + n + 1 + 1 + 1 + 3);
+        assert_eq!(out.timed, 1 + n + 1 + n + (1 + 1) + (1 + 3) + (1 + 1) + (1 + 1));
         assert!(out.failed.is_empty() && !out.out_of_budget);
     }
 
@@ -517,18 +576,25 @@ mod tests {
 
     #[test]
     fn a_setting_reads_back_from_its_text() {
-        let mut s = Setting { dependent_launch: true, streams: Some(3), ..Setting::default() };
+        let mut s = Setting { dependent_launch: true, streams: Some(3), dot_depth: Some(64), ..Setting::default() };
         s.table.insert(key(128), TileChoice::from_label("128x64/s2/p3").unwrap()).unwrap();
         s.table.insert(key(256), TileChoice::from_label("cuBLAS").unwrap()).unwrap();
         let text = setting_text(&s, "tuned on a card\nin 3 s");
-        assert!(text.starts_with("# tuned on a card\n# in 3 s\ndependent-launch on\nstreams 3\n"), "{text}");
+        assert!(
+            text.starts_with(
+                "# tuned on a card\n# in 3 s\ndependent-launch on\nstreams 3\nrun-macs kiln\ndot-depth 64\n"
+            ),
+            "{text}"
+        );
         assert_eq!(parse_setting(&text, "entry").unwrap(), s);
         let kiln_streams = Setting { streams: None, ..s.clone() };
         assert_eq!(parse_setting(&setting_text(&kiln_streams, ""), "entry").unwrap(), kiln_streams);
         let err = parse_setting("128x64x32 nn cuBLAS\nstreams kiln\n", "entry").unwrap_err().to_string();
         assert!(err.contains("no 'dependent-launch on|off' line"), "{err}");
         let err = parse_setting("dependent-launch off\nstreams 9\n", "entry").unwrap_err().to_string();
-        assert!(err.contains("'streams 9' (expected kiln or 1 to 8)"), "{err}");
+        assert!(err.contains("'streams 9' (expected kiln or a number from 1 to 8)"), "{err}");
+        let err = parse_setting("dependent-launch off\nstreams 2\ndot-depth kiln\n", "entry").unwrap_err().to_string();
+        assert!(err.contains("no 'run-macs N|kiln' line"), "{err}");
     }
 
     #[test]

@@ -39,7 +39,7 @@ const DOT_DEPTH: usize = 64;
 
 fn dot_depth() -> usize {
     static DEPTH: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    super::bound_from_env(&DEPTH, "KILN_CUDA_DOT_DEPTH", DOT_DEPTH)
+    super::bound_from_env(&DEPTH, super::DOT_DEPTH_VAR, DOT_DEPTH)
 }
 
 /// What a kernel parameter is bound to at launch.

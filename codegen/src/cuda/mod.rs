@@ -73,6 +73,23 @@ use kiln_ir::Result;
 thread_local! {
     static KERNEL_BY_KERNEL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static STREAMS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// Size bounds set for this thread, by the environment variable that would set them.
+    static BOUNDS: std::cell::RefCell<Vec<(&'static str, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The size bound that `KILN_CUDA_RUN_MACS` sets: products of up to this many multiply-adds join
+/// single-block runs.
+pub const RUN_MACS_VAR: &str = "KILN_CUDA_RUN_MACS";
+/// The size bound that `KILN_CUDA_DOT_DEPTH` sets: smaller products with longer dots are tiled.
+pub const DOT_DEPTH_VAR: &str = "KILN_CUDA_DOT_DEPTH";
+
+/// Runs `f` with the size bound that the environment variable `var` sets at `value` for every CUDA
+/// program this thread specializes, whatever the environment says.
+pub fn with_bound<R>(var: &'static str, value: usize, f: impl FnOnce() -> R) -> R {
+    BOUNDS.with(|b| b.borrow_mut().push((var, value)));
+    let r = f();
+    BOUNDS.with(|b| b.borrow_mut().pop());
+    r
 }
 
 /// Runs `f` with every CUDA program this thread compiles planned for `streams` streams, as
@@ -105,11 +122,20 @@ pub(crate) fn with_thread_setting<T: Copy + 'static, R>(
 }
 
 /// Runs `f` (a specialization's build, or printing one) under what `opts` fixes for a compiled
-/// function: its tile table, programmatic dependent launch and streams, where it fixes them.
+/// function: its tile table, programmatic dependent launch, streams and size bounds, where it
+/// fixes them.
 pub fn with_compile_options<R>(opts: &crate::CompileOptions, f: impl FnOnce() -> R) -> R {
     let f = || if opts.dependent_launch { with_dependent_launch(f) } else { f() };
     let f = || match opts.streams {
         Some(n) => with_streams(n, f),
+        None => f(),
+    };
+    let f = || match opts.run_macs {
+        Some(n) => with_bound(RUN_MACS_VAR, n, f),
+        None => f(),
+    };
+    let f = || match opts.dot_depth {
+        Some(n) => with_bound(DOT_DEPTH_VAR, n, f),
         None => f(),
     };
     match &opts.tile_table {
@@ -124,8 +150,12 @@ pub(crate) fn switch_from_env(cell: &'static std::sync::OnceLock<bool>, var: &st
 }
 
 /// A size bound that the environment variable `var` may set (to measure another on a card), read
-/// once into `cell`; `default` where it is unset or not a number.
+/// once into `cell`; `default` where it is unset or not a number; what `with_bound` set on this
+/// thread before either.
 pub(crate) fn bound_from_env(cell: &'static std::sync::OnceLock<usize>, var: &str, default: usize) -> usize {
+    if let Some(v) = BOUNDS.with(|b| b.borrow().iter().rev().find(|(name, _)| *name == var).map(|b| b.1)) {
+        return v;
+    }
     *cell.get_or_init(|| std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
 }
 

@@ -28,7 +28,7 @@ pub(super) const RUN_MACS: usize = 1 << 16;
 
 fn run_macs() -> usize {
     static MACS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    super::bound_from_env(&MACS, "KILN_CUDA_RUN_MACS", RUN_MACS)
+    super::bound_from_env(&MACS, super::RUN_MACS_VAR, RUN_MACS)
 }
 /// The single block's size: the largest, so a step's typical few hundred to thousand elements take
 /// one pass (sections are latency-bound: each waits for the one before it).
