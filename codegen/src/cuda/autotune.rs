@@ -1,14 +1,15 @@
 //! Autotuning a step on the card at hand: how each of its float products is computed (cuBLAS and
 //! an epilogue kernel, or kiln's tiles of one shape, slice count and number of slab buffers), and
-//! whether its kernels are launched for programmatic dependent launch, chosen by timing the whole
-//! step, not each product alone. The rules of `TilePlan::for_product` are estimates fitted to one
+//! for the whole step programmatic dependent launch, the number of streams and two size bounds of
+//! the kernel joins, chosen by timing the whole step, not each product alone. The rules of `TilePlan::for_product` are estimates fitted to one
 //! card's product table; a product timed on its own misses what the step around it does (two
 //! streams, kernels side by side, what the L2 cache already holds). So the search times the step
 //! itself, as XLA's and `torch.compile`'s autotuners do, and keeps what it finds in kiln's cache
 //! folder, keyed by the step's code and the card, so that a later run finds it at once.
 //!
-//! The search is a coordinate descent: from kiln's own choices, each product in turn tries every
-//! candidate with the others held at the best found so far, then the step tries dependent launch.
+//! The search is a coordinate descent: from kiln's own choices, each product in turn (the largest
+//! first) tries every candidate with the others held at the best found so far, then the step tries
+//! each value of its knobs in turn.
 //! A candidate whose generated code equals one already timed (a tiling the product cannot take
 //! falls back to cuBLAS; a slice count past the inner dimension is cut to fit) is not timed again,
 //! and the best is timed afresh before each product, so that a candidate is measured against the

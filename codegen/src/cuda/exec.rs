@@ -151,7 +151,7 @@ pub struct CudaExecutable {
     /// `KILN_CUDA_PROFILE=1`: time every step with events (no graphs) and print the totals when
     /// the function is dropped.
     profile: Option<Profile>,
-    /// What the compile fixed for every specialization (an autotune's tile table).
+    /// What the compile fixed for every specialization (an autotune's setting).
     opts: CompileOptions,
 }
 

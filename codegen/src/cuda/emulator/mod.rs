@@ -242,7 +242,7 @@ struct Plan {
 
 pub struct EmulatedExecutable {
     program: Program,
-    /// What the compile fixed for every specialization (an autotune's tile table).
+    /// What the compile fixed for every specialization (an autotune's setting).
     opts: CompileOptions,
     plans: HashMap<Vec<Vec<usize>>, Plan>,
     order: Vec<Vec<Vec<usize>>>,
