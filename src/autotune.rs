@@ -133,11 +133,11 @@ fn device_label(device: Device) -> Result<String> {
 impl Function {
     /// Times the CUDA backend's ways of computing this step on its card, for calls with these
     /// arguments' shapes, and from then on runs the fastest: each float product that the backend
-    /// may tile as cuBLAS or in each tiling of `opts.space`, then the step with programmatic
-    /// dependent launch and over each number of streams (see `kiln_codegen::cuda::autotune`). The values of the shared variables
-    /// are as before the call when it returns. Later specializations (other shapes) keep the
-    /// tuned choices for the products they share. An `Err` for a function that does not run on a
-    /// CUDA device, or where the step fails to run as compiled at first.
+    /// may tile as cuBLAS or in each tiling of `opts.space`, then the step's knobs (dependent
+    /// launch, streams, two size bounds; see `kiln_codegen::cuda::autotune`). The values of the
+    /// shared variables are as before the call when it returns. Later specializations (other
+    /// shapes) keep the tuned choices for the products they share. An `Err` for a function that
+    /// does not run on a CUDA device, or where the step fails to run as compiled at first.
     pub fn autotune(&mut self, args: &[Tensor], opts: &AutotuneOptions) -> Result<AutotuneReport> {
         let start = Instant::now();
         let device = device_label(self.device())?;
@@ -153,18 +153,7 @@ impl Function {
         let folder = opts.cache_folder.clone().or_else(autotune::default_cache_folder).filter(|_| opts.cache);
         let cached = folder.as_deref().and_then(|folder| autotune::read_cached(folder, &key));
         let (outcome, from_cache) = match cached {
-            Some(setting) => {
-                let o = Outcome {
-                    setting,
-                    before_ms: f64::NAN,
-                    after_ms: f64::NAN,
-                    timed: 0,
-                    same_code: 0,
-                    failed: vec![],
-                    out_of_budget: false,
-                };
-                (o, true)
-            }
+            Some(setting) => (Outcome::unsearched(setting), true),
             None => {
                 let keys: Vec<ProductKey> = products.iter().map(|p| p.1).collect();
                 let saved = self.save_shared()?;

@@ -138,6 +138,21 @@ pub struct Outcome {
     pub out_of_budget: bool,
 }
 
+impl Outcome {
+    /// A setting found before (read from the cache): nothing timed, no times.
+    pub fn unsearched(setting: Setting) -> Outcome {
+        Outcome {
+            setting,
+            before_ms: f64::NAN,
+            after_ms: f64::NAN,
+            timed: 0,
+            same_code: 0,
+            failed: vec![],
+            out_of_budget: false,
+        }
+    }
+}
+
 /// What makes two settings run alike: their code and their streams (the code does not show
 /// them). A stable hash (`DefaultHasher::new()` has fixed keys).
 fn fingerprint(code: &str, s: &Setting) -> u64 {
@@ -173,15 +188,7 @@ where
     let mut seen = HashSet::new();
     seen.insert(fingerprint(&code_of(&Setting::default())?, &Setting::default()));
     let before_ms = time(&Setting::default())?;
-    let out = Outcome {
-        setting: Setting::default(),
-        before_ms,
-        after_ms: before_ms,
-        timed: 1,
-        same_code: 0,
-        failed: vec![],
-        out_of_budget: false,
-    };
+    let out = Outcome { before_ms, after_ms: before_ms, timed: 1, ..Outcome::unsearched(Setting::default()) };
     let mut s = Search { code_of, prepare, time, seen, best: Setting::default(), best_ms: before_ms, out };
     // The largest products first: a search cut short by its budget has tuned what weighs most.
     let mut keys: Vec<ProductKey> = vec![];
