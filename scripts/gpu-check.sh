@@ -224,9 +224,12 @@ bench_row "each kernel launched before the one ahead of it ends (KILN_CUDA_PDL=1
 bench_row "both opt-ins together (KILN_CUDA_STAGES=3 KILN_CUDA_PDL=1)" bench-stages3-pdl.txt KILN_CUDA_STAGES=3 \
     KILN_CUDA_PDL=1
 # Each workload autotuned (Function::autotune: every product as cuBLAS and in each tiling, the
-# whole step timed for each, then dependent launch; its report first, then the tuned step's times).
-bench_row "autotuned: each step's products and launch timed on this card (Function::autotune)" bench-autotuned.txt \
+# whole step timed for each, then the step's knobs: dependent launch, streams, two bounds; its
+# report first, then the tuned step's times).
+bench_row "autotuned: each step's products and knobs timed on this card (Function::autotune)" bench-autotuned.txt \
     -- --autotune-budget "${AUTOTUNE_SECONDS:-60}"
+# What each search found (the cache entries: a tile table with the step's knobs), to keep.
+mkdir -p "$OUT_DIR/tuned" && cp "$KILN_CACHE_DIR"/tuned/*.txt "$OUT_DIR/tuned/" 2>/dev/null
 bench_row "tiled products on tensor cores at float32 accuracy (KILN_CUDA_TF32X3=1)" bench-tf32x3.txt KILN_CUDA_TF32X3=1
 echo "-- fmnist-mlp-4k with every product tiled, on tensor cores (KILN_CUDA_TF32X3=1, KILN_CUDA_TILED_MACS=2^30)"
 KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k \
