@@ -99,7 +99,7 @@ impl Default for Space {
 }
 
 /// The choices tried for each product: cuBLAS, and by float32 FMAs each tile shape kiln picks
-/// from (32x32 in thread groups, 64x64, 128x64) and 128x128 at slice counts from 1 to 12, each
+/// from (32x32 in thread groups, 64x64, 128x64) and 128x128 at 1, 2, 4, 8 and 12 slices, each
 /// with one slab buffer and with three filled by asynchronous copies (compute capability 8.0 or
 /// newer; elsewhere they fail and are passed over), and 32x32 tiles of 2x2 outputs a thread (the
 /// form before the thread groups). Tensor cores (3xTF32) are left out: they lost every product of
@@ -110,8 +110,7 @@ pub fn default_candidates() -> Vec<TileChoice> {
         v.push(TileChoice::forced(TileShape::T32x32, slices, false));
     }
     for tile in [TileShape::T32x32K4, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128] {
-        let slice_counts: &[usize] = if tile == TileShape::T128x128 { &[1, 2, 4] } else { &[1, 2, 4, 8, 12] };
-        for &slices in slice_counts {
+        for slices in [1, 2, 4, 8, 12] {
             for stages in [None, Some(3)] {
                 v.push(TileChoice { stages, ..TileChoice::forced(tile, slices, false) });
             }
