@@ -98,15 +98,7 @@ impl std::fmt::Display for AutotuneReport {
             writeln!(f, "  {kernel:<16} {:<18} {}", key.to_string(), choice.label().unwrap_or_default())?;
         }
         // As in the cache entry: `kiln` where kiln's own value (or the environment's) won.
-        let kiln = |v: Option<usize>| v.map_or("kiln".to_string(), |n| n.to_string());
-        writeln!(
-            f,
-            "  dependent launch {}, streams {}, run-macs {} (KILN_CUDA_RUN_MACS), dot-depth {} (KILN_CUDA_DOT_DEPTH)",
-            if o.setting.dependent_launch { "on" } else { "off" },
-            kiln(o.setting.streams),
-            kiln(o.setting.run_macs),
-            kiln(o.setting.dot_depth)
-        )?;
+        writeln!(f, "  {}", o.setting.knobs())?;
         if let Some(path) = &self.cache_entry {
             writeln!(f, "  cache entry {}", path.display())?;
         }

@@ -59,6 +59,25 @@ impl Setting {
         }
     }
 
+    /// The step's numbers, in `NUMBER_LINES`' order (`None`: as kiln has it).
+    fn numbers(&self) -> [Option<usize>; 3] {
+        [self.streams, self.run_macs, self.dot_depth]
+    }
+
+    fn numbers_mut(&mut self) -> [&mut Option<usize>; 3] {
+        [&mut self.streams, &mut self.run_macs, &mut self.dot_depth]
+    }
+
+    /// The step's knobs in a line, as a cache entry names them: `dependent-launch off, streams 2,
+    /// run-macs kiln, dot-depth kiln`.
+    pub fn knobs(&self) -> String {
+        let mut parts = vec![format!("{LAUNCH_LINE} {}", if self.dependent_launch { "on" } else { "off" })];
+        for ((name, _), value) in NUMBER_LINES.iter().zip(self.numbers()) {
+            parts.push(format!("{name} {}", value.map_or("kiln".to_string(), |n| n.to_string())));
+        }
+        parts.join(", ")
+    }
+
     /// `self` with `key` computed as `choice` (`kiln`'s own choice: no line for it).
     fn with(&self, key: ProductKey, choice: TileChoice) -> Setting {
         let mut s = self.clone();
@@ -81,6 +100,30 @@ pub struct Space {
     pub streams: Vec<usize>,
     pub run_macs: Vec<usize>,
     pub dot_depth: Vec<usize>,
+}
+
+impl Space {
+    /// The values each of the step's numbers is tried at, in `NUMBER_LINES`' order.
+    fn numbers(&self) -> [&[usize]; 3] {
+        [&self.streams, &self.run_macs, &self.dot_depth]
+    }
+
+    /// The settings of the step's round `knob` (0: dependent launch, then the step's numbers in
+    /// `NUMBER_LINES`' order): `best` with each value that the space tries.
+    fn step_round(&self, knob: usize, best: &Setting) -> Vec<Setting> {
+        match knob {
+            0 if self.dependent_launch => vec![Setting { dependent_launch: true, ..best.clone() }],
+            0 => vec![],
+            _ => self.numbers()[knob - 1]
+                .iter()
+                .map(|&n| {
+                    let mut s = best.clone();
+                    *s.numbers_mut()[knob - 1] = Some(n);
+                    s
+                })
+                .collect(),
+        }
+    }
 }
 
 impl Default for Space {
@@ -213,8 +256,8 @@ where
     }
     // Then the step as a whole: dependent launch, the number of streams, then the two bounds,
     // each round made from the best after the one before.
-    for knob in [StepKnob::Launch, StepKnob::Streams, StepKnob::RunMacs, StepKnob::DotDepth] {
-        let round = knob.settings(space, &s.best);
+    for knob in 0..=NUMBER_LINES.len() {
+        let round = space.step_round(knob, &s.best);
         if s.out.out_of_budget {
             break;
         }
@@ -230,32 +273,6 @@ where
     s.out.setting = s.best;
     s.out.after_ms = s.best_ms;
     Ok(s.out)
-}
-
-/// What the rounds for the whole step vary, in their order.
-#[derive(Clone, Copy)]
-enum StepKnob {
-    Launch,
-    Streams,
-    RunMacs,
-    DotDepth,
-}
-
-impl StepKnob {
-    /// The round's settings: `best` with each value of the knob that `space` tries.
-    fn settings(self, space: &Space, best: &Setting) -> Vec<Setting> {
-        match self {
-            StepKnob::Launch if space.dependent_launch => vec![Setting { dependent_launch: true, ..best.clone() }],
-            StepKnob::Launch => vec![],
-            StepKnob::Streams => space.streams.iter().map(|&n| Setting { streams: Some(n), ..best.clone() }).collect(),
-            StepKnob::RunMacs => {
-                space.run_macs.iter().map(|&n| Setting { run_macs: Some(n), ..best.clone() }).collect()
-            }
-            StepKnob::DotDepth => {
-                space.dot_depth.iter().map(|&n| Setting { dot_depth: Some(n), ..best.clone() }).collect()
-            }
-        }
-    }
 }
 
 /// A search's state: the best setting so far and its time, and the code of every setting timed.
@@ -318,17 +335,8 @@ where
 fn describe(s: &Setting) -> String {
     let mut parts: Vec<String> =
         s.table.entries.iter().map(|(k, c)| format!("{k} {}", c.label().unwrap_or_default())).collect();
-    if s.dependent_launch {
-        parts.push("dependent launch".into());
-    }
-    if let Some(n) = s.streams {
-        parts.push(format!("{n} streams"));
-    }
-    if let Some(n) = s.run_macs {
-        parts.push(format!("runs of products up to {n} multiply-adds"));
-    }
-    if let Some(n) = s.dot_depth {
-        parts.push(format!("dots up to {n} deep one per thread"));
+    if s.dependent_launch || s.numbers().iter().any(Option::is_some) {
+        parts.push(s.knobs());
     }
     if parts.is_empty() {
         "kiln's own choices".into()
@@ -358,21 +366,16 @@ pub fn cache_key(code: &str, device: &str, space: &Space) -> String {
 const LAUNCH_LINE: &str = "dependent-launch";
 const NUMBER_LINES: [(&str, usize); 3] = [("streams", 8), ("run-macs", usize::MAX), ("dot-depth", usize::MAX)];
 
-/// The setting's step numbers, in `NUMBER_LINES`' order.
-fn numbers(s: &mut Setting) -> [&mut Option<usize>; 3] {
-    [&mut s.streams, &mut s.run_macs, &mut s.dot_depth]
-}
-
 /// A setting as a cache entry's text: `heading` as comments, the launch line and the step's
 /// numbers, then the table.
 pub fn setting_text(s: &Setting, heading: &str) -> String {
     let table = s.table.to_text(heading);
     let (comments, lines): (Vec<&str>, Vec<&str>) = table.lines().partition(|l| l.starts_with('#'));
     let mut text = comments.join("\n");
-    text.push_str(&format!("\n{LAUNCH_LINE} {}\n", if s.dependent_launch { "on" } else { "off" }));
-    let mut s = s.clone();
-    for ((name, _), value) in NUMBER_LINES.iter().zip(numbers(&mut s)) {
-        text.push_str(&format!("{name} {}\n", value.map_or("kiln".to_string(), |n| n.to_string())));
+    text.push('\n');
+    for knob in s.knobs().split(", ") {
+        text.push_str(knob);
+        text.push('\n');
     }
     for l in lines {
         text.push_str(l);
@@ -401,7 +404,7 @@ pub fn parse_setting(text: &str, origin: &str) -> Result<Setting> {
             ([LAUNCH_LINE, ..], _) => return Err(bad("on or off")),
             (&[_, v], Some(i)) => {
                 let most = NUMBER_LINES[i].1;
-                *numbers(&mut setting)[i] = match v {
+                *setting.numbers_mut()[i] = match v {
                     "kiln" => None,
                     n => Some(
                         n.parse::<usize>()
