@@ -5,12 +5,15 @@
 //! kernel change is checked for register pressure before a GPU is at hand. The CUDA backend's
 //! variables apply (`KILN_CUDA_STAGES=3`, `KILN_CUDA_PDL=1`, `KILN_CUDA_TILES=FILE`, ...).
 //!
-//! `cargo run --release --example cuda_source -- [--workload NAME] [--resources]`
+//! With `--cubin FILE`, the machine code for an H100 is written to FILE as well, to read its
+//! instructions with `nvdisasm` (pip package `nvidia-cuda-nvdisasm`) before a GPU is at hand.
+//!
+//! `cargo run --release --example cuda_source -- [--workload NAME] [--resources] [--cubin FILE]`
 
 use clap::Parser;
 use kiln::workloads::{build, NAMES};
 use kiln::Device;
-use kiln_codegen::cuda::nvrtc::{kernel_resources, CHECK_ARCH};
+use kiln_codegen::cuda::nvrtc::{compile, kernel_resources, CHECK_ARCH};
 use std::io::Write;
 
 #[derive(Parser)]
@@ -21,6 +24,9 @@ struct Args {
     /// Print ptxas's report on each kernel rather than the CUDA C.
     #[arg(long)]
     resources: bool,
+    /// Also write the step's cubin for an H100 (sm_90) to this file.
+    #[arg(long)]
+    cubin: Option<std::path::PathBuf>,
 }
 
 fn main() -> kiln::Result<()> {
@@ -30,6 +36,10 @@ fn main() -> kiln::Result<()> {
     }
     let w = build(&args.workload, Device::Reference)?;
     let source = w.step.cuda_source(&w.args)?;
+    if let Some(path) = &args.cubin {
+        let (cubin, _) = compile(&source, CHECK_ARCH)?;
+        std::fs::write(path, cubin).map_err(|e| kiln::Error::Invalid(format!("--cubin {}: {e}", path.display())))?;
+    }
     let mut text = String::new();
     if args.resources {
         text.push_str(&format!("{:<40} {:>9} {:>7} {:>12}\n", "kernel", "registers", "spills", "shared bytes"));

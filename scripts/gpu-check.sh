@@ -11,7 +11,9 @@
 #                                  then with slabs copied asynchronously, KILN_CUDA_STAGES=3, with
 #                                  32x32 tiles without thread groups, KILN_CUDA_K_GROUPS=0, with
 #                                  programmatic dependent launch, KILN_CUDA_PDL=1, alone and with
-#                                  the copies, then each step autotuned, Function::autotune, at most
+#                                  the copies, with a sliced tile's slices as a thread block
+#                                  cluster, KILN_CUDA_CLUSTERS=1, alone and with dependent launch,
+#                                  then each step autotuned, Function::autotune, at most
 #                                  AUTOTUNE_SECONDS a workload (default 60), its report first, then
 #                                  with the tiles on tensor cores, KILN_CUDA_TF32X3=1, and
 #                                  fmnist-mlp-4k fully tiled on them), with the card's name;
@@ -95,7 +97,7 @@ OUT_DIR=${OUT:-/tmp/kiln-gpu-check}
 mkdir -p "$OUT_DIR"
 summary() {
     echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-    summary_files=(cold cached stages3 kgroups0 pdl stages3-pdl autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
+    summary_files=(cold cached stages3 kgroups0 pdl stages3-pdl clusters clusters-pdl autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
     (
         cd "$OUT_DIR" || exit
         printf '%-16s' workload
@@ -165,10 +167,11 @@ if [ -x "$DIR/backend_agreement" ] && [[ " $TESTS " == *" backend_agreement "* ]
     # small products' long dots computed one per output thread (the default tiles them), with
     # the outputs read back through page-locked memory (opt-in until timed), with slabs copied
     # asynchronously into three buffers (cp.async, opt-in until timed), with 32x32 tiles
-    # computed as before the thread groups (2x2 outputs a thread), and with programmatic dependent
-    # launch (opt-in until timed).
+    # computed as before the thread groups (2x2 outputs a thread), with programmatic dependent
+    # launch (opt-in until timed), and with a sliced tile's slices as a thread block cluster
+    # (opt-in until timed).
     for setting in KILN_CUDA_STREAMS=1 KILN_CUDA_TILED=0 KILN_CUDA_TF32X3=1 KILN_CUDA_DOT_DEPTH=1073741824 \
-        KILN_CUDA_PINNED=1 KILN_CUDA_STAGES=3 KILN_CUDA_K_GROUPS=0 KILN_CUDA_PDL=1; do
+        KILN_CUDA_PINNED=1 KILN_CUDA_STAGES=3 KILN_CUDA_K_GROUPS=0 KILN_CUDA_PDL=1 KILN_CUDA_CLUSTERS=1; do
         log="$OUT_DIR/backend_agreement-$setting.log"
         if env "$setting" timeout "$TEST_TIMEOUT" "$DIR/backend_agreement" >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
         printf '%-20s %-8s %s\n' "backend_agreement" "$r" "with $setting"
@@ -223,6 +226,10 @@ bench_row "each kernel launched before the one ahead of it ends (KILN_CUDA_PDL=1
     bench-pdl.txt KILN_CUDA_PDL=1
 bench_row "both opt-ins together (KILN_CUDA_STAGES=3 KILN_CUDA_PDL=1)" bench-stages3-pdl.txt KILN_CUDA_STAGES=3 \
     KILN_CUDA_PDL=1
+bench_row "a sliced tile's slices as a thread block cluster (KILN_CUDA_CLUSTERS=1: partial tiles through distributed shared memory)" \
+    bench-clusters.txt KILN_CUDA_CLUSTERS=1
+bench_row "clusters with dependent launch (KILN_CUDA_CLUSTERS=1 KILN_CUDA_PDL=1)" bench-clusters-pdl.txt \
+    KILN_CUDA_CLUSTERS=1 KILN_CUDA_PDL=1
 # Each workload autotuned (Function::autotune: every product as cuBLAS and in each tiling, the
 # whole step timed for each, then the step's knobs: dependent launch, streams, two bounds; its
 # report first, then the tuned step's times).

@@ -293,6 +293,13 @@ fn generated_kernels_neither_spill_registers_nor_crowd_out_a_second_block() {
         assert_eq!(src.matches(") {\n    kiln_dependent_launch();\n").count(), kernels, "{name}: {src}");
         assert!(src.contains("asm volatile(\"griddepcontrol.wait;\" :  :  : \"memory\");"), "{src}");
         sources.push((format!("{name} for programmatic dependent launch"), src));
+        // And with each sliced tile's slices as a thread block cluster (KILN_CUDA_CLUSTERS=1),
+        // kiln's estimate then cutting at most 8 slices.
+        let clustered = TileChoice { cluster: Some(true), ..TileChoice::default() };
+        let src = with_tile_choice(clustered, || w.step.cuda_source(&w.args).unwrap());
+        assert_eq!(src.contains("__cluster_dims__("), name != "keras-mlp", "{name}: {src}");
+        assert!(!src.contains(" slices (no cuBLAS call)"), "{name}: a sliced tile not in a cluster: {src}");
+        sources.push((format!("{name} with clusters"), src));
     }
     for (tile, slices, src) in every_tile_shape(|_, _| {}) {
         sources.push((format!("{} tiles, {slices} slices", tile.label()), src));
@@ -315,15 +322,15 @@ fn generated_kernels_neither_spill_registers_nor_crowd_out_a_second_block() {
 #[test]
 fn every_workloads_compilation_units_compile_with_only_the_helpers_they_call() {
     // What the runtime compiles (`nvrtc::compile_module`): each step cut into units of whole
-    // kernels, each unit with only the helpers its kernels call; with slabs copied asynchronously
-    // and for programmatic dependent launch, where kernels call helpers.
+    // kernels, each unit with only the helpers its kernels call; with slabs copied asynchronously,
+    // sliced tiles as clusters and for programmatic dependent launch, where kernels call helpers.
     use kiln_codegen::cuda::nvrtc::{available, compile_module, missing_reason, CHECK_ARCH};
     use kiln_codegen::cuda::{with_dependent_launch, with_tile_choice, TileChoice};
     if !available() {
         kiln::testing::note(&format!("skipped: {}", missing_reason()));
         return;
     }
-    let staged = TileChoice { stages: Some(3), ..TileChoice::default() };
+    let staged = TileChoice { stages: Some(3), cluster: Some(true), ..TileChoice::default() };
     for name in kiln::workloads::NAMES {
         let w = kiln::workloads::build(name, Device::Reference).unwrap();
         let module = with_dependent_launch(|| with_tile_choice(staged, || w.step.cuda_module(&w.args).unwrap()));

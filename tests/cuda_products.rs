@@ -3,7 +3,8 @@
 //! is one, the GPU) against the reference backend. The sizes give partial edge tiles, inner dims
 //! that are no multiple of a slab, and inner dims whole or cut into slices; half the cases force a
 //! tile shape (32x32, 64x64, or the 128x64 and 128x128 tiles kiln only uses when asked), a
-//! number of slices, and float32 FMAs or tensor cores (3xTF32, at the same tolerance), and
+//! number of slices, float32 FMAs or tensor cores (3xTF32, at the same tolerance), slab buffers,
+//! and the slices of a tile as a thread block cluster or finished by a ticket, and
 //! half run on the emulator's mirrored schedule (blocks and threads in the other order).
 #![allow(clippy::cloned_ref_to_slice_refs)]
 
@@ -26,11 +27,11 @@ proptest! {
         a_transposed in any::<bool>(),
         b_transposed in any::<bool>(),
         epilogue in 0usize..3,
-        forced in prop::option::of((prop::sample::select(TileShape::ALL.to_vec()), 1usize..13, any::<bool>(), 1usize..5)),
+        forced in prop::option::of((prop::sample::select(TileShape::ALL.to_vec()), 1usize..13, any::<bool>(), 1usize..5, any::<bool>())),
         mirrored in any::<bool>(),
         seed in 0u64..1000,
     ) {
-        let choice = forced.map_or(TileChoice::default(), |(tile, slices, tensor_cores, stages)| TileChoice { tiled: None, tile: Some(tile), slices: Some(slices), tensor_cores: Some(tensor_cores), stages: Some(stages) });
+        let choice = forced.map_or(TileChoice::default(), |(tile, slices, tensor_cores, stages, cluster)| TileChoice { tiled: None, tile: Some(tile), slices: Some(slices), tensor_cores: Some(tensor_cores), stages: Some(stages), cluster: Some(cluster) });
         // At least the smallest tiled size: few outputs then take a long inner dim (many slices).
         let k = k.max(SMALL_PRODUCT / (m * n) + 1);
         let g = Graph::new();

@@ -80,3 +80,55 @@ fn every_tile_shape_is_race_free() {
         }
     }
 }
+
+/// The slices of each tile as a thread block cluster, adding their partial tiles through each
+/// other's shared memory: race-checked (the cluster barrier between a block's staged tile and the
+/// others' reads of it) in each tile shape that stages its whole tile, on both schedules.
+#[test]
+fn clustered_tiles_are_race_free() {
+    if let Some(why) = kiln::testing::emulator_skip_reason() {
+        kiln::testing::note(&format!("race check of clustered tiles skipped: {why}"));
+        return;
+    }
+    for (tile, slices, tensor_cores, stages) in [
+        (TileShape::T32x32K4, 4, false, 1),
+        (TileShape::T32x32K4, 7, false, 3),
+        (TileShape::T32x32, 3, false, 1),
+        (TileShape::T64x64, 2, false, 1),
+        (TileShape::T32x32, 2, true, 1),
+    ] {
+        let form =
+            format!(" ({tile:?} tiles in a cluster of {slices} slices, tensor cores: {tensor_cores}, {stages} stages)");
+        let choice =
+            TileChoice { stages: Some(stages), cluster: Some(true), ..TileChoice::forced(tile, slices, tensor_cores) };
+        with_race_check(|| with_tile_choice(choice, || one_step("fmnist-mlp", &form)));
+        with_tile_choice(choice, || with_mirrored_schedule(|| one_step("fmnist-mlp", &format!("{form}, mirrored"))));
+    }
+}
+
+/// A cluster adds its slices' partial tiles in the order, and so to the bits, of the ticket's last
+/// block: fmnist-mlp's parameters after a step are the same either way.
+#[test]
+fn clustered_slices_add_up_as_the_ticket_does() {
+    if let Some(why) = kiln::testing::emulator_skip_reason() {
+        kiln::testing::note(&format!("clustered slices skipped: {why}"));
+        return;
+    }
+    let after_a_step = |cluster: bool| {
+        let choice = TileChoice { cluster: Some(cluster), ..TileChoice::forced(TileShape::T32x32K4, 4, false) };
+        with_tile_choice(choice, || {
+            let mut w = build("fmnist-mlp", Device::CudaEmulator).unwrap();
+            let code = w.step.generated_code();
+            w.step.call1(&w.args).unwrap();
+            let code = if code.is_empty() { w.step.generated_code() } else { code };
+            let clustered = code.contains("__cluster_dims__(4, 1, 1)");
+            assert_eq!(clustered, cluster, "clusters asked: {cluster}, in the code: {clustered}");
+            w.params.iter().map(|p| p.value().unwrap().to_f64_vec()).collect::<Vec<_>>()
+        })
+    };
+    let (ticket, cluster) = (after_a_step(false), after_a_step(true));
+    for (i, (a, b)) in ticket.iter().zip(&cluster).enumerate() {
+        let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        assert_eq!(differ, 0, "parameter {i}: {differ} of {} values differ", a.len());
+    }
+}

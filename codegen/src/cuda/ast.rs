@@ -353,6 +353,20 @@ pub struct DeviceFn {
     pub body: Vec<Stmt>,
 }
 
+impl DeviceFn {
+    /// A helper that takes nothing and runs one PTX instruction (or a few, as one string) with no
+    /// operands, `emulated` in the emulator; `memory`: nothing may move across it.
+    pub fn instruction(name: &'static str, ptx: &'static str, memory: bool, emulated: Expr) -> DeviceFn {
+        DeviceFn {
+            ret: CType::Void,
+            name,
+            params: vec![],
+            outputs: 0,
+            body: vec![Stmt::Asm { ptx, outputs: vec![], inputs: vec![], memory, emulated }],
+        }
+    }
+}
+
 /// An `extern "C" __global__` kernel and how it is launched.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Kernel {
@@ -368,6 +382,9 @@ pub struct Kernel {
 pub struct Launch {
     pub grid: (u32, u32),
     pub block: (u32, u32),
+    /// Blocks per thread block cluster along x (1: no clusters), fixed when the kernel is
+    /// compiled (`__cluster_dims__`), so the grid's x is a multiple of it (`cluster.rs`).
+    pub cluster: u32,
 }
 
 /// One compilation unit: the prelude's helpers and the kernels of a program.

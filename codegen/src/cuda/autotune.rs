@@ -145,8 +145,10 @@ impl Default for Space {
 /// from (32x32 in thread groups, 64x64, 128x64) and 128x128 at 1, 2, 4, 8 and 12 slices, each
 /// with one slab buffer and with three filled by asynchronous copies (compute capability 8.0 or
 /// newer; elsewhere they fail and are passed over), and 32x32 tiles of 2x2 outputs a thread (the
-/// form before the thread groups). Tensor cores (3xTF32) are left out: they lost every product of
-/// the H100's product table.
+/// form before the thread groups); and with a tile's 2, 4 or 8 slices as a thread block cluster
+/// (compute capability 9.0; `cluster.rs`): 32x32 tiles in thread groups with one slab buffer and
+/// with three, 64x64 and 128x64 tiles with one. Tensor cores (3xTF32) are left out: they lost
+/// every product of the H100's product table but a few, by little.
 pub fn default_candidates() -> Vec<TileChoice> {
     let mut v = vec![TileChoice { tiled: Some(false), ..TileChoice::default() }];
     for slices in [1, 2, 4, 8, 12] {
@@ -157,6 +159,17 @@ pub fn default_candidates() -> Vec<TileChoice> {
             for stages in [None, Some(3)] {
                 v.push(TileChoice { stages, ..TileChoice::forced(tile, slices, false) });
             }
+        }
+    }
+    let clustered = [
+        (TileShape::T32x32K4, None),
+        (TileShape::T32x32K4, Some(3)),
+        (TileShape::T64x64, None),
+        (TileShape::T128x64, None),
+    ];
+    for (tile, stages) in clustered {
+        for slices in [2, 4, 8] {
+            v.push(TileChoice { stages, cluster: Some(true), ..TileChoice::forced(tile, slices, false) });
         }
     }
     v

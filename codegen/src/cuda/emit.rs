@@ -310,7 +310,7 @@ pub(super) fn grid_stride_loop(it: CType, var: &str, end: usize, body: Vec<Stmt>
 
 /// Blocks of `THREADS` threads for `work` items (grid-stride loops cover any excess).
 pub(super) fn launch_1d(work: usize) -> Launch {
-    Launch { grid: (grid_for(work, THREADS as usize), 1), block: (THREADS, 1) }
+    Launch { grid: (grid_for(work, THREADS as usize), 1), block: (THREADS, 1), cluster: 1 }
 }
 
 pub(super) fn grid_stride(it: CType) -> Expr {

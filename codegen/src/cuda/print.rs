@@ -276,7 +276,9 @@ pub fn kernel(out: &mut String, k: &Kernel) {
         writeln!(out, "// {c}").unwrap();
     }
     let l = k.launch;
-    writeln!(out, "// launch: grid ({}, {}), block ({}, {})", l.grid.0, l.grid.1, l.block.0, l.block.1).unwrap();
+    let cluster = clusters_of(&l);
+    writeln!(out, "// launch: grid ({}, {}), block ({}, {}){cluster}", l.grid.0, l.grid.1, l.block.0, l.block.1)
+        .unwrap();
     let params: Vec<String> = k.params.iter().map(param).collect();
     let threads = l.block.0 * l.block.1;
     // With the threads alone as its bound, ptxas may hold a tensor-core tile to 64 registers so
@@ -290,9 +292,22 @@ pub fn kernel(out: &mut String, k: &Kernel) {
     } else {
         threads.to_string()
     };
-    write!(out, "extern \"C\" __global__ void __launch_bounds__({bounds}) {}({}) ", k.name, params.join(", ")).unwrap();
+    // A cluster's size is the kernel's own, fixed when it is compiled: a plain launch (and a
+    // graph's kernel node) then forms the clusters, with no launch attribute to pass.
+    let dims = if l.cluster > 1 { format!(" __cluster_dims__({}, 1, 1)", l.cluster) } else { String::new() };
+    write!(out, "extern \"C\" __global__ void __launch_bounds__({bounds}){dims} {}({}) ", k.name, params.join(", "))
+        .unwrap();
     block(out, &k.body, 0);
     out.push_str("\n\n");
+}
+
+/// How a launch's blocks are grouped in clusters, as its comments say it (nothing without).
+fn clusters_of(l: &Launch) -> String {
+    if l.cluster > 1 {
+        format!(", clusters of {}", l.cluster)
+    } else {
+        String::new()
+    }
 }
 
 /// The whole compilation unit.
@@ -311,7 +326,8 @@ pub fn program(m: &Module, steps: &[DeviceStep]) -> String {
         match s {
             DeviceStep::Launch(l) => {
                 let (g, b) = (l.launch.grid, l.launch.block);
-                writeln!(out, "//   {}: grid ({}, {}), block ({}, {})", l.kernel, g.0, g.1, b.0, b.1).unwrap()
+                let cluster = clusters_of(&l.launch);
+                writeln!(out, "//   {}: grid ({}, {}), block ({}, {}){cluster}", l.kernel, g.0, g.1, b.0, b.1).unwrap()
             }
             DeviceStep::Gemm(mm) => {
                 let t = |yes: bool| if yes { "^T" } else { "" };
@@ -457,7 +473,7 @@ mod tests {
                 comments: vec![],
                 params: vec![],
                 body,
-                launch: Launch { grid: (1, 1), block: (32, 1) },
+                launch: Launch { grid: (1, 1), block: (32, 1), cluster: 1 },
             }
         };
         let m = Module { helpers, kernels: (0..7).map(|i| kernel(i, if i == 2 { 40 } else { 5 })).collect() };

@@ -311,7 +311,7 @@ impl<'a> Emitter<'a> {
                     step: cast(it, Expr::Builtin(Builtin::GridDim)),
                     body: per_row,
                 });
-                (body, Launch { grid: (rows.min(MAX_GRID) as u32, 1), block: (threads, 1) })
+                (body, Launch { grid: (rows.min(MAX_GRID) as u32, 1), block: (threads, 1), cluster: 1 })
             }
             ReduceShape::SplitTile(slices) => self.split_tile(k, dtypes, op, it, slices),
             ReduceShape::SplitBlock(slices) => self.split_block(k, dtypes, op, it, slices),
@@ -372,7 +372,7 @@ impl<'a> Emitter<'a> {
                     step: cast(it, Expr::Builtin(Builtin::GridDim)) * int(32),
                     body: per_tile,
                 });
-                (body, Launch { grid: (grid_for(rows, 32), 1), block: (32, 8) })
+                (body, Launch { grid: (grid_for(rows, 32), 1), block: (32, 8), cluster: 1 })
             }
         }
     }
@@ -429,7 +429,7 @@ impl<'a> Emitter<'a> {
             Stmt::If(first_thread, vec![assign(index(var(&counters), var("tile")), Expr::ULong(0))], vec![]),
         ];
         body.push(Stmt::If(index(var("last_block"), int(0)), last, vec![]));
-        (body, Launch { grid: (tiles as u32, slices as u32), block: (32, 8) })
+        (body, Launch { grid: (tiles as u32, slices as u32), block: (32, 8), cluster: 1 })
     }
 
     /// `ReduceShape::SplitBlock`: block (row, slice) reduces elements `[slice * chunk, ...)` of its
@@ -486,7 +486,7 @@ impl<'a> Emitter<'a> {
         combine.push(assign(index(var(&counters), var("o")), Expr::ULong(0)));
         let last = bin(BinOp::And, index(var("last_block"), int(0)), first_thread);
         body.push(Stmt::If(last, combine, vec![]));
-        (body, Launch { grid: (rows as u32, slices as u32), block: (THREADS, 1) })
+        (body, Launch { grid: (rows as u32, slices as u32), block: (THREADS, 1), cluster: 1 })
     }
 
     /// In the last block to finish: `acc` folded over the slices' results in `scratch` (in slice

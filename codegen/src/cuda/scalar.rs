@@ -95,6 +95,9 @@ pub struct Scalars {
     /// The most slab buffers a tiled product fills by asynchronous copies (above 1, the prelude
     /// holds `tile_staging`'s helpers).
     pub async_copies: usize,
+    /// Whether a tiled product's slices run as a thread block cluster (the prelude then holds
+    /// `cluster`'s helpers).
+    pub clusters: bool,
 }
 
 impl Scalars {
@@ -190,7 +193,8 @@ impl Scalars {
     pub fn prelude(&self) -> Vec<DeviceFn> {
         let tensor_cores = if self.tensor_cores { super::mma::helpers() } else { vec![] };
         let copies = if self.async_copies > 1 { super::tile_staging::helpers(self.async_copies) } else { vec![] };
-        self.used.iter().map(|&h| helper_fn(h)).chain(tensor_cores).chain(copies).collect()
+        let clusters = if self.clusters { super::cluster::helpers() } else { vec![] };
+        self.used.iter().map(|&h| helper_fn(h)).chain(tensor_cores).chain(copies).chain(clusters).collect()
     }
 }
 

@@ -86,6 +86,15 @@ pub(super) fn can_join(loc: &[Location], kernels: &[Kernel], group: &[&Launchabl
     if threads(b) != threads(first) {
         return false;
     }
+    // The joined kernel's clusters must each lie within one section: a clustered launch starts on
+    // a cluster's first block, and all clustered launches have one size (the others' blocks are
+    // in clusters too, which never wait at a cluster barrier).
+    let sizes = group.iter().chain(std::iter::once(&b)).map(|l| l.launch.cluster).filter(|&c| c > 1);
+    let cluster = sizes.clone().max().unwrap_or(1);
+    let starts_a_cluster = (grid - blocks(b)).is_multiple_of(cluster as usize);
+    if sizes.clone().any(|c| c != cluster) || (b.launch.cluster > 1 && !starts_a_cluster) {
+        return false;
+    }
     // The sections' top-level arrays overlap; nested ones are each the kernel's own.
     let sizes: Vec<(usize, usize)> =
         group.iter().chain(std::iter::once(&b)).map(|l| shared_bytes(&kernel(l).body)).collect();
@@ -151,6 +160,9 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
         sections.push((end, k.name.clone(), body));
         start = end;
     }
+    // A grid of whole clusters: the blocks past the last section's run nothing.
+    let cluster = launches.iter().map(|l| l.launch.cluster).max().unwrap_or(1);
+    let padded = start.div_ceil(cluster) * cluster;
     // Where more than one section declares shared arrays (at the top of its body), they overlap
     // in one union: member `sN` holds section N's, which its code then names `smem.sN.array`.
     let mut union_members = vec![];
@@ -178,7 +190,7 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
     for (end, kname, body) in sections.into_iter().rev() {
         let mut then = vec![Stmt::Comment(kname)];
         then.extend(body);
-        if tail.is_empty() {
+        if tail.is_empty() && end == padded {
             tail = then;
         } else {
             let cond = bin(BinOp::Lt, cast(CType::Int, Expr::Builtin(Builtin::BlockIdx)), int(end as i64));
@@ -188,7 +200,10 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
     if !union_members.is_empty() {
         tail.insert(0, Stmt::SharedUnion { name: SHARED_UNION.into(), members: union_members });
     }
-    let launch = Launch { grid: (start, 1), block: (threads, 1) };
+    if padded > start {
+        comments.push(format!("  blocks [{start}, {padded}): none (the grid in whole clusters of {cluster})"));
+    }
+    let launch = Launch { grid: (padded, 1), block: (threads, 1), cluster };
     let kernel = Kernel { name: name.clone(), comments, params, body: tail, launch };
     (kernel, DeviceStep::Launch(Launchable { kernel: name, args, launch }))
 }
@@ -287,7 +302,7 @@ mod tests {
     use super::*;
 
     fn kernel(name: &str, shared_floats: usize) -> (Kernel, Launchable) {
-        let launch = Launch { grid: (10, 1), block: (256, 1) };
+        let launch = Launch { grid: (10, 1), block: (256, 1), cluster: 1 };
         let body = vec![Stmt::If(
             Expr::Bool(true),
             vec![Stmt::SharedArray { ty: CType::Float, name: "tile".into(), len: shared_floats, align: 0 }],
@@ -306,5 +321,33 @@ mod tests {
         // 26 KB each: two of them would need 52 KB.
         assert!(!can_join(&[], &kernels, &[&la], &lb));
         assert!(can_join(&[], &kernels, &[&la], &lc));
+    }
+
+    fn clustered(name: &str, grid: u32, cluster: u32) -> (Kernel, Launchable) {
+        let (mut k, mut l) = kernel(name, 10);
+        k.launch = Launch { grid: (grid, 1), block: (256, 1), cluster };
+        l.launch = k.launch;
+        (k, l)
+    }
+
+    #[test]
+    fn each_cluster_of_a_joined_kernel_lies_within_one_section() {
+        let (a, la) = clustered("a", 8, 4);
+        let (b, lb) = clustered("b", 3, 1);
+        let (c, lc) = clustered("c", 8, 4);
+        let (d, ld) = clustered("d", 6, 2);
+        let kernels = vec![a.clone(), b.clone(), c, d];
+        // A clustered launch starts on a cluster's first block, and one cluster size a kernel.
+        assert!(can_join(&[], &kernels, &[&la], &lb));
+        assert!(!can_join(&[], &kernels, &[&lb], &lc));
+        assert!(can_join(&[], &kernels, &[&la], &lc));
+        assert!(!can_join(&[], &kernels, &[&la], &ld));
+        // 8 + 3 blocks in whole clusters of 4: the last section's blocks end at 11, the grid at 12.
+        let (joined, step) = join(vec![a, b], vec![la, lb]);
+        let DeviceStep::Launch(launch) = step else { unreachable!("a kernel launch") };
+        assert_eq!((launch.launch.grid, launch.launch.cluster), ((12, 1), 4));
+        let mut source = String::new();
+        super::super::print::kernel(&mut source, &joined);
+        assert!(source.contains("__cluster_dims__(4, 1, 1)") && source.contains("blockIdx.x < 11"), "{source}");
     }
 }

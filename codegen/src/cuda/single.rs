@@ -162,7 +162,7 @@ pub(super) fn join(
             ParamKind::Value => ParamKind::Value,
         };
     }
-    let launch = Launch { grid: (1, 1), block: (SINGLE_BLOCK_THREADS, 1) };
+    let launch = Launch { grid: (1, 1), block: (SINGLE_BLOCK_THREADS, 1), cluster: 1 };
     let kernel = Kernel { name: name.into(), comments, params, body, launch };
     (kernel, DeviceStep::Launch(Launchable { kernel: name.into(), args, launch }))
 }

@@ -1,10 +1,13 @@
 //! The end of a tiled product's kernel (`tiled.rs`): the tile's values through shared memory to
 //! the epilogue group, or, where the inner dimension is cut into slices, each slice's partial
 //! tile to scratch memory and the tile's last block to finish adding the slices in slice order
-//! (so the result does not depend on timing) and running the epilogue. Where groups of threads
+//! (so the result does not depend on timing) and running the epilogue, or, where the slices are
+//! the blocks of a cluster, each block adding its share of the rows from the cluster's shared
+//! memory (`cluster.rs`). Where groups of threads
 //! split each slab's depth (`T32x32K4`), their partial tiles are added here, in group order.
 
 use super::ast::*;
+use super::cluster;
 use super::emit::{decompose, Emitter, THREADS};
 use super::tiled::{acc, TilePlan};
 use crate::kernel::MatMul;
@@ -56,6 +59,15 @@ fn stage_outputs(plan: &TilePlan, first: i64, rows: usize) -> Vec<Stmt> {
         }
     }
     out
+}
+
+/// Slice `s`'s partial value at the tile's element (`r`, `q`), staged in the shared memory of the
+/// cluster's block `s`: its groups' copies added in group order, as `staged_value` adds them.
+fn clustered_value(plan: &TilePlan) -> Expr {
+    let pitch = staged_pitch(plan);
+    let at = var("r") * int(pitch) + var("q");
+    let copy = |g: usize| cluster::load(var("tile_c") + (int((g * plan.bm) as i64 * pitch) + at.clone()), var("s"));
+    (1..plan.groups()).fold(cluster::load(var("tile_c") + at.clone(), var("s")), |sum, g| sum + copy(g))
 }
 
 /// The product's value at the tile's element (`r`, `q`) staged in `tile_c` (rows `first..first +
@@ -144,19 +156,44 @@ impl<'a> Emitter<'a> {
         (shared, body)
     }
 
+    /// After a slice's partial tile in a cluster of the tile's slices: the partial tile staged in
+    /// the block's shared memory (declared by the statements returned first), then each block adds
+    /// the slices of its share of the tile's rows from the cluster's shared memory and runs the
+    /// epilogue on them (`cluster.rs`).
+    pub(super) fn clustered_tile_finish(&mut self, mm: &MatMul, plan: TilePlan, it: CType) -> (Vec<Stmt>, Vec<Stmt>) {
+        let mut body = stage_outputs(&plan, 0, plan.bm);
+        // Every block's partial tile staged before any is read.
+        body.push(cluster::sync());
+        body.push(self.tile_epilogue(mm, plan, it, Rows::Cluster { slices: plan.slices }));
+        // No block leaves (its shared memory with it) while another may still read its tile.
+        body.push(cluster::sync());
+        (vec![staged_tile(&plan, plan.bm)], body)
+    }
+
     /// The walk over the tile's elements (those of `rows`) that runs the epilogue group at each,
     /// the product's value read from the rows staged in shared memory, or added up from the
-    /// slices' partial tiles in slice order.
+    /// slices' partial tiles in slice order (from scratch memory, or from the shared memory of a
+    /// cluster's blocks).
     fn tile_epilogue(&mut self, mm: &MatMul, plan: TilePlan, it: CType, rows: Rows) -> Stmt {
         let (m, n) = (mm.m as i64, mm.n as i64);
-        let (first, count) = match rows {
-            Rows::Staged { first, rows } => (first, rows),
-            Rows::Sliced { .. } => (0, plan.bm),
+        let bn = plan.bn as i64;
+        let mut ahead = vec![];
+        let (first, end) = match rows {
+            Rows::Staged { first, rows } => (int(first), int(rows as i64 * bn)),
+            Rows::Sliced { .. } => (int(0), int(plan.bm as i64 * bn)),
+            Rows::Cluster { slices } => {
+                // Rows in shares of `per`, the last share shorter.
+                let (per, bm) = (plan.bm.div_ceil(slices) as i64, plan.bm as i64);
+                ahead.push(decl(CType::Int, "rows_first", cast(CType::Int, var("slice")) * int(per)));
+                let short = bin(BinOp::Lt, int(bm) - var("rows_first"), int(per));
+                ahead.push(decl(CType::Int, "rows_here", select(short, int(bm) - var("rows_first"), int(per))));
+                (var("rows_first"), var("rows_here") * int(bn))
+            }
         };
-        let in_walk = var("l") / int(plan.bn as i64);
+        let in_walk = var("l") / int(bn);
         let mut per = vec![
-            decl(CType::Int, "r", if first == 0 { in_walk } else { int(first) + in_walk }),
-            decl(CType::Int, "q", var("l") % int(plan.bn as i64)),
+            decl(CType::Int, "r", if first == int(0) { in_walk } else { first + in_walk }),
+            decl(CType::Int, "q", var("l") % int(bn)),
             decl(it, "row", var("row0") + cast(it, var("r"))),
             decl(it, "col", var("col0") + cast(it, var("q"))),
         ];
@@ -178,6 +215,17 @@ impl<'a> Emitter<'a> {
                     body: vec![assign(var("tile_value"), var("tile_value") + call("__ldcg", vec![at]))],
                 });
             }
+            Rows::Cluster { slices } => {
+                inner.push(decl_mut(CType::Float, "tile_value", Expr::F32(0.0)));
+                inner.push(Stmt::For {
+                    ty: CType::UInt,
+                    var: "s".into(),
+                    init: Expr::UInt(0),
+                    end: Expr::UInt(slices as u32),
+                    step: Expr::UInt(1),
+                    body: vec![assign(var("tile_value"), var("tile_value") + clustered_value(&plan))],
+                });
+            }
         }
         let shape = self.group[0].kernel.shape.clone();
         inner.push(decl(it, "t", var("row") * int(n) + var("col")));
@@ -187,13 +235,19 @@ impl<'a> Emitter<'a> {
         }
         let inside = bin(BinOp::And, bin(BinOp::Lt, var("row"), int(m)), bin(BinOp::Lt, var("col"), int(n)));
         per.push(Stmt::If(inside, inner, vec![]));
-        Stmt::For {
+        let walk = Stmt::For {
             ty: CType::Int,
             var: "l".into(),
             init: cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)),
-            end: int((count * plan.bn) as i64),
+            end,
             step: int(THREADS as i64),
             body: per,
+        };
+        if ahead.is_empty() {
+            walk
+        } else {
+            ahead.push(walk);
+            Stmt::Block(ahead)
         }
     }
 }
@@ -205,4 +259,7 @@ enum Rows<'s> {
     Staged { first: i64, rows: usize },
     /// Every row, added up from the partial tiles of `slices` slices in scratch memory.
     Sliced { scratch: &'s str, slices: usize },
+    /// The calling block's share of the rows, added up from the partial tiles staged in the
+    /// shared memory of the `slices` blocks of its cluster.
+    Cluster { slices: usize },
 }

@@ -51,33 +51,17 @@ pub(super) fn helpers(stages: usize) -> Vec<DeviceFn> {
             emulated: call("kiln_emu_cp_async4", vec![var("dst"), var("src"), var("inside")]),
         }],
     };
-    let commit = DeviceFn {
-        ret: CType::Void,
-        name: COMMIT_HELPER,
-        params: vec![],
-        outputs: 0,
-        body: vec![Stmt::Asm {
-            ptx: "cp.async.commit_group;",
-            outputs: vec![],
-            inputs: vec![],
-            memory: false,
-            emulated: call("kiln_emu_cp_async_commit", vec![]),
-        }],
-    };
+    let commit =
+        DeviceFn::instruction(COMMIT_HELPER, "cp.async.commit_group;", false, call("kiln_emu_cp_async_commit", vec![]));
     let ptx = ["cp.async.wait_group 0;", "cp.async.wait_group 1;", "cp.async.wait_group 2;"];
-    let waits = (0..=stages - 2).map(|pending| DeviceFn {
-        ret: CType::Void,
-        name: wait_helper(pending),
-        params: vec![],
-        outputs: 0,
-        body: vec![Stmt::Asm {
-            ptx: ptx[pending],
-            outputs: vec![],
-            inputs: vec![],
-            // What the copies wrote may not be read before it.
-            memory: true,
-            emulated: call("kiln_emu_cp_async_wait", vec![int(pending as i64)]),
-        }],
+    // What the copies wrote may not be read before a wait.
+    let waits = (0..=stages - 2).map(|pending| {
+        DeviceFn::instruction(
+            wait_helper(pending),
+            ptx[pending],
+            true,
+            call("kiln_emu_cp_async_wait", vec![int(pending as i64)]),
+        )
     });
     [copy, commit].into_iter().chain(waits).collect()
 }

@@ -17,7 +17,9 @@
 //!
 //! `m`x`k`x`n` as the kernels' comments print a product, the operands' layout (`a` then `b`: `n`
 //! as is, `t` stored transposed), then the choice: `cuBLAS`, `kiln` (its own estimate), or a tile
-//! shape and its slice count, `tc` in front for tensor cores (3xTF32). A tiling that a product
+//! shape and its slice count, `tc` in front for tensor cores (3xTF32), `/pS` after for S slab
+//! buffers filled by asynchronous copies, `/cluster` for a tile's slices run as a thread block
+//! cluster (`cluster.rs`). A tiling that a product
 //! cannot take in its step (an epilogue that does not read it element by element in order, or
 //! more blocks than a grid holds) goes to cuBLAS, as a forced `TileChoice` does; the step's
 //! launch list in the generated code says which.
@@ -56,18 +58,20 @@ impl std::fmt::Display for ProductKey {
 
 impl TileChoice {
     /// The choice as a tile table and the product benchmark's columns name it: `cuBLAS`, `kiln`,
-    /// or `[tc]RxC/sN[/pS]` (`/pS`: S slab buffers filled by asynchronous copies). `None` for a
-    /// partial choice that a table cannot hold.
+    /// or `[tc]RxC/sN[/pS][/cluster]` (`/pS`: S slab buffers filled by asynchronous copies;
+    /// `/cluster`: the slices of a tile a thread block cluster). `None` for a partial choice that a
+    /// table cannot hold.
     pub fn label(&self) -> Option<String> {
-        match (self.tiled, self.tile, self.slices, self.tensor_cores, self.stages) {
-            (Some(false), None, None, None, None) => Some("cuBLAS".into()),
-            (None, None, None, None, None) => Some("kiln".into()),
-            (Some(true), Some(tile), Some(slices), Some(tc), stages) => {
+        match (self.tiled, self.tile, self.slices, self.tensor_cores, self.stages, self.cluster) {
+            (Some(false), None, None, None, None, None) => Some("cuBLAS".into()),
+            (None, None, None, None, None, None) => Some("kiln".into()),
+            (Some(true), Some(tile), Some(slices), Some(tc), stages, cluster) => {
                 let staged = match stages {
                     Some(s) if s > 1 => format!("/p{s}"),
                     _ => String::new(),
                 };
-                Some(format!("{}{}/s{slices}{staged}", if tc { "tc" } else { "" }, tile.label()))
+                let clustered = if cluster == Some(true) { "/cluster" } else { "" };
+                Some(format!("{}{}/s{slices}{staged}{clustered}", if tc { "tc" } else { "" }, tile.label()))
             }
             _ => None,
         }
@@ -84,6 +88,10 @@ impl TileChoice {
             Some(rest) => (true, rest),
             None => (false, text),
         };
+        let (rest, cluster) = match rest.strip_suffix("/cluster") {
+            Some(rest) => (rest, Some(true)),
+            None => (rest, None),
+        };
         let (shape, rest) = rest.split_once("/s")?;
         let tile = TileShape::ALL.into_iter().find(|t| t.label() == shape)?;
         let (slices, stages) = match rest.split_once("/p") {
@@ -91,7 +99,7 @@ impl TileChoice {
             None => (rest, None),
         };
         let slices = slices.parse().ok().filter(|&s| s >= 1)?;
-        Some(TileChoice { stages, ..TileChoice::forced(tile, slices, tensor_cores) })
+        Some(TileChoice { stages, cluster, ..TileChoice::forced(tile, slices, tensor_cores) })
     }
 }
 
@@ -251,7 +259,16 @@ mod tests {
         let printed = table.to_text("measured on: a card");
         assert!(printed.starts_with("# measured on: a card\n"), "{printed}");
         assert_eq!(TileTable::parse(&printed, "again").unwrap(), table);
-        for label in ["cuBLAS", "kiln", "32x32/s1", "32x32k4/s7/p3", "tc128x128/s2", "128x64/s12"] {
+        for label in [
+            "cuBLAS",
+            "kiln",
+            "32x32/s1",
+            "32x32k4/s7/p3",
+            "tc128x128/s2",
+            "128x64/s12",
+            "32x32k4/s4/cluster",
+            "64x64/s2/p3/cluster",
+        ] {
             assert_eq!(TileChoice::from_label(label).and_then(|c| c.label()).as_deref(), Some(label));
         }
     }

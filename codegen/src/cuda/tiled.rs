@@ -164,6 +164,10 @@ pub struct TileChoice {
     /// Slab buffers filled by asynchronous copies (1: the next slab through registers; by float32
     /// FMAs only).
     pub stages: Option<usize>,
+    /// `Some(true)`: a sliced tile's slices run as one thread block cluster and add their partial
+    /// tiles through distributed shared memory (`cluster.rs`; 2 to 8 slices, the tile staged
+    /// whole beside its slabs); `Some(false)`: through scratch memory and a ticket.
+    pub cluster: Option<bool>,
 }
 
 impl TileChoice {
@@ -176,6 +180,7 @@ impl TileChoice {
             slices: Some(slices),
             tensor_cores: Some(tensor_cores),
             stages: None,
+            cluster: None,
         }
     }
 }
@@ -228,6 +233,9 @@ pub(super) struct TilePlan {
     /// Slab buffers, filled by asynchronous copies `stages - 1` slabs ahead (1: one buffer, the
     /// next slab loaded into registers).
     pub(super) stages: usize,
+    /// The slices of a tile run as one thread block cluster (`cluster.rs`): block `tile * slices
+    /// + slice` rather than `slice * tiles + tile`.
+    pub(super) cluster: bool,
 }
 
 impl TilePlan {
@@ -256,6 +264,9 @@ impl TilePlan {
         // Tiles enough for most of the target need no slices (they would only add partial tiles).
         let tiles = tiles_m * tiles_n;
         let wanted = if 2 * tiles >= TARGET_BLOCKS { 1 } else { TARGET_BLOCKS.div_ceil(tiles).min(deepest_cut(shape)) };
+        // Clusters asked for: kiln's estimate cuts no more slices than a cluster holds.
+        let clustered = choice.cluster.unwrap_or_else(super::cluster::requested);
+        let wanted = if clustered { wanted.min(super::cluster::MAX_CLUSTER) } else { wanted };
         let wanted = choice.slices.map_or(wanted, |s| s.min(slabs_total));
         let slabs = slabs_total.div_ceil(wanted.max(1));
         let tensor_cores = choice.tensor_cores.unwrap_or_else(tensor_cores_from_env);
@@ -272,11 +283,14 @@ impl TilePlan {
             tensor_cores,
             shape: shape.computed_as(tensor_cores),
             stages: stages.clamp(1, MAX_STAGES),
+            cluster: false,
         };
         // As many buffers as fit in shared memory beside a band of the staged tile.
         while plan.stages > 1 && !plan.fits_in_shared_memory() {
             plan.stages -= 1;
         }
+        // A cluster's blocks read each other's whole staged tile, so it must fit beside the slabs.
+        plan.cluster = clustered && (2..=super::cluster::MAX_CLUSTER).contains(&plan.slices) && plan.bands() == 1;
         plan
     }
 
@@ -286,8 +300,9 @@ impl TilePlan {
         let on = if self.tensor_cores { " on tensor cores (3xTF32)" } else { "" };
         let copied =
             if self.stages > 1 { format!(", {} slabs in flight (cp.async)", self.stages - 1) } else { String::new() };
+        let clustered = if self.cluster { ", the slices of a tile a cluster" } else { "" };
         format!(
-            "{kernel} computes the product of {} ({}x{}x{}) in {} tiles{on}{sliced}{copied} (no cuBLAS call), then its epilogue",
+            "{kernel} computes the product of {} ({}x{}x{}) in {} tiles{on}{sliced}{clustered}{copied} (no cuBLAS call), then its epilogue",
             mm.name,
             mm.m,
             mm.k,
@@ -578,8 +593,15 @@ impl<'a> Emitter<'a> {
         };
         let block = || cast(it, Expr::Builtin(Builtin::BlockIdx));
         let tiles = (tiles_m * tiles_n) as i64;
-        setup.push(decl(it, "tile", block() % int(tiles)));
-        setup.push(decl(it, "slice", block() / int(tiles)));
+        // A cluster is consecutive blocks, so a clustered tile's slices are.
+        if plan.cluster {
+            self.scalars.clusters = true;
+            setup.push(decl(it, "tile", block() / int(slices as i64)));
+            setup.push(decl(it, "slice", block() % int(slices as i64)));
+        } else {
+            setup.push(decl(it, "tile", block() % int(tiles)));
+            setup.push(decl(it, "slice", block() / int(tiles)));
+        }
         setup.push(decl(it, "row0", (var("tile") / int(tiles_n as i64)) * int(bm as i64)));
         setup.push(decl(it, "col0", (var("tile") % int(tiles_n as i64)) * int(bn as i64)));
         setup.push(decl(it, "k_lo", var("slice") * int((slabs * bk) as i64)));
@@ -601,11 +623,17 @@ impl<'a> Emitter<'a> {
         } else {
             body.extend(self.slabs_through_registers(&mm, &plan, it));
         }
-        let (shared, finish) =
-            if slices == 1 { self.whole_tile_finish(&mm, plan, it) } else { self.sliced_tile_finish(&mm, plan, it) };
+        let (shared, finish) = if slices == 1 {
+            self.whole_tile_finish(&mm, plan, it)
+        } else if plan.cluster {
+            self.clustered_tile_finish(&mm, plan, it)
+        } else {
+            self.sliced_tile_finish(&mm, plan, it)
+        };
         body.splice(2..2, shared);
         body.extend(finish);
-        (body, Launch { grid: (plan.blocks() as u32, 1), block: (THREADS, 1) })
+        let cluster = if plan.cluster { slices as u32 } else { 1 };
+        (body, Launch { grid: (plan.blocks() as u32, 1), block: (THREADS, 1), cluster })
     }
 
     /// The loop over the slice's slabs with one slab buffer: each slab's words come from the

@@ -45,7 +45,9 @@ pub fn unavailable_reason() -> Option<String> {
 /// shuffle, or a tensor-core multiply-add.
 fn waits(body: &[Stmt]) -> bool {
     crate::cuda::ast::syncs(body)
-        || crate::cuda::ast::calls(body, &|f| f.starts_with("__shfl") || f == crate::cuda::mma::MMA_HELPER)
+        || crate::cuda::ast::calls(body, &|f| {
+            f.starts_with("__shfl") || f == crate::cuda::mma::MMA_HELPER || f == crate::cuda::cluster::SYNC_HELPER
+        })
 }
 
 fn entry_point(k: &Kernel) -> String {
@@ -55,11 +57,12 @@ fn entry_point(k: &Kernel) -> String {
          extern \"C\" __attribute__((visibility(\"default\"))) const char* kiln_emu_{name}(void** args, \
          unsigned gx, unsigned gy, unsigned bx, unsigned by, int mirrored) {{\n    \
          kiln_emu::fault[0] = 0;\n    \
-         kiln_emu::launch(gx, gy, bx, by, {waits}, kiln_emu_body_{name}, args, mirrored != 0);\n    \
+         kiln_emu::launch(gx, gy, bx, by, {waits}, kiln_emu_body_{name}, args, mirrored != 0, {cluster});\n    \
          return kiln_emu::fault[0] ? kiln_emu::fault : nullptr;\n}}\n",
         name = k.name,
         args = args.join(", "),
-        waits = waits(&k.body)
+        waits = waits(&k.body),
+        cluster = k.launch.cluster
     )
 }
 

@@ -15,7 +15,9 @@
 //! `with_mirrored_schedule` runs blocks and threads in the other order, so a race one order hides
 //! shows; `with_race_check` (or `KILN_EMU_RACECHECK=1`) checks every load and store against CUDA's
 //! ordering rules instead, whatever the order: barriers within a block, and between the blocks of
-//! a launch only the last-block protocol (fence, ticket, L2 load). What it cannot check: timing,
+//! a launch only the last-block protocol (fence, ticket, L2 load) or, within a thread block
+//! cluster, a read of another block's shared memory after a cluster barrier (a cluster's blocks
+//! run each on an OS thread of its own, one at a time, passing at cluster barriers). What it cannot check: timing,
 //! the PTX NVRTC makes of the source (NVRTC compiles the same text in CI), what the hardware does
 //! with a protocol the rules accept (the race check takes the CUDA memory model's word for it),
 //! and CUDA's own math library's rounding.

@@ -11,13 +11,15 @@ namespace kiln_emu {
 //     ticket first (an atomicAdd by the reading thread, or by any thread of its block before a
 //     barrier): the last-block protocol of kiln's sliced products and split rows; or
 //   - both are atomics (a plain access to an element other blocks changed atomically is allowed
-//     once the block took its ticket: the last block resetting the counter).
+//     once the block took its ticket: the last block resetting the counter); or
+//   - they are of different blocks of one cluster, in the writer's shared memory, the read a
+//     distributed shared memory load, and a cluster barrier lies between them.
 // Shared arrays are checked per block, the launch's buffers per launch (kernel boundaries order
 // everything); the first conflict is the launch's fault. Elements are the buffer's element size
 // (in shared memory, the array's element size up to 4 bytes; a union's elements are 4 bytes).
 #ifdef KILN_EMU_RACECHECK
 struct RaceRecord {
-    unsigned writer, writer_barriers, writer_fences;
+    unsigned writer, writer_barriers, writer_fences, writer_cluster_barriers;
     unsigned reader, reader_barriers, reader_block;
     unsigned char flags;
 };
@@ -31,7 +33,7 @@ struct RaceRegion {
 };
 // The running thread: its place in the launch (block-major), its block, the barriers it passed.
 struct RaceThread {
-    unsigned id, block, barriers;
+    unsigned id, block, barriers, cluster_barriers;
 };
 // What a page of memory holds: one region throughout (its index), none (NO_REGION), or both
 // (MIXED: look it up). Accesses outside every region (the kernel's locals, CUDA's built-in
@@ -50,7 +52,7 @@ struct RaceState {
     unsigned region_count, generation;
     PageHint hints[PAGE_HINTS];
     RaceThread me;
-    bool coherent_load, atomic_access;
+    bool coherent_load, atomic_access, cluster_load;
     // Per thread of the launch: its __threadfence count, and whether it did an atomic.
     unsigned* fences;
     unsigned char* took_ticket;
@@ -128,6 +130,31 @@ KILN_EMU_UNCHECKED static void race_enter(unsigned t, unsigned barriers) {
     race_state().me = RaceThread{b * per_block + t, b, barriers};
 }
 
+KILN_EMU_UNCHECKED static void race_enter_cluster(unsigned cluster_barriers) {
+    race_state().me.cluster_barriers = cluster_barriers;
+}
+
+// A cluster's blocks run on threads of their own, checked as one launch: they share the state of
+// the thread that launched them.
+KILN_EMU_UNCHECKED static void* race_current() { return &race_state(); }
+KILN_EMU_UNCHECKED static void race_adopt(void* state) { race = (RaceState*)state; }
+
+// A cluster's shared arrays, dropped when it ends (its blocks' threads and their arrays are gone).
+KILN_EMU_UNCHECKED static void race_forget_shared() {
+    RaceState& s = race_state();
+    unsigned kept = 0;
+    for (unsigned i = 0; i < s.region_count; i++) {
+        if (s.regions[i].shared)
+            free(s.regions[i].records);
+        else
+            s.regions[kept++] = s.regions[i];
+    }
+    s.region_count = kept;
+    s.generation++;
+}
+
+KILN_EMU_UNCHECKED static void race_mark_cluster(bool cluster_load) { race_state().cluster_load = cluster_load; }
+
 KILN_EMU_UNCHECKED static void race_fence() {
     RaceState& s = race_state();
     s.fences[s.me.id]++;
@@ -170,6 +197,11 @@ KILN_EMU_UNCHECKED static void race_check(RaceState& s, RaceRegion& r, size_t g,
         if (c.writer / per_block == me.block) {
             if (c.writer_barriers == me.barriers)
                 race_fault(r, g, me.id, access, c.writer, wrote, "with no __syncthreads between");
+        } else if (r.shared) {
+            if (kind != LOAD || !s.cluster_load)
+                race_fault(r, g, me.id, access, c.writer, wrote, "in another block's shared memory");
+            else if (c.writer_cluster_barriers == me.cluster_barriers)
+                race_fault(r, g, me.id, access, c.writer, wrote, "in another block of the cluster, with no cluster barrier between");
         } else if (kind == ATOMIC) {
             if (!(c.flags & WRITTEN_ATOMICALLY))
                 race_fault(r, g, me.id, access, c.writer, wrote, "in another block of the same launch");
@@ -214,6 +246,7 @@ KILN_EMU_UNCHECKED static void race_check(RaceState& s, RaceRegion& r, size_t g,
             if (me.barriers < s.ticket_barriers[me.block]) s.ticket_barriers[me.block] = me.barriers;
         }
         c.writer = me.id, c.writer_barriers = me.barriers, c.writer_fences = s.fences[me.id];
+        c.writer_cluster_barriers = me.cluster_barriers;
     }
 }
 
@@ -257,6 +290,11 @@ static inline void race_launch(size_t, size_t) {}
 static inline void race_enter(unsigned, unsigned) {}
 static inline void race_fence() {}
 static inline void race_mark(bool, bool) {}
+static inline void race_mark_cluster(bool) {}
+static inline void race_enter_cluster(unsigned) {}
+static inline void* race_current() { return nullptr; }
+static inline void race_adopt(void*) {}
+static inline void race_forget_shared() {}
 #endif
 }  // namespace kiln_emu
 
