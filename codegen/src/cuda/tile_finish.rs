@@ -62,12 +62,10 @@ fn stage_outputs(plan: &TilePlan, first: i64, rows: usize) -> Vec<Stmt> {
 }
 
 /// Slice `s`'s partial value at the tile's element (`r`, `q`), staged in the shared memory of the
-/// cluster's block `s`: its groups' copies added in group order, as `staged_value` adds them.
+/// cluster's block `s` (its groups' copies already added into the first).
 fn clustered_value(plan: &TilePlan) -> Expr {
-    let pitch = staged_pitch(plan);
-    let at = var("r") * int(pitch) + var("q");
-    let copy = |g: usize| cluster::load(var("tile_c") + (int((g * plan.bm) as i64 * pitch) + at.clone()), var("s"));
-    (1..plan.groups()).fold(cluster::load(var("tile_c") + at.clone(), var("s")), |sum, g| sum + copy(g))
+    let at = var("r") * int(staged_pitch(plan)) + var("q");
+    cluster::load(var("tile_c") + at, var("s"))
 }
 
 /// The product's value at the tile's element (`r`, `q`) staged in `tile_c` (rows `first..first +
@@ -162,6 +160,24 @@ impl<'a> Emitter<'a> {
     /// epilogue on them (`cluster.rs`).
     pub(super) fn clustered_tile_finish(&mut self, mm: &MatMul, plan: TilePlan, it: CType) -> (Vec<Stmt>, Vec<Stmt>) {
         let mut body = stage_outputs(&plan, 0, plan.bm);
+        if plan.groups() > 1 {
+            // The groups' copies added in group order first, into the first copy, so that the
+            // other blocks read one word a slice rather than one a group.
+            body.push(Stmt::SyncThreads);
+            let at = var("r") * int(staged_pitch(&plan)) + var("q");
+            body.push(Stmt::For {
+                ty: CType::Int,
+                var: "l".into(),
+                init: cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)),
+                end: int((plan.bm * plan.bn) as i64),
+                step: int(THREADS as i64),
+                body: vec![
+                    decl(CType::Int, "r", var("l") / int(plan.bn as i64)),
+                    decl(CType::Int, "q", var("l") % int(plan.bn as i64)),
+                    assign(index(var("tile_c"), at), staged_value(&plan, 0, plan.bm)),
+                ],
+            });
+        }
         // Every block's partial tile staged before any is read.
         body.push(cluster::sync());
         body.push(self.tile_epilogue(mm, plan, it, Rows::Cluster { slices: plan.slices }));
