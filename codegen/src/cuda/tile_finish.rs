@@ -61,6 +61,22 @@ fn stage_outputs(plan: &TilePlan, first: i64, rows: usize) -> Vec<Stmt> {
     out
 }
 
+/// The block's threads over every element (`r`, `q`) of the tile in row order, `step` at each.
+fn walk_tile(plan: &TilePlan, step: Stmt) -> Stmt {
+    Stmt::For {
+        ty: CType::Int,
+        var: "l".into(),
+        init: cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)),
+        end: int((plan.bm * plan.bn) as i64),
+        step: int(THREADS as i64),
+        body: vec![
+            decl(CType::Int, "r", var("l") / int(plan.bn as i64)),
+            decl(CType::Int, "q", var("l") % int(plan.bn as i64)),
+            step,
+        ],
+    }
+}
+
 /// Slice `s`'s partial value at the tile's element (`r`, `q`), staged in the shared memory of the
 /// cluster's block `s` (its groups' copies already added into the first).
 fn clustered_value(plan: &TilePlan) -> Expr {
@@ -121,18 +137,7 @@ impl<'a> Emitter<'a> {
             let (row, col) = (var("row0") + cast(it, var("r")), var("col0") + cast(it, var("q")));
             let write =
                 assign(index(var(&scratch), partial_at(row.clone(), col.clone())), staged_value(&plan, 0, plan.bm));
-            body.push(Stmt::For {
-                ty: CType::Int,
-                var: "l".into(),
-                init: cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)),
-                end: int((plan.bm * plan.bn) as i64),
-                step: int(THREADS as i64),
-                body: vec![
-                    decl(CType::Int, "r", var("l") / int(plan.bn as i64)),
-                    decl(CType::Int, "q", var("l") % int(plan.bn as i64)),
-                    Stmt::If(inside(row, col), vec![write], vec![]),
-                ],
-            });
+            body.push(walk_tile(&plan, Stmt::If(inside(row, col), vec![write], vec![])));
         } else {
             let row = |i: usize| var("row0") + cast(it, plan.out_row(i));
             let col = |j: usize| var("col0") + cast(it, plan.out_col(j));
@@ -165,18 +170,7 @@ impl<'a> Emitter<'a> {
             // other blocks read one word a slice rather than one a group.
             body.push(Stmt::SyncThreads);
             let at = var("r") * int(staged_pitch(&plan)) + var("q");
-            body.push(Stmt::For {
-                ty: CType::Int,
-                var: "l".into(),
-                init: cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)),
-                end: int((plan.bm * plan.bn) as i64),
-                step: int(THREADS as i64),
-                body: vec![
-                    decl(CType::Int, "r", var("l") / int(plan.bn as i64)),
-                    decl(CType::Int, "q", var("l") % int(plan.bn as i64)),
-                    assign(index(var("tile_c"), at), staged_value(&plan, 0, plan.bm)),
-                ],
-            });
+            body.push(walk_tile(&plan, assign(index(var("tile_c"), at), staged_value(&plan, 0, plan.bm))));
         }
         // Every block's partial tile staged before any is read.
         body.push(cluster::sync());
