@@ -24,8 +24,8 @@ pub struct AutotuneOptions {
     /// No further candidate is tried after this many seconds (the best so far is kept).
     pub budget_seconds: f64,
     /// What is tried: the tilings of each product (`autotune::default_candidates`), then for the
-    /// whole step programmatic dependent launch (compute capability 9.0 or newer) and each number
-    /// of streams (1 to 3).
+    /// whole step programmatic dependent launch and sliced tiles as thread block clusters (compute
+    /// capability 9.0 or newer), each number of streams (1 to 3) and the two bounds.
     pub space: Space,
     /// Read the result from the cache folder where a run before found it, and keep it there
     /// (unless the budget ran out before every candidate was tried).

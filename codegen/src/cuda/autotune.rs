@@ -32,13 +32,16 @@ use std::sync::Arc;
 pub const MARGIN: f64 = 0.01;
 
 /// What the search varies: a tile table for the products, and for the whole step dependent
-/// launch, the number of streams, and the bounds of products in single-block runs and of the
-/// small products tiled for their long dots (`None`: as kiln has them, from the environment or
-/// its defaults).
+/// launch, sliced tiles as thread block clusters, the number of streams, and the bounds of
+/// products in single-block runs and of the small products tiled for their long dots (`None`: as
+/// kiln has them, from the environment or its defaults).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Setting {
     pub table: TileTable,
     pub dependent_launch: bool,
+    /// Every sliced tile's slices a thread block cluster where its table line does not say
+    /// (`KILN_CUDA_CLUSTERS=1`).
+    pub clusters: bool,
     /// `None`: as kiln plans it (`KILN_CUDA_STREAMS`, else two where the memory allows).
     pub streams: Option<usize>,
     /// `KILN_CUDA_RUN_MACS`'s bound.
@@ -53,10 +56,20 @@ impl Setting {
         CompileOptions {
             tile_table: Some(Arc::new(self.table.clone())),
             dependent_launch: self.dependent_launch,
+            clusters: self.clusters,
             streams: self.streams,
             run_macs: self.run_macs,
             dot_depth: self.dot_depth,
         }
+    }
+
+    /// The step's switches, in `SWITCH_LINES`' order.
+    fn switches(&self) -> [bool; 2] {
+        [self.dependent_launch, self.clusters]
+    }
+
+    fn switches_mut(&mut self) -> [&mut bool; 2] {
+        [&mut self.dependent_launch, &mut self.clusters]
     }
 
     /// The step's numbers, in `NUMBER_LINES`' order (`None`: as kiln has it).
@@ -68,10 +81,12 @@ impl Setting {
         [&mut self.streams, &mut self.run_macs, &mut self.dot_depth]
     }
 
-    /// The step's knobs in a line, as a cache entry names them: `dependent-launch off, streams 2,
-    /// run-macs kiln, dot-depth kiln`.
+    /// The step's knobs in a line, as a cache entry names them: `dependent-launch off, clusters
+    /// off, streams 2, run-macs kiln, dot-depth kiln`.
     pub fn knobs(&self) -> String {
-        let mut parts = vec![format!("{LAUNCH_LINE} {}", if self.dependent_launch { "on" } else { "off" })];
+        let on_off = |on: bool| if on { "on" } else { "off" };
+        let mut parts: Vec<String> =
+            SWITCH_LINES.iter().zip(self.switches()).map(|(name, on)| format!("{name} {}", on_off(on))).collect();
         for ((name, _), value) in NUMBER_LINES.iter().zip(self.numbers()) {
             parts.push(format!("{name} {}", value.map_or("kiln".to_string(), |n| n.to_string())));
         }
@@ -91,12 +106,13 @@ impl Setting {
 }
 
 /// What a search tries: its candidates for each product, then for the whole step dependent
-/// launch (if `dependent_launch`), each number of streams of `streams`, each bound of `run_macs`
-/// and each of `dot_depth`.
+/// launch (if `dependent_launch`), sliced tiles as clusters (if `clusters`), each number of
+/// streams of `streams`, each bound of `run_macs` and each of `dot_depth`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Space {
     pub candidates: Vec<TileChoice>,
     pub dependent_launch: bool,
+    pub clusters: bool,
     pub streams: Vec<usize>,
     pub run_macs: Vec<usize>,
     pub dot_depth: Vec<usize>,
@@ -108,32 +124,35 @@ impl Space {
         [&self.streams, &self.run_macs, &self.dot_depth]
     }
 
-    /// The settings of the step's round `knob` (0: dependent launch, then the step's numbers in
-    /// `NUMBER_LINES`' order): `best` with each value that the space tries.
+    /// The settings of the step's round `knob` (the switches in `SWITCH_LINES`' order, then the
+    /// step's numbers in `NUMBER_LINES`'): `best` with each value that the space tries.
     fn step_round(&self, knob: usize, best: &Setting) -> Vec<Setting> {
-        match knob {
-            0 if self.dependent_launch => vec![Setting { dependent_launch: true, ..best.clone() }],
-            0 => vec![],
-            _ => self.numbers()[knob - 1]
-                .iter()
-                .map(|&n| {
-                    let mut s = best.clone();
-                    *s.numbers_mut()[knob - 1] = Some(n);
-                    s
-                })
-                .collect(),
+        let switches = [self.dependent_launch, self.clusters];
+        if knob < switches.len() {
+            let mut s = best.clone();
+            *s.switches_mut()[knob] = true;
+            return if switches[knob] { vec![s] } else { vec![] };
         }
+        self.numbers()[knob - switches.len()]
+            .iter()
+            .map(|&n| {
+                let mut s = best.clone();
+                *s.numbers_mut()[knob - switches.len()] = Some(n);
+                s
+            })
+            .collect()
     }
 }
 
 impl Default for Space {
-    /// `default_candidates`, dependent launch, one to three streams, products of up to 2^19
+    /// `default_candidates`, dependent launch, clusters, one to three streams, products of up to 2^19
     /// multiply-adds in single-block runs (fmnist-mlp's last layer joins its loss), and every
     /// small product's dots one per output thread however long (as before they were tiled).
     fn default() -> Self {
         Space {
             candidates: default_candidates(),
             dependent_launch: true,
+            clusters: true,
             streams: vec![1, 2, 3],
             run_macs: vec![1 << 19],
             dot_depth: vec![1 << 30],
@@ -267,9 +286,9 @@ where
             break;
         }
     }
-    // Then the step as a whole: dependent launch, the number of streams, then the two bounds,
-    // each round made from the best after the one before.
-    for knob in 0..=NUMBER_LINES.len() {
+    // Then the step as a whole: dependent launch, clusters, the number of streams, then the two
+    // bounds, each round made from the best after the one before.
+    for knob in 0..SWITCH_LINES.len() + NUMBER_LINES.len() {
         let round = space.step_round(knob, &s.best);
         if s.out.out_of_budget {
             break;
@@ -348,7 +367,7 @@ where
 fn describe(s: &Setting) -> String {
     let mut parts: Vec<String> =
         s.table.entries.iter().map(|(k, c)| format!("{k} {}", c.label().unwrap_or_default())).collect();
-    if s.dependent_launch || s.numbers().iter().any(Option::is_some) {
+    if s.switches().iter().any(|&on| on) || s.numbers().iter().any(Option::is_some) {
         parts.push(s.knobs());
     }
     if parts.is_empty() {
@@ -368,15 +387,16 @@ pub fn cache_key(code: &str, device: &str, space: &Space) -> String {
         c.label().hash(&mut h);
     }
     space.dependent_launch.hash(&mut h);
+    space.clusters.hash(&mut h);
     space.streams.hash(&mut h);
     space.run_macs.hash(&mut h);
     space.dot_depth.hash(&mut h);
     format!("{:016x}", h.finish())
 }
 
-/// The line of a cache entry that says whether dependent launch won, and those of the step's
-/// numbers (each a number, or `kiln`: as kiln has it), with the most each may be.
-const LAUNCH_LINE: &str = "dependent-launch";
+/// The lines of a cache entry that say whether dependent launch and clusters won, and those of the
+/// step's numbers (each a number, or `kiln`: as kiln has it), with the most each may be.
+const SWITCH_LINES: [&str; 2] = ["dependent-launch", "clusters"];
 const NUMBER_LINES: [(&str, usize); 3] = [("streams", 8), ("run-macs", usize::MAX), ("dot-depth", usize::MAX)];
 
 /// A setting as a cache entry's text: `heading` as comments, the launch line and the step's
@@ -400,21 +420,22 @@ pub fn setting_text(s: &Setting, heading: &str) -> String {
 /// Reads `setting_text`'s text back; `origin` is what errors name.
 pub fn parse_setting(text: &str, origin: &str) -> Result<Setting> {
     let mut setting = Setting::default();
-    let (mut launch, mut seen) = (None, [false; 3]);
+    let (mut switched, mut seen) = ([None; 2], [false; 3]);
     let mut table = String::new();
     for line in text.lines() {
         let bad = |what: &str| Error::Invalid(format!("{origin}: '{}' (expected {what})", line.trim()));
         let words: Vec<&str> = line.split_whitespace().collect();
+        let switch = SWITCH_LINES.iter().position(|name| words.first() == Some(name));
         let number = NUMBER_LINES.iter().position(|(name, _)| words.first() == Some(name));
+        if let Some(i) = switch {
+            switched[i] = Some(match words.as_slice() {
+                [_, "on"] => true,
+                [_, "off"] => false,
+                _ => return Err(bad("on or off")),
+            });
+            continue;
+        }
         match (words.as_slice(), number) {
-            ([LAUNCH_LINE, v], _) => {
-                launch = Some(match *v {
-                    "on" => true,
-                    "off" => false,
-                    _ => return Err(bad("on or off")),
-                })
-            }
-            ([LAUNCH_LINE, ..], _) => return Err(bad("on or off")),
             (&[_, v], Some(i)) => {
                 let most = NUMBER_LINES[i].1;
                 *setting.numbers_mut()[i] = match v {
@@ -436,7 +457,9 @@ pub fn parse_setting(text: &str, origin: &str) -> Result<Setting> {
         }
     }
     let missing = |l: &str| Error::Invalid(format!("{origin}: no '{l}' line"));
-    setting.dependent_launch = launch.ok_or_else(|| missing("dependent-launch on|off"))?;
+    for (i, on) in switched.into_iter().enumerate() {
+        *setting.switches_mut()[i] = on.ok_or_else(|| missing(&format!("{} on|off", SWITCH_LINES[i])))?;
+    }
     if let Some(i) = seen.iter().position(|s| !s) {
         return Err(missing(&format!("{} N|kiln", NUMBER_LINES[i].0)));
     }
@@ -483,7 +506,14 @@ mod tests {
 
     /// The default candidates for the products, nothing for the step.
     fn only_products() -> Space {
-        Space { dependent_launch: false, streams: vec![], run_macs: vec![], dot_depth: vec![], ..Space::default() }
+        Space {
+            dependent_launch: false,
+            clusters: false,
+            streams: vec![],
+            run_macs: vec![],
+            dot_depth: vec![],
+            ..Space::default()
+        }
     }
 
     fn label(c: &TileChoice) -> String {
@@ -491,7 +521,8 @@ mod tests {
     }
 
     /// A step whose time is the sum over its products of a per-(product, choice) cost, less a
-    /// saving for dependent launch and half a millisecond on two streams.
+    /// saving for dependent launch, a quarter of a millisecond with clusters and half a
+    /// millisecond on two streams.
     fn synthetic(cost: impl Fn(ProductKey, &str) -> f64, launch_saves: f64) -> impl FnMut(&Setting) -> Result<f64> {
         move |s: &Setting| {
             let mut t = 0.0;
@@ -501,6 +532,9 @@ mod tests {
             }
             if s.dependent_launch {
                 t -= launch_saves;
+            }
+            if s.clusters {
+                t -= 0.25;
             }
             Ok(if s.streams == Some(2) { t - 0.5 } else { t })
         }
@@ -521,17 +555,17 @@ mod tests {
         let products = [key(128), key(256), key(128)];
         let out = search(&products, &Space::default(), 60.0, code, |_| {}, synthetic(cost, 1.0)).unwrap();
         assert_eq!(out.before_ms, 20.0);
-        assert_eq!(out.after_ms, 3.5);
-        assert!(out.setting.dependent_launch);
+        assert_eq!(out.after_ms, 3.25);
+        assert!(out.setting.dependent_launch && out.setting.clusters);
         assert_eq!(out.setting.streams, Some(2));
         assert_eq!(label(&out.setting.table.entries[&key(128)]), "64x64/s4/p3");
         assert_eq!(label(&out.setting.table.entries[&key(256)]), "cuBLAS");
         // Each distinct setting timed once (the repeated product is tuned once; the settings of
         // the streams' round share their code but not their streams), plus the best again before
-        // the second product and before each round of the step's: dependent launch, streams, and
-        // the two bounds.
+        // the second product and before each round of the step's: dependent launch, clusters,
+        // streams, and the two bounds.
         let n = default_candidates().len();
-        assert_eq!(out.timed, 1 + n + 1 + n + (1 + 1) + (1 + 3) + (1 + 1) + (1 + 1));
+        assert_eq!(out.timed, 1 + n + 1 + n + (1 + 1) + (1 + 1) + (1 + 3) + (1 + 1) + (1 + 1));
         assert!(out.failed.is_empty() && !out.out_of_budget);
     }
 
@@ -599,13 +633,19 @@ mod tests {
 
     #[test]
     fn a_setting_reads_back_from_its_text() {
-        let mut s = Setting { dependent_launch: true, streams: Some(3), dot_depth: Some(64), ..Setting::default() };
+        let mut s = Setting {
+            dependent_launch: true,
+            clusters: true,
+            streams: Some(3),
+            dot_depth: Some(64),
+            ..Setting::default()
+        };
         s.table.insert(key(128), TileChoice::from_label("128x64/s2/p3").unwrap()).unwrap();
         s.table.insert(key(256), TileChoice::from_label("cuBLAS").unwrap()).unwrap();
         let text = setting_text(&s, "tuned on a card\nin 3 s");
         assert!(
             text.starts_with(
-                "# tuned on a card\n# in 3 s\ndependent-launch on\nstreams 3\nrun-macs kiln\ndot-depth 64\n"
+                "# tuned on a card\n# in 3 s\ndependent-launch on\nclusters on\nstreams 3\nrun-macs kiln\ndot-depth 64\n"
             ),
             "{text}"
         );
@@ -617,7 +657,12 @@ mod tests {
         let err = parse_setting("dependent-launch off\nstreams 9\n", "entry").unwrap_err().to_string();
         assert!(err.contains("'streams 9' (expected kiln or a number from 1 to 8)"), "{err}");
         let err = parse_setting("dependent-launch off\nstreams 2\ndot-depth kiln\n", "entry").unwrap_err().to_string();
+        assert!(err.contains("no 'clusters on|off' line"), "{err}");
+        let text = "dependent-launch off\nclusters off\nstreams 2\ndot-depth kiln\n";
+        let err = parse_setting(text, "entry").unwrap_err().to_string();
         assert!(err.contains("no 'run-macs N|kiln' line"), "{err}");
+        let err = parse_setting("clusters maybe\n", "entry").unwrap_err().to_string();
+        assert!(err.contains("'clusters maybe' (expected on or off)"), "{err}");
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! trips through L2 (the partial tiles written and fenced, the ticket, the partial tiles read
 //! back), and the finish is spread over the cluster's blocks rather than left to one. A kernel's
 //! cluster size is fixed when it is compiled (`__cluster_dims__`), so a launch needs nothing more;
-//! at most 8 blocks (the portable bound). Opt-in until timed on a GPU: `KILN_CUDA_CLUSTERS=1`, a
-//! tile table's `/cluster`, or the autotuner's candidates. In the emulator a cluster's blocks run
+//! at most 8 blocks (the portable bound: kiln's estimate then cuts no more slices). Opt-in until
+//! timed on a GPU: `KILN_CUDA_CLUSTERS=1` (or `with_clusters`), a tile table's `/cluster`, or the
+//! autotuner's candidates and its whole-step switch. In the emulator a cluster's blocks run
 //! each on an OS thread of its own, one at a time, passing at its barriers (`emulator/shim.h`).
 
 use super::ast::*;
@@ -26,10 +27,21 @@ pub(crate) const LOAD_HELPER: &str = "kiln_cluster_load";
 /// Blocks a cluster may hold on every card that has clusters.
 pub(super) const MAX_CLUSTER: usize = 8;
 
-/// Whether sliced tiles go to clusters where no choice says (`KILN_CUDA_CLUSTERS=1`).
+thread_local! {
+    static ASKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every sliced tile of the CUDA programs this thread specializes run as a cluster
+/// where no choice says otherwise, as `KILN_CUDA_CLUSTERS=1` does.
+pub fn with_clusters<R>(f: impl FnOnce() -> R) -> R {
+    super::with_thread_setting(&ASKED, true, f)
+}
+
+/// Whether sliced tiles go to clusters where no choice says (`with_clusters`, or
+/// `KILN_CUDA_CLUSTERS=1`).
 pub(super) fn requested() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    super::switch_from_env(&ON, "KILN_CUDA_CLUSTERS", "1")
+    ASKED.with(|a| a.get()) || super::switch_from_env(&ON, "KILN_CUDA_CLUSTERS", "1")
 }
 
 /// The statement that waits at a cluster barrier.

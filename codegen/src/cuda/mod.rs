@@ -32,6 +32,7 @@ mod tile_finish;
 mod tile_staging;
 mod tile_table;
 mod tiled;
+pub use cluster::with_clusters;
 pub use dependent_launch::with_dependent_launch;
 pub use tile_table::{with_tile_table, ProductKey, TileTable};
 pub use tiled::{with_tile_choice, TileChoice, TileShape};
@@ -128,6 +129,7 @@ pub(crate) fn with_thread_setting<T: Copy + 'static, R>(
 /// fixes them.
 pub fn with_compile_options<R>(opts: &crate::CompileOptions, f: impl FnOnce() -> R) -> R {
     let f = || if opts.dependent_launch { with_dependent_launch(f) } else { f() };
+    let f = || if opts.clusters { with_clusters(f) } else { f() };
     let f = || match opts.streams {
         Some(n) => with_streams(n, f),
         None => f(),
