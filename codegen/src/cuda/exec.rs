@@ -162,7 +162,8 @@ struct Profile {
 
 /// Tiles on tensor cores (`KILN_CUDA_TF32X3=1`) need `mma.sync` for TF32: compute capability 8.0
 /// or newer; so do slabs copied asynchronously (`KILN_CUDA_STAGES` above 1: `cp.async`), and
-/// programmatic dependent launch (`KILN_CUDA_PDL=1`: `griddepcontrol`) needs 9.0.
+/// programmatic dependent launch (`KILN_CUDA_PDL=1`: `griddepcontrol`) and thread block clusters
+/// (`KILN_CUDA_CLUSTERS=1`: `barrier.cluster`, distributed shared memory) need 9.0.
 fn check_compute_capability(module: &super::ast::Module, gpu: &Gpu) -> Result<()> {
     let capability: u32 = gpu.arch.rsplit('_').next().and_then(|c| c.parse().ok()).unwrap_or(0);
     let uses = |helper: &str| module.helpers.iter().any(|h| h.name == helper);
@@ -174,6 +175,7 @@ fn check_compute_capability(module: &super::ast::Module, gpu: &Gpu) -> Result<()
             80,
         ),
         (super::dependent_launch::HELPER, "programmatic dependent launch (KILN_CUDA_PDL=1)", 90),
+        (super::cluster::SYNC_HELPER, "a sliced tile's slices as a thread block cluster (KILN_CUDA_CLUSTERS=1)", 90),
     ] {
         if capability < needed && uses(helper) {
             return Err(Error::Invalid(format!(
