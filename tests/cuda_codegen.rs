@@ -214,8 +214,8 @@ fn runs_of_tiny_kernels_become_one_single_block_kernel() {
 }
 
 /// The CUDA C of `relu(x w)` (512x784x256) in each tile shape, whole and in 3 slices, by FMAs and
-/// on tensor cores, and whole with 3 slab buffers filled by asynchronous copies: the shape, the
-/// slices and the source. `inside` runs with each choice in force (where the program is
+/// on tensor cores, whole with 3 slab buffers filled by asynchronous copies, and in 4 slices (one
+/// slab buffer) and 3 (three) as a thread block cluster: the shape, the slices and the source. `inside` runs with each choice in force (where the program is
 /// specialized, so tiled).
 fn every_tile_shape(
     mut inside: impl FnMut(&Function, &[Tensor]),
@@ -228,9 +228,21 @@ fn every_tile_shape(
     let args = [f32s(&[512, 784], 1), f32s(&[784, 256], 2)];
     let mut out = vec![];
     for tile in TileShape::ALL {
-        for (slices, tensor_cores, stages) in [(1, false, 1), (3, false, 1), (1, true, 1), (3, true, 1), (1, false, 3)]
-        {
-            let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, slices, tensor_cores) };
+        let forms = [
+            (1, false, 1, false),
+            (3, false, 1, false),
+            (1, true, 1, false),
+            (3, true, 1, false),
+            (1, false, 3, false),
+            (4, false, 1, true),
+            (3, false, 3, true),
+        ];
+        for (slices, tensor_cores, stages, cluster) in forms {
+            let choice = TileChoice {
+                stages: Some(stages),
+                cluster: Some(cluster),
+                ..TileChoice::forced(tile, slices, tensor_cores)
+            };
             let src = with_tile_choice(choice, || {
                 inside(&f, &args);
                 f.cuda_source(&args).unwrap()
