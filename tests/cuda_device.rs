@@ -241,7 +241,8 @@ fn tiled_products_on(device: Device) {
 
 #[test]
 fn every_tile_shape_agrees_with_the_cpu() {
-    // Each tile shape, whole and in slices, by float32 FMAs and on tensor cores (3xTF32), forced
+    // Each tile shape, whole and in slices (finished by a ticket, or as a cluster), by float32
+    // FMAs and on tensor cores (3xTF32), forced
     // on products with edge tiles in both dims and a transposed operand: the 128x128 tiles reach
     // their epilogue in two bands of rows, the others in one. Half the runs on the emulator's
     // mirrored schedule.
@@ -262,11 +263,26 @@ fn every_tile_shape_agrees_with_the_cpu() {
     let want = build(Device::Cpu).call(&args).unwrap();
     for device in cuda_devices() {
         for (n, tile) in TileShape::ALL.into_iter().enumerate() {
-            // By FMAs also with slabs copied asynchronously, 2 and 3 buffers.
-            for (slices, tensor_cores, stages) in
-                [(1, false, 1), (4, false, 1), (1, true, 1), (4, true, 1), (1, false, 3), (4, false, 2)]
-            {
-                let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, slices, tensor_cores) };
+            // By FMAs also with slabs copied asynchronously, 2 and 3 buffers; and a tile's slices
+            // as a thread block cluster (where the whole tile fits in shared memory beside its
+            // slabs), by FMAs and on tensor cores.
+            let forms = [
+                (1, false, 1, false),
+                (4, false, 1, false),
+                (1, true, 1, false),
+                (4, true, 1, false),
+                (1, false, 3, false),
+                (4, false, 2, false),
+                (4, false, 1, true),
+                (3, true, 1, true),
+                (3, false, 3, true),
+            ];
+            for (slices, tensor_cores, stages, cluster) in forms {
+                let choice = TileChoice {
+                    stages: Some(stages),
+                    cluster: Some(cluster),
+                    ..TileChoice::forced(tile, slices, tensor_cores)
+                };
                 let run = || {
                     with_tile_choice(choice, || {
                         let mut f = build(device);
@@ -278,9 +294,18 @@ fn every_tile_shape_agrees_with_the_cpu() {
                 let label = tile.computed_as(tensor_cores).label();
                 assert!(code.contains(&format!("in {label} tiles{on}")), "{code}");
                 assert_eq!(code.contains("in flight (cp.async)"), stages > 1, "{code}");
+                // Asked for, clusters are used where the whole tile fits beside the slabs: always
+                // with one slab buffer by FMAs but in 128x128 tiles.
+                let clustered = code.contains("__cluster_dims__(");
+                assert!(cluster || !clustered, "{code}");
+                if cluster && stages == 1 && !tensor_cores && tile != TileShape::T128x128 {
+                    assert!(clustered, "{code}");
+                }
                 for (o, (a, e)) in got.iter().zip(&want).enumerate() {
                     let err = a.max_abs_diff(e);
-                    let what = format!("{device:?} {label} tiles{on}, {slices} slices, {stages} stages, output {o}");
+                    let what = format!(
+                        "{device:?} {label} tiles{on}, {slices} slices, {stages} stages, clusters {clustered}, output {o}"
+                    );
                     assert!(err < 1e-4, "{what}: {err}");
                 }
             }
