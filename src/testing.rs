@@ -189,3 +189,30 @@ pub fn check_cuda_source_compiles(f: &Function, args: &[Tensor]) -> Result<bool>
     kiln_codegen::cuda::nvrtc::compile_module(&f.cuda_module(args)?, kiln_codegen::cuda::nvrtc::CHECK_ARCH)?;
     Ok(true)
 }
+
+/// The forms the CUDA tests force a tiled product into, for one tile shape: whole and in 4 slices,
+/// by float32 FMAs and on tensor cores (3xTF32); with slabs copied asynchronously (whole in 3
+/// buffers, 4 slices in 2); and with a tile's slices as a thread block cluster (4 by FMAs, 3 on
+/// tensor cores, 3 by FMAs with 3 buffers; used where the whole tile fits beside its slabs).
+pub fn tile_forms(tile: kiln_codegen::cuda::TileShape) -> Vec<kiln_codegen::cuda::TileChoice> {
+    use kiln_codegen::cuda::TileChoice;
+    let forms = [
+        (1, false, 1, false),
+        (4, false, 1, false),
+        (1, true, 1, false),
+        (4, true, 1, false),
+        (1, false, 3, false),
+        (4, false, 2, false),
+        (4, false, 1, true),
+        (3, true, 1, true),
+        (3, false, 3, true),
+    ];
+    forms
+        .into_iter()
+        .map(|(slices, tensor_cores, stages, cluster)| TileChoice {
+            stages: Some(stages),
+            cluster: Some(cluster),
+            ..TileChoice::forced(tile, slices, tensor_cores)
+        })
+        .collect()
+}

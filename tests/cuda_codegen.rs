@@ -213,14 +213,13 @@ fn runs_of_tiny_kernels_become_one_single_block_kernel() {
     assert_eq!(src.matches("extern \"C\" __global__").count(), 7, "{src}");
 }
 
-/// The CUDA C of `relu(x w)` (512x784x256) in each tile shape, whole and in 3 slices, by FMAs and
-/// on tensor cores, whole with 3 slab buffers filled by asynchronous copies, and in 4 slices (one
-/// slab buffer) and 3 (three) as a thread block cluster: the shape, the slices and the source. `inside` runs with each choice in force (where the program is
+/// The CUDA C of `relu(x w)` (512x784x256) in each tile shape and each of its forms
+/// (`kiln::testing::tile_forms`): the shape, the slices and the source. `inside` runs with each choice in force (where the program is
 /// specialized, so tiled).
 fn every_tile_shape(
     mut inside: impl FnMut(&Function, &[Tensor]),
 ) -> Vec<(kiln_codegen::cuda::TileShape, usize, String)> {
-    use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
+    use kiln_codegen::cuda::{with_tile_choice, TileShape};
     let g = Graph::new();
     let x = g.input("x", F32, [512, 784]);
     let w = g.input("w", F32, [784, 256]);
@@ -228,21 +227,8 @@ fn every_tile_shape(
     let args = [f32s(&[512, 784], 1), f32s(&[784, 256], 2)];
     let mut out = vec![];
     for tile in TileShape::ALL {
-        let forms = [
-            (1, false, 1, false),
-            (3, false, 1, false),
-            (1, true, 1, false),
-            (3, true, 1, false),
-            (1, false, 3, false),
-            (4, false, 1, true),
-            (3, false, 3, true),
-        ];
-        for (slices, tensor_cores, stages, cluster) in forms {
-            let choice = TileChoice {
-                stages: Some(stages),
-                cluster: Some(cluster),
-                ..TileChoice::forced(tile, slices, tensor_cores)
-            };
+        for choice in kiln::testing::tile_forms(tile) {
+            let slices = choice.slices.unwrap_or(1);
             let src = with_tile_choice(choice, || {
                 inside(&f, &args);
                 f.cuda_source(&args).unwrap()

@@ -247,7 +247,7 @@ fn every_tile_shape_agrees_with_the_cpu() {
     // their epilogue in two bands of rows, the others in one. Half the runs on the emulator's
     // mirrored schedule.
     use kiln_codegen::cuda::emulator::with_mirrored_schedule;
-    use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
+    use kiln_codegen::cuda::{with_tile_choice, TileShape};
     let g = Graph::new();
     let x = g.input("x", F32, [200, 300]);
     let w = g.input("w", F32, [300, 190]);
@@ -263,26 +263,9 @@ fn every_tile_shape_agrees_with_the_cpu() {
     let want = build(Device::Cpu).call(&args).unwrap();
     for device in cuda_devices() {
         for (n, tile) in TileShape::ALL.into_iter().enumerate() {
-            // By FMAs also with slabs copied asynchronously, 2 and 3 buffers; and a tile's slices
-            // as a thread block cluster (where the whole tile fits in shared memory beside its
-            // slabs), by FMAs and on tensor cores.
-            let forms = [
-                (1, false, 1, false),
-                (4, false, 1, false),
-                (1, true, 1, false),
-                (4, true, 1, false),
-                (1, false, 3, false),
-                (4, false, 2, false),
-                (4, false, 1, true),
-                (3, true, 1, true),
-                (3, false, 3, true),
-            ];
-            for (slices, tensor_cores, stages, cluster) in forms {
-                let choice = TileChoice {
-                    stages: Some(stages),
-                    cluster: Some(cluster),
-                    ..TileChoice::forced(tile, slices, tensor_cores)
-                };
+            for choice in kiln::testing::tile_forms(tile) {
+                let (slices, tensor_cores) = (choice.slices.unwrap_or(1), choice.tensor_cores == Some(true));
+                let (stages, cluster) = (choice.stages.unwrap_or(1), choice.cluster == Some(true));
                 let run = || {
                     with_tile_choice(choice, || {
                         let mut f = build(device);
