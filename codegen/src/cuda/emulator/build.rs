@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 const SHIM: &str = include_str!("shim.h");
+const CLUSTER: &str = include_str!("cluster.h");
 const RACE: &str = include_str!("race.h");
 
 /// The undefined behaviour checked in emulated kernels (the shim's handlers report it as an error):
@@ -99,7 +100,7 @@ const RACE_CHECK: &str = "#define KILN_EMU_RACECHECK 1\n";
 pub fn unit(module: &Module, source: &str, race_check: bool) -> String {
     let source = poisoned_shared(source);
     let race = if race_check { RACE_CHECK } else { "" };
-    let mut out = format!("{race}{SHIM}\n{RACE}\n#line 1 \"kiln-module.cu\"\n{source}\n");
+    let mut out = format!("{race}{SHIM}\n{CLUSTER}\n{RACE}\n#line 1 \"kiln-module.cu\"\n{source}\n");
     for k in &module.kernels {
         out.push_str(&entry_point(k));
     }
