@@ -12,7 +12,7 @@
 //! at most 8 blocks (the portable bound: kiln's estimate then cuts no more slices). Opt-in until
 //! timed on a GPU: `KILN_CUDA_CLUSTERS=1` (or `with_clusters`), a tile table's `/cluster`, or the
 //! autotuner's candidates and its whole-step switch. In the emulator a cluster's blocks run
-//! each on an OS thread of its own, one at a time, passing at its barriers (`emulator/shim.h`).
+//! each on an OS thread of its own, one at a time, passing at its barriers (`emulator/cluster.h`).
 
 use super::ast::*;
 
