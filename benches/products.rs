@@ -5,7 +5,8 @@
 //! epilogue, not the host's share of a call) as cuBLAS plus an epilogue kernel, as kiln tiles it by
 //! default, and with each tile shape (32x32, 32x32k4, 64x64, 128x64, 128x128) and number of slices
 //! forced, by float32 FMAs, the shapes kiln picks also with three slab buffers filled by
-//! asynchronous copies (`/p3` columns), 32x32k4 and 64x64 tiles with a tile's slices as a thread
+//! asynchronous copies (`/p3` columns) and 64x64 and 128x64 ones with as many as fit of eight
+//! (`/p8`), 32x32k4 and 64x64 tiles with a tile's slices as a thread
 //! block cluster (`/cluster` columns), and (`tc` columns, fewer slice counts) on tensor cores at
 //! float32 accuracy (3xTF32). Prints microseconds per call, one row per product, the fastest variant marked `*`;
 //! `--write-table FILE` writes the fastest of each product as a tile table, which
@@ -78,6 +79,14 @@ fn variants() -> Vec<(String, TileChoice)> {
         let slice_counts: &[usize] = if tile == TileShape::T128x128 { &[1, 4] } else { &[1, 4, 8] };
         for &slices in slice_counts {
             let choice = TileChoice { stages: Some(3), ..TileChoice::forced(tile, slices, false) };
+            v.push((choice.label().expect("a whole choice"), choice));
+        }
+    }
+    // 64x64 and 128x64 tiles with as many buffers as fit of eight (five and seven: `/p8` columns;
+    // 32x32k4 tiles fit three, their `/p3` columns).
+    for tile in [TileShape::T64x64, TileShape::T128x64] {
+        for slices in [1, 4, 8] {
+            let choice = TileChoice { stages: Some(8), ..TileChoice::forced(tile, slices, false) };
             v.push((choice.label().expect("a whole choice"), choice));
         }
     }

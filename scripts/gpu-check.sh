@@ -8,7 +8,8 @@
 #   scripts/gpu-check.sh           (on the GPU machine, in the repository root) runs them and
 #                                  prints a table: each test binary's result, then the benchmark
 #                                  on the GPU (cold NVRTC compile, then from the disk cache,
-#                                  then with slabs copied asynchronously, KILN_CUDA_STAGES=3, with
+#                                  then with slabs copied asynchronously, KILN_CUDA_STAGES=3 and
+#                                  as deep as fits of 8, KILN_CUDA_STAGES=8, with
 #                                  32x32 tiles without thread groups, KILN_CUDA_K_GROUPS=0, with
 #                                  programmatic dependent launch, KILN_CUDA_PDL=1, alone and with
 #                                  the copies, with a sliced tile's slices as a thread block
@@ -97,7 +98,7 @@ OUT_DIR=${OUT:-/tmp/kiln-gpu-check}
 mkdir -p "$OUT_DIR"
 summary() {
     echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-    summary_files=(cold cached stages3 kgroups0 pdl stages3-pdl clusters clusters-pdl autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
+    summary_files=(cold cached stages3 stages8 kgroups0 pdl stages3-pdl clusters clusters-pdl autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
     (
         cd "$OUT_DIR" || exit
         printf '%-16s' workload
@@ -166,12 +167,13 @@ if [ -x "$DIR/backend_agreement" ] && [[ " $TESTS " == *" backend_agreement "* ]
     # workloads' products), with the tiles on tensor cores (3xTF32, opt-in until it wins), and with
     # small products' long dots computed one per output thread (the default tiles them), with
     # the outputs read back through page-locked memory (opt-in until timed), with slabs copied
-    # asynchronously into three buffers (cp.async, opt-in until timed), with 32x32 tiles
+    # asynchronously into three buffers and into as many as fit of eight (cp.async, opt-in until
+    # timed), with 32x32 tiles
     # computed as before the thread groups (2x2 outputs a thread), with programmatic dependent
     # launch (opt-in until timed), and with a sliced tile's slices as a thread block cluster
     # (opt-in until timed).
     for setting in KILN_CUDA_STREAMS=1 KILN_CUDA_TILED=0 KILN_CUDA_TF32X3=1 KILN_CUDA_DOT_DEPTH=1073741824 \
-        KILN_CUDA_PINNED=1 KILN_CUDA_STAGES=3 KILN_CUDA_K_GROUPS=0 KILN_CUDA_PDL=1 KILN_CUDA_CLUSTERS=1; do
+        KILN_CUDA_PINNED=1 KILN_CUDA_STAGES=3 KILN_CUDA_STAGES=8 KILN_CUDA_K_GROUPS=0 KILN_CUDA_PDL=1 KILN_CUDA_CLUSTERS=1; do
         log="$OUT_DIR/backend_agreement-$setting.log"
         if env "$setting" timeout "$TEST_TIMEOUT" "$DIR/backend_agreement" >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
         printf '%-20s %-8s %s\n' "backend_agreement" "$r" "with $setting"
@@ -220,6 +222,8 @@ bench_row "cold: NVRTC compiles every step" bench-cold.txt
 bench_row "again: PTX from the disk cache" bench-cached.txt
 bench_row "slabs copied asynchronously into three buffers (KILN_CUDA_STAGES=3, cp.async)" bench-stages3.txt \
     KILN_CUDA_STAGES=3
+bench_row "slabs copied asynchronously, as many buffers as fit of 8 (KILN_CUDA_STAGES=8: a slice's slabs in flight)" \
+    bench-stages8.txt KILN_CUDA_STAGES=8
 bench_row "32x32 tiles without thread groups (KILN_CUDA_K_GROUPS=0: 2x2 outputs a thread, as before)" \
     bench-kgroups0.txt KILN_CUDA_K_GROUPS=0
 bench_row "each kernel launched before the one ahead of it ends (KILN_CUDA_PDL=1, programmatic dependent launch)" \

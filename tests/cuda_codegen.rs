@@ -284,6 +284,11 @@ fn generated_kernels_neither_spill_registers_nor_crowd_out_a_second_block() {
         let src = with_tile_choice(staged, || w.step.cuda_source(&w.args).unwrap());
         assert_eq!(src.contains("in flight (cp.async)"), name != "keras-mlp", "{name}: {src}");
         sources.push((format!("{name} with slabs copied asynchronously"), src));
+        // And with as many as fit of eight (KILN_CUDA_STAGES=8: a slice's slabs all in flight).
+        let deep = TileChoice { stages: Some(8), ..TileChoice::default() };
+        let src = with_tile_choice(deep, || w.step.cuda_source(&w.args).unwrap());
+        assert_eq!(src.contains("in flight (cp.async)"), name != "keras-mlp", "{name}: {src}");
+        sources.push((format!("{name} with up to 7 slabs in flight"), src));
         // And emitted for programmatic dependent launch (KILN_CUDA_PDL=1): every kernel opens
         // with the grid-dependency wait.
         let src = kiln_codegen::cuda::with_dependent_launch(|| w.step.cuda_source(&w.args).unwrap());

@@ -62,7 +62,8 @@ fn autoencoder_step_is_race_free() {
 }
 
 /// fmnist-mlp with every product tiled in each shape, whole and sliced, by FMAs (one slab buffer,
-/// or three filled by asynchronous copies) and on tensor cores: the staging, the sliced finish's
+/// or three filled by asynchronous copies, or as many as fit of eight, the staged tile then in the
+/// slab buffers where it fits there) and on tensor cores: the staging, the sliced finish's
 /// tickets and the side-by-side launches of each.
 #[test]
 fn every_tile_shape_is_race_free() {
@@ -72,8 +73,9 @@ fn every_tile_shape_is_race_free() {
     }
     for (i, tile) in TileShape::ALL.into_iter().enumerate() {
         let slices = [1, 4, 2, 3, 2][i];
-        // By FMAs with one slab buffer and with three filled by asynchronous copies; on tensor cores.
-        for (tensor_cores, stages) in [(false, 1), (false, 3), (true, 1)] {
+        // By FMAs with one slab buffer, with three filled by asynchronous copies and with up to
+        // eight; on tensor cores.
+        for (tensor_cores, stages) in [(false, 1), (false, 3), (false, 8), (true, 1)] {
             let form = format!(" ({tile:?} tiles in {slices} slices, tensor cores: {tensor_cores}, {stages} stages)");
             let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, slices, tensor_cores) };
             with_race_check(|| with_tile_choice(choice, || one_step("fmnist-mlp", &form)));
@@ -93,6 +95,8 @@ fn clustered_tiles_are_race_free() {
     for (tile, slices, tensor_cores, stages) in [
         (TileShape::T32x32K4, 4, false, 1),
         (TileShape::T32x32K4, 7, false, 3),
+        (TileShape::T32x32K4, 4, false, 8),
+        (TileShape::T64x64, 2, false, 8),
         (TileShape::T32x32, 3, false, 1),
         (TileShape::T64x64, 2, false, 1),
         (TileShape::T32x32, 2, true, 1),

@@ -376,6 +376,10 @@ pub struct Kernel {
     pub params: Vec<Param>,
     pub body: Vec<Stmt>,
     pub launch: Launch,
+    /// Blocks an SM should hold at once, as `__launch_bounds__`'s second number tells ptxas to
+    /// budget registers for (`None`: the threads alone bound them). Tiles ask for it
+    /// (`TilePlan::blocks_per_sm`); a kernel of several sections takes the smallest they ask.
+    pub min_blocks: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

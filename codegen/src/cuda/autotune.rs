@@ -18,6 +18,7 @@
 //! cache entry can only cost speed. This module holds the search and the cache; the timing (which
 //! calls a function) is the caller's (`kiln::Function::autotune`).
 
+use super::tile_staging::MAX_STAGES;
 use super::tile_table::{ProductKey, TileTable};
 use super::tiled::{TileChoice, TileShape};
 use crate::CompileOptions;
@@ -162,12 +163,15 @@ impl Default for Space {
 
 /// The choices tried for each product: cuBLAS, and by float32 FMAs each tile shape kiln picks
 /// from (32x32 in thread groups, 64x64, 128x64) and 128x128 at 1, 2, 4, 8 and 12 slices, each
-/// with one slab buffer and with three filled by asynchronous copies (compute capability 8.0 or
-/// newer; elsewhere they fail and are passed over), and 32x32 tiles of 2x2 outputs a thread (the
-/// form before the thread groups); and with a tile's 2, 4 or 8 slices as a thread block cluster
-/// (compute capability 9.0; `cluster.rs`): 32x32 tiles in thread groups with one slab buffer and
-/// with three, 64x64 and 128x64 tiles with one. Tensor cores (3xTF32) are left out: they lost
-/// every product of the H100's product table but a few, by little.
+/// with one slab buffer and with as many filled by asynchronous copies as fit of eight (up to a
+/// slice's every slab in flight: three buffers for 32x32 tiles in thread groups, five for 64x64,
+/// seven for 128x64; compute capability 8.0 or newer, elsewhere they fail and are passed over;
+/// three buffers, the candidate before, are timed against eight for the whole step by
+/// `gpu-check.sh`), and 32x32 tiles of 2x2 outputs a thread (the form before the thread groups);
+/// and with a tile's 2, 4 or 8 slices as a thread block cluster (compute capability 9.0;
+/// `cluster.rs`): 32x32 tiles in thread groups with one slab buffer and with three, 64x64 and
+/// 128x64 tiles with one. Tensor cores (3xTF32) are left out: they lost every product of the
+/// H100's product table but a few, by little.
 pub fn default_candidates() -> Vec<TileChoice> {
     let mut v = vec![TileChoice { tiled: Some(false), ..TileChoice::default() }];
     for slices in [1, 2, 4, 8, 12] {
@@ -175,7 +179,7 @@ pub fn default_candidates() -> Vec<TileChoice> {
     }
     for tile in [TileShape::T32x32K4, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128] {
         for slices in [1, 2, 4, 8, 12] {
-            for stages in [None, Some(3)] {
+            for stages in [None, Some(MAX_STAGES)] {
                 v.push(TileChoice { stages, ..TileChoice::forced(tile, slices, false) });
             }
         }
@@ -548,7 +552,7 @@ mod tests {
     #[test]
     fn the_search_finds_each_products_fastest_choice_then_the_steps_launch_and_streams() {
         let cost = |k: ProductKey, c: &str| match (k.m, c) {
-            (128, "64x64/s4/p3") => 2.0,
+            (128, "64x64/s4/p8") => 2.0,
             (256, "cuBLAS") => 3.0,
             _ => 10.0,
         };
@@ -558,7 +562,7 @@ mod tests {
         assert_eq!(out.after_ms, 3.25);
         assert!(out.setting.dependent_launch && out.setting.clusters);
         assert_eq!(out.setting.streams, Some(2));
-        assert_eq!(label(&out.setting.table.entries[&key(128)]), "64x64/s4/p3");
+        assert_eq!(label(&out.setting.table.entries[&key(128)]), "64x64/s4/p8");
         assert_eq!(label(&out.setting.table.entries[&key(256)]), "cuBLAS");
         // Each distinct setting timed once (the repeated product is tuned once; the settings of
         // the streams' round share their code but not their streams), plus the best again before
@@ -619,7 +623,7 @@ mod tests {
         let out = search(&[key(128)], &only_products(), 60.0, code, |_| {}, time).unwrap();
         assert_eq!(out.after_ms, 5.0);
         assert_eq!(out.failed.len(), default_candidates().iter().filter(|c| c.stages.is_some()).count());
-        assert!(out.failed[0].contains("/p3: compute capability 7.5"), "{}", out.failed[0]);
+        assert!(out.failed[0].contains("/p8: compute capability 7.5"), "{}", out.failed[0]);
     }
 
     #[test]

@@ -457,7 +457,8 @@ impl<'a> Emitter<'a> {
             params.push(p);
             args.push(a);
         }
-        self.kernels.push(Kernel { name: primary.name.clone(), comments, params, body, launch });
+        let min_blocks = tiled.and_then(|plan| plan.blocks_per_sm());
+        self.kernels.push(Kernel { name: primary.name.clone(), comments, params, body, launch, min_blocks });
         self.steps.push(DeviceStep::Launch(Launchable { kernel: primary.name.clone(), args, launch }));
         Ok(())
     }

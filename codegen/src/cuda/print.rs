@@ -281,16 +281,9 @@ pub fn kernel(out: &mut String, k: &Kernel) {
         .unwrap();
     let params: Vec<String> = k.params.iter().map(param).collect();
     let threads = l.block.0 * l.block.1;
-    // With the threads alone as its bound, ptxas may hold a tensor-core tile to 64 registers so
-    // more blocks fit, and spill; one block an SM is all such a tile asks for. A tile whose slabs
-    // are copied asynchronously (their addresses held too) spilled so as well: two blocks an SM
-    // (128 registers a thread), as many as its shared memory leaves room for.
-    let bounds = if calls(&k.body, &|f| f == super::mma::MMA_HELPER) {
-        format!("{threads}, 1")
-    } else if calls(&k.body, &|f| f == super::tile_staging::COPY_HELPER) {
-        format!("{threads}, 2")
-    } else {
-        threads.to_string()
+    let bounds = match k.min_blocks {
+        Some(blocks) => format!("{threads}, {blocks}"),
+        None => threads.to_string(),
     };
     // A cluster's size is the kernel's own, fixed when it is compiled: a plain launch (and a
     // graph's kernel node) then forms the clusters, with no launch attribute to pass.
@@ -474,6 +467,7 @@ mod tests {
                 params: vec![],
                 body,
                 launch: Launch { grid: (1, 1), block: (32, 1), cluster: 1 },
+                min_blocks: None,
             }
         };
         let m = Module { helpers, kernels: (0..7).map(|i| kernel(i, if i == 2 { 40 } else { 5 })).collect() };

@@ -204,7 +204,9 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
         comments.push(format!("  blocks [{start}, {padded}): none (the grid in whole clusters of {cluster})"));
     }
     let launch = Launch { grid: (padded, 1), block: (threads, 1), cluster };
-    let kernel = Kernel { name: name.clone(), comments, params, body: tail, launch };
+    let min_blocks =
+        launches.iter().filter_map(|l| kernels.iter().find(|k| k.name == l.kernel).and_then(|k| k.min_blocks)).min();
+    let kernel = Kernel { name: name.clone(), comments, params, body: tail, launch, min_blocks };
     (kernel, DeviceStep::Launch(Launchable { kernel: name, args, launch }))
 }
 
@@ -308,7 +310,7 @@ mod tests {
             vec![Stmt::SharedArray { ty: CType::Float, name: "tile".into(), len: shared_floats, align: 0 }],
             vec![],
         )];
-        let k = Kernel { name: name.into(), comments: vec![], params: vec![], body, launch };
+        let k = Kernel { name: name.into(), comments: vec![], params: vec![], body, launch, min_blocks: None };
         (k, Launchable { kernel: name.into(), args: vec![], launch })
     }
 

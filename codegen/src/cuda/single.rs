@@ -163,7 +163,8 @@ pub(super) fn join(
         };
     }
     let launch = Launch { grid: (1, 1), block: (SINGLE_BLOCK_THREADS, 1), cluster: 1 };
-    let kernel = Kernel { name: name.into(), comments, params, body, launch };
+    // One block: no number of blocks an SM to budget registers for.
+    let kernel = Kernel { name: name.into(), comments, params, body, launch, min_blocks: None };
     (kernel, DeviceStep::Launch(Launchable { kernel: name.into(), args, launch }))
 }
 

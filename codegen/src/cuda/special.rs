@@ -90,6 +90,7 @@ impl<'a> Emitter<'a> {
             params,
             body: vec![loop_],
             launch,
+            min_blocks: None,
         });
         let args = vec![KernelArg::Buf(g.src), KernelArg::Buf(g.idx), KernelArg::Buf(g.out), KernelArg::ErrorFlag];
         self.steps.push(DeviceStep::Launch(Launchable { kernel: name.into(), args, launch }));
@@ -204,6 +205,7 @@ impl<'a> Emitter<'a> {
             params,
             body,
             launch,
+            min_blocks: None,
         });
         let args = vec![KernelArg::Buf(state), KernelArg::Buf(out)];
         self.steps.push(DeviceStep::Launch(Launchable { kernel: name.into(), args, launch }));
@@ -307,7 +309,14 @@ impl<'a> Emitter<'a> {
         let comments =
             mm.origin.iter().map(|o| format!("{} computes {o} ({}x{}x{})", mm.name, mm.m, mm.k, mm.n)).collect();
         let loop_ = grid_stride_loop(it, "t", total, body);
-        self.kernels.push(Kernel { name: mm.name.clone(), comments, params, body: vec![loop_], launch });
+        self.kernels.push(Kernel {
+            name: mm.name.clone(),
+            comments,
+            params,
+            body: vec![loop_],
+            launch,
+            min_blocks: None,
+        });
         let args = vec![KernelArg::Buf(mm.a), KernelArg::Buf(mm.b), KernelArg::Buf(mm.c)];
         self.steps.push(DeviceStep::Launch(Launchable { kernel: mm.name.clone(), args, launch }));
     }

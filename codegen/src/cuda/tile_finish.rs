@@ -13,8 +13,12 @@ use super::tiled::{acc, TilePlan};
 use crate::kernel::MatMul;
 
 /// The shared array `tile_c` in which `rows` rows of the tile's outputs are staged, a copy for
-/// each group of threads.
+/// each group of threads; or, where they fit there, `tile_c` pointing at `a`'s slab buffers.
 fn staged_tile(plan: &TilePlan, rows: usize) -> Stmt {
+    assert_eq!(plan.staged_rows(), Some(rows), "the rows the plan says its finish stages");
+    if plan.staged_in_slabs(rows) {
+        return decl_mut(CType::FloatPtr, "tile_c", var("tile_a"));
+    }
     let len = plan.staged_words(rows);
     let align = if plan.groups() > 1 { 16 } else { 0 };
     Stmt::SharedArray { ty: CType::Float, name: "tile_c".into(), len, align }

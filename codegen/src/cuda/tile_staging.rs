@@ -2,7 +2,7 @@
 //! where each thread stages its words, chosen so that a warp's loads are coalesced and its
 //! stores to shared memory conflict-free, and the loads themselves: into registers one slab
 //! ahead (stored to shared memory once the block has used the slab before), or, with stages
-//! (`KILN_CUDA_STAGES=N`, N > 1; compute capability 8.0 or newer), as asynchronous copies
+//! (`KILN_CUDA_STAGES=N`, 1 < N <= 8; compute capability 8.0 or newer), as asynchronous copies
 //! (`cp.async`) straight into N slab buffers, N - 1 slabs in flight while the block multiplies
 //! the oldest, so that a block with few slabs to go through waits for memory about once rather
 //! than once a slab.
@@ -26,11 +26,23 @@ const COMMIT_HELPER: &str = "kiln_cp_async_commit";
 /// The helper that waits until all but the newest `pending` groups of the thread's copies have
 /// landed (`cp.async.wait_group` takes its count as an immediate: a helper per count).
 fn wait_helper(pending: usize) -> &'static str {
-    ["kiln_cp_async_wait0", "kiln_cp_async_wait1", "kiln_cp_async_wait2"][pending]
+    WAITS[pending].0
 }
 
-/// Most stages a tile may ask for (so that `wait_helper` has its count).
-pub(super) const MAX_STAGES: usize = 4;
+/// Most stages a tile may ask for (so that `WAITS` has its count): seven slabs in flight, which
+/// take a 128x64 tile's sixteen slabs of a 128-deep inner dimension in three waits, not sixteen.
+pub(super) const MAX_STAGES: usize = 8;
+
+/// The wait helpers and their instructions, by how many of the newest groups may stay pending.
+const WAITS: [(&str, &str); MAX_STAGES - 1] = [
+    ("kiln_cp_async_wait0", "cp.async.wait_group 0;"),
+    ("kiln_cp_async_wait1", "cp.async.wait_group 1;"),
+    ("kiln_cp_async_wait2", "cp.async.wait_group 2;"),
+    ("kiln_cp_async_wait3", "cp.async.wait_group 3;"),
+    ("kiln_cp_async_wait4", "cp.async.wait_group 4;"),
+    ("kiln_cp_async_wait5", "cp.async.wait_group 5;"),
+    ("kiln_cp_async_wait6", "cp.async.wait_group 6;"),
+];
 
 /// The prelude's asynchronous-copy helpers, for a program whose tiles have `stages` slab buffers.
 pub(super) fn helpers(stages: usize) -> Vec<DeviceFn> {
@@ -53,12 +65,11 @@ pub(super) fn helpers(stages: usize) -> Vec<DeviceFn> {
     };
     let commit =
         DeviceFn::instruction(COMMIT_HELPER, "cp.async.commit_group;", false, call("kiln_emu_cp_async_commit", vec![]));
-    let ptx = ["cp.async.wait_group 0;", "cp.async.wait_group 1;", "cp.async.wait_group 2;"];
     // What the copies wrote may not be read before a wait.
     let waits = (0..=stages - 2).map(|pending| {
         DeviceFn::instruction(
             wait_helper(pending),
-            ptx[pending],
+            WAITS[pending].1,
             true,
             call("kiln_emu_cp_async_wait", vec![int(pending as i64)]),
         )

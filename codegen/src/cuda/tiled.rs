@@ -4,8 +4,9 @@
 //! step pays is per launch; cuBLAS stays for the large products, where its kernels' speed matters.
 //!
 //! Each block computes a tile of the result from slabs of both operands staged in shared memory
-//! (the next slab loaded into registers while the current one is used, or, opt-in, several slabs
-//! copied asynchronously into buffers of their own; `tile_staging.rs`), each
+//! (the next slab loaded into registers while the current one is used, or, opt-in, up to seven
+//! slabs copied asynchronously into buffers of their own, the tile's outputs then staged in those
+//! buffers where they fit there; `tile_staging.rs`), each
 //! of its 256 threads a few outputs in registers: 128x64 or 64x64 tiles with 8x4 or 4x4 outputs a
 //! thread, read from shared memory as `float4`s (four multiply-adds per word read; eight rows as
 //! two runs of four, half the tile apart, so that a quarter warp's reads hit 32 banks); 32x32 tiles
@@ -282,7 +283,8 @@ impl TilePlan {
             slabs,
             tensor_cores,
             shape: shape.computed_as(tensor_cores),
-            stages: stages.clamp(1, MAX_STAGES),
+            // A slice's slabs all in flight at once take `slabs + 1` buffers; more would stay empty.
+            stages: stages.clamp(1, MAX_STAGES).min(slabs + 1),
             cluster: false,
         };
         // As many buffers as fit in shared memory beside a band of the staged tile.
@@ -298,8 +300,11 @@ impl TilePlan {
     pub(super) fn describe(&self, kernel: &str, mm: &MatMul) -> String {
         let sliced = if self.slices > 1 { format!(", its inner dim in {} slices", self.slices) } else { String::new() };
         let on = if self.tensor_cores { " on tensor cores (3xTF32)" } else { "" };
-        let copied =
-            if self.stages > 1 { format!(", {} slabs in flight (cp.async)", self.stages - 1) } else { String::new() };
+        let copied = match self.stages - 1 {
+            0 => String::new(),
+            1 => ", 1 slab in flight (cp.async)".to_string(),
+            ahead => format!(", {ahead} slabs in flight (cp.async)"),
+        };
         let clustered = if self.cluster { ", the slices of a tile a cluster" } else { "" };
         format!(
             "{kernel} computes the product of {} ({}x{}x{}) in {} tiles{on}{sliced}{clustered}{copied} (no cuBLAS call), then its epilogue",
@@ -309,6 +314,25 @@ impl TilePlan {
             mm.n,
             self.shape.label()
         )
+    }
+
+    /// Blocks an SM the kernel's registers are budgeted for (`Kernel::min_blocks`). With the
+    /// threads alone as its bound, ptxas may hold a tensor-core tile to 64 registers so that more
+    /// blocks fit, and spill; one block an SM is all such a tile asks for. A tile whose slabs are
+    /// copied asynchronously holds their addresses too (ptxas gave 32x32k4 and 64x64 tiles 85 to
+    /// 89 registers a thread, two blocks an SM): three blocks (80 registers) where a thread has at
+    /// most 16 outputs (none spilled: `cuda_codegen`'s register test), so that the workloads'
+    /// grids of up to ~400 blocks fit the H100's SMs at once; two (128) for larger tiles, which
+    /// spilled at three.
+    pub(super) fn blocks_per_sm(&self) -> Option<u32> {
+        let (rows, cols) = self.per_thread();
+        if self.tensor_cores {
+            Some(1)
+        } else if self.stages > 1 {
+            Some(if rows * cols <= 16 { 3 } else { 2 })
+        } else {
+            None
+        }
     }
 
     pub(super) fn blocks(&self) -> usize {
@@ -369,7 +393,40 @@ impl TilePlan {
     /// groups add their copies) fit in a block's shared memory, with room for its flags.
     fn fits_in_shared_memory(&self) -> bool {
         let rows = if self.groups() > 1 { self.bm } else { 1 };
-        (self.slab_words() + self.staged_words(rows)) * 4 + 16 <= SHARED_BYTES
+        (self.slab_words() + self.staged_words_of_their_own(rows)) * 4 + 16 <= SHARED_BYTES
+    }
+
+    /// Whether `rows` rows of the staged tile fit in `a`'s slab buffers, and are staged there:
+    /// the slabs are dead once the slice's last one is multiplied (and every thread's copies have
+    /// landed and the block has passed a barrier: `Emitter::tiled_elementwise`), so the shared
+    /// memory the tile would take of its own goes to more slabs in flight (32x32 tiles in thread
+    /// groups: five buffers, a 128-deep slice's four slabs all in flight, where three buffers and
+    /// the groups' copies of the tile filled 48 KiB). Not on tensor cores, whose slabs hold words
+    /// split in two.
+    pub(super) fn staged_in_slabs(&self, rows: usize) -> bool {
+        !self.tensor_cores && self.staged_words(rows) <= self.stages * self.bk * self.pitch(self.bm)
+    }
+
+    /// Words of shared memory that `rows` rows of the staged tile take beside the slabs.
+    fn staged_words_of_their_own(&self, rows: usize) -> usize {
+        if self.staged_in_slabs(rows) {
+            0
+        } else {
+            self.staged_words(rows)
+        }
+    }
+
+    /// The rows of the tile that its finish stages at a time (`tile_finish.rs`): a band of an
+    /// unsliced tile, the whole of a sliced one where groups add their copies or the slices are
+    /// a cluster; `None` where a slice writes its partial tile straight from its registers.
+    pub(super) fn staged_rows(&self) -> Option<usize> {
+        if self.slices == 1 {
+            Some(self.bm / self.bands())
+        } else if self.cluster || self.groups() > 1 {
+            Some(self.bm)
+        } else {
+            None
+        }
     }
 
     /// Words of shared memory that `rows` rows of the staged tile take (a copy per group).
@@ -399,7 +456,7 @@ impl TilePlan {
     /// the block's static shared memory (both slabs and a band) within 48 KiB.
     pub(super) fn bands(&self) -> usize {
         let slabs = self.slab_words();
-        let fits = |bands: usize| (slabs + self.staged_words(self.bm / bands)) * 4 <= SHARED_BYTES;
+        let fits = |bands: usize| (slabs + self.staged_words_of_their_own(self.bm / bands)) * 4 <= SHARED_BYTES;
         (0..).map(|p| 1 << p).find(|&b| fits(b) || b >= self.bm).expect("a band of one row fits")
     }
 
@@ -620,6 +677,11 @@ impl<'a> Emitter<'a> {
         body.extend(setup);
         if plan.stages > 1 {
             body.extend(self.slabs_by_copies(&mm, &plan, it));
+            // Staged in the slab buffers: not before every thread is done with them (the loop
+            // with one buffer ends at a barrier).
+            if plan.staged_rows().is_some_and(|rows| plan.staged_in_slabs(rows)) {
+                body.push(Stmt::SyncThreads);
+            }
         } else {
             body.extend(self.slabs_through_registers(&mm, &plan, it));
         }
@@ -775,13 +837,25 @@ mod tests {
             with_tile_choice(choice, || TilePlan::for_product(&product(128, 784, 256)))
         };
         assert_eq!(stages(TileShape::T64x64, 3, false).stages, 3);
-        // Four 32x32k4 buffers (9 KiB each) and the groups' four copies of the tile (18 KiB) would
-        // pass 48 KiB: three.
-        let plan = stages(TileShape::T32x32K4, 4, false);
-        assert_eq!(plan.stages, 3);
+        // Three 32x32k4 buffers (9 KiB each) and the groups' four copies of the tile (18 KiB) beside
+        // them fill 48 KiB; from four buffers on `a`'s hold the copies, and five fit.
+        let plan = stages(TileShape::T32x32K4, 3, false);
+        assert_eq!((plan.stages, plan.staged_in_slabs(plan.bm)), (3, false));
+        let plan = stages(TileShape::T32x32K4, MAX_STAGES, false);
+        assert_eq!((plan.stages, plan.staged_in_slabs(plan.bm)), (5, true));
         assert!(plan.fits_in_shared_memory());
         // Tensor cores stage their operands split, through registers.
         assert_eq!(stages(TileShape::T64x64, 3, true).stages, 1);
         assert_eq!(stages(TileShape::T64x64, 1, false).stages, 1);
+        // As deep as fits: 128x64 slabs are 8 deep (6.25 KiB a buffer), so seven buffers (six
+        // slabs in flight); 64x64 ones (8.5 KiB) five.
+        let deep = stages(TileShape::T128x64, MAX_STAGES, false);
+        assert_eq!((deep.stages, deep.fits_in_shared_memory()), (7, true));
+        assert_eq!(stages(TileShape::T64x64, MAX_STAGES, false).stages, 5);
+        // No more buffers than the slice has slabs, plus the one being multiplied: a 128-deep
+        // inner dim in four 32-deep slabs takes five.
+        let shallow = TileChoice { stages: Some(MAX_STAGES), ..TileChoice::forced(TileShape::T32x32, 1, false) };
+        let plan = with_tile_choice(shallow, || TilePlan::for_product(&product(128, 128, 256)));
+        assert_eq!((plan.slabs, plan.stages), (4, 5));
     }
 }

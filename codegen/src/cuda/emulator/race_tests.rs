@@ -22,7 +22,10 @@ fn race_checked_with(helpers: Vec<DeviceFn>, body: Vec<Stmt>, grid: u32, threads
         param(CType::UInt, "tickets", ParamKind::InOut),
     ];
     let launch = Launch { grid: (grid, 1), block: (threads, 1), cluster: 1 };
-    let module = Module { helpers, kernels: vec![Kernel { name: "k".into(), comments: vec![], params, body, launch }] };
+    let module = Module {
+        helpers,
+        kernels: vec![Kernel { name: "k".into(), comments: vec![], params, body, launch, min_blocks: None }],
+    };
     let lib = build::library(&build::unit(&module, &crate::cuda::print::module(&module), true)).unwrap();
     // SAFETY: the kernel's entry point and the race check's registration, as the shim defines them.
     let (f, register) = unsafe {
