@@ -8,7 +8,12 @@
 //! With `--cubin FILE`, the machine code for an H100 is written to FILE as well, to read its
 //! instructions with `nvdisasm` (pip package `nvidia-cuda-nvdisasm`) before a GPU is at hand.
 //!
-//! `cargo run --release --example cuda_source -- [--workload NAME] [--resources] [--cubin FILE]`
+//! With `--loads`, where ptxas placed each product's slab loads in the loop over the slabs (needs
+//! `nvdisasm`: `kiln_codegen::cuda::sass`): a loop's multiply-adds and, for each global load
+//! (`LDG`) or asynchronous copy (`LDGSTS`), how many of them come before it. Loads meant for the
+//! next slab that come after the multiply-adds make each slab wait for memory in full.
+//!
+//! `cargo run --release --example cuda_source -- [--workload NAME] [--resources] [--cubin FILE] [--loads]`
 
 use clap::Parser;
 use kiln::workloads::{build, NAMES};
@@ -27,6 +32,9 @@ struct Args {
     /// Also write the step's cubin for an H100 (sm_90) to this file.
     #[arg(long)]
     cubin: Option<std::path::PathBuf>,
+    /// Print where the machine code's loops over slabs load, rather than the CUDA C.
+    #[arg(long)]
+    loads: bool,
 }
 
 fn main() -> kiln::Result<()> {
@@ -41,7 +49,10 @@ fn main() -> kiln::Result<()> {
         std::fs::write(path, cubin).map_err(|e| kiln::Error::Invalid(format!("--cubin {}: {e}", path.display())))?;
     }
     let mut text = String::new();
-    if args.resources {
+    if args.loads {
+        let (cubin, _) = compile(&source, CHECK_ARCH)?;
+        text = slab_loads(&cubin)?;
+    } else if args.resources {
         text.push_str(&format!("{:<40} {:>9} {:>7} {:>12}\n", "kernel", "registers", "spills", "shared bytes"));
         for k in kernel_resources(&source, CHECK_ARCH)? {
             let spills = k.spill_stores + k.spill_loads;
@@ -55,4 +66,15 @@ fn main() -> kiln::Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(kiln::Error::Invalid(format!("stdout: {e}"))),
         _ => Ok(()),
     }
+}
+
+/// `--loads`: each loop of the cubin's kernels that multiplies and loads, with where its loads are.
+fn slab_loads(cubin: &[u8]) -> kiln::Result<String> {
+    let loops = kiln_codegen::cuda::sass::loops(cubin)?;
+    let mut text = String::new();
+    for l in loops.iter().filter(|l| l.multiply_adds >= 16 && !l.loads.is_empty()) {
+        text.push_str(&l.describe());
+        text.push('\n');
+    }
+    Ok(text)
 }

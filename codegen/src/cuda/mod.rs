@@ -23,6 +23,7 @@ pub mod print;
 mod reduce;
 #[cfg(feature = "cuda")]
 pub mod runtime;
+pub mod sass;
 pub mod scalar;
 pub mod schedule;
 mod side;

@@ -1,0 +1,166 @@
+//! What ptxas made of a compiled module, read from its machine code (SASS) with NVIDIA's
+//! `nvdisasm`, for the checks that neither the CUDA C nor ptxas's register report can make without
+//! a GPU: where each loop issues its global loads relative to its multiply-adds (a tile's next slab
+//! loaded after the current one's multiply-adds makes every slab wait for memory in full, which
+//! ptxas did in some kernels while it did not in others of the same form), and whether a spill lies
+//! inside a loop (one value stored before a loop and loaded after it costs a block two
+//! instructions; one inside costs every turn). The code is parsed as nvdisasm prints it (`-c`): a
+//! kernel's instructions follow its `.text.NAME:` label, and a loop runs from a label to a
+//! branch back to it.
+
+use kiln_ir::{Error, Result};
+use std::path::PathBuf;
+
+/// One loop of a kernel's machine code, from its label to the branch back to it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Loop {
+    pub kernel: String,
+    /// Float multiply-adds (`FFMA`) and tensor-core ones (`HMMA`) in the loop.
+    pub multiply_adds: usize,
+    /// Block barriers (`BAR.SYNC`) and shared-memory loads (`LDS`) in it: a tile's loop over its
+    /// slabs has both.
+    pub barriers: usize,
+    pub shared_loads: usize,
+    /// Each global load (`LDG`) and asynchronous copy (`LDGSTS`) in it, in order.
+    pub loads: Vec<Load>,
+    /// Stores and loads of spilled registers (`STL`, `LDL`) in it.
+    pub spills: usize,
+    /// Whether no other loop lies within it (an outer loop's counts include its inner loops').
+    pub innermost: bool,
+}
+
+/// A global load or an asynchronous copy of a loop, and how many of the loop's multiply-adds come
+/// before it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Load {
+    pub copy: bool,
+    pub after: usize,
+}
+
+impl Loop {
+    /// A tiled product's loop over its slabs: an innermost loop with barriers, shared loads and
+    /// many multiply-adds.
+    pub fn is_slab_loop(&self) -> bool {
+        self.innermost && self.barriers > 0 && self.shared_loads > 0 && self.multiply_adds >= 64
+    }
+
+    /// Its loads as `load@N` / `copy@N`, N the multiply-adds before each.
+    pub fn describe(&self) -> String {
+        let loads: Vec<String> =
+            self.loads.iter().map(|l| format!("{}@{}", if l.copy { "copy" } else { "load" }, l.after)).collect();
+        format!("{:<40} {:>4} multiply-adds a turn; {}", self.kernel, self.multiply_adds, loads.join(" "))
+    }
+}
+
+/// `nvdisasm`: `$NVDISASM`, else on the `PATH`, else in the `bin` folder beside a `lib` folder of
+/// `LD_LIBRARY_PATH` (where the pip packages `nvidia-cuda-nvrtc` and `nvidia-cuda-nvdisasm` put
+/// libnvrtc and it). `None` where none is found.
+pub fn nvdisasm() -> Option<PathBuf> {
+    if let Ok(path) = std::env::var("NVDISASM") {
+        return Some(PathBuf::from(path));
+    }
+    let runs = |p: &PathBuf| std::process::Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success());
+    let on_path = PathBuf::from("nvdisasm");
+    if runs(&on_path) {
+        return Some(on_path);
+    }
+    let libs = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    libs.split(':').filter(|d| !d.is_empty()).map(|d| PathBuf::from(d).join("../bin/nvdisasm")).find(|p| p.is_file())
+}
+
+/// The loops of every kernel of `cubin` (machine code for a real architecture).
+pub fn loops(cubin: &[u8]) -> Result<Vec<Loop>> {
+    let tool = nvdisasm().ok_or_else(|| {
+        Error::Invalid("nvdisasm not found ($NVDISASM, the PATH, or pip's nvidia-cuda-nvdisasm beside libnvrtc)".into())
+    })?;
+    let file =
+        std::env::temp_dir().join(format!("kiln-sass-{}-{:?}.cubin", std::process::id(), std::thread::current().id()));
+    std::fs::write(&file, cubin).map_err(|e| Error::Invalid(format!("{}: {e}", file.display())))?;
+    let out = std::process::Command::new(&tool).arg("-c").arg(&file).output();
+    let _ = std::fs::remove_file(&file);
+    let out = out.map_err(|e| Error::Invalid(format!("{}: {e}", tool.display())))?;
+    if !out.status.success() {
+        return Err(Error::Invalid(format!("{}: {}", tool.display(), String::from_utf8_lossy(&out.stderr))));
+    }
+    Ok(parse(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The loops of nvdisasm's listing.
+fn parse(listing: &str) -> Vec<Loop> {
+    let mut out = vec![];
+    for function in listing.split("\n.text.").skip(1) {
+        let kernel = function.split(':').next().unwrap_or_default().to_string();
+        let lines: Vec<&str> = function.lines().collect();
+        let label_at = |label: &str| lines.iter().position(|l| l.trim().strip_suffix(':') == Some(label));
+        let spans: Vec<(usize, usize)> = (0..lines.len())
+            .filter_map(|end| {
+                let target = lines[end].split("BRA `(").nth(1)?.split(')').next()?;
+                label_at(target).filter(|&start| start < end).map(|start| (start, end))
+            })
+            .collect();
+        for &(start, end) in &spans {
+            let within = |&&(s, e): &&(usize, usize)| start <= s && e <= end && (s, e) != (start, end);
+            let mut l = Loop {
+                kernel: kernel.clone(),
+                multiply_adds: 0,
+                barriers: 0,
+                shared_loads: 0,
+                loads: vec![],
+                spills: 0,
+                innermost: !spans.iter().any(|span| within(&span)),
+            };
+            for text in &lines[start..=end] {
+                // The opcode: the first word after the address comment and any predicate.
+                let code = text.split("*/").nth(1).unwrap_or_default().split_whitespace();
+                let Some(op) = code.into_iter().find(|w| !w.starts_with('@')) else { continue };
+                match op.split('.').next().unwrap_or_default() {
+                    "FFMA" | "HMMA" => l.multiply_adds += 1,
+                    "BAR" => l.barriers += 1,
+                    "LDS" => l.shared_loads += 1,
+                    "LDG" => l.loads.push(Load { copy: false, after: l.multiply_adds }),
+                    "LDGSTS" => l.loads.push(Load { copy: true, after: l.multiply_adds }),
+                    "STL" | "LDL" => l.spills += 1,
+                    _ => {}
+                }
+            }
+            out.push(l);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loops_are_read_from_a_listing() {
+        let listing = "\n.text.k1_fused:\n\
+            /*0000*/ MOV R1, c[0x0][0x28] ;\n\
+            /*0010*/ STL [R1], R24 ;\n\
+            .L_x_1:\n\
+            /*0020*/ STS [R7], R46 ;\n\
+            /*0030*/ BAR.SYNC.DEFER_BLOCKING 0x0 ;\n\
+            /*0040*/ @!P6 LDG.E.CONSTANT R24, desc[UR8][R22.64] ;\n\
+            /*0050*/ LDS.128 R16, [R36] ;\n\
+            /*0060*/ FFMA R60, R37, R16, R60 ;\n\
+            /*0070*/ FFMA R61, R37, R17, R61 ;\n\
+            /*0080*/ LDGSTS.E [R3], desc[UR8][R4.64] ;\n\
+            /*0088*/ STL [R1+0x4], R2 ;\n\
+            /*0090*/ @!P5 BRA `(.L_x_1) ;\n\
+            /*00a0*/ LDL R54, [R1] ;\n\
+            \n.text.k2_other:\n\
+            /*0000*/ EXIT ;\n";
+        let loops = parse(listing);
+        assert_eq!(loops.len(), 1);
+        assert!(loops[0].innermost);
+        let l = &loops[0];
+        assert_eq!(
+            (l.kernel.as_str(), l.multiply_adds, l.barriers, l.shared_loads, l.spills),
+            ("k1_fused", 2, 1, 1, 1),
+            "the spill inside the loop counted, the two outside it not"
+        );
+        assert_eq!(l.loads, [Load { copy: false, after: 0 }, Load { copy: true, after: 2 }]);
+        assert_eq!(l.describe(), format!("{:<40}    2 multiply-adds a turn; load@0 copy@2", "k1_fused"));
+    }
+}
