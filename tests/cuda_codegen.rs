@@ -309,9 +309,9 @@ fn generated_kernels_neither_spill_registers_nor_crowd_out_a_second_block() {
     // What ptxas reports for each kernel of every workload step and of every tile shape: a spill
     // (registers stored to local memory) or a stack frame would make a kernel wait on memory, and
     // more than 128 registers a thread would leave room for only one 256-thread block an SM. A
-    // spill is let pass only where the machine code shows it outside every loop (nvdisasm: one
-    // value kept across the loop over the slabs, a store and a load a block, where ptxas held a
-    // side-by-side kernel to 64 registers, four blocks an SM).
+    // spill of a few words is let pass only where the machine code shows it outside every loop
+    // (nvdisasm: values kept across the loop over the slabs, a store and a load each a block,
+    // where ptxas held a side-by-side kernel to 64 or 80 registers for four or three blocks an SM).
     use kiln_codegen::cuda::nvrtc::{available, compile, kernel_resources, missing_reason, CHECK_ARCH};
     use kiln_codegen::cuda::sass;
     if !available() {
@@ -328,7 +328,7 @@ fn generated_kernels_neither_spill_registers_nor_crowd_out_a_second_block() {
         let most = if what.starts_with("128x128") && src.contains("128x128 tiles on tensor cores") { 168 } else { 128 };
         for k in kernels {
             if k.spill_stores + k.spill_loads + k.stack_frame > 0 {
-                assert!(k.spill_stores <= 8 && k.spill_loads <= 8 && k.stack_frame <= 8, "{what}: {k:?}");
+                assert!(k.spill_stores <= 32 && k.spill_loads <= 32 && k.stack_frame <= 32, "{what}: {k:?}");
                 if sass::nvdisasm().is_some() {
                     let cubin = compile(src, CHECK_ARCH).unwrap_or_else(|e| panic!("{what}: {e}")).0;
                     let loops = sass::loops(&cubin).unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -342,34 +342,6 @@ fn generated_kernels_neither_spill_registers_nor_crowd_out_a_second_block() {
             assert!(k.shared_bytes <= 48 * 1024, "{what}: {k:?}");
         }
     }
-}
-
-#[test]
-fn tiled_products_load_their_next_slab_before_multiplying_this_one() {
-    // In the machine code of every workload step and tile shape (`every_generated_source`), each
-    // loop over a tile's slabs issues its global loads and asynchronous copies before its first
-    // multiply-add, so that memory is read while the slab is multiplied (ptxas once placed the
-    // next slab's loads after the multiply-adds in some kernels: `tiled.rs`). Needs libnvrtc and
-    // nvdisasm (pip's nvidia-cuda-nvdisasm).
-    use kiln_codegen::cuda::nvrtc::{available, compile, missing_reason, CHECK_ARCH};
-    use kiln_codegen::cuda::sass;
-    if !available() {
-        kiln::testing::note(&format!("skipped: {}", missing_reason()));
-        return;
-    }
-    if sass::nvdisasm().is_none() {
-        kiln::testing::note("skipped: nvdisasm not found (pip package nvidia-cuda-nvdisasm, or $NVDISASM)");
-        return;
-    }
-    let mut slab_loops = 0;
-    for (what, src) in every_generated_source() {
-        let cubin = compile(&src, CHECK_ARCH).unwrap_or_else(|e| panic!("{what}: {e}")).0;
-        for l in sass::loops(&cubin).unwrap().into_iter().filter(|l| l.is_slab_loop()) {
-            slab_loops += 1;
-            assert!(l.loads.iter().all(|load| load.after == 0), "{what}: {}", l.describe());
-        }
-    }
-    assert!(slab_loops > 100, "{slab_loops} loops over slabs found");
 }
 
 #[test]
@@ -391,4 +363,42 @@ fn every_workloads_compilation_units_compile_with_only_the_helpers_they_call() {
         let kernels: usize = parts.iter().map(|p| p.kernels.len()).sum();
         assert_eq!(kernels, module.kernels.len(), "{name}");
     }
+}
+
+#[test]
+fn tiles_load_before_they_multiply_and_before_they_store() {
+    // In the machine code of every workload step and tile shape (`every_generated_source`):
+    // - each loop over a tile's slabs issues its global loads and asynchronous copies before its
+    //   first multiply-add, so that memory is read while the slab is multiplied (ptxas once placed
+    //   the next slab's loads after the multiply-adds in some kernels: `tiled.rs`);
+    // - each kernel that computes tiles walks its tiles' elements loading first and storing last:
+    //   no global load of a walk's turn comes after one of its stores (an element at a time, an
+    //   in-place update's next element waited for the one before: `tile_finish.rs`).
+    // Needs libnvrtc and nvdisasm (pip's nvidia-cuda-nvdisasm).
+    use kiln_codegen::cuda::nvrtc::{available, compile, missing_reason, CHECK_ARCH};
+    use kiln_codegen::cuda::sass;
+    if !available() {
+        kiln::testing::note(&format!("skipped: {}", missing_reason()));
+        return;
+    }
+    if sass::nvdisasm().is_none() {
+        kiln::testing::note("skipped: nvdisasm not found (pip package nvidia-cuda-nvdisasm, or $NVDISASM)");
+        return;
+    }
+    let (mut slab_loops, mut walks) = (0, 0);
+    for (what, src) in every_generated_source() {
+        let cubin = compile(&src, CHECK_ARCH).unwrap_or_else(|e| panic!("{what}: {e}")).0;
+        let loops = sass::loops(&cubin).unwrap();
+        for l in loops.iter().filter(|l| l.is_slab_loop()) {
+            slab_loops += 1;
+            assert!(l.loads.iter().all(|load| load.after == 0), "{what}: {}", l.describe());
+        }
+        let tiled: std::collections::HashSet<&str> =
+            loops.iter().filter(|l| l.is_slab_loop()).map(|l| l.kernel.as_str()).collect();
+        for l in loops.iter().filter(|l| tiled.contains(l.kernel.as_str()) && l.is_storing_walk()) {
+            walks += 1;
+            assert_eq!(l.loads_after_a_store, 0, "{what}: {l:?}");
+        }
+    }
+    assert!(slab_loops > 100 && walks > 100, "{slab_loops} loops over slabs and {walks} walks over tiles found");
 }

@@ -282,6 +282,18 @@ pub fn assign(lhs: Expr, rhs: Expr) -> Stmt {
 }
 
 impl Expr {
+    /// Whether evaluating this expression reads memory (an element of an array or a pointer).
+    pub fn reads_memory(&self) -> bool {
+        match self {
+            Expr::Index(..) | Expr::Vec4(..) => true,
+            Expr::Call(_, args) => args.iter().any(Expr::reads_memory),
+            Expr::Neg(a) | Expr::Not(a) | Expr::Cast(_, a) | Expr::Lane(a, _) => a.reads_memory(),
+            Expr::Binary(_, a, b) => a.reads_memory() || b.reads_memory(),
+            Expr::Select(c, a, b) => c.reads_memory() || a.reads_memory() || b.reads_memory(),
+            _ => false,
+        }
+    }
+
     /// Whether this expression calls a function whose name satisfies `f`.
     pub fn calls(&self, f: &dyn Fn(&str) -> bool) -> bool {
         match self {

@@ -25,6 +25,11 @@ pub struct Loop {
     pub loads: Vec<Load>,
     /// Stores and loads of spilled registers (`STL`, `LDL`) in it.
     pub spills: usize,
+    /// Global stores (`STG`) in it, and the global loads that come after its first (each then
+    /// waits for memory behind the stores before it, where the compiler cannot tell that they
+    /// touch other elements).
+    pub stores: usize,
+    pub loads_after_a_store: usize,
     /// Whether no other loop lies within it (an outer loop's counts include its inner loops').
     pub innermost: bool,
 }
@@ -42,6 +47,12 @@ impl Loop {
     /// many multiply-adds.
     pub fn is_slab_loop(&self) -> bool {
         self.innermost && self.barriers > 0 && self.shared_loads > 0 && self.multiply_adds >= 64
+    }
+
+    /// A walk over elements that stores: an innermost loop with global stores and no barrier
+    /// (a tile's epilogue walk, or an elementwise loop).
+    pub fn is_storing_walk(&self) -> bool {
+        self.innermost && self.barriers == 0 && self.stores > 0
     }
 
     /// Its loads as `load@N` / `copy@N`, N the multiply-adds before each.
@@ -107,18 +118,25 @@ fn parse(listing: &str) -> Vec<Loop> {
                 shared_loads: 0,
                 loads: vec![],
                 spills: 0,
+                stores: 0,
+                loads_after_a_store: 0,
                 innermost: !spans.iter().any(|span| within(&span)),
             };
             for text in &lines[start..=end] {
                 // The opcode: the first word after the address comment and any predicate.
                 let code = text.split("*/").nth(1).unwrap_or_default().split_whitespace();
                 let Some(op) = code.into_iter().find(|w| !w.starts_with('@')) else { continue };
-                match op.split('.').next().unwrap_or_default() {
+                let opcode = op.split('.').next().unwrap_or_default();
+                if opcode == "LDG" && l.stores > 0 {
+                    l.loads_after_a_store += 1;
+                }
+                match opcode {
                     "FFMA" | "HMMA" => l.multiply_adds += 1,
                     "BAR" => l.barriers += 1,
                     "LDS" => l.shared_loads += 1,
                     "LDG" => l.loads.push(Load { copy: false, after: l.multiply_adds }),
                     "LDGSTS" => l.loads.push(Load { copy: true, after: l.multiply_adds }),
+                    "STG" => l.stores += 1,
                     "STL" | "LDL" => l.spills += 1,
                     _ => {}
                 }
@@ -147,6 +165,8 @@ mod tests {
             /*0070*/ FFMA R61, R37, R17, R61 ;\n\
             /*0080*/ LDGSTS.E [R3], desc[UR8][R4.64] ;\n\
             /*0088*/ STL [R1+0x4], R2 ;\n\
+            /*008c*/ STG.E desc[UR8][R8.64], R9 ;\n\
+            /*008e*/ @P0 LDG.E R10, desc[UR8][R12.64] ;\n\
             /*0090*/ @!P5 BRA `(.L_x_1) ;\n\
             /*00a0*/ LDL R54, [R1] ;\n\
             \n.text.k2_other:\n\
@@ -160,7 +180,11 @@ mod tests {
             ("k1_fused", 2, 1, 1, 1),
             "the spill inside the loop counted, the two outside it not"
         );
-        assert_eq!(l.loads, [Load { copy: false, after: 0 }, Load { copy: true, after: 2 }]);
-        assert_eq!(l.describe(), format!("{:<40}    2 multiply-adds a turn; load@0 copy@2", "k1_fused"));
+        assert_eq!(
+            l.loads,
+            [Load { copy: false, after: 0 }, Load { copy: true, after: 2 }, Load { copy: false, after: 2 }]
+        );
+        assert_eq!((l.stores, l.loads_after_a_store, l.is_storing_walk()), (1, 1, false));
+        assert_eq!(l.describe(), format!("{:<40}    2 multiply-adds a turn; load@0 copy@2 load@2", "k1_fused"));
     }
 }

@@ -4,11 +4,14 @@
 //! (so the result does not depend on timing) and running the epilogue, or, where the slices are
 //! the blocks of a cluster, each block adding its share of the rows from the cluster's shared
 //! memory (`cluster.rs`). Where groups of threads
-//! split each slab's depth (`T32x32K4`), their partial tiles are added here, in group order.
+//! split each slab's depth (`T32x32K4`), their partial tiles are added here, in group order. The
+//! epilogue walks the tile a few elements a thread at a time, all their loads before any of their
+//! stores (`Emitter::tile_epilogue`), so that the walk waits for memory once a turn.
 
 use super::ast::*;
 use super::cluster;
 use super::emit::{decompose, Emitter, THREADS};
+use super::single::{rewrite_expr, rewrite_stmts};
 use super::tiled::{acc, TilePlan};
 use crate::kernel::MatMul;
 
@@ -81,11 +84,11 @@ fn walk_tile(plan: &TilePlan, step: Stmt) -> Stmt {
     }
 }
 
-/// Slice `s`'s partial value at the tile's element (`r`, `q`), staged in the shared memory of the
-/// cluster's block `s` (its groups' copies already added into the first).
-fn clustered_value(plan: &TilePlan) -> Expr {
+/// Slice `slice`'s partial value at the tile's element (`r`, `q`), staged in the shared memory of
+/// the cluster's block `slice` (its groups' copies already added into the first).
+fn clustered_value(plan: &TilePlan, slice: Expr) -> Expr {
     let at = var("r") * int(staged_pitch(plan)) + var("q");
-    cluster::load(var("tile_c") + at, var("s"))
+    cluster::load(var("tile_c") + at, slice)
 }
 
 /// The product's value at the tile's element (`r`, `q`) staged in `tile_c` (rows `first..first +
@@ -187,75 +190,128 @@ impl<'a> Emitter<'a> {
     /// The walk over the tile's elements (those of `rows`) that runs the epilogue group at each,
     /// the product's value read from the rows staged in shared memory, or added up from the
     /// slices' partial tiles in slice order (from scratch memory, or from the shared memory of a
-    /// cluster's blocks).
+    /// cluster's blocks). A thread takes up to `GATHERED` elements a turn: first each one's product
+    /// value, then the epilogue at each but its stores, then the stores of those inside the
+    /// product. So no load of the turn waits for a store, and the block waits for memory about
+    /// once a turn; an element at a time, each element's loads came after the stores of the one
+    /// before (the compiler cannot tell an in-place update's elements apart) and waited in full:
+    /// 32 times a thread for a 128x64 tile's weight update. An element past the product's edge
+    /// adds up the partials at its row's and column's last inside it instead, reads no input of
+    /// the epilogue and stores nothing.
     fn tile_epilogue(&mut self, mm: &MatMul, plan: TilePlan, it: CType, rows: Rows) -> Stmt {
-        let (m, n) = (mm.m as i64, mm.n as i64);
-        let bn = plan.bn as i64;
+        let (m, n, bn) = (mm.m as i64, mm.n as i64, plan.bn as i64);
         let mut ahead = vec![];
-        let (first, end) = match rows {
-            Rows::Staged { first, rows } => (int(first), int(rows as i64 * bn)),
-            Rows::Sliced { .. } => (int(0), int(plan.bm as i64 * bn)),
+        // The walk's first row, its length in elements, and its most elements.
+        let (first, end, most) = match rows {
+            Rows::Staged { first, rows } => (int(first), int(rows as i64 * bn), rows * plan.bn),
+            Rows::Sliced { .. } => (int(0), int(plan.bm as i64 * bn), plan.bm * plan.bn),
             Rows::Cluster { slices } => {
                 // Rows in shares of `per`, the last share shorter.
                 let (per, bm) = (plan.bm.div_ceil(slices) as i64, plan.bm as i64);
                 ahead.push(decl(CType::Int, "rows_first", cast(CType::Int, var("slice")) * int(per)));
                 let short = bin(BinOp::Lt, int(bm) - var("rows_first"), int(per));
                 ahead.push(decl(CType::Int, "rows_here", select(short, int(bm) - var("rows_first"), int(per))));
-                (var("rows_first"), var("rows_here") * int(bn))
+                (var("rows_first"), var("rows_here") * int(bn), per as usize * plan.bn)
             }
         };
-        let in_walk = var("l") / int(bn);
-        let mut per = vec![
-            decl(CType::Int, "r", if first == int(0) { in_walk } else { first + in_walk }),
-            decl(CType::Int, "q", var("l") % int(bn)),
-            decl(it, "row", var("row0") + cast(it, var("r"))),
-            decl(it, "col", var("col0") + cast(it, var("q"))),
-        ];
-        let mut inner = vec![];
-        match rows {
-            Rows::Staged { first, rows } => {
-                inner.push(decl(CType::Float, "tile_value", staged_value(&plan, first, rows)))
-            }
-            Rows::Sliced { scratch, slices } => {
-                inner.push(decl_mut(CType::Float, "tile_value", Expr::F32(0.0)));
-                // `__ldcg` reads through L2, where the other blocks' partial tiles are.
-                let at = var(scratch) + (var("s") * int(m * n) + var("row") * int(n) + var("col"));
-                inner.push(Stmt::For {
-                    ty: it,
-                    var: "s".into(),
-                    init: int(0),
-                    end: int(slices as i64),
-                    step: int(1),
-                    body: vec![assign(var("tile_value"), var("tile_value") + call("__ldcg", vec![at]))],
-                });
-            }
-            Rows::Cluster { slices } => {
-                inner.push(decl_mut(CType::Float, "tile_value", Expr::F32(0.0)));
-                inner.push(Stmt::For {
-                    ty: CType::UInt,
-                    var: "s".into(),
-                    init: Expr::UInt(0),
-                    end: Expr::UInt(slices as u32),
-                    step: Expr::UInt(1),
-                    body: vec![assign(var("tile_value"), var("tile_value") + clustered_value(&plan))],
-                });
-            }
-        }
+        let per_turn = most.div_ceil(THREADS as usize).clamp(1, GATHERED);
+        // Staged and sliced walks come in whole turns (tiles are multiples of 1024 elements).
+        let whole_turns = most % (per_turn * THREADS as usize) == 0 && !matches!(rows, Rows::Cluster { .. });
+        // The epilogue at one element, from `t` (its flat index) and `tile_value`.
         let shape = self.group[0].kernel.shape.clone();
-        inner.push(decl(it, "t", var("row") * int(n) + var("col")));
-        decompose(var("t"), &shape, 0, it, &mut inner);
+        let mut epilogue = vec![];
+        decompose(var("t"), &shape, 0, it, &mut epilogue);
         for mem in 0..self.group.len() {
-            self.member_element(mem, shape.len(), &mut inner);
+            self.member_element(mem, shape.len(), &mut epilogue);
         }
-        let inside = bin(BinOp::And, bin(BinOp::Lt, var("row"), int(m)), bin(BinOp::Lt, var("col"), int(n)));
-        per.push(Stmt::If(inside, inner, vec![]));
-        let walk = Stmt::For {
-            ty: CType::Int,
-            var: "l".into(),
-            init: cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)),
-            end,
-            step: int(THREADS as i64),
-            body: per,
+        let (mut values, mut computed, mut stores) = (vec![], vec![], vec![]);
+        for u in 0..per_turn {
+            let name = |what: &str| format!("{what}_{u}");
+            let l = var("l") + int((u * THREADS as usize) as i64);
+            let in_walk = bin(BinOp::Lt, l.clone(), end.clone());
+            let l = if whole_turns { l } else { select(in_walk.clone(), l, end.clone() - int(1)) };
+            let r = if first == int(0) { l.clone() / int(bn) } else { first.clone() + l.clone() / int(bn) };
+            values.push(decl(CType::Int, name("r"), r));
+            values.push(decl(CType::Int, name("q"), l % int(bn)));
+            let (row, col) = (var(name("row")), var(name("col")));
+            values.push(decl(it, name("row"), var("row0") + cast(it, var(name("r")))));
+            values.push(decl(it, name("col"), var("col0") + cast(it, var(name("q")))));
+            let inside = bin(BinOp::And, bin(BinOp::Lt, row.clone(), int(m)), bin(BinOp::Lt, col.clone(), int(n)));
+            let inside = if whole_turns { inside } else { bin(BinOp::And, in_walk, inside) };
+            values.push(decl(CType::Bool, name("inside"), inside));
+            let row = select(bin(BinOp::Lt, row.clone(), int(m)), row, int(m - 1));
+            let col = select(bin(BinOp::Lt, col.clone(), int(n)), col, int(n - 1));
+            values.push(decl(it, name("t"), row * int(n) + col));
+            let at_element: std::collections::HashMap<String, String> =
+                ["r", "q", "t"].iter().map(|v| (v.to_string(), name(v))).collect();
+            let value = name("tile_value");
+            match rows {
+                Rows::Staged { first, rows } => {
+                    let mut staged = staged_value(&plan, first, rows);
+                    rewrite_expr(&mut staged, &at_element, &|_| None);
+                    values.push(decl(CType::Float, &value, staged));
+                }
+                Rows::Sliced { scratch, slices } => {
+                    // `__ldcg` reads through L2, where the other blocks' partial tiles are.
+                    values.push(decl_mut(CType::Float, &value, Expr::F32(0.0)));
+                    for s in 0..slices {
+                        let partial = call("__ldcg", vec![var(scratch) + (int(s as i64 * m * n) + var(name("t")))]);
+                        values.push(assign(var(&value), var(&value) + partial));
+                    }
+                }
+                Rows::Cluster { slices } => {
+                    values.push(decl_mut(CType::Float, &value, Expr::F32(0.0)));
+                    for s in 0..slices {
+                        let mut slice_value = clustered_value(&plan, Expr::UInt(s as u32));
+                        rewrite_expr(&mut slice_value, &at_element, &|_| None);
+                        values.push(assign(var(&value), var(&value) + slice_value));
+                    }
+                }
+            }
+            // The epilogue's own names, and `t` and `tile_value`, suffixed with the element's.
+            let mut names = at_element;
+            names.insert("tile_value".into(), value);
+            for st in &epilogue {
+                if let Stmt::Decl { name: declared, .. } = st {
+                    names.insert(declared.clone(), name(declared));
+                }
+            }
+            for st in &epilogue {
+                let mut st = st.clone();
+                if let Stmt::Decl { name: declared, .. } = &mut st {
+                    *declared = names[declared.as_str()].clone();
+                }
+                rewrite_stmts(std::slice::from_mut(&mut st), &names, &|_| None);
+                match st {
+                    store @ Stmt::Assign(Expr::Index(..), _) => {
+                        stores.push(Stmt::If(var(name("inside")), vec![store], vec![]))
+                    }
+                    // An element outside reads nothing: an in-place update's element there is
+                    // another thread's (a predicated load, which the compiler may still hoist).
+                    Stmt::Decl { ty, name: declared, init: Some(read), constant } if read.reads_memory() => {
+                        let init = Some(select(var(name("inside")), read, cast(ty, int(0))));
+                        computed.push(Stmt::Decl { ty, name: declared, init, constant })
+                    }
+                    Stmt::Decl { .. } | Stmt::Assign(Expr::Var(_), _) => computed.push(st),
+                    other => unreachable!("an elementwise epilogue declares, assigns and stores: {other:?}"),
+                }
+            }
+        }
+        let first_element = cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx));
+        let turn = [values, computed, stores].concat();
+        // One turn covers the walk: no loop (which the compiler would unroll across a count it
+        // cannot see, each turn's loads behind the stores of the one before).
+        let walk = if most <= per_turn * THREADS as usize {
+            Stmt::Block([vec![decl(CType::Int, "l", first_element)], turn].concat())
+        } else {
+            Stmt::For {
+                ty: CType::Int,
+                var: "l".into(),
+                init: first_element,
+                end,
+                step: int((per_turn * THREADS as usize) as i64),
+                body: turn,
+            }
         };
         if ahead.is_empty() {
             walk
@@ -265,6 +321,9 @@ impl<'a> Emitter<'a> {
         }
     }
 }
+
+/// Elements of a tile a thread runs the epilogue at in one turn of its walk.
+const GATHERED: usize = 4;
 
 /// The rows of a tile that an epilogue walk covers, and where their product values are.
 #[derive(Clone, Copy)]
