@@ -224,6 +224,10 @@ impl<'a> Emitter<'a> {
         for mem in 0..self.group.len() {
             self.member_element(mem, shape.len(), &mut epilogue);
         }
+        // An epilogue of declarations, assignments to them and stores (every elementwise one) is
+        // split into its stores and the rest; any other runs whole at each element, in order.
+        let plain =
+            epilogue.iter().all(|s| matches!(s, Stmt::Decl { .. } | Stmt::Assign(Expr::Var(_) | Expr::Index(..), _)));
         let (mut values, mut computed, mut stores) = (vec![], vec![], vec![]);
         for u in 0..per_turn {
             let name = |what: &str| format!("{what}_{u}");
@@ -268,6 +272,14 @@ impl<'a> Emitter<'a> {
                     }
                 }
             }
+            let inside = var(name("inside"));
+            if !plain {
+                // In order and under its bounds check, as a scope of its own.
+                let mut at = vec![decl(CType::Float, "tile_value", var(&value)), decl(it, "t", var(name("t")))];
+                at.extend(epilogue.iter().cloned());
+                computed.push(Stmt::If(inside, at, vec![]));
+                continue;
+            }
             // The epilogue's own names, and `t` and `tile_value`, suffixed with the element's.
             let mut names = at_element;
             names.insert("tile_value".into(), value);
@@ -284,16 +296,15 @@ impl<'a> Emitter<'a> {
                 rewrite_stmts(std::slice::from_mut(&mut st), &names, &|_| None);
                 match st {
                     store @ Stmt::Assign(Expr::Index(..), _) => {
-                        stores.push(Stmt::If(var(name("inside")), vec![store], vec![]))
+                        stores.push(Stmt::If(inside.clone(), vec![store], vec![]))
                     }
                     // An element outside reads nothing: an in-place update's element there is
                     // another thread's (a predicated load, which the compiler may still hoist).
                     Stmt::Decl { ty, name: declared, init: Some(read), constant } if read.reads_memory() => {
-                        let init = Some(select(var(name("inside")), read, cast(ty, int(0))));
+                        let init = Some(select(inside.clone(), read, cast(ty, int(0))));
                         computed.push(Stmt::Decl { ty, name: declared, init, constant })
                     }
-                    Stmt::Decl { .. } | Stmt::Assign(Expr::Var(_), _) => computed.push(st),
-                    other => unreachable!("an elementwise epilogue declares, assigns and stores: {other:?}"),
+                    other => computed.push(other),
                 }
             }
         }
