@@ -65,8 +65,14 @@ impl Loop {
 
 /// `nvdisasm`: `$NVDISASM`, else on the `PATH`, else in the `bin` folder beside a `lib` folder of
 /// `LD_LIBRARY_PATH` (where the pip packages `nvidia-cuda-nvrtc` and `nvidia-cuda-nvdisasm` put
-/// libnvrtc and it). `None` where none is found.
+/// libnvrtc and it). `None` where none is found. Looked up once a process (the `PATH` lookup runs
+/// it).
 pub fn nvdisasm() -> Option<PathBuf> {
+    static FOUND: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    FOUND.get_or_init(find_nvdisasm).clone()
+}
+
+fn find_nvdisasm() -> Option<PathBuf> {
     if let Ok(path) = std::env::var("NVDISASM") {
         return Some(PathBuf::from(path));
     }
