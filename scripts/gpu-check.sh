@@ -8,12 +8,15 @@
 #   scripts/gpu-check.sh           (on the GPU machine, in the repository root) runs them and
 #                                  prints a table: each test binary's result, then the benchmark
 #                                  on the GPU (cold NVRTC compile, then from the disk cache,
-#                                  then with slabs copied asynchronously, KILN_CUDA_STAGES=3 and
-#                                  as deep as fits of 8, KILN_CUDA_STAGES=8, with
+#                                  then with the next slab through registers rather than copied
+#                                  asynchronously into three buffers, KILN_CUDA_STAGES=1, and
+#                                  into as many as fit of 8, KILN_CUDA_STAGES=8, with
 #                                  32x32 tiles without thread groups, KILN_CUDA_K_GROUPS=0, with
 #                                  programmatic dependent launch, KILN_CUDA_PDL=1, alone and with
 #                                  the copies, with a sliced tile's slices as a thread block
-#                                  cluster, KILN_CUDA_CLUSTERS=1, alone and with dependent launch,
+#                                  through scratch memory and a ticket rather than as a thread block
+#                                  cluster, KILN_CUDA_CLUSTERS=0, and with neither default (as
+#                                  before 2026-11-28), then with clusters and dependent launch,
 #                                  then each step autotuned, Function::autotune, at most
 #                                  AUTOTUNE_SECONDS a workload (default 60), its report first, then
 #                                  with the tiles on tensor cores, KILN_CUDA_TF32X3=1, and
@@ -98,7 +101,7 @@ OUT_DIR=${OUT:-/tmp/kiln-gpu-check}
 mkdir -p "$OUT_DIR"
 summary() {
     echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-    summary_files=(cold cached stages3 stages8 kgroups0 pdl stages3-pdl clusters clusters-pdl autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
+    summary_files=(cold cached stages1 stages8 kgroups0 pdl stages8-pdl noclusters old-defaults autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
     (
         cd "$OUT_DIR" || exit
         printf '%-16s' workload
@@ -166,14 +169,14 @@ if [ -x "$DIR/backend_agreement" ] && [[ " $TESTS " == *" backend_agreement "* ]
     # independent steps over two), with the float products on cuBLAS (the default tiles the
     # workloads' products), with the tiles on tensor cores (3xTF32, opt-in until it wins), and with
     # small products' long dots computed one per output thread (the default tiles them), with
-    # the outputs read back through page-locked memory (opt-in until timed), with slabs copied
-    # asynchronously into three buffers and into as many as fit of eight (cp.async, opt-in until
-    # timed), with 32x32 tiles
+    # the outputs read back through page-locked memory (opt-in until timed), with the next slab
+    # through registers (the default copies slabs asynchronously into three buffers) and with as
+    # many buffers as fit of eight, with 32x32 tiles
     # computed as before the thread groups (2x2 outputs a thread), with programmatic dependent
-    # launch (opt-in until timed), and with a sliced tile's slices as a thread block cluster
-    # (opt-in until timed).
+    # launch (opt-in until timed), and with a sliced tile's partial tiles through scratch memory
+    # and a ticket (the default adds them in a thread block cluster).
     for setting in KILN_CUDA_STREAMS=1 KILN_CUDA_TILED=0 KILN_CUDA_TF32X3=1 KILN_CUDA_DOT_DEPTH=1073741824 \
-        KILN_CUDA_PINNED=1 KILN_CUDA_STAGES=3 KILN_CUDA_STAGES=8 KILN_CUDA_K_GROUPS=0 KILN_CUDA_PDL=1 KILN_CUDA_CLUSTERS=1; do
+        KILN_CUDA_PINNED=1 KILN_CUDA_STAGES=1 KILN_CUDA_STAGES=8 KILN_CUDA_K_GROUPS=0 KILN_CUDA_PDL=1 KILN_CUDA_CLUSTERS=0; do
         log="$OUT_DIR/backend_agreement-$setting.log"
         if env "$setting" timeout "$TEST_TIMEOUT" "$DIR/backend_agreement" >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
         printf '%-20s %-8s %s\n' "backend_agreement" "$r" "with $setting"
@@ -220,20 +223,20 @@ echo "== benchmark (ms per full training step, f32; compile_ms includes graph bu
 export KILN_CACHE_DIR=$(mktemp -d)
 bench_row "cold: NVRTC compiles every step" bench-cold.txt
 bench_row "again: PTX from the disk cache" bench-cached.txt
-bench_row "slabs copied asynchronously into three buffers (KILN_CUDA_STAGES=3, cp.async)" bench-stages3.txt \
-    KILN_CUDA_STAGES=3
+bench_row "the next slab through registers, not copied asynchronously into three buffers (KILN_CUDA_STAGES=1)" \
+    bench-stages1.txt KILN_CUDA_STAGES=1
 bench_row "slabs copied asynchronously, as many buffers as fit of 8 (KILN_CUDA_STAGES=8: a slice's slabs in flight)" \
     bench-stages8.txt KILN_CUDA_STAGES=8
 bench_row "32x32 tiles without thread groups (KILN_CUDA_K_GROUPS=0: 2x2 outputs a thread, as before)" \
     bench-kgroups0.txt KILN_CUDA_K_GROUPS=0
 bench_row "each kernel launched before the one ahead of it ends (KILN_CUDA_PDL=1, programmatic dependent launch)" \
     bench-pdl.txt KILN_CUDA_PDL=1
-bench_row "both opt-ins together (KILN_CUDA_STAGES=3 KILN_CUDA_PDL=1)" bench-stages3-pdl.txt KILN_CUDA_STAGES=3 \
+bench_row "eight buffers and dependent launch (KILN_CUDA_STAGES=8 KILN_CUDA_PDL=1)" bench-stages8-pdl.txt KILN_CUDA_STAGES=8 \
     KILN_CUDA_PDL=1
-bench_row "a sliced tile's slices as a thread block cluster (KILN_CUDA_CLUSTERS=1: partial tiles through distributed shared memory)" \
-    bench-clusters.txt KILN_CUDA_CLUSTERS=1
-bench_row "clusters with dependent launch (KILN_CUDA_CLUSTERS=1 KILN_CUDA_PDL=1)" bench-clusters-pdl.txt \
-    KILN_CUDA_CLUSTERS=1 KILN_CUDA_PDL=1
+bench_row "a sliced tile's partial tiles through scratch memory and a ticket, not a cluster (KILN_CUDA_CLUSTERS=0)" \
+    bench-noclusters.txt KILN_CUDA_CLUSTERS=0
+bench_row "neither default: one slab buffer, no clusters (KILN_CUDA_STAGES=1 KILN_CUDA_CLUSTERS=0, as before 2026-11-28)" \
+    bench-old-defaults.txt KILN_CUDA_STAGES=1 KILN_CUDA_CLUSTERS=0
 # Each workload autotuned (Function::autotune: every product as cuBLAS and in each tiling, the
 # whole step timed for each, then the step's knobs: dependent launch, streams, two bounds; its
 # report first, then the tuned step's times).

@@ -404,5 +404,6 @@ fn tiles_load_before_they_multiply_and_before_they_store() {
             assert_eq!(l.loads_after_a_store, 0, "{what}: {l:?}");
         }
     }
-    assert!(slab_loops > 100 && walks > 100, "{slab_loops} loops over slabs and {walks} walks over tiles found");
+    // (A cluster's block walks only its share of a tile's rows, often in one turn: no loop.)
+    assert!(slab_loops > 100 && walks > 50, "{slab_loops} loops over slabs and {walks} walks over tiles found");
 }

@@ -47,8 +47,9 @@ pub struct CompileOptions {
     pub tile_table: Option<std::sync::Arc<cuda::TileTable>>,
     /// Kernels emitted and launched for programmatic dependent launch, as `KILN_CUDA_PDL=1` asks.
     pub dependent_launch: bool,
-    /// Sliced tiles' slices as thread block clusters, as `KILN_CUDA_CLUSTERS=1` asks.
-    pub clusters: bool,
+    /// Sliced tiles' slices as thread block clusters (`Some(true)`, as `KILN_CUDA_CLUSTERS=1`
+    /// asks) or not (`Some(false)`, `KILN_CUDA_CLUSTERS=0`); `None`: as those and the card say.
+    pub clusters: Option<bool>,
     /// The streams a step may spread over, as `KILN_CUDA_STREAMS` says (`None`: as that says).
     pub streams: Option<usize>,
     /// Products of up to this many multiply-adds join single-block runs, as `KILN_CUDA_RUN_MACS`

@@ -1,7 +1,8 @@
 //! Autotuning a step on the card at hand: how each of its float products is computed (cuBLAS and
 //! an epilogue kernel, or kiln's tiles of one shape, slice count and number of slab buffers), and
-//! for the whole step programmatic dependent launch, the number of streams and two size bounds of
-//! the kernel joins, chosen by timing the whole step, not each product alone. The rules of `TilePlan::for_product` are estimates fitted to one
+//! for the whole step programmatic dependent launch, sliced tiles as thread block clusters or not,
+//! the number of streams and two size bounds of the kernel joins, chosen by timing the whole step,
+//! not each product alone. The rules of `TilePlan::for_product` are estimates fitted to one
 //! card's product table; a product timed on its own misses what the step around it does (two
 //! streams, kernels side by side, what the L2 cache already holds). So the search times the step
 //! itself, as XLA's and `torch.compile`'s autotuners do, and keeps what it finds in kiln's cache
@@ -40,9 +41,10 @@ pub const MARGIN: f64 = 0.01;
 pub struct Setting {
     pub table: TileTable,
     pub dependent_launch: bool,
-    /// Every sliced tile's slices a thread block cluster where its table line does not say
-    /// (`KILN_CUDA_CLUSTERS=1`).
-    pub clusters: bool,
+    /// Every sliced tile's slices a thread block cluster (`Some(true)`) or not (`Some(false)`)
+    /// where its table line does not say; `None`: as kiln has it (`KILN_CUDA_CLUSTERS`, else
+    /// wherever the card has clusters).
+    pub clusters: Option<bool>,
     /// `None`: as kiln plans it (`KILN_CUDA_STREAMS`, else two where the memory allows).
     pub streams: Option<usize>,
     /// `KILN_CUDA_RUN_MACS`'s bound.
@@ -64,13 +66,9 @@ impl Setting {
         }
     }
 
-    /// The step's switches, in `SWITCH_LINES`' order.
-    fn switches(&self) -> [bool; 2] {
-        [self.dependent_launch, self.clusters]
-    }
-
-    fn switches_mut(&mut self) -> [&mut bool; 2] {
-        [&mut self.dependent_launch, &mut self.clusters]
+    /// The step's switches, in `SWITCH_LINES`' order (`None`: as kiln has it).
+    fn switches(&self) -> [Option<bool>; 2] {
+        [Some(self.dependent_launch), self.clusters]
     }
 
     /// The step's numbers, in `NUMBER_LINES`' order (`None`: as kiln has it).
@@ -83,9 +81,13 @@ impl Setting {
     }
 
     /// The step's knobs in a line, as a cache entry names them: `dependent-launch off, clusters
-    /// off, streams 2, run-macs kiln, dot-depth kiln`.
+    /// kiln, streams 2, run-macs kiln, dot-depth kiln`.
     pub fn knobs(&self) -> String {
-        let on_off = |on: bool| if on { "on" } else { "off" };
+        let on_off = |on: Option<bool>| match on {
+            Some(true) => "on",
+            Some(false) => "off",
+            None => "kiln",
+        };
         let mut parts: Vec<String> =
             SWITCH_LINES.iter().zip(self.switches()).map(|(name, on)| format!("{name} {}", on_off(on))).collect();
         for ((name, _), value) in NUMBER_LINES.iter().zip(self.numbers()) {
@@ -130,9 +132,15 @@ impl Space {
     fn step_round(&self, knob: usize, best: &Setting) -> Vec<Setting> {
         let switches = [self.dependent_launch, self.clusters];
         if knob < switches.len() {
-            let mut s = best.clone();
-            *s.switches_mut()[knob] = true;
-            return if switches[knob] { vec![s] } else { vec![] };
+            if !switches[knob] {
+                return vec![];
+            }
+            // Dependent launch is off unless asked; clusters are on where the card has them, so
+            // both ways are tried (the one that is kiln's own has its code and is passed over).
+            return match knob {
+                0 => vec![Setting { dependent_launch: true, ..best.clone() }],
+                _ => [true, false].map(|on| Setting { clusters: Some(on), ..best.clone() }).to_vec(),
+            };
         }
         self.numbers()[knob - switches.len()]
             .iter()
@@ -179,16 +187,16 @@ pub fn default_candidates() -> Vec<TileChoice> {
     }
     for tile in [TileShape::T32x32K4, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128] {
         for slices in [1, 2, 4, 8, 12] {
-            for stages in [None, Some(MAX_STAGES)] {
+            for stages in [Some(1), Some(MAX_STAGES)] {
                 v.push(TileChoice { stages, ..TileChoice::forced(tile, slices, false) });
             }
         }
     }
     let clustered = [
-        (TileShape::T32x32K4, None),
+        (TileShape::T32x32K4, Some(1)),
         (TileShape::T32x32K4, Some(3)),
-        (TileShape::T64x64, None),
-        (TileShape::T128x64, None),
+        (TileShape::T64x64, Some(1)),
+        (TileShape::T128x64, Some(1)),
     ];
     for (tile, stages) in clustered {
         for slices in [2, 4, 8] {
@@ -371,7 +379,7 @@ where
 fn describe(s: &Setting) -> String {
     let mut parts: Vec<String> =
         s.table.entries.iter().map(|(k, c)| format!("{k} {}", c.label().unwrap_or_default())).collect();
-    if s.switches().iter().any(|&on| on) || s.numbers().iter().any(Option::is_some) {
+    if s.dependent_launch || s.clusters.is_some() || s.numbers().iter().any(Option::is_some) {
         parts.push(s.knobs());
     }
     if parts.is_empty() {
@@ -398,8 +406,9 @@ pub fn cache_key(code: &str, device: &str, space: &Space) -> String {
     format!("{:016x}", h.finish())
 }
 
-/// The lines of a cache entry that say whether dependent launch and clusters won, and those of the
-/// step's numbers (each a number, or `kiln`: as kiln has it), with the most each may be.
+/// The lines of a cache entry that say whether dependent launch won (`on` or `off`) and clusters
+/// (`on`, `off`, or `kiln`: as the card has it), and those of the step's numbers (each a number,
+/// or `kiln`: as kiln has it), with the most each may be.
 const SWITCH_LINES: [&str; 2] = ["dependent-launch", "clusters"];
 const NUMBER_LINES: [(&str, usize); 3] = [("streams", 8), ("run-macs", usize::MAX), ("dot-depth", usize::MAX)];
 
@@ -432,10 +441,13 @@ pub fn parse_setting(text: &str, origin: &str) -> Result<Setting> {
         let switch = SWITCH_LINES.iter().position(|name| words.first() == Some(name));
         let number = NUMBER_LINES.iter().position(|(name, _)| words.first() == Some(name));
         if let Some(i) = switch {
-            switched[i] = Some(match words.as_slice() {
-                [_, "on"] => true,
-                [_, "off"] => false,
-                _ => return Err(bad("on or off")),
+            switched[i] = Some(match (words.as_slice(), i) {
+                ([_, "on"], _) => Some(true),
+                ([_, "off"], _) => Some(false),
+                // Only clusters have a default of kiln's that a card decides.
+                ([_, "kiln"], 1) => None,
+                (_, 0) => return Err(bad("on or off")),
+                _ => return Err(bad("on, off or kiln")),
             });
             continue;
         }
@@ -461,9 +473,9 @@ pub fn parse_setting(text: &str, origin: &str) -> Result<Setting> {
         }
     }
     let missing = |l: &str| Error::Invalid(format!("{origin}: no '{l}' line"));
-    for (i, on) in switched.into_iter().enumerate() {
-        *setting.switches_mut()[i] = on.ok_or_else(|| missing(&format!("{} on|off", SWITCH_LINES[i])))?;
-    }
+    let [dependent_launch, clusters] = switched;
+    setting.dependent_launch = dependent_launch.ok_or_else(|| missing("dependent-launch on|off"))?.unwrap_or(false);
+    setting.clusters = clusters.ok_or_else(|| missing("clusters on|off|kiln"))?;
     if let Some(i) = seen.iter().position(|s| !s) {
         return Err(missing(&format!("{} N|kiln", NUMBER_LINES[i].0)));
     }
@@ -537,7 +549,7 @@ mod tests {
             if s.dependent_launch {
                 t -= launch_saves;
             }
-            if s.clusters {
+            if s.clusters == Some(true) {
                 t -= 0.25;
             }
             Ok(if s.streams == Some(2) { t - 0.5 } else { t })
@@ -560,16 +572,16 @@ mod tests {
         let out = search(&products, &Space::default(), 60.0, code, |_| {}, synthetic(cost, 1.0)).unwrap();
         assert_eq!(out.before_ms, 20.0);
         assert_eq!(out.after_ms, 3.25);
-        assert!(out.setting.dependent_launch && out.setting.clusters);
+        assert!(out.setting.dependent_launch && out.setting.clusters == Some(true));
         assert_eq!(out.setting.streams, Some(2));
         assert_eq!(label(&out.setting.table.entries[&key(128)]), "64x64/s4/p8");
         assert_eq!(label(&out.setting.table.entries[&key(256)]), "cuBLAS");
         // Each distinct setting timed once (the repeated product is tuned once; the settings of
         // the streams' round share their code but not their streams), plus the best again before
-        // the second product and before each round of the step's: dependent launch, clusters,
-        // streams, and the two bounds.
+        // the second product and before each round of the step's: dependent launch, clusters (on
+        // and off), streams, and the two bounds.
         let n = default_candidates().len();
-        assert_eq!(out.timed, 1 + n + 1 + n + (1 + 1) + (1 + 1) + (1 + 3) + (1 + 1) + (1 + 1));
+        assert_eq!(out.timed, 1 + n + 1 + n + (1 + 1) + (1 + 2) + (1 + 3) + (1 + 1) + (1 + 1));
         assert!(out.failed.is_empty() && !out.out_of_budget);
     }
 
@@ -615,14 +627,14 @@ mod tests {
     fn failing_candidates_are_passed_over_and_said() {
         let time = |s: &Setting| -> Result<f64> {
             match s.table.entries.values().next() {
-                Some(c) if c.stages.is_some() => Err(Error::Invalid("compute capability 7.5".into())),
+                Some(c) if c.stages.is_some_and(|s| s > 1) => Err(Error::Invalid("compute capability 7.5".into())),
                 Some(_) => Ok(5.0),
                 None => Ok(10.0),
             }
         };
         let out = search(&[key(128)], &only_products(), 60.0, code, |_| {}, time).unwrap();
         assert_eq!(out.after_ms, 5.0);
-        assert_eq!(out.failed.len(), default_candidates().iter().filter(|c| c.stages.is_some()).count());
+        assert_eq!(out.failed.len(), default_candidates().iter().filter(|c| c.stages.is_some_and(|s| s > 1)).count());
         assert!(out.failed[0].contains("/p8: compute capability 7.5"), "{}", out.failed[0]);
     }
 
@@ -639,7 +651,7 @@ mod tests {
     fn a_setting_reads_back_from_its_text() {
         let mut s = Setting {
             dependent_launch: true,
-            clusters: true,
+            clusters: Some(true),
             streams: Some(3),
             dot_depth: Some(64),
             ..Setting::default()
@@ -656,17 +668,22 @@ mod tests {
         assert_eq!(parse_setting(&text, "entry").unwrap(), s);
         let kiln_streams = Setting { streams: None, ..s.clone() };
         assert_eq!(parse_setting(&setting_text(&kiln_streams, ""), "entry").unwrap(), kiln_streams);
+        let kiln_clusters = Setting { clusters: None, ..s.clone() };
+        assert!(setting_text(&kiln_clusters, "").contains("\nclusters kiln\n"));
+        assert_eq!(parse_setting(&setting_text(&kiln_clusters, ""), "entry").unwrap(), kiln_clusters);
         let err = parse_setting("128x64x32 nn cuBLAS\nstreams kiln\n", "entry").unwrap_err().to_string();
         assert!(err.contains("no 'dependent-launch on|off' line"), "{err}");
         let err = parse_setting("dependent-launch off\nstreams 9\n", "entry").unwrap_err().to_string();
         assert!(err.contains("'streams 9' (expected kiln or a number from 1 to 8)"), "{err}");
         let err = parse_setting("dependent-launch off\nstreams 2\ndot-depth kiln\n", "entry").unwrap_err().to_string();
-        assert!(err.contains("no 'clusters on|off' line"), "{err}");
+        assert!(err.contains("no 'clusters on|off|kiln' line"), "{err}");
         let text = "dependent-launch off\nclusters off\nstreams 2\ndot-depth kiln\n";
         let err = parse_setting(text, "entry").unwrap_err().to_string();
         assert!(err.contains("no 'run-macs N|kiln' line"), "{err}");
         let err = parse_setting("clusters maybe\n", "entry").unwrap_err().to_string();
-        assert!(err.contains("'clusters maybe' (expected on or off)"), "{err}");
+        assert!(err.contains("'clusters maybe' (expected on, off or kiln)"), "{err}");
+        let err = parse_setting("dependent-launch kiln\n", "entry").unwrap_err().to_string();
+        assert!(err.contains("'dependent-launch kiln' (expected on or off)"), "{err}");
     }
 
     #[test]

@@ -55,7 +55,7 @@ impl Backend for Cuda {
             let streams = streams_for(StepProfile::requested("KILN_CUDA_PROFILE").is_some())?;
             let (kp, _, _) = super::specialize_program(program, shapes)?;
             let (_, memory) = super::streams_and_memory(&kp, streams);
-            let dp = emit(&kp, &memory)?;
+            let dp = super::with_target_arch(gpu.arch, || emit(&kp, &memory))?;
             check_compute_capability(&dp.module, &gpu)?;
             nvrtc::compile_module(&dp.module, gpu.arch).map(|_| ())
         })
@@ -165,7 +165,7 @@ struct Profile {
 /// programmatic dependent launch (`KILN_CUDA_PDL=1`: `griddepcontrol`) and thread block clusters
 /// (`KILN_CUDA_CLUSTERS=1`: `barrier.cluster`, distributed shared memory) need 9.0.
 fn check_compute_capability(module: &super::ast::Module, gpu: &Gpu) -> Result<()> {
-    let capability: u32 = gpu.arch.rsplit('_').next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    let capability = super::with_target_arch(gpu.arch, super::target_capability);
     let uses = |helper: &str| module.helpers.iter().any(|h| h.name == helper);
     for (helper, what, needed) in [
         (super::mma::MMA_HELPER, "tiled products on tensor cores (KILN_CUDA_TF32X3=1)", 80),
@@ -230,7 +230,7 @@ impl Plan {
     fn build(gpu: &Arc<Gpu>, program: &Program, shapes: &[Vec<usize>], streams: Option<usize>) -> Result<Plan> {
         let (kp, updates, out_shapes) = super::specialize_program(program, shapes)?;
         let (streams, memory) = super::streams_and_memory(&kp, streams);
-        let dp = emit(&kp, &memory)?;
+        let dp = super::with_target_arch(gpu.arch, || emit(&kp, &memory))?;
         let source = super::print::program(&dp.module, &dp.steps);
         check_compute_capability(&dp.module, gpu)?;
         let dependent_launch = super::dependent_launch::uses(&dp.module);

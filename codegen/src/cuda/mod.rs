@@ -30,10 +30,11 @@ mod side;
 mod single;
 mod special;
 mod tile_finish;
+mod tile_plan;
 mod tile_staging;
 mod tile_table;
 mod tiled;
-pub use cluster::with_clusters;
+pub use cluster::{with_cluster_setting, with_clusters};
 pub use dependent_launch::with_dependent_launch;
 pub use tile_table::{with_tile_table, ProductKey, TileTable};
 pub use tiled::{with_tile_choice, TileChoice, TileShape};
@@ -112,6 +113,24 @@ pub fn kernel_by_kernel<R>(f: impl FnOnce() -> R) -> R {
     with_thread_setting(&KERNEL_BY_KERNEL, true, f)
 }
 
+thread_local! {
+    static TARGET: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every CUDA program this thread emits generated for the card of architecture
+/// `arch` (`sm_90`, or `compute_90` for PTX): what kiln does by default where a card allows it
+/// (sliced tiles as thread block clusters from 9.0, slabs copied asynchronously from 8.0) follows
+/// it. The runtime sets it around each build; code printed without one is for `nvrtc::CHECK_ARCH`.
+pub fn with_target_arch<R>(arch: &'static str, f: impl FnOnce() -> R) -> R {
+    with_thread_setting(&TARGET, Some(arch), f)
+}
+
+/// The compute capability the code this thread emits is for, as 10 * major + minor (90: 9.0).
+pub(crate) fn target_capability() -> u32 {
+    let arch = TARGET.with(|t| t.get()).unwrap_or(nvrtc::CHECK_ARCH);
+    arch.rsplit('_').next().and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
 /// Runs `f` with this thread's `setting` at `value`, then puts back what it was (the scoped
 /// switches that tests and benchmarks use: kernel by kernel, a tile choice, the emulator's schedule).
 pub(crate) fn with_thread_setting<T: Copy + 'static, R>(
@@ -130,7 +149,10 @@ pub(crate) fn with_thread_setting<T: Copy + 'static, R>(
 /// fixes them.
 pub fn with_compile_options<R>(opts: &crate::CompileOptions, f: impl FnOnce() -> R) -> R {
     let f = || if opts.dependent_launch { with_dependent_launch(f) } else { f() };
-    let f = || if opts.clusters { with_clusters(f) } else { f() };
+    let f = || match opts.clusters {
+        Some(on) => cluster::with_cluster_setting(on, f),
+        None => f(),
+    };
     let f = || match opts.streams {
         Some(n) => with_streams(n, f),
         None => f(),

@@ -2,7 +2,8 @@
 //! where each thread stages its words, chosen so that a warp's loads are coalesced and its
 //! stores to shared memory conflict-free, and the loads themselves: into registers one slab
 //! ahead (stored to shared memory once the block has used the slab before), or, with stages
-//! (`KILN_CUDA_STAGES=N`, 1 < N <= 8; compute capability 8.0 or newer), as asynchronous copies
+//! (by default 3 where the card has compute capability 8.0 or newer; `KILN_CUDA_STAGES=N`,
+//! 1 <= N <= 8, or a tile table's `/pN` says otherwise), as asynchronous copies
 //! (`cp.async`) straight into N slab buffers, N - 1 slabs in flight while the block multiplies
 //! the oldest, so that a block with few slabs to go through waits for memory about once rather
 //! than once a slab.

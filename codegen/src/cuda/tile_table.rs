@@ -88,15 +88,17 @@ impl TileChoice {
             Some(rest) => (true, rest),
             None => (false, text),
         };
+        // A line says the whole tiling: no `/pS`, one slab buffer; no `/cluster`, no cluster
+        // (what the label meant before either was a default).
         let (rest, cluster) = match rest.strip_suffix("/cluster") {
             Some(rest) => (rest, Some(true)),
-            None => (rest, None),
+            None => (rest, Some(false)),
         };
         let (shape, rest) = rest.split_once("/s")?;
         let tile = TileShape::ALL.into_iter().find(|t| t.label() == shape)?;
         let (slices, stages) = match rest.split_once("/p") {
             Some((slices, stages)) => (slices, Some(stages.parse().ok().filter(|&s| (2..=MAX_STAGES).contains(&s))?)),
-            None => (rest, None),
+            None => (rest, Some(1)),
         };
         let slices = slices.parse().ok().filter(|&s| s >= 1)?;
         Some(TileChoice { stages, cluster, ..TileChoice::forced(tile, slices, tensor_cores) })

@@ -1,0 +1,545 @@
+//! How a float product is cut into tiles and slices (`TilePlan`): kiln's own estimate of the tile
+//! shape, the slices of the inner dimension, the slab buffers and whether a tile's slices run as a
+//! thread block cluster, or what a tile choice (`with_tile_choice`, a tile table) fixes instead;
+//! and the plan's sizes that the tiled kernel (`tiled.rs`) is emitted from. The estimate aims at
+//! about one and a half blocks an SM of an H100 and was fitted to that card's product table; what
+//! a card allows (asynchronous copies from compute capability 8.0, clusters from 9.0) comes from
+//! the target the code is generated for (`with_target_arch`).
+
+use super::ast::*;
+use super::emit::THREADS;
+use super::mma;
+use super::tile_staging::MAX_STAGES;
+use crate::kernel::MatMul;
+
+/// Tiles times slices aimed for: about one and a half blocks for each of an H100's 132 SMs.
+/// Measured there (`cargo bench --bench products`, the workloads' 31 tiled products; figures in
+/// `benches/results/h100-2026-11-27`), `TilePlan::for_product`'s choice came within 4% of the
+/// best tiling of each product (geometric mean), where the rule before it (264 blocks, 64x64
+/// tiles from 16 of them up, slices two slabs deep) was 23% off.
+const TARGET_BLOCKS: usize = 200;
+
+/// `TARGET_BLOCKS`, or what `KILN_CUDA_TARGET_BLOCKS` sets (to measure another on a card: in a
+/// step, a product shares the SMs with the kernels beside it).
+fn target_blocks() -> usize {
+    static BLOCKS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    super::bound_from_env(&BLOCKS, "KILN_CUDA_TARGET_BLOCKS", TARGET_BLOCKS).max(1)
+}
+
+/// A slice of a 32x32 tile is at least one slab (32) deep, of a larger tile 64: thinner slices
+/// of the larger tiles spent more on their partial tiles than they gained (on the H100, a
+/// 784x128x256 weight gradient took 18.4 us in 64x64 tiles of four 32-deep slices and 11.9 in
+/// whole 32x32 tiles).
+fn shallowest_slice(shape: TileShape) -> usize {
+    if shape.dims().0 == 32 {
+        32
+    } else {
+        64
+    }
+}
+
+/// At most this many slices: the last block of a tile reads every slice's partial tile.
+const MAX_SLICES: usize = 12;
+
+/// The tile shapes kiln picks from, largest first (128x128 tiles lost to 128x64 on every
+/// product measured), the smallest as `smallest_shape` says.
+const SHAPES_BY_SIZE: [TileShape; 2] = [TileShape::T128x64, TileShape::T64x64];
+
+/// The 32x32 tiles kiln picks: in four groups of threads along each slab (`T32x32K4`), unless
+/// `KILN_CUDA_K_GROUPS=0` (then `T32x32`, 2x2 outputs a thread, to measure what the groups
+/// save: on the H100 the 2x2 form read shared memory as often as it multiplied, so its 32x32
+/// products ran at a quarter of the FMA rate at best).
+fn smallest_shape() -> TileShape {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if super::switch_from_env(&OFF, "KILN_CUDA_K_GROUPS", "0") {
+        TileShape::T32x32
+    } else {
+        TileShape::T32x32K4
+    }
+}
+
+/// Static shared memory a block may declare.
+const SHARED_BYTES: usize = 48 * 1024;
+
+/// Threads per block along each side of the tile.
+const SIDE: usize = 16;
+
+/// The shapes of tile the tiled product comes in (256 threads a block each). kiln picks 32x32,
+/// 64x64 or 128x64 (`SHAPES_BY_SIZE`); 128x128 only when asked (`with_tile_choice`, a tile
+/// table), to measure it on a card.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TileShape {
+    /// 2x2 outputs a thread, 16 apart.
+    T32x32,
+    /// 4x4 adjacent outputs a thread, read from shared memory as `float4`s.
+    T64x64,
+    /// 8x4 outputs a thread.
+    T128x64,
+    /// 8x8 outputs a thread; an unsliced tile reaches its epilogue in two bands of 64 rows
+    /// (the whole tile staged at once would pass the 48 KiB of shared memory).
+    T128x128,
+    /// 32x32 tiles computed by four groups of 64 threads, each the whole tile (4x4 adjacent
+    /// outputs a thread, read as `float4`s) over a quarter of each slab's depth, the four
+    /// partial tiles added in group order in shared memory. A thread reads two `float4`s from
+    /// shared memory for every 16 multiply-adds, where `T32x32`'s threads read a word for each
+    /// (on tensor cores, the same as `T32x32`).
+    T32x32K4,
+}
+
+impl TileShape {
+    pub const ALL: [TileShape; 5] =
+        [TileShape::T32x32, TileShape::T32x32K4, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128];
+
+    /// Rows, columns, and the inner dimension's slab.
+    fn dims(self) -> (usize, usize, usize) {
+        match self {
+            TileShape::T32x32 | TileShape::T32x32K4 => (32, 32, 32),
+            TileShape::T64x64 => (64, 64, 16),
+            TileShape::T128x64 => (128, 64, 8),
+            TileShape::T128x128 => (128, 128, 8),
+        }
+    }
+
+    /// `rows`x`columns`, as the kernel's heading comment says it.
+    pub fn label(self) -> String {
+        let (bm, bn, _) = self.dims();
+        let groups = if self == TileShape::T32x32K4 { "k4" } else { "" };
+        format!("{bm}x{bn}{groups}")
+    }
+
+    /// The shape as its tiles are computed: on tensor cores a warp's multiply-adds cover the whole
+    /// slab, so 32x32k4 tiles are 32x32 ones there.
+    pub fn computed_as(self, tensor_cores: bool) -> TileShape {
+        if tensor_cores && self == TileShape::T32x32K4 {
+            TileShape::T32x32
+        } else {
+            self
+        }
+    }
+
+    /// Groups of threads that split each slab's depth between them (by float32 FMAs).
+    fn groups(self) -> usize {
+        if self == TileShape::T32x32K4 {
+            4
+        } else {
+            1
+        }
+    }
+}
+
+/// A choice of tiling that overrides kiln's own, for measuring the alternatives on a card
+/// (`with_tile_choice`; the product benchmark, `benches/products.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TileChoice {
+    /// `Some(false)`: every float product above the small-product size goes to cuBLAS;
+    /// `Some(true)`: every one with an epilogue is tiled, whatever its size.
+    pub tiled: Option<bool>,
+    pub tile: Option<TileShape>,
+    /// Slices of the inner dimension (at most one per slab).
+    pub slices: Option<usize>,
+    /// `Some(true)`: tiles computed on tensor cores (3xTF32); `Some(false)`: by float32 FMAs.
+    pub tensor_cores: Option<bool>,
+    /// Slab buffers filled by asynchronous copies (1: the next slab through registers; by float32
+    /// FMAs only).
+    pub stages: Option<usize>,
+    /// `Some(true)`: a sliced tile's slices run as one thread block cluster and add their partial
+    /// tiles through distributed shared memory (`cluster.rs`; 2 to 8 slices, the tile staged
+    /// whole beside its slabs); `Some(false)`: through scratch memory and a ticket.
+    pub cluster: Option<bool>,
+}
+
+impl TileChoice {
+    /// Every product with an epilogue tiled, in `tile`s, its inner dimension in `slices`, by
+    /// float32 FMAs or on tensor cores.
+    /// One slab buffer and no cluster: what its label, `RxC/sN`, says whatever kiln's defaults.
+    pub fn forced(tile: TileShape, slices: usize, tensor_cores: bool) -> TileChoice {
+        TileChoice {
+            tiled: Some(true),
+            tile: Some(tile),
+            slices: Some(slices),
+            tensor_cores: Some(tensor_cores),
+            stages: Some(1),
+            cluster: Some(false),
+        }
+    }
+}
+
+thread_local! {
+    static CHOICE: std::cell::Cell<Option<TileChoice>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every CUDA program this thread specializes tiled as `choice` says (where it says
+/// nothing, as kiln would).
+pub fn with_tile_choice<R>(choice: TileChoice, f: impl FnOnce() -> R) -> R {
+    super::with_thread_setting(&CHOICE, Some(choice), f)
+}
+
+/// How `mm` is to be tiled: this thread's `with_tile_choice`, else the tile table's line for it
+/// (`tile_table`), else kiln's estimate (the fields left `None`).
+pub(super) fn choice(mm: &MatMul) -> TileChoice {
+    CHOICE.with(|c| c.get()).or_else(|| super::tile_table::choice_for(mm)).unwrap_or_default()
+}
+
+/// Slab buffers where no choice says: `KILN_CUDA_STAGES`, else `DEFAULT_STAGES` where the card has
+/// asynchronous copies (compute capability 8.0), else 1.
+fn stages_from_env() -> usize {
+    static STAGES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    match super::bound_from_env(&STAGES, "KILN_CUDA_STAGES", 0) {
+        0 if super::target_capability() >= 80 => DEFAULT_STAGES,
+        0 => 1,
+        stages => stages,
+    }
+}
+
+/// Slab buffers filled by asynchronous copies where a card has them. Measured on the H100
+/// (2026-11-28, three interleaved runs of `cargo bench --bench steps` with sliced tiles as
+/// clusters): three buffers were never slower than one (the autoencoder's step 0.187 ms against
+/// 0.189, fmnist-mlp's 0.050 against 0.054, the rest within noise), and eight no faster than
+/// three; `benches/results/h100-2026-11-28`.
+const DEFAULT_STAGES: usize = 3;
+
+/// Whether tiles go to tensor cores where no choice says (`KILN_CUDA_TF32X3=1`; needs compute
+/// capability 8.0 or newer).
+fn tensor_cores_from_env() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    super::switch_from_env(&ON, "KILN_CUDA_TF32X3", "1")
+}
+
+/// How a product is cut into tiles and slices.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct TilePlan {
+    pub(super) bm: usize,
+    pub(super) bn: usize,
+    pub(super) bk: usize,
+    pub(super) tiles_m: usize,
+    pub(super) tiles_n: usize,
+    /// Slices of the inner dimension (1: no partial tiles).
+    pub(super) slices: usize,
+    /// Slabs of `bk` per slice.
+    pub(super) slabs: usize,
+    /// Computed by tensor-core multiply-adds (3xTF32) rather than float32 FMAs.
+    pub(super) tensor_cores: bool,
+    /// The tile shape, as computed (`TileShape::computed_as`).
+    pub(super) shape: TileShape,
+    /// Slab buffers, filled by asynchronous copies `stages - 1` slabs ahead (1: one buffer, the
+    /// next slab loaded into registers).
+    pub(super) stages: usize,
+    /// The slices of a tile run as one thread block cluster (`cluster.rs`): block `tile * slices
+    /// + slice` rather than `slice * tiles + tile`.
+    pub(super) cluster: bool,
+}
+
+impl TilePlan {
+    pub(super) fn for_product(mm: &MatMul) -> TilePlan {
+        let tiles_in = |shape: TileShape| {
+            let (bm, bn, _) = shape.dims();
+            mm.m.div_ceil(bm) * mm.n.div_ceil(bn)
+        };
+        let deepest_cut = |shape: TileShape| (mm.k / shallowest_slice(shape)).clamp(1, MAX_SLICES);
+        let choice = choice(mm);
+        let target = target_blocks();
+        // Larger tiles do more arithmetic per byte staged, so the largest shape that still
+        // gives the SMs enough blocks, counting the slices its inner dimension allows, and that
+        // the output fills at least half of (a 4096x256x10 product took 15.1 us in 64x64 tiles
+        // of four slices and 10.9 in whole 32x32 ones).
+        let shape = choice.tile.unwrap_or_else(|| {
+            let filled = |s: TileShape| {
+                let (bm, bn, _) = s.dims();
+                bm < 2 * mm.m && bn < 2 * mm.n
+            };
+            let enough = |s: &TileShape| filled(*s) && tiles_in(*s) * deepest_cut(*s) >= target;
+            SHAPES_BY_SIZE.into_iter().find(enough).unwrap_or_else(smallest_shape)
+        });
+        let (bm, bn, bk) = shape.dims();
+        let (tiles_m, tiles_n) = (mm.m.div_ceil(bm), mm.n.div_ceil(bn));
+        let slabs_total = mm.k.div_ceil(bk).max(1);
+        // Tiles enough for most of the target need no slices (they would only add partial tiles).
+        let tiles = tiles_m * tiles_n;
+        let wanted = if 2 * tiles >= target { 1 } else { target.div_ceil(tiles).min(deepest_cut(shape)) };
+        // Clusters asked for: kiln's estimate cuts no more slices than a cluster holds.
+        let clustered = choice.cluster.unwrap_or_else(super::cluster::requested);
+        let wanted = if clustered { wanted.min(super::cluster::MAX_CLUSTER) } else { wanted };
+        let wanted = choice.slices.map_or(wanted, |s| s.min(slabs_total));
+        let slabs = slabs_total.div_ceil(wanted.max(1));
+        let tensor_cores = choice.tensor_cores.unwrap_or_else(tensor_cores_from_env);
+        // Tensor cores take their operands split when staged: through registers.
+        let stages = if tensor_cores { 1 } else { choice.stages.unwrap_or_else(stages_from_env) };
+        let mut plan = TilePlan {
+            bm,
+            bn,
+            bk,
+            tiles_m,
+            tiles_n,
+            slices: slabs_total.div_ceil(slabs),
+            slabs,
+            tensor_cores,
+            shape: shape.computed_as(tensor_cores),
+            // A slice's slabs all in flight at once take `slabs + 1` buffers; more would stay empty.
+            stages: stages.clamp(1, MAX_STAGES).min(slabs + 1),
+            cluster: false,
+        };
+        // As many buffers as fit in shared memory beside a band of the staged tile.
+        while plan.stages > 1 && !plan.fits_in_shared_memory() {
+            plan.stages -= 1;
+        }
+        // A cluster's blocks read each other's whole staged tile, so it must fit beside the slabs.
+        plan.cluster = clustered && (2..=super::cluster::MAX_CLUSTER).contains(&plan.slices) && plan.bands() == 1;
+        plan
+    }
+
+    /// The comment heading the kernel `kernel` that computes `mm` so.
+    pub(super) fn describe(&self, kernel: &str, mm: &MatMul) -> String {
+        let sliced = if self.slices > 1 { format!(", its inner dim in {} slices", self.slices) } else { String::new() };
+        let on = if self.tensor_cores { " on tensor cores (3xTF32)" } else { "" };
+        let copied = match self.stages - 1 {
+            0 => String::new(),
+            1 => ", 1 slab in flight (cp.async)".to_string(),
+            ahead => format!(", {ahead} slabs in flight (cp.async)"),
+        };
+        let clustered = if self.cluster { ", the slices of a tile a cluster" } else { "" };
+        format!(
+            "{kernel} computes the product of {} ({}x{}x{}) in {} tiles{on}{sliced}{clustered}{copied} (no cuBLAS call), then its epilogue",
+            mm.name,
+            mm.m,
+            mm.k,
+            mm.n,
+            self.shape.label()
+        )
+    }
+
+    /// Blocks an SM the kernel's registers are budgeted for (`Kernel::min_blocks`). With the
+    /// threads alone as its bound, ptxas may hold a tensor-core tile to 64 registers so that more
+    /// blocks fit, and spill; one block an SM is all such a tile asks for. A tile whose slabs are
+    /// copied asynchronously holds their addresses too (ptxas gave 32x32k4 and 64x64 tiles 85 to
+    /// 89 registers a thread, two blocks an SM): three blocks (80 registers) where a thread has at
+    /// most 16 outputs (none spilled: `cuda_codegen`'s register test), so that the workloads'
+    /// grids of up to ~400 blocks fit the H100's SMs at once; two (128) for larger tiles, which
+    /// spilled at three.
+    pub(super) fn blocks_per_sm(&self) -> Option<u32> {
+        let (rows, cols) = self.per_thread();
+        if self.tensor_cores {
+            Some(1)
+        } else if self.stages > 1 {
+            Some(if rows * cols <= 16 { 3 } else { 2 })
+        } else {
+            None
+        }
+    }
+
+    pub(super) fn blocks(&self) -> usize {
+        self.tiles_m * self.tiles_n * self.slices
+    }
+
+    /// Outputs per thread along rows and columns.
+    pub(super) fn per_thread(&self) -> (usize, usize) {
+        if self.tensor_cores {
+            mma::per_thread(self.bm, self.bn)
+        } else {
+            (self.bm / self.side(), self.bn / self.side())
+        }
+    }
+
+    /// Threads of a group along each side of the tile (by float32 FMAs): 16 (a group of 256),
+    /// or 8 in each of four groups.
+    pub(super) fn side(&self) -> usize {
+        if self.groups() == 4 {
+            SIDE / 2
+        } else {
+            SIDE
+        }
+    }
+
+    /// Threads in each group.
+    pub(super) fn group_threads(&self) -> usize {
+        THREADS as usize / self.groups()
+    }
+
+    /// Groups of threads splitting each slab's depth, each computing the whole tile (1: none).
+    pub(super) fn groups(&self) -> usize {
+        self.shape.groups()
+    }
+
+    /// Whether a thread's outputs are adjacent (4x4 or more, read as `float4`s) rather than 16
+    /// apart.
+    pub(super) fn vectors(&self) -> bool {
+        !self.tensor_cores && self.per_thread().0 >= 4
+    }
+
+    /// Row pitch of the staged slabs, padded against bank conflicts: a multiple of four floats
+    /// where they are read as `float4`s; for tensor cores, 4 past a multiple of 16 pairs of words,
+    /// so each half-warp's 16 pairs of a fragment (rows `quad` by columns `group`) fall in 32
+    /// different banks.
+    pub(super) fn pitch(&self, side: usize) -> usize {
+        side + if self.tensor_cores || self.vectors() { 4 } else { 1 }
+    }
+
+    /// Words of shared memory that both operands' slab buffers take (high and low parts on tensor
+    /// cores).
+    pub(super) fn slab_words(&self) -> usize {
+        let buffer = self.bk * (self.pitch(self.bm) + self.pitch(self.bn));
+        buffer * self.stages * if self.tensor_cores { 2 } else { 1 }
+    }
+
+    /// Whether the slab buffers and the smallest band of the staged tile (the whole tile where
+    /// groups add their copies) fit in a block's shared memory, with room for its flags.
+    fn fits_in_shared_memory(&self) -> bool {
+        let rows = if self.groups() > 1 { self.bm } else { 1 };
+        (self.slab_words() + self.staged_words_of_their_own(rows)) * 4 + 16 <= SHARED_BYTES
+    }
+
+    /// Whether `rows` rows of the staged tile fit in `a`'s slab buffers, and are staged there:
+    /// the slabs are dead once the slice's last one is multiplied (and every thread's copies have
+    /// landed and the block has passed a barrier: `Emitter::tiled_elementwise`), so the shared
+    /// memory the tile would take of its own goes to more slabs in flight (32x32 tiles in thread
+    /// groups: five buffers, a 128-deep slice's four slabs all in flight, where three buffers and
+    /// the groups' copies of the tile filled 48 KiB). Not on tensor cores, whose slabs hold words
+    /// split in two.
+    pub(super) fn staged_in_slabs(&self, rows: usize) -> bool {
+        !self.tensor_cores && self.staged_words(rows) <= self.stages * self.bk * self.pitch(self.bm)
+    }
+
+    /// Words of shared memory that `rows` rows of the staged tile take beside the slabs.
+    fn staged_words_of_their_own(&self, rows: usize) -> usize {
+        if self.staged_in_slabs(rows) {
+            0
+        } else {
+            self.staged_words(rows)
+        }
+    }
+
+    /// The rows of the tile that its finish stages at a time (`tile_finish.rs`): a band of an
+    /// unsliced tile, the whole of a sliced one where groups add their copies or the slices are
+    /// a cluster; `None` where a slice writes its partial tile straight from its registers.
+    pub(super) fn staged_rows(&self) -> Option<usize> {
+        if self.slices == 1 {
+            Some(self.bm / self.bands())
+        } else if self.cluster || self.groups() > 1 {
+            Some(self.bm)
+        } else {
+            None
+        }
+    }
+
+    /// Words of shared memory that `rows` rows of the staged tile take (a copy per group).
+    pub(super) fn staged_words(&self, rows: usize) -> usize {
+        rows * super::tile_finish::staged_pitch(self) as usize * self.groups()
+    }
+
+    /// The row of the tile that a thread's `i`-th output lies in.
+    pub(super) fn out_row(&self, i: usize) -> Expr {
+        if self.tensor_cores {
+            mma::output_row(self.bm, i)
+        } else {
+            lane_offset(self, "ty", i)
+        }
+    }
+
+    /// The column of the tile that a thread's `j`-th output lies in.
+    pub(super) fn out_col(&self, j: usize) -> Expr {
+        if self.tensor_cores {
+            mma::output_col(self.bn, j)
+        } else {
+            lane_offset(self, "tx", j)
+        }
+    }
+
+    /// Bands of rows in which an unsliced tile is staged for its epilogue: the fewest that keep
+    /// the block's static shared memory (both slabs and a band) within 48 KiB.
+    pub(super) fn bands(&self) -> usize {
+        let slabs = self.slab_words();
+        let fits = |bands: usize| (slabs + self.staged_words_of_their_own(self.bm / bands)) * 4 <= SHARED_BYTES;
+        (0..).map(|p| 1 << p).find(|&b| fits(b) || b >= self.bm).expect("a band of one row fits")
+    }
+
+    /// Words of one operand's slab that each thread stages.
+    pub(super) fn loads_per_thread(&self, a: bool) -> usize {
+        (if a { self.bm } else { self.bn }) * self.bk / THREADS as usize
+    }
+}
+
+/// The row (`a`) or column of the tile that a thread's `i`-th output lies in.
+pub(super) fn lane_offset(plan: &TilePlan, along: &str, i: usize) -> Expr {
+    if plan.vectors() {
+        // Runs of four adjacent outputs (a float4), a thread's runs `side` float4s apart.
+        var(along) * int(4) + int((i % 4 + i / 4 * 4 * plan.side()) as i64)
+    } else {
+        var(along) + int((plan.side() * i) as i64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn product(m: usize, k: usize, n: usize) -> MatMul {
+        MatMul {
+            name: "k0_matmul".into(),
+            origin: vec![],
+            dtype: kiln_ir::DType::F32,
+            a: 0,
+            b: 1,
+            c: 2,
+            a_transposed: false,
+            b_transposed: false,
+            batch: 1,
+            a_batch_stride: 0,
+            b_batch_stride: 0,
+            m,
+            k,
+            n,
+            epilogue: None,
+        }
+    }
+
+    fn plan(m: usize, k: usize, n: usize) -> (String, usize) {
+        let mm = product(m, k, n);
+        let p = TilePlan::for_product(&mm);
+        (p.shape.label(), p.slices)
+    }
+
+    #[test]
+    fn the_largest_tile_that_still_fills_the_card_with_slices_only_where_the_inner_dim_is_deep() {
+        // Products of the workloads, each tiled as the H100 timed it fastest or within 10%.
+        // Weight gradients (k = the batch, 128): whole tiles, larger as the output grows.
+        assert_eq!(plan(784, 128, 256), ("32x32k4".into(), 1));
+        assert_eq!(plan(1000, 128, 500), ("64x64".into(), 1));
+        assert_eq!(plan(784, 128, 1000), ("128x64".into(), 1));
+        // Forward products of a batch of 128: few tiles, so the inner dim in slices.
+        assert_eq!(plan(128, 784, 256), ("32x32k4".into(), 7));
+        assert_eq!(plan(128, 256, 256), ("32x32k4".into(), 4));
+        assert_eq!(plan(128, 1000, 784), ("64x64".into(), 8));
+        // An inner dim too shallow to slice.
+        assert_eq!(plan(128, 30, 250), ("32x32k4".into(), 1));
+        // A batch of 4096: tiles enough without slices.
+        assert_eq!(plan(4096, 256, 10), ("32x32k4".into(), 1));
+    }
+
+    #[test]
+    fn asynchronous_slab_buffers_are_as_many_as_asked_where_they_fit_in_shared_memory() {
+        let stages = |tile, stages, tensor_cores| {
+            let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, 1, tensor_cores) };
+            with_tile_choice(choice, || TilePlan::for_product(&product(128, 784, 256)))
+        };
+        assert_eq!(stages(TileShape::T64x64, 3, false).stages, 3);
+        // Three 32x32k4 buffers (9 KiB each) and the groups' four copies of the tile (18 KiB) beside
+        // them fill 48 KiB; from four buffers on `a`'s hold the copies, and five fit.
+        let plan = stages(TileShape::T32x32K4, 3, false);
+        assert_eq!((plan.stages, plan.staged_in_slabs(plan.bm)), (3, false));
+        let plan = stages(TileShape::T32x32K4, MAX_STAGES, false);
+        assert_eq!((plan.stages, plan.staged_in_slabs(plan.bm)), (5, true));
+        assert!(plan.fits_in_shared_memory());
+        // Tensor cores stage their operands split, through registers.
+        assert_eq!(stages(TileShape::T64x64, 3, true).stages, 1);
+        assert_eq!(stages(TileShape::T64x64, 1, false).stages, 1);
+        // As deep as fits: 128x64 slabs are 8 deep (6.25 KiB a buffer), so seven buffers (six
+        // slabs in flight); 64x64 ones (8.5 KiB) five.
+        let deep = stages(TileShape::T128x64, MAX_STAGES, false);
+        assert_eq!((deep.stages, deep.fits_in_shared_memory()), (7, true));
+        assert_eq!(stages(TileShape::T64x64, MAX_STAGES, false).stages, 5);
+        // No more buffers than the slice has slabs, plus the one being multiplied: a 128-deep
+        // inner dim in four 32-deep slabs takes five.
+        let shallow = TileChoice { stages: Some(MAX_STAGES), ..TileChoice::forced(TileShape::T32x32, 1, false) };
+        let plan = with_tile_choice(shallow, || TilePlan::for_product(&product(128, 128, 256)));
+        assert_eq!((plan.slabs, plan.stages), (4, 5));
+    }
+}
