@@ -44,6 +44,15 @@
 #                                  compute-sanitizer's racecheck, memcheck and synccheck.
 #   scripts/gpu-check.sh --summary (on the GPU machine) only the summary, from the benchmark files
 #                                  an earlier run left in $OUT (one cut short by a time limit).
+#   scripts/gpu-check.sh --ab N SETTING...
+#                                  (on the GPU machine) N interleaved rounds of the step benchmark
+#                                  under each SETTING (VAR=value[,VAR=value...], or "default"),
+#                                  then each workload's median per setting: what a default is
+#                                  decided on, the settings timed side by side on one card.
+#
+# KILN_GPU_DEADLINE=S ends the run within S seconds of its start: each test binary and benchmark
+# row gets at most what is left, and what would start with less than 5 s left is skipped (a lease
+# is short; give the run's command a time limit above S).
 #
 # The CUDA libraries are looked up under $CUDA_LIB (default: the CUDA 13.0 toolkit's lib folder).
 set -u
@@ -61,8 +70,9 @@ TESTS=${KILN_GPU_TESTS:-"op_table gradcheck backend_agreement cuda_device cuda_p
 
 if [ "${1:-}" = "--build" ]; then
     set -e
-    rm -rf "$DIR"
-    mkdir -p "$DIR"
+    # Built into a folder of its own: other files under $DIR (a lease's own scripts) stay.
+    OUT_BUNDLE=$DIR
+    DIR=$(mktemp -d)
     cargo test --release --no-run 2>&1 | grep -o 'tests/[a-z_]*\.rs (target/release/deps/[^)]*)' |
         while read -r src bin; do
             name=$(basename "$src" .rs)
@@ -82,10 +92,10 @@ if [ "${1:-}" = "--build" ]; then
         strip "$DIR/fashion_mnist_mlp"
     fi
     # Packed: the binaries share most of their bytes, and a carry holds 64 MiB.
-    packed=$(mktemp)
-    tar -czf "$packed" -C "$DIR" .
-    rm -rf "$DIR" && mkdir -p "$DIR" && mv "$packed" "$DIR/bundle.tgz"
-    ls -la "$DIR"
+    mkdir -p "$OUT_BUNDLE"
+    tar -czf "$OUT_BUNDLE/bundle.tgz" -C "$DIR" .
+    rm -rf "$DIR"
+    ls -la "$OUT_BUNDLE"
     exit 0
 fi
 if [ -f "$DIR/bundle.tgz" ]; then
@@ -99,6 +109,56 @@ export KILN_TEST_EMULATOR=0
 export LD_LIBRARY_PATH=${CUDA_LIB:-/usr/local/cuda-13.0/targets/x86_64-linux/lib}:${LD_LIBRARY_PATH:-}
 OUT_DIR=${OUT:-/tmp/kiln-gpu-check}
 mkdir -p "$OUT_DIR"
+DEADLINE=$(( $(date +%s) + ${KILN_GPU_DEADLINE:-1000000} ))
+# within <seconds>: the time limit for a step that would take at most that, given the deadline;
+# fails (the step is to be skipped) when less than 5 s are left.
+within() {
+    local left=$(( DEADLINE - $(date +%s) ))
+    [ "$left" -ge 5 ] || return 1
+    echo $(( $1 < left ? $1 : left ))
+}
+# bounded <seconds> <command...>: the command under `within`'s limit, or skipped (status 124).
+bounded() {
+    local limit
+    limit=$(within "$1") || { echo "(skipped: out of time)" >&2; return 124; }
+    shift
+    timeout "$limit" "$@"
+}
+if [ "${1:-}" = "--ab" ]; then
+    rounds=${2:?--ab needs a number of rounds and settings}
+    shift 2
+    export KILN_CACHE_DIR=${KILN_CACHE_DIR:-$(mktemp -d)}
+    for round in $(seq "$rounds"); do
+        i=0
+        for setting in "$@"; do
+            i=$((i + 1))
+            vars=()
+            [ "$setting" = default ] || IFS=, read -ra vars <<<"$setting"
+            limit=$(within "$BENCH_TIMEOUT") || { echo "-- out of time: round $round stopped"; break 2; }
+            env "${vars[@]}" timeout "$limit" "$DIR/steps" --device cuda --seconds "${BENCH_SECONDS:-1}" \
+                >"$OUT_DIR/ab-$i-$round.txt" 2>&1
+            printf '%-40s round %s:' "$setting" "$round"
+            awk '$2 ~ /^cuda/ { printf " %s %s", $1, $4 }' "$OUT_DIR/ab-$i-$round.txt"
+            echo
+        done
+    done
+    echo "== median ms per step of each setting over its rounds"
+    printf '%-40s' setting
+    for w in keras-mlp fmnist-mlp fmnist-mlp-4k autoencoder; do printf ' %14s' "$w"; done
+    echo
+    i=0
+    for setting in "$@"; do
+        i=$((i + 1))
+        printf '%-40s' "$setting"
+        for w in keras-mlp fmnist-mlp fmnist-mlp-4k autoencoder; do
+            m=$(cat "$OUT_DIR"/ab-$i-*.txt 2>/dev/null | awk -v w="$w" '$1 == w && $2 ~ /^cuda/ { print $4 }' |
+                sort -g | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }')
+            printf ' %14s' "${m:--}"
+        done
+        echo
+    done
+    exit 0
+fi
 summary() {
     echo "== summary: median ms per step (compile ms for the cold and cached rows)"
     summary_files=(cold cached stages1 stages8 kgroups0 pdl stages8-pdl noclusters old-defaults autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
@@ -146,8 +206,9 @@ for t in $TESTS; do
     # The snapshot tests need the source tree's snapshots; on the GPU machine only the GPU parts run.
     [ "$t" = cuda_codegen ] && filter=(cuda_device_errors every_workload kernels_name is_cached)
     [ "$t" = nn ] && filter=(fit_on_the_gpu dropout_is_off)
+    limit=$(within "$TEST_TIMEOUT") || { printf '%-20s %-8s %s\n' "$t" skipped "out of time"; continue; }
     start=$(date +%s%N)
-    if timeout "$TEST_TIMEOUT" "$DIR/$t" "${filter[@]}" >"$OUT_DIR/$t.log" 2>&1; then r=ok; else r=FAILED; status=1; fi
+    if timeout "$limit" "$DIR/$t" "${filter[@]}" >"$OUT_DIR/$t.log" 2>&1; then r=ok; else r=FAILED; status=1; fi
     ms=$(( ($(date +%s%N) - start) / 1000000 ))
     summary=$(grep -E '^test result' "$OUT_DIR/$t.log" | tail -1 | sed 's/test result: //; s/; 0 measured.*//')
     printf '%-20s %-8s %s (%d ms)\n' "$t" "$r" "$summary" "$ms"
@@ -178,7 +239,8 @@ if [ -x "$DIR/backend_agreement" ] && [[ " $TESTS " == *" backend_agreement "* ]
     for setting in KILN_CUDA_STREAMS=1 KILN_CUDA_TILED=0 KILN_CUDA_TF32X3=1 KILN_CUDA_DOT_DEPTH=1073741824 \
         KILN_CUDA_PINNED=1 KILN_CUDA_STAGES=1 KILN_CUDA_STAGES=8 KILN_CUDA_K_GROUPS=0 KILN_CUDA_PDL=1 KILN_CUDA_CLUSTERS=0; do
         log="$OUT_DIR/backend_agreement-$setting.log"
-        if env "$setting" timeout "$TEST_TIMEOUT" "$DIR/backend_agreement" >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
+        limit=$(within "$TEST_TIMEOUT") || { printf '%-20s %-8s %s\n' backend_agreement skipped "with $setting: out of time"; continue; }
+        if env "$setting" timeout "$limit" "$DIR/backend_agreement" >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
         printf '%-20s %-8s %s\n' "backend_agreement" "$r" "with $setting"
         [ "$r" = ok ] || grep -E 'panicked|FAILED|Error|error' "$log" | head -20
     done
@@ -191,7 +253,7 @@ if [ "${KILN_GPU_SANITIZE:-0}" = 1 ]; then
     if [ -x "$sanitizer" ] && [ -x "$DIR/cuda_device" ]; then
         for tool in racecheck memcheck synccheck; do
             log="$OUT_DIR/sanitize-$tool.log"
-            if timeout 300 "$sanitizer" --tool "$tool" --error-exitcode 1 "$DIR/cuda_device" --test-threads 1 \
+            if bounded 300 "$sanitizer" --tool "$tool" --error-exitcode 1 "$DIR/cuda_device" --test-threads 1 \
                 >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
             printf '%-20s %-8s %s\n' "cuda_device" "$r" "under compute-sanitizer --tool $tool"
             [ "$r" = ok ] || grep -E 'ERROR|Error|hazard|panicked' "$log" | head -20
@@ -202,7 +264,7 @@ if [ "${KILN_GPU_SANITIZE:-0}" = 1 ]; then
 fi
 if [ -x "$DIR/fashion_mnist_mlp" ] && [ "${KILN_GPU_EXAMPLE:-1}" != 0 ]; then
     echo "== the main example on the GPU (the shipped subset)"
-    "$DIR/fashion_mnist_mlp" --device cuda --data-dir data/fashion-mnist --out "$OUT_DIR/fmnist" 2>&1 | grep -v '^Epoch' | tail -n 8
+    bounded 120 "$DIR/fashion_mnist_mlp" --device cuda --data-dir data/fashion-mnist --out "$OUT_DIR/fmnist" 2>&1 | grep -v '^Epoch' | tail -n 8
 fi
 [ "${KILN_GPU_BENCH:-1}" = 0 ] && exit $status
 # The step times first (what the issue's targets are about), then what tuning needs (profiles and
@@ -215,6 +277,7 @@ bench_row() { # bench_row <title> <file> [VAR=value ...] [-- steps args]
     [ "${1:-}" = -- ] && shift
     # An autotuned row also spends its budget, a workload at a time.
     [[ " $* " == *" --autotune-budget "* ]] && limit=$((BENCH_TIMEOUT + 4 * ${AUTOTUNE_SECONDS:-60}))
+    limit=$(within "$limit") || { echo "-- $title: skipped, out of time"; return; }
     echo "-- $title"
     env "${vars[@]}" timeout "$limit" "$DIR/steps" --device cuda --seconds "${BENCH_SECONDS:-1}" "$@" 2>&1 |
         tee "$OUT_DIR/$file"
@@ -246,21 +309,21 @@ bench_row "autotuned: each step's products and knobs timed on this card (Functio
 mkdir -p "$OUT_DIR/tuned" && cp "$KILN_CACHE_DIR"/tuned/*.txt "$OUT_DIR/tuned/" 2>/dev/null
 bench_row "tiled products on tensor cores at float32 accuracy (KILN_CUDA_TF32X3=1)" bench-tf32x3.txt KILN_CUDA_TF32X3=1
 echo "-- fmnist-mlp-4k with every product tiled, on tensor cores (KILN_CUDA_TF32X3=1, KILN_CUDA_TILED_MACS=2^30)"
-KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k \
+bounded 120 env KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k \
     --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tf32x3-4k.txt"
 if [ "${KILN_GPU_PROFILE:-1}" = 1 ]; then
     echo "== per-step profile (CUDA events around every kernel and product; no graphs)"
-    KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile.txt"
+    bounded 120 env KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile.txt"
     echo "-- the same with the medium products on cuBLAS (KILN_CUDA_TILED=0)"
-    KILN_CUDA_TILED=0 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-cublas.txt"
+    bounded 120 env KILN_CUDA_TILED=0 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-cublas.txt"
     echo "-- fmnist-mlp-4k with every product tiled (KILN_CUDA_TILED_MACS=2^30)"
-    KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-tiled-4k.txt"
+    bounded 120 env KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-tiled-4k.txt"
     echo "-- the same on tensor cores (KILN_CUDA_TF32X3=1)"
-    KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-tf32x3-4k.txt"
+    bounded 120 env KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-tf32x3-4k.txt"
     if [ "${KILN_GPU_PRODUCTS:-1}" = 1 ]; then
         echo "== products: device us per call of relu(a b + bias), cuBLAS + epilogue vs tilings (* fastest)"
         # (Each function's profile, printed when it is dropped, left out.)
-        timeout 300 "$DIR/products" --device cuda --write-table "$OUT_DIR/tiles.txt" 2>&1 |
+        bounded 300 "$DIR/products" --device cuda --write-table "$OUT_DIR/tiles.txt" 2>&1 |
             grep -v -e '^kiln CUDA profile' -e '^ *[0-9.]* us ' | tee "$OUT_DIR/products.txt"
     fi
     if grep -qsv "^#" "$OUT_DIR/tiles.txt"; then
@@ -268,7 +331,7 @@ if [ "${KILN_GPU_PROFILE:-1}" = 1 ]; then
         bench_row "tuned: every product as the tile table says (KILN_CUDA_TILES=tiles.txt)" bench-tuned.txt \
             KILN_CUDA_TILES="$OUT_DIR/tiles.txt"
         echo "-- its per-step profile"
-        KILN_CUDA_TILES="$OUT_DIR/tiles.txt" KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 |
+        bounded 120 env KILN_CUDA_TILES="$OUT_DIR/tiles.txt" KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 |
             grep -v compile: | tee "$OUT_DIR/profile-tuned.txt"
     fi
 fi
@@ -280,7 +343,7 @@ if [ "${KILN_GPU_NCU:-1}" = 1 ]; then
         echo "== per-kernel device time (Nsight Compute, eager, us; median over the launches captured)"
         for w in keras-mlp fmnist-mlp fmnist-mlp-4k autoencoder; do
             case $w in autoencoder) n=80 ;; fmnist-mlp-4k) n=40 ;; *) n=16 ;; esac
-            KILN_CUDA_GRAPHS=0 timeout 90 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv \
+            bounded 90 env KILN_CUDA_GRAPHS=0 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv \
                 --launch-skip $((n * 3 / 4)) --launch-count $n "$DIR/steps" --device cuda --workload $w --seconds 0 \
                 >"$OUT_DIR/ncu-$w.csv" 2>"$OUT_DIR/ncu-$w.err"
             echo "-- $w"
@@ -306,7 +369,7 @@ PY
         # occupancy and its limits, and the warps' stall cycles, one step's launches of each.
         echo "== the largest kernels of fmnist-mlp and the autoencoder in detail (Nsight Compute sections)"
         for w in fmnist-mlp autoencoder; do
-            KILN_CUDA_GRAPHS=0 timeout 120 "$ncu" --clock-control none --section SpeedOfLight --section Occupancy \
+            bounded 120 env KILN_CUDA_GRAPHS=0 "$ncu" --clock-control none --section SpeedOfLight --section Occupancy \
                 --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
                 -k 'regex:^k(1|7|22|15|35|60)_' --launch-skip 6 --launch-count 6 \
                 "$DIR/steps" --device cuda --workload $w --seconds 0 >"$OUT_DIR/ncu-detail-$w.txt" 2>&1
@@ -334,6 +397,6 @@ bench_row "products of up to 2^19 multiply-adds inside single-block runs (KILN_C
 bench_row "cold again, as PTX that the driver compiles at load (KILN_CUDA_PTX=1, its JIT cache off)" \
     bench-cold-ptx.txt KILN_CUDA_PTX=1 CUDA_CACHE_DISABLE=1 KILN_CACHE_DIR="$(mktemp -d)"
 echo "-- every product with an epilogue tiled, up to 2^30 multiply-adds (KILN_CUDA_TILED_MACS; fmnist-mlp-4k)"
-KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tiled-4k.txt"
+bounded 120 env KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tiled-4k.txt"
 summary
 exit $status

@@ -273,11 +273,20 @@ fn every_generated_source() -> Vec<(String, String)> {
             |src: &str| src.lines().take_while(|l| l.starts_with("//")).filter(|l| l.starts_with("//   k")).count();
         assert!(launches(&src) <= launches(&sources.last().unwrap().1), "{name}: {src}");
         sources.push((format!("{name} on tensor cores"), src));
-        // And with three slab buffers filled by asynchronous copies (KILN_CUDA_STAGES=3).
-        let staged = TileChoice { stages: Some(3), ..TileChoice::default() };
-        let src = with_tile_choice(staged, || w.step.cuda_source(&w.args).unwrap());
+        // As kiln emits it by default (for sm_90): slabs copied asynchronously into three buffers,
+        // every sliced tile's slices a thread block cluster.
+        let default = &sources[sources.len() - 2].1;
+        assert_eq!(default.contains("in flight (cp.async)"), name != "keras-mlp", "{name}: {default}");
+        assert_eq!(default.contains("__cluster_dims__("), name != "keras-mlp", "{name}: {default}");
+        // And for older cards: without clusters (compute capability 8.0), and without either
+        // (7.5: the next slab through registers, partial tiles through scratch memory).
+        let src = kiln_codegen::cuda::with_target_arch("sm_80", || w.step.cuda_source(&w.args).unwrap());
         assert_eq!(src.contains("in flight (cp.async)"), name != "keras-mlp", "{name}: {src}");
-        sources.push((format!("{name} with slabs copied asynchronously"), src));
+        assert!(!src.contains("__cluster_dims__("), "{name}: {src}");
+        sources.push((format!("{name} for sm_80"), src));
+        let src = kiln_codegen::cuda::with_target_arch("sm_75", || w.step.cuda_source(&w.args).unwrap());
+        assert!(!src.contains("cp.async") && !src.contains("__cluster_dims__("), "{name}: {src}");
+        sources.push((format!("{name} for sm_75"), src));
         // And with as many as fit of eight (KILN_CUDA_STAGES=8: a slice's slabs all in flight).
         let deep = TileChoice { stages: Some(8), ..TileChoice::default() };
         let src = with_tile_choice(deep, || w.step.cuda_source(&w.args).unwrap());
@@ -290,13 +299,14 @@ fn every_generated_source() -> Vec<(String, String)> {
         assert_eq!(src.matches(") {\n    kiln_dependent_launch();\n").count(), kernels, "{name}: {src}");
         assert!(src.contains("asm volatile(\"griddepcontrol.wait;\" :  :  : \"memory\");"), "{src}");
         sources.push((format!("{name} for programmatic dependent launch"), src));
-        // And with each sliced tile's slices as a thread block cluster (KILN_CUDA_CLUSTERS=1),
-        // kiln's estimate then cutting at most 8 slices.
-        let clustered = TileChoice { cluster: Some(true), ..TileChoice::default() };
+        // And with each sliced tile's slices as a thread block cluster and the next slab through
+        // registers (KILN_CUDA_CLUSTERS=1 KILN_CUDA_STAGES=1), kiln's estimate then cutting at
+        // most 8 slices.
+        let clustered = TileChoice { cluster: Some(true), stages: Some(1), ..TileChoice::default() };
         let src = with_tile_choice(clustered, || w.step.cuda_source(&w.args).unwrap());
         assert_eq!(src.contains("__cluster_dims__("), name != "keras-mlp", "{name}: {src}");
         assert!(!src.contains(" slices (no cuBLAS call)"), "{name}: a sliced tile not in a cluster: {src}");
-        sources.push((format!("{name} with clusters"), src));
+        sources.push((format!("{name} with clusters, one slab buffer"), src));
     }
     for (tile, slices, src) in every_tile_shape(|_, _| {}) {
         sources.push((format!("{} tiles, {slices} slices", tile.label()), src));
