@@ -12,12 +12,13 @@
 #                                  asynchronously into three buffers, KILN_CUDA_STAGES=1, and
 #                                  into as many as fit of 8, KILN_CUDA_STAGES=8, with
 #                                  32x32 tiles without thread groups, KILN_CUDA_K_GROUPS=0, with
-#                                  programmatic dependent launch, KILN_CUDA_PDL=1, alone and with
-#                                  the copies, with a sliced tile's slices as a thread block
-#                                  through scratch memory and a ticket rather than as a thread block
-#                                  cluster, KILN_CUDA_CLUSTERS=0, and with neither default (as
-#                                  before 2026-11-28), then with clusters and dependent launch,
-#                                  then each step autotuned, Function::autotune, at most
+#                                  programmatic dependent launch, KILN_CUDA_PDL=1, the next
+#                                  kernel let launch at the end of each block, KILN_CUDA_PDL=late,
+#                                  dependent launch with eight buffers, a sliced tile's partial
+#                                  tiles through scratch memory and a ticket rather than in a thread
+#                                  block cluster, KILN_CUDA_CLUSTERS=0, and with neither default
+#                                  (as before 2026-11-28), then each step autotuned,
+#                                  Function::autotune, at most
 #                                  AUTOTUNE_SECONDS a workload (default 60), its report first, then
 #                                  with the tiles on tensor cores, KILN_CUDA_TF32X3=1, and
 #                                  fmnist-mlp-4k fully tiled on them), with the card's name;
@@ -161,7 +162,7 @@ if [ "${1:-}" = "--ab" ]; then
 fi
 summary() {
     echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-    summary_files=(cold cached stages1 stages8 kgroups0 pdl stages8-pdl noclusters old-defaults autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
+    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
     (
         cd "$OUT_DIR" || exit
         printf '%-16s' workload
@@ -237,7 +238,7 @@ if [ -x "$DIR/backend_agreement" ] && [[ " $TESTS " == *" backend_agreement "* ]
     # launch (opt-in until timed), and with a sliced tile's partial tiles through scratch memory
     # and a ticket (the default adds them in a thread block cluster).
     for setting in KILN_CUDA_STREAMS=1 KILN_CUDA_TILED=0 KILN_CUDA_TF32X3=1 KILN_CUDA_DOT_DEPTH=1073741824 \
-        KILN_CUDA_PINNED=1 KILN_CUDA_STAGES=1 KILN_CUDA_STAGES=8 KILN_CUDA_K_GROUPS=0 KILN_CUDA_PDL=1 KILN_CUDA_CLUSTERS=0; do
+        KILN_CUDA_PINNED=1 KILN_CUDA_STAGES=1 KILN_CUDA_STAGES=8 KILN_CUDA_K_GROUPS=0 KILN_CUDA_PDL=1 KILN_CUDA_PDL=late KILN_CUDA_CLUSTERS=0; do
         log="$OUT_DIR/backend_agreement-$setting.log"
         limit=$(within "$TEST_TIMEOUT") || { printf '%-20s %-8s %s\n' backend_agreement skipped "with $setting: out of time"; continue; }
         if env "$setting" timeout "$limit" "$DIR/backend_agreement" >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
@@ -294,6 +295,7 @@ bench_row "32x32 tiles without thread groups (KILN_CUDA_K_GROUPS=0: 2x2 outputs 
     bench-kgroups0.txt KILN_CUDA_K_GROUPS=0
 bench_row "each kernel launched before the one ahead of it ends (KILN_CUDA_PDL=1, programmatic dependent launch)" \
     bench-pdl.txt KILN_CUDA_PDL=1
+bench_row "the next kernel let launch at the end of each block (KILN_CUDA_PDL=late)" bench-pdl-late.txt KILN_CUDA_PDL=late
 bench_row "eight buffers and dependent launch (KILN_CUDA_STAGES=8 KILN_CUDA_PDL=1)" bench-stages8-pdl.txt KILN_CUDA_STAGES=8 \
     KILN_CUDA_PDL=1
 bench_row "a sliced tile's partial tiles through scratch memory and a ticket, not a cluster (KILN_CUDA_CLUSTERS=0)" \

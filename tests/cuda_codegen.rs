@@ -299,6 +299,13 @@ fn every_generated_source() -> Vec<(String, String)> {
         assert_eq!(src.matches(") {\n    kiln_dependent_launch();\n").count(), kernels, "{name}: {src}");
         assert!(src.contains("asm volatile(\"griddepcontrol.wait;\" :  :  : \"memory\");"), "{src}");
         sources.push((format!("{name} for programmatic dependent launch"), src));
+        // And letting the next kernel launch at the end of each block (KILN_CUDA_PDL=late):
+        // every kernel opens with the wait alone and closes with the trigger.
+        let src = kiln_codegen::cuda::with_late_dependent_launch(|| w.step.cuda_source(&w.args).unwrap());
+        assert_eq!(src.matches(") {\n    kiln_dependent_launch();\n").count(), kernels, "{name}: {src}");
+        assert_eq!(src.matches("    kiln_launch_dependents();\n}\n").count(), kernels, "{name}: {src}");
+        assert_eq!(src.matches("griddepcontrol.launch_dependents;").count(), 1, "{name}: {src}");
+        sources.push((format!("{name} for dependent launch at the end of each block"), src));
         // And with each sliced tile's slices as a thread block cluster and the next slab through
         // registers (KILN_CUDA_CLUSTERS=1 KILN_CUDA_STAGES=1), kiln's estimate then cutting at
         // most 8 slices.
@@ -364,7 +371,7 @@ fn every_workloads_compilation_units_compile_with_only_the_helpers_they_call() {
     // kernels, each unit with only the helpers its kernels call; with slabs copied asynchronously,
     // sliced tiles as clusters and for programmatic dependent launch, where kernels call helpers.
     use kiln_codegen::cuda::nvrtc::{available, compile_module, missing_reason, CHECK_ARCH};
-    use kiln_codegen::cuda::{with_dependent_launch, with_tile_choice, TileChoice};
+    use kiln_codegen::cuda::{with_dependent_launch, with_late_dependent_launch, with_tile_choice, TileChoice};
     if !available() {
         kiln::testing::note(&format!("skipped: {}", missing_reason()));
         return;
@@ -372,10 +379,12 @@ fn every_workloads_compilation_units_compile_with_only_the_helpers_they_call() {
     let staged = TileChoice { stages: Some(3), cluster: Some(true), ..TileChoice::default() };
     for name in kiln::workloads::NAMES {
         let w = kiln::workloads::build(name, Device::Reference).unwrap();
-        let module = with_dependent_launch(|| with_tile_choice(staged, || w.step.cuda_module(&w.args).unwrap()));
-        let (parts, _) = compile_module(&module, CHECK_ARCH).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let kernels: usize = parts.iter().map(|p| p.kernels.len()).sum();
-        assert_eq!(kernels, module.kernels.len(), "{name}");
+        let module = || with_tile_choice(staged, || w.step.cuda_module(&w.args).unwrap());
+        for module in [with_dependent_launch(module), with_late_dependent_launch(module)] {
+            let (parts, _) = compile_module(&module, CHECK_ARCH).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let kernels: usize = parts.iter().map(|p| p.kernels.len()).sum();
+            assert_eq!(kernels, module.kernels.len(), "{name}");
+        }
     }
 }
 

@@ -14,7 +14,8 @@ use kiln::workloads::build;
 use kiln::Device;
 use kiln_codegen::cuda::emulator::{with_mirrored_schedule, with_race_check};
 use kiln_codegen::cuda::{
-    kernel_by_kernel, with_dependent_launch, with_streams, with_tile_choice, TileChoice, TileShape,
+    kernel_by_kernel, with_dependent_launch, with_late_dependent_launch, with_streams, with_tile_choice, TileChoice,
+    TileShape,
 };
 
 fn one_step(name: &str, form: &str) {
@@ -43,6 +44,21 @@ fn race_free_in_each_form(name: &str) {
         kernel_by_kernel(|| with_mirrored_schedule(|| one_step(name, " (kernel by kernel, mirrored)")));
         with_streams(2, || one_step(name, " (planned for two streams)"));
         with_dependent_launch(|| one_step(name, " (for programmatic dependent launch)"));
+    });
+}
+
+#[test]
+fn dependent_launch_at_the_end_of_each_block_is_race_free() {
+    // KILN_CUDA_PDL=late: each kernel closes with its trigger (nothing in the emulator, as the
+    // wait is); the step still runs and agrees with the reference.
+    if let Some(why) = kiln::testing::emulator_skip_reason() {
+        kiln::testing::note(&format!("skipped: {why}"));
+        return;
+    }
+    with_race_check(|| {
+        for name in ["keras-mlp", "fmnist-mlp"] {
+            with_late_dependent_launch(|| one_step(name, " (dependent launch at the end of each block)"));
+        }
     });
 }
 

@@ -227,8 +227,8 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
     }
     let deps = super::schedule::dependencies(&e.steps, &e.kernels, &e.loc);
     let mut module = Module { helpers: e.scalars.prelude(), kernels: e.kernels };
-    if super::dependent_launch::requested() {
-        super::dependent_launch::prepare(&mut module);
+    if let Some(trigger) = super::dependent_launch::requested() {
+        super::dependent_launch::prepare(&mut module, trigger);
     }
     Ok(DeviceProgram { module, steps: e.steps, errors: e.errors, scratch: e.scratch, deps })
 }
