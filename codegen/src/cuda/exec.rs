@@ -165,7 +165,7 @@ struct Profile {
 /// programmatic dependent launch (`KILN_CUDA_PDL=1`: `griddepcontrol`) and thread block clusters
 /// (`KILN_CUDA_CLUSTERS=1`: `barrier.cluster`, distributed shared memory) need 9.0.
 fn check_compute_capability(module: &super::ast::Module, gpu: &Gpu) -> Result<()> {
-    let capability = super::with_target_arch(gpu.arch, super::target_capability);
+    let capability = super::capability_of(gpu.arch);
     let uses = |helper: &str| module.helpers.iter().any(|h| h.name == helper);
     for (helper, what, needed) in [
         (super::mma::MMA_HELPER, "tiled products on tensor cores (KILN_CUDA_TF32X3=1)", 80),

@@ -125,9 +125,13 @@ pub fn with_target_arch<R>(arch: &'static str, f: impl FnOnce() -> R) -> R {
     with_thread_setting(&TARGET, Some(arch), f)
 }
 
-/// The compute capability the code this thread emits is for, as 10 * major + minor (90: 9.0).
+/// The compute capability the code this thread emits is for (`capability_of` its target).
 pub(crate) fn target_capability() -> u32 {
-    let arch = TARGET.with(|t| t.get()).unwrap_or(nvrtc::CHECK_ARCH);
+    capability_of(TARGET.with(|t| t.get()).unwrap_or(nvrtc::CHECK_ARCH))
+}
+
+/// The compute capability of an NVRTC architecture (`sm_90`, `compute_90`), as 10 * major + minor.
+pub(crate) fn capability_of(arch: &str) -> u32 {
     arch.rsplit('_').next().and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
