@@ -50,11 +50,7 @@ pub fn with_cluster_setting<R>(on: bool, f: impl FnOnce() -> R) -> R {
 /// clusters took the autoencoder's step from 0.215 to 0.189 ms and kept the others' within noise.
 pub(super) fn requested() -> bool {
     static ENV: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let env = *ENV.get_or_init(|| match std::env::var("KILN_CUDA_CLUSTERS").as_deref() {
-        Ok("1") => Some(true),
-        Ok("0") => Some(false),
-        _ => None,
-    });
+    let env = super::choice_from_env(&ENV, "KILN_CUDA_CLUSTERS", &[("1", true), ("0", false)]);
     ASKED.with(|a| a.get()).or(env).unwrap_or_else(|| super::target_capability() >= 90)
 }
 

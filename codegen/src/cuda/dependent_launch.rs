@@ -53,11 +53,7 @@ pub fn with_late_dependent_launch<R>(f: impl FnOnce() -> R) -> R {
 /// follows the module, `uses`), and where they let the next launch.
 pub(super) fn requested() -> Option<Trigger> {
     static ENV: std::sync::OnceLock<Option<Trigger>> = std::sync::OnceLock::new();
-    let env = *ENV.get_or_init(|| match std::env::var("KILN_CUDA_PDL").as_deref() {
-        Ok("1") => Some(Trigger::Early),
-        Ok("late") => Some(Trigger::Late),
-        _ => None,
-    });
+    let env = super::choice_from_env(&ENV, "KILN_CUDA_PDL", &[("1", Trigger::Early), ("late", Trigger::Late)]);
     ASKED.with(|a| a.get()).or(env)
 }
 

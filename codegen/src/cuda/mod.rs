@@ -180,6 +180,19 @@ pub(crate) fn switch_from_env(cell: &'static std::sync::OnceLock<bool>, var: &st
     *cell.get_or_init(|| std::env::var(var).is_ok_and(|v| v == value))
 }
 
+/// Which of `choices` the environment variable `var` names (its value, then what it means), read
+/// once into `cell`; `None` where it is unset or names none.
+pub(crate) fn choice_from_env<T: Copy + Send + Sync>(
+    cell: &'static std::sync::OnceLock<Option<T>>,
+    var: &str,
+    choices: &[(&str, T)],
+) -> Option<T> {
+    *cell.get_or_init(|| {
+        let value = std::env::var(var).ok()?;
+        choices.iter().find(|(name, _)| *name == value).map(|&(_, choice)| choice)
+    })
+}
+
 /// A size bound that the environment variable `var` may set (to measure another on a card), read
 /// once into `cell`; `default` where it is unset or not a number; what `with_bound` set on this
 /// thread before either.
