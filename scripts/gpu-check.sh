@@ -16,8 +16,11 @@
 #                                  kernel let launch at the end of each block, KILN_CUDA_PDL=late,
 #                                  dependent launch with eight buffers, a sliced tile's partial
 #                                  tiles through scratch memory and a ticket rather than in a thread
-#                                  block cluster, KILN_CUDA_CLUSTERS=0, and with neither default
-#                                  (as before 2026-11-28), then each step autotuned,
+#                                  block cluster, KILN_CUDA_CLUSTERS=0, with neither default
+#                                  (as before 2026-11-28), and with a short-row reduction (the
+#                                  loss's row pass) as a kernel of its own rather than at the end
+#                                  of the product it reduces, KILN_CUDA_ROW_TAIL=0, then each step
+#                                  autotuned,
 #                                  Function::autotune, at most
 #                                  AUTOTUNE_SECONDS a workload (default 60), its report first, then
 #                                  with the tiles on tensor cores, KILN_CUDA_TF32X3=1, and
@@ -162,7 +165,7 @@ if [ "${1:-}" = "--ab" ]; then
 fi
 summary() {
     echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
+    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults rowtail0 autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
     (
         cd "$OUT_DIR" || exit
         printf '%-16s' workload
@@ -236,9 +239,11 @@ if [ -x "$DIR/backend_agreement" ] && [[ " $TESTS " == *" backend_agreement "* ]
     # many buffers as fit of eight, with 32x32 tiles
     # computed as before the thread groups (2x2 outputs a thread), with programmatic dependent
     # launch (opt-in until timed), and with a sliced tile's partial tiles through scratch memory
-    # and a ticket (the default adds them in a thread block cluster).
+    # and a ticket (the default adds them in a thread block cluster), and with the loss's row
+    # pass as a kernel of its own (the default runs it at the end of the logits' product).
     for setting in KILN_CUDA_STREAMS=1 KILN_CUDA_TILED=0 KILN_CUDA_TF32X3=1 KILN_CUDA_DOT_DEPTH=1073741824 \
-        KILN_CUDA_PINNED=1 KILN_CUDA_STAGES=1 KILN_CUDA_STAGES=8 KILN_CUDA_K_GROUPS=0 KILN_CUDA_PDL=1 KILN_CUDA_PDL=late KILN_CUDA_CLUSTERS=0; do
+        KILN_CUDA_PINNED=1 KILN_CUDA_STAGES=1 KILN_CUDA_STAGES=8 KILN_CUDA_K_GROUPS=0 KILN_CUDA_PDL=1 KILN_CUDA_PDL=late \
+        KILN_CUDA_CLUSTERS=0 KILN_CUDA_ROW_TAIL=0; do
         log="$OUT_DIR/backend_agreement-$setting.log"
         limit=$(within "$TEST_TIMEOUT") || { printf '%-20s %-8s %s\n' backend_agreement skipped "with $setting: out of time"; continue; }
         if env "$setting" timeout "$limit" "$DIR/backend_agreement" >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
@@ -302,6 +307,8 @@ bench_row "a sliced tile's partial tiles through scratch memory and a ticket, no
     bench-noclusters.txt KILN_CUDA_CLUSTERS=0
 bench_row "neither default: one slab buffer, no clusters (KILN_CUDA_STAGES=1 KILN_CUDA_CLUSTERS=0, as before 2026-11-28)" \
     bench-old-defaults.txt KILN_CUDA_STAGES=1 KILN_CUDA_CLUSTERS=0
+bench_row "the loss's row pass as a kernel of its own, not at the end of the logits' product (KILN_CUDA_ROW_TAIL=0)" \
+    bench-rowtail0.txt KILN_CUDA_ROW_TAIL=0
 # Each workload autotuned (Function::autotune: every product as cuBLAS and in each tiling, the
 # whole step timed for each, then the step's knobs: dependent launch, streams, two bounds; its
 # report first, then the tuned step's times).

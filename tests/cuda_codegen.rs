@@ -195,22 +195,53 @@ fn small_products_are_computed_inside_their_epilogue() {
 
 #[test]
 fn runs_of_tiny_kernels_become_one_single_block_kernel() {
-    // fmnist-mlp: the loss over [128, 10] and its gradient are tiny kernels between products. With
-    // a thread per row, the row maximum, sum of exponentials, its log, the loss, the softmax, the
-    // row sum of the targets and the gradient are one pass (each follows the one before; the
-    // loss's mean, which only the caller reads, moves after them), and that pass and the mean run
-    // as the two sections of one block (the step itself is checked on the emulator and the GPU
-    // by tests/backend_agreement.rs).
+    // keras-mlp's step is tiny kernels only (a few hundred elements each): one block runs them all,
+    // a section each.
+    let w = kiln::workloads::build("keras-mlp", Device::Reference).unwrap();
+    let src = w.step.cuda_source(&w.args).unwrap();
+    assert!(src.contains("k_step runs the whole step in one block"), "{src}");
+    assert_eq!(src.matches("extern \"C\" __global__").count(), 1, "{src}");
+    // Between larger kernels, a run of tiny ones is one block: after a product with no epilogue
+    // (cuBLAS's), a loss's row pass over [256, 10] and its mean.
+    let g = Graph::new();
+    let x = g.input("x", F32, [256, 1024]);
+    let y = g.input("y", I64, [256]);
+    let w = g.shared("w", f32s(&[1024, 10], 2));
+    let loss = x.tanh().matmul(&w).softmax(-1).sparse_categorical_crossentropy(&y).mean_all();
+    let labels: Tensor = ndarray::Array1::from_shape_fn(256, |i| (i % 10) as i64).into();
+    let args = [f32s(&[256, 1024], 1), labels];
+    let src = g.function([&x, &y], [&loss]).compile(Device::Reference).unwrap().cuda_source(&args).unwrap();
+    assert!(src.contains("k2_run runs 3 kernels in one block"), "{src}");
+    assert!(src.contains("section 2: k7_mean computes mean"), "{src}");
+    emulated_agrees(&g, &[&x, &y], &[&loss], &args);
+}
+
+#[test]
+fn a_short_row_reduction_runs_at_the_end_of_the_product_it_reduces() {
+    // fmnist-mlp: the logits' product is tiled, a tile as wide as the 10 classes. The loss's row
+    // pass (a thread per row: row maximum, sum of exponentials, its log, the loss, the softmax,
+    // the row sum of the targets and the gradient, each following the one before) runs at the
+    // end of that kernel, each block on the rows it finished; the loss's mean, which only the
+    // caller reads, then sits beside the next layer's gradient. The step is checked on the
+    // emulator (with its race check) and the GPU by tests/backend_agreement.rs and
+    // tests/cuda_races.rs.
     let w = kiln::workloads::build("fmnist-mlp", Device::Reference).unwrap();
     let src = w.step.cuda_source(&w.args).unwrap();
-    assert!(src.contains("k9_run runs 2 kernels in one block"), "{src}");
-    assert!(src.contains("section 1: k13_mean computes mean"), "{src}");
-    for merged in ["k10_row_sumexp", "k12_softmax_cross_entropy", "k14_softmax", "k15_sum", "k16_fused"] {
+    assert!(src.contains("k5_fused then runs k7_row_max on the rows each block finished"), "{src}");
+    assert!(src.contains("k11_mean_and_k16"), "{src}");
+    for merged in ["k8_row_sumexp", "k10_softmax_cross_entropy", "k12_softmax", "k13_sum", "k14_fused"] {
         assert!(src.contains(&format!("(merged {merged})")), "{merged}\n{src}");
     }
-    // The whole step: 7 kernels (two layers' tiled products with bias and relu, the third layer's,
-    // the loss run, then the backward pass's products and updates, independent ones side by side).
-    assert_eq!(src.matches("extern \"C\" __global__").count(), 7, "{src}");
+    // The whole step: 6 kernels (two layers' tiled products with bias and relu, the third
+    // layer's with the loss's row pass, then the backward pass's products and updates,
+    // independent ones side by side).
+    assert_eq!(src.matches("extern \"C\" __global__").count(), 6, "{src}");
+    // With KILN_CUDA_ROW_TAIL=0 the row pass is a kernel of its own (`row_tail.rs`); at batch
+    // 4096 it joins the product's 128 whole tiles.
+    let w = kiln::workloads::build("fmnist-mlp-4k", Device::Reference).unwrap();
+    let src = w.step.cuda_source(&w.args).unwrap();
+    assert!(src.contains("k5_fused then runs k7_row_max on the rows each block finished"), "{src}");
+    assert!(!src.contains("k7_row_max("), "{src}");
 }
 
 /// The CUDA C of `relu(x w)` (512x784x256) in each tile shape and each of its forms

@@ -1,7 +1,8 @@
 //! Lowers a kernel program to the CUDA AST: one `__global__` kernel per loop kernel, gather,
 //! scatter, random step and integer product, plus the list of device steps the runtime executes
 //! (kernel launches and cuBLAS products, each product followed by its epilogue kernel; a medium
-//! float product is instead computed in tiles by its epilogue's kernel, `tiled`). Sizes are
+//! float product is instead computed in tiles by its epilogue's kernel, `tiled`, which may then
+//! also run the short-row reduction after it on the rows each block finished, `row_tail`). Sizes are
 //! constants (every program is specialized), so index arithmetic divides by literals. Elementwise
 //! kernels over contiguous float32 data read and write 16 bytes at a time; reductions run one
 //! warp-shuffle block per output row when the reduced dim is contiguous, a 32x8 tile per 32
@@ -15,6 +16,7 @@
 
 use super::ast::*;
 use super::group::{can_follow, collapse_group, forwarded, locations, Location};
+use super::row_tail;
 use super::scalar::{scalar_literal, Scalars};
 use super::side;
 use super::single::{self, fits_a_run, join, SINGLE_BLOCK_ELEMENTS};
@@ -118,14 +120,8 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
     };
     // Consecutive tiny steps become one single-block kernel (see `single`); `run[i]` is the first
     // step of step i's run, for steps in runs of two or more.
-    let fits: Vec<bool> = kp.steps.iter().map(|s| !single_block && !forced && fits_a_run(kp, s)).collect();
-    let run: Vec<Option<usize>> = (0..kp.steps.len())
-        .map(|i| {
-            let first = (0..=i).rev().take_while(|&j| fits[j]).last()?;
-            let len = (first..kp.steps.len()).take_while(|&j| fits[j]).count();
-            (len >= 2).then_some(first)
-        })
-        .collect();
+    let mut fits: Vec<bool> = kp.steps.iter().map(|s| !single_block && !forced && fits_a_run(kp, s)).collect();
+    let mut run = single::runs(&fits);
     // Loop kernels, elementwise ones without their dims of size 1 so that a `[n, 1]` kernel can
     // follow one over `[n]` (see `group`).
     let squeezed: Vec<Option<LoopKernel>> = kp
@@ -137,9 +133,12 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
         })
         .collect();
     let mut step_run: Vec<Option<usize>> = vec![];
+    // The tiled product kernel emitted last, whose rows the next group may reduce (`row_tail`).
+    let mut tail_target: Option<row_tail::TiledKernel> = None;
     let mut i = 0;
     while i < kp.steps.len() {
         e.single_block = single_block || run[i].is_some();
+        let target = tail_target.take();
         // A loop kernel (or a product's epilogue) and the elementwise kernels that can follow it.
         let mut product = None;
         let (primary, extra) = match &kp.steps[i] {
@@ -180,6 +179,21 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
                 members.push(next);
                 i += 1;
             }
+            if product.is_none() && target.as_ref().is_some_and(|t| e.tail_fits(t, &members)) {
+                let target = target.expect("checked");
+                // Emitted as a kernel of its own (a thread per row), then moved into the product's.
+                e.single_block = single_block;
+                e.loop_group(&members, &extra)?;
+                if e.attach_row_tail(&target) {
+                    // Its steps leave any run of tiny kernels they were in.
+                    fits[at..i].iter_mut().for_each(|f| *f = false);
+                    run = single::runs(&fits);
+                } else {
+                    step_run.resize(e.steps.len() - 1, run[at]);
+                    step_run.push(None);
+                }
+                continue;
+            }
             let mut extra = extra;
             if let Some(mm) = product {
                 let fused = if big_product(mm) {
@@ -193,6 +207,9 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
                 };
                 match fused {
                     Some(fused) => {
+                        if let Some(plan) = fused.tiled {
+                            tail_target = Some(row_tail::TiledKernel::new(&k.name, mm, plan, &members));
+                        }
                         extra = vec![match fused.tiled {
                             None => format!(
                                 "{} computes the product of {} where it reads it (no {} kernel)",

@@ -168,6 +168,18 @@ pub(super) fn join(
     (kernel, DeviceStep::Launch(Launchable { kernel: name.into(), args, launch }))
 }
 
+/// For each step, the first step of the run of tiny kernels it belongs to (`fits[j]`: step `j`
+/// can join a run), for steps in runs of two or more.
+pub(super) fn runs(fits: &[bool]) -> Vec<Option<usize>> {
+    (0..fits.len())
+        .map(|i| {
+            let first = (0..=i).rev().take_while(|&j| fits[j]).last()?;
+            let len = (first..fits.len()).take_while(|&j| fits[j]).count();
+            (len >= 2).then_some(first)
+        })
+        .collect()
+}
+
 /// Joins each stretch of two or more device steps of the same run (`step_run`, one entry per
 /// step) into one single-block kernel named after its first section.
 pub(super) fn join_runs(

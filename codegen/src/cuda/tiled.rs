@@ -70,7 +70,7 @@ pub(super) fn candidate(mm: &MatMul) -> bool {
 /// `shape` (then the tile's element `(row, col)` is the walk's element `row * n + col`). The
 /// lowering only gives a product an epilogue that reads it so; this keeps tiling right should
 /// that change.
-fn walks_in_order(v: &crate::kernel::View, shape: &[usize]) -> bool {
+pub(super) fn walks_in_order(v: &crate::kernel::View, shape: &[usize]) -> bool {
     let mut expected = 1;
     for d in (0..shape.len()).rev() {
         if shape[d] > 1 && v.strides[d] != expected {

@@ -518,9 +518,12 @@ pub fn vjp_unary(op: UnaryOp, gr: &mut Graph, node: NodeId, g: NodeId) -> Result
             let d = gr.mul2(y, om, at)?;
             gr.mul2(g, d, at)?
         }
+        // Masked where the output is positive (relu(x) > 0 exactly where x > 0, NaN included),
+        // as PyTorch's threshold_backward: the pre-activation is then not kept for the backward
+        // pass, and a fused bias add + relu writes one tensor instead of two.
         Relu => {
             let zero = gr.scalar_like(x, 0.0, at);
-            let pos = gr.binary(BinaryOp::Gt, x, zero, at)?;
+            let pos = gr.binary(BinaryOp::Gt, y, zero, at)?;
             gr.where_(pos, g, zero, at)?
         }
         // d softplus = sigmoid
