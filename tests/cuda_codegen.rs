@@ -217,31 +217,41 @@ fn runs_of_tiny_kernels_become_one_single_block_kernel() {
 }
 
 #[test]
-fn a_short_row_reduction_runs_at_the_end_of_the_product_it_reduces() {
-    // fmnist-mlp: the logits' product is tiled, a tile as wide as the 10 classes. The loss's row
+fn groups_over_a_tiled_products_rows_run_at_the_end_of_its_kernel() {
+    // fmnist-mlp: the logits' product is tiled, a tile as wide as the 10 classes. At the end of
+    // that kernel each block goes on with the rows it finished (`row_tail.rs`): the loss's row
     // pass (a thread per row: row maximum, sum of exponentials, its log, the loss, the softmax,
-    // the row sum of the targets and the gradient, each following the one before) runs at the
-    // end of that kernel, each block on the rows it finished; the loss's mean, which only the
-    // caller reads, then sits beside the next layer's gradient. The step is checked on the
-    // emulator (with its race check) and the GPU by tests/backend_agreement.rs and
-    // tests/cuda_races.rs.
+    // the row sum of the targets and the gradient, each following the one before), then the
+    // gradient's product with the layer's weights (10 multiply-adds an element) and the relu
+    // mask, past the loss's mean (which only the caller reads, and which then runs beside the
+    // bias gradients). The steps are checked on the emulator (with its race check) and the GPU
+    // by tests/backend_agreement.rs and tests/cuda_races.rs.
     let w = kiln::workloads::build("fmnist-mlp", Device::Reference).unwrap();
     let src = w.step.cuda_source(&w.args).unwrap();
     assert!(src.contains("k5_fused then runs k7_row_max on the rows each block finished"), "{src}");
-    assert!(src.contains("k11_mean_and_k16"), "{src}");
+    assert!(src.contains("k5_fused then runs k16_fused on the rows each block finished"), "{src}");
+    assert!(src.contains("k16_fused computes the product of k15_matmul where it reads it"), "{src}");
+    assert!(src.contains("k11_mean_and_k28_k34"), "{src}");
     for merged in ["k8_row_sumexp", "k10_softmax_cross_entropy", "k12_softmax", "k13_sum", "k14_fused"] {
         assert!(src.contains(&format!("(merged {merged})")), "{merged}\n{src}");
     }
-    // The whole step: 6 kernels (two layers' tiled products with bias and relu, the third
-    // layer's with the loss's row pass, then the backward pass's products and updates,
-    // independent ones side by side).
+    // The whole step: 6 kernels, 5 deep (two layers' tiled products with bias and relu, the
+    // third layer's with its tail, then the bias gradients beside the next gradient product,
+    // then the weight gradients and updates).
     assert_eq!(src.matches("extern \"C\" __global__").count(), 6, "{src}");
-    // With KILN_CUDA_ROW_TAIL=0 the row pass is a kernel of its own (`row_tail.rs`); at batch
-    // 4096 it joins the product's 128 whole tiles.
+    // At batch 4096 the row pass joins the product's 128 whole tiles (32 rows each); the
+    // gradient's product would be 320 multiply-adds a thread there (32 x 256 x 10 a block), more
+    // than a thread of its own kernel does (`DOT_DEPTH`), and stays apart, as does the
+    // autoencoder's next layer after its 30-wide code (8 x 250 x 30 a block).
     let w = kiln::workloads::build("fmnist-mlp-4k", Device::Reference).unwrap();
     let src = w.step.cuda_source(&w.args).unwrap();
     assert!(src.contains("k5_fused then runs k7_row_max on the rows each block finished"), "{src}");
-    assert!(!src.contains("k7_row_max("), "{src}");
+    assert!(!src.contains("k7_row_max(") && !src.contains("then runs k16"), "{src}");
+    let w = kiln::workloads::build("autoencoder", Device::Reference).unwrap();
+    let src = w.step.cuda_source(&w.args).unwrap();
+    assert!(!src.contains("then runs"), "{src}");
+    // KILN_CUDA_ROW_TAIL=0 keeps every group a kernel of its own (timed against this on a GPU by
+    // scripts/gpu-check.sh).
 }
 
 /// The CUDA C of `relu(x w)` (512x784x256) in each tile shape and each of its forms

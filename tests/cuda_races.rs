@@ -152,3 +152,51 @@ fn clustered_slices_add_up_as_the_ticket_does() {
         assert_eq!(differ, 0, "parameter {i}: {differ} of {} values differ", a.len());
     }
 }
+
+/// A classifier whose logits' product (100x96x7, so its last tile a few rows short) is tiled,
+/// with the loss's row pass and, where a block finishes few enough rows, the gradient's product
+/// with the weights at the end of that kernel (`row_tail.rs`): in every form of the tile (whole,
+/// sliced with a ticket or a cluster, one to eight slab buffers) race-free, its loss and every
+/// gradient the reference's.
+#[test]
+fn tails_of_tiled_products_are_race_free_where_tiles_run_past_the_rows() {
+    use kiln::prelude::*;
+    use kiln::testing::{random_tensor, tile_forms};
+    if let Some(why) = kiln::testing::emulator_skip_reason() {
+        kiln::testing::note(&format!("race check of tails skipped: {why}"));
+        return;
+    }
+    let g = Graph::new();
+    let x = g.input("x", F32, [100, 800]);
+    let y = g.input("y", I64, [100]);
+    let w1 = g.shared("w1", random_tensor(&[800, 96], -0.1, 0.1, 1).cast(F32));
+    let b1 = g.shared("b1", random_tensor(&[96], -0.1, 0.1, 2).cast(F32));
+    let w2 = g.shared("w2", random_tensor(&[96, 7], -0.3, 0.3, 3).cast(F32));
+    let b2 = g.shared("b2", random_tensor(&[7], -0.1, 0.1, 4).cast(F32));
+    let h = (x.matmul(&w1) + &b1).relu();
+    let loss = (h.matmul(&w2) + &b2).softmax(-1).sparse_categorical_crossentropy(&y).mean_all();
+    let grads = g.grad_with(&loss, &[&w1, &b1, &w2, &b2], Disconnected::Raise).unwrap();
+    let outs: Vec<&Var> = std::iter::once(&loss).chain(&grads).collect();
+    let labels: Tensor = ndarray::Array1::from_shape_fn(100, |i| ((i * 3) % 7) as i64).into();
+    let args = [random_tensor(&[100, 800], -1.0, 1.0, 5).cast(F32), labels];
+    let expected = g.function([&x, &y], outs.clone()).compile(Device::Reference).unwrap().call(&args).unwrap();
+    let (mut rows, mut products) = (0, 0);
+    for tile in [TileShape::T32x32K4, TileShape::T64x64] {
+        for choice in tile_forms(tile) {
+            let form = format!("{choice:?}");
+            let mut f = g.function([&x, &y], outs.clone()).compile(Device::CudaEmulator).unwrap();
+            let got = with_race_check(|| with_tile_choice(choice, || f.call(&args)))
+                .unwrap_or_else(|e| panic!("{form}: {e}"));
+            let code = f.generated_code();
+            rows += code.matches("_row_max on the rows each block finished").count();
+            products += code.matches("_fused on the rows each block finished").count();
+            for (i, (a, b)) in got.iter().zip(&expected).enumerate() {
+                assert!(a.allclose(b, 1e-4, 1e-5), "{form}: output {i} differs by {}", a.max_abs_diff(b));
+            }
+        }
+    }
+    // The row pass joins every form's logits (a tile spans the 7 classes); the gradient's
+    // product (4 rows a block of a cluster of 8, 7 multiply-adds an element) some.
+    assert_eq!(rows, 24, "row passes in tails");
+    assert!(products > 0, "no form ran the gradient's product in its tail");
+}

@@ -2,7 +2,7 @@
 //! scatter, random step and integer product, plus the list of device steps the runtime executes
 //! (kernel launches and cuBLAS products, each product followed by its epilogue kernel; a medium
 //! float product is instead computed in tiles by its epilogue's kernel, `tiled`, which may then
-//! also run the short-row reduction after it on the rows each block finished, `row_tail`). Sizes are
+//! also run later groups over the rows each block finished, `row_tail`). Sizes are
 //! constants (every program is specialized), so index arithmetic divides by literals. Elementwise
 //! kernels over contiguous float32 data read and write 16 bytes at a time; reductions run one
 //! warp-shuffle block per output row when the reduced dim is contiguous, a 32x8 tile per 32
@@ -39,7 +39,7 @@ pub(super) const MAX_GRID: usize = 65535;
 /// `KILN_CUDA_DOT_DEPTH` sets another bound, to measure it on a card.
 const DOT_DEPTH: usize = 64;
 
-fn dot_depth() -> usize {
+pub(super) fn dot_depth() -> usize {
     static DEPTH: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     super::bound_from_env(&DEPTH, super::DOT_DEPTH_VAR, DOT_DEPTH)
 }
@@ -133,12 +133,12 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
         })
         .collect();
     let mut step_run: Vec<Option<usize>> = vec![];
-    // The tiled product kernel emitted last, whose rows the next group may reduce (`row_tail`).
+    // The tiled product kernel whose tail later groups may join (`row_tail`).
     let mut tail_target: Option<row_tail::TiledKernel> = None;
     let mut i = 0;
     while i < kp.steps.len() {
         e.single_block = single_block || run[i].is_some();
-        let target = tail_target.take();
+        let mut target = tail_target.take();
         // A loop kernel (or a product's epilogue) and the elementwise kernels that can follow it.
         let mut product = None;
         let (primary, extra) = match &kp.steps[i] {
@@ -179,20 +179,31 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
                 members.push(next);
                 i += 1;
             }
-            if product.is_none() && target.as_ref().is_some_and(|t| e.tail_fits(t, &members)) {
-                let target = target.expect("checked");
-                // Emitted as a kernel of its own (a thread per row), then moved into the product's.
-                e.single_block = single_block;
-                e.loop_group(&members, &extra)?;
-                if e.attach_row_tail(&target) {
-                    // Its steps leave any run of tiny kernels they were in.
-                    fits[at..i].iter_mut().for_each(|f| *f = false);
-                    run = single::runs(&fits);
-                } else {
-                    step_run.resize(e.steps.len() - 1, run[at]);
-                    step_run.push(None);
+            if let Some(mut t) = target.take() {
+                if let Some(in_epilogue) = e.tail_stage(&t, product, &members, at) {
+                    // Emitted as a kernel of its own, then moved to the end of the tiled one.
+                    e.single_block = single_block;
+                    let note = in_epilogue.as_ref().map(|p| {
+                        format!(
+                            "{} computes the product of {} where it reads it (no {} kernel)",
+                            k.name, p.mm.name, p.mm.name
+                        )
+                    });
+                    e.product = in_epilogue;
+                    e.loop_group(&members, &note.into_iter().collect::<Vec<_>>())?;
+                    e.product = None;
+                    if e.attach_tail_stage(&mut t, &members) {
+                        // Its steps leave any run of tiny kernels they were in.
+                        fits[at..i].iter_mut().for_each(|f| *f = false);
+                        run = single::runs(&fits);
+                    } else {
+                        step_run.resize(e.steps.len() - 1, run[at]);
+                        step_run.push(None);
+                    }
+                    tail_target = t.open(&e).then_some(t);
+                    continue;
                 }
-                continue;
+                target = Some(t);
             }
             let mut extra = extra;
             if let Some(mm) = product {
@@ -207,9 +218,6 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
                 };
                 match fused {
                     Some(fused) => {
-                        if let Some(plan) = fused.tiled {
-                            tail_target = Some(row_tail::TiledKernel::new(&k.name, mm, plan, &members));
-                        }
                         extra = vec![match fused.tiled {
                             None => format!(
                                 "{} computes the product of {} where it reads it (no {} kernel)",
@@ -224,9 +232,15 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
                 }
             }
             e.loop_group(&members, &extra)?;
-            e.product = None;
+            if let (Some(p), Some(mm)) = (e.product.take(), product) {
+                if let Some(plan) = p.tiled {
+                    target = Some(row_tail::TiledKernel::new(&e, mm, plan, &members));
+                }
+            }
         }
         step_run.resize(e.steps.len(), run[at]);
+        // A stage may join later, past a few independent steps.
+        tail_target = target.filter(|t| t.open(&e));
     }
     let (steps, kernels) = (std::mem::take(&mut e.steps), std::mem::take(&mut e.kernels));
     let (steps, kernels) = single::join_runs(steps, kernels, &step_run, &e.loc);

@@ -4,8 +4,8 @@
 //! the one ahead of it finishes where asked (`dependent_launch`). Kernels are joined where that is safe (`group`,
 //! `single`, `side`, and medium products computed in tiles by their epilogue's kernel: `tiled`,
 //! on tensor cores when asked: `mma`, a tile's slices as a thread block cluster when asked:
-//! `cluster`; or as a tile table measured on the card says: `tile_table`; a short-row reduction
-//! of a tiled product's rows at the end of its kernel: `row_tail`),
+//! `cluster`; or as a tile table measured on the card says: `tile_table`; groups over a tiled
+//! product's rows at the end of its kernel: `row_tail`),
 //! since a small step pays per launch. The runtime (`exec`, `runtime`, and NVRTC itself)
 //! needs the `cuda` feature (on by default); without it the CUDA C is still generated, and
 //! `Device::Cuda` says the feature is off. `emulator` runs the same program on the CPU, for tests.
