@@ -8,7 +8,10 @@
 //! on the mirrored schedule, planned for two streams, and emitted for programmatic dependent
 //! launch (each kernel opening with its wait, nothing on the CPU); fmnist-mlp also with every tile shape,
 //! whole or sliced, by FMAs (slabs through registers and copied asynchronously) and on tensor
-//! cores. Each loss must match the reference's.
+//! cores, and a classifier whose tiled logits run the loss's row pass and the gradient's product
+//! in their kernel's tail (`row_tail.rs`) in every tile form, at sizes where the last tile runs
+//! past the rows. Each loss must match the reference's; a tail's, to the bit, the separate
+//! kernels'.
 
 use kiln::workloads::build;
 use kiln::Device;
@@ -199,4 +202,30 @@ fn tails_of_tiled_products_are_race_free_where_tiles_run_past_the_rows() {
     // product (4 rows a block of a cluster of 8, 7 multiply-adds an element) some.
     assert_eq!(rows, 24, "row passes in tails");
     assert!(products > 0, "no form ran the gradient's product in its tail");
+}
+
+/// A tail computes each row as the separate kernels would, in the same order: fmnist-mlp's
+/// parameters after a step, and its loss, are the same bits with tails and without.
+#[test]
+fn tails_compute_what_separate_kernels_do_to_the_bit() {
+    if let Some(why) = kiln::testing::emulator_skip_reason() {
+        kiln::testing::note(&format!("tails skipped: {why}"));
+        return;
+    }
+    let after_a_step = |tails: bool| {
+        kiln_codegen::cuda::with_row_tails(tails, || {
+            let mut w = build("fmnist-mlp", Device::CudaEmulator).unwrap();
+            let loss = w.step.call1(&w.args).unwrap().item().unwrap();
+            let code = w.step.generated_code();
+            assert_eq!(code.contains("on the rows each block finished"), tails, "tails asked: {tails}");
+            let params: Vec<Vec<f64>> = w.params.iter().map(|p| p.value().unwrap().to_f64_vec()).collect();
+            (loss, params)
+        })
+    };
+    let ((loss_a, apart), (loss_t, tailed)) = (after_a_step(false), after_a_step(true));
+    assert_eq!(loss_a.to_bits(), loss_t.to_bits(), "loss {loss_a} apart, {loss_t} in tails");
+    for (i, (a, b)) in apart.iter().zip(&tailed).enumerate() {
+        let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        assert_eq!(differ, 0, "parameter {i}: {differ} of {} values differ", a.len());
+    }
 }

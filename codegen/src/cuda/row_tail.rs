@@ -21,8 +21,8 @@
 //! the caller reads) that touch nothing it touches, one of them writing it. Each stage starts
 //! with a barrier, past which the block's stores are visible to its threads. Each row is still
 //! computed by the same arithmetic in the same order, so results are bit for bit those of the
-//! separate kernels. `KILN_CUDA_ROW_TAIL=0` keeps every group a kernel of its own (to time what
-//! joining saves on a card).
+//! separate kernels. `KILN_CUDA_ROW_TAIL=0` (`with_row_tails(false, ..)` for one thread) keeps
+//! every group a kernel of its own (to time what joining saves on a card).
 
 use super::ast::*;
 use super::emit::{global_id, grid_stride, DeviceStep, Emitter, KernelArg, ProductInEpilogue, THREADS};
@@ -33,10 +33,20 @@ use super::tiled::{walks_in_order, TilePlan};
 use crate::kernel::{BufId, LoopKernel, MatMul, View};
 use std::collections::HashMap;
 
-/// Whether the environment turns the joining off (`KILN_CUDA_ROW_TAIL=0`).
+thread_local! {
+    static ASKED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with groups joining tiled products' tails (`on`) or each kept a kernel of its own,
+/// for every CUDA program this thread specializes, whatever the environment.
+pub fn with_row_tails<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    super::with_thread_setting(&ASKED, Some(on), f)
+}
+
+/// Whether tails are turned off: by `with_row_tails`, else by `KILN_CUDA_ROW_TAIL=0`.
 fn disabled() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    super::switch_from_env(&OFF, "KILN_CUDA_ROW_TAIL", "0")
+    ASKED.with(|a| a.get()).map_or_else(|| super::switch_from_env(&OFF, "KILN_CUDA_ROW_TAIL", "0"), |on| !on)
 }
 
 /// At most this many steps emitted after the tiled kernel that a stage may move ahead of.
@@ -212,6 +222,18 @@ impl Emitter<'_> {
         let depth = in_epilogue.as_ref().map_or(1, |p| p.mm.k);
         let per_thread = (target.rows_per_block() * width * depth).div_ceil(THREADS as usize);
         if primary.reduce.is_none() && per_thread > super::emit::dot_depth() {
+            return None;
+        }
+        // Ahead of the steps emitted since the tiled kernel only where independent of them
+        // (checked again on the emitted kernel, `attach_tail_stage`).
+        let mut group_reads: Vec<Location> =
+            members.iter().flat_map(|k| k.inputs.iter().map(|v| self.loc[v.buf])).collect();
+        group_reads.extend(in_epilogue.as_ref().map(|p| [self.loc[p.mm.a], self.loc[p.mm.b]]).into_iter().flatten());
+        let group = (group_reads, members.iter().map(|k| self.loc[k.out.buf]).collect());
+        if !self.steps[target.step + 1..]
+            .iter()
+            .all(|s| independent(&step_accesses(s, &self.kernels, &self.loc), &group))
+        {
             return None;
         }
         let fits = members.iter().enumerate().all(|(mi, k)| {
