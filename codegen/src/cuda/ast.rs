@@ -347,6 +347,18 @@ pub enum ParamKind {
     Value,
 }
 
+impl ParamKind {
+    /// The same access without `__restrict__` (for a pointer that another pointer of the kernel
+    /// may alias).
+    pub fn without_restrict(&self) -> ParamKind {
+        match self {
+            ParamKind::In | ParamKind::InAliased => ParamKind::InAliased,
+            ParamKind::Out | ParamKind::InOut => ParamKind::InOut,
+            ParamKind::Value => ParamKind::Value,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Param {
     pub ty: CType,

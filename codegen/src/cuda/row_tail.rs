@@ -91,7 +91,7 @@ impl TiledKernel {
     /// The most rows a block finishes (`finished_rows`).
     fn rows_per_block(&self) -> usize {
         if self.plan.slices > 1 && self.plan.cluster {
-            self.plan.bm.div_ceil(self.plan.slices)
+            self.plan.cluster_share()
         } else {
             self.plan.bm
         }
@@ -132,7 +132,7 @@ fn finished_rows(plan: &TilePlan, m: usize, it: CType) -> (Option<Expr>, Expr, E
     // Clipped to the product only where a tile can reach past it.
     let tile_end = if m.is_multiple_of(plan.bm) { tile_end } else { clip(tile_end, int(m as i64)) };
     if plan.slices > 1 && plan.cluster {
-        let per = plan.bm.div_ceil(plan.slices);
+        let per = plan.cluster_share();
         let share_end = var("tail_first") + int(per as i64);
         // Unclipped only where the shares cut the tile exactly and tiles the product.
         let exact = per * plan.slices == plan.bm && m.is_multiple_of(plan.bm);
@@ -338,26 +338,20 @@ fn attach(
         if let KernelArg::Buf(b) = a {
             let writing = matches!(p.kind, ParamKind::Out | ParamKind::InOut);
             if shared_with(loc[*b], &stage_reads, &stage_writes, writing) {
-                p.kind = unrestricted(&p.kind);
+                p.kind = p.kind.without_restrict();
             }
         }
     }
     for (p, a) in stage.params.iter().zip(&args) {
         let KernelArg::Buf(b) = a else { unreachable!("a stage takes buffers only (walk_of)") };
         let writing = matches!(p.kind, ParamKind::Out | ParamKind::InOut);
-        let kind =
-            if shared_with(loc[*b], &own_reads, &own_writes, writing) { unrestricted(&p.kind) } else { p.kind.clone() };
+        let kind = if shared_with(loc[*b], &own_reads, &own_writes, writing) {
+            p.kind.without_restrict()
+        } else {
+            p.kind.clone()
+        };
         kernel.params.push(Param { name: names[&p.name].clone(), kind, ..p.clone() });
         launch.args.push(*a);
-    }
-}
-
-/// A parameter's kind without `__restrict__`.
-fn unrestricted(kind: &ParamKind) -> ParamKind {
-    match kind {
-        ParamKind::In | ParamKind::InAliased => ParamKind::InAliased,
-        ParamKind::Out | ParamKind::InOut => ParamKind::InOut,
-        ParamKind::Value => ParamKind::Value,
     }
 }
 

@@ -156,11 +156,7 @@ pub(super) fn join(
     // The block's shared arrays are reused by the next launch's first sections only after this.
     body.push(Stmt::SyncThreads);
     for p in &mut params {
-        p.kind = match p.kind {
-            ParamKind::In | ParamKind::InAliased => ParamKind::InAliased,
-            ParamKind::Out | ParamKind::InOut => ParamKind::InOut,
-            ParamKind::Value => ParamKind::Value,
-        };
+        p.kind = p.kind.without_restrict();
     }
     let launch = Launch { grid: (1, 1), block: (SINGLE_BLOCK_THREADS, 1), cluster: 1 };
     // One block: no number of blocks an SM to budget registers for.

@@ -205,9 +205,9 @@ impl<'a> Emitter<'a> {
         let (first, end, most) = match rows {
             Rows::Staged { first, rows } => (int(first), int(rows as i64 * bn), rows * plan.bn),
             Rows::Sliced { .. } => (int(0), int(plan.bm as i64 * bn), plan.bm * plan.bn),
-            Rows::Cluster { slices } => {
+            Rows::Cluster { .. } => {
                 // Rows in shares of `per`, the last share shorter.
-                let (per, bm) = (plan.bm.div_ceil(slices) as i64, plan.bm as i64);
+                let (per, bm) = (plan.cluster_share() as i64, plan.bm as i64);
                 ahead.push(decl(CType::Int, "rows_first", cast(CType::Int, var("slice")) * int(per)));
                 let short = bin(BinOp::Lt, int(bm) - var("rows_first"), int(per));
                 ahead.push(decl(CType::Int, "rows_here", select(short, int(bm) - var("rows_first"), int(per))));

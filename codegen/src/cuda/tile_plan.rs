@@ -407,6 +407,12 @@ impl TilePlan {
         }
     }
 
+    /// The most rows of the tile that each block of a cluster of its slices finishes (its share,
+    /// the last share shorter; `tile_finish.rs`).
+    pub(super) fn cluster_share(&self) -> usize {
+        self.bm.div_ceil(self.slices)
+    }
+
     /// The rows of the tile that its finish stages at a time (`tile_finish.rs`): a band of an
     /// unsliced tile, the whole of a sliced one where groups add their copies or the slices are
     /// a cluster; `None` where a slice writes its partial tile straight from its registers.
