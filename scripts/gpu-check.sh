@@ -19,7 +19,11 @@
 #                                  block cluster, KILN_CUDA_CLUSTERS=0, with neither default
 #                                  (as before 2026-11-28), and with a short-row reduction (the
 #                                  loss's row pass) as a kernel of its own rather than at the end
-#                                  of the product it reduces, KILN_CUDA_ROW_TAIL=0, then each step
+#                                  of the product it reduces, KILN_CUDA_ROW_TAIL=0, with the bias
+#                                  (and ReLU) epilogues of cuBLAS's products in cuBLASLt,
+#                                  KILN_CUDA_LT=1, with a side-by-side kernel's sections in step
+#                                  order rather than the longest first, KILN_CUDA_LONGEST_FIRST=0,
+#                                  then each step
 #                                  autotuned,
 #                                  Function::autotune, at most
 #                                  AUTOTUNE_SECONDS a workload (default 60), its report first, then
@@ -69,7 +73,7 @@ DIR=${KILN_GPU_DIR:-.gpu}
 # row's run (seconds; default 300), so that a hang costs a lease no more than that.
 TEST_TIMEOUT=${KILN_GPU_TEST_TIMEOUT:-300}
 BENCH_TIMEOUT=${KILN_GPU_BENCH_TIMEOUT:-300}
-TESTS=${KILN_GPU_TESTS:-"op_table gradcheck backend_agreement cuda_device cuda_products cuda_codegen api nn autotune"}
+TESTS=${KILN_GPU_TESTS:-"op_table gradcheck backend_agreement cuda_device cuda_products cuda_codegen cuda_lt api nn autotune"}
 [ "$TESTS" = none ] && TESTS=""
 
 if [ "${1:-}" = "--build" ]; then
@@ -165,7 +169,7 @@ if [ "${1:-}" = "--ab" ]; then
 fi
 summary() {
     echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults rowtail0 autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
+    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults rowtail0 lt stepordered autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
     (
         cd "$OUT_DIR" || exit
         printf '%-16s' workload
@@ -240,10 +244,12 @@ if [ -x "$DIR/backend_agreement" ] && [[ " $TESTS " == *" backend_agreement "* ]
     # computed as before the thread groups (2x2 outputs a thread), with programmatic dependent
     # launch (opt-in until timed), and with a sliced tile's partial tiles through scratch memory
     # and a ticket (the default adds them in a thread block cluster), and with the loss's row
-    # pass as a kernel of its own (the default runs it at the end of the logits' product).
+    # pass as a kernel of its own (the default runs it at the end of the logits' product), and
+    # with cuBLAS's products' bias epilogues in cuBLASLt (opt-in until timed; tests/cuda_lt.rs
+    # runs fmnist-mlp so, its products on cuBLAS, and fmnist-mlp-4k).
     for setting in KILN_CUDA_STREAMS=1 KILN_CUDA_TILED=0 KILN_CUDA_TF32X3=1 KILN_CUDA_DOT_DEPTH=1073741824 \
         KILN_CUDA_PINNED=1 KILN_CUDA_STAGES=1 KILN_CUDA_STAGES=8 KILN_CUDA_K_GROUPS=0 KILN_CUDA_PDL=1 KILN_CUDA_PDL=late \
-        KILN_CUDA_CLUSTERS=0 KILN_CUDA_ROW_TAIL=0; do
+        KILN_CUDA_CLUSTERS=0 KILN_CUDA_ROW_TAIL=0 KILN_CUDA_LT=1; do
         log="$OUT_DIR/backend_agreement-$setting.log"
         limit=$(within "$TEST_TIMEOUT") || { printf '%-20s %-8s %s\n' backend_agreement skipped "with $setting: out of time"; continue; }
         if env "$setting" timeout "$limit" "$DIR/backend_agreement" >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
@@ -309,6 +315,10 @@ bench_row "neither default: one slab buffer, no clusters (KILN_CUDA_STAGES=1 KIL
     bench-old-defaults.txt KILN_CUDA_STAGES=1 KILN_CUDA_CLUSTERS=0
 bench_row "the loss's row pass as a kernel of its own, not at the end of the logits' product (KILN_CUDA_ROW_TAIL=0)" \
     bench-rowtail0.txt KILN_CUDA_ROW_TAIL=0
+bench_row "cuBLAS's products with their bias and ReLU in cuBLASLt's epilogue, no kernel of their own (KILN_CUDA_LT=1)" \
+    bench-lt.txt KILN_CUDA_LT=1
+bench_row "a side-by-side kernel's sections in step order, not the longest-running first (KILN_CUDA_LONGEST_FIRST=0)" \
+    bench-stepordered.txt KILN_CUDA_LONGEST_FIRST=0
 # Each workload autotuned (Function::autotune: every product as cuBLAS and in each tiling, the
 # whole step timed for each, then the step's knobs: dependent launch, streams, two bounds; its
 # report first, then the tuned step's times).

@@ -404,6 +404,17 @@ pub struct Kernel {
     /// budget registers for (`None`: the threads alone bound them). Tiles ask for it
     /// (`TilePlan::blocks_per_sm`); a kernel of several sections takes the smallest they ask.
     pub min_blocks: Option<u32>,
+    /// Multiply-adds each thread does in the kernel's tiled product loop (0: no such loop), the
+    /// measure of how long its blocks run that orders the sections of a side-by-side kernel
+    /// (`side.rs`); a joined kernel takes its sections' largest.
+    pub macs_per_thread: usize,
+}
+
+impl Kernel {
+    /// A kernel with no register budget of its own and no tiled product loop.
+    pub fn plain(name: &str, comments: Vec<String>, params: Vec<Param>, body: Vec<Stmt>, launch: Launch) -> Kernel {
+        Kernel { name: name.into(), comments, params, body, launch, min_blocks: None, macs_per_thread: 0 }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

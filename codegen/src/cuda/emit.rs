@@ -16,6 +16,7 @@
 
 use super::ast::*;
 use super::group::{can_follow, collapse_group, forwarded, locations, Location};
+use super::lt;
 use super::row_tail;
 use super::scalar::{scalar_literal, Scalars};
 use super::side;
@@ -66,6 +67,8 @@ pub enum DeviceStep {
     Launch(Launchable),
     /// A float product through cuBLAS (its epilogue is the next step).
     Gemm(MatMul),
+    /// A float product through cuBLASLt with its bias (and ReLU) epilogue (`lt`).
+    GemmLt(super::lt::LtGemm),
 }
 
 /// What an error word below `NO_ERROR` means: code `k` is `errors[k - 1]` (the op and the user's
@@ -143,8 +146,13 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
         let mut product = None;
         let (primary, extra) = match &kp.steps[i] {
             Step::Loop(k) => (Some(squeezed[i].as_ref().unwrap_or(k)), vec![]),
-            Step::MatMul(mm) => {
+            Step::MatMul(mm) => 'product: {
                 if big_product(mm) && !tiled::candidate(mm) {
+                    if let Some(lt) = lt::absorb(kp, i, mm, &e.loc) {
+                        // The epilogue is cuBLASLt's now: no kernel of its own.
+                        e.steps.push(DeviceStep::GemmLt(lt));
+                        break 'product (None, vec![]);
+                    }
                     e.steps.push(DeviceStep::Gemm(mm.clone()));
                 } else if mm.epilogue.is_some() {
                     // Emitted below: inside its epilogue where that is safe, else before it.
@@ -489,7 +497,16 @@ impl<'a> Emitter<'a> {
             args.push(a);
         }
         let min_blocks = tiled.and_then(|plan| plan.blocks_per_sm());
-        self.kernels.push(Kernel { name: primary.name.clone(), comments, params, body, launch, min_blocks });
+        let macs_per_thread = tiled.map_or(0, |plan| plan.macs_per_thread());
+        self.kernels.push(Kernel {
+            name: primary.name.clone(),
+            comments,
+            params,
+            body,
+            launch,
+            min_blocks,
+            macs_per_thread,
+        });
         self.steps.push(DeviceStep::Launch(Launchable { kernel: primary.name.clone(), args, launch }));
         Ok(())
     }

@@ -80,6 +80,8 @@ enum Exec {
         block: (u32, u32),
     },
     Gemm(crate::kernel::MatMul),
+    /// A product with its bias epilogue through cuBLASLt, and its descriptors.
+    GemmLt(super::lt::LtGemm, super::lt_runtime::LtProduct),
     /// An update that could not be written in place: copied into the variable after the last step.
     Copy {
         from: usize,
@@ -260,21 +262,23 @@ impl Plan {
             .map(|s| match s {
                 DeviceStep::Launch(l) => l.kernel.clone(),
                 DeviceStep::Gemm(mm) => mm.name.clone(),
+                DeviceStep::GemmLt(g) => g.mm.name.clone(),
             })
             .collect();
         let mut steps: Vec<Exec> = dp
             .steps
             .iter()
             .map(|s| match s {
-                DeviceStep::Launch(l) => Exec::Launch {
+                DeviceStep::Launch(l) => Ok(Exec::Launch {
                     f: functions[&l.kernel].clone(),
                     args: l.args.clone(),
                     grid: l.launch.grid,
                     block: l.launch.block,
-                },
-                DeviceStep::Gemm(mm) => Exec::Gemm(mm.clone()),
+                }),
+                DeviceStep::Gemm(mm) => Ok(Exec::Gemm(mm.clone())),
+                DeviceStep::GemmLt(g) => Ok(Exec::GemmLt(g.clone(), super::lt_runtime::LtProduct::new(gpu, g)?)),
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let mut code = String::new();
         for u in &updates {
             let (s, how) = match u {
@@ -369,6 +373,7 @@ impl Plan {
                     if mm.a_transposed { " A^T" } else { "" },
                     if mm.b_transposed { " B^T" } else { "" }
                 ),
+                Exec::GemmLt(g, _) => format!("{} {}", g.mm.name, g.describe()),
                 Exec::Copy { bytes, .. } => format!("copy {bytes} bytes"),
             })
             .collect()
@@ -459,6 +464,10 @@ impl Plan {
                 Exec::Launch { .. } => {}
                 // SAFETY: operand sizes were checked by the lowering.
                 Exec::Gemm(mm) => unsafe { gpu.gemm(lane, mm, ptr[mm.a], ptr[mm.b], ptr[mm.c])? },
+                // SAFETY: as above; the bias holds a float per column (`lt::absorb`).
+                Exec::GemmLt(g, product) => unsafe {
+                    product.run(gpu, lane, ptr[g.mm.a], ptr[g.mm.b], ptr[g.bias], ptr[g.mm.c])?
+                },
                 Exec::Copy { from, shared, bytes } => {
                     // SAFETY: both buffers hold `bytes` bytes (the update keeps the variable's type).
                     unsafe { result::memcpy_dtod_async(shared_ptr[*shared], ptr[*from], *bytes, stream.cu_stream()) }

@@ -329,6 +329,7 @@ pub fn program(m: &Module, steps: &[DeviceStep]) -> String {
                 let (m_, k_, n_) = (mm.m, mm.k, mm.n);
                 writeln!(out, "//   {}: cuBLAS {m_}x{k_}{at} times {k_}x{n_}{bt}{batch}", mm.name).unwrap()
             }
+            DeviceStep::GemmLt(g) => writeln!(out, "//   {}: {}", g.mm.name, g.describe()).unwrap(),
         }
     }
     out.push('\n');
@@ -461,14 +462,7 @@ mod tests {
                 5 => body.push(Stmt::Call(call("kiln_alone", vec![]))),
                 _ => {}
             }
-            Kernel {
-                name: format!("k{i}"),
-                comments: vec![],
-                params: vec![],
-                body,
-                launch: Launch { grid: (1, 1), block: (32, 1), cluster: 1 },
-                min_blocks: None,
-            }
+            Kernel::plain(&format!("k{i}"), vec![], vec![], body, Launch { grid: (1, 1), block: (32, 1), cluster: 1 })
         };
         let m = Module { helpers, kernels: (0..7).map(|i| kernel(i, if i == 2 { 40 } else { 5 })).collect() };
         for parts in [1, 2, 3, 8, 20] {

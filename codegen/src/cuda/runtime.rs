@@ -59,7 +59,9 @@ pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     blas: blas_sys::cublasHandle_t,
-    _workspace: sys::CUdeviceptr,
+    workspace: sys::CUdeviceptr,
+    /// The cuBLASLt handle, created on first use (`lt_runtime`).
+    lt: Mutex<Option<super::lt_runtime::LtHandle>>,
     /// Further streams, each with its own cuBLAS handle and workspace, for steps that run beside
     /// each other (`KILN_CUDA_STREAMS`); created on first use, kept for the process.
     lanes: Mutex<Vec<Lane>>,
@@ -77,7 +79,7 @@ unsafe impl Sync for Gpu {}
 struct Lane {
     stream: Arc<CudaStream>,
     blas: blas_sys::cublasHandle_t,
-    _workspace: sys::CUdeviceptr,
+    workspace: sys::CUdeviceptr,
 }
 
 /// A cuBLAS handle bound to `stream`, with its own preallocated workspace (handles on different
@@ -104,7 +106,7 @@ impl Gpu {
         while lanes.len() + 1 < count {
             let stream = self.ctx.new_stream().map_err(cuda_err("creating a stream"))?;
             let (blas, workspace) = blas_for(&stream)?;
-            lanes.push(Lane { stream, blas, _workspace: workspace });
+            lanes.push(Lane { stream, blas, workspace });
         }
         Ok(std::iter::once(self.stream.clone())
             .chain(lanes.iter().take(count.saturating_sub(1)).map(|l| l.stream.clone()))
@@ -118,6 +120,29 @@ impl Gpu {
         }
         let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
         lanes.get(lane - 1).map(|l| l.blas).ok_or_else(|| Error::Invalid(format!("no CUDA stream lane {lane}")))
+    }
+
+    /// The stream and the workspace (`CUBLAS_WORKSPACE` bytes) of lane `lane`: cuBLASLt's products
+    /// there use the lane's cuBLAS workspace, which nothing else on that stream uses at the time.
+    pub(super) fn lane_stream_and_workspace(&self, lane: usize) -> Result<(sys::CUstream, sys::CUdeviceptr, usize)> {
+        if lane == 0 {
+            return Ok((self.stream.cu_stream(), self.workspace, CUBLAS_WORKSPACE));
+        }
+        let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        let l = lanes.get(lane - 1).ok_or_else(|| Error::Invalid(format!("no CUDA stream lane {lane}")))?;
+        Ok((l.stream.cu_stream(), l.workspace, CUBLAS_WORKSPACE))
+    }
+
+    /// This device's cuBLASLt handle (created on first use; an error naming the library where
+    /// libcublasLt is not found).
+    pub(super) fn lt_handle(&self) -> Result<super::lt_runtime::LtHandle> {
+        let mut lt = self.lt.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = *lt {
+            return Ok(h);
+        }
+        let h = super::lt_runtime::LtHandle::create()?;
+        *lt = Some(h);
+        Ok(h)
     }
 
     /// The device with this ordinal (created once per process).
@@ -154,7 +179,8 @@ impl Gpu {
             ctx,
             stream,
             blas,
-            _workspace: workspace,
+            workspace,
+            lt: Mutex::new(None),
             lanes: Mutex::new(vec![]),
             turn: Mutex::new(()),
         });

@@ -160,7 +160,7 @@ pub(super) fn join(
     }
     let launch = Launch { grid: (1, 1), block: (SINGLE_BLOCK_THREADS, 1), cluster: 1 };
     // One block: no number of blocks an SM to budget registers for.
-    let kernel = Kernel { name: name.into(), comments, params, body, launch, min_blocks: None };
+    let kernel = Kernel::plain(name, comments, params, body, launch);
     (kernel, DeviceStep::Launch(Launchable { kernel: name.into(), args, launch }))
 }
 
@@ -201,7 +201,7 @@ pub(super) fn join_runs(
             .iter()
             .map(|st| match st {
                 DeviceStep::Launch(l) => l.kernel.as_str(),
-                DeviceStep::Gemm(_) => unreachable!("runs have no cuBLAS products"),
+                DeviceStep::Gemm(_) | DeviceStep::GemmLt(_) => unreachable!("runs have no cuBLAS products"),
             })
             .collect();
         let first = names[0].split('_').next().unwrap_or(names[0]);

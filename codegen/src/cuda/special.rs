@@ -84,14 +84,13 @@ impl<'a> Emitter<'a> {
         let launch = launch_1d(total);
         let loop_ = grid_stride_loop(it, "t", total, body);
         let what = if scatter { "take_grad (scatter-add)" } else { "take" };
-        self.kernels.push(Kernel {
-            name: name.into(),
-            comments: vec![format!("{name} computes {what} at {}", g.at)],
+        self.kernels.push(Kernel::plain(
+            name,
+            vec![format!("{name} computes {what} at {}", g.at)],
             params,
-            body: vec![loop_],
+            vec![loop_],
             launch,
-            min_blocks: None,
-        });
+        ));
         let args = vec![KernelArg::Buf(g.src), KernelArg::Buf(g.idx), KernelArg::Buf(g.out), KernelArg::ErrorFlag];
         self.steps.push(DeviceStep::Launch(Launchable { kernel: name.into(), args, launch }));
     }
@@ -199,14 +198,13 @@ impl<'a> Emitter<'a> {
             Param { ty: value_t, name: "out".into(), kind: ParamKind::Out },
         ];
         let launch = launch_1d(blocks);
-        self.kernels.push(Kernel {
-            name: name.into(),
-            comments: vec![format!("{name} draws {} from Philox 4x32-10", op.label())],
+        self.kernels.push(Kernel::plain(
+            name,
+            vec![format!("{name} draws {} from Philox 4x32-10", op.label())],
             params,
             body,
             launch,
-            min_blocks: None,
-        });
+        ));
         let args = vec![KernelArg::Buf(state), KernelArg::Buf(out)];
         self.steps.push(DeviceStep::Launch(Launchable { kernel: name.into(), args, launch }));
     }
@@ -309,14 +307,7 @@ impl<'a> Emitter<'a> {
         let comments =
             mm.origin.iter().map(|o| format!("{} computes {o} ({}x{}x{})", mm.name, mm.m, mm.k, mm.n)).collect();
         let loop_ = grid_stride_loop(it, "t", total, body);
-        self.kernels.push(Kernel {
-            name: mm.name.clone(),
-            comments,
-            params,
-            body: vec![loop_],
-            launch,
-            min_blocks: None,
-        });
+        self.kernels.push(Kernel::plain(&mm.name, comments, params, vec![loop_], launch));
         let args = vec![KernelArg::Buf(mm.a), KernelArg::Buf(mm.b), KernelArg::Buf(mm.c)];
         self.steps.push(DeviceStep::Launch(Launchable { kernel: mm.name.clone(), args, launch }));
     }

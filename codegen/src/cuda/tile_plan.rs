@@ -326,6 +326,13 @@ impl TilePlan {
         }
     }
 
+    /// Multiply-adds each thread does over its slice of the inner dimension: its outputs times
+    /// the depth its group covers.
+    pub(super) fn macs_per_thread(&self) -> usize {
+        let (rows, cols) = self.per_thread();
+        rows * cols * self.bk / self.groups() * self.slabs
+    }
+
     pub(super) fn blocks(&self) -> usize {
         self.tiles_m * self.tiles_n * self.slices
     }

@@ -28,6 +28,7 @@ pub use build::unavailable_reason;
 
 use super::ast::Module;
 use super::emit::{emit, DeviceStep, ErrorSite, KernelArg};
+use super::lt::LtGemm;
 use crate::bytes::{tensor_bytes, tensor_from_bytes};
 use crate::kernel::{elem_size, BufKind, KernelProgram, MatMul, UpdateWrite};
 use crate::{with_host_values, Backend, CompileOptions, Executable, Program, SharedValue};
@@ -170,7 +171,7 @@ impl Compiled {
                         .map_err(|e| Error::Invalid(format!("emulated kernel {}: {e}", l.kernel)))?;
                     Some(*f)
                 }
-                DeviceStep::Gemm(_) => None,
+                DeviceStep::Gemm(_) | DeviceStep::GemmLt(_) => None,
             });
         }
         let race = if race_check {
@@ -208,6 +209,7 @@ enum Exec {
         block: (u32, u32),
     },
     Gemm(MatMul),
+    GemmLt(LtGemm),
     /// An update that could not be written in place, copied into the variable after the last step.
     Copy {
         from: usize,
@@ -294,6 +296,7 @@ impl Plan {
                     }
                 }
                 DeviceStep::Gemm(mm) => Exec::Gemm(mm.clone()),
+                DeviceStep::GemmLt(g) => Exec::GemmLt(g.clone()),
             });
         }
         let mut order = super::schedule::latest_first_order(&dp.deps);
@@ -339,6 +342,7 @@ impl Plan {
                 .map(|(i, s)| match s {
                     DeviceStep::Launch(l) => l.kernel.clone(),
                     DeviceStep::Gemm(_) => format!("cuBLAS product (step {i})"),
+                    DeviceStep::GemmLt(_) => format!("cuBLASLt product (step {i})"),
                 })
                 .collect(),
             device_steps: dp.steps,
@@ -434,13 +438,24 @@ impl Plan {
                     // SAFETY: the lowering checked the operand sizes against the product.
                     unsafe { host_gemm(mm, ptr[mm.a], ptr[mm.b], ptr[mm.c])? };
                     if compiled.race.is_some() {
-                        touched[i] = [(mm.a, "a", false), (mm.b, "b", false), (mm.c, "c", true)]
-                            .into_iter()
-                            .map(|(b, name, write)| {
-                                let lo = ptr[b] as usize;
-                                step_races::Touch { lo, hi: lo + bytes_of(&self.kp, b), write, buffer: name.into() }
-                            })
-                            .collect();
+                        let operands = [(mm.a, "a", false), (mm.b, "b", false), (mm.c, "c", true)];
+                        touched[i] = product_touches(&self.kp, &ptr, &operands);
+                    }
+                }
+                Exec::GemmLt(g) => {
+                    let mm = &g.mm;
+                    // SAFETY: the lowering checked the operand sizes against the product, and the
+                    // bias holds a float for each of its columns (`lt::absorb`).
+                    unsafe {
+                        host_gemm(mm, ptr[mm.a], ptr[mm.b], ptr[mm.c])?;
+                        let c = std::slice::from_raw_parts_mut(ptr[mm.c] as *mut f32, mm.m * mm.n);
+                        let bias = std::slice::from_raw_parts(ptr[g.bias] as *const f32, mm.n);
+                        host_bias_epilogue(c, bias, g.relu);
+                    }
+                    if compiled.race.is_some() {
+                        let operands =
+                            [(mm.a, "a", false), (mm.b, "b", false), (g.bias, "bias", false), (mm.c, "c", true)];
+                        touched[i] = product_touches(&self.kp, &ptr, &operands);
                     }
                 }
                 Exec::Copy { from, shared: s } => {
@@ -454,6 +469,32 @@ impl Plan {
             step_races::check(&self.deps, &self.step_names, &touched)?;
         }
         Ok(())
+    }
+}
+
+/// What a product step touched, for the race check: each operand's whole buffer.
+fn product_touches(
+    kp: &KernelProgram,
+    ptr: &[*mut c_void],
+    operands: &[(usize, &str, bool)],
+) -> Vec<step_races::Touch> {
+    operands
+        .iter()
+        .map(|&(b, name, write)| {
+            let lo = ptr[b] as usize;
+            step_races::Touch { lo, hi: lo + bytes_of(kp, b), write, buffer: name.into() }
+        })
+        .collect()
+}
+
+/// cuBLASLt's bias epilogue on the host: `c + bias` along each row, then the ReLU where asked, as
+/// kiln's epilogue kernel computes them.
+fn host_bias_epilogue(c: &mut [f32], bias: &[f32], relu: bool) {
+    for row in c.chunks_mut(bias.len()) {
+        for (x, b) in row.iter_mut().zip(bias) {
+            let y = *x + b;
+            *x = if relu && y < 0.0 { 0.0 } else { y };
+        }
     }
 }
 

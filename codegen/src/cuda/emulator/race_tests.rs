@@ -22,10 +22,7 @@ fn race_checked_with(helpers: Vec<DeviceFn>, body: Vec<Stmt>, grid: u32, threads
         param(CType::UInt, "tickets", ParamKind::InOut),
     ];
     let launch = Launch { grid: (grid, 1), block: (threads, 1), cluster: 1 };
-    let module = Module {
-        helpers,
-        kernels: vec![Kernel { name: "k".into(), comments: vec![], params, body, launch, min_blocks: None }],
-    };
+    let module = Module { helpers, kernels: vec![Kernel::plain("k", vec![], params, body, launch)] };
     let lib = build::library(&build::unit(&module, &crate::cuda::print::module(&module), true)).unwrap();
     // SAFETY: the kernel's entry point and the race check's registration, as the shim defines them.
     let (f, register) = unsafe {

@@ -40,10 +40,7 @@ fn run_with_helpers(
         Param { ty: CType::Float, name: "out".into(), kind: ParamKind::Out },
     ];
     let launch = Launch { grid: (1, 1), block: (threads, 1), cluster: 1 };
-    let module = Module {
-        helpers,
-        kernels: vec![Kernel { name: "k".into(), comments: vec![], params, body, launch, min_blocks: None }],
-    };
+    let module = Module { helpers, kernels: vec![Kernel::plain("k", vec![], params, body, launch)] };
     let mut unit = build::unit(&module, &crate::cuda::print::module(&module), RACE_CHECK.with(|r| r.get()));
     if portable {
         unit.insert_str(0, "#define KILN_EMU_UCONTEXT 1\n");

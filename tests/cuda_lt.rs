@@ -1,0 +1,77 @@
+//! Products whose bias (and ReLU) epilogue cuBLASLt computes (`KILN_CUDA_LT=1`,
+//! `with_lt_epilogues`): the step list names them and the epilogue kernels are gone; on the CUDA
+//! emulator (cuBLASLt's semantics on the host) a training step's loss and parameters are the same
+//! bits as with the epilogue kernels, and no two steps race; on a GPU, where there is one, the
+//! steps agree with the reference backend. fmnist-mlp's products go to cuBLAS here (tiling off),
+//! so that its two hidden layers' products take their epilogues into cuBLASLt.
+
+use kiln::workloads::build;
+use kiln::Device;
+use kiln_codegen::cuda::emulator::with_race_check;
+use kiln_codegen::cuda::{with_lt_epilogues, with_tile_choice, TileChoice};
+
+/// Every float product above the small-product size on cuBLAS.
+fn on_cublas<R>(f: impl FnOnce() -> R) -> R {
+    with_tile_choice(TileChoice { tiled: Some(false), ..TileChoice::default() }, f)
+}
+
+/// The losses of `steps` steps of `name` on `device`, the generated code, and the parameters after.
+fn train(name: &str, device: Device, steps: usize, lt: bool) -> (Vec<f64>, String, Vec<Vec<f64>>) {
+    with_lt_epilogues(lt, || {
+        let mut w = build(name, device).unwrap();
+        let losses = (0..steps).map(|_| w.step.call1(&w.args).unwrap().item().unwrap()).collect();
+        let code = if device == Device::Reference { String::new() } else { w.step.generated_code() };
+        let params = w.params.iter().map(|p| p.value().unwrap().to_f64_vec()).collect();
+        (losses, code, params)
+    })
+}
+
+#[test]
+fn bias_epilogues_in_cublaslt_compute_what_the_epilogue_kernels_do_to_the_bit() {
+    if let Some(why) = kiln::testing::emulator_skip_reason() {
+        kiln::testing::note(&format!("skipped: {why}"));
+        return;
+    }
+    let (kernels, apart_code, apart) = on_cublas(|| train("fmnist-mlp", Device::CudaEmulator, 2, false));
+    let (lt, code, fused) = on_cublas(|| with_race_check(|| train("fmnist-mlp", Device::CudaEmulator, 2, true)));
+    // The two hidden layers: relu(x w + b) in cuBLASLt's epilogue, their kernels gone.
+    assert_eq!(code.matches("in its epilogue (no ").count(), 2, "{}", &code[..code.len().min(3000)]);
+    assert!(!code.contains("k1_fused(") && apart_code.contains("k1_fused("), "{}", &code[..code.len().min(3000)]);
+    assert_eq!(
+        kernels.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+        lt.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+        "losses {kernels:?} with epilogue kernels, {lt:?} in cuBLASLt"
+    );
+    for (i, (a, b)) in apart.iter().zip(&fused).enumerate() {
+        let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        assert_eq!(differ, 0, "parameter {i}: {differ} of {} values differ", a.len());
+    }
+    // Without the request, nothing changes.
+    let (_, default_code, _) =
+        on_cublas(|| with_lt_epilogues(false, || train("fmnist-mlp", Device::CudaEmulator, 1, false)));
+    assert!(!default_code.contains("cuBLASLt"));
+}
+
+#[test]
+fn bias_epilogues_in_cublaslt_agree_with_the_reference_on_a_gpu() {
+    if let Some(why) = kiln::testing::cuda_skip_reason() {
+        kiln::testing::note(&format!("skipped, no usable GPU: {why}"));
+        return;
+    }
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * (1.0 + b.abs());
+    for (name, cublas_only) in [("fmnist-mlp", true), ("fmnist-mlp-4k", false)] {
+        let run = |device| {
+            if cublas_only {
+                on_cublas(|| train(name, device, 3, true))
+            } else {
+                train(name, device, 3, true)
+            }
+        };
+        let (gpu, code, _) = run(Device::Cuda(0));
+        let (reference, _, _) = train(name, Device::Reference, 3, false);
+        assert!(code.contains("cuBLASLt"), "{name}: no product took its epilogue");
+        for (step, (a, b)) in gpu.iter().zip(&reference).enumerate() {
+            assert!(close(*a, *b), "{name} step {step}: loss {a} on the GPU, {b} on the reference");
+        }
+    }
+}
