@@ -19,9 +19,9 @@
 #                                  block cluster, KILN_CUDA_CLUSTERS=0, with neither default
 #                                  (as before 2026-11-28), and with a short-row reduction (the
 #                                  loss's row pass) as a kernel of its own rather than at the end
-#                                  of the product it reduces, KILN_CUDA_ROW_TAIL=0, with the bias
-#                                  (and ReLU) epilogues of cuBLAS's products in cuBLASLt,
-#                                  KILN_CUDA_LT=1, with a side-by-side kernel's sections in step
+#                                  of the product it reduces, KILN_CUDA_ROW_TAIL=0, with cuBLAS's
+#                                  products through cuBLASLt (algorithms timed, bias and ReLU
+#                                  epilogues fused), KILN_CUDA_LT=1, with a side-by-side kernel's sections in step
 #                                  order rather than the longest first, KILN_CUDA_LONGEST_FIRST=0,
 #                                  then each step
 #                                  autotuned,
@@ -315,7 +315,7 @@ bench_row "neither default: one slab buffer, no clusters (KILN_CUDA_STAGES=1 KIL
     bench-old-defaults.txt KILN_CUDA_STAGES=1 KILN_CUDA_CLUSTERS=0
 bench_row "the loss's row pass as a kernel of its own, not at the end of the logits' product (KILN_CUDA_ROW_TAIL=0)" \
     bench-rowtail0.txt KILN_CUDA_ROW_TAIL=0
-bench_row "cuBLAS's products with their bias and ReLU in cuBLASLt's epilogue, no kernel of their own (KILN_CUDA_LT=1)" \
+bench_row "cuBLAS's products through cuBLASLt, algorithms timed, bias and ReLU in its epilogue (KILN_CUDA_LT=1)" \
     bench-lt.txt KILN_CUDA_LT=1
 bench_row "a side-by-side kernel's sections in step order, not the longest-running first (KILN_CUDA_LONGEST_FIRST=0)" \
     bench-stepordered.txt KILN_CUDA_LONGEST_FIRST=0
@@ -337,6 +337,8 @@ if [ "${KILN_GPU_PROFILE:-1}" = 1 ]; then
     bounded 120 env KILN_CUDA_TILED=0 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-cublas.txt"
     echo "-- fmnist-mlp-4k with every product tiled (KILN_CUDA_TILED_MACS=2^30)"
     bounded 120 env KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-tiled-4k.txt"
+    echo "-- fmnist-mlp-4k's products through cuBLASLt, each with the algorithm chosen and its time (KILN_CUDA_LT=1)"
+    bounded 120 env KILN_CUDA_LT=1 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-lt-4k.txt"
     echo "-- the same on tensor cores (KILN_CUDA_TF32X3=1)"
     bounded 120 env KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --workload fmnist-mlp-4k --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile-tf32x3-4k.txt"
     if [ "${KILN_GPU_PRODUCTS:-1}" = 1 ]; then

@@ -1,5 +1,5 @@
-//! Products whose bias (and ReLU) epilogue cuBLASLt computes (`KILN_CUDA_LT=1`,
-//! `with_lt_epilogues`): the step list names them and the epilogue kernels are gone; on the CUDA
+//! Products through cuBLASLt (`KILN_CUDA_LT=1`, `with_cublaslt`), with the bias (and ReLU)
+//! epilogues it computes: the step list names them and those epilogue kernels are gone; on the CUDA
 //! emulator (cuBLASLt's semantics on the host) a training step's loss and parameters are the same
 //! bits as with the epilogue kernels, and no two steps race; on a GPU, where there is one, the
 //! steps agree with the reference backend. fmnist-mlp's products go to cuBLAS here (tiling off),
@@ -8,7 +8,7 @@
 use kiln::workloads::build;
 use kiln::Device;
 use kiln_codegen::cuda::emulator::with_race_check;
-use kiln_codegen::cuda::{with_lt_epilogues, with_tile_choice, TileChoice};
+use kiln_codegen::cuda::{with_cublaslt, with_tile_choice, TileChoice};
 
 /// Every float product above the small-product size on cuBLAS.
 fn on_cublas<R>(f: impl FnOnce() -> R) -> R {
@@ -17,7 +17,7 @@ fn on_cublas<R>(f: impl FnOnce() -> R) -> R {
 
 /// The losses of `steps` steps of `name` on `device`, the generated code, and the parameters after.
 fn train(name: &str, device: Device, steps: usize, lt: bool) -> (Vec<f64>, String, Vec<Vec<f64>>) {
-    with_lt_epilogues(lt, || {
+    with_cublaslt(lt, || {
         let mut w = build(name, device).unwrap();
         let losses = (0..steps).map(|_| w.step.call1(&w.args).unwrap().item().unwrap()).collect();
         let code = if device == Device::Reference { String::new() } else { w.step.generated_code() };
@@ -27,15 +27,19 @@ fn train(name: &str, device: Device, steps: usize, lt: bool) -> (Vec<f64>, Strin
 }
 
 #[test]
-fn bias_epilogues_in_cublaslt_compute_what_the_epilogue_kernels_do_to_the_bit() {
+fn products_in_cublaslt_compute_what_cublas_and_the_epilogue_kernels_do_to_the_bit() {
     if let Some(why) = kiln::testing::emulator_skip_reason() {
         kiln::testing::note(&format!("skipped: {why}"));
         return;
     }
     let (kernels, apart_code, apart) = on_cublas(|| train("fmnist-mlp", Device::CudaEmulator, 2, false));
     let (lt, code, fused) = on_cublas(|| with_race_check(|| train("fmnist-mlp", Device::CudaEmulator, 2, true)));
-    // The two hidden layers: relu(x w + b) in cuBLASLt's epilogue, their kernels gone.
-    assert_eq!(code.matches("in its epilogue (no ").count(), 2, "{}", &code[..code.len().min(3000)]);
+    // Every product on cuBLAS goes to cuBLASLt; the two hidden layers' relu(x w + b) in its
+    // epilogue, their kernels gone.
+    let listing = &code[..code.find("\n\n").unwrap_or(code.len())];
+    assert_eq!(listing.matches(": cuBLASLt ").count(), 5, "{listing}");
+    assert!(!listing.contains(": cuBLAS "), "{listing}");
+    assert_eq!(listing.matches("in its epilogue (no ").count(), 2, "{listing}");
     assert!(!code.contains("k1_fused(") && apart_code.contains("k1_fused("), "{}", &code[..code.len().min(3000)]);
     assert_eq!(
         kernels.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
@@ -48,12 +52,12 @@ fn bias_epilogues_in_cublaslt_compute_what_the_epilogue_kernels_do_to_the_bit() 
     }
     // Without the request, nothing changes.
     let (_, default_code, _) =
-        on_cublas(|| with_lt_epilogues(false, || train("fmnist-mlp", Device::CudaEmulator, 1, false)));
+        on_cublas(|| with_cublaslt(false, || train("fmnist-mlp", Device::CudaEmulator, 1, false)));
     assert!(!default_code.contains("cuBLASLt"));
 }
 
 #[test]
-fn bias_epilogues_in_cublaslt_agree_with_the_reference_on_a_gpu() {
+fn products_in_cublaslt_agree_with_the_reference_on_a_gpu() {
     if let Some(why) = kiln::testing::cuda_skip_reason() {
         kiln::testing::note(&format!("skipped, no usable GPU: {why}"));
         return;

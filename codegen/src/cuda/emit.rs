@@ -148,12 +148,15 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
             Step::Loop(k) => (Some(squeezed[i].as_ref().unwrap_or(k)), vec![]),
             Step::MatMul(mm) => 'product: {
                 if big_product(mm) && !tiled::candidate(mm) {
-                    if let Some(lt) = lt::absorb(kp, i, mm, &e.loc) {
-                        // The epilogue is cuBLASLt's now: no kernel of its own.
-                        e.steps.push(DeviceStep::GemmLt(lt));
-                        break 'product (None, vec![]);
+                    match lt::product(kp, i, mm, &e.loc) {
+                        Some(lt) if lt.epilogue.is_some() => {
+                            // The epilogue is cuBLASLt's now: no kernel of its own.
+                            e.steps.push(DeviceStep::GemmLt(lt));
+                            break 'product (None, vec![]);
+                        }
+                        Some(lt) => e.steps.push(DeviceStep::GemmLt(lt)),
+                        None => e.steps.push(DeviceStep::Gemm(mm.clone())),
                     }
-                    e.steps.push(DeviceStep::Gemm(mm.clone()));
                 } else if mm.epilogue.is_some() {
                     // Emitted below: inside its epilogue where that is safe, else before it.
                     product = Some(mm);

@@ -80,7 +80,7 @@ enum Exec {
         block: (u32, u32),
     },
     Gemm(crate::kernel::MatMul),
-    /// A product with its bias epilogue through cuBLASLt, and its descriptors.
+    /// A product through cuBLASLt (with its bias epilogue, where it has one), and its descriptors.
     GemmLt(super::lt::LtGemm, super::lt_runtime::LtProduct),
     /// An update that could not be written in place: copied into the variable after the last step.
     Copy {
@@ -373,7 +373,7 @@ impl Plan {
                     if mm.a_transposed { " A^T" } else { "" },
                     if mm.b_transposed { " B^T" } else { "" }
                 ),
-                Exec::GemmLt(g, _) => format!("{} {}", g.mm.name, g.describe()),
+                Exec::GemmLt(g, product) => format!("{} {} ({})", g.mm.name, g.describe(), product.choice),
                 Exec::Copy { bytes, .. } => format!("copy {bytes} bytes"),
             })
             .collect()
@@ -464,9 +464,10 @@ impl Plan {
                 Exec::Launch { .. } => {}
                 // SAFETY: operand sizes were checked by the lowering.
                 Exec::Gemm(mm) => unsafe { gpu.gemm(lane, mm, ptr[mm.a], ptr[mm.b], ptr[mm.c])? },
-                // SAFETY: as above; the bias holds a float per column (`lt::absorb`).
+                // SAFETY: as above; a bias holds a float per column (`lt::product`).
                 Exec::GemmLt(g, product) => unsafe {
-                    product.run(gpu, lane, ptr[g.mm.a], ptr[g.mm.b], ptr[g.bias], ptr[g.mm.c])?
+                    let bias = g.epilogue.as_ref().map(|ep| ptr[ep.bias]);
+                    product.run(gpu, lane, ptr[g.mm.a], ptr[g.mm.b], bias, ptr[g.mm.c])?
                 },
                 Exec::Copy { from, shared, bytes } => {
                     // SAFETY: both buffers hold `bytes` bytes (the update keeps the variable's type).

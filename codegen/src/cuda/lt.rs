@@ -1,11 +1,12 @@
-//! Products whose epilogue cuBLASLt computes: where a float product too large to tile goes to
-//! cuBLAS and its epilogue is a bias added along the rows, with or without a ReLU after it
-//! (`relu(a b + bias)`: a dense layer's forward pass), cuBLASLt's `BIAS` or `RELU_BIAS` epilogue
-//! writes the layer's output from the product's registers. The epilogue's kernel is gone, and so
-//! is the product's round trip through memory (fmnist-mlp-4k: two 4096x256 kernels a step).
-//! Opt-in (`KILN_CUDA_LT=1`, or `with_lt_epilogues` for one thread) until timed on a card; the
-//! runtime (`lt_runtime`) picks cuBLASLt's algorithm when a function is built, at float32
-//! accuracy (`CUBLAS_COMPUTE_32F`: no TF32).
+//! Float products through cuBLASLt (`KILN_CUDA_LT=1`, or `with_cublaslt` for one thread;
+//! opt-in until timed on a card): each product too large to tile goes to cuBLASLt rather than
+//! cuBLAS, at float32 accuracy (`CUBLAS_COMPUTE_32F`: no TF32), its algorithm timed among the
+//! candidates of cuBLASLt's heuristic when the function is built (`lt_runtime`), as XLA tunes its
+//! products. Where the product's epilogue is a bias added along the rows, with or without a ReLU
+//! after it (`relu(a b + bias)`: a dense layer's forward pass), cuBLASLt's `BIAS` or `RELU_BIAS`
+//! epilogue writes the layer's output from the product's registers: the epilogue's kernel is
+//! gone, and so is the product's round trip through memory (fmnist-mlp-4k: two 4096x256 kernels
+//! a step). Other epilogues stay kernels, after the product as after cuBLAS's.
 //!
 //! A product's epilogue is taken only where nothing else reads the product, the epilogue reads it
 //! and writes its output in row-major order, the bias is a float vector of the product's columns
@@ -24,28 +25,36 @@ thread_local! {
     static ASKED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
-/// Runs `f` with cuBLASLt computing the bias epilogues it can (`on`) or not, for every CUDA program
-/// this thread specializes, whatever the environment says.
-pub fn with_lt_epilogues<R>(on: bool, f: impl FnOnce() -> R) -> R {
+/// Runs `f` with the products that go to cuBLAS going to cuBLASLt instead, with the bias
+/// epilogues it can compute (`on`), or not, for every CUDA program this thread specializes,
+/// whatever the environment says.
+pub fn with_cublaslt<R>(on: bool, f: impl FnOnce() -> R) -> R {
     super::with_thread_setting(&ASKED, Some(on), f)
 }
 
-/// Whether bias epilogues go to cuBLASLt: by `with_lt_epilogues`, else by `KILN_CUDA_LT=1`.
+/// Whether products go to cuBLASLt: by `with_cublaslt`, else by `KILN_CUDA_LT=1`.
 fn requested() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     ASKED.with(|a| a.get()).unwrap_or_else(|| super::switch_from_env(&ON, "KILN_CUDA_LT", "1"))
 }
 
-/// A product through cuBLASLt with its epilogue: `c = a b + bias` (along each row), then `max(c, 0)`
-/// where `relu`. `mm.c` is the epilogue's output; the product's own buffer is never written.
+/// A product through cuBLASLt: `c = a b`, or with an epilogue `c = a b + bias` (along each row),
+/// then `max(c, 0)` where it says `relu`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LtGemm {
+    /// With an epilogue, `mm.c` is the epilogue's output (the product's own buffer is never
+    /// written).
     pub mm: MatMul,
+    pub epilogue: Option<LtEpilogue>,
+}
+
+/// A bias epilogue that cuBLASLt computes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LtEpilogue {
     pub bias: BufId,
     pub relu: bool,
-    /// The epilogue kernel this replaces, and what it computes (for the kernel listing).
-    pub epilogue: String,
-    pub origin: Vec<String>,
+    /// The epilogue kernel this replaces (for the step list).
+    pub kernel: String,
 }
 
 impl LtGemm {
@@ -53,35 +62,41 @@ impl LtGemm {
     pub fn describe(&self) -> String {
         let mm = &self.mm;
         let t = |yes: bool| if yes { "^T" } else { "" };
-        let what = if self.relu { "relu(product + bias)" } else { "product + bias" };
-        format!(
-            "cuBLASLt {}x{}{} times {}x{}{}, then {what} in its epilogue (no {} kernel)",
-            mm.m,
-            mm.k,
-            t(mm.a_transposed),
-            mm.k,
-            mm.n,
-            t(mm.b_transposed),
-            self.epilogue
-        )
+        let (m, k, n) = (mm.m, mm.k, mm.n);
+        let product = format!("cuBLASLt {m}x{k}{} times {k}x{n}{}", t(mm.a_transposed), t(mm.b_transposed));
+        match &self.epilogue {
+            None => product,
+            Some(ep) => {
+                let what = if ep.relu { "relu(product + bias)" } else { "product + bias" };
+                format!("{product}, then {what} in its epilogue (no {} kernel)", ep.kernel)
+            }
+        }
+    }
+
+    /// The buffers it reads.
+    pub fn reads(&self) -> Vec<BufId> {
+        let mut reads = vec![self.mm.a, self.mm.b];
+        reads.extend(self.epilogue.as_ref().map(|e| e.bias));
+        reads
     }
 }
 
-/// The product of step `at` with its epilogue taken into cuBLASLt, where it asks for that and the
-/// epilogue is one cuBLASLt computes (see the module's conditions); `None` otherwise.
-pub(super) fn absorb(kp: &KernelProgram, at: usize, mm: &MatMul, loc: &[Location]) -> Option<LtGemm> {
-    if !requested() {
+/// The product of step `at` (one that goes to cuBLAS) as cuBLASLt computes it, where that is
+/// asked for: with its epilogue where cuBLASLt can compute it (the module's conditions; the
+/// epilogue then needs no kernel), else without. `None` where not asked for, or for a product
+/// cuBLASLt is not used for (batched, or not float32).
+pub(super) fn product(kp: &KernelProgram, at: usize, mm: &MatMul, loc: &[Location]) -> Option<LtGemm> {
+    if !requested() || mm.dtype != DType::F32 || mm.batch != 1 || mm.m * mm.n * mm.k == 0 {
         return None;
     }
-    absorbable(kp, at, mm, loc)
+    Some(with_epilogue(kp, at, mm, loc).unwrap_or_else(|| LtGemm { mm: mm.clone(), epilogue: None }))
 }
 
-fn absorbable(kp: &KernelProgram, at: usize, mm: &MatMul, loc: &[Location]) -> Option<LtGemm> {
+fn with_epilogue(kp: &KernelProgram, at: usize, mm: &MatMul, loc: &[Location]) -> Option<LtGemm> {
     let ep = mm.epilogue.as_deref()?;
     let (m, n) = (mm.m, mm.n);
-    let plain = mm.dtype == DType::F32 && mm.batch == 1 && m * n * mm.k > 0;
     let typed = ep.reduce.is_none() && ep.out_dtype == DType::F32 && ep.input_dtypes.iter().all(|&d| d == DType::F32);
-    if !plain || !typed || ep.shape != [m, n] {
+    if !typed || ep.shape != [m, n] {
         return None;
     }
     let (relu, p, q) = bias_add(&ep.exprs)?;
@@ -112,10 +127,7 @@ fn absorbable(kp: &KernelProgram, at: usize, mm: &MatMul, loc: &[Location]) -> O
     }
     Some(LtGemm {
         mm: MatMul { c: out, epilogue: None, ..mm.clone() },
-        bias: bias.buf,
-        relu,
-        epilogue: ep.name.clone(),
-        origin: ep.origin.clone(),
+        epilogue: Some(LtEpilogue { bias: bias.buf, relu, kernel: ep.name.clone() }),
     })
 }
 

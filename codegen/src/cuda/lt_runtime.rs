@@ -1,22 +1,38 @@
-//! cuBLASLt for the products that `lt` gives their bias epilogue: one descriptor set per product
-//! per built function (float32 compute, no TF32; `BIAS` or `RELU_BIAS`), its algorithm taken from
-//! cuBLASLt's heuristic then, outside any graph capture, and each call on the lane's stream with
-//! the lane's cuBLAS workspace. Row-major through the same identity as the cuBLAS products
-//! (`C^T = B^T A^T`: cuBLASLt's A is kiln's `b`, its B kiln's `a`), so the bias, a float per
-//! column of kiln's output, is cuBLASLt's vector over the rows of its column-major D. Every
-//! failure is an `Err` naming the product; a pointer less aligned than the heuristic assumed is
-//! refused before the call.
+//! cuBLASLt for the products that `lt` sends there: one descriptor set per product per built
+//! function (float32 compute, no TF32; a `BIAS` or `RELU_BIAS` epilogue where `lt` found one), its
+//! algorithm chosen then, outside any graph capture: the candidates of cuBLASLt's heuristic (at
+//! most `CANDIDATES`) each timed on scratch buffers of the product's sizes, the fastest kept, as
+//! XLA tunes its products (`KILN_CUDA_LT_TIMED=0`: the heuristic's first, to time what that
+//! choice gains). Each call then runs on its lane's stream with the lane's cuBLAS workspace.
+//! Row-major through the same identity as the cuBLAS products (`C^T = B^T A^T`: cuBLASLt's A is
+//! kiln's `b`, its B kiln's `a`), so a bias, a float per column of kiln's output, is cuBLASLt's
+//! vector over the rows of its column-major D. Every failure is an `Err` naming the product; a
+//! pointer less aligned than the heuristic assumed is refused before the call.
 
 use super::lt::LtGemm;
-use super::runtime::Gpu;
+use super::runtime::{cuda_err, DeviceBuffer, Gpu};
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys as lt_sys;
+use cudarc::driver::{result as driver, sys::CUevent_flags};
 use kiln_ir::{Error, Result};
 use std::ffi::c_void;
+use std::sync::Arc;
 
 /// The alignment cuBLASLt's heuristic assumes of every pointer where not told otherwise (its
 /// default preference), which every kiln allocation has; checked before each call.
 const ALIGNMENT: u64 = 256;
+
+/// Algorithms asked of cuBLASLt's heuristic for each product, each timed.
+const CANDIDATES: usize = 8;
+
+/// Calls of each candidate timed together, after one that warms it up.
+const TIMED_CALLS: usize = 3;
+
+/// Whether candidates are timed (`KILN_CUDA_LT_TIMED=0`: the heuristic's first is taken).
+fn timed() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !super::switch_from_env(&OFF, "KILN_CUDA_LT_TIMED", "0")
+}
 
 fn lt_err(what: String) -> impl Fn(CublasError) -> Error {
     move |e| Error::Invalid(format!("cuBLASLt: {what} failed: {e:?}"))
@@ -51,6 +67,8 @@ pub struct LtProduct {
     layouts: Vec<lt_sys::cublasLtMatrixLayout_t>,
     algo: Option<lt_sys::cublasLtMatmulAlgo_t>,
     name: String,
+    /// How the algorithm was chosen, for profiles.
+    pub choice: String,
 }
 
 // SAFETY: as for `LtHandle`.
@@ -79,40 +97,34 @@ unsafe fn set_desc<T>(
 }
 
 impl LtProduct {
-    /// Descriptors for `g` and the algorithm cuBLASLt's heuristic picks for them on `gpu`, with up
-    /// to a lane's workspace.
-    pub fn new(gpu: &Gpu, g: &LtGemm) -> Result<LtProduct> {
+    /// Descriptors for `g` and the algorithm chosen for them on `gpu`, with up to a lane's
+    /// workspace.
+    pub fn new(gpu: &Arc<Gpu>, g: &LtGemm) -> Result<LtProduct> {
         use lt_sys::cublasLtMatmulDescAttributes_t as Attr;
         let handle = gpu.lt_handle()?;
         let mm = &g.mm;
         let name = format!("{} ({})", mm.name, g.describe());
         let err = |what: &str| lt_err(format!("{what} for {name}"));
-        let desc =
-            lt::create_matmul_desc(lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt_sys::cudaDataType_t::CUDA_R_32F)
-                .map_err(err("creating the product's descriptor"))?;
-        let mut product = LtProduct { handle, desc, layouts: vec![], algo: None, name: name.clone() };
+        let compute = lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        let desc = lt::create_matmul_desc(compute, lt_sys::cudaDataType_t::CUDA_R_32F)
+            .map_err(err("creating the product's descriptor"))?;
+        let mut product =
+            LtProduct { handle, desc, layouts: vec![], algo: None, name: name.clone(), choice: String::new() };
         let (m, n, k) = (mm.m as u64, mm.n as u64, mm.k as u64);
         // Column-major, as stored: kiln's `b` ([k, n] row-major, or [n, k] transposed), then `a`.
         let stored = |transposed: bool, rows: u64, cols: u64| if transposed { (cols, rows) } else { (rows, cols) };
-        let (a_rows, a_cols) = stored(mm.b_transposed, n, k);
-        let (b_rows, b_cols) = stored(mm.a_transposed, k, m);
         let f32 = lt_sys::cudaDataType_t::CUDA_R_32F;
-        for (rows, cols) in [(a_rows, a_cols), (b_rows, b_cols), (n, m)] {
+        for (rows, cols) in [stored(mm.b_transposed, n, k), stored(mm.a_transposed, k, m), (n, m)] {
             let layout =
                 lt::create_matrix_layout(f32, rows, cols, rows as i64).map_err(err("creating a matrix layout"))?;
             product.layouts.push(layout);
         }
-        let op = |t: bool| {
-            if t {
-                cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        let epilogue = if g.relu {
-            lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS
-        } else {
-            lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+        use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let epilogue = match &g.epilogue {
+            None => lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+            Some(ep) if ep.relu => lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS,
+            Some(_) => lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
         };
         // SAFETY: the descriptor is this product's; each value has the attribute's type.
         unsafe {
@@ -120,10 +132,37 @@ impl LtProduct {
             set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &op(mm.a_transposed)).map_err(err("setting TRANSB"))?;
             set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue).map_err(err("setting the epilogue"))?;
         }
+        let candidates = product.candidates(gpu)?;
+        let (pick, choice) = if candidates.len() > 1 && timed() {
+            let times = product.time(gpu, g, &candidates)?;
+            let best = (0..times.len()).min_by(|&a, &b| times[a].total_cmp(&times[b])).expect("candidates");
+            let us = |t: f32| t * 1000.0 / TIMED_CALLS as f32;
+            let choice = format!(
+                "algorithm {} of {} timed: {:.1} us, the heuristic's first {:.1} us",
+                best + 1,
+                times.len(),
+                us(times[best]),
+                us(times[0])
+            );
+            (best, choice)
+        } else {
+            (0, format!("the heuristic's first of {} algorithms", candidates.len()))
+        };
+        product.algo = Some(candidates[pick]);
+        product.choice = choice;
+        Ok(product)
+    }
+
+    /// The algorithms cuBLASLt's heuristic offers for this product, best first (an error where it
+    /// offers none).
+    fn candidates(&self, gpu: &Gpu) -> Result<Vec<lt_sys::cublasLtMatmulAlgo_t>> {
+        let err = |what: &str| lt_err(format!("{what} for {}", self.name));
         let pref = lt::create_matmul_pref().map_err(err("creating a preference"))?;
         let (_, _, workspace_bytes) = gpu.lane_stream_and_workspace(0)?;
-        // SAFETY: the preference and every descriptor are alive; the preference is freed after.
-        let heuristic = unsafe {
+        let l = &self.layouts;
+        // SAFETY: the preference and every descriptor are alive, the results array holds
+        // `CANDIDATES` plain structs (all-zero is a valid one); the preference is freed after.
+        let (status, results, count) = unsafe {
             let bytes = workspace_bytes as u64;
             let set = lt::set_matmul_pref_attribute(
                 pref,
@@ -131,32 +170,104 @@ impl LtProduct {
                 &bytes as *const u64 as *const c_void,
                 std::mem::size_of::<u64>(),
             );
-            let l = &product.layouts;
-            let found = set.and_then(|_| lt::get_matmul_algo_heuristic(handle.0, desc, l[0], l[1], l[2], l[2], pref));
+            let mut results: Vec<lt_sys::cublasLtMatmulHeuristicResult_t> = vec![std::mem::zeroed(); CANDIDATES];
+            let mut count: std::ffi::c_int = 0;
+            let status = set.and_then(|_| {
+                lt_sys::cublasLtMatmulAlgoGetHeuristic(
+                    self.handle.0,
+                    self.desc,
+                    l[0],
+                    l[1],
+                    l[2],
+                    l[2],
+                    pref,
+                    CANDIDATES as std::ffi::c_int,
+                    results.as_mut_ptr(),
+                    &mut count,
+                )
+                .result()
+            });
             let _ = lt::destroy_matmul_pref(pref);
-            found.map_err(err("finding an algorithm (cuBLASLt's heuristic)"))?
+            (status, results, count)
         };
-        product.algo = Some(heuristic.algo);
-        Ok(product)
+        status.map_err(err("asking cuBLASLt's heuristic for algorithms"))?;
+        let ok = lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS;
+        let found: Vec<_> =
+            results.iter().take(count.max(0) as usize).filter(|r| r.state == ok).map(|r| r.algo).collect();
+        if found.is_empty() {
+            return Err(Error::Invalid(format!("cuBLASLt: its heuristic has no algorithm for {}", self.name)));
+        }
+        Ok(found)
     }
 
-    /// Enqueues `c = relu?(a b + bias)` on lane `lane`'s stream (also while capturing).
+    /// Milliseconds that `TIMED_CALLS` calls of each candidate take on scratch buffers of the
+    /// product's sizes (zeros), on the main stream; infinite for one that fails.
+    fn time(&self, gpu: &Arc<Gpu>, g: &LtGemm, candidates: &[lt_sys::cublasLtMatmulAlgo_t]) -> Result<Vec<f32>> {
+        let mm = &g.mm;
+        let floats = [mm.m * mm.k, mm.k * mm.n, mm.m * mm.n, mm.n];
+        let scratch = floats.iter().map(|&f| DeviceBuffer::new(gpu, f * 4)).collect::<Result<Vec<_>>>()?;
+        let stream = gpu.stream.cu_stream();
+        for s in &scratch {
+            // SAFETY: a buffer of `s.bytes` bytes of this device.
+            unsafe { driver::memset_d8_async(s.ptr, 0, s.bytes, stream) }.map_err(cuda_err("clearing scratch"))?;
+        }
+        let bias = g.epilogue.as_ref().map(|_| scratch[3].ptr);
+        let (a, b, c) = (scratch[0].ptr, scratch[1].ptr, scratch[2].ptr);
+        let event = || gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda_err("creating an event"));
+        let (start, end) = (event()?, event()?);
+        let mut times = vec![];
+        for algo in candidates {
+            // SAFETY: the scratch buffers have the product's sizes and are 256-byte aligned.
+            let call = || unsafe { self.enqueue(gpu, 0, algo, a, b, bias, c) };
+            if call().is_err() {
+                times.push(f32::INFINITY);
+                continue;
+            }
+            start.record(&gpu.stream).map_err(cuda_err("recording an event"))?;
+            let calls: Result<Vec<()>> = (0..TIMED_CALLS).map(|_| call()).collect();
+            end.record(&gpu.stream).map_err(cuda_err("recording an event"))?;
+            let ms = start.elapsed_ms(&end).map_err(cuda_err("reading an event"))?;
+            times.push(if calls.is_ok() { ms } else { f32::INFINITY });
+        }
+        gpu.synchronize()?;
+        Ok(times)
+    }
+
+    /// Enqueues the product (`relu?(a b + bias)` with an epilogue) on lane `lane`'s stream, also
+    /// while capturing.
     ///
     /// # Safety
     /// The pointers must be device buffers of the sizes the product implies (checked by the
-    /// lowering), `bias` a float per column.
-    pub unsafe fn run(&self, gpu: &Gpu, lane: usize, a: u64, b: u64, bias: u64, c: u64) -> Result<()> {
+    /// lowering), `bias` a float per column, present exactly where the product has an epilogue.
+    pub unsafe fn run(&self, gpu: &Gpu, lane: usize, a: u64, b: u64, bias: Option<u64>, c: u64) -> Result<()> {
+        let algo = self.algo.as_ref().expect("an algorithm is chosen when the product is made");
+        self.enqueue(gpu, lane, algo, a, b, bias, c)
+    }
+
+    /// As `run`, with `algo`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn enqueue(
+        &self,
+        gpu: &Gpu,
+        lane: usize,
+        algo: &lt_sys::cublasLtMatmulAlgo_t,
+        a: u64,
+        b: u64,
+        bias: Option<u64>,
+        c: u64,
+    ) -> Result<()> {
         use lt_sys::cublasLtMatmulDescAttributes_t as Attr;
-        if let Some(p) = [a, b, bias, c].into_iter().find(|p| p % ALIGNMENT != 0) {
+        if let Some(p) = [a, b, c].into_iter().chain(bias).find(|p| p % ALIGNMENT != 0) {
             return Err(Error::Invalid(format!(
                 "cuBLASLt: {}: a buffer at {p:#x} is not {ALIGNMENT}-byte aligned, as the algorithm chosen assumes",
                 self.name
             )));
         }
-        let algo = self.algo.as_ref().expect("an algorithm is chosen when the product is made");
         let (stream, workspace, bytes) = gpu.lane_stream_and_workspace(lane)?;
         let err = |what: &str| lt_err(format!("{what} for {}", self.name));
-        set_desc(self.desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias).map_err(err("setting the bias"))?;
+        if let Some(bias) = bias {
+            set_desc(self.desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias).map_err(err("setting the bias"))?;
+        }
         let (one, zero) = (1.0f32, 0.0f32);
         let l = &self.layouts;
         // cuBLASLt's A is kiln's `b`, its B kiln's `a`; C is D (beta 0).

@@ -41,7 +41,7 @@ mod tile_table;
 mod tiled;
 pub use cluster::{with_cluster_setting, with_clusters};
 pub use dependent_launch::{with_dependent_launch, with_late_dependent_launch};
-pub use lt::{with_lt_epilogues, LtGemm};
+pub use lt::{with_cublaslt, LtEpilogue, LtGemm};
 pub use row_tail::with_row_tails;
 pub use tile_table::{with_tile_table, ProductKey, TileTable};
 pub use tiled::{with_tile_choice, TileChoice, TileShape};

@@ -240,7 +240,7 @@ pub(super) fn step_accesses(step: &DeviceStep, kernels: &[Kernel], loc: &[Locati
             accesses(kernels.iter().find(|k| k.name == l.kernel).expect("every launch has its kernel"), &l.args, loc)
         }
         DeviceStep::Gemm(mm) => (vec![loc[mm.a], loc[mm.b]], vec![loc[mm.c]]),
-        DeviceStep::GemmLt(g) => (vec![loc[g.mm.a], loc[g.mm.b], loc[g.bias]], vec![loc[g.mm.c]]),
+        DeviceStep::GemmLt(g) => (g.reads().iter().map(|&b| loc[b]).collect(), vec![loc[g.mm.c]]),
     }
 }
 

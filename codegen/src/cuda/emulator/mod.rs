@@ -445,16 +445,18 @@ impl Plan {
                 Exec::GemmLt(g) => {
                     let mm = &g.mm;
                     // SAFETY: the lowering checked the operand sizes against the product, and the
-                    // bias holds a float for each of its columns (`lt::absorb`).
+                    // bias holds a float for each of its columns (`lt::product`).
                     unsafe {
                         host_gemm(mm, ptr[mm.a], ptr[mm.b], ptr[mm.c])?;
-                        let c = std::slice::from_raw_parts_mut(ptr[mm.c] as *mut f32, mm.m * mm.n);
-                        let bias = std::slice::from_raw_parts(ptr[g.bias] as *const f32, mm.n);
-                        host_bias_epilogue(c, bias, g.relu);
+                        if let Some(ep) = &g.epilogue {
+                            let c = std::slice::from_raw_parts_mut(ptr[mm.c] as *mut f32, mm.m * mm.n);
+                            let bias = std::slice::from_raw_parts(ptr[ep.bias] as *const f32, mm.n);
+                            host_bias_epilogue(c, bias, ep.relu);
+                        }
                     }
                     if compiled.race.is_some() {
-                        let operands =
-                            [(mm.a, "a", false), (mm.b, "b", false), (g.bias, "bias", false), (mm.c, "c", true)];
+                        let mut operands = vec![(mm.a, "a", false), (mm.b, "b", false), (mm.c, "c", true)];
+                        operands.extend(g.epilogue.as_ref().map(|ep| (ep.bias, "bias", false)));
                         touched[i] = product_touches(&self.kp, &ptr, &operands);
                     }
                 }
