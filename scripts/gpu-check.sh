@@ -23,6 +23,8 @@
 #                                  products through cuBLASLt (algorithms timed, bias and ReLU
 #                                  epilogues fused), KILN_CUDA_LT=1, with a side-by-side kernel's sections in step
 #                                  order rather than the longest first, KILN_CUDA_LONGEST_FIRST=0,
+#                                  with kernels joined from 12 steps on, not 64,
+#                                  KILN_CUDA_LOOKAHEAD=12,
 #                                  then each step
 #                                  autotuned,
 #                                  Function::autotune, at most
@@ -169,7 +171,7 @@ if [ "${1:-}" = "--ab" ]; then
 fi
 summary() {
     echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults rowtail0 lt stepordered autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
+    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults rowtail0 lt stepordered lookahead12 autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
     (
         cd "$OUT_DIR" || exit
         printf '%-16s' workload
@@ -319,6 +321,8 @@ bench_row "cuBLAS's products through cuBLASLt, algorithms timed, bias and ReLU i
     bench-lt.txt KILN_CUDA_LT=1
 bench_row "a side-by-side kernel's sections in step order, not the longest-running first (KILN_CUDA_LONGEST_FIRST=0)" \
     bench-stepordered.txt KILN_CUDA_LONGEST_FIRST=0
+bench_row "kernels joined side by side from at most 12 steps on, not 64 (KILN_CUDA_LOOKAHEAD=12, as before)" \
+    bench-lookahead12.txt KILN_CUDA_LOOKAHEAD=12
 # Each workload autotuned (Function::autotune: every product as cuBLAS and in each tiling, the
 # whole step timed for each, then the step's knobs: dependent launch, streams, two bounds; its
 # report first, then the tuned step's times).

@@ -467,3 +467,27 @@ fn tiles_load_before_they_multiply_and_before_they_store() {
     // (A cluster's block walks only its share of a tile's rows, often in one turn: no loop.)
     assert!(slab_loops > 100 && walks > 50, "{slab_loops} loops over slabs and {walks} walks over tiles found");
 }
+
+#[test]
+fn weight_gradients_run_beside_the_input_gradients_of_the_layers_before_them() {
+    // The autoencoder's backward pass is a chain of eight input-gradient products; each layer's
+    // weight gradient (and update, in its epilogue) needs only that layer's output gradient, and
+    // moves up (`side.rs`: up to 64 steps) to run beside the next product of the chain that does
+    // not read the weights it updates. Only the first two layers' wait for the chain's end.
+    let w = kiln::workloads::build("autoencoder", Device::Reference).unwrap();
+    let src = w.step.cuda_source(&w.args).unwrap();
+    let listing = &src[..src.find("\n\n").unwrap_or(src.len())];
+    for joined in ["k23_fused_and_k60_k63", "k25_fused_and_k56_k59", "k27_fused_and_k52_k55", "k35_fused_and_k36_k39:"]
+    {
+        assert!(listing.contains(joined), "{joined}\n{listing}");
+    }
+    assert_eq!(src.matches("extern \"C\" __global__").count(), 17, "{listing}");
+    // The last kernel: the first two layers' weight gradients, the longest-running first.
+    assert!(
+        src.contains("//   blocks [0, 112): k35_fused\n") && src.contains("//   blocks [112, 240): k39_fused\n"),
+        "{src}"
+    );
+    // At a lookahead of 12, as before, the decoder's weight gradients ran at the end.
+    let before = kiln_codegen::cuda::with_bound("KILN_CUDA_LOOKAHEAD", 12, || w.step.cuda_source(&w.args).unwrap());
+    assert_eq!(before.matches("extern \"C\" __global__").count(), 18);
+}

@@ -230,8 +230,16 @@ fn longest_first(mut launches: Vec<Launchable>, macs: &dyn Fn(&Launchable) -> us
     launches
 }
 
-/// How far ahead of a launch `join_all` looks for launches to run beside it.
-const LOOKAHEAD: usize = 12;
+/// How far ahead of a launch `join_all` looks for launches to run beside it: far enough for a
+/// layer's weight gradient to move up beside the input gradient of the layer before it, through
+/// the autoencoder's chain of eight (at 12, the decoder's ran in two kernels of their own at the
+/// end of the step). `KILN_CUDA_LOOKAHEAD` sets another, to time the difference on a card.
+const LOOKAHEAD: usize = 64;
+
+fn lookahead() -> usize {
+    static STEPS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    super::bound_from_env(&STEPS, "KILN_CUDA_LOOKAHEAD", LOOKAHEAD)
+}
 
 /// The memory a step reads and writes.
 pub(super) fn step_accesses(step: &DeviceStep, kernels: &[Kernel], loc: &[Location]) -> (Vec<Location>, Vec<Location>) {
@@ -279,7 +287,7 @@ pub(super) fn join_all(
         if matches!(&steps[s], DeviceStep::Launch(l) if can_start(l)) {
             // The steps that stay where they are, between the group and a candidate.
             let mut staying: Vec<usize> = vec![];
-            for j in s + 1..steps.len().min(s + 1 + LOOKAHEAD) {
+            for j in s + 1..steps.len().min(s + 1 + lookahead()) {
                 if taken[j] {
                     continue;
                 }
