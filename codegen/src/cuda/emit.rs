@@ -67,7 +67,7 @@ pub enum DeviceStep {
     Launch(Launchable),
     /// A float product through cuBLAS (its epilogue is the next step).
     Gemm(MatMul),
-    /// A float product through cuBLASLt with its bias (and ReLU) epilogue (`lt`).
+    /// A float product through cuBLASLt, with its epilogue where cuBLASLt computes it (`lt`).
     GemmLt(super::lt::LtGemm),
 }
 
@@ -149,13 +149,15 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
             Step::MatMul(mm) => 'product: {
                 if big_product(mm) && !tiled::candidate(mm) {
                     match lt::product(kp, i, mm, &e.loc) {
-                        Some(lt) if lt.epilogue.is_some() => {
-                            // The epilogue is cuBLASLt's now: no kernel of its own.
-                            e.steps.push(DeviceStep::GemmLt(lt));
-                            break 'product (None, vec![]);
-                        }
-                        Some(lt) => e.steps.push(DeviceStep::GemmLt(lt)),
                         None => e.steps.push(DeviceStep::Gemm(mm.clone())),
+                        Some(lt) => {
+                            let fused = lt.epilogue.is_some();
+                            e.steps.push(DeviceStep::GemmLt(lt));
+                            if fused {
+                                // The epilogue is cuBLASLt's: no kernel of its own.
+                                break 'product (None, vec![]);
+                            }
+                        }
                     }
                 } else if mm.epilogue.is_some() {
                     // Emitted below: inside its epilogue where that is safe, else before it.
