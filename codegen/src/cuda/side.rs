@@ -20,6 +20,10 @@ use super::single::{rewrite_stmts, section_names};
 /// At most this many kernels per joined kernel (keeps kernels readable).
 const MAX_SECTIONS: usize = 4;
 
+/// SMs of the cards kiln's estimates are made for (an H100 or H200), each holding as many blocks
+/// of a kernel at once as its register budget says (`Kernel::min_blocks`).
+const SMS: usize = 132;
+
 /// A kernel's static shared memory may not exceed 48 KiB (tiled products use up to 45 KiB).
 const MAX_SHARED_BYTES: usize = 48 * 1024;
 
@@ -95,6 +99,15 @@ pub(super) fn can_join(loc: &[Location], kernels: &[Kernel], group: &[&Launchabl
     let starts_a_cluster = (grid - blocks(b)).is_multiple_of(cluster as usize);
     if sizes.clone().any(|c| c != cluster) || (b.launch.cluster > 1 && !starts_a_cluster) {
         return false;
+    }
+    // A section that asks for fewer blocks an SM (more registers a thread) lowers the whole
+    // kernel's budget: not where the joined grid would then need a second wave.
+    let before = group.iter().filter_map(|l| kernel(l).min_blocks).min();
+    let after = before.into_iter().chain(kernel(b).min_blocks).min();
+    if let (Some(before), Some(after)) = (before, after) {
+        if after < before && grid > SMS * after as usize {
+            return false;
+        }
     }
     // The sections' top-level arrays overlap; nested ones are each the kernel's own.
     let sizes: Vec<(usize, usize)> =
@@ -380,6 +393,27 @@ mod tests {
         let mut source = String::new();
         super::super::print::kernel(&mut source, &joined);
         assert!(source.contains("__cluster_dims__(4, 1, 1)") && source.contains("blockIdx.x < 11"), "{source}");
+    }
+
+    #[test]
+    fn a_join_that_lowers_the_register_budget_never_needs_a_second_wave() {
+        let budget = |name: &str, grid: u32, blocks: Option<u32>| {
+            let (mut k, l) = clustered(name, grid, 1);
+            k.min_blocks = blocks;
+            (k, l)
+        };
+        let (chain, lc) = budget("k23_fused", 256, Some(3));
+        let (wide, lw) = budget("k63_fused", 104, Some(2));
+        let (small, ls) = budget("k27_fused", 16, Some(3));
+        let (same, lm) = budget("k59_fused", 200, Some(3));
+        let (light, ll) = budget("k60_sum", 400, None);
+        let kernels = vec![chain, wide, small, same, light];
+        // 360 blocks at two an SM would need more than 264 slots; the 16-block kernel takes it.
+        assert!(!can_join(&[], &kernels, &[&lc], &lw));
+        assert!(can_join(&[], &kernels, &[&ls], &lw));
+        // Past a wave is allowed where the budget stays (and with no budget at all).
+        assert!(can_join(&[], &kernels, &[&lc], &lm));
+        assert!(can_join(&[], &kernels, &[&lc], &ll));
     }
 
     #[test]
