@@ -58,6 +58,9 @@ pub struct CompileOptions {
     /// Smaller products with longer dots than this are tiled, as `KILN_CUDA_DOT_DEPTH` says
     /// (`None`: as that says, else 64).
     pub dot_depth: Option<usize>,
+    /// The products that go to cuBLAS through cuBLASLt (`Some(true)`, as `KILN_CUDA_LT=1` asks)
+    /// or not (`Some(false)`); `None`: as that says.
+    pub cublaslt: Option<bool>,
 }
 
 /// Moves each update output into its shared variable (after checking it keeps the variable's

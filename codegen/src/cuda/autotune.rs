@@ -1,7 +1,8 @@
 //! Autotuning a step on the card at hand: how each of its float products is computed (cuBLAS and
 //! an epilogue kernel, or kiln's tiles of one shape, slice count and number of slab buffers), and
 //! for the whole step programmatic dependent launch, sliced tiles as thread block clusters or not,
-//! the number of streams and two size bounds of the kernel joins, chosen by timing the whole step,
+//! cuBLAS's products through cuBLASLt or not, the number of streams and two size bounds of the
+//! kernel joins, chosen by timing the whole step,
 //! not each product alone. The rules of `TilePlan::for_product` are estimates fitted to one
 //! card's product table; a product timed on its own misses what the step around it does (two
 //! streams, kernels side by side, what the L2 cache already holds). So the search times the step
@@ -51,6 +52,9 @@ pub struct Setting {
     pub run_macs: Option<usize>,
     /// `KILN_CUDA_DOT_DEPTH`'s bound.
     pub dot_depth: Option<usize>,
+    /// cuBLAS's products through cuBLASLt (`Some(true)`) or not (`Some(false)`); `None`: as
+    /// kiln has it (`KILN_CUDA_LT`, else not).
+    pub cublaslt: Option<bool>,
 }
 
 impl Setting {
@@ -63,12 +67,13 @@ impl Setting {
             streams: self.streams,
             run_macs: self.run_macs,
             dot_depth: self.dot_depth,
+            cublaslt: self.cublaslt,
         }
     }
 
     /// The step's switches, in `SWITCH_LINES`' order (`None`: as kiln has it).
-    fn switches(&self) -> [Option<bool>; 2] {
-        [Some(self.dependent_launch), self.clusters]
+    fn switches(&self) -> [Option<bool>; 3] {
+        [Some(self.dependent_launch), self.clusters, self.cublaslt]
     }
 
     /// The step's numbers, in `NUMBER_LINES`' order (`None`: as kiln has it).
@@ -81,7 +86,7 @@ impl Setting {
     }
 
     /// The step's knobs in a line, as a cache entry names them: `dependent-launch off, clusters
-    /// kiln, streams 2, run-macs kiln, dot-depth kiln`.
+    /// kiln, cublaslt kiln, streams 2, run-macs kiln, dot-depth kiln`.
     pub fn knobs(&self) -> String {
         let on_off = |on: Option<bool>| match on {
             Some(true) => "on",
@@ -109,13 +114,15 @@ impl Setting {
 }
 
 /// What a search tries: its candidates for each product, then for the whole step dependent
-/// launch (if `dependent_launch`), sliced tiles as clusters (if `clusters`), each number of
-/// streams of `streams`, each bound of `run_macs` and each of `dot_depth`.
+/// launch (if `dependent_launch`), sliced tiles as clusters (if `clusters`), cuBLAS's products
+/// through cuBLASLt (if `cublaslt`: a step with none has the same code and is passed over), each
+/// number of streams of `streams`, each bound of `run_macs` and each of `dot_depth`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Space {
     pub candidates: Vec<TileChoice>,
     pub dependent_launch: bool,
     pub clusters: bool,
+    pub cublaslt: bool,
     pub streams: Vec<usize>,
     pub run_macs: Vec<usize>,
     pub dot_depth: Vec<usize>,
@@ -130,16 +137,18 @@ impl Space {
     /// The settings of the step's round `knob` (the switches in `SWITCH_LINES`' order, then the
     /// step's numbers in `NUMBER_LINES`'): `best` with each value that the space tries.
     fn step_round(&self, knob: usize, best: &Setting) -> Vec<Setting> {
-        let switches = [self.dependent_launch, self.clusters];
+        let switches = [self.dependent_launch, self.clusters, self.cublaslt];
         if knob < switches.len() {
             if !switches[knob] {
                 return vec![];
             }
             // Dependent launch is off unless asked; clusters are on where the card has them, so
-            // both ways are tried (the one that is kiln's own has its code and is passed over).
+            // both ways are tried (the one that is kiln's own has its code and is passed over);
+            // cuBLASLt both ways too, as `KILN_CUDA_LT` may have turned it on.
             return match knob {
                 0 => vec![Setting { dependent_launch: true, ..best.clone() }],
-                _ => [true, false].map(|on| Setting { clusters: Some(on), ..best.clone() }).to_vec(),
+                1 => [true, false].map(|on| Setting { clusters: Some(on), ..best.clone() }).to_vec(),
+                _ => [true, false].map(|on| Setting { cublaslt: Some(on), ..best.clone() }).to_vec(),
             };
         }
         self.numbers()[knob - switches.len()]
@@ -162,6 +171,7 @@ impl Default for Space {
             candidates: default_candidates(),
             dependent_launch: true,
             clusters: true,
+            cublaslt: true,
             streams: vec![1, 2, 3],
             run_macs: vec![1 << 19],
             dot_depth: vec![1 << 30],
@@ -379,7 +389,7 @@ where
 fn describe(s: &Setting) -> String {
     let mut parts: Vec<String> =
         s.table.entries.iter().map(|(k, c)| format!("{k} {}", c.label().unwrap_or_default())).collect();
-    if s.dependent_launch || s.clusters.is_some() || s.numbers().iter().any(Option::is_some) {
+    if s.dependent_launch || s.clusters.is_some() || s.cublaslt.is_some() || s.numbers().iter().any(Option::is_some) {
         parts.push(s.knobs());
     }
     if parts.is_empty() {
@@ -400,16 +410,18 @@ pub fn cache_key(code: &str, device: &str, space: &Space) -> String {
     }
     space.dependent_launch.hash(&mut h);
     space.clusters.hash(&mut h);
+    space.cublaslt.hash(&mut h);
     space.streams.hash(&mut h);
     space.run_macs.hash(&mut h);
     space.dot_depth.hash(&mut h);
     format!("{:016x}", h.finish())
 }
 
-/// The lines of a cache entry that say whether dependent launch won (`on` or `off`) and clusters
-/// (`on`, `off`, or `kiln`: as the card has it), and those of the step's numbers (each a number,
-/// or `kiln`: as kiln has it), with the most each may be.
-const SWITCH_LINES: [&str; 2] = ["dependent-launch", "clusters"];
+/// The lines of a cache entry that say whether dependent launch won (`on` or `off`), clusters
+/// (`on`, `off`, or `kiln`: as the card has it) and cuBLASLt (`on`, `off`, or `kiln`: as
+/// `KILN_CUDA_LT` has it), and those of the step's numbers (each a number, or `kiln`: as kiln has
+/// it), with the most each may be.
+const SWITCH_LINES: [&str; 3] = ["dependent-launch", "clusters", "cublaslt"];
 const NUMBER_LINES: [(&str, usize); 3] = [("streams", 8), ("run-macs", usize::MAX), ("dot-depth", usize::MAX)];
 
 /// A setting as a cache entry's text: `heading` as comments, the launch line and the step's
@@ -433,7 +445,7 @@ pub fn setting_text(s: &Setting, heading: &str) -> String {
 /// Reads `setting_text`'s text back; `origin` is what errors name.
 pub fn parse_setting(text: &str, origin: &str) -> Result<Setting> {
     let mut setting = Setting::default();
-    let (mut switched, mut seen) = ([None; 2], [false; 3]);
+    let (mut switched, mut seen) = ([None; 3], [false; 3]);
     let mut table = String::new();
     for line in text.lines() {
         let bad = |what: &str| Error::Invalid(format!("{origin}: '{}' (expected {what})", line.trim()));
@@ -444,8 +456,8 @@ pub fn parse_setting(text: &str, origin: &str) -> Result<Setting> {
             switched[i] = Some(match (words.as_slice(), i) {
                 ([_, "on"], _) => Some(true),
                 ([_, "off"], _) => Some(false),
-                // Only clusters have a default of kiln's that a card decides.
-                ([_, "kiln"], 1) => None,
+                // Dependent launch is off unless a setting turns it on.
+                ([_, "kiln"], 1..) => None,
                 (_, 0) => return Err(bad("on or off")),
                 _ => return Err(bad("on, off or kiln")),
             });
@@ -473,9 +485,10 @@ pub fn parse_setting(text: &str, origin: &str) -> Result<Setting> {
         }
     }
     let missing = |l: &str| Error::Invalid(format!("{origin}: no '{l}' line"));
-    let [dependent_launch, clusters] = switched;
+    let [dependent_launch, clusters, cublaslt] = switched;
     setting.dependent_launch = dependent_launch.ok_or_else(|| missing("dependent-launch on|off"))?.unwrap_or(false);
     setting.clusters = clusters.ok_or_else(|| missing("clusters on|off|kiln"))?;
+    setting.cublaslt = cublaslt.ok_or_else(|| missing("cublaslt on|off|kiln"))?;
     if let Some(i) = seen.iter().position(|s| !s) {
         return Err(missing(&format!("{} N|kiln", NUMBER_LINES[i].0)));
     }
@@ -525,6 +538,7 @@ mod tests {
         Space {
             dependent_launch: false,
             clusters: false,
+            cublaslt: false,
             streams: vec![],
             run_macs: vec![],
             dot_depth: vec![],
@@ -573,15 +587,16 @@ mod tests {
         assert_eq!(out.before_ms, 20.0);
         assert_eq!(out.after_ms, 3.25);
         assert!(out.setting.dependent_launch && out.setting.clusters == Some(true));
-        assert_eq!(out.setting.streams, Some(2));
+        // cuBLASLt saves nothing here: either way is within the margin, so kiln's stays.
+        assert_eq!((out.setting.cublaslt, out.setting.streams), (None, Some(2)));
         assert_eq!(label(&out.setting.table.entries[&key(128)]), "64x64/s4/p8");
         assert_eq!(label(&out.setting.table.entries[&key(256)]), "cuBLAS");
         // Each distinct setting timed once (the repeated product is tuned once; the settings of
         // the streams' round share their code but not their streams), plus the best again before
         // the second product and before each round of the step's: dependent launch, clusters (on
-        // and off), streams, and the two bounds.
+        // and off), cuBLASLt (on and off), streams, and the two bounds.
         let n = default_candidates().len();
-        assert_eq!(out.timed, 1 + n + 1 + n + (1 + 1) + (1 + 2) + (1 + 3) + (1 + 1) + (1 + 1));
+        assert_eq!(out.timed, 1 + n + 1 + n + (1 + 1) + (1 + 2) + (1 + 2) + (1 + 3) + (1 + 1) + (1 + 1));
         assert!(out.failed.is_empty() && !out.out_of_budget);
     }
 
@@ -652,6 +667,7 @@ mod tests {
         let mut s = Setting {
             dependent_launch: true,
             clusters: Some(true),
+            cublaslt: Some(true),
             streams: Some(3),
             dot_depth: Some(64),
             ..Setting::default()
@@ -661,7 +677,7 @@ mod tests {
         let text = setting_text(&s, "tuned on a card\nin 3 s");
         assert!(
             text.starts_with(
-                "# tuned on a card\n# in 3 s\ndependent-launch on\nclusters on\nstreams 3\nrun-macs kiln\ndot-depth 64\n"
+                "# tuned on a card\n# in 3 s\ndependent-launch on\nclusters on\ncublaslt on\nstreams 3\nrun-macs kiln\ndot-depth 64\n"
             ),
             "{text}"
         );
@@ -679,7 +695,12 @@ mod tests {
         assert!(err.contains("no 'clusters on|off|kiln' line"), "{err}");
         let text = "dependent-launch off\nclusters off\nstreams 2\ndot-depth kiln\n";
         let err = parse_setting(text, "entry").unwrap_err().to_string();
+        assert!(err.contains("no 'cublaslt on|off|kiln' line"), "{err}");
+        let text = "dependent-launch off\nclusters off\ncublaslt kiln\nstreams 2\ndot-depth kiln\n";
+        let err = parse_setting(text, "entry").unwrap_err().to_string();
         assert!(err.contains("no 'run-macs N|kiln' line"), "{err}");
+        let kiln_lt = Setting { cublaslt: None, ..s.clone() };
+        assert_eq!(parse_setting(&setting_text(&kiln_lt, ""), "entry").unwrap(), kiln_lt);
         let err = parse_setting("clusters maybe\n", "entry").unwrap_err().to_string();
         assert!(err.contains("'clusters maybe' (expected on, off or kiln)"), "{err}");
         let err = parse_setting("dependent-launch kiln\n", "entry").unwrap_err().to_string();
@@ -710,6 +731,7 @@ mod tests {
         let fewer = Space { candidates: space.candidates[1..].to_vec(), ..space.clone() };
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &fewer));
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { dependent_launch: false, ..space.clone() }));
+        assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { cublaslt: false, ..space.clone() }));
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { streams: vec![1, 2], ..space.clone() }));
     }
 }

@@ -176,6 +176,10 @@ pub fn with_compile_options<R>(opts: &crate::CompileOptions, f: impl FnOnce() ->
         Some(n) => with_bound(DOT_DEPTH_VAR, n, f),
         None => f(),
     };
+    let f = || match opts.cublaslt {
+        Some(on) => with_cublaslt(on, f),
+        None => f(),
+    };
     match &opts.tile_table {
         Some(table) => tile_table::with_shared_tile_table(table.clone(), f),
         None => f(),
