@@ -3,7 +3,8 @@
 //! emulator (cuBLASLt's semantics on the host) a training step's loss and parameters are the same
 //! bits as with the epilogue kernels, and no two steps race; on a GPU, where there is one, the
 //! steps agree with the reference backend. fmnist-mlp's products go to cuBLAS here (tiling off),
-//! so that its two hidden layers' products take their epilogues into cuBLASLt.
+//! so that its two hidden layers' products take their epilogues into cuBLASLt. Epilogues it cannot
+//! compute (a bias along the columns, a sigmoid) stay kernels, and agree with the reference.
 
 use kiln::workloads::build;
 use kiln::Device;
@@ -78,4 +79,39 @@ fn products_in_cublaslt_agree_with_the_reference_on_a_gpu() {
             assert!(close(*a, *b), "{name} step {step}: loss {a} on the GPU, {b} on the reference");
         }
     }
+}
+
+/// Epilogues cuBLASLt cannot compute stay kernels after its product: a bias along the columns
+/// (`[m, 1]`), a sigmoid; beside them a plain `relu(x w + b)` takes its epilogue into cuBLASLt.
+/// All agree with the reference on the emulator.
+#[test]
+fn epilogues_cublaslt_cannot_take_stay_kernels() {
+    use kiln::prelude::*;
+    use kiln::testing::random_tensor;
+    if let Some(why) = kiln::testing::emulator_skip_reason() {
+        kiln::testing::note(&format!("skipped: {why}"));
+        return;
+    }
+    let g = Graph::new();
+    let x = g.input("x", F32, [128, 256]);
+    let weight = |seed| g.shared("w", random_tensor(&[256, 64], -0.2, 0.2, seed).cast(F32));
+    let (w1, w2, w3) = (weight(1), weight(2), weight(3));
+    let b = g.shared("b", random_tensor(&[64], -0.1, 0.1, 4).cast(F32));
+    let c = g.shared("c", random_tensor(&[128, 1], -0.1, 0.1, 5).cast(F32));
+    let outs = [(x.matmul(&w1) + &b).relu(), (x.matmul(&w2) + &c).relu(), (x.matmul(&w3) + &b).sigmoid()];
+    let args = vec![random_tensor(&[128, 256], -1.0, 1.0, 6).cast(F32)];
+    let want = g.function([&x], outs.iter()).compile(Device::Reference).unwrap().call(&args).unwrap();
+    on_cublas(|| {
+        with_cublaslt(true, || {
+            let mut f = g.function([&x], outs.iter()).compile(Device::CudaEmulator).unwrap();
+            let got = f.call(&args).unwrap();
+            let code = f.generated_code();
+            let listing = &code[..code.find("\n\n").unwrap_or(code.len())];
+            assert_eq!(listing.matches(": cuBLASLt ").count(), 3, "{listing}");
+            assert_eq!(listing.matches("in its epilogue").count(), 1, "{listing}");
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(a.allclose(b, 1e-5, 1e-5), "output {i}: {} apart", a.max_abs_diff(b));
+            }
+        })
+    });
 }
