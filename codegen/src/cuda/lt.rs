@@ -60,10 +60,7 @@ pub struct LtEpilogue {
 impl LtGemm {
     /// What the step list says of it.
     pub fn describe(&self) -> String {
-        let mm = &self.mm;
-        let t = |yes: bool| if yes { "^T" } else { "" };
-        let (m, k, n) = (mm.m, mm.k, mm.n);
-        let product = format!("cuBLASLt {m}x{k}{} times {k}x{n}{}", t(mm.a_transposed), t(mm.b_transposed));
+        let product = format!("cuBLASLt {}", super::print::product_operands(&self.mm));
         match &self.epilogue {
             None => product,
             Some(ep) => {

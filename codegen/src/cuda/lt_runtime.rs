@@ -153,11 +153,15 @@ impl LtProduct {
         Ok(product)
     }
 
+    /// An error of `what` for this product.
+    fn err(&self, what: &str) -> impl Fn(CublasError) -> Error {
+        lt_err(format!("{what} for {}", self.name))
+    }
+
     /// The algorithms cuBLASLt's heuristic offers for this product, best first (an error where it
     /// offers none).
     fn candidates(&self, gpu: &Gpu) -> Result<Vec<lt_sys::cublasLtMatmulAlgo_t>> {
-        let err = |what: &str| lt_err(format!("{what} for {}", self.name));
-        let pref = lt::create_matmul_pref().map_err(err("creating a preference"))?;
+        let pref = lt::create_matmul_pref().map_err(self.err("creating a preference"))?;
         let (_, _, workspace_bytes) = gpu.lane_stream_and_workspace(0)?;
         let l = &self.layouts;
         // SAFETY: the preference and every descriptor are alive, the results array holds
@@ -190,7 +194,7 @@ impl LtProduct {
             let _ = lt::destroy_matmul_pref(pref);
             (status, results, count)
         };
-        status.map_err(err("asking cuBLASLt's heuristic for algorithms"))?;
+        status.map_err(self.err("asking cuBLASLt's heuristic for algorithms"))?;
         let ok = lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS;
         let found: Vec<_> =
             results.iter().take(count.max(0) as usize).filter(|r| r.state == ok).map(|r| r.algo).collect();
@@ -264,9 +268,9 @@ impl LtProduct {
             )));
         }
         let (stream, workspace, bytes) = gpu.lane_stream_and_workspace(lane)?;
-        let err = |what: &str| lt_err(format!("{what} for {}", self.name));
         if let Some(bias) = bias {
-            set_desc(self.desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias).map_err(err("setting the bias"))?;
+            set_desc(self.desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)
+                .map_err(self.err("setting the bias"))?;
         }
         let (one, zero) = (1.0f32, 0.0f32);
         let l = &self.layouts;
@@ -289,6 +293,6 @@ impl LtProduct {
             bytes,
             stream as lt_sys::cudaStream_t,
         )
-        .map_err(err("the product"))
+        .map_err(self.err("the product"))
     }
 }

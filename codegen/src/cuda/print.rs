@@ -303,6 +303,15 @@ fn clusters_of(l: &Launch) -> String {
     }
 }
 
+/// A product's operands as the step list names them: `4096x784 times 784x256^T` (and `, N items`
+/// for a batch).
+pub(crate) fn product_operands(mm: &crate::kernel::MatMul) -> String {
+    let t = |yes: bool| if yes { "^T" } else { "" };
+    let batch = if mm.batch > 1 { format!(", {} items", mm.batch) } else { String::new() };
+    let (m, k, n) = (mm.m, mm.k, mm.n);
+    format!("{m}x{k}{} times {k}x{n}{}{batch}", t(mm.a_transposed), t(mm.b_transposed))
+}
+
 /// The whole compilation unit.
 pub fn module(m: &Module) -> String {
     program(m, &[])
@@ -322,13 +331,7 @@ pub fn program(m: &Module, steps: &[DeviceStep]) -> String {
                 let cluster = clusters_of(&l.launch);
                 writeln!(out, "//   {}: grid ({}, {}), block ({}, {}){cluster}", l.kernel, g.0, g.1, b.0, b.1).unwrap()
             }
-            DeviceStep::Gemm(mm) => {
-                let t = |yes: bool| if yes { "^T" } else { "" };
-                let batch = if mm.batch > 1 { format!(", {} items", mm.batch) } else { String::new() };
-                let (at, bt) = (t(mm.a_transposed), t(mm.b_transposed));
-                let (m_, k_, n_) = (mm.m, mm.k, mm.n);
-                writeln!(out, "//   {}: cuBLAS {m_}x{k_}{at} times {k_}x{n_}{bt}{batch}", mm.name).unwrap()
-            }
+            DeviceStep::Gemm(mm) => writeln!(out, "//   {}: cuBLAS {}", mm.name, product_operands(mm)).unwrap(),
             DeviceStep::GemmLt(g) => writeln!(out, "//   {}: {}", g.mm.name, g.describe()).unwrap(),
         }
     }

@@ -115,22 +115,23 @@ impl Gpu {
 
     /// The cuBLAS handle of lane `lane` (see `lane_streams`).
     fn blas_of(&self, lane: usize) -> Result<blas_sys::cublasHandle_t> {
+        self.lane(lane).map(|l| l.1)
+    }
+
+    /// The stream, cuBLAS handle and workspace of lane `lane` (see `lane_streams`).
+    fn lane(&self, lane: usize) -> Result<(sys::CUstream, blas_sys::cublasHandle_t, sys::CUdeviceptr)> {
         if lane == 0 {
-            return Ok(self.blas);
+            return Ok((self.stream.cu_stream(), self.blas, self.workspace));
         }
         let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        lanes.get(lane - 1).map(|l| l.blas).ok_or_else(|| Error::Invalid(format!("no CUDA stream lane {lane}")))
+        let l = lanes.get(lane - 1).ok_or_else(|| Error::Invalid(format!("no CUDA stream lane {lane}")))?;
+        Ok((l.stream.cu_stream(), l.blas, l.workspace))
     }
 
     /// The stream and the workspace (`CUBLAS_WORKSPACE` bytes) of lane `lane`: cuBLASLt's products
     /// there use the lane's cuBLAS workspace, which nothing else on that stream uses at the time.
     pub(super) fn lane_stream_and_workspace(&self, lane: usize) -> Result<(sys::CUstream, sys::CUdeviceptr, usize)> {
-        if lane == 0 {
-            return Ok((self.stream.cu_stream(), self.workspace, CUBLAS_WORKSPACE));
-        }
-        let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        let l = lanes.get(lane - 1).ok_or_else(|| Error::Invalid(format!("no CUDA stream lane {lane}")))?;
-        Ok((l.stream.cu_stream(), l.workspace, CUBLAS_WORKSPACE))
+        self.lane(lane).map(|(stream, _, workspace)| (stream, workspace, CUBLAS_WORKSPACE))
     }
 
     /// This device's cuBLASLt handle (created on first use; an error naming the library where
