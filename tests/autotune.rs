@@ -69,13 +69,15 @@ fn check_report(report: &AutotuneReport, opts: &AutotuneOptions) {
     assert!(report.outcome.failed.is_empty(), "{report}\n{:?}", report.outcome.failed);
     assert!(!report.outcome.out_of_budget, "{report}");
     // Kiln's own choices, each candidate of each product, and each value of the step's knobs
-    // (dependent launch, clusters on and off, cuBLASLt on and off, streams, the two bounds); the
-    // best again before the second product and before each of the step's six rounds.
+    // (dependent launch; clusters, cuBLASLt, row tails and longest-first sections, each on and
+    // off; streams, the two bounds, the joins' reach); the best again before the second product
+    // and before each of the step's nine rounds.
     let space = &opts.space;
-    let step = 1 + 2 + 2 + space.streams.len() + space.run_macs.len() + space.dot_depth.len();
+    let numbers = space.streams.len() + space.run_macs.len() + space.dot_depth.len() + space.lookahead.len();
+    let step = 1 + 4 * 2 + numbers;
     assert_eq!(
         report.outcome.timed + report.outcome.same_code,
-        1 + 2 * space.candidates.len() + 1 + step + 6,
+        1 + 2 * space.candidates.len() + 1 + step + 9,
         "{report}"
     );
     for choice in report.table().entries.values() {

@@ -495,3 +495,34 @@ fn weight_gradients_run_beside_the_input_gradients_of_the_layers_before_them() {
     let before = kiln_codegen::cuda::with_bound("KILN_CUDA_LOOKAHEAD", 12, || w.step.cuda_source(&w.args).unwrap());
     assert_eq!(before.matches("extern \"C\" __global__").count(), 18);
 }
+
+#[test]
+fn compile_options_fix_the_row_tails_the_order_of_joined_sections_and_the_joins_reach() {
+    // What `Function::autotune` finds is applied through `CompileOptions`: each knob must change
+    // the code as its environment variable would, whatever the environment says.
+    use kiln_codegen::{cuda::with_compile_options, CompileOptions};
+    let kernels = |src: &str| src.matches("extern \"C\" __global__").count();
+    let auto = kiln::workloads::build("autoencoder", Device::Reference).unwrap();
+    let source = |w: &kiln::workloads::Workload, opts: CompileOptions| {
+        with_compile_options(&opts, || w.step.cuda_source(&w.args).unwrap())
+    };
+    let reach_12 = source(&auto, CompileOptions { lookahead: Some(12), ..CompileOptions::default() });
+    assert_eq!(kernels(&reach_12), 18);
+    let reach_64 = source(&auto, CompileOptions { lookahead: Some(64), ..CompileOptions::default() });
+    assert_eq!(kernels(&reach_64), 17);
+    // The last kernel's sections: its two weight gradients first (the larger of them first), or
+    // in step order, the bias gradient before the second weight gradient.
+    let longest_first = source(&auto, CompileOptions { longest_first: Some(true), ..CompileOptions::default() });
+    assert!(longest_first.contains("//   blocks [0, 112): k35_fused\n//"), "{longest_first}");
+    assert!(longest_first.contains("//   blocks [112, 240): k39_fused\n//"), "{longest_first}");
+    let step_order = source(&auto, CompileOptions { longest_first: Some(false), ..CompileOptions::default() });
+    assert!(step_order.contains("//   blocks [0, 112): k35_fused\n//"), "{step_order}");
+    assert!(step_order.contains("//   blocks [112, 144): k36_sum\n//"), "{step_order}");
+    // fmnist-mlp's logits kernel takes its loss's row pass and the next product as tails, or not.
+    let mlp = kiln::workloads::build("fmnist-mlp", Device::Reference).unwrap();
+    let tails = source(&mlp, CompileOptions { row_tails: Some(true), ..CompileOptions::default() });
+    let no_tails = source(&mlp, CompileOptions { row_tails: Some(false), ..CompileOptions::default() });
+    assert!(tails.contains("then runs k7_row_max on the rows each block finished"), "{tails}");
+    assert!(!no_tails.contains("on the rows each block finished"), "{no_tails}");
+    assert!(kernels(&no_tails) > kernels(&tails), "{no_tails}");
+}

@@ -61,6 +61,15 @@ pub struct CompileOptions {
     /// The products that go to cuBLAS through cuBLASLt (`Some(true)`, as `KILN_CUDA_LT=1` asks)
     /// or not (`Some(false)`); `None`: as that says.
     pub cublaslt: Option<bool>,
+    /// Later groups over a tiled product's rows joined at the end of its kernel (`Some(true)`) or
+    /// each a kernel of its own (`Some(false)`, as `KILN_CUDA_ROW_TAIL=0` asks); `None`: as that says.
+    pub row_tails: Option<bool>,
+    /// The sections of a joined kernel taking its grid longest first (`Some(true)`) or in step
+    /// order (`Some(false)`, as `KILN_CUDA_LONGEST_FIRST=0` asks); `None`: as that says.
+    pub longest_first: Option<bool>,
+    /// How many steps ahead a launch looks for launches to run beside it, as `KILN_CUDA_LOOKAHEAD`
+    /// says (`None`: as that says, else 64).
+    pub lookahead: Option<usize>,
 }
 
 /// Moves each update output into its shared variable (after checking it keeps the variable's

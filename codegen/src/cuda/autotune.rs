@@ -1,8 +1,9 @@
 //! Autotuning a step on the card at hand: how each of its float products is computed (cuBLAS and
 //! an epilogue kernel, or kiln's tiles of one shape, slice count and number of slab buffers), and
 //! for the whole step programmatic dependent launch, sliced tiles as thread block clusters or not,
-//! cuBLAS's products through cuBLASLt or not, the number of streams and two size bounds of the
-//! kernel joins, chosen by timing the whole step,
+//! cuBLAS's products through cuBLASLt or not, row tails or not, joined kernels' sections longest
+//! first or in step order, the number of streams, two size bounds of the kernel joins and their
+//! reach, chosen by timing the whole step,
 //! not each product alone. The rules of `TilePlan::for_product` are estimates fitted to one
 //! card's product table; a product timed on its own misses what the step around it does (two
 //! streams, kernels side by side, what the L2 cache already holds). So the search times the step
@@ -55,6 +56,14 @@ pub struct Setting {
     /// cuBLAS's products through cuBLASLt (`Some(true)`) or not (`Some(false)`); `None`: as
     /// kiln has it (`KILN_CUDA_LT`, else not).
     pub cublaslt: Option<bool>,
+    /// Groups over a tiled product's rows joined at the end of its kernel (`Some(true)`) or not;
+    /// `None`: as kiln has it (`KILN_CUDA_ROW_TAIL`, else joined).
+    pub row_tails: Option<bool>,
+    /// A joined kernel's sections taking the grid longest first (`Some(true)`) or in step order;
+    /// `None`: as kiln has it (`KILN_CUDA_LONGEST_FIRST`, else longest first).
+    pub longest_first: Option<bool>,
+    /// `KILN_CUDA_LOOKAHEAD`'s reach.
+    pub lookahead: Option<usize>,
 }
 
 impl Setting {
@@ -68,25 +77,34 @@ impl Setting {
             run_macs: self.run_macs,
             dot_depth: self.dot_depth,
             cublaslt: self.cublaslt,
+            row_tails: self.row_tails,
+            longest_first: self.longest_first,
+            lookahead: self.lookahead,
         }
     }
 
     /// The step's switches, in `SWITCH_LINES`' order (`None`: as kiln has it).
-    fn switches(&self) -> [Option<bool>; 3] {
-        [Some(self.dependent_launch), self.clusters, self.cublaslt]
+    fn switches(&self) -> [Option<bool>; SWITCHES] {
+        [Some(self.dependent_launch), self.clusters, self.cublaslt, self.row_tails, self.longest_first]
+    }
+
+    /// The switches but dependent launch (which is never `None`).
+    fn optional_switches_mut(&mut self) -> [&mut Option<bool>; SWITCHES - 1] {
+        [&mut self.clusters, &mut self.cublaslt, &mut self.row_tails, &mut self.longest_first]
     }
 
     /// The step's numbers, in `NUMBER_LINES`' order (`None`: as kiln has it).
-    fn numbers(&self) -> [Option<usize>; 3] {
-        [self.streams, self.run_macs, self.dot_depth]
+    fn numbers(&self) -> [Option<usize>; NUMBERS] {
+        [self.streams, self.run_macs, self.dot_depth, self.lookahead]
     }
 
-    fn numbers_mut(&mut self) -> [&mut Option<usize>; 3] {
-        [&mut self.streams, &mut self.run_macs, &mut self.dot_depth]
+    fn numbers_mut(&mut self) -> [&mut Option<usize>; NUMBERS] {
+        [&mut self.streams, &mut self.run_macs, &mut self.dot_depth, &mut self.lookahead]
     }
 
     /// The step's knobs in a line, as a cache entry names them: `dependent-launch off, clusters
-    /// kiln, cublaslt kiln, streams 2, run-macs kiln, dot-depth kiln`.
+    /// kiln, cublaslt kiln, row-tails kiln, longest-first kiln, streams 2, run-macs kiln, dot-depth
+    /// kiln, lookahead kiln`.
     pub fn knobs(&self) -> String {
         let on_off = |on: Option<bool>| match on {
             Some(true) => "on",
@@ -115,41 +133,58 @@ impl Setting {
 
 /// What a search tries: its candidates for each product, then for the whole step dependent
 /// launch (if `dependent_launch`), sliced tiles as clusters (if `clusters`), cuBLAS's products
-/// through cuBLASLt (if `cublaslt`: a step with none has the same code and is passed over), each
-/// number of streams of `streams`, each bound of `run_macs` and each of `dot_depth`.
+/// through cuBLASLt (if `cublaslt`: a step with none has the same code and is passed over), row
+/// tails and not (if `row_tails`), joined sections longest first and in step order (if
+/// `longest_first`), each number of streams of `streams`, each bound of `run_macs` and each of
+/// `dot_depth`, and each reach of `lookahead`. Each switch is tried both ways (the way that is
+/// kiln's own has its code and is passed over), so that a setting from the environment is
+/// tried against the other too.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Space {
     pub candidates: Vec<TileChoice>,
     pub dependent_launch: bool,
     pub clusters: bool,
     pub cublaslt: bool,
+    pub row_tails: bool,
+    pub longest_first: bool,
     pub streams: Vec<usize>,
     pub run_macs: Vec<usize>,
     pub dot_depth: Vec<usize>,
+    pub lookahead: Vec<usize>,
 }
 
 impl Space {
+    /// Whether each of the step's switches is tried, in `SWITCH_LINES`' order.
+    fn switches(&self) -> [bool; SWITCHES] {
+        [self.dependent_launch, self.clusters, self.cublaslt, self.row_tails, self.longest_first]
+    }
+
     /// The values each of the step's numbers is tried at, in `NUMBER_LINES`' order.
-    fn numbers(&self) -> [&[usize]; 3] {
-        [&self.streams, &self.run_macs, &self.dot_depth]
+    fn numbers(&self) -> [&[usize]; NUMBERS] {
+        [&self.streams, &self.run_macs, &self.dot_depth, &self.lookahead]
     }
 
     /// The settings of the step's round `knob` (the switches in `SWITCH_LINES`' order, then the
     /// step's numbers in `NUMBER_LINES`'): `best` with each value that the space tries.
     fn step_round(&self, knob: usize, best: &Setting) -> Vec<Setting> {
-        let switches = [self.dependent_launch, self.clusters, self.cublaslt];
+        let switches = self.switches();
         if knob < switches.len() {
             if !switches[knob] {
                 return vec![];
             }
-            // Dependent launch is off unless asked; clusters are on where the card has them, so
-            // both ways are tried (the one that is kiln's own has its code and is passed over);
-            // cuBLASLt both ways too, as `KILN_CUDA_LT` may have turned it on.
-            return match knob {
-                0 => vec![Setting { dependent_launch: true, ..best.clone() }],
-                1 => [true, false].map(|on| Setting { clusters: Some(on), ..best.clone() }).to_vec(),
-                _ => [true, false].map(|on| Setting { cublaslt: Some(on), ..best.clone() }).to_vec(),
-            };
+            // Dependent launch is off unless asked. The others are tried both ways (the one that
+            // is kiln's own has its code and is passed over), as the card or the environment may
+            // have turned them either way.
+            if knob == 0 {
+                return vec![Setting { dependent_launch: true, ..best.clone() }];
+            }
+            return [true, false]
+                .map(|on| {
+                    let mut s = best.clone();
+                    *s.optional_switches_mut()[knob - 1] = Some(on);
+                    s
+                })
+                .to_vec();
         }
         self.numbers()[knob - switches.len()]
             .iter()
@@ -163,18 +198,22 @@ impl Space {
 }
 
 impl Default for Space {
-    /// `default_candidates`, dependent launch, clusters, one to three streams, products of up to 2^19
-    /// multiply-adds in single-block runs (fmnist-mlp's last layer joins its loss), and every
-    /// small product's dots one per output thread however long (as before they were tiled).
+    /// `default_candidates`, every switch, one to three streams, products of up to 2^19
+    /// multiply-adds in single-block runs (fmnist-mlp's last layer joins its loss), every
+    /// small product's dots one per output thread however long (as before they were tiled), and
+    /// joins reaching 12 steps ahead (the reach before 64).
     fn default() -> Self {
         Space {
             candidates: default_candidates(),
             dependent_launch: true,
             clusters: true,
             cublaslt: true,
+            row_tails: true,
+            longest_first: true,
             streams: vec![1, 2, 3],
             run_macs: vec![1 << 19],
             dot_depth: vec![1 << 30],
+            lookahead: vec![12],
         }
     }
 }
@@ -308,8 +347,8 @@ where
             break;
         }
     }
-    // Then the step as a whole: dependent launch, clusters, the number of streams, then the two
-    // bounds, each round made from the best after the one before.
+    // Then the step as a whole: its switches, then its numbers (streams, the two bounds, the
+    // joins' reach), each round made from the best after the one before.
     for knob in 0..SWITCH_LINES.len() + NUMBER_LINES.len() {
         let round = space.step_round(knob, &s.best);
         if s.out.out_of_budget {
@@ -389,7 +428,7 @@ where
 fn describe(s: &Setting) -> String {
     let mut parts: Vec<String> =
         s.table.entries.iter().map(|(k, c)| format!("{k} {}", c.label().unwrap_or_default())).collect();
-    if s.dependent_launch || s.clusters.is_some() || s.cublaslt.is_some() || s.numbers().iter().any(Option::is_some) {
+    if (Setting { table: TileTable::default(), ..s.clone() }) != Setting::default() {
         parts.push(s.knobs());
     }
     if parts.is_empty() {
@@ -408,21 +447,20 @@ pub fn cache_key(code: &str, device: &str, space: &Space) -> String {
     for c in &space.candidates {
         c.label().hash(&mut h);
     }
-    space.dependent_launch.hash(&mut h);
-    space.clusters.hash(&mut h);
-    space.cublaslt.hash(&mut h);
-    space.streams.hash(&mut h);
-    space.run_macs.hash(&mut h);
-    space.dot_depth.hash(&mut h);
+    space.switches().hash(&mut h);
+    space.numbers().hash(&mut h);
     format!("{:016x}", h.finish())
 }
 
 /// The lines of a cache entry that say whether dependent launch won (`on` or `off`), clusters
-/// (`on`, `off`, or `kiln`: as the card has it) and cuBLASLt (`on`, `off`, or `kiln`: as
-/// `KILN_CUDA_LT` has it), and those of the step's numbers (each a number, or `kiln`: as kiln has
-/// it), with the most each may be.
-const SWITCH_LINES: [&str; 3] = ["dependent-launch", "clusters", "cublaslt"];
-const NUMBER_LINES: [(&str, usize); 3] = [("streams", 8), ("run-macs", usize::MAX), ("dot-depth", usize::MAX)];
+/// (`on`, `off`, or `kiln`: as the card has it), cuBLASLt, row tails and longest-first sections
+/// (`on`, `off`, or `kiln`: as the environment or kiln's default has it), and those of the step's
+/// numbers (each a number, or `kiln`: as kiln has it), with the most each may be.
+const SWITCHES: usize = 5;
+const NUMBERS: usize = 4;
+const SWITCH_LINES: [&str; SWITCHES] = ["dependent-launch", "clusters", "cublaslt", "row-tails", "longest-first"];
+const NUMBER_LINES: [(&str, usize); NUMBERS] =
+    [("streams", 8), ("run-macs", usize::MAX), ("dot-depth", usize::MAX), ("lookahead", usize::MAX)];
 
 /// A setting as a cache entry's text: `heading` as comments, the launch line and the step's
 /// numbers, then the table.
@@ -445,7 +483,7 @@ pub fn setting_text(s: &Setting, heading: &str) -> String {
 /// Reads `setting_text`'s text back; `origin` is what errors name.
 pub fn parse_setting(text: &str, origin: &str) -> Result<Setting> {
     let mut setting = Setting::default();
-    let (mut switched, mut seen) = ([None; 3], [false; 3]);
+    let (mut switched, mut seen) = ([None; SWITCHES], [false; NUMBERS]);
     let mut table = String::new();
     for line in text.lines() {
         let bad = |what: &str| Error::Invalid(format!("{origin}: '{}' (expected {what})", line.trim()));
@@ -485,10 +523,10 @@ pub fn parse_setting(text: &str, origin: &str) -> Result<Setting> {
         }
     }
     let missing = |l: &str| Error::Invalid(format!("{origin}: no '{l}' line"));
-    let [dependent_launch, clusters, cublaslt] = switched;
-    setting.dependent_launch = dependent_launch.ok_or_else(|| missing("dependent-launch on|off"))?.unwrap_or(false);
-    setting.clusters = clusters.ok_or_else(|| missing("clusters on|off|kiln"))?;
-    setting.cublaslt = cublaslt.ok_or_else(|| missing("cublaslt on|off|kiln"))?;
+    setting.dependent_launch = switched[0].ok_or_else(|| missing("dependent-launch on|off"))?.unwrap_or(false);
+    for (i, switch) in setting.optional_switches_mut().into_iter().enumerate() {
+        *switch = switched[i + 1].ok_or_else(|| missing(&format!("{} on|off|kiln", SWITCH_LINES[i + 1])))?;
+    }
     if let Some(i) = seen.iter().position(|s| !s) {
         return Err(missing(&format!("{} N|kiln", NUMBER_LINES[i].0)));
     }
@@ -539,9 +577,12 @@ mod tests {
             dependent_launch: false,
             clusters: false,
             cublaslt: false,
+            row_tails: false,
+            longest_first: false,
             streams: vec![],
             run_macs: vec![],
             dot_depth: vec![],
+            lookahead: vec![],
             ..Space::default()
         }
     }
@@ -593,10 +634,12 @@ mod tests {
         assert_eq!(label(&out.setting.table.entries[&key(256)]), "cuBLAS");
         // Each distinct setting timed once (the repeated product is tuned once; the settings of
         // the streams' round share their code but not their streams), plus the best again before
-        // the second product and before each round of the step's: dependent launch, clusters (on
-        // and off), cuBLASLt (on and off), streams, and the two bounds.
+        // the second product and before each round of the step's: dependent launch, clusters,
+        // cuBLASLt, row tails and longest-first sections (each on and off), streams, the two
+        // bounds and the reach.
         let n = default_candidates().len();
-        assert_eq!(out.timed, 1 + n + 1 + n + (1 + 1) + (1 + 2) + (1 + 2) + (1 + 3) + (1 + 1) + (1 + 1));
+        let switches = (1 + 1) + 4 * (1 + 2);
+        assert_eq!(out.timed, 1 + n + 1 + n + switches + (1 + 3) + (1 + 1) + (1 + 1) + (1 + 1));
         assert!(out.failed.is_empty() && !out.out_of_budget);
     }
 
@@ -668,8 +711,10 @@ mod tests {
             dependent_launch: true,
             clusters: Some(true),
             cublaslt: Some(true),
+            row_tails: Some(false),
             streams: Some(3),
             dot_depth: Some(64),
+            lookahead: Some(12),
             ..Setting::default()
         };
         s.table.insert(key(128), TileChoice::from_label("128x64/s2/p3").unwrap()).unwrap();
@@ -677,7 +722,8 @@ mod tests {
         let text = setting_text(&s, "tuned on a card\nin 3 s");
         assert!(
             text.starts_with(
-                "# tuned on a card\n# in 3 s\ndependent-launch on\nclusters on\ncublaslt on\nstreams 3\nrun-macs kiln\ndot-depth 64\n"
+                "# tuned on a card\n# in 3 s\ndependent-launch on\nclusters on\ncublaslt on\nrow-tails off\n\
+                 longest-first kiln\nstreams 3\nrun-macs kiln\ndot-depth 64\nlookahead 12\n"
             ),
             "{text}"
         );
@@ -698,7 +744,15 @@ mod tests {
         assert!(err.contains("no 'cublaslt on|off|kiln' line"), "{err}");
         let text = "dependent-launch off\nclusters off\ncublaslt kiln\nstreams 2\ndot-depth kiln\n";
         let err = parse_setting(text, "entry").unwrap_err().to_string();
+        assert!(err.contains("no 'row-tails on|off|kiln' line"), "{err}");
+        let switches = "dependent-launch off\nclusters off\ncublaslt kiln\nrow-tails on\nlongest-first off\n";
+        let err = parse_setting(&format!("{switches}streams 2\ndot-depth kiln\n"), "entry").unwrap_err().to_string();
         assert!(err.contains("no 'run-macs N|kiln' line"), "{err}");
+        let text = format!("{switches}streams 2\nrun-macs kiln\ndot-depth kiln\n");
+        let err = parse_setting(&text, "entry").unwrap_err().to_string();
+        assert!(err.contains("no 'lookahead N|kiln' line"), "{err}");
+        let read = parse_setting(&format!("{text}lookahead kiln\n"), "entry").unwrap();
+        assert_eq!((read.row_tails, read.longest_first, read.lookahead), (Some(true), Some(false), None));
         let kiln_lt = Setting { cublaslt: None, ..s.clone() };
         assert_eq!(parse_setting(&setting_text(&kiln_lt, ""), "entry").unwrap(), kiln_lt);
         let err = parse_setting("clusters maybe\n", "entry").unwrap_err().to_string();
@@ -732,6 +786,8 @@ mod tests {
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &fewer));
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { dependent_launch: false, ..space.clone() }));
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { cublaslt: false, ..space.clone() }));
+        assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { longest_first: false, ..space.clone() }));
+        assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { lookahead: vec![], ..space.clone() }));
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { streams: vec![1, 2], ..space.clone() }));
     }
 }

@@ -43,6 +43,7 @@ pub use cluster::{with_cluster_setting, with_clusters};
 pub use dependent_launch::{with_dependent_launch, with_late_dependent_launch};
 pub use lt::{with_cublaslt, LtEpilogue, LtGemm};
 pub use row_tail::with_row_tails;
+pub use side::with_longest_first;
 pub use tile_table::{with_tile_table, ProductKey, TileTable};
 pub use tiled::{with_tile_choice, TileChoice, TileShape};
 
@@ -94,6 +95,9 @@ thread_local! {
 pub const RUN_MACS_VAR: &str = "KILN_CUDA_RUN_MACS";
 /// The size bound that `KILN_CUDA_DOT_DEPTH` sets: smaller products with longer dots are tiled.
 pub const DOT_DEPTH_VAR: &str = "KILN_CUDA_DOT_DEPTH";
+/// The reach that `KILN_CUDA_LOOKAHEAD` sets: how many steps ahead a launch looks for launches
+/// to run beside it.
+pub const LOOKAHEAD_VAR: &str = "KILN_CUDA_LOOKAHEAD";
 
 /// Runs `f` with the size bound that the environment variable `var` sets at `value` for every CUDA
 /// program this thread specializes, whatever the environment says.
@@ -156,8 +160,8 @@ pub(crate) fn with_thread_setting<T: Copy + 'static, R>(
 }
 
 /// Runs `f` (a specialization's build, or printing one) under what `opts` fixes for a compiled
-/// function: its tile table, programmatic dependent launch, streams and size bounds, where it
-/// fixes them.
+/// function: its tile table, programmatic dependent launch, clusters, streams, size bounds,
+/// cuBLASLt, row tails, the order of joined sections and the joins' reach, where it fixes them.
 pub fn with_compile_options<R>(opts: &crate::CompileOptions, f: impl FnOnce() -> R) -> R {
     let f = || if opts.dependent_launch { with_dependent_launch(f) } else { f() };
     let f = || match opts.clusters {
@@ -178,6 +182,18 @@ pub fn with_compile_options<R>(opts: &crate::CompileOptions, f: impl FnOnce() ->
     };
     let f = || match opts.cublaslt {
         Some(on) => with_cublaslt(on, f),
+        None => f(),
+    };
+    let f = || match opts.row_tails {
+        Some(on) => with_row_tails(on, f),
+        None => f(),
+    };
+    let f = || match opts.longest_first {
+        Some(on) => with_longest_first(on, f),
+        None => f(),
+    };
+    let f = || match opts.lookahead {
+        Some(n) => with_bound(LOOKAHEAD_VAR, n, f),
         None => f(),
     };
     match &opts.tile_table {

@@ -234,24 +234,37 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
 /// in order, so the blocks that run longest start first and the short ones fill the SMs beside
 /// them; in step order, fmnist-mlp-4k's 64 blocks of a 4096-deep weight gradient waited behind
 /// 1152 blocks of a mask and a bias gradient before starting.
-/// `KILN_CUDA_LONGEST_FIRST=0` keeps step order (clustered sections first), to time the
-/// difference on a card.
+/// `KILN_CUDA_LONGEST_FIRST=0` (`with_longest_first(false, ..)` for one thread) keeps step order
+/// (clustered sections first), to time the difference on a card.
 fn longest_first(mut launches: Vec<Launchable>, macs: &dyn Fn(&Launchable) -> usize) -> Vec<Launchable> {
     static STEP_ORDER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let by_macs = !super::switch_from_env(&STEP_ORDER, "KILN_CUDA_LONGEST_FIRST", "0");
+    let by_macs = LONGEST_FIRST
+        .with(|l| l.get())
+        .unwrap_or_else(|| !super::switch_from_env(&STEP_ORDER, "KILN_CUDA_LONGEST_FIRST", "0"));
     launches.sort_by_key(|l| (l.launch.cluster <= 1, std::cmp::Reverse(if by_macs { macs(l) } else { 0 })));
     launches
+}
+
+thread_local! {
+    static LONGEST_FIRST: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the sections of every joined kernel this thread specializes taking the grid
+/// longest first (`on`) or in step order, whatever the environment.
+pub fn with_longest_first<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    super::with_thread_setting(&LONGEST_FIRST, Some(on), f)
 }
 
 /// How far ahead of a launch `join_all` looks for launches to run beside it: far enough for a
 /// layer's weight gradient to move up beside the input gradient of the layer before it, through
 /// the autoencoder's chain of eight (at 12, the decoder's ran in two kernels of their own at the
-/// end of the step). `KILN_CUDA_LOOKAHEAD` sets another, to time the difference on a card.
+/// end of the step). `KILN_CUDA_LOOKAHEAD` (`with_bound(LOOKAHEAD_VAR, ..)` for one thread) sets
+/// another, to time the difference on a card.
 const LOOKAHEAD: usize = 64;
 
 fn lookahead() -> usize {
     static STEPS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    super::bound_from_env(&STEPS, "KILN_CUDA_LOOKAHEAD", LOOKAHEAD)
+    super::bound_from_env(&STEPS, super::LOOKAHEAD_VAR, LOOKAHEAD)
 }
 
 /// The memory a step reads and writes.
