@@ -35,7 +35,7 @@
 #                                  (tiled products, and again with them on cuBLAS) and the product
 #                                  benchmark (each workload product as cuBLAS + epilogue and with
 #                                  every tiling, the fastest of each written to a tile table,
-#                                  $OUT/tiles.txt) and the step benchmark tuned by that table
+#                                  tiles.txt) and the step benchmark tuned by that table
 #                                  (KILN_CUDA_TILES; KILN_GPU_PROFILE=0 leaves these out,
 #                                  KILN_GPU_PRODUCTS=0 the product benchmark alone), and
 #                                  Nsight Compute's device time of every kernel of each workload
@@ -53,7 +53,11 @@
 #                                  KILN_GPU_SANITIZE=1 also runs tests/cuda_device.rs under
 #                                  compute-sanitizer's racecheck, memcheck and synccheck.
 #   scripts/gpu-check.sh --summary (on the GPU machine) only the summary, from the benchmark files
-#                                  an earlier run left in $OUT (one cut short by a time limit).
+#                                  of an earlier run (one cut short by a time limit): the newest
+#                                  archive it left in $OUT.
+#
+# Every file a run writes (logs, benchmark rows, profiles, tile tables) ends up in one archive in
+# $OUT, gpu-check-<all|ab>-<time>.tgz, as a lease brings back at most 8 files.
 #   scripts/gpu-check.sh --ab N SETTING...
 #                                  (on the GPU machine) N interleaved rounds of the step benchmark
 #                                  under each SETTING (VAR=value[,VAR=value...], or "default"),
@@ -117,7 +121,26 @@ fi
 # The tests run the GPU only: the emulator's share ran on the development machine.
 export KILN_TEST_EMULATOR=0
 export LD_LIBRARY_PATH=${CUDA_LIB:-/usr/local/cuda-13.0/targets/x86_64-linux/lib}:${LD_LIBRARY_PATH:-}
-OUT_DIR=${OUT:-/tmp/kiln-gpu-check}
+# A lease brings back at most 8 files of $OUT, and a run writes some sixty (logs, benchmark rows,
+# profiles, Nsight reports, tuned tables). So the run writes them into a folder of its own and, when
+# it ends however it ends (a time limit included), packs that folder into one archive in $OUT:
+# gpu-check-<mode>-<time>.tgz (`tar -xzf` it; `--summary` reads the newest). Without $OUT (a run
+# by hand) the files stay in /tmp/kiln-gpu-check.
+RESULTS=${OUT:-}
+if [ -n "$RESULTS" ]; then
+    OUT_DIR=$(mktemp -d /tmp/kiln-gpu-check.XXXXXX)
+    mode=all
+    case "${1:-}" in --ab) mode=ab ;; --summary) mode=summary ;; esac
+    archive="$RESULTS/gpu-check-$mode-$(date +%H%M%S).tgz"
+    pack() {
+        [ "$mode" = summary ] || tar -czf "$archive" -C "$OUT_DIR" . 2>/dev/null
+        rm -rf "$OUT_DIR"
+    }
+    trap pack EXIT
+    trap 'exit 143' TERM INT
+else
+    OUT_DIR=/tmp/kiln-gpu-check
+fi
 mkdir -p "$OUT_DIR"
 DEADLINE=$(( $(date +%s) + ${KILN_GPU_DEADLINE:-1000000} ))
 # within <seconds>: the time limit for a step that would take at most that, given the deadline;
@@ -201,7 +224,10 @@ summary() {
     )
 }
 if [ "${1:-}" = "--summary" ]; then
-    # Only the summary, from the benchmark files of an earlier run in $OUT (one cut short, say).
+    # Only the summary, from the benchmark files of an earlier run (one cut short, say): its
+    # archive in $OUT, the newest, or what a run by hand left in /tmp/kiln-gpu-check.
+    latest=$(ls -t "${RESULTS:-/nonexistent}"/gpu-check-all-*.tgz 2>/dev/null | head -1)
+    [ -n "$latest" ] && tar -xzf "$latest" -C "$OUT_DIR"
     summary
     exit 0
 fi
@@ -390,13 +416,15 @@ for k, t in sorted(medians.items(), key=lambda kv: -kv[1]):
 print(f"{sum(medians.values()):9.2f}  every kernel once")
 PY
         done
-        # Why the largest kernels take what they take: throughput against the card's peaks,
-        # occupancy and its limits, and the warps' stall cycles, one step's launches of each.
-        echo "== the largest kernels of fmnist-mlp and the autoencoder in detail (Nsight Compute sections)"
-        for w in fmnist-mlp autoencoder; do
+        # Why each kernel takes what it takes: throughput against the card's peaks, occupancy and
+        # its limits, and the warps' stall cycles, every launch of the third step (the whole
+        # reports come back in the run's archive, for the sessions after this lease to read).
+        echo "== the kernels of fmnist-mlp, fmnist-mlp-4k and the autoencoder in detail (Nsight Compute sections)"
+        for w in fmnist-mlp fmnist-mlp-4k autoencoder; do
+            case $w in autoencoder) n=17 ;; fmnist-mlp-4k) n=14 ;; *) n=6 ;; esac
             bounded 120 env KILN_CUDA_GRAPHS=0 "$ncu" --clock-control none --section SpeedOfLight --section Occupancy \
                 --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-                -k 'regex:^k(1|7|22|15|35|60)_' --launch-skip 6 --launch-count 6 \
+                --section SchedulerStats --launch-skip $((n * 2)) --launch-count $n \
                 "$DIR/steps" --device cuda --workload $w --seconds 0 >"$OUT_DIR/ncu-detail-$w.txt" 2>&1
             echo "-- $w (the whole report: ncu-detail-$w.txt)"
             grep -E '^  k[0-9]|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per Thread|Block Limit (Registers|Shared Mem)|Warp Cycles Per Issued|Dynamic Shared|Static Shared' \
