@@ -24,7 +24,10 @@
 #                                  epilogues fused), KILN_CUDA_LT=1, with a side-by-side kernel's sections in step
 #                                  order rather than the longest first, KILN_CUDA_LONGEST_FIRST=0,
 #                                  with kernels joined from 12 steps on, not 64,
-#                                  KILN_CUDA_LOOKAHEAD=12,
+#                                  KILN_CUDA_LOOKAHEAD=12, with launches joining kernels the step
+#                                  waits for even where they hold them up,
+#                                  KILN_CUDA_CHAIN_JOINS=1, with every stream at one priority,
+#                                  KILN_CUDA_PRIORITY=0,
 #                                  then each step
 #                                  autotuned,
 #                                  Function::autotune, at most
@@ -194,7 +197,7 @@ if [ "${1:-}" = "--ab" ]; then
 fi
 summary() {
     echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults rowtail0 lt stepordered lookahead12 autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
+    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults rowtail0 lt stepordered lookahead12 chainjoins priority0 autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
     (
         cd "$OUT_DIR" || exit
         printf '%-16s' workload
@@ -349,6 +352,10 @@ bench_row "a side-by-side kernel's sections in step order, not the longest-runni
     bench-stepordered.txt KILN_CUDA_LONGEST_FIRST=0
 bench_row "kernels joined side by side from at most 12 steps on, not 64 (KILN_CUDA_LOOKAHEAD=12, as before)" \
     bench-lookahead12.txt KILN_CUDA_LOOKAHEAD=12
+bench_row "launches joining the kernels the step waits for even where they hold them up (KILN_CUDA_CHAIN_JOINS=1, as before)" \
+    bench-chainjoins.txt KILN_CUDA_CHAIN_JOINS=1
+bench_row "every stream at the default priority, not the chain's first (KILN_CUDA_PRIORITY=0, as before)" \
+    bench-priority0.txt KILN_CUDA_PRIORITY=0
 # Each workload autotuned (Function::autotune: every product as cuBLAS and in each tiling, the
 # whole step timed for each, then the step's knobs: dependent launch, streams, two bounds; its
 # report first, then the tuned step's times).

@@ -26,8 +26,9 @@ pub struct AutotuneOptions {
     /// What is tried: the tilings of each product (`autotune::default_candidates`), then for the
     /// whole step programmatic dependent launch, sliced tiles as thread block clusters (compute
     /// capability 9.0 or newer), cuBLAS's products through cuBLASLt or not, row tails or not,
-    /// joined kernels' sections longest first or in step order, each number of streams (1 to 3),
-    /// the two bounds and the joins' reach.
+    /// joined kernels' sections longest first or in step order, launches that would hold up a
+    /// kernel the step waits for joining it or not, each number of streams (1 to 3), the two
+    /// bounds and the joins' reach.
     pub space: Space,
     /// Read the result from the cache folder where a run before found it, and keep it there
     /// (unless the budget ran out before every candidate was tried).
@@ -141,8 +142,8 @@ impl Function {
     /// Times the CUDA backend's ways of computing this step on its card, for calls with these
     /// arguments' shapes, and from then on runs the fastest: each float product that the backend
     /// may tile as cuBLAS or in each tiling of `opts.space`, then the step's knobs (dependent
-    /// launch, clusters, cuBLASLt, row tails, longest-first sections, streams, two size bounds,
-    /// the joins' reach; see `kiln_codegen::cuda::autotune`). The values of the
+    /// launch, clusters, cuBLASLt, row tails, longest-first sections, chain joins, streams, two
+    /// size bounds, the joins' reach; see `kiln_codegen::cuda::autotune`). The values of the
     /// shared variables are as before the call when it returns. Later specializations (other
     /// shapes) keep the tuned choices for the products they share. An `Err` for a function that
     /// does not run on a CUDA device, or where the step fails to run as compiled at first.

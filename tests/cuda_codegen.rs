@@ -459,7 +459,10 @@ fn tiles_load_before_they_multiply_and_before_they_store() {
         }
         let tiled: std::collections::HashSet<&str> =
             loops.iter().filter(|l| l.is_slab_loop()).map(|l| l.kernel.as_str()).collect();
-        for l in loops.iter().filter(|l| tiled.contains(l.kernel.as_str()) && l.is_storing_walk()) {
+        // A tile's walk reads the tile from shared memory; an elementwise section beside the tile's
+        // in the same kernel (a weight update) reads none.
+        for l in loops.iter().filter(|l| tiled.contains(l.kernel.as_str()) && l.is_storing_walk() && l.shared_loads > 0)
+        {
             walks += 1;
             assert_eq!(l.loads_after_a_store, 0, "{what}: {l:?}");
         }
@@ -472,32 +475,52 @@ fn tiles_load_before_they_multiply_and_before_they_store() {
 fn weight_gradients_run_beside_the_input_gradients_of_the_layers_before_them() {
     // The autoencoder's backward pass is a chain of eight input-gradient products; each layer's
     // weight gradient (and update, in its epilogue) needs only that layer's output gradient, and
-    // moves up (`side.rs`: up to 64 steps) to run beside the next product of the chain that does
-    // not read the weights it updates, and that it does not push into a second wave by lowering
-    // the kernel's register budget (the last layer's, in 128x64 tiles at two blocks an SM, joins
-    // the code layer's 16 blocks rather than the 256 of the product after the loss). Only the
-    // first two layers' wait for the chain's end.
+    // moves up (`side.rs`: up to 64 steps) to run beside a later product of the chain that does
+    // not read the weights it updates, where it does not hold that product up: not where its
+    // threads do more multiply-adds than the product's, and not into the step's last kernel when
+    // it was ready mid-chain. Those run on the other stream instead, in kernels of their own: the
+    // decoder's two middle layers' together, the last layer's alone (its 128x64 tiles would
+    // lower the other kernel's register budget into a second wave).
     let w = kiln::workloads::build("autoencoder", Device::Reference).unwrap();
+    let listing = |src: &str| src[..src.find("\n\n").unwrap_or(src.len())].to_string();
+    let kernels = |src: &str| src.matches("extern \"C\" __global__").count();
     let src = w.step.cuda_source(&w.args).unwrap();
-    let listing = &src[..src.find("\n\n").unwrap_or(src.len())];
-    for joined in
-        ["k23_fused_and_k60:", "k25_fused_and_k56_k59:", "k27_fused_and_k52_k55_k63:", "k35_fused_and_k36_k39:"]
-    {
-        assert!(listing.contains(joined), "{joined}\n{listing}");
+    for joined in [
+        "k23_fused_and_k60:",
+        "k25_fused_and_k56:",
+        "k27_fused_and_k52:",
+        "k33_fused_and_k40_k43:",
+        "k35_fused_and_k36_k39:",
+        "k55_fused_and_k59:",
+        "k63_fused:",
+    ] {
+        assert!(listing(&src).contains(joined), "{joined}\n{}", listing(&src));
     }
-    assert_eq!(src.matches("extern \"C\" __global__").count(), 17, "{listing}");
+    assert_eq!(kernels(&src), 19, "{}", listing(&src));
     // The last kernel: the first two layers' weight gradients, the longest-running first.
     assert!(
         src.contains("//   blocks [0, 112): k35_fused\n") && src.contains("//   blocks [112, 240): k39_fused\n"),
         "{src}"
     );
-    // At a lookahead of 12, as before, the decoder's weight gradients ran at the end.
-    let before = kiln_codegen::cuda::with_bound("KILN_CUDA_LOOKAHEAD", 12, || w.step.cuda_source(&w.args).unwrap());
-    assert_eq!(before.matches("extern \"C\" __global__").count(), 18);
+    // Letting every launch join the kernels of the chain, as before: the code layer's 16-block
+    // product then ran beside the last layer's weight gradient, 4096 multiply-adds a thread.
+    let chained = kiln_codegen::cuda::with_chain_joins(true, || w.step.cuda_source(&w.args).unwrap());
+    for joined in ["k25_fused_and_k56_k59:", "k27_fused_and_k52_k55_k63:", "k35_fused_and_k36_k39:"] {
+        assert!(listing(&chained).contains(joined), "{joined}\n{}", listing(&chained));
+    }
+    assert_eq!(kernels(&chained), 17, "{}", listing(&chained));
+    // At a lookahead of 12, as before that, the decoder's weight gradients ran at the end.
+    let before = kiln_codegen::cuda::with_chain_joins(true, || {
+        kiln_codegen::cuda::with_bound("KILN_CUDA_LOOKAHEAD", 12, || w.step.cuda_source(&w.args).unwrap())
+    });
+    assert_eq!(kernels(&before), 18);
+    // On one stream nothing runs beside the chain: every launch that can join a kernel does.
+    let one_stream = kiln_codegen::cuda::with_streams(1, || w.step.cuda_source(&w.args).unwrap());
+    assert_eq!(listing(&one_stream), listing(&chained));
 }
 
 #[test]
-fn compile_options_fix_the_row_tails_the_order_of_joined_sections_and_the_joins_reach() {
+fn compile_options_fix_the_row_tails_the_order_of_joined_sections_and_the_joins() {
     // What `Function::autotune` finds is applied through `CompileOptions`: each knob must change
     // the code as its environment variable would, whatever the environment says.
     use kiln_codegen::{cuda::with_compile_options, CompileOptions};
@@ -506,16 +529,27 @@ fn compile_options_fix_the_row_tails_the_order_of_joined_sections_and_the_joins_
     let source = |w: &kiln::workloads::Workload, opts: CompileOptions| {
         with_compile_options(&opts, || w.step.cuda_source(&w.args).unwrap())
     };
-    let reach_12 = source(&auto, CompileOptions { lookahead: Some(12), ..CompileOptions::default() });
-    assert_eq!(kernels(&reach_12), 18);
-    let reach_64 = source(&auto, CompileOptions { lookahead: Some(64), ..CompileOptions::default() });
-    assert_eq!(kernels(&reach_64), 17);
+    let chained =
+        |lookahead| CompileOptions { lookahead: Some(lookahead), chain_joins: Some(true), ..CompileOptions::default() };
+    assert_eq!(kernels(&source(&auto, chained(12))), 18);
+    assert_eq!(kernels(&source(&auto, chained(64))), 17);
+    let short_chain = source(&auto, CompileOptions { chain_joins: Some(false), ..CompileOptions::default() });
+    assert_eq!(kernels(&short_chain), 19);
+    // fmnist-mlp-4k's last layer's 4096-deep weight gradient: beside the relu mask that the first
+    // layer's weight gradient waits for, or at the end of the other stream beside an update.
+    let wide = kiln::workloads::build("fmnist-mlp-4k", Device::Reference).unwrap();
+    let joins = |on| source(&wide, CompileOptions { chain_joins: Some(on), ..CompileOptions::default() });
+    assert!(joins(true).contains("k18_fused_and_k28_k32:"), "{}", joins(true));
+    let (short, long) = (joins(false), joins(true));
+    assert!(short.contains("k18_fused_and_k28:") && short.contains("k26_fused_and_k32:"), "{short}");
+    assert_eq!(kernels(&short), kernels(&long));
     // The last kernel's sections: its two weight gradients first (the larger of them first), or
     // in step order, the bias gradient before the second weight gradient.
-    let longest_first = source(&auto, CompileOptions { longest_first: Some(true), ..CompileOptions::default() });
+    let chained = |longest_first| CompileOptions { longest_first: Some(longest_first), ..CompileOptions::default() };
+    let longest_first = source(&auto, chained(true));
     assert!(longest_first.contains("//   blocks [0, 112): k35_fused\n//"), "{longest_first}");
     assert!(longest_first.contains("//   blocks [112, 240): k39_fused\n//"), "{longest_first}");
-    let step_order = source(&auto, CompileOptions { longest_first: Some(false), ..CompileOptions::default() });
+    let step_order = source(&auto, chained(false));
     assert!(step_order.contains("//   blocks [0, 112): k35_fused\n//"), "{step_order}");
     assert!(step_order.contains("//   blocks [112, 144): k36_sum\n//"), "{step_order}");
     // fmnist-mlp's logits kernel takes its loss's row pass and the next product as tails, or not.

@@ -70,6 +70,10 @@ pub struct CompileOptions {
     /// How many steps ahead a launch looks for launches to run beside it, as `KILN_CUDA_LOOKAHEAD`
     /// says (`None`: as that says, else 64).
     pub lookahead: Option<usize>,
+    /// Launches that would hold up a kernel the step waits for joining it anyway (`Some(true)`,
+    /// as `KILN_CUDA_CHAIN_JOINS=1` asks) or kept out of it (`Some(false)`); `None`: as that says,
+    /// else kept out where the step runs on several streams.
+    pub chain_joins: Option<bool>,
 }
 
 /// Moves each update output into its shared variable (after checking it keeps the variable's

@@ -64,6 +64,9 @@ pub struct Setting {
     pub longest_first: Option<bool>,
     /// `KILN_CUDA_LOOKAHEAD`'s reach.
     pub lookahead: Option<usize>,
+    /// Launches joining kernels the step waits for even where they hold them up (`Some(true)`) or
+    /// not; `None`: as kiln has it (`KILN_CUDA_CHAIN_JOINS`, else not on several streams).
+    pub chain_joins: Option<bool>,
 }
 
 impl Setting {
@@ -80,17 +83,25 @@ impl Setting {
             row_tails: self.row_tails,
             longest_first: self.longest_first,
             lookahead: self.lookahead,
+            chain_joins: self.chain_joins,
         }
     }
 
     /// The step's switches, in `SWITCH_LINES`' order (`None`: as kiln has it).
     fn switches(&self) -> [Option<bool>; SWITCHES] {
-        [Some(self.dependent_launch), self.clusters, self.cublaslt, self.row_tails, self.longest_first]
+        [
+            Some(self.dependent_launch),
+            self.clusters,
+            self.cublaslt,
+            self.row_tails,
+            self.longest_first,
+            self.chain_joins,
+        ]
     }
 
     /// The switches but dependent launch (which is never `None`).
     fn optional_switches_mut(&mut self) -> [&mut Option<bool>; SWITCHES - 1] {
-        [&mut self.clusters, &mut self.cublaslt, &mut self.row_tails, &mut self.longest_first]
+        [&mut self.clusters, &mut self.cublaslt, &mut self.row_tails, &mut self.longest_first, &mut self.chain_joins]
     }
 
     /// The step's numbers, in `NUMBER_LINES`' order (`None`: as kiln has it).
@@ -103,8 +114,8 @@ impl Setting {
     }
 
     /// The step's knobs in a line, as a cache entry names them: `dependent-launch off, clusters
-    /// kiln, cublaslt kiln, row-tails kiln, longest-first kiln, streams 2, run-macs kiln, dot-depth
-    /// kiln, lookahead kiln`.
+    /// kiln, cublaslt kiln, row-tails kiln, longest-first kiln, chain-joins kiln, streams 2, run-macs
+    /// kiln, dot-depth kiln, lookahead kiln`.
     pub fn knobs(&self) -> String {
         let on_off = |on: Option<bool>| match on {
             Some(true) => "on",
@@ -135,7 +146,8 @@ impl Setting {
 /// launch (if `dependent_launch`), sliced tiles as clusters (if `clusters`), cuBLAS's products
 /// through cuBLASLt (if `cublaslt`: a step with none has the same code and is passed over), row
 /// tails and not (if `row_tails`), joined sections longest first and in step order (if
-/// `longest_first`), each number of streams of `streams`, each bound of `run_macs` and each of
+/// `longest_first`), launches that would hold up a kernel the step waits for joining it and not
+/// (if `chain_joins`), each number of streams of `streams`, each bound of `run_macs` and each of
 /// `dot_depth`, and each reach of `lookahead`. Each switch is tried both ways (the way that is
 /// kiln's own has its code and is passed over), so that a setting from the environment is
 /// tried against the other too.
@@ -147,6 +159,7 @@ pub struct Space {
     pub cublaslt: bool,
     pub row_tails: bool,
     pub longest_first: bool,
+    pub chain_joins: bool,
     pub streams: Vec<usize>,
     pub run_macs: Vec<usize>,
     pub dot_depth: Vec<usize>,
@@ -156,7 +169,7 @@ pub struct Space {
 impl Space {
     /// Whether each of the step's switches is tried, in `SWITCH_LINES`' order.
     fn switches(&self) -> [bool; SWITCHES] {
-        [self.dependent_launch, self.clusters, self.cublaslt, self.row_tails, self.longest_first]
+        [self.dependent_launch, self.clusters, self.cublaslt, self.row_tails, self.longest_first, self.chain_joins]
     }
 
     /// The values each of the step's numbers is tried at, in `NUMBER_LINES`' order.
@@ -210,6 +223,7 @@ impl Default for Space {
             cublaslt: true,
             row_tails: true,
             longest_first: true,
+            chain_joins: true,
             streams: vec![1, 2, 3],
             run_macs: vec![1 << 19],
             dot_depth: vec![1 << 30],
@@ -453,12 +467,13 @@ pub fn cache_key(code: &str, device: &str, space: &Space) -> String {
 }
 
 /// The lines of a cache entry that say whether dependent launch won (`on` or `off`), clusters
-/// (`on`, `off`, or `kiln`: as the card has it), cuBLASLt, row tails and longest-first sections
-/// (`on`, `off`, or `kiln`: as the environment or kiln's default has it), and those of the step's
+/// (`on`, `off`, or `kiln`: as the card has it), cuBLASLt, row tails, longest-first sections and
+/// chain joins (`on`, `off`, or `kiln`: as the environment or kiln's default has it), and those of the step's
 /// numbers (each a number, or `kiln`: as kiln has it), with the most each may be.
-const SWITCHES: usize = 5;
+const SWITCHES: usize = 6;
 const NUMBERS: usize = 4;
-const SWITCH_LINES: [&str; SWITCHES] = ["dependent-launch", "clusters", "cublaslt", "row-tails", "longest-first"];
+const SWITCH_LINES: [&str; SWITCHES] =
+    ["dependent-launch", "clusters", "cublaslt", "row-tails", "longest-first", "chain-joins"];
 const NUMBER_LINES: [(&str, usize); NUMBERS] =
     [("streams", 8), ("run-macs", usize::MAX), ("dot-depth", usize::MAX), ("lookahead", usize::MAX)];
 
@@ -579,6 +594,7 @@ mod tests {
             cublaslt: false,
             row_tails: false,
             longest_first: false,
+            chain_joins: false,
             streams: vec![],
             run_macs: vec![],
             dot_depth: vec![],
@@ -635,10 +651,10 @@ mod tests {
         // Each distinct setting timed once (the repeated product is tuned once; the settings of
         // the streams' round share their code but not their streams), plus the best again before
         // the second product and before each round of the step's: dependent launch, clusters,
-        // cuBLASLt, row tails and longest-first sections (each on and off), streams, the two
-        // bounds and the reach.
+        // cuBLASLt, row tails, longest-first sections and chain joins (each on and off), streams,
+        // the two bounds and the reach.
         let n = default_candidates().len();
-        let switches = (1 + 1) + 4 * (1 + 2);
+        let switches = (1 + 1) + 5 * (1 + 2);
         assert_eq!(out.timed, 1 + n + 1 + n + switches + (1 + 3) + (1 + 1) + (1 + 1) + (1 + 1));
         assert!(out.failed.is_empty() && !out.out_of_budget);
     }
@@ -723,7 +739,7 @@ mod tests {
         assert!(
             text.starts_with(
                 "# tuned on a card\n# in 3 s\ndependent-launch on\nclusters on\ncublaslt on\nrow-tails off\n\
-                 longest-first kiln\nstreams 3\nrun-macs kiln\ndot-depth 64\nlookahead 12\n"
+                 longest-first kiln\nchain-joins kiln\nstreams 3\nrun-macs kiln\ndot-depth 64\nlookahead 12\n"
             ),
             "{text}"
         );
@@ -745,7 +761,8 @@ mod tests {
         let text = "dependent-launch off\nclusters off\ncublaslt kiln\nstreams 2\ndot-depth kiln\n";
         let err = parse_setting(text, "entry").unwrap_err().to_string();
         assert!(err.contains("no 'row-tails on|off|kiln' line"), "{err}");
-        let switches = "dependent-launch off\nclusters off\ncublaslt kiln\nrow-tails on\nlongest-first off\n";
+        let switches =
+            "dependent-launch off\nclusters off\ncublaslt kiln\nrow-tails on\nlongest-first off\nchain-joins on\n";
         let err = parse_setting(&format!("{switches}streams 2\ndot-depth kiln\n"), "entry").unwrap_err().to_string();
         assert!(err.contains("no 'run-macs N|kiln' line"), "{err}");
         let text = format!("{switches}streams 2\nrun-macs kiln\ndot-depth kiln\n");
@@ -753,6 +770,10 @@ mod tests {
         assert!(err.contains("no 'lookahead N|kiln' line"), "{err}");
         let read = parse_setting(&format!("{text}lookahead kiln\n"), "entry").unwrap();
         assert_eq!((read.row_tails, read.longest_first, read.lookahead), (Some(true), Some(false), None));
+        assert_eq!(read.chain_joins, Some(true));
+        let text = "dependent-launch off\nclusters off\ncublaslt kiln\nrow-tails on\nlongest-first off\n";
+        let err = parse_setting(text, "entry").unwrap_err().to_string();
+        assert!(err.contains("no 'chain-joins on|off|kiln' line"), "{err}");
         let kiln_lt = Setting { cublaslt: None, ..s.clone() };
         assert_eq!(parse_setting(&setting_text(&kiln_lt, ""), "entry").unwrap(), kiln_lt);
         let err = parse_setting("clusters maybe\n", "entry").unwrap_err().to_string();
@@ -787,6 +808,7 @@ mod tests {
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { dependent_launch: false, ..space.clone() }));
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { cublaslt: false, ..space.clone() }));
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { longest_first: false, ..space.clone() }));
+        assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { chain_joins: false, ..space.clone() }));
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { lookahead: vec![], ..space.clone() }));
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { streams: vec![1, 2], ..space.clone() }));
     }

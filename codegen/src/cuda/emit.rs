@@ -257,8 +257,11 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
     }
     let (steps, kernels) = (std::mem::take(&mut e.steps), std::mem::take(&mut e.kernels));
     let (steps, kernels) = single::join_runs(steps, kernels, &step_run, &e.loc);
+    // Whether the step will spread over several streams, as the runtime plans it (a profile's
+    // single stream aside, so that a profile times the code that runs).
+    let concurrent = super::streams_requested()?.unwrap_or_else(|| super::streams_and_memory(kp, None).0) > 1;
     (e.steps, e.kernels) =
-        if !single_block && !forced { side::join_all(steps, kernels, &e.loc) } else { (steps, kernels) };
+        if !single_block && !forced { side::join_all(steps, kernels, &e.loc, concurrent) } else { (steps, kernels) };
     if single_block {
         let (kernel, step) =
             join("k_step", "the whole step", std::mem::take(&mut e.kernels), std::mem::take(&mut e.steps), &e.loc);

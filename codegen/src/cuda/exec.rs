@@ -72,6 +72,37 @@ fn streams_for(profiled: bool) -> Result<Option<usize>> {
     }
 }
 
+/// Whether a graph instantiated with its kernels' own priorities failed once (a driver that does
+/// not take them): later captures are instantiated without, as one stream's graph.
+static NODE_PRIORITIES_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The CUDA graph of what `enqueue` puts on the device's streams. Where the main stream has a
+/// higher priority than the other lanes, each kernel keeps the priority of the stream it was
+/// captured on (`CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY`), so that the step's longest chain
+/// keeps going first inside the graph too; a driver that refuses that gets the graph without.
+fn capture(gpu: &Gpu, enqueue: impl Fn() -> Result<()>) -> Result<CudaGraph> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let capture_with = |flags: sys::CUgraphInstantiate_flags| -> Result<_> {
+        gpu.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(cuda_err("beginning a graph capture"))?;
+        let enqueued = enqueue();
+        let captured = gpu.stream.end_capture(flags);
+        enqueued?;
+        Ok(captured)
+    };
+    let no_graph = || Error::Invalid("CUDA graph capture produced no graph".into());
+    if gpu.prioritized && !NODE_PRIORITIES_REFUSED.load(Relaxed) {
+        match capture_with(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY)? {
+            Ok(graph) => return graph.ok_or_else(no_graph),
+            Err(_) => NODE_PRIORITIES_REFUSED.store(true, Relaxed),
+        }
+    }
+    capture_with(sys::CUgraphInstantiate_flags(0))?
+        .map_err(cuda_err("capturing the step as a CUDA graph"))?
+        .ok_or_else(no_graph)
+}
+
 enum Exec {
     Launch {
         f: CudaFunction,
@@ -585,12 +616,7 @@ impl Executable for CudaExecutable {
             gpu.stream
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
                 .map_err(cuda_err("beginning a graph capture"))?;
-            let enq = plan.enqueue(&gpu, &ptr, &shared_ptr, None);
-            let captured = gpu.stream.end_capture(sys::CUgraphInstantiate_flags(0));
-            enq?;
-            let g = captured
-                .map_err(cuda_err("capturing the step as a CUDA graph"))?
-                .ok_or_else(|| Error::Invalid("CUDA graph capture produced no graph".into()))?;
+            let g = capture(&gpu, || plan.enqueue(&gpu, &ptr, &shared_ptr, None))?;
             plan.graph = Some((g, shared_ptr.clone()));
         }
         match (&plan.graph, &mut self.profile) {

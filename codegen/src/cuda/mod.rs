@@ -43,7 +43,7 @@ pub use cluster::{with_cluster_setting, with_clusters};
 pub use dependent_launch::{with_dependent_launch, with_late_dependent_launch};
 pub use lt::{with_cublaslt, LtEpilogue, LtGemm};
 pub use row_tail::with_row_tails;
-pub use side::with_longest_first;
+pub use side::{with_chain_joins, with_longest_first};
 pub use tile_table::{with_tile_table, ProductKey, TileTable};
 pub use tiled::{with_tile_choice, TileChoice, TileShape};
 
@@ -161,7 +161,8 @@ pub(crate) fn with_thread_setting<T: Copy + 'static, R>(
 
 /// Runs `f` (a specialization's build, or printing one) under what `opts` fixes for a compiled
 /// function: its tile table, programmatic dependent launch, clusters, streams, size bounds,
-/// cuBLASLt, row tails, the order of joined sections and the joins' reach, where it fixes them.
+/// cuBLASLt, row tails, the order of joined sections, the joins' reach and whether launches may
+/// hold up the kernels they join, where it fixes them.
 pub fn with_compile_options<R>(opts: &crate::CompileOptions, f: impl FnOnce() -> R) -> R {
     let f = || if opts.dependent_launch { with_dependent_launch(f) } else { f() };
     let f = || match opts.clusters {
@@ -194,6 +195,10 @@ pub fn with_compile_options<R>(opts: &crate::CompileOptions, f: impl FnOnce() ->
     };
     let f = || match opts.lookahead {
         Some(n) => with_bound(LOOKAHEAD_VAR, n, f),
+        None => f(),
+    };
+    let f = || match opts.chain_joins {
+        Some(on) => with_chain_joins(on, f),
         None => f(),
     };
     match &opts.tile_table {

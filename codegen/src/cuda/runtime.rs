@@ -1,8 +1,11 @@
 //! The CUDA runtime kiln needs, over cudarc's driver API with dynamic loading: one `Gpu` per
 //! device ordinal (context, one non-default stream, a cuBLAS handle with a preallocated workspace
 //! so products can be captured in CUDA graphs), device buffers freed on drop, resident copies of
-//! shared variables, and row-major products through cuBLAS. Every failure is an `Err` that says
-//! what was looked for; nothing here panics when CUDA is absent.
+//! shared variables, and row-major products through cuBLAS. The main stream, which carries a
+//! step's longest chain of dependent steps (`schedule`), has the card's highest priority and the
+//! other lanes the lowest, so that where both have blocks waiting for an SM the chain's go first
+//! (`KILN_CUDA_PRIORITY=0`: every stream at the default priority, to time the difference). Every
+//! failure is an `Err` that says what was looked for; nothing here panics when CUDA is absent.
 
 use crate::bytes::tensor_from_bytes;
 use crate::kernel::MatMul;
@@ -58,6 +61,9 @@ pub struct Gpu {
     pub arch: &'static str,
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
+    /// Whether `stream` has a higher priority than the other lanes (`main_stream_priority`): a
+    /// step's CUDA graph then keeps each kernel's priority from the stream it was captured on.
+    pub prioritized: bool,
     blas: blas_sys::cublasHandle_t,
     workspace: sys::CUdeviceptr,
     /// The cuBLASLt handle, created on first use (`lt_runtime`).
@@ -97,6 +103,17 @@ fn blas_for(stream: &CudaStream) -> Result<(blas_sys::cublasHandle_t, sys::CUdev
         w
     };
     Ok((blas, workspace))
+}
+
+/// The priority of the device's main stream: the highest the context allows where it allows more
+/// than one, unless `KILN_CUDA_PRIORITY=0`. The other lanes keep the default, the lowest.
+fn main_stream_priority() -> Result<Option<i32>> {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    if super::switch_from_env(&OFF, "KILN_CUDA_PRIORITY", "0") {
+        return Ok(None);
+    }
+    let (least, greatest) = result::stream::get_priority_range().map_err(cuda_err("reading the stream priorities"))?;
+    Ok((greatest < least).then_some(greatest))
 }
 
 impl Gpu {
@@ -164,7 +181,13 @@ impl Gpu {
         // One stream and no per-buffer events: right for a single-stream runtime, and required for
         // capturing cuBLAS calls into a graph.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.new_stream().map_err(cuda_err("creating a stream"))?;
+        ctx.bind_to_thread().map_err(cuda_err("binding the context"))?;
+        let priority = main_stream_priority()?;
+        let stream = match priority {
+            Some(p) => ctx.new_stream_with_priority(p),
+            None => ctx.new_stream(),
+        }
+        .map_err(cuda_err("creating a stream"))?;
         let (major, minor) = ctx.compute_capability().map_err(cuda_err("reading the compute capability"))?;
         // Machine code for this card (no JIT when a module loads), or PTX with KILN_CUDA_PTX=1.
         let ptx = std::env::var("KILN_CUDA_PTX").is_ok_and(|v| v == "1");
@@ -179,6 +202,7 @@ impl Gpu {
             arch,
             ctx,
             stream,
+            prioritized: priority.is_some(),
             blas,
             workspace,
             lt: Mutex::new(None),

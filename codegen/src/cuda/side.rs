@@ -292,16 +292,83 @@ fn launch_of(steps: &[DeviceStep], s: usize) -> &Launchable {
     }
 }
 
+/// Whether a launch that would hold up a kernel the step waits for stays out of it
+/// (`holds_up_a_waited_kernel`): on unless `with_chain_joins(true, ..)` or
+/// `KILN_CUDA_CHAIN_JOINS=1` lets it in, as before (to time the difference on a card).
+fn waited_kernels_kept_short() -> bool {
+    static JOIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !CHAIN_JOINS.with(|c| c.get()).unwrap_or_else(|| super::switch_from_env(&JOIN, "KILN_CUDA_CHAIN_JOINS", "1"))
+}
+
+thread_local! {
+    static CHAIN_JOINS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with launches that would hold up a kernel the step waits for joining it (`on`, as
+/// before) or kept out of it, for every CUDA program this thread specializes, whatever
+/// the environment says.
+pub fn with_chain_joins<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    super::with_thread_setting(&CHAIN_JOINS, Some(on), f)
+}
+
+/// Whether launch `j` joining `group` (steps of `steps`, the group's kernel placed at its first)
+/// would hold up a kernel that the step waits for: one that a later step depends on, or that ends
+/// the longest chain of dependencies (`level`, the step's end waits for it). It would if `j`'s
+/// threads do more multiply-adds than any section's (the kernel would run longer), or if `j`
+/// could start at least two steps of the chain earlier (it waits for the kernel's other
+/// sections, and takes blocks beside them that the chain's work needs). On several streams such
+/// a launch (a layer's weight gradient and update, which nothing in the step waits for) runs on a
+/// stream of its own beside the chain rather than inside it: in the autoencoder, the last
+/// layer's 4096 multiply-adds a thread kept the code layer's 16-block product, 256 a thread, from
+/// ending until they were done, and a decoder weight gradient ready mid-chain ran in the step's
+/// last kernel, in a second wave of its blocks.
+fn holds_up_a_waited_kernel(
+    steps: &[DeviceStep],
+    kernels: &[Kernel],
+    access: &[(Vec<Location>, Vec<Location>)],
+    level: &[usize],
+    group: &[usize],
+    j: usize,
+) -> bool {
+    let macs = |s: usize| {
+        let name = &launch_of(steps, s).kernel;
+        kernels.iter().find(|k| &k.name == name).map_or(0, |k| k.macs_per_thread)
+    };
+    let deepest = level.iter().copied().max().unwrap_or(0);
+    let waited = group.iter().any(|&g| level[g] == deepest)
+        || (group[0] + 1..steps.len())
+            .filter(|t| *t != j && !group.contains(t))
+            .any(|t| group.iter().any(|&g| !independent(&access[g], &access[t])));
+    let longer = group.iter().all(|&g| macs(g) < macs(j));
+    let early = group.iter().any(|&g| level[j] + 2 <= level[g]);
+    waited && (longer || early)
+}
+
+/// For each step, the length of the longest chain of dependencies that ends at it.
+fn levels(access: &[(Vec<Location>, Vec<Location>)]) -> Vec<usize> {
+    let mut level = vec![0; access.len()];
+    for i in 0..access.len() {
+        level[i] = (0..i).filter(|&d| !independent(&access[d], &access[i])).map(|d| level[d] + 1).max().unwrap_or(0);
+    }
+    level
+}
+
 /// Joins independent launches side by side (see `side`): each launch takes the later launches (up
 /// to `LOOKAHEAD` steps on) that can run beside it and that may move up past every step between
 /// (a layer's weight update, which must wait for the product reading the old weights, then runs
-/// beside the next layer's input-gradient product instead of on its own).
+/// beside the next layer's input-gradient product instead of on its own). Where the step runs on
+/// several streams (`concurrent`), a launch does not join a kernel that the step waits for if it
+/// would hold it up (`holds_up_a_waited_kernel`): it runs on another stream instead, or joins
+/// kernels nothing waits for.
 pub(super) fn join_all(
     steps: Vec<DeviceStep>,
     mut kernels: Vec<Kernel>,
     loc: &[Location],
+    concurrent: bool,
 ) -> (Vec<DeviceStep>, Vec<Kernel>) {
     let access: Vec<_> = steps.iter().map(|s| step_accesses(s, &kernels, loc)).collect();
+    let keep_short = concurrent && waited_kernels_kept_short();
+    let level = levels(&access);
     let mut taken = vec![false; steps.len()];
     let mut joined = vec![];
     for s in 0..steps.len() {
@@ -322,6 +389,7 @@ pub(super) fn join_all(
                     DeviceStep::Launch(next) => {
                         can_join(loc, &kernels, &launches, next)
                             && staying.iter().all(|&i| independent(&access[i], &access[j]))
+                            && !(keep_short && holds_up_a_waited_kernel(&steps, &kernels, &access, &level, &group, j))
                     }
                     DeviceStep::Gemm(_) | DeviceStep::GemmLt(_) => false,
                 };
@@ -457,5 +525,64 @@ mod tests {
             ]
         );
         assert_eq!((joined.launch.grid, joined.macs_per_thread), ((1264, 1), 4096));
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    /// A launch of 16 blocks reading buffers `reads` and writing `writes`, its threads doing
+    /// `macs` multiply-adds.
+    fn step(name: &str, reads: &[usize], writes: &[usize], macs: usize) -> (Kernel, DeviceStep) {
+        let launch = Launch { grid: (16, 1), block: (256, 1), cluster: 1 };
+        let param = |b: usize, kind| Param { ty: CType::Float, name: format!("b{b}"), kind };
+        let params: Vec<Param> = reads
+            .iter()
+            .map(|&b| param(b, ParamKind::In))
+            .chain(writes.iter().map(|&b| param(b, ParamKind::Out)))
+            .collect();
+        let args = reads.iter().chain(writes).map(|&b| KernelArg::Buf(b)).collect();
+        let mut k = Kernel::plain(name, vec![], params, vec![], launch);
+        k.macs_per_thread = macs;
+        (k, DeviceStep::Launch(Launchable { kernel: name.into(), args, launch }))
+    }
+
+    fn names(steps: &[DeviceStep]) -> Vec<String> {
+        steps.iter().map(|s| launch_of(std::slice::from_ref(s), 0).kernel.clone()).collect()
+    }
+
+    #[test]
+    fn work_off_the_chain_does_not_hold_up_the_chains_kernels() {
+        // A chain of four products (buffers 0 -> 1 -> 2 -> 3 -> 4, 256 multiply-adds a thread, the
+        // last 1024), a deep weight gradient, a shallow one and a middling one of the first
+        // product's output (4096, 128 and 512), and a bias gradient of it (no multiply-adds).
+        let (kernels, steps): (Vec<Kernel>, Vec<DeviceStep>) = [
+            step("k1_chain", &[0], &[1], 256),
+            step("k2_chain", &[1], &[2], 256),
+            step("k3_chain", &[2], &[3], 256),
+            step("k4_chain", &[3], &[4], 1024),
+            step("k5_deep", &[0, 1], &[5], 4096),
+            step("k6_shallow", &[0, 1], &[6], 128),
+            step("k7_sum", &[1], &[7], 0),
+            step("k8_middling", &[0, 1], &[8], 512),
+        ]
+        .into_iter()
+        .unzip();
+        let loc: Vec<Location> = (0..9).map(Location::Alone).collect();
+        // On one stream every launch joins the first kernel it can run beside (four sections at
+        // most).
+        let (one, _) = join_all(steps.clone(), kernels.clone(), &loc, false);
+        assert_eq!(names(&one), ["k1_chain", "k2_chain_and_k5_k6_k7", "k3_chain_and_k8", "k4_chain"]);
+        // On several: the deep and the middling gradient would make the second and third
+        // products' kernels, which the next ones wait for, run longer; the shallow one and the
+        // sum join the second. The last kernel ends the chain: the middling one, though shorter
+        // than its product, could start two steps of the chain earlier. Those two run beside each
+        // other on another stream, in a kernel nothing waits for.
+        let (several, _) = join_all(steps.clone(), kernels.clone(), &loc, true);
+        assert_eq!(names(&several), ["k1_chain", "k2_chain_and_k6_k7", "k3_chain", "k4_chain", "k5_deep_and_k8"]);
+        // As before where asked.
+        let (asked, _) = with_chain_joins(true, || join_all(steps, kernels, &loc, true));
+        assert_eq!(names(&asked), names(&one));
     }
 }
