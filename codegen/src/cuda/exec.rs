@@ -613,9 +613,6 @@ impl Executable for CudaExecutable {
         if self.graphs && self.profile.is_none() && !graph_ok && plan.calls >= 2 {
             // Capture once the plan has run eagerly (which loads everything lazily initialized).
             plan.graph = None;
-            gpu.stream
-                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-                .map_err(cuda_err("beginning a graph capture"))?;
             let g = capture(&gpu, || plan.enqueue(&gpu, &ptr, &shared_ptr, None))?;
             plan.graph = Some((g, shared_ptr.clone()));
         }
