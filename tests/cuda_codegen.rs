@@ -560,3 +560,33 @@ fn compile_options_fix_the_row_tails_the_order_of_joined_sections_and_the_joins(
     assert!(!no_tails.contains("on the rows each block finished"), "{no_tails}");
     assert!(kernels(&no_tails) > kernels(&tails), "{no_tails}");
 }
+
+#[test]
+fn rows_are_read_and_written_sixteen_bytes_at_a_time_beside_a_broadcast_bias() {
+    // Over [1024, 128] (past the 65,536 elements a single block takes): a bias broadcast along the rows is
+    // read as float4s like the rows; a column broadcast along each row is one float a quad; a
+    // transposed operand (stride 1024 along the row) leaves the kernel an element at a time. Each
+    // agrees with the reference on the emulator (which faults a misaligned float4).
+    let g = Graph::new();
+    let x = g.input("x", F32, [1024, 128]);
+    let column = g.input("column", F32, [1024, 1]);
+    let t = g.input("t", F32, [128, 1024]);
+    let b = g.shared("b", f32s(&[128], 21));
+    let args = [f32s(&[1024, 128], 22), f32s(&[1024, 1], 23), f32s(&[128, 1024], 24)];
+    let kernel_of = |out: &Var| {
+        let f = g.function([&x, &column, &t], [out]).compile(Device::Reference).unwrap();
+        emulated_agrees(&g, &[&x, &column, &t], &[out], &args);
+        let src = cuda_c(&f, &args);
+        src[src.find("extern \"C\" __global__").expect("a kernel")..].to_string()
+    };
+    let dense = kernel_of(&(&x + &b).relu());
+    assert!(dense.contains("u < 32768;"), "{dense}");
+    assert!(dense.contains("reinterpret_cast<const float4*>(in0)[i0 * 32 + i1]"), "{dense}");
+    assert!(dense.contains("reinterpret_cast<const float4*>(in1)[i1]"), "{dense}");
+    assert!(dense.contains("reinterpret_cast<float4*>(out)[i0 * 32 + i1] = make_float4("), "{dense}");
+    let scaled = kernel_of(&(&x * &column).tanh());
+    assert!(scaled.contains("reinterpret_cast<const float4*>(in0)[i0 * 32 + i1]"), "{scaled}");
+    assert!(scaled.contains("const float x1 = in1[i0];"), "{scaled}");
+    let crossed = kernel_of(&(&x + t.permute(&[1, 0])).relu());
+    assert!(!crossed.contains("float4"), "{crossed}");
+}

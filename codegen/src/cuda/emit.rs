@@ -4,7 +4,8 @@
 //! float product is instead computed in tiles by its epilogue's kernel, `tiled`, which may then
 //! also run later groups over the rows each block finished, `row_tail`). Sizes are
 //! constants (every program is specialized), so index arithmetic divides by literals. Elementwise
-//! kernels over contiguous float32 data read and write 16 bytes at a time; reductions run one
+//! kernels over float32 rows read and write 16 bytes at a time, beside operands broadcast along
+//! the rows or across them (`elementwise`); reductions run one
 //! warp-shuffle block per output row when the reduced dim is contiguous, a 32x8 tile per 32
 //! outputs when the kept dim is (column sums), or one thread per output when rows are short. After
 //! emission, runs of tiny kernels become single-block kernels (`single`) and independent neighbours
@@ -528,7 +529,7 @@ impl<'a> Emitter<'a> {
     }
 
     /// Names of member `m`'s parameters: `in{j}`/`out` for the first, `f{m}_in{j}`/`f{m}_out` after.
-    fn param_name(m: usize, what: &str) -> String {
+    pub(super) fn param_name(m: usize, what: &str) -> String {
         if m == 0 {
             what.to_string()
         } else {
@@ -659,101 +660,5 @@ impl<'a> Emitter<'a> {
                 self.member_element(m, dims, out);
             }
         }
-    }
-
-    pub(super) fn vectorizable(&self) -> bool {
-        let k = &self.group[0].kernel;
-        let n: usize = k.shape.iter().product();
-        let f32_aligned = |v: &View, d: DType| d == DType::F32 && v.offset % 4 == 0;
-        // A group computing a product is bound by its dot products, not by memory.
-        self.product.is_none()
-            && k.shape.len() == 1
-            && n >= 4
-            && self.group.iter().all(|m| {
-                m.kernel.out.strides[0] == 1
-                    && f32_aligned(&m.kernel.out, m.kernel.out_dtype)
-                    && m.kernel.inputs.iter().zip(&m.kernel.input_dtypes).all(|(v, &d)| match v.strides[0] {
-                        0 => true,
-                        1 => f32_aligned(v, d),
-                        _ => false,
-                    })
-            })
-    }
-
-    /// The elementwise group: four elements per thread through 16-byte accesses where every view
-    /// allows, then (or else) one element at a time.
-    pub(super) fn elementwise(&mut self) -> (Vec<Stmt>, Launch) {
-        let k = self.group[0].kernel.clone();
-        let it = self.index_type(&k);
-        let n: usize = k.shape.iter().product();
-        let mut body = vec![];
-        let mut first_scalar = 0;
-        if self.vectorizable() {
-            let n4 = n / 4;
-            let mut inner = vec![];
-            // Per member, per input: the four lanes (a float4's fields, or one scalar read once).
-            let mut lanes: Vec<Vec<[Expr; 4]>> = vec![];
-            for (m, mem) in self.group.iter().enumerate() {
-                let suffix = if m == 0 { String::new() } else { format!("_f{m}") };
-                let mut per_input = vec![];
-                for (j, ((v, &d), src)) in
-                    mem.kernel.inputs.iter().zip(&mem.kernel.input_dtypes).zip(&mem.sources).enumerate()
-                {
-                    let name = format!("x{j}{suffix}");
-                    let param = var(Self::param_name(m, &format!("in{j}")));
-                    let base = if v.offset == 0 { param } else { param + int(v.offset as i64) };
-                    per_input.push(match src {
-                        Source::Register(w) => std::array::from_fn(|l| var(format!("y{w}_{l}"))),
-                        Source::Product => unreachable!("groups computing a product are not vectorized"),
-                        Source::Memory if v.strides[0] == 0 => {
-                            body.push(decl(CType::of(d), name.clone(), index(base, int(0))));
-                            std::array::from_fn(|_| var(&name))
-                        }
-                        Source::Memory => {
-                            inner.push(decl(
-                                CType::Float4,
-                                name.clone(),
-                                Expr::Vec4(Box::new(base), Box::new(var("u"))),
-                            ));
-                            std::array::from_fn(|l| Expr::Lane(Box::new(var(&name)), l as u8))
-                        }
-                    });
-                }
-                lanes.push(per_input);
-            }
-            for l in 0..4 {
-                for (m, member_lanes) in lanes.iter().enumerate() {
-                    let ins: Vec<Expr> = member_lanes.iter().map(|x| x[l].clone()).collect();
-                    let suffix = if m == 0 { format!("_{l}") } else { format!("_f{m}_{l}") };
-                    let (mk, dtypes) = (self.group[m].kernel.clone(), self.group[m].dtypes.clone());
-                    let r = self.exprs(&mk, &dtypes, &ins, &suffix, &mut inner);
-                    self.member_value(m, r, *dtypes.last().expect("non-empty"), &format!("_{l}"), &mut inner);
-                }
-            }
-            for m in 0..self.group.len() {
-                let o = &self.group[m].kernel.out;
-                let param = var(Self::param_name(m, "out"));
-                let base = if o.offset == 0 { param } else { param + int(o.offset as i64) };
-                let ys = (0..4).map(|l| var(format!("y{m}_{l}"))).collect();
-                inner.push(assign(Expr::Vec4(Box::new(base), Box::new(var("u"))), call("make_float4", ys)));
-            }
-            body.push(grid_stride_loop(it, "u", n4, inner));
-            first_scalar = n4 * 4;
-            if first_scalar == n {
-                return (body, launch_1d(n4));
-            }
-            body.push(Stmt::Comment("the last elements, one at a time".into()));
-        }
-        let mut inner = vec![];
-        let rank = k.shape.len();
-        decompose(var("i"), &k.shape, 0, it, &mut inner);
-        for m in 0..self.group.len() {
-            self.member_element(m, rank, &mut inner);
-        }
-        let init = if first_scalar > 0 { int(first_scalar as i64) + global_id(it) } else { global_id(it) };
-        body.push(Stmt::For { ty: it, var: "i".into(), init, end: int(n as i64), step: grid_stride(it), body: inner });
-        // With the 16-byte loop first, the few elements left over go to its first threads.
-        let work = if first_scalar > 0 { n / 4 } else { n };
-        (body, launch_1d(work))
     }
 }

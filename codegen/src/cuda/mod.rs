@@ -13,6 +13,7 @@ pub mod ast;
 pub mod autotune;
 mod cluster;
 mod dependent_launch;
+mod elementwise;
 pub mod emit;
 pub mod emulator;
 #[cfg(feature = "cuda")]
