@@ -352,7 +352,8 @@ impl Function {
     pub fn cuda_products(&self, args: &[Tensor]) -> Result<Vec<(String, kiln_codegen::cuda::ProductKey)>> {
         kiln_codegen::cuda::program_products(&self.program, &self.signature(args)?)
     }
-    /// Compile time of each specialization (NVRTC and module load on CUDA; empty elsewhere).
+    /// Compile time of each specialization (NVRTC and module load on CUDA, then a line on the
+    /// streams' priorities; empty elsewhere).
     pub fn compile_stats(&self) -> Vec<String> {
         self.exe.compile_stats()
     }

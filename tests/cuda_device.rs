@@ -86,7 +86,10 @@ fn generated_code_is_the_cuda_c_with_update_notes() {
     let code = step.generated_code();
     assert!(code.contains("update of shared variable") && code.contains("extern \"C\" __global__"), "{code}");
     assert_eq!(code, step.generated_code());
-    assert_eq!(step.compile_stats().len(), 1);
+    // One line for the one specialization, then the streams' priorities.
+    let stats = step.compile_stats();
+    assert_eq!(stats.len(), 2, "{stats:?}");
+    assert!(stats[1].starts_with("stream priorities: "), "{stats:?}");
 }
 
 #[test]

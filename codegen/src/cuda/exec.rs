@@ -76,6 +76,20 @@ fn streams_for(profiled: bool) -> Result<Option<usize>> {
 /// not take them): later captures are instantiated without, as one stream's graph.
 static NODE_PRIORITIES_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// What the streams' priorities are, for a function's compile statistics (a driver that refused
+/// the kernels' own priorities in graphs says so here once it has).
+fn priorities(gpu: &Gpu) -> String {
+    if !gpu.prioritized {
+        "stream priorities: none (KILN_CUDA_PRIORITY=0, or the card has one priority)".into()
+    } else if NODE_PRIORITIES_REFUSED.load(std::sync::atomic::Ordering::Relaxed) {
+        "stream priorities: the main stream's highest; the driver refused them per kernel in CUDA graphs, \
+         which run at the main stream's"
+            .into()
+    } else {
+        "stream priorities: the main stream's highest, kept by each of its kernels in CUDA graphs".into()
+    }
+}
+
 /// The CUDA graph of what `enqueue` puts on the device's streams. Where the main stream has a
 /// higher priority than the other lanes, each kernel keeps the priority of the stream it was
 /// captured on (`CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY`), so that the step's longest chain
@@ -713,7 +727,8 @@ impl Executable for CudaExecutable {
     }
 
     fn compile_stats(&self) -> Vec<String> {
-        self.order
+        let mut lines: Vec<String> = self
+            .order
             .iter()
             .map(|k| {
                 let s = self.plans[k].stats;
@@ -725,7 +740,9 @@ impl Executable for CudaExecutable {
                     s.load_seconds * 1e3
                 )
             })
-            .collect()
+            .collect();
+        lines.push(priorities(&self.gpu));
+        lines
     }
 }
 
