@@ -21,21 +21,14 @@ use kiln_ir::ops::elementwise::{BinaryOp, UnaryOp};
 use kiln_ir::ops::fused::ScalarExpr;
 use kiln_ir::DType;
 
-thread_local! {
-    static ASKED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
-}
+/// Whether products go to cuBLASLt: by `with_cublaslt`, else by `KILN_CUDA_LT=1`; off by default.
+pub(super) static CUBLASLT: super::Switch = super::Switch::new("KILN_CUDA_LT", false);
 
 /// Runs `f` with the products that go to cuBLAS going to cuBLASLt instead, with the bias
 /// epilogues it can compute (`on`), or not, for every CUDA program this thread specializes,
 /// whatever the environment says.
 pub fn with_cublaslt<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    super::with_thread_setting(&ASKED, Some(on), f)
-}
-
-/// Whether products go to cuBLASLt: by `with_cublaslt`, else by `KILN_CUDA_LT=1`.
-fn requested() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    ASKED.with(|a| a.get()).unwrap_or_else(|| super::switch_from_env(&ON, "KILN_CUDA_LT", "1"))
+    CUBLASLT.with(on, f)
 }
 
 /// A product through cuBLASLt: `c = a b`, or with an epilogue `c = a b + bias` (along each row),
@@ -83,7 +76,7 @@ impl LtGemm {
 /// epilogue then needs no kernel), else without. `None` where not asked for, or for a product
 /// cuBLASLt is not used for (batched, or not float32).
 pub(super) fn product(kp: &KernelProgram, at: usize, mm: &MatMul, loc: &[Location]) -> Option<LtGemm> {
-    if !requested() || mm.dtype != DType::F32 || mm.batch != 1 || mm.m * mm.n * mm.k == 0 {
+    if !CUBLASLT.on() || mm.dtype != DType::F32 || mm.batch != 1 || mm.m * mm.n * mm.k == 0 {
         return None;
     }
     Some(with_epilogue(kp, at, mm, loc).unwrap_or_else(|| LtGemm { mm: mm.clone(), epilogue: None }))

@@ -89,6 +89,53 @@ thread_local! {
     static STREAMS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     /// Size bounds set for this thread, by the environment variable that would set them.
     static BOUNDS: std::cell::RefCell<Vec<(&'static str, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Switches set for this thread (`Switch::with`), by the environment variable that would set them.
+    static SWITCHES: std::cell::RefCell<Vec<(&'static str, bool)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An on/off choice of how code is generated (`KILN_CUDA_LT`, `KILN_CUDA_ROW_TAIL`, ...): what this
+/// thread set (`with`, innermost first), else the environment variable's `1` (on) or `0` (off),
+/// read once, else the default.
+pub(crate) struct Switch {
+    var: &'static str,
+    default: bool,
+    env: std::sync::OnceLock<Option<bool>>,
+}
+
+impl Switch {
+    pub(crate) const fn new(var: &'static str, default: bool) -> Switch {
+        Switch { var, default, env: std::sync::OnceLock::new() }
+    }
+
+    pub(crate) fn on(&self) -> bool {
+        let set = SWITCHES.with(|s| s.borrow().iter().rev().find(|(var, _)| *var == self.var).map(|s| s.1));
+        set.unwrap_or_else(|| {
+            let env = self.env.get_or_init(|| match std::env::var(self.var).as_deref() {
+                Ok("1") => Some(true),
+                Ok("0") => Some(false),
+                _ => None,
+            });
+            env.unwrap_or(self.default)
+        })
+    }
+
+    /// Runs `f` with this switch `on` or off for every CUDA program this thread specializes,
+    /// whatever the environment says.
+    pub(crate) fn with<R>(&self, on: bool, f: impl FnOnce() -> R) -> R {
+        with_switches(&[(self, on)], f)
+    }
+}
+
+/// Runs `f` with each of `switches` set as it says (see `Switch::with`).
+fn with_switches<R>(switches: &[(&Switch, bool)], f: impl FnOnce() -> R) -> R {
+    SWITCHES.with(|s| s.borrow_mut().extend(switches.iter().map(|(switch, on)| (switch.var, *on))));
+    let r = f();
+    SWITCHES.with(|s| {
+        let mut s = s.borrow_mut();
+        let kept = s.len() - switches.len();
+        s.truncate(kept);
+    });
+    r
 }
 
 /// The size bound that `KILN_CUDA_RUN_MACS` sets: products of up to this many multiply-adds join
@@ -103,9 +150,18 @@ pub const LOOKAHEAD_VAR: &str = "KILN_CUDA_LOOKAHEAD";
 /// Runs `f` with the size bound that the environment variable `var` sets at `value` for every CUDA
 /// program this thread specializes, whatever the environment says.
 pub fn with_bound<R>(var: &'static str, value: usize, f: impl FnOnce() -> R) -> R {
-    BOUNDS.with(|b| b.borrow_mut().push((var, value)));
+    with_bounds(&[(var, value)], f)
+}
+
+/// Runs `f` with each of `bounds` set as `with_bound` sets one.
+fn with_bounds<R>(bounds: &[(&'static str, usize)], f: impl FnOnce() -> R) -> R {
+    BOUNDS.with(|b| b.borrow_mut().extend_from_slice(bounds));
     let r = f();
-    BOUNDS.with(|b| b.borrow_mut().pop());
+    BOUNDS.with(|b| {
+        let mut b = b.borrow_mut();
+        let kept = b.len() - bounds.len();
+        b.truncate(kept);
+    });
     r
 }
 
@@ -174,34 +230,21 @@ pub fn with_compile_options<R>(opts: &crate::CompileOptions, f: impl FnOnce() ->
         Some(n) => with_streams(n, f),
         None => f(),
     };
-    let f = || match opts.run_macs {
-        Some(n) => with_bound(RUN_MACS_VAR, n, f),
-        None => f(),
-    };
-    let f = || match opts.dot_depth {
-        Some(n) => with_bound(DOT_DEPTH_VAR, n, f),
-        None => f(),
-    };
-    let f = || match opts.cublaslt {
-        Some(on) => with_cublaslt(on, f),
-        None => f(),
-    };
-    let f = || match opts.row_tails {
-        Some(on) => with_row_tails(on, f),
-        None => f(),
-    };
-    let f = || match opts.longest_first {
-        Some(on) => with_longest_first(on, f),
-        None => f(),
-    };
-    let f = || match opts.lookahead {
-        Some(n) => with_bound(LOOKAHEAD_VAR, n, f),
-        None => f(),
-    };
-    let f = || match opts.chain_joins {
-        Some(on) => with_chain_joins(on, f),
-        None => f(),
-    };
+    let switches: Vec<(&Switch, bool)> = [
+        (&lt::CUBLASLT, opts.cublaslt),
+        (&row_tail::ROW_TAILS, opts.row_tails),
+        (&side::LONGEST_FIRST, opts.longest_first),
+        (&side::CHAIN_JOINS, opts.chain_joins),
+    ]
+    .into_iter()
+    .filter_map(|(switch, on)| Some((switch, on?)))
+    .collect();
+    let bounds: Vec<(&'static str, usize)> =
+        [(RUN_MACS_VAR, opts.run_macs), (DOT_DEPTH_VAR, opts.dot_depth), (LOOKAHEAD_VAR, opts.lookahead)]
+            .into_iter()
+            .filter_map(|(var, n)| Some((var, n?)))
+            .collect();
+    let f = || with_switches(&switches, || with_bounds(&bounds, f));
     match &opts.tile_table {
         Some(table) => tile_table::with_shared_tile_table(table.clone(), f),
         None => f(),
@@ -366,4 +409,31 @@ pub(crate) fn check_error_word(errors: &[emit::ErrorSite], code: u32) -> Result<
         detail: format!("an index computed by the graph was out of range for an axis of size {}", site.axis_len),
         at: site.at,
     })
+}
+
+#[cfg(test)]
+mod switch_tests {
+    use super::*;
+
+    static SETTLED: Switch = Switch::new("KILN_TEST_SWITCH_NEVER_SET", true);
+    static OTHER: Switch = Switch::new("KILN_TEST_OTHER_SWITCH_NEVER_SET", false);
+
+    #[test]
+    fn the_innermost_setting_wins_and_each_is_undone_on_the_way_out() {
+        assert!(SETTLED.on() && !OTHER.on(), "the defaults, the environment saying nothing");
+        SETTLED.with(false, || {
+            assert!(!SETTLED.on());
+            with_switches(&[(&SETTLED, true), (&OTHER, true)], || assert!(SETTLED.on() && OTHER.on()));
+            assert!(!SETTLED.on() && !OTHER.on());
+        });
+        assert!(SETTLED.on());
+        with_bounds(&[(LOOKAHEAD_VAR, 3), (RUN_MACS_VAR, 5)], || {
+            with_bound(LOOKAHEAD_VAR, 7, || {
+                static CELL: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+                assert_eq!(bound_from_env(&CELL, LOOKAHEAD_VAR, 0), 7);
+            });
+            static CELL: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+            assert_eq!(bound_from_env(&CELL, RUN_MACS_VAR, 0), 5);
+        });
+    }
 }

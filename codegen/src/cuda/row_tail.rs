@@ -33,20 +33,14 @@ use super::tiled::{walks_in_order, TilePlan};
 use crate::kernel::{BufId, LoopKernel, MatMul, View};
 use std::collections::HashMap;
 
-thread_local! {
-    static ASKED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
-}
+/// Whether groups join tiled products' tails: by `with_row_tails`, else unless
+/// `KILN_CUDA_ROW_TAIL=0`.
+pub(super) static ROW_TAILS: super::Switch = super::Switch::new("KILN_CUDA_ROW_TAIL", true);
 
 /// Runs `f` with groups joining tiled products' tails (`on`) or each kept a kernel of its own,
 /// for every CUDA program this thread specializes, whatever the environment.
 pub fn with_row_tails<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    super::with_thread_setting(&ASKED, Some(on), f)
-}
-
-/// Whether tails are turned off: by `with_row_tails`, else by `KILN_CUDA_ROW_TAIL=0`.
-fn disabled() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    ASKED.with(|a| a.get()).map_or_else(|| super::switch_from_env(&OFF, "KILN_CUDA_ROW_TAIL", "0"), |on| !on)
+    ROW_TAILS.with(on, f)
 }
 
 /// At most this many steps emitted after the tiled kernel that a stage may move ahead of.
@@ -181,7 +175,7 @@ impl Emitter<'_> {
     ) -> Option<Option<ProductInEpilogue>> {
         let (m, plan) = (target.mm.m, &target.plan);
         let primary = members[0];
-        if disabled() || plan.tiles_n != 1 || plan.bm > THREADS as usize || !target.open(self) {
+        if !ROW_TAILS.on() || plan.tiles_n != 1 || plan.bm > THREADS as usize || !target.open(self) {
             return None;
         }
         if members.iter().any(|k| k.shape.first() != Some(&m)) {

@@ -237,22 +237,18 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
 /// `KILN_CUDA_LONGEST_FIRST=0` (`with_longest_first(false, ..)` for one thread) keeps step order
 /// (clustered sections first), to time the difference on a card.
 fn longest_first(mut launches: Vec<Launchable>, macs: &dyn Fn(&Launchable) -> usize) -> Vec<Launchable> {
-    static STEP_ORDER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let by_macs = LONGEST_FIRST
-        .with(|l| l.get())
-        .unwrap_or_else(|| !super::switch_from_env(&STEP_ORDER, "KILN_CUDA_LONGEST_FIRST", "0"));
+    let by_macs = LONGEST_FIRST.on();
     launches.sort_by_key(|l| (l.launch.cluster <= 1, std::cmp::Reverse(if by_macs { macs(l) } else { 0 })));
     launches
 }
 
-thread_local! {
-    static LONGEST_FIRST: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
-}
+/// Whether joined kernels' sections take the grid longest first (`longest_first`).
+pub(super) static LONGEST_FIRST: super::Switch = super::Switch::new("KILN_CUDA_LONGEST_FIRST", true);
 
 /// Runs `f` with the sections of every joined kernel this thread specializes taking the grid
 /// longest first (`on`) or in step order, whatever the environment.
 pub fn with_longest_first<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    super::with_thread_setting(&LONGEST_FIRST, Some(on), f)
+    LONGEST_FIRST.with(on, f)
 }
 
 /// How far ahead of a launch `join_all` looks for launches to run beside it: far enough for a
@@ -292,23 +288,16 @@ fn launch_of(steps: &[DeviceStep], s: usize) -> &Launchable {
     }
 }
 
-/// Whether a launch that would hold up a kernel the step waits for stays out of it
-/// (`holds_up_a_waited_kernel`): on unless `with_chain_joins(true, ..)` or
+/// Whether a launch that would hold up a kernel the step waits for joins it anyway
+/// (`holds_up_a_waited_kernel`): off unless `with_chain_joins(true, ..)` or
 /// `KILN_CUDA_CHAIN_JOINS=1` lets it in, as before (to time the difference on a card).
-fn waited_kernels_kept_short() -> bool {
-    static JOIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !CHAIN_JOINS.with(|c| c.get()).unwrap_or_else(|| super::switch_from_env(&JOIN, "KILN_CUDA_CHAIN_JOINS", "1"))
-}
-
-thread_local! {
-    static CHAIN_JOINS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
-}
+pub(super) static CHAIN_JOINS: super::Switch = super::Switch::new("KILN_CUDA_CHAIN_JOINS", false);
 
 /// Runs `f` with launches that would hold up a kernel the step waits for joining it (`on`, as
 /// before) or kept out of it, for every CUDA program this thread specializes, whatever
 /// the environment says.
 pub fn with_chain_joins<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    super::with_thread_setting(&CHAIN_JOINS, Some(on), f)
+    CHAIN_JOINS.with(on, f)
 }
 
 /// Whether launch `j` joining `group` (steps of `steps`, the group's kernel placed at its first)
@@ -367,7 +356,7 @@ pub(super) fn join_all(
     concurrent: bool,
 ) -> (Vec<DeviceStep>, Vec<Kernel>) {
     let access: Vec<_> = steps.iter().map(|s| step_accesses(s, &kernels, loc)).collect();
-    let keep_short = concurrent && waited_kernels_kept_short();
+    let keep_short = concurrent && !CHAIN_JOINS.on();
     let level = levels(&access);
     let mut taken = vec![false; steps.len()];
     let mut joined = vec![];
