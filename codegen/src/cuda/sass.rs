@@ -32,6 +32,8 @@ pub struct Loop {
     pub loads_after_a_store: usize,
     /// Whether no other loop lies within it (an outer loop's counts include its inner loops').
     pub innermost: bool,
+    /// Every instruction in it, the branches' arms all counted.
+    pub instructions: usize,
 }
 
 /// A global load or an asynchronous copy of a loop, and how many of the loop's multiply-adds come
@@ -127,12 +129,14 @@ fn parse(listing: &str) -> Vec<Loop> {
                 stores: 0,
                 loads_after_a_store: 0,
                 innermost: !spans.iter().any(|span| within(&span)),
+                instructions: 0,
             };
             for text in &lines[start..=end] {
                 // The opcode: the first word after the address comment and any predicate.
                 let code = text.split("*/").nth(1).unwrap_or_default().split_whitespace();
                 let Some(op) = code.into_iter().find(|w| !w.starts_with('@')) else { continue };
                 let opcode = op.split('.').next().unwrap_or_default();
+                l.instructions += 1;
                 if opcode == "LDG" && l.stores > 0 {
                     l.loads_after_a_store += 1;
                 }
@@ -191,6 +195,7 @@ mod tests {
             [Load { copy: false, after: 0 }, Load { copy: true, after: 2 }, Load { copy: false, after: 2 }]
         );
         assert_eq!((l.stores, l.loads_after_a_store, l.is_storing_walk()), (1, 1, false));
+        assert_eq!(l.instructions, 11, "from the label's line to the branch back, the label not counted");
         assert_eq!(l.describe(), format!("{:<40}    2 multiply-adds a turn; load@0 copy@2 load@2", "k1_fused"));
     }
 }

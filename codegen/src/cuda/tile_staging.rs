@@ -127,8 +127,12 @@ impl<'a> Emitter<'a> {
     /// slab starting at inner index `kt`, zero past the matrix or the slice.
     pub(super) fn slab_fetch(&self, mm: &MatMul, plan: &TilePlan, it: CType, kt: Expr, declare: bool) -> Vec<Stmt> {
         let mut out = vec![];
-        for w in slab_words(mm, plan, it, kt) {
-            let value = select(w.inside, index(var(w.operand), w.at), Expr::F32(0.0));
+        for w in slab_words(mm, plan, it, kt, Checks::Every) {
+            let word = index(var(w.operand), w.at);
+            let value = match w.inside {
+                Some(inside) => select(inside, word, Expr::F32(0.0)),
+                None => word,
+            };
             let reg = format!("{}_next{}", w.side, w.u);
             out.push(if declare { decl_mut(CType::Float, reg, value) } else { assign(var(reg), value) });
         }
@@ -136,49 +140,107 @@ impl<'a> Emitter<'a> {
     }
 
     /// Issues the asynchronous copies of both operands' words of the slab starting at inner index
-    /// `kt` into slab buffer `stage` (zeros past the matrix or the slice); statements for a scope
-    /// of their own (they declare each word's flag).
-    pub(super) fn slab_copy(&self, mm: &MatMul, plan: &TilePlan, it: CType, kt: Expr, stage: Expr) -> Vec<Stmt> {
+    /// `kt` into slab buffer `stage` (zeros past the matrix or, where `slab_may_end_early`, the
+    /// slice); statements for a scope of their own (they declare each word's flag).
+    pub(super) fn slab_copy(
+        &self,
+        mm: &MatMul,
+        plan: &TilePlan,
+        it: CType,
+        kt: Expr,
+        stage: Expr,
+        slab_may_end_early: bool,
+    ) -> Vec<Stmt> {
         let mut out = vec![];
-        for w in slab_words(mm, plan, it, kt) {
+        for w in slab_words(mm, plan, it, kt, Checks::Passable { slab_may_end_early }) {
             let (side, u) = (w.side, w.u);
             let pitch = plan.pitch(if side == "a" { plan.bm } else { plan.bn }) as i64;
-            let flag = format!("{side}_in{u}");
-            out.push(decl(CType::Bool, &flag, w.inside));
-            // Nothing is read where the word is outside, but the address stays in the operand.
-            let src = var(w.operand) + select(var(&flag), w.at, int(0));
+            // Nothing is copied where the word is outside (its address is clamped inside).
+            let inside = match w.inside {
+                Some(inside) => {
+                    let flag = format!("{side}_in{u}");
+                    out.push(decl(CType::Bool, &flag, inside));
+                    var(&flag)
+                }
+                None => Expr::Bool(true),
+            };
+            let src = var(w.operand) + w.at;
             let within = stage.clone() * int(plan.bk as i64 * pitch)
                 + var(format!("{side}_kk{u}")) * int(pitch)
                 + var(format!("{side}_r{u}"));
-            out.push(Stmt::Call(call(COPY_HELPER, vec![var(format!("tile_{side}")) + within, src, var(&flag)])));
+            out.push(Stmt::Call(call(COPY_HELPER, vec![var(format!("tile_{side}")) + within, src, inside])));
         }
         out
     }
 }
 
+/// Whether every slab of every slice is whole: the inner dimension is a multiple of the slab's
+/// depth (a slice is whole slabs, so only the last slab of the last slice can be cut short).
+pub(super) fn slabs_whole(mm: &MatMul, plan: &TilePlan) -> bool {
+    mm.k.is_multiple_of(plan.bk)
+}
+
 /// One word of a slab that a thread stages: its operand (`a` or `b`) and number, where it is in
-/// the operand, and whether it lies inside the matrix and the slice.
+/// the operand, and whether it lies inside the matrix and the slice (`None`: it always does).
 struct SlabWord {
     side: &'static str,
     operand: &'static str,
     u: usize,
     at: Expr,
-    inside: Expr,
+    inside: Option<Expr>,
 }
 
-/// The words of the slab starting at inner index `kt` that each thread stages, `a`'s then `b`'s.
-fn slab_words(mm: &MatMul, plan: &TilePlan, it: CType, kt: Expr) -> Vec<SlabWord> {
+/// Which bounds a slab's words are checked against.
+#[derive(Clone, Copy)]
+enum Checks {
+    /// Both, each word: loads into registers (`slab_fetch`), whose loads ptxas leaves where they
+    /// are issued (before the barrier) when predicated, where on compute capability 7.5 it sank
+    /// unpredicated ones after the multiply-adds (`tiles_load_before_they_multiply_…`).
+    Every,
+    /// Only those a word can pass (below); the slice's end only where `slab_may_end_early` (the
+    /// caller may know this slab whole).
+    Passable { slab_may_end_early: bool },
+}
+
+/// The words of the slab starting at inner index `kt` that each thread stages, `a`'s then `b`'s,
+/// each checked as `checks` says.
+///
+/// A bound that no word can pass is not checked: ptxas cannot leave the check out itself, since
+/// the tile's first row and the slice come from the block's index. A tile's rows (its columns)
+/// stay inside a side of the product that is a multiple of the tile's; and every slab is whole
+/// where `slabs_whole` says so. The checks and the selects they guard took about 15 of the 16 instructions that
+/// each staged word cost a turn of the autoencoder's first layer (64x64 tiles of a 128x784x1000
+/// product: 131 integer instructions beside 256 multiply-adds and 35 shared loads a turn).
+fn slab_words(mm: &MatMul, plan: &TilePlan, it: CType, kt: Expr, checks: Checks) -> Vec<SlabWord> {
     let mut out = vec![];
+    let (every, slab_may_end_early) = match checks {
+        Checks::Every => (true, true),
+        Checks::Passable { slab_may_end_early } => (false, slab_may_end_early),
+    };
+    let slabs_whole = !every && (!slab_may_end_early || slabs_whole(mm, plan));
     for a in [true, false] {
         let (first, bound) = if a { ("row0", mm.m as i64) } else { ("col0", mm.n as i64) };
+        let tile_side = if a { plan.bm } else { plan.bn };
+        let sides_whole = !every && (bound as usize).is_multiple_of(tile_side);
         let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
         let (side, operand) = if a { ("a", "mm_a") } else { ("b", "mm_b") };
         for u in 0..plan.loads_per_thread(a) {
             let rg = var(first) + cast(it, var(format!("{side}_r{u}")));
             let kg = kt.clone() + cast(it, var(format!("{side}_kk{u}")));
-            let at =
-                if k_inner { rg.clone() * int(mm.k as i64) + kg.clone() } else { kg.clone() * int(bound) + rg.clone() };
-            let inside = bin(BinOp::And, bin(BinOp::Lt, rg, int(bound)), bin(BinOp::Lt, kg, var("k_hi")));
+            let row_inside = (!sides_whole).then(|| bin(BinOp::Lt, rg.clone(), int(bound)));
+            let k_inside = (!slabs_whole).then(|| bin(BinOp::Lt, kg.clone(), var("k_hi")));
+            // A word that may lie outside reads (or copies nothing from) its index clamped to the
+            // last inside, so that its address stays in the operand: the row's clamp is the same
+            // every turn (ptxas computes it once), where a select of the whole offset cost two
+            // selects a word every turn.
+            let clamp = |index: Expr, inside: &Option<Expr>, last: Expr| match inside {
+                Some(inside) if !every => select(inside.clone(), index, last),
+                _ => index,
+            };
+            let rg = clamp(rg, &row_inside, int(bound - 1));
+            let kg = clamp(kg, &k_inside, var("k_hi") - int(1));
+            let at = if k_inner { rg * int(mm.k as i64) + kg } else { kg * int(bound) + rg };
+            let inside = row_inside.into_iter().chain(k_inside).reduce(|x, y| bin(BinOp::And, x, y));
             out.push(SlabWord { side, operand, u, at, inside });
         }
     }

@@ -329,22 +329,39 @@ impl<'a> Emitter<'a> {
         let mut out = vec![];
         for s in 0..stages - 1 {
             let kt = var("k_lo") + int(s as i64 * bk);
-            let copies = self.slab_copy(mm, plan, it, kt.clone(), int(s as i64));
+            let copies = self.slab_copy(mm, plan, it, kt.clone(), int(s as i64), true);
             out.push(Stmt::If(bin(BinOp::Lt, kt, var("k_hi")), copies, vec![]));
             out.push(tile_staging::commit());
         }
         let ahead = var("kt") + int((stages - 1) as i64 * bk);
-        let refill = (var("st") + int(stages as i64 - 1)) % int(stages as i64);
+        // The buffer a turn multiplies, counted round rather than computed from `kt` (a division
+        // and a remainder by the stages each turn), and the one it refills: the buffer of the turn
+        // before, which every thread is done with once past this turn's barrier.
+        let last = int(stages as i64 - 1);
+        let st_is = |v: Expr| bin(BinOp::Eq, var("st"), v);
+        let refill = select(st_is(int(0)), last.clone(), var("st") - int(1));
         let slab_at = |tile: &str, side: usize| var(tile) + var("st") * int(bk * plan.pitch(side) as i64);
+        out.push(decl_mut(CType::Int, "st", int(0)));
+        // Only a slice's last slab may end before the slab's depth (`slabs_whole`): the slabs
+        // before it are copied without a check of the slice's end.
+        let copy_ahead = |checked: bool| self.slab_copy(mm, plan, it, ahead.clone(), refill.clone(), checked);
+        let if_ahead_in_slice =
+            |copies: Vec<Stmt>| Stmt::If(bin(BinOp::Lt, ahead.clone(), var("k_hi")), copies, vec![]);
+        let refill_copies = if tile_staging::slabs_whole(mm, plan) {
+            if_ahead_in_slice(copy_ahead(false))
+        } else {
+            let whole = bin(BinOp::Le, ahead.clone() + int(bk), var("k_hi"));
+            Stmt::If(whole, copy_ahead(false), vec![if_ahead_in_slice(copy_ahead(true))])
+        };
         let turn = vec![
-            decl(CType::Int, "st", cast(CType::Int, (var("kt") - var("k_lo")) / int(bk) % int(stages as i64))),
             tile_staging::wait(stages - 2),
             Stmt::SyncThreads,
-            Stmt::If(bin(BinOp::Lt, ahead.clone(), var("k_hi")), self.slab_copy(mm, plan, it, ahead, refill), vec![]),
+            refill_copies,
             tile_staging::commit(),
             decl_mut(CType::ConstFloatPtr, "slab_a", slab_at("tile_a", plan.bm)),
             decl_mut(CType::ConstFloatPtr, "slab_b", slab_at("tile_b", plan.bn)),
             slab_multiply(plan, ("slab_a", "slab_b")),
+            assign(var("st"), select(st_is(last), int(0), var("st") + int(1))),
         ];
         out.push(Stmt::For {
             ty: it,
