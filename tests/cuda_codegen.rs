@@ -591,6 +591,25 @@ fn rows_are_read_and_written_sixteen_bytes_at_a_time_beside_a_broadcast_bias() {
     assert!(!crossed.contains("float4"), "{crossed}");
 }
 
+/// The machine code's first loop over a tile's slabs in `src`, or `None` (with a note) where
+/// libnvrtc or nvdisasm is missing.
+fn first_slab_loop(src: &str) -> Option<kiln_codegen::cuda::sass::Loop> {
+    use kiln_codegen::cuda::nvrtc::{available, compile, missing_reason, CHECK_ARCH};
+    use kiln_codegen::cuda::sass;
+    if !available() {
+        kiln::testing::note(&format!("machine code not read: {}", missing_reason()));
+        return None;
+    }
+    if sass::nvdisasm().is_none() {
+        kiln::testing::note(
+            "machine code not read: nvdisasm not found (pip package nvidia-cuda-nvdisasm, or $NVDISASM)",
+        );
+        return None;
+    }
+    let loops = sass::loops(&compile(src, CHECK_ARCH).unwrap().0).unwrap();
+    Some(loops.into_iter().find(|l| l.is_slab_loop()).expect("a loop over slabs"))
+}
+
 #[test]
 fn a_slab_loop_checks_only_the_bounds_its_words_can_pass() {
     // The autoencoder's first layer, sigmoid(x w + b) with x [128, 784] and w [784, 1000]: in
@@ -602,8 +621,6 @@ fn a_slab_loop_checks_only_the_bounds_its_words_can_pass() {
     // the first layer's turn spends 0.30 instructions a multiply-add besides its shared loads and
     // copies; with every bound checked, 0.39, and 0.54 when the turn's buffer was also computed
     // from `kt` (a division and a remainder) rather than counted round.
-    use kiln_codegen::cuda::nvrtc::{available, compile, missing_reason, CHECK_ARCH};
-    use kiln_codegen::cuda::sass;
     let turn = |k: usize| {
         let g = Graph::new();
         let x = g.input("x", F32, [128, k]);
@@ -628,20 +645,40 @@ fn a_slab_loop_checks_only_the_bounds_its_words_can_pass() {
     assert!(short_turn.contains("if (kt + 64 + 32 <= k_hi) {"), "{short_turn}");
     assert_eq!(short_turn.matches("kiln_cp_async4(tile_a").count(), 8, "{short_turn}");
     assert_eq!(short_turn.matches("const bool a_in0 = kt + 64 + (int)a_kk0 < k_hi;").count(), 1, "{short_turn}");
-    if !available() {
-        kiln::testing::note(&format!("machine code not read: {}", missing_reason()));
-        return;
-    }
-    if sass::nvdisasm().is_none() {
-        kiln::testing::note(
-            "machine code not read: nvdisasm not found (pip package nvidia-cuda-nvdisasm, or $NVDISASM)",
-        );
-        return;
-    }
-    let cubin = compile(&whole, CHECK_ARCH).unwrap().0;
-    let loops = sass::loops(&cubin).unwrap();
-    let slab_loop = loops.iter().find(|l| l.is_slab_loop()).expect("a loop over slabs");
+    let Some(slab_loop) = first_slab_loop(&whole) else { return };
     let others = slab_loop.instructions - slab_loop.multiply_adds - slab_loop.shared_loads - slab_loop.loads.len();
     let per_multiply_add = others as f64 / slab_loop.multiply_adds as f64;
     assert!(per_multiply_add <= 0.33, "{per_multiply_add:.2} others a multiply-add: {slab_loop:?}");
+}
+
+#[test]
+fn slabs_contiguous_along_the_tiles_side_are_copied_sixteen_bytes_at_a_time() {
+    // A weight gradient, x^T dz with x [128, 784] and dz [128, 256]: both operands run along the
+    // tile's side (x^T read as [k, m]), so each thread copies a slab's words four at a time; with
+    // dz [128, 250] (rows that are no multiple of four floats) dz's words go one at a time. Each
+    // agrees with the reference on the emulator (which faults a copy off a 16-byte boundary), with
+    // quad copies and without (KILN_CUDA_QUAD_COPIES=0); in the machine code, a turn issues a
+    // quarter of the copies and fewer instructions.
+    use kiln_codegen::cuda::with_quad_copies;
+    let source = |n: usize, quads: bool| {
+        let g = Graph::new();
+        let x = g.input("x", F32, [128, 784]);
+        let dz = g.input("dz", F32, [128, n]);
+        let out = (x.t().matmul(&dz) * 0.5).tanh();
+        let args = [f32s(&[128, 784], 41), f32s(&[128, n], 42)];
+        with_quad_copies(quads, || {
+            emulated_agrees(&g, &[&x, &dz], &[&out], &args);
+            let f = g.function([&x, &dz], [&out]).compile(Device::Reference).unwrap();
+            cuda_c(&f, &args)
+        })
+    };
+    let (quads, words) = (source(256, true), source(256, false));
+    assert!(quads.contains("kiln_cp_async16(tile_a") && quads.contains("kiln_cp_async16(tile_b"), "{quads}");
+    assert!(!words.contains("kiln_cp_async16(tile_"), "{words}");
+    let ragged = source(250, true);
+    assert!(ragged.contains("kiln_cp_async16(tile_a") && !ragged.contains("kiln_cp_async16(tile_b"), "{ragged}");
+    let (Some(by_quads), Some(by_words)) = (first_slab_loop(&quads), first_slab_loop(&words)) else { return };
+    assert_eq!(by_quads.loads.len() * 4, by_words.loads.len(), "{by_quads:?}\n{by_words:?}");
+    assert!(by_quads.instructions < by_words.instructions, "{by_quads:?}\n{by_words:?}");
+    println!("a turn of x^T dz: {} instructions by quads, {} by words", by_quads.instructions, by_words.instructions);
 }

@@ -6,7 +6,9 @@
 //! 1 <= N <= 8, or a tile table's `/pN` says otherwise), as asynchronous copies
 //! (`cp.async`) straight into N slab buffers, N - 1 slabs in flight while the block multiplies
 //! the oldest, so that a block with few slabs to go through waits for memory about once rather
-//! than once a slab.
+//! than once a slab. A copy checks only the bounds its word can pass (`slab_words`), and an
+//! operand contiguous along the tile's side goes four words (16 bytes) a copy where its rows
+//! allow (`copies_quads`).
 //!
 //! The copies are the prelude's helpers: inline PTX on the GPU and, in the emulator, the shim's
 //! `kiln_emu_cp_async*`, which keep each thread's copies pending until it waits for their group
@@ -21,6 +23,9 @@ use crate::kernel::MatMul;
 /// The prelude's helper that copies one word of global memory to shared memory asynchronously
 /// (zero when `inside` is false).
 pub(crate) const COPY_HELPER: &str = "kiln_cp_async4";
+/// The prelude's helper that copies four adjacent words (16 bytes, both addresses 16-byte aligned)
+/// asynchronously, zeros when `inside` is false (`copies_quads`).
+pub(crate) const QUAD_COPY_HELPER: &str = "kiln_cp_async16";
 /// Closes the thread's group of copies issued since the last.
 const COMMIT_HELPER: &str = "kiln_cp_async_commit";
 
@@ -47,23 +52,11 @@ const WAITS: [(&str, &str); MAX_STAGES - 1] = [
 
 /// The prelude's asynchronous-copy helpers, for a program whose tiles have `stages` slab buffers.
 pub(super) fn helpers(stages: usize) -> Vec<DeviceFn> {
-    let copy = DeviceFn {
-        ret: CType::Void,
-        name: COPY_HELPER,
-        params: vec![(CType::FloatPtr, "dst"), (CType::ConstFloatPtr, "src"), (CType::Bool, "inside")],
-        outputs: 0,
-        body: vec![Stmt::Asm {
-            ptx: "cp.async.ca.shared.global [%0], [%1], 4, %2;",
-            outputs: vec![],
-            inputs: vec![
-                ("r", cast(CType::UInt, call("__cvta_generic_to_shared", vec![var("dst")]))),
-                ("l", var("src")),
-                ("r", select(var("inside"), Expr::UInt(4), Expr::UInt(0))),
-            ],
-            memory: false,
-            emulated: call("kiln_emu_cp_async4", vec![var("dst"), var("src"), var("inside")]),
-        }],
-    };
+    // A 16-byte copy through L2 only (`.cg`, which only 16-byte copies may take): a slab's words
+    // are read once by the block, and by the blocks of other tiles from L2.
+    let copy = copy_helper(COPY_HELPER, "cp.async.ca.shared.global [%0], [%1], 4, %2;", 4, "kiln_emu_cp_async4");
+    let quad_copy =
+        copy_helper(QUAD_COPY_HELPER, "cp.async.cg.shared.global [%0], [%1], 16, %2;", 16, "kiln_emu_cp_async16");
     let commit =
         DeviceFn::instruction(COMMIT_HELPER, "cp.async.commit_group;", false, call("kiln_emu_cp_async_commit", vec![]));
     // What the copies wrote may not be read before a wait.
@@ -75,7 +68,30 @@ pub(super) fn helpers(stages: usize) -> Vec<DeviceFn> {
             call("kiln_emu_cp_async_wait", vec![int(pending as i64)]),
         )
     });
-    [copy, commit].into_iter().chain(waits).collect()
+    [copy, quad_copy, commit].into_iter().chain(waits).collect()
+}
+
+/// A helper `name(dst, src, inside)` that copies `bytes` from global memory `src` to shared memory
+/// `dst` by the instruction `ptx` (nothing read, zeros written, where `inside` is false), and
+/// in the emulator by the shim's `emulated`.
+fn copy_helper(name: &'static str, ptx: &'static str, bytes: u32, emulated: &'static str) -> DeviceFn {
+    DeviceFn {
+        ret: CType::Void,
+        name,
+        params: vec![(CType::FloatPtr, "dst"), (CType::ConstFloatPtr, "src"), (CType::Bool, "inside")],
+        outputs: 0,
+        body: vec![Stmt::Asm {
+            ptx,
+            outputs: vec![],
+            inputs: vec![
+                ("r", cast(CType::UInt, call("__cvta_generic_to_shared", vec![var("dst")]))),
+                ("l", var("src")),
+                ("r", select(var("inside"), Expr::UInt(bytes), Expr::UInt(0))),
+            ],
+            memory: false,
+            emulated: call(emulated, vec![var("dst"), var("src"), var("inside")]),
+        }],
+    }
 }
 
 /// Closes the thread's group of copies.
@@ -88,20 +104,70 @@ pub(super) fn wait(pending: usize) -> Stmt {
     Stmt::Call(call(wait_helper(pending), vec![]))
 }
 
+/// Whether an operand contiguous along the tile's side is copied a quad (16 bytes) at a time where
+/// it can be (`copies_quads`): `KILN_CUDA_QUAD_COPIES=0` copies it a word at a time, to time the two.
+pub(super) static QUAD_COPIES: super::Switch = super::Switch::new("KILN_CUDA_QUAD_COPIES", true);
+
+/// Runs `f` with every CUDA program this thread specializes copying slabs a quad at a time where
+/// they can be (`on`), or a word at a time, whatever `KILN_CUDA_QUAD_COPIES` says.
+pub fn with_quad_copies<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    QUAD_COPIES.with(on, f)
+}
+
+/// Whether the left operand's (`a`) or the right's slabs are copied four adjacent words (16
+/// bytes) at a time: where the operand is contiguous along the tile's side (`a` stored `[k, m]`,
+/// `b` `[k, n]`: a weight's columns, a weight gradient's operands), the slabs are copied
+/// asynchronously into buffers whose rows are a multiple of four words, the side is a multiple of
+/// four (every quad starts on a 16-byte boundary of the operand, which starts on a 256-byte one,
+/// and lies inside or outside the matrix whole), and the threads take the slab in whole quads.
+/// A turn then issues a quarter of the operand's copies, each with its address arithmetic.
+pub(super) fn copies_quads(mm: &MatMul, plan: &TilePlan, a: bool) -> bool {
+    let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
+    let (side, bound) = if a { (plan.bm, mm.m) } else { (plan.bn, mm.n) };
+    !k_inner
+        && plan.stages > 1
+        && !plan.tensor_cores
+        && mm.batch == 1
+        && plan.pitch(side).is_multiple_of(4)
+        && bound.is_multiple_of(4)
+        && (side * plan.bk).is_multiple_of(4 * THREADS as usize)
+        && QUAD_COPIES.on()
+}
+
+/// Words a copy of the operand's slab moves: 4 where it `copies_quads`, else 1.
+fn words_per_copy(mm: &MatMul, plan: &TilePlan, a: bool) -> usize {
+    if copies_quads(mm, plan, a) {
+        4
+    } else {
+        1
+    }
+}
+
+/// Copies (or loads) of the operand's slab that each thread issues.
+fn copies_per_thread(mm: &MatMul, plan: &TilePlan, a: bool) -> usize {
+    plan.loads_per_thread(a) / words_per_copy(mm, plan, a)
+}
+
 impl<'a> Emitter<'a> {
-    /// Declares where thread `threadIdx.x` stages its `u`-th word of an operand's slab (`a`: the
-    /// left operand): `{a|b}_r{u}` along the tile's side, `{a|b}_kk{u}` along the slab, so that
-    /// neighbouring threads read neighbouring words of the operand (runs of 8 where the slab's
-    /// rows are padded for `float4` reads, so that a warp's stores fall in different banks).
+    /// Declares where thread `threadIdx.x` stages its `u`-th word (or quad: `copies_quads`) of an
+    /// operand's slab (`a`: the left operand): `{a|b}_r{u}` along the tile's side, `{a|b}_kk{u}`
+    /// along the slab, so that neighbouring threads read neighbouring words of the operand (runs
+    /// of 8 where the slab's rows are padded for `float4` reads, so that a warp's stores fall in
+    /// different banks).
     pub(super) fn staging_places(&self, mm: &MatMul, plan: &TilePlan, a: bool) -> Vec<Stmt> {
         let (bk, side) = (plan.bk as i64, if a { plan.bm } else { plan.bn } as i64);
         // Whether the operand's inner index is its contiguous one (`a` as `[m, k]`, `b` as `[n, k]`).
         let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
         let name = if a { "a" } else { "b" };
         let mut out = vec![];
-        for u in 0..plan.loads_per_thread(a) {
+        let quads = copies_quads(mm, plan, a);
+        for u in 0..copies_per_thread(mm, plan, a) {
             let l = cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx)) + int((u * THREADS as usize) as i64);
-            let (r, kk) = if k_inner && plan.vectors() {
+            let (r, kk) = if quads {
+                // Neighbouring threads copy neighbouring quads along the side: a warp 512 bytes.
+                let per_row = side / 4;
+                (l.clone() % int(per_row) * int(4), l / int(per_row))
+            } else if k_inner && plan.vectors() {
                 // A warp stages 8 words along the slab (32 bytes, one memory sector) in each of 4
                 // rows: with the slab's pitch 4 past a multiple of 32, the 32 stores fall in 32
                 // different banks (a warp's 32 words along one row would fall in 8).
@@ -168,7 +234,8 @@ impl<'a> Emitter<'a> {
             let within = stage.clone() * int(plan.bk as i64 * pitch)
                 + var(format!("{side}_kk{u}")) * int(pitch)
                 + var(format!("{side}_r{u}"));
-            out.push(Stmt::Call(call(COPY_HELPER, vec![var(format!("tile_{side}")) + within, src, inside])));
+            let helper = if w.quad { QUAD_COPY_HELPER } else { COPY_HELPER };
+            out.push(Stmt::Call(call(helper, vec![var(format!("tile_{side}")) + within, src, inside])));
         }
         out
     }
@@ -188,6 +255,8 @@ struct SlabWord {
     u: usize,
     at: Expr,
     inside: Option<Expr>,
+    /// The first of four adjacent words, copied together (`copies_quads`).
+    quad: bool,
 }
 
 /// Which bounds a slab's words are checked against.
@@ -224,7 +293,8 @@ fn slab_words(mm: &MatMul, plan: &TilePlan, it: CType, kt: Expr, checks: Checks)
         let sides_whole = !every && (bound as usize).is_multiple_of(tile_side);
         let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
         let (side, operand) = if a { ("a", "mm_a") } else { ("b", "mm_b") };
-        for u in 0..plan.loads_per_thread(a) {
+        let quad = copies_quads(mm, plan, a);
+        for u in 0..copies_per_thread(mm, plan, a) {
             let rg = var(first) + cast(it, var(format!("{side}_r{u}")));
             let kg = kt.clone() + cast(it, var(format!("{side}_kk{u}")));
             let row_inside = (!sides_whole).then(|| bin(BinOp::Lt, rg.clone(), int(bound)));
@@ -237,11 +307,12 @@ fn slab_words(mm: &MatMul, plan: &TilePlan, it: CType, kt: Expr, checks: Checks)
                 Some(inside) if !every => select(inside.clone(), index, last),
                 _ => index,
             };
-            let rg = clamp(rg, &row_inside, int(bound - 1));
+            // (A quad's last start inside: the side is a multiple of four.)
+            let rg = clamp(rg, &row_inside, int(bound - if quad { 4 } else { 1 }));
             let kg = clamp(kg, &k_inside, var("k_hi") - int(1));
             let at = if k_inner { rg * int(mm.k as i64) + kg } else { kg * int(bound) + rg };
             let inside = row_inside.into_iter().chain(k_inside).reduce(|x, y| bin(BinOp::And, x, y));
-            out.push(SlabWord { side, operand, u, at, inside });
+            out.push(SlabWord { side, operand, u, at, inside, quad });
         }
     }
     out

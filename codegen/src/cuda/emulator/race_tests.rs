@@ -272,3 +272,38 @@ fn an_asynchronous_copy_is_read_only_after_its_wait_and_a_barrier() {
     let fault = fault.expect("copies never waited for");
     assert!(fault.contains("asynchronous copies it never waited for"), "{fault}");
 }
+
+/// `s[4t + shift ..][..4] = in[4t ..][..4]` by one 16-byte asynchronous copy a thread (16 threads),
+/// waited for and past a barrier, then `out[4t + i] = s[shift + 63 - 4t - i]`.
+fn reversal_by_quad_copies(shift: i64) -> Vec<Stmt> {
+    use crate::cuda::tile_staging::{commit, wait as wait_for, QUAD_COPY_HELPER};
+    let quad = || tid() * int(4);
+    let copy = call(QUAD_COPY_HELPER, vec![var("s") + quad() + int(shift), var("in") + quad(), Expr::Bool(true)]);
+    let mut body = vec![
+        Stmt::SharedArray { ty: CType::Float, name: "s".into(), len: 68, align: 16 },
+        Stmt::Call(copy),
+        commit(),
+        wait_for(0),
+        Stmt::SyncThreads,
+    ];
+    for i in 0..4 {
+        let at = quad() + int(i);
+        body.push(assign(index(var("out"), at.clone()), index(var("s"), int(shift + 63) - at)));
+    }
+    body
+}
+
+#[test]
+fn a_quad_copy_moves_four_words_between_sixteen_byte_boundaries() {
+    if !emulator() {
+        return;
+    }
+    let helpers = || crate::cuda::tile_staging::helpers(2);
+    let (out, fault) = race_checked_with(helpers(), reversal_by_quad_copies(0), 1, 16);
+    assert_eq!(fault, None);
+    assert_eq!(out[..5], [63.0, 62.0, 61.0, 60.0, 59.0]);
+    // Into shared memory one word past a boundary: a GPU would fault, and so does the emulator.
+    let (_, fault) = race_checked_with(helpers(), reversal_by_quad_copies(1), 1, 16);
+    let fault = fault.expect("a misaligned copy");
+    assert!(fault.contains("16-byte asynchronous copy from or to an address off a 16-byte boundary"), "{fault}");
+}

@@ -487,6 +487,13 @@ static inline void kiln_emu_cp_async4(float* dst, const float* src, bool inside)
     // Not there yet: what a GPU's shared memory holds until the copy lands is not the word.
     *dst = __uint_as_float(0xffffffffu);
 }
+// A 16-byte copy: four words, both addresses on a 16-byte boundary (a GPU faults otherwise).
+static inline void kiln_emu_cp_async16(float* dst, const float* src, bool inside) {
+    if (((uintptr_t)dst | (uintptr_t)src) & 15) {
+        kiln_emu::record_fault("a 16-byte asynchronous copy from or to an address off a 16-byte boundary");
+    }
+    for (int i = 0; i < 4; i++) kiln_emu_cp_async4(dst + i, src + i, inside);
+}
 // The emulator's side of instructions that only order a GPU's grids (it runs one at a time).
 static inline void kiln_emu_nothing() {}
 static inline void kiln_emu_cp_async_commit() { kiln_emu::async_committed[kiln_emu::async_thread()]++; }
