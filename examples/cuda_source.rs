@@ -9,9 +9,11 @@
 //! instructions with `nvdisasm` (pip package `nvidia-cuda-nvdisasm`) before a GPU is at hand.
 //!
 //! With `--loads`, where ptxas placed each product's slab loads in the loop over the slabs (needs
-//! `nvdisasm`: `kiln_codegen::cuda::sass`): a loop's multiply-adds and, for each global load
-//! (`LDG`) or asynchronous copy (`LDGSTS`), how many of them come before it. Loads meant for the
-//! next slab that come after the multiply-adds make each slab wait for memory in full.
+//! `nvdisasm`: `kiln_codegen::cuda::sass`): a loop's multiply-adds, its instructions (every arm of
+//! its branches counted: what a turn costs the SM's schedulers beside its multiply-adds), and, for
+//! each global load (`LDG`) or asynchronous copy (`LDGSTS`), how many multiply-adds come before it.
+//! Loads meant for the next slab that come after the multiply-adds make each slab wait for memory
+//! in full.
 //!
 //! `cargo run --release --example cuda_source -- [--workload NAME] [--resources] [--cubin FILE] [--loads]`
 

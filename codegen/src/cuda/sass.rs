@@ -57,11 +57,18 @@ impl Loop {
         self.innermost && self.barriers == 0 && self.stores > 0
     }
 
-    /// Its loads as `load@N` / `copy@N`, N the multiply-adds before each.
+    /// Its multiply-adds and instructions (every arm of its branches counted), and its loads as
+    /// `load@N` / `copy@N`, N the multiply-adds before each.
     pub fn describe(&self) -> String {
         let loads: Vec<String> =
             self.loads.iter().map(|l| format!("{}@{}", if l.copy { "copy" } else { "load" }, l.after)).collect();
-        format!("{:<40} {:>4} multiply-adds a turn; {}", self.kernel, self.multiply_adds, loads.join(" "))
+        format!(
+            "{:<40} {:>4} multiply-adds in {:>4} instructions a turn; {}",
+            self.kernel,
+            self.multiply_adds,
+            self.instructions,
+            loads.join(" ")
+        )
     }
 }
 
@@ -196,6 +203,9 @@ mod tests {
         );
         assert_eq!((l.stores, l.loads_after_a_store, l.is_storing_walk()), (1, 1, false));
         assert_eq!(l.instructions, 11, "from the label's line to the branch back, the label not counted");
-        assert_eq!(l.describe(), format!("{:<40}    2 multiply-adds a turn; load@0 copy@2 load@2", "k1_fused"));
+        assert_eq!(
+            l.describe(),
+            format!("{:<40}    2 multiply-adds in   11 instructions a turn; load@0 copy@2 load@2", "k1_fused")
+        );
     }
 }
