@@ -662,21 +662,27 @@ fn slabs_contiguous_along_the_tiles_side_are_copied_sixteen_bytes_at_a_time() {
     // quad copies and without (KILN_CUDA_QUAD_COPIES=0); in the machine code, a turn issues a
     // quarter of the copies and fewer instructions.
     use kiln_codegen::cuda::with_quad_copies;
-    let source = |n: usize, quads: bool| {
+    let as_set = |n: usize| {
         let g = Graph::new();
         let x = g.input("x", F32, [128, 784]);
         let dz = g.input("dz", F32, [128, n]);
         let out = (x.t().matmul(&dz) * 0.5).tanh();
         let args = [f32s(&[128, 784], 41), f32s(&[128, n], 42)];
-        with_quad_copies(quads, || {
-            emulated_agrees(&g, &[&x, &dz], &[&out], &args);
-            let f = g.function([&x, &dz], [&out]).compile(Device::Reference).unwrap();
-            cuda_c(&f, &args)
-        })
+        emulated_agrees(&g, &[&x, &dz], &[&out], &args);
+        let f = g.function([&x, &dz], [&out]).compile(Device::Reference).unwrap();
+        cuda_c(&f, &args)
     };
+    let source = |n: usize, quads: bool| with_quad_copies(quads, || as_set(n));
     let (quads, words) = (source(256, true), source(256, false));
     assert!(quads.contains("kiln_cp_async16(tile_a") && quads.contains("kiln_cp_async16(tile_b"), "{quads}");
     assert!(!words.contains("kiln_cp_async16(tile_"), "{words}");
+    // The same through `CompileOptions` (what `Function::autotune` applies), whatever the
+    // environment says.
+    let with_options = |quads| {
+        let opts = kiln_codegen::CompileOptions { quad_copies: Some(quads), ..Default::default() };
+        kiln_codegen::cuda::with_compile_options(&opts, || as_set(256))
+    };
+    assert_eq!((with_options(true), with_options(false)), (quads.clone(), words.clone()));
     let ragged = source(250, true);
     assert!(ragged.contains("kiln_cp_async16(tile_a") && !ragged.contains("kiln_cp_async16(tile_b"), "{ragged}");
     let (Some(by_quads), Some(by_words)) = (first_slab_loop(&quads), first_slab_loop(&words)) else { return };

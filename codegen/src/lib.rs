@@ -74,6 +74,10 @@ pub struct CompileOptions {
     /// as `KILN_CUDA_CHAIN_JOINS=1` asks) or kept out of it (`Some(false)`); `None`: as that says,
     /// else kept out where the step runs on several streams.
     pub chain_joins: Option<bool>,
+    /// Slabs contiguous along a tile's side copied 16 bytes a copy where they can be (`Some(true)`)
+    /// or a word at a time (`Some(false)`, as `KILN_CUDA_QUAD_COPIES=0` asks); `None`: as that
+    /// says, else by quads.
+    pub quad_copies: Option<bool>,
 }
 
 /// Moves each update output into its shared variable (after checking it keeps the variable's

@@ -35,13 +35,13 @@ pub use cache::{cache_key, cache_path, default_cache_folder, parse_setting, read
 
 /// The step's knobs as the lines of a cache entry (`cache`) name them: whether dependent launch
 /// won (`on` or `off`), clusters (`on`, `off`, or `kiln`: as the card has it), cuBLASLt, row
-/// tails, longest-first sections and chain joins (`on`, `off`, or `kiln`: as the environment or
+/// tails, longest-first sections, chain joins and quad copies (`on`, `off`, or `kiln`: as the environment or
 /// kiln's default has it), and the step's numbers (each a number, or `kiln`: as kiln has it),
 /// with the most each may be.
-const SWITCHES: usize = 6;
+const SWITCHES: usize = 7;
 const NUMBERS: usize = 4;
 const SWITCH_LINES: [&str; SWITCHES] =
-    ["dependent-launch", "clusters", "cublaslt", "row-tails", "longest-first", "chain-joins"];
+    ["dependent-launch", "clusters", "cublaslt", "row-tails", "longest-first", "chain-joins", "quad-copies"];
 const NUMBER_LINES: [(&str, usize); NUMBERS] =
     [("streams", 8), ("run-macs", usize::MAX), ("dot-depth", usize::MAX), ("lookahead", usize::MAX)];
 
@@ -81,6 +81,9 @@ pub struct Setting {
     /// Launches joining kernels the step waits for even where they hold them up (`Some(true)`) or
     /// not; `None`: as kiln has it (`KILN_CUDA_CHAIN_JOINS`, else not on several streams).
     pub chain_joins: Option<bool>,
+    /// Slabs contiguous along a tile's side copied 16 bytes a copy (`Some(true)`) or a word at a
+    /// time; `None`: as kiln has it (`KILN_CUDA_QUAD_COPIES`, else by quads).
+    pub quad_copies: Option<bool>,
 }
 
 impl Setting {
@@ -98,6 +101,7 @@ impl Setting {
             longest_first: self.longest_first,
             lookahead: self.lookahead,
             chain_joins: self.chain_joins,
+            quad_copies: self.quad_copies,
         }
     }
 
@@ -110,12 +114,20 @@ impl Setting {
             self.row_tails,
             self.longest_first,
             self.chain_joins,
+            self.quad_copies,
         ]
     }
 
     /// The switches but dependent launch (which is never `None`).
     fn optional_switches_mut(&mut self) -> [&mut Option<bool>; SWITCHES - 1] {
-        [&mut self.clusters, &mut self.cublaslt, &mut self.row_tails, &mut self.longest_first, &mut self.chain_joins]
+        [
+            &mut self.clusters,
+            &mut self.cublaslt,
+            &mut self.row_tails,
+            &mut self.longest_first,
+            &mut self.chain_joins,
+            &mut self.quad_copies,
+        ]
     }
 
     /// The step's numbers, in `NUMBER_LINES`' order (`None`: as kiln has it).
@@ -128,8 +140,8 @@ impl Setting {
     }
 
     /// The step's knobs in a line, as a cache entry names them: `dependent-launch off, clusters
-    /// kiln, cublaslt kiln, row-tails kiln, longest-first kiln, chain-joins kiln, streams 2, run-macs
-    /// kiln, dot-depth kiln, lookahead kiln`.
+    /// kiln, cublaslt kiln, row-tails kiln, longest-first kiln, chain-joins kiln, quad-copies kiln,
+    /// streams 2, run-macs kiln, dot-depth kiln, lookahead kiln`.
     pub fn knobs(&self) -> String {
         let on_off = |on: Option<bool>| match on {
             Some(true) => "on",
@@ -161,7 +173,7 @@ impl Setting {
 /// through cuBLASLt (if `cublaslt`: a step with none has the same code and is passed over), row
 /// tails and not (if `row_tails`), joined sections longest first and in step order (if
 /// `longest_first`), launches that would hold up a kernel the step waits for joining it and not
-/// (if `chain_joins`), each number of streams of `streams`, each bound of `run_macs` and each of
+/// (if `chain_joins`), slabs copied by quads and by words (if `quad_copies`), each number of streams of `streams`, each bound of `run_macs` and each of
 /// `dot_depth`, and each reach of `lookahead`. Each switch is tried both ways (the way that is
 /// kiln's own has its code and is passed over), so that a setting from the environment is
 /// tried against the other too.
@@ -174,6 +186,7 @@ pub struct Space {
     pub row_tails: bool,
     pub longest_first: bool,
     pub chain_joins: bool,
+    pub quad_copies: bool,
     pub streams: Vec<usize>,
     pub run_macs: Vec<usize>,
     pub dot_depth: Vec<usize>,
@@ -183,7 +196,15 @@ pub struct Space {
 impl Space {
     /// Whether each of the step's switches is tried, in `SWITCH_LINES`' order.
     fn switches(&self) -> [bool; SWITCHES] {
-        [self.dependent_launch, self.clusters, self.cublaslt, self.row_tails, self.longest_first, self.chain_joins]
+        [
+            self.dependent_launch,
+            self.clusters,
+            self.cublaslt,
+            self.row_tails,
+            self.longest_first,
+            self.chain_joins,
+            self.quad_copies,
+        ]
     }
 
     /// The values each of the step's numbers is tried at, in `NUMBER_LINES`' order.
@@ -238,6 +259,7 @@ impl Default for Space {
             row_tails: true,
             longest_first: true,
             chain_joins: true,
+            quad_copies: true,
             streams: vec![1, 2, 3],
             run_macs: vec![1 << 19],
             dot_depth: vec![1 << 30],
@@ -484,6 +506,7 @@ mod tests {
             row_tails: false,
             longest_first: false,
             chain_joins: false,
+            quad_copies: false,
             streams: vec![],
             run_macs: vec![],
             dot_depth: vec![],
@@ -540,10 +563,10 @@ mod tests {
         // Each distinct setting timed once (the repeated product is tuned once; the settings of
         // the streams' round share their code but not their streams), plus the best again before
         // the second product and before each round of the step's: dependent launch, clusters,
-        // cuBLASLt, row tails, longest-first sections and chain joins (each on and off), streams,
-        // the two bounds and the reach.
+        // cuBLASLt, row tails, longest-first sections, chain joins and quad copies (each on and
+        // off), streams, the two bounds and the reach.
         let n = default_candidates().len();
-        let switches = (1 + 1) + 5 * (1 + 2);
+        let switches = (1 + 1) + 6 * (1 + 2);
         assert_eq!(out.timed, 1 + n + 1 + n + switches + (1 + 3) + (1 + 1) + (1 + 1) + (1 + 1));
         assert!(out.failed.is_empty() && !out.out_of_budget);
     }

@@ -236,6 +236,7 @@ pub fn with_compile_options<R>(opts: &crate::CompileOptions, f: impl FnOnce() ->
         (&row_tail::ROW_TAILS, opts.row_tails),
         (&side::LONGEST_FIRST, opts.longest_first),
         (&side::CHAIN_JOINS, opts.chain_joins),
+        (&tile_staging::QUAD_COPIES, opts.quad_copies),
     ]
     .into_iter()
     .filter_map(|(switch, on)| Some((switch, on?)))
