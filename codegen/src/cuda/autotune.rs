@@ -107,15 +107,8 @@ impl Setting {
 
     /// The step's switches, in `SWITCH_LINES`' order (`None`: as kiln has it).
     fn switches(&self) -> [Option<bool>; SWITCHES] {
-        [
-            Some(self.dependent_launch),
-            self.clusters,
-            self.cublaslt,
-            self.row_tails,
-            self.longest_first,
-            self.chain_joins,
-            self.quad_copies,
-        ]
+        let s = self;
+        [Some(s.dependent_launch), s.clusters, s.cublaslt, s.row_tails, s.longest_first, s.chain_joins, s.quad_copies]
     }
 
     /// The switches but dependent launch (which is never `None`).
@@ -196,15 +189,8 @@ pub struct Space {
 impl Space {
     /// Whether each of the step's switches is tried, in `SWITCH_LINES`' order.
     fn switches(&self) -> [bool; SWITCHES] {
-        [
-            self.dependent_launch,
-            self.clusters,
-            self.cublaslt,
-            self.row_tails,
-            self.longest_first,
-            self.chain_joins,
-            self.quad_copies,
-        ]
+        let s = self;
+        [s.dependent_launch, s.clusters, s.cublaslt, s.row_tails, s.longest_first, s.chain_joins, s.quad_copies]
     }
 
     /// The values each of the step's numbers is tried at, in `NUMBER_LINES`' order.
