@@ -52,9 +52,9 @@ const WAITS: [(&str, &str); MAX_STAGES - 1] = [
 
 /// The prelude's asynchronous-copy helpers, for a program whose tiles have `stages` slab buffers.
 pub(super) fn helpers(stages: usize) -> Vec<DeviceFn> {
-    // A 16-byte copy through L2 only (`.cg`, which only 16-byte copies may take): a slab's words
-    // are read once by the block, and by the blocks of other tiles from L2.
     let copy = copy_helper(COPY_HELPER, "cp.async.ca.shared.global [%0], [%1], 4, %2;", 4, "kiln_emu_cp_async4");
+    // Through L2 only (`.cg`, which only 16-byte copies may take): a slab's words are read once by
+    // the block, and by the blocks of other tiles from L2.
     let quad_copy =
         copy_helper(QUAD_COPY_HELPER, "cp.async.cg.shared.global [%0], [%1], 16, %2;", 16, "kiln_emu_cp_async16");
     let commit =
@@ -277,28 +277,29 @@ enum Checks {
 /// A bound that no word can pass is not checked: ptxas cannot leave the check out itself, since
 /// the tile's first row and the slice come from the block's index. A tile's rows (its columns)
 /// stay inside a side of the product that is a multiple of the tile's; and every slab is whole
-/// where `slabs_whole` says so. The checks and the selects they guard took about 15 of the 16 instructions that
-/// each staged word cost a turn of the autoencoder's first layer (64x64 tiles of a 128x784x1000
-/// product: 131 integer instructions beside 256 multiply-adds and 35 shared loads a turn).
+/// where `slabs_whole` says so. The checks and the selects they guard took about 15 of the 16
+/// instructions that each staged word cost a turn of the autoencoder's first layer (64x64 tiles
+/// of a 128x784x1000 product: 131 integer instructions beside 256 multiply-adds and 35 shared
+/// loads a turn).
 fn slab_words(mm: &MatMul, plan: &TilePlan, it: CType, kt: Expr, checks: Checks) -> Vec<SlabWord> {
     let mut out = vec![];
     let (every, slab_may_end_early) = match checks {
         Checks::Every => (true, true),
         Checks::Passable { slab_may_end_early } => (false, slab_may_end_early),
     };
-    let slabs_whole = !every && (!slab_may_end_early || slabs_whole(mm, plan));
+    let k_always_inside = !every && (!slab_may_end_early || slabs_whole(mm, plan));
     for a in [true, false] {
         let (first, bound) = if a { ("row0", mm.m as i64) } else { ("col0", mm.n as i64) };
         let tile_side = if a { plan.bm } else { plan.bn };
-        let sides_whole = !every && (bound as usize).is_multiple_of(tile_side);
+        let rows_always_inside = !every && (bound as usize).is_multiple_of(tile_side);
         let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
         let (side, operand) = if a { ("a", "mm_a") } else { ("b", "mm_b") };
         let quad = copies_quads(mm, plan, a);
         for u in 0..copies_per_thread(mm, plan, a) {
             let rg = var(first) + cast(it, var(format!("{side}_r{u}")));
             let kg = kt.clone() + cast(it, var(format!("{side}_kk{u}")));
-            let row_inside = (!sides_whole).then(|| bin(BinOp::Lt, rg.clone(), int(bound)));
-            let k_inside = (!slabs_whole).then(|| bin(BinOp::Lt, kg.clone(), var("k_hi")));
+            let row_inside = (!rows_always_inside).then(|| bin(BinOp::Lt, rg.clone(), int(bound)));
+            let k_inside = (!k_always_inside).then(|| bin(BinOp::Lt, kg.clone(), var("k_hi")));
             // A word that may lie outside reads (or copies nothing from) its index clamped to the
             // last inside, so that its address stays in the operand: the row's clamp is the same
             // every turn (ptxas computes it once), where a select of the whole offset cost two
