@@ -314,13 +314,16 @@ impl TilePlan {
     /// 89 registers a thread, two blocks an SM): three blocks (80 registers) where a thread has at
     /// most 16 outputs (none spilled: `cuda_codegen`'s register test), so that the workloads'
     /// grids of up to ~400 blocks fit the H100's SMs at once; two (128) for larger tiles, which
-    /// spilled at three.
+    /// spilled at three. Larger tiles whose next slab goes through registers are held to two
+    /// blocks as well (a 128x128 tile took 130 registers of its own, one block an SM).
     pub(super) fn blocks_per_sm(&self) -> Option<u32> {
         let (rows, cols) = self.per_thread();
         if self.tensor_cores {
             Some(1)
         } else if self.stages > 1 {
             Some(if rows * cols <= 16 { 3 } else { 2 })
+        } else if rows * cols > 16 {
+            Some(2)
         } else {
             None
         }
