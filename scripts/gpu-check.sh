@@ -358,7 +358,7 @@ bench_row "launches joining the kernels the step waits for even where they hold 
     bench-chainjoins.txt KILN_CUDA_CHAIN_JOINS=1
 bench_row "every stream at the default priority, not the chain's first (KILN_CUDA_PRIORITY=0, as before)" \
     bench-priority0.txt KILN_CUDA_PRIORITY=0
-bench_row "slabs contiguous along the tile's side copied a word at a time, not 16 bytes (KILN_CUDA_QUAD_COPIES=0, as before)" \
+bench_row "slabs copied a word at a time, not 16 bytes where they can be (KILN_CUDA_QUAD_COPIES=0, as before)" \
     bench-quadcopies0.txt KILN_CUDA_QUAD_COPIES=0
 # Each workload autotuned (Function::autotune: every product as cuBLAS and in each tiling, the
 # whole step timed for each, then the step's knobs: dependent launch, streams, two bounds; its

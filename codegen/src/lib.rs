@@ -74,9 +74,10 @@ pub struct CompileOptions {
     /// as `KILN_CUDA_CHAIN_JOINS=1` asks) or kept out of it (`Some(false)`); `None`: as that says,
     /// else kept out where the step runs on several streams.
     pub chain_joins: Option<bool>,
-    /// Slabs contiguous along a tile's side copied 16 bytes a copy where they can be (`Some(true)`)
-    /// or a word at a time (`Some(false)`, as `KILN_CUDA_QUAD_COPIES=0` asks); `None`: as that
-    /// says, else by quads.
+    /// Slabs copied 16 bytes a copy where their layout allows (`Some(true)`: operands contiguous
+    /// along a tile's side, and left operands contiguous along the slab, those then staged a row
+    /// of the tile after another) or a word at a time (`Some(false)`, as `KILN_CUDA_QUAD_COPIES=0`
+    /// asks); `None`: as that says, else by quads.
     pub quad_copies: Option<bool>,
 }
 

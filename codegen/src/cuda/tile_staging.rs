@@ -7,8 +7,9 @@
 //! (`cp.async`) straight into N slab buffers, N - 1 slabs in flight while the block multiplies
 //! the oldest, so that a block with few slabs to go through waits for memory about once rather
 //! than once a slab. A copy checks only the bounds its word can pass (`slab_words`), and an
-//! operand contiguous along the tile's side goes four words (16 bytes) a copy where its rows
-//! allow (`copies_quads`).
+//! operand goes four words (16 bytes) a copy where its layout allows (`copies`): one contiguous
+//! along the tile's side, and the left one contiguous along the slab, whose slab is then staged
+//! a row of the tile after another (`stages_rows_major`).
 //!
 //! The copies are the prelude's helpers: inline PTX on the GPU and, in the emulator, the shim's
 //! `kiln_emu_cp_async*`, which keep each thread's copies pending until it waits for their group
@@ -24,7 +25,7 @@ use crate::kernel::MatMul;
 /// (zero when `inside` is false).
 pub(crate) const COPY_HELPER: &str = "kiln_cp_async4";
 /// The prelude's helper that copies four adjacent words (16 bytes, both addresses 16-byte aligned)
-/// asynchronously, zeros when `inside` is false (`copies_quads`).
+/// asynchronously, zeros when `inside` is false (`copies`).
 pub(crate) const QUAD_COPY_HELPER: &str = "kiln_cp_async16";
 /// Closes the thread's group of copies issued since the last.
 const COMMIT_HELPER: &str = "kiln_cp_async_commit";
@@ -104,8 +105,8 @@ pub(super) fn wait(pending: usize) -> Stmt {
     Stmt::Call(call(wait_helper(pending), vec![]))
 }
 
-/// Whether an operand contiguous along the tile's side is copied a quad (16 bytes) at a time where
-/// it can be (`copies_quads`): `KILN_CUDA_QUAD_COPIES=0` copies it a word at a time, to time the two.
+/// Whether an operand is copied a quad (16 bytes) at a time where it can be (`copies`):
+/// `KILN_CUDA_QUAD_COPIES=0` copies it a word at a time, to time the two.
 pub(super) static QUAD_COPIES: super::Switch = super::Switch::new("KILN_CUDA_QUAD_COPIES", true);
 
 /// Runs `f` with every CUDA program this thread specializes copying slabs a quad at a time where
@@ -114,32 +115,69 @@ pub fn with_quad_copies<R>(on: bool, f: impl FnOnce() -> R) -> R {
     QUAD_COPIES.with(on, f)
 }
 
-/// Whether the left operand's (`a`) or the right's slabs are copied four adjacent words (16
-/// bytes) at a time: where the operand is contiguous along the tile's side (`a` stored `[k, m]`,
-/// `b` `[k, n]`: a weight's columns, a weight gradient's operands), the slabs are copied
-/// asynchronously into buffers whose rows are a multiple of four words, the side is a multiple of
-/// four (every quad starts on a 16-byte boundary of the operand, which starts on a 256-byte one,
-/// and lies inside or outside the matrix whole), and the threads take the slab in whole quads.
-/// A turn then issues a quarter of the operand's copies, each with its address arithmetic.
-pub(super) fn copies_quads(mm: &MatMul, plan: &TilePlan, a: bool) -> bool {
-    let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
-    let (side, bound) = if a { (plan.bm, mm.m) } else { (plan.bn, mm.n) };
-    !k_inner
-        && plan.stages > 1
-        && !plan.tensor_cores
-        && mm.batch == 1
-        && plan.pitch(side).is_multiple_of(4)
-        && bound.is_multiple_of(4)
-        && (side * plan.bk).is_multiple_of(4 * THREADS as usize)
-        && QUAD_COPIES.on()
+/// How a thread's copies move an operand's slab: a word at a time, or four adjacent words (a quad,
+/// 16 bytes) along the tile's side or along the slab (`copies`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Copies {
+    Words,
+    /// Quads of adjacent rows (columns) of the tile: an operand contiguous along the tile's side.
+    QuadsAlongSide,
+    /// Quads of adjacent steps of the slab: the left operand contiguous along the inner
+    /// dimension (`[m, k]`: a layer's input, an input gradient's output gradient), staged
+    /// `[row][kk]` rather than `[kk][row]` (`stages_rows_major`).
+    QuadsAlongSlab,
 }
 
-/// Words a copy of the operand's slab moves: 4 where it `copies_quads`, else 1.
-fn words_per_copy(mm: &MatMul, plan: &TilePlan, a: bool) -> usize {
-    if copies_quads(mm, plan, a) {
-        4
+/// How the left operand's (`a`) or the right's slabs are copied. Four adjacent words (16 bytes)
+/// at a time, a quarter of the copies each with its address arithmetic, where the slabs are
+/// copied asynchronously into buffers, the threads take the slab in whole quads, and every quad
+/// starts on a 16-byte boundary of the operand (which starts on a 256-byte one) and lies inside
+/// or outside the matrix and the slice whole:
+/// - an operand contiguous along the tile's side (`a` stored `[k, m]`, `b` `[k, n]`: a weight's
+///   columns, a weight gradient's operands) whose side is a multiple of four, into buffers whose
+///   rows are a multiple of four words;
+/// - the left operand contiguous along the slab (`[m, k]`) where the inner dimension is a
+///   multiple of four and a thread's rows are one `float4` (4x4 outputs a thread, each group's
+///   depth whole quads): its slab is staged a row of the tile after another, each row's quads
+///   read whole by the multiply-adds (`stages_rows_major`). The right operand contiguous along
+///   the slab stays a word a copy: its threads read four columns of a step, which a row-major
+///   slab would put in one bank.
+pub(super) fn copies(mm: &MatMul, plan: &TilePlan, a: bool) -> Copies {
+    let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
+    let (side, bound) = if a { (plan.bm, mm.m) } else { (plan.bn, mm.n) };
+    let asynchronous = plan.stages > 1 && !plan.tensor_cores && mm.batch == 1 && QUAD_COPIES.on();
+    let whole_quads = (side * plan.bk).is_multiple_of(4 * THREADS as usize);
+    if !asynchronous || !whole_quads {
+        Copies::Words
+    } else if !k_inner && plan.pitch(side).is_multiple_of(4) && bound.is_multiple_of(4) {
+        Copies::QuadsAlongSide
+    } else if k_inner
+        && a
+        && plan.vectors()
+        && plan.per_thread().0 == 4
+        && mm.k.is_multiple_of(4)
+        && (plan.bk / plan.groups()).is_multiple_of(4)
+    {
+        Copies::QuadsAlongSlab
     } else {
+        Copies::Words
+    }
+}
+
+/// Whether the left operand's slabs are staged a row of the tile after another (`[row][kk]`, a
+/// row `bk` words), each thread's rows read as one `float4` of four steps: where they are copied
+/// in quads along the slab. Otherwise both operands' slabs are staged a step after another
+/// (`[kk][row]`), a row `pitch` words.
+pub(super) fn stages_rows_major(mm: &MatMul, plan: &TilePlan) -> bool {
+    copies(mm, plan, true) == Copies::QuadsAlongSlab
+}
+
+/// Words a copy of the operand's slab moves: 4 where it copies quads, else 1.
+fn words_per_copy(mm: &MatMul, plan: &TilePlan, a: bool) -> usize {
+    if copies(mm, plan, a) == Copies::Words {
         1
+    } else {
+        4
     }
 }
 
@@ -154,9 +192,14 @@ fn copies_per_thread(mm: &MatMul, plan: &TilePlan, a: bool) -> usize {
 /// the numbers computed here (`place` is generic over the two).
 #[derive(Clone, Copy)]
 enum Placement {
-    /// Quads (`copies_quads`), `per_row` to a row of the slab: neighbouring threads copy
-    /// neighbouring quads along the side, a warp 512 bytes.
+    /// Quads along the tile's side (`Copies::QuadsAlongSide`), `per_row` to a step of the slab:
+    /// neighbouring threads copy neighbouring quads along the side, a warp 512 bytes.
     Quads { per_row: i64 },
+    /// Quads along the slab (`Copies::QuadsAlongSlab`), `per_row` to a row of the tile:
+    /// neighbouring threads copy neighbouring quads of a row (a row's slab is 32 to 128 bytes of
+    /// the operand), and a warp's 16-byte stores fall in all 32 banks four times over, the rows
+    /// `bk` words apart.
+    QuadsAlongSlab { per_row: i64 },
     /// An operand contiguous along the slab, whose slabs' rows are padded for `float4` reads: a
     /// warp stages 8 words along the slab (32 bytes, one memory sector) in each of 4 rows, so that
     /// with the slab's pitch 4 past a multiple of 32 its 32 stores fall in 32 different banks (a
@@ -187,9 +230,12 @@ impl Placement {
         let (bk, side) = (plan.bk as i64, if a { plan.bm } else { plan.bn } as i64);
         // Whether the operand's inner index is its contiguous one (`a` as `[m, k]`, `b` as `[n, k]`).
         let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
-        if copies_quads(mm, plan, a) {
-            Placement::Quads { per_row: side / 4 }
-        } else if k_inner && plan.vectors() {
+        match copies(mm, plan, a) {
+            Copies::QuadsAlongSide => return Placement::Quads { per_row: side / 4 },
+            Copies::QuadsAlongSlab => return Placement::QuadsAlongSlab { per_row: bk / 4 },
+            Copies::Words => {}
+        }
+        if k_inner && plan.vectors() {
             debug_assert_eq!(plan.pitch(side as usize) % 32, 4);
             Placement::SectorRuns { runs: bk / 8 }
         } else if k_inner {
@@ -203,6 +249,7 @@ impl Placement {
     fn place<T: Index>(self, l: T, lit: impl Fn(i64) -> T) -> (T, T) {
         match self {
             Placement::Quads { per_row } => (l.clone() % lit(per_row) * lit(4), l / lit(per_row)),
+            Placement::QuadsAlongSlab { per_row } => (l.clone() / lit(per_row), l % lit(per_row) * lit(4)),
             Placement::SectorRuns { runs } => {
                 let (chunk, lane) = (l.clone() / lit(32), l % lit(32));
                 (lane.clone() / lit(8) + chunk.clone() / lit(runs) * lit(4), lane % lit(8) + chunk % lit(runs) * lit(8))
@@ -226,7 +273,7 @@ impl Placement {
 }
 
 impl<'a> Emitter<'a> {
-    /// Declares where thread `threadIdx.x` stages its `u`-th word (or quad: `copies_quads`) of an
+    /// Declares where thread `threadIdx.x` stages its `u`-th word (or quad: `copies`) of an
     /// operand's slab (`a`: the left operand): `{a|b}_r{u}` along the tile's side, `{a|b}_kk{u}`
     /// along the slab (`Placement`). A word after the first whose place is the first's moved by
     /// the same step for every thread is declared as that step from the first: then ptxas shares
@@ -295,10 +342,13 @@ impl<'a> Emitter<'a> {
                 None => Expr::Bool(true),
             };
             let src = var(w.operand) + w.at;
-            let within = stage.clone() * int(plan.bk as i64 * pitch)
-                + var(format!("{side}_kk{u}")) * int(pitch)
-                + var(format!("{side}_r{u}"));
-            let helper = if w.quad { QUAD_COPY_HELPER } else { COPY_HELPER };
+            let (r, kk) = (var(format!("{side}_r{u}")), var(format!("{side}_kk{u}")));
+            // A buffer is `bk` steps of `pitch` words, whichever way its slab is staged (a tile's
+            // `bk` rows of `bk` words take less).
+            let (outer, inner, stride) =
+                if w.copies == Copies::QuadsAlongSlab { (r, kk, plan.bk as i64) } else { (kk, r, pitch) };
+            let within = stage.clone() * int(plan.bk as i64 * pitch) + outer * int(stride) + inner;
+            let helper = if w.copies == Copies::Words { COPY_HELPER } else { QUAD_COPY_HELPER };
             out.push(Stmt::Call(call(helper, vec![var(format!("tile_{side}")) + within, src, inside])));
         }
         out
@@ -319,8 +369,8 @@ struct SlabWord {
     u: usize,
     at: Expr,
     inside: Option<Expr>,
-    /// The first of four adjacent words, copied together (`copies_quads`).
-    quad: bool,
+    /// How the word is copied (the first of four adjacent words, where it is a quad).
+    copies: Copies,
 }
 
 /// Which bounds a slab's words are checked against.
@@ -358,7 +408,7 @@ fn slab_words(mm: &MatMul, plan: &TilePlan, it: CType, kt: Expr, checks: Checks)
         let rows_always_inside = !every && (bound as usize).is_multiple_of(tile_side);
         let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
         let (side, operand) = if a { ("a", "mm_a") } else { ("b", "mm_b") };
-        let quad = copies_quads(mm, plan, a);
+        let copies = copies(mm, plan, a);
         for u in 0..copies_per_thread(mm, plan, a) {
             let rg = var(first) + cast(it, var(format!("{side}_r{u}")));
             let kg = kt.clone() + cast(it, var(format!("{side}_kk{u}")));
@@ -372,12 +422,14 @@ fn slab_words(mm: &MatMul, plan: &TilePlan, it: CType, kt: Expr, checks: Checks)
                 Some(inside) if !every => select(inside.clone(), index, last),
                 _ => index,
             };
-            // (A quad's last start inside: the side is a multiple of four.)
-            let rg = clamp(rg, &row_inside, int(bound - if quad { 4 } else { 1 }));
-            let kg = clamp(kg, &k_inside, var("k_hi") - int(1));
+            // (A quad's last start inside: the side, or the inner dimension and so the slice's
+            // end, is a multiple of four.)
+            let quad_along = |along: Copies| if copies == along { 4 } else { 1 };
+            let rg = clamp(rg, &row_inside, int(bound - quad_along(Copies::QuadsAlongSide)));
+            let kg = clamp(kg, &k_inside, var("k_hi") - int(quad_along(Copies::QuadsAlongSlab)));
             let at = if k_inner { rg * int(mm.k as i64) + kg } else { kg * int(bound) + rg };
             let inside = row_inside.into_iter().chain(k_inside).reduce(|x, y| bin(BinOp::And, x, y));
-            out.push(SlabWord { side, operand, u, at, inside, quad });
+            out.push(SlabWord { side, operand, u, at, inside, copies });
         }
     }
     out

@@ -9,7 +9,9 @@
 //! own, the tile's outputs then staged in those buffers where they fit there; `tile_staging.rs`),
 //! each of its 256 threads a few outputs in registers: 128x64 or 64x64 tiles with 8x4 or 4x4 outputs a
 //! thread, read from shared memory as `float4`s (four multiply-adds per word read; eight rows as
-//! two runs of four, half the tile apart, so that a quarter warp's reads hit 32 banks); 32x32 tiles
+//! two runs of four, half the tile apart, so that a quarter warp's reads hit 32 banks; a left
+//! operand copied in quads along the slab is staged a row of the tile after another, a thread's
+//! four rows read as a `float4` of four steps each: `tile_staging::stages_rows_major`); 32x32 tiles
 //! with four groups of 64 threads, each group computing the whole tile (4x4 outputs a thread, as
 //! `float4`s) over a quarter of each slab's depth, the groups' partial tiles added in group order
 //! (`T32x32K4`; `T32x32`, 2x2 outputs a thread 16 apart, read a word for every multiply-add).
@@ -88,8 +90,9 @@ pub(super) fn acc(i: usize, j: usize) -> String {
 
 /// The multiply-adds of one slab, read from the slab buffers `slabs` (`a`'s, `b`'s): every step
 /// along its depth, or, where groups of threads split it, the group's run of steps (a loop of
-/// constant trip count, which NVRTC unrolls as it does the whole slab's).
-fn slab_multiply(plan: &TilePlan, slabs: (&str, &str)) -> Stmt {
+/// constant trip count, which NVRTC unrolls as it does the whole slab's); four steps a turn
+/// where `a`'s slab is staged a row after another (`a_rows_major`).
+fn slab_multiply(plan: &TilePlan, slabs: (&str, &str), a_rows_major: bool) -> Stmt {
     if plan.tensor_cores {
         let pitches = (plan.pitch(plan.bm), plan.pitch(plan.bn));
         let products = mma::slab_step(plan.bm, plan.bn, pitches, acc);
@@ -102,21 +105,54 @@ fn slab_multiply(plan: &TilePlan, slabs: (&str, &str)) -> Stmt {
             body: products,
         };
     }
-    let mut products = slab_products(plan, slabs);
+    let (mut products, steps) =
+        if a_rows_major { (rows_major_products(plan, slabs), 4) } else { (slab_products(plan, slabs), 1) };
     if plan.groups() > 1 {
         let depth = (plan.bk / plan.groups()) as i64;
         products.insert(0, decl(CType::Int, "kk", var("grp") * int(depth) + var("kq")));
-        Stmt::For { ty: CType::Int, var: "kq".into(), init: int(0), end: int(depth), step: int(1), body: products }
+        Stmt::For { ty: CType::Int, var: "kq".into(), init: int(0), end: int(depth), step: int(steps), body: products }
     } else {
         Stmt::For {
             ty: CType::Int,
             var: "kk".into(),
             init: int(0),
             end: int(plan.bk as i64),
-            step: int(1),
+            step: int(steps),
             body: products,
         }
     }
+}
+
+/// Four steps `kk..kk + 4` through the staged slabs where `a`'s is staged a row of the tile after
+/// another (`tile_staging::stages_rows_major`): each of the thread's four rows of `a` read as one
+/// `float4` of the four steps (a quarter warp's eight threads share their rows: one read for
+/// all), then at each step its columns of `b` as before, and the multiply-adds. As many reads of
+/// shared memory as four single steps.
+fn rows_major_products(plan: &TilePlan, (slab_a, slab_b): (&str, &str)) -> Vec<Stmt> {
+    let (tm, tn) = plan.per_thread();
+    debug_assert!(tm == 4 && plan.vectors(), "a thread's rows of a row-major slab are one float4");
+    let (bk, pitch_b) = (plan.bk as i64, plan.pitch(plan.bn) as i64);
+    let mut step = vec![];
+    let rows = var(slab_a) + var("kk");
+    for i in 0..tm {
+        let at = plan.out_row(i) * int(bk / 4);
+        step.push(decl(CType::Float4, format!("a{i}"), Expr::Vec4(Box::new(rows.clone()), Box::new(at))));
+    }
+    for s in 0..4 {
+        let base = var(slab_b) + (var("kk") + int(s)) * int(pitch_b);
+        for q in 0..tn / 4 {
+            let at = var("tx") * int(1) + int((q * plan.side()) as i64);
+            step.push(decl(CType::Float4, format!("b{q}_{s}"), Expr::Vec4(Box::new(base.clone()), Box::new(at))));
+        }
+        for i in 0..tm {
+            for j in 0..tn {
+                let a = Expr::Lane(Box::new(var(format!("a{i}"))), s as u8);
+                let b = Expr::Lane(Box::new(var(format!("b{}_{s}", j / 4))), (j % 4) as u8);
+                step.push(assign(var(acc(i, j)), var(acc(i, j)) + a * b));
+            }
+        }
+    }
+    step
 }
 
 /// One step `kk` through the staged slabs: each thread's rows of `a` times its columns of `b`,
@@ -303,7 +339,7 @@ impl<'a> Emitter<'a> {
             vec![],
         ));
         slab.push(Stmt::SyncThreads);
-        slab.push(slab_multiply(plan, ("tile_a", "tile_b")));
+        slab.push(slab_multiply(plan, ("tile_a", "tile_b"), false));
         slab.push(Stmt::SyncThreads);
         out.push(Stmt::For {
             ty: it,
@@ -360,7 +396,7 @@ impl<'a> Emitter<'a> {
             tile_staging::commit(),
             decl_mut(CType::ConstFloatPtr, "slab_a", slab_at("tile_a", plan.bm)),
             decl_mut(CType::ConstFloatPtr, "slab_b", slab_at("tile_b", plan.bn)),
-            slab_multiply(plan, ("slab_a", "slab_b")),
+            slab_multiply(plan, ("slab_a", "slab_b"), tile_staging::stages_rows_major(mm, plan)),
             assign(var("st"), select(st_is(last), int(0), var("st") + int(1))),
         ];
         out.push(Stmt::For {
