@@ -402,6 +402,9 @@ if [ "${KILN_GPU_NCU:-1}" = 1 ]; then
     # bound, but without the events' launch latency), median per kernel over two steps or so.
     ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     if [ -n "$ncu" ] && command -v python3 >/dev/null; then
+        # Shared-memory loads: wavefronts (each a cycle of the SM's shared-memory port) and those
+        # lost to bank conflicts.
+        SHARED_LOAD_METRICS=l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum
         echo "== per-kernel device time (Nsight Compute, eager, us; median over the launches captured)"
         for w in keras-mlp fmnist-mlp fmnist-mlp-4k autoencoder; do
             case $w in autoencoder) n=80 ;; fmnist-mlp-4k) n=40 ;; *) n=16 ;; esac
@@ -428,17 +431,18 @@ print(f"{sum(medians.values()):9.2f}  every kernel once")
 PY
         done
         # Why each kernel takes what it takes: throughput against the card's peaks, occupancy and
-        # its limits, and the warps' stall cycles, every launch of the third step (the whole
+        # its limits, the warps' stall cycles, and the shared-memory loads' wavefronts and bank
+        # conflicts (a tile's reads of its slabs), every launch of the third step (the whole
         # reports come back in the run's archive, for the sessions after this lease to read).
         echo "== the kernels of fmnist-mlp, fmnist-mlp-4k and the autoencoder in detail (Nsight Compute sections)"
         for w in fmnist-mlp fmnist-mlp-4k autoencoder; do
             case $w in autoencoder) n=17 ;; fmnist-mlp-4k) n=14 ;; *) n=6 ;; esac
             bounded 120 env KILN_CUDA_GRAPHS=0 "$ncu" --clock-control none --section SpeedOfLight --section Occupancy \
                 --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-                --section SchedulerStats --launch-skip $((n * 2)) --launch-count $n \
+                --section SchedulerStats --metrics "$SHARED_LOAD_METRICS" --launch-skip $((n * 2)) --launch-count $n \
                 "$DIR/steps" --device cuda --workload $w --seconds 0 >"$OUT_DIR/ncu-detail-$w.txt" 2>&1
             echo "-- $w (the whole report: ncu-detail-$w.txt)"
-            grep -E '^  k[0-9]|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per Thread|Block Limit (Registers|Shared Mem)|Warp Cycles Per Issued|Dynamic Shared|Static Shared' \
+            grep -E '^  k[0-9]|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per Thread|Block Limit (Registers|Shared Mem)|Warp Cycles Per Issued|Dynamic Shared|Static Shared|mem_shared_op_ld' \
                 "$OUT_DIR/ncu-detail-$w.txt" | head -80
         done
     else
