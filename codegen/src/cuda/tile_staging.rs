@@ -194,9 +194,9 @@ fn copies_per_thread(mm: &MatMul, plan: &TilePlan, a: bool) -> usize {
 enum Placement {
     /// Quads along the tile's side (`Copies::QuadsAlongSide`), `per_row` to a step of the slab:
     /// neighbouring threads copy neighbouring quads along the side, a warp 512 bytes.
-    Quads { per_row: i64 },
+    QuadsAlongSide { per_row: i64 },
     /// Quads along the slab (`Copies::QuadsAlongSlab`), `per_row` to a row of the tile:
-    /// neighbouring threads copy neighbouring quads of a row (a row's slab is 32 to 128 bytes of
+    /// neighbouring threads copy neighbouring quads of a row (a row's slab is 64 or 128 bytes of
     /// the operand), and a warp's 16-byte stores fall in all 32 banks four times over, the rows
     /// `bk` words apart.
     QuadsAlongSlab { per_row: i64 },
@@ -231,7 +231,7 @@ impl Placement {
         // Whether the operand's inner index is its contiguous one (`a` as `[m, k]`, `b` as `[n, k]`).
         let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
         match copies(mm, plan, a) {
-            Copies::QuadsAlongSide => return Placement::Quads { per_row: side / 4 },
+            Copies::QuadsAlongSide => return Placement::QuadsAlongSide { per_row: side / 4 },
             Copies::QuadsAlongSlab => return Placement::QuadsAlongSlab { per_row: bk / 4 },
             Copies::Words => {}
         }
@@ -248,7 +248,7 @@ impl Placement {
     /// Where word `l` lies: `(r, kk)`, `lit` making a constant.
     fn place<T: Index>(self, l: T, lit: impl Fn(i64) -> T) -> (T, T) {
         match self {
-            Placement::Quads { per_row } => (l.clone() % lit(per_row) * lit(4), l / lit(per_row)),
+            Placement::QuadsAlongSide { per_row } => (l.clone() % lit(per_row) * lit(4), l / lit(per_row)),
             Placement::QuadsAlongSlab { per_row } => (l.clone() / lit(per_row), l % lit(per_row) * lit(4)),
             Placement::SectorRuns { runs } => {
                 let (chunk, lane) = (l.clone() / lit(32), l % lit(32));
