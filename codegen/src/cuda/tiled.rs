@@ -141,8 +141,7 @@ fn rows_major_products(plan: &TilePlan, (slab_a, slab_b): (&str, &str)) -> Vec<S
     for s in 0..4 {
         let base = var(slab_b) + (var("kk") + int(s)) * int(pitch_b);
         for q in 0..tn / 4 {
-            let at = var("tx") * int(1) + int((q * plan.side()) as i64);
-            step.push(decl(CType::Float4, format!("b{q}_{s}"), Expr::Vec4(Box::new(base.clone()), Box::new(at))));
+            step.push(decl(CType::Float4, format!("b{q}_{s}"), thread_float4(plan, base.clone(), "tx", q)));
         }
         for i in 0..tm {
             for j in 0..tn {
@@ -153,6 +152,13 @@ fn rows_major_products(plan: &TilePlan, (slab_a, slab_b): (&str, &str)) -> Vec<S
         }
     }
     step
+}
+
+/// The thread's `q`-th `float4` of rows (`along` = `ty`) or columns (`tx`) in the staged step that
+/// starts at `base`: a thread's runs of four are `side` float4s apart.
+fn thread_float4(plan: &TilePlan, base: Expr, along: &str, q: usize) -> Expr {
+    let at = var(along) * int(1) + int((q * plan.side()) as i64);
+    Expr::Vec4(Box::new(base), Box::new(at))
 }
 
 /// One step `kk` through the staged slabs: each thread's rows of `a` times its columns of `b`,
@@ -169,8 +175,7 @@ fn slab_products(plan: &TilePlan, (slab_a, slab_b): (&str, &str)) -> Vec<Stmt> {
         for (name, tile, pitch, along, per) in [("a", slab_a, pitch_a, "ty", tm), ("b", slab_b, pitch_b, "tx", tn)] {
             let base = var(tile) + var("kk") * int(pitch as i64);
             for q in 0..per / 4 {
-                let at = var(along) * int(1) + int((q * plan.side()) as i64);
-                step.push(decl(CType::Float4, format!("{name}{q}"), Expr::Vec4(Box::new(base.clone()), Box::new(at))));
+                step.push(decl(CType::Float4, format!("{name}{q}"), thread_float4(plan, base.clone(), along, q)));
             }
         }
         let lane = |v: &str, i: usize| Expr::Lane(Box::new(var(format!("{v}{}", i / 4))), (i % 4) as u8);
