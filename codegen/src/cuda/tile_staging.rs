@@ -153,7 +153,6 @@ pub(super) fn copies(mm: &MatMul, plan: &TilePlan, a: bool) -> Copies {
         Copies::QuadsAlongSide
     } else if k_inner
         && a
-        && plan.vectors()
         && plan.per_thread().0 == 4
         && mm.k.is_multiple_of(4)
         && (plan.bk / plan.groups()).is_multiple_of(4)
@@ -214,7 +213,7 @@ enum Placement {
 }
 
 /// The integers a `Placement` computes with: the kernel's expressions, or numbers.
-trait Index:
+trait PlaceInteger:
     Clone
     + std::ops::Add<Output = Self>
     + std::ops::Mul<Output = Self>
@@ -222,8 +221,8 @@ trait Index:
     + std::ops::Rem<Output = Self>
 {
 }
-impl Index for i64 {}
-impl Index for Expr {}
+impl PlaceInteger for i64 {}
+impl PlaceInteger for Expr {}
 
 impl Placement {
     fn of(mm: &MatMul, plan: &TilePlan, a: bool) -> Placement {
@@ -246,7 +245,7 @@ impl Placement {
     }
 
     /// Where word `l` lies: `(r, kk)`, `lit` making a constant.
-    fn place<T: Index>(self, l: T, lit: impl Fn(i64) -> T) -> (T, T) {
+    fn place<T: PlaceInteger>(self, l: T, lit: impl Fn(i64) -> T) -> (T, T) {
         match self {
             Placement::QuadsAlongSide { per_row } => (l.clone() % lit(per_row) * lit(4), l / lit(per_row)),
             Placement::QuadsAlongSlab { per_row } => (l.clone() / lit(per_row), l % lit(per_row) * lit(4)),
