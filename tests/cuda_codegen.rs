@@ -783,3 +783,38 @@ fn left_operands_contiguous_along_the_slab_are_copied_sixteen_bytes_at_a_time() 
         by_words.loads.len()
     );
 }
+
+#[test]
+fn tiles_of_128_rows_copy_slabs_16_deep() {
+    // The autoencoder's first weight gradient x^T dz (784x128x1000) in 128x64 tiles: slabs copied
+    // asynchronously are 16 deep rather than 8 (half the turns, each with its wait, barrier and
+    // copies), a slab's 512 multiply-adds a thread unrolled whole by `#pragma unroll` (NVRTC left
+    // them two steps a turn). It agrees with the reference on the emulator (1000 columns: past the
+    // last tile); with one slab buffer (through registers) its slabs stay 8 deep. In the machine
+    // code (pip's nvdisasm 13.2) a turn spends 1.18 instructions a multiply-add, where 8-deep
+    // slabs spent 1.27 (324 for 256).
+    use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
+    let weight_gradient = |choice: TileChoice| {
+        let g = Graph::new();
+        let x = g.input("x", F32, [128, 784]);
+        let dz = g.input("dz", F32, [128, 1000]);
+        let w = g.input("w", F32, [784, 1000]);
+        let out = &w - x.t().matmul(&dz) * 0.1;
+        let args = [f32s(&[128, 784], 81), f32s(&[128, 1000], 82), f32s(&[784, 1000], 83)];
+        with_tile_choice(choice, || {
+            emulated_agrees(&g, &[&x, &dz, &w], &[&out], &args);
+            let f = g.function([&x, &dz, &w], [&out]).compile(Device::Reference).unwrap();
+            cuda_c(&f, &args)
+        })
+    };
+    let copied = weight_gradient(TileChoice { stages: Some(3), ..TileChoice::forced(TileShape::T128x64, 1, false) });
+    assert!(copied.contains("in 128x64 tiles") && copied.contains("in flight (cp.async)"), "{copied}");
+    assert!(copied.contains("#pragma unroll\n") && copied.contains("for (int kk = 0; kk < 16; kk += 1)"), "{copied}");
+    let registers = weight_gradient(TileChoice { stages: Some(1), ..TileChoice::forced(TileShape::T128x64, 1, false) });
+    assert!(registers.contains("for (int kk = 0; kk < 8; kk += 1)") && !registers.contains("#pragma"), "{registers}");
+    let Some(slab_loop) = first_slab_loop(&copied) else { return };
+    let per_multiply_add = slab_loop.instructions as f64 / slab_loop.multiply_adds as f64;
+    assert_eq!(slab_loop.multiply_adds, 512, "{slab_loop:?}");
+    assert!(per_multiply_add <= 1.21, "{per_multiply_add:.2} instructions a multiply-add: {slab_loop:?}");
+    println!("a turn of x^T dz in 128x64 tiles: {per_multiply_add:.3} instructions a multiply-add");
+}

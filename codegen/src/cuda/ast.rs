@@ -254,6 +254,8 @@ pub enum Stmt {
     Return,
     ReturnValue(Expr),
     SyncThreads,
+    /// `#pragma text` (at the margin), for the loop that follows: `unroll`.
+    Pragma(&'static str),
     /// An expression evaluated for its effect (`__threadfence();`).
     Call(Expr),
     Block(Vec<Stmt>),
@@ -318,9 +320,12 @@ pub fn calls(body: &[Stmt], f: &dyn Fn(&str) -> bool) -> bool {
         Stmt::Asm { outputs, inputs, emulated, .. } => {
             outputs.iter().chain(inputs).any(|(_, e)| e.calls(f)) || emulated.calls(f)
         }
-        Stmt::Comment(_) | Stmt::SharedArray { .. } | Stmt::SharedUnion { .. } | Stmt::Return | Stmt::SyncThreads => {
-            false
-        }
+        Stmt::Comment(_)
+        | Stmt::SharedArray { .. }
+        | Stmt::SharedUnion { .. }
+        | Stmt::Return
+        | Stmt::SyncThreads
+        | Stmt::Pragma(_) => false,
     })
 }
 

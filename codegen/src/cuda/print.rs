@@ -222,6 +222,11 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
         Stmt::Return => out.push_str("return;\n"),
         Stmt::ReturnValue(e) => writeln!(out, "return {};", expr(e)).unwrap(),
         Stmt::SyncThreads => out.push_str("__syncthreads();\n"),
+        Stmt::Pragma(text) => {
+            // Preprocessor lines start at the margin.
+            out.truncate(out.trim_end_matches(' ').len());
+            writeln!(out, "#pragma {text}").unwrap();
+        }
         Stmt::Call(e) => writeln!(out, "{};", expr(e)).unwrap(),
         Stmt::Block(body) => {
             block(out, body, depth);

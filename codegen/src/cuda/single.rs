@@ -74,7 +74,8 @@ pub(super) fn rewrite_stmts(
             | Stmt::SharedArray { .. }
             | Stmt::SharedUnion { .. }
             | Stmt::Return
-            | Stmt::SyncThreads => {}
+            | Stmt::SyncThreads
+            | Stmt::Pragma(_) => {}
             Stmt::Decl { init, .. } => {
                 if let Some(e) = init {
                     rewrite_expr(e, names, builtin)

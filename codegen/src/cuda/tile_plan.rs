@@ -90,7 +90,8 @@ impl TileShape {
     pub const ALL: [TileShape; 5] =
         [TileShape::T32x32, TileShape::T32x32K4, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128];
 
-    /// Rows, columns, and the inner dimension's slab.
+    /// Rows, columns, and the inner dimension's slab (twice as deep for 128-row tiles whose
+    /// slabs are copied asynchronously: `TilePlan::for_product`).
     fn dims(self) -> (usize, usize, usize) {
         match self {
             TileShape::T32x32 | TileShape::T32x32K4 => (32, 32, 32),
@@ -250,7 +251,15 @@ impl TilePlan {
             let enough = |s: &TileShape| filled(*s) && tiles_in(*s) * deepest_cut(*s) >= target;
             SHAPES_BY_SIZE.into_iter().find(enough).unwrap_or_else(smallest_shape)
         });
+        let tensor_cores = choice.tensor_cores.unwrap_or_else(tensor_cores_from_env);
+        // Tensor cores take their operands split when staged: through registers.
+        let stages = if tensor_cores { 1 } else { choice.stages.unwrap_or_else(stages_from_env) };
         let (bm, bn, bk) = shape.dims();
+        // Slabs copied asynchronously take no registers to stage, so a 128-row tile's are 16
+        // deep rather than 8: half the turns, each with its wait, barrier and copies (a turn of
+        // the autoencoder's 784x128x1000 weight gradient in 128x64 tiles: 1.27 instructions a
+        // multiply-add in 8-deep slabs, 1.18 in 16-deep ones; `cuda_source --loads`).
+        let bk = if stages > 1 && bm == 128 { 2 * bk } else { bk };
         let (tiles_m, tiles_n) = (mm.m.div_ceil(bm), mm.n.div_ceil(bn));
         let slabs_total = mm.k.div_ceil(bk).max(1);
         // Tiles enough for most of the target need no slices (they would only add partial tiles).
@@ -261,9 +270,6 @@ impl TilePlan {
         let wanted = if clustered { wanted.min(super::cluster::MAX_CLUSTER) } else { wanted };
         let wanted = choice.slices.map_or(wanted, |s| s.min(slabs_total));
         let slabs = slabs_total.div_ceil(wanted.max(1));
-        let tensor_cores = choice.tensor_cores.unwrap_or_else(tensor_cores_from_env);
-        // Tensor cores take their operands split when staged: through registers.
-        let stages = if tensor_cores { 1 } else { choice.stages.unwrap_or_else(stages_from_env) };
         let mut plan = TilePlan {
             bm,
             bn,
@@ -547,10 +553,12 @@ mod tests {
         // Tensor cores stage their operands split, through registers.
         assert_eq!(stages(TileShape::T64x64, 3, true).stages, 1);
         assert_eq!(stages(TileShape::T64x64, 1, false).stages, 1);
-        // As deep as fits: 128x64 slabs are 8 deep (6.25 KiB a buffer), so seven buffers (six
-        // slabs in flight); 64x64 ones (8.5 KiB) five.
+        // As deep as fits: 128x64 slabs copied asynchronously are 16 deep (12.5 KiB a buffer), so
+        // three buffers; 64x64 ones (16 deep, 8.5 KiB) five. Through registers, 128x64 slabs
+        // stay 8 deep.
         let deep = stages(TileShape::T128x64, MAX_STAGES, false);
-        assert_eq!((deep.stages, deep.fits_in_shared_memory()), (7, true));
+        assert_eq!((deep.stages, deep.bk, deep.fits_in_shared_memory()), (3, 16, true));
+        assert_eq!(stages(TileShape::T128x64, 1, false).bk, 8);
         assert_eq!(stages(TileShape::T64x64, MAX_STAGES, false).stages, 5);
         // No more buffers than the slice has slabs, plus the one being multiplied: a 128-deep
         // inner dim in four 32-deep slabs takes five.

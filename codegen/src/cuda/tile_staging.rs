@@ -36,8 +36,8 @@ fn wait_helper(pending: usize) -> &'static str {
     WAITS[pending].0
 }
 
-/// Most stages a tile may ask for (so that `WAITS` has its count): seven slabs in flight, which
-/// take a 128x64 tile's sixteen slabs of a 128-deep inner dimension in three waits, not sixteen.
+/// Most stages a tile may ask for (so that `WAITS` has its count): seven slabs in flight (as
+/// many as fit in shared memory are taken: `TilePlan::for_product`).
 pub(super) const MAX_STAGES: usize = 8;
 
 /// The wait helpers and their instructions, by how many of the newest groups may stay pending.

@@ -89,37 +89,32 @@ pub(super) fn acc(i: usize, j: usize) -> String {
 }
 
 /// The multiply-adds of one slab, read from the slab buffers `slabs` (`a`'s, `b`'s): every step
-/// along its depth, or, where groups of threads split it, the group's run of steps (a loop of
-/// constant trip count, which NVRTC unrolls as it does the whole slab's); four steps a turn
-/// where `a`'s slab is staged a row after another (`a_rows_major`).
-fn slab_multiply(plan: &TilePlan, slabs: (&str, &str), a_rows_major: bool) -> Stmt {
+/// along its depth, or, where groups of threads split it, the group's run of steps; four steps a
+/// turn where `a`'s slab is staged a row after another (`a_rows_major`). A loop of constant trip
+/// count, which NVRTC unrolls whole on its own up to a slab's 256 multiply-adds a thread; past
+/// that it left a 128x64 tile's 16-deep slab (512) two steps a turn, so there `#pragma unroll`
+/// asks for it (only there: the pragma changed ptxas's schedule of other tiles, some for worse).
+fn slab_multiply(plan: &TilePlan, slabs: (&str, &str), a_rows_major: bool) -> Vec<Stmt> {
+    let (rows, cols) = plan.per_thread();
+    let pragma = (rows * cols * plan.bk / plan.groups() > 256).then_some(Stmt::Pragma("unroll"));
+    let unrolled = |var: &str, end: i64, step: i64, body: Vec<Stmt>| {
+        let (init, end, step) = (int(0), int(end), int(step));
+        let unrolled = Stmt::For { ty: CType::Int, var: var.into(), init, end, step, body };
+        pragma.clone().into_iter().chain([unrolled]).collect()
+    };
     if plan.tensor_cores {
         let pitches = (plan.pitch(plan.bm), plan.pitch(plan.bn));
         let products = mma::slab_step(plan.bm, plan.bn, pitches, acc);
-        return Stmt::For {
-            ty: CType::Int,
-            var: "kk".into(),
-            init: int(0),
-            end: int(plan.bk as i64),
-            step: int(mma::MMA_K as i64),
-            body: products,
-        };
+        return unrolled("kk", plan.bk as i64, mma::MMA_K as i64, products);
     }
     let (mut products, steps) =
         if a_rows_major { (rows_major_products(plan, slabs), 4) } else { (slab_products(plan, slabs), 1) };
     if plan.groups() > 1 {
         let depth = (plan.bk / plan.groups()) as i64;
         products.insert(0, decl(CType::Int, "kk", var("grp") * int(depth) + var("kq")));
-        Stmt::For { ty: CType::Int, var: "kq".into(), init: int(0), end: int(depth), step: int(steps), body: products }
+        unrolled("kq", depth, steps, products)
     } else {
-        Stmt::For {
-            ty: CType::Int,
-            var: "kk".into(),
-            init: int(0),
-            end: int(plan.bk as i64),
-            step: int(steps),
-            body: products,
-        }
+        unrolled("kk", plan.bk as i64, steps, products)
     }
 }
 
@@ -344,7 +339,7 @@ impl<'a> Emitter<'a> {
             vec![],
         ));
         slab.push(Stmt::SyncThreads);
-        slab.push(slab_multiply(plan, ("tile_a", "tile_b"), false));
+        slab.extend(slab_multiply(plan, ("tile_a", "tile_b"), false));
         slab.push(Stmt::SyncThreads);
         out.push(Stmt::For {
             ty: it,
@@ -394,16 +389,16 @@ impl<'a> Emitter<'a> {
             let whole = bin(BinOp::Le, ahead.clone() + int(bk), var("k_hi"));
             Stmt::If(whole, copy_ahead(false), vec![if_ahead_in_slice(copy_ahead(true))])
         };
-        let turn = vec![
+        let mut turn = vec![
             tile_staging::wait(stages - 2),
             Stmt::SyncThreads,
             refill_copies,
             tile_staging::commit(),
             decl_mut(CType::ConstFloatPtr, "slab_a", slab_at("tile_a", plan.bm)),
             decl_mut(CType::ConstFloatPtr, "slab_b", slab_at("tile_b", plan.bn)),
-            slab_multiply(plan, ("slab_a", "slab_b"), tile_staging::stages_rows_major(mm, plan)),
-            assign(var("st"), select(st_is(last), int(0), var("st") + int(1))),
         ];
+        turn.extend(slab_multiply(plan, ("slab_a", "slab_b"), tile_staging::stages_rows_major(mm, plan)));
+        turn.push(assign(var("st"), select(st_is(last), int(0), var("st") + int(1))));
         out.push(Stmt::For {
             ty: it,
             var: "kt".into(),
