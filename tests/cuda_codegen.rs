@@ -615,9 +615,9 @@ fn a_slab_loop_checks_only_the_bounds_its_words_can_pass() {
     // The autoencoder's first layer, sigmoid(x w + b) with x [128, 784] and w [784, 1000]: in
     // 64x64 tiles its rows are whole tiles and its inner dim whole 16-deep slabs, so a turn copies
     // x's quad unchecked and checks only w's columns (1000 is no multiple of 64). An inner dim
-    // of 250 (32x32 tiles in four groups of threads, 32-deep slabs; x's words one a copy, 250
-    // being no multiple of four) leaves a short last slab: a turn copies unchecked unless the
-    // slab it fills is that one.
+    // of 250 (32x32 tiles in four groups of threads, unsliced, so 64-deep slabs; x's words one a
+    // copy, 250 being no multiple of four) leaves a short last slab: a turn copies unchecked
+    // unless the slab it fills is that one.
     // Each agrees with the reference on the emulator; in the machine code (pip's nvdisasm 13.2),
     // the first layer's turn spends 0.14 instructions a multiply-add besides its shared loads and
     // copies (both operands' slabs 16 bytes a copy); 0.18 with x's a word a copy, 0.30 with
@@ -645,8 +645,8 @@ fn a_slab_loop_checks_only_the_bounds_its_words_can_pass() {
     assert!(!whole_turn.contains("a_in") && !whole_turn.contains(": k_hi - 1"), "{whole_turn}");
     assert!(whole_turn.contains("const bool b_in0 = col0 + (int)b_r0 < 1000;"), "{whole_turn}");
     let (_, short_turn) = turn(250);
-    assert!(short_turn.contains("if (kt + 64 + 32 <= k_hi) {"), "{short_turn}");
-    assert_eq!(short_turn.matches("kiln_cp_async4(tile_a").count(), 8, "{short_turn}");
+    assert!(short_turn.contains("if (kt + 64 + 64 <= k_hi) {"), "{short_turn}");
+    assert_eq!(short_turn.matches("kiln_cp_async4(tile_a").count(), 16, "{short_turn}");
     assert_eq!(short_turn.matches("const bool a_in0 = kt + 64 + (int)a_kk0 < k_hi;").count(), 1, "{short_turn}");
     let Some(slab_loop) = first_slab_loop(&whole) else { return };
     let others = slab_loop.instructions - slab_loop.multiply_adds - slab_loop.shared_loads - slab_loop.loads.len();
@@ -785,33 +785,48 @@ fn left_operands_contiguous_along_the_slab_are_copied_sixteen_bytes_at_a_time() 
 }
 
 #[test]
-fn tiles_of_128_rows_copy_slabs_16_deep() {
-    // The autoencoder's first weight gradient x^T dz (784x128x1000) in 128x64 tiles: slabs copied
-    // asynchronously are 16 deep rather than 8 (half the turns, each with its wait, barrier and
-    // copies), a slab's 512 multiply-adds a thread unrolled whole by `#pragma unroll` (NVRTC left
-    // them two steps a turn). It agrees with the reference on the emulator (1000 columns: past the
-    // last tile); with one slab buffer (through registers) its slabs stay 8 deep. In the machine
-    // code (pip's nvdisasm 13.2) a turn spends 1.18 instructions a multiply-add, where 8-deep
-    // slabs spent 1.27 (324 for 256).
+fn unsliced_tiles_copy_slabs_twice_as_deep() {
+    // The autoencoder's weight gradients x^T dz, unsliced: slabs copied asynchronously are twice
+    // the shape's own depth (half the turns, each with its wait, barrier and copies) where the
+    // inner dimension (the batch, 128) takes an even number of the shape's slabs: 128x64 tiles
+    // 16 deep, 64x64 tiles 32, 32x32 tiles in thread groups 64 (a group's 16 steps). Such a slab
+    // is unrolled whole by `#pragma unroll` (NVRTC left 128x64's two steps a turn). Each agrees
+    // with the reference on the emulator (columns past the last tile); through registers (one
+    // slab buffer), and with an odd number of slabs (a batch of 112: 7 of 16), the slabs keep
+    // their depth. In the machine code (pip's nvdisasm 13.2) a turn of the 784x128x1000 one in
+    // 128x64 tiles spends 1.18 instructions a multiply-add, where 8-deep slabs spent 1.27.
     use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
-    let weight_gradient = |choice: TileChoice| {
+    let weight_gradient = |batch: usize, m: usize, n: usize, tile: TileShape, stages: usize| {
         let g = Graph::new();
-        let x = g.input("x", F32, [128, 784]);
-        let dz = g.input("dz", F32, [128, 1000]);
-        let w = g.input("w", F32, [784, 1000]);
+        let x = g.input("x", F32, [batch, m]);
+        let dz = g.input("dz", F32, [batch, n]);
+        let w = g.input("w", F32, [m, n]);
         let out = &w - x.t().matmul(&dz) * 0.1;
-        let args = [f32s(&[128, 784], 81), f32s(&[128, 1000], 82), f32s(&[784, 1000], 83)];
+        let args = [f32s(&[batch, m], 81), f32s(&[batch, n], 82), f32s(&[m, n], 83)];
+        let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, 1, false) };
         with_tile_choice(choice, || {
             emulated_agrees(&g, &[&x, &dz, &w], &[&out], &args);
             let f = g.function([&x, &dz, &w], [&out]).compile(Device::Reference).unwrap();
             cuda_c(&f, &args)
         })
     };
-    let copied = weight_gradient(TileChoice { stages: Some(3), ..TileChoice::forced(TileShape::T128x64, 1, false) });
-    assert!(copied.contains("in 128x64 tiles") && copied.contains("in flight (cp.async)"), "{copied}");
-    assert!(copied.contains("#pragma unroll\n") && copied.contains("for (int kk = 0; kk < 16; kk += 1)"), "{copied}");
-    let registers = weight_gradient(TileChoice { stages: Some(1), ..TileChoice::forced(TileShape::T128x64, 1, false) });
+    let deep = "#pragma unroll\n";
+    for (m, n, tile, steps) in [
+        (784, 1000, TileShape::T128x64, "for (int kk = 0; kk < 16; kk += 1)"),
+        (1000, 500, TileShape::T64x64, "for (int kk = 0; kk < 32; kk += 1)"),
+        (250, 500, TileShape::T32x32K4, "for (int kq = 0; kq < 16; kq += 1)"),
+    ] {
+        let src = weight_gradient(128, m, n, tile, 3);
+        assert!(src.contains(&format!("in {} tiles", tile.label())) && src.contains("(cp.async)"), "{src}");
+        assert!(src.contains(deep) && src.contains(steps), "{m}x{n}: {src}");
+        if tile == TileShape::T64x64 {
+            let odd = weight_gradient(112, m, n, tile, 3);
+            assert!(odd.contains("for (int kk = 0; kk < 16; kk += 1)") && !odd.contains(deep), "{odd}");
+        }
+    }
+    let registers = weight_gradient(128, 784, 1000, TileShape::T128x64, 1);
     assert!(registers.contains("for (int kk = 0; kk < 8; kk += 1)") && !registers.contains("#pragma"), "{registers}");
+    let copied = weight_gradient(128, 784, 1000, TileShape::T128x64, 3);
     let Some(slab_loop) = first_slab_loop(&copied) else { return };
     let per_multiply_add = slab_loop.instructions as f64 / slab_loop.multiply_adds as f64;
     assert_eq!(slab_loop.multiply_adds, 512, "{slab_loop:?}");

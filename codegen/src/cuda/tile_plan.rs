@@ -90,7 +90,7 @@ impl TileShape {
     pub const ALL: [TileShape; 5] =
         [TileShape::T32x32, TileShape::T32x32K4, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128];
 
-    /// Rows, columns, and the inner dimension's slab (twice as deep for 128-row tiles whose
+    /// Rows, columns, and the inner dimension's slab (twice as deep for unsliced tiles whose
     /// slabs are copied asynchronously: `TilePlan::for_product`).
     fn dims(self) -> (usize, usize, usize) {
         match self {
@@ -255,12 +255,17 @@ impl TilePlan {
         // Tensor cores take their operands split when staged: through registers.
         let stages = if tensor_cores { 1 } else { choice.stages.unwrap_or_else(stages_from_env) };
         let (bm, bn, bk) = shape.dims();
-        // Slabs copied asynchronously take no registers to stage, so a 128-row tile's are 16
-        // deep rather than 8: half the turns, each with its wait, barrier and copies (a turn of
-        // the autoencoder's 784x128x1000 weight gradient in 128x64 tiles: 1.27 instructions a
-        // multiply-add in 8-deep slabs, 1.18 in 16-deep ones; `cuda_source --loads`).
-        let bk = if stages > 1 && bm == 128 { 2 * bk } else { bk };
         let (tiles_m, tiles_n) = (mm.m.div_ceil(bm), mm.n.div_ceil(bn));
+        // Slabs copied asynchronously take no registers to stage, so an unsliced tile's are twice
+        // as deep where its inner dimension takes an even number of the shape's slabs (no slab
+        // more of zeros): half the turns, each with its wait, barrier and copies, and as many
+        // steps in flight in one buffer fewer. A turn of the autoencoder's weight gradients then
+        // spends 1.18 to 1.20 instructions a multiply-add in 128x64 and 64x64 tiles (1.25 to
+        // 1.27 before), 1.40 to 1.43 in 32x32 tiles in thread groups (1.50 to 1.58);
+        // `cuda_source --loads`. Sliced tiles keep theirs: a slice is a few slabs deep.
+        let unsliced = choice.slices.map_or(2 * tiles_m * tiles_n >= target, |s| s == 1);
+        let deepened = stages > 1 && unsliced && mm.k.div_ceil(bk).is_multiple_of(2);
+        let bk = if deepened { 2 * bk } else { bk };
         let slabs_total = mm.k.div_ceil(bk).max(1);
         // Tiles enough for most of the target need no slices (they would only add partial tiles).
         let tiles = tiles_m * tiles_n;
@@ -333,6 +338,11 @@ impl TilePlan {
         } else {
             None
         }
+    }
+
+    /// Whether the slabs are twice as deep as the shape's own (`for_product`).
+    pub(super) fn deepened(&self) -> bool {
+        self.bk > self.shape.dims().2
     }
 
     /// Multiply-adds each thread does over its slice of the inner dimension: its outputs times
@@ -553,17 +563,23 @@ mod tests {
         // Tensor cores stage their operands split, through registers.
         assert_eq!(stages(TileShape::T64x64, 3, true).stages, 1);
         assert_eq!(stages(TileShape::T64x64, 1, false).stages, 1);
-        // As deep as fits: 128x64 slabs copied asynchronously are 16 deep (12.5 KiB a buffer), so
-        // three buffers; 64x64 ones (16 deep, 8.5 KiB) five. Through registers, 128x64 slabs
-        // stay 8 deep.
+        // As deep as fits: unsliced 128x64 slabs copied asynchronously are 16 deep (784 is 98
+        // slabs of 8, an even number; 12.5 KiB a buffer), so three buffers; 64x64 ones stay 16
+        // deep (784 is 49 slabs of 16: a 32-deep 25th would be half zeros; 8.5 KiB) and take
+        // five. Through registers, 128x64 slabs stay 8 deep.
         let deep = stages(TileShape::T128x64, MAX_STAGES, false);
         assert_eq!((deep.stages, deep.bk, deep.fits_in_shared_memory()), (3, 16, true));
         assert_eq!(stages(TileShape::T128x64, 1, false).bk, 8);
-        assert_eq!(stages(TileShape::T64x64, MAX_STAGES, false).stages, 5);
+        let odd = stages(TileShape::T64x64, MAX_STAGES, false);
+        assert_eq!((odd.stages, odd.bk), (5, 16));
         // No more buffers than the slice has slabs, plus the one being multiplied: a 128-deep
-        // inner dim in four 32-deep slabs takes five.
-        let shallow = TileChoice { stages: Some(MAX_STAGES), ..TileChoice::forced(TileShape::T32x32, 1, false) };
+        // inner dim in two slices of two 32-deep slabs (sliced tiles keep their depth) takes three.
+        let shallow = TileChoice { stages: Some(MAX_STAGES), ..TileChoice::forced(TileShape::T32x32, 2, false) };
         let plan = with_tile_choice(shallow, || TilePlan::for_product(&product(128, 128, 256)));
-        assert_eq!((plan.slabs, plan.stages), (4, 5));
+        assert_eq!((plan.bk, plan.slabs, plan.stages), (32, 2, 3));
+        // Unsliced, the same product's slabs are 64 deep (two).
+        let whole = TileChoice { stages: Some(MAX_STAGES), ..TileChoice::forced(TileShape::T32x32, 1, false) };
+        let plan = with_tile_choice(whole, || TilePlan::for_product(&product(128, 128, 256)));
+        assert_eq!((plan.bk, plan.slabs), (64, 2));
     }
 }

@@ -91,12 +91,12 @@ pub(super) fn acc(i: usize, j: usize) -> String {
 /// The multiply-adds of one slab, read from the slab buffers `slabs` (`a`'s, `b`'s): every step
 /// along its depth, or, where groups of threads split it, the group's run of steps; four steps a
 /// turn where `a`'s slab is staged a row after another (`a_rows_major`). A loop of constant trip
-/// count, which NVRTC unrolls whole on its own up to a slab's 256 multiply-adds a thread; past
-/// that it left a 128x64 tile's 16-deep slab (512) two steps a turn, so there `#pragma unroll`
-/// asks for it (only there: the pragma changed ptxas's schedule of other tiles, some for worse).
+/// count, which NVRTC unrolls whole on its own for a shape's own slab depth, but a slab twice as
+/// deep (`TilePlan::deepened`) it left two or four steps a turn (a 128x64 tile's 16 steps of 32
+/// multiply-adds, a 32x32 tile's group's 16 steps of 16), so there `#pragma unroll` asks for it
+/// (only there: the pragma changed ptxas's schedule of other tiles, some for worse).
 fn slab_multiply(plan: &TilePlan, slabs: (&str, &str), a_rows_major: bool) -> Vec<Stmt> {
-    let (rows, cols) = plan.per_thread();
-    let pragma = (rows * cols * plan.bk / plan.groups() > 256).then_some(Stmt::Pragma("unroll"));
+    let pragma = plan.deepened().then_some(Stmt::Pragma("unroll"));
     let unrolled = |var: &str, end: i64, step: i64, body: Vec<Stmt>| {
         let (init, end, step) = (int(0), int(end), int(step));
         let unrolled = Stmt::For { ty: CType::Int, var: var.into(), init, end, step, body };
