@@ -256,6 +256,9 @@ impl TilePlan {
         let stages = if tensor_cores { 1 } else { choice.stages.unwrap_or_else(stages_from_env) };
         let (bm, bn, bk) = shape.dims();
         let (tiles_m, tiles_n) = (mm.m.div_ceil(bm), mm.n.div_ceil(bn));
+        let tiles = tiles_m * tiles_n;
+        // Tiles enough for most of the target need no slices (they would only add partial tiles).
+        let tiles_enough = 2 * tiles >= target;
         // Slabs copied asynchronously take no registers to stage, so an unsliced tile's are twice
         // as deep where its inner dimension takes an even number of the shape's slabs (no slab
         // more of zeros): half the turns, each with its wait, barrier and copies, and as many
@@ -263,13 +266,11 @@ impl TilePlan {
         // spends 1.18 to 1.20 instructions a multiply-add in 128x64 and 64x64 tiles (1.25 to
         // 1.27 before), 1.40 to 1.43 in 32x32 tiles in thread groups (1.50 to 1.58);
         // `cuda_source --loads`. Sliced tiles keep theirs: a slice is a few slabs deep.
-        let unsliced = choice.slices.map_or(2 * tiles_m * tiles_n >= target, |s| s == 1);
+        let unsliced = choice.slices.map_or(tiles_enough, |s| s == 1);
         let deepened = stages > 1 && unsliced && mm.k.div_ceil(bk).is_multiple_of(2);
         let bk = if deepened { 2 * bk } else { bk };
         let slabs_total = mm.k.div_ceil(bk).max(1);
-        // Tiles enough for most of the target need no slices (they would only add partial tiles).
-        let tiles = tiles_m * tiles_n;
-        let wanted = if 2 * tiles >= target { 1 } else { target.div_ceil(tiles).min(deepest_cut(shape)) };
+        let wanted = if tiles_enough { 1 } else { target.div_ceil(tiles).min(deepest_cut(shape)) };
         // Clusters asked for: kiln's estimate cuts no more slices than a cluster holds.
         let clustered = choice.cluster.unwrap_or_else(super::cluster::requested);
         let wanted = if clustered { wanted.min(super::cluster::MAX_CLUSTER) } else { wanted };
