@@ -29,7 +29,9 @@
 #                                  KILN_CUDA_CHAIN_JOINS=1, with every stream at one priority,
 #                                  KILN_CUDA_PRIORITY=0, with slabs copied a word at a time
 #                                  where they could go 16 bytes at a time,
-#                                  KILN_CUDA_QUAD_COPIES=0,
+#                                  KILN_CUDA_QUAD_COPIES=0, with unsliced tiles' slabs at their
+#                                  shape's depth rather than twice it,
+#                                  KILN_CUDA_DEEP_SLABS=0,
 #                                  then each step
 #                                  autotuned,
 #                                  Function::autotune, at most
@@ -199,7 +201,7 @@ if [ "${1:-}" = "--ab" ]; then
 fi
 summary() {
     echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults rowtail0 lt stepordered lookahead12 chainjoins priority0 quadcopies0 autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
+    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults rowtail0 lt stepordered lookahead12 chainjoins priority0 quadcopies0 deepslabs0 autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
     (
         cd "$OUT_DIR" || exit
         printf '%-16s' workload
@@ -360,6 +362,8 @@ bench_row "every stream at the default priority, not the chain's first (KILN_CUD
     bench-priority0.txt KILN_CUDA_PRIORITY=0
 bench_row "slabs copied a word at a time, not 16 bytes where they can be (KILN_CUDA_QUAD_COPIES=0, as before)" \
     bench-quadcopies0.txt KILN_CUDA_QUAD_COPIES=0
+bench_row "unsliced tiles' slabs at their shape's depth, not twice it (KILN_CUDA_DEEP_SLABS=0, as before)" \
+    bench-deepslabs0.txt KILN_CUDA_DEEP_SLABS=0
 # Each workload autotuned (Function::autotune: every product as cuBLAS and in each tiling, the
 # whole step timed for each, then the step's knobs: dependent launch, streams, two bounds; its
 # report first, then the tuned step's times).

@@ -190,6 +190,29 @@ pub fn check_cuda_source_compiles(f: &Function, args: &[Tensor]) -> Result<bool>
     Ok(true)
 }
 
+/// The CUDA C that `f` generates for `args`, after checking that NVRTC compiles it where
+/// libnvrtc is found (`check_cuda_source_compiles`).
+pub fn checked_cuda_source(f: &Function, args: &[Tensor]) -> Result<String> {
+    check_cuda_source_compiles(f, args)?;
+    f.cuda_source(args)
+}
+
+/// Checks that `outs` of graph `g`, computed from `ins` set to `args`, come out of the CUDA
+/// emulator as the reference backend computes them (to 1e-5), or notes why the emulator is
+/// skipped here. Panics (it is a test's check) where they differ.
+pub fn emulated_agrees(g: &Graph, ins: &[&Var], outs: &[&Var], args: &[Tensor]) {
+    if let Some(why) = emulator_skip_reason() {
+        note(&format!("emulator check skipped: {why}"));
+        return;
+    }
+    let mut emu = g.function(ins.to_vec(), outs.to_vec()).compile(Device::CudaEmulator).unwrap();
+    let mut reference = g.function(ins.to_vec(), outs.to_vec()).compile(Device::Reference).unwrap();
+    let (a, b) = (emu.call(args).unwrap(), reference.call(args).unwrap());
+    for (x, y) in a.iter().zip(&b) {
+        assert!(x.allclose(y, 1e-5, 1e-5), "differs by {}", x.max_abs_diff(y));
+    }
+}
+
 /// The forms the CUDA tests force a tiled product into, for one tile shape: whole and in 4 slices,
 /// by float32 FMAs and on tensor cores (3xTF32); with slabs copied asynchronously (whole in 3
 /// buffers, 4 slices in 2, and both in as many as fit of 8, so that the buffers wrap around a

@@ -69,15 +69,15 @@ fn check_report(report: &AutotuneReport, opts: &AutotuneOptions) {
     assert!(report.outcome.failed.is_empty(), "{report}\n{:?}", report.outcome.failed);
     assert!(!report.outcome.out_of_budget, "{report}");
     // Kiln's own choices, each candidate of each product, and each value of the step's knobs
-    // (dependent launch; clusters, cuBLASLt, row tails, longest-first sections, chain joins and
-    // quad copies, each on and off; streams, the two bounds, the joins' reach); the best again
-    // before the second product and before each of the step's eleven rounds.
+    // (dependent launch; clusters, cuBLASLt, row tails, longest-first sections, chain joins, quad
+    // copies and deep slabs, each on and off; streams, the two bounds, the joins' reach); the best
+    // again before the second product and before each of the step's twelve rounds.
     let space = &opts.space;
     let numbers = space.streams.len() + space.run_macs.len() + space.dot_depth.len() + space.lookahead.len();
-    let step = 1 + 6 * 2 + numbers;
+    let step = 1 + 7 * 2 + numbers;
     assert_eq!(
         report.outcome.timed + report.outcome.same_code,
-        1 + 2 * space.candidates.len() + 1 + step + 11,
+        1 + 2 * space.candidates.len() + 1 + step + 12,
         "{report}"
     );
     for choice in report.table().entries.values() {

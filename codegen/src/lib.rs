@@ -79,6 +79,10 @@ pub struct CompileOptions {
     /// of the tile after another) or a word at a time (`Some(false)`, as `KILN_CUDA_QUAD_COPIES=0`
     /// asks); `None`: as that says, else by quads.
     pub quad_copies: Option<bool>,
+    /// Unsliced tiles whose slabs are copied asynchronously take slabs twice their shape's depth
+    /// where the inner dimension allows (`Some(true)`) or keep the shape's (`Some(false)`, as
+    /// `KILN_CUDA_DEEP_SLABS=0` asks); `None`: as that says, else deep.
+    pub deep_slabs: Option<bool>,
 }
 
 /// Moves each update output into its shared variable (after checking it keeps the variable's

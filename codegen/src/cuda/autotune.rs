@@ -35,13 +35,21 @@ pub use cache::{cache_key, cache_path, default_cache_folder, parse_setting, read
 
 /// The step's knobs as the lines of a cache entry (`cache`) name them: whether dependent launch
 /// won (`on` or `off`), clusters (`on`, `off`, or `kiln`: as the card has it), cuBLASLt, row
-/// tails, longest-first sections, chain joins and quad copies (`on`, `off`, or `kiln`: as the environment or
-/// kiln's default has it), and the step's numbers (each a number, or `kiln`: as kiln has it),
+/// tails, longest-first sections, chain joins, quad copies and deep slabs (`on`, `off`, or `kiln`:
+/// as the environment or kiln's default has it), and the step's numbers (each a number, or `kiln`: as kiln has it),
 /// with the most each may be.
-const SWITCHES: usize = 7;
+const SWITCHES: usize = 8;
 const NUMBERS: usize = 4;
-const SWITCH_LINES: [&str; SWITCHES] =
-    ["dependent-launch", "clusters", "cublaslt", "row-tails", "longest-first", "chain-joins", "quad-copies"];
+const SWITCH_LINES: [&str; SWITCHES] = [
+    "dependent-launch",
+    "clusters",
+    "cublaslt",
+    "row-tails",
+    "longest-first",
+    "chain-joins",
+    "quad-copies",
+    "deep-slabs",
+];
 const NUMBER_LINES: [(&str, usize); NUMBERS] =
     [("streams", 8), ("run-macs", usize::MAX), ("dot-depth", usize::MAX), ("lookahead", usize::MAX)];
 
@@ -84,6 +92,9 @@ pub struct Setting {
     /// Slabs contiguous along a tile's side copied 16 bytes a copy (`Some(true)`) or a word at a
     /// time; `None`: as kiln has it (`KILN_CUDA_QUAD_COPIES`, else by quads).
     pub quad_copies: Option<bool>,
+    /// Unsliced tiles' slabs twice their shape's depth where the inner dimension allows
+    /// (`Some(true)`) or the shape's; `None`: as kiln has it (`KILN_CUDA_DEEP_SLABS`, else deep).
+    pub deep_slabs: Option<bool>,
 }
 
 impl Setting {
@@ -102,13 +113,19 @@ impl Setting {
             lookahead: self.lookahead,
             chain_joins: self.chain_joins,
             quad_copies: self.quad_copies,
+            deep_slabs: self.deep_slabs,
         }
     }
 
     /// The step's switches, in `SWITCH_LINES`' order (`None`: as kiln has it).
     fn switches(&self) -> [Option<bool>; SWITCHES] {
-        let s = self;
-        [Some(s.dependent_launch), s.clusters, s.cublaslt, s.row_tails, s.longest_first, s.chain_joins, s.quad_copies]
+        // Read through `optional_switches_mut`, so that the order is written once.
+        let mut copy = self.clone();
+        let mut all = [Some(self.dependent_launch); SWITCHES];
+        for (slot, on) in all[1..].iter_mut().zip(copy.optional_switches_mut()) {
+            *slot = *on;
+        }
+        all
     }
 
     /// The switches but dependent launch (which is never `None`).
@@ -120,6 +137,7 @@ impl Setting {
             &mut self.longest_first,
             &mut self.chain_joins,
             &mut self.quad_copies,
+            &mut self.deep_slabs,
         ]
     }
 
@@ -134,7 +152,7 @@ impl Setting {
 
     /// The step's knobs in a line, as a cache entry names them: `dependent-launch off, clusters
     /// kiln, cublaslt kiln, row-tails kiln, longest-first kiln, chain-joins kiln, quad-copies kiln,
-    /// streams 2, run-macs kiln, dot-depth kiln, lookahead kiln`.
+    /// deep-slabs kiln, streams 2, run-macs kiln, dot-depth kiln, lookahead kiln`.
     pub fn knobs(&self) -> String {
         let on_off = |on: Option<bool>| match on {
             Some(true) => "on",
@@ -166,8 +184,9 @@ impl Setting {
 /// through cuBLASLt (if `cublaslt`: a step with none has the same code and is passed over), row
 /// tails and not (if `row_tails`), joined sections longest first and in step order (if
 /// `longest_first`), launches that would hold up a kernel the step waits for joining it and not
-/// (if `chain_joins`), slabs copied by quads and by words (if `quad_copies`), each number of streams of `streams`, each bound of `run_macs` and each of
-/// `dot_depth`, and each reach of `lookahead`. Each switch is tried both ways (the way that is
+/// (if `chain_joins`), slabs copied by quads and by words (if `quad_copies`), unsliced tiles'
+/// slabs deep and not (if `deep_slabs`), each number of streams of `streams`, each bound of
+/// `run_macs` and each of `dot_depth`, and each reach of `lookahead`. Each switch is tried both ways (the way that is
 /// kiln's own has its code and is passed over), so that a setting from the environment is
 /// tried against the other too.
 #[derive(Clone, Debug, PartialEq)]
@@ -180,6 +199,7 @@ pub struct Space {
     pub longest_first: bool,
     pub chain_joins: bool,
     pub quad_copies: bool,
+    pub deep_slabs: bool,
     pub streams: Vec<usize>,
     pub run_macs: Vec<usize>,
     pub dot_depth: Vec<usize>,
@@ -190,7 +210,16 @@ impl Space {
     /// Whether each of the step's switches is tried, in `SWITCH_LINES`' order.
     fn switches(&self) -> [bool; SWITCHES] {
         let s = self;
-        [s.dependent_launch, s.clusters, s.cublaslt, s.row_tails, s.longest_first, s.chain_joins, s.quad_copies]
+        [
+            s.dependent_launch,
+            s.clusters,
+            s.cublaslt,
+            s.row_tails,
+            s.longest_first,
+            s.chain_joins,
+            s.quad_copies,
+            s.deep_slabs,
+        ]
     }
 
     /// The values each of the step's numbers is tried at, in `NUMBER_LINES`' order.
@@ -246,6 +275,7 @@ impl Default for Space {
             longest_first: true,
             chain_joins: true,
             quad_copies: true,
+            deep_slabs: true,
             streams: vec![1, 2, 3],
             run_macs: vec![1 << 19],
             dot_depth: vec![1 << 30],
@@ -493,6 +523,7 @@ mod tests {
             longest_first: false,
             chain_joins: false,
             quad_copies: false,
+            deep_slabs: false,
             streams: vec![],
             run_macs: vec![],
             dot_depth: vec![],
@@ -549,10 +580,10 @@ mod tests {
         // Each distinct setting timed once (the repeated product is tuned once; the settings of
         // the streams' round share their code but not their streams), plus the best again before
         // the second product and before each round of the step's: dependent launch, clusters,
-        // cuBLASLt, row tails, longest-first sections, chain joins and quad copies (each on and
+        // cuBLASLt, row tails, longest-first sections, chain joins, quad copies and deep slabs (each on and
         // off), streams, the two bounds and the reach.
         let n = default_candidates().len();
-        let switches = (1 + 1) + 6 * (1 + 2);
+        let switches = (1 + 1) + 7 * (1 + 2);
         assert_eq!(out.timed, 1 + n + 1 + n + switches + (1 + 3) + (1 + 1) + (1 + 1) + (1 + 1));
         assert!(out.failed.is_empty() && !out.out_of_budget);
     }

@@ -230,6 +230,16 @@ pub(super) struct TilePlan {
     pub(super) cluster: bool,
 }
 
+/// Whether unsliced tiles copied asynchronously take slabs twice their shape's depth where the
+/// inner dimension allows (`TilePlan::for_product`): `KILN_CUDA_DEEP_SLABS=0` keeps the shape's.
+pub(super) static DEEP_SLABS: super::Switch = super::Switch::new("KILN_CUDA_DEEP_SLABS", true);
+
+/// Runs `f` with every CUDA program this thread specializes taking deep slabs where they can
+/// (`on`), or each tile shape's own depth, whatever `KILN_CUDA_DEEP_SLABS` says.
+pub fn with_deep_slabs<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    DEEP_SLABS.with(on, f)
+}
+
 impl TilePlan {
     pub(super) fn for_product(mm: &MatMul) -> TilePlan {
         let tiles_in = |shape: TileShape| {
@@ -266,8 +276,9 @@ impl TilePlan {
         // spends 1.18 to 1.20 instructions a multiply-add in 128x64 and 64x64 tiles (1.25 to
         // 1.27 before), 1.40 to 1.43 in 32x32 tiles in thread groups (1.50 to 1.58);
         // `cuda_source --loads`. Sliced tiles keep theirs: a slice is a few slabs deep.
+        // `KILN_CUDA_DEEP_SLABS=0` keeps every tile's own depth, to time the two.
         let unsliced = choice.slices.map_or(tiles_enough, |s| s == 1);
-        let deepened = stages > 1 && unsliced && mm.k.div_ceil(bk).is_multiple_of(2);
+        let deepened = stages > 1 && unsliced && mm.k.div_ceil(bk).is_multiple_of(2) && DEEP_SLABS.on();
         let bk = if deepened { 2 * bk } else { bk };
         let slabs_total = mm.k.div_ceil(bk).max(1);
         let wanted = if tiles_enough { 1 } else { target.div_ceil(tiles).min(deepest_cut(shape)) };

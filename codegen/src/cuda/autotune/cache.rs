@@ -153,8 +153,8 @@ mod tests {
         assert!(
             text.starts_with(
                 "# tuned on a card\n# in 3 s\ndependent-launch on\nclusters on\ncublaslt on\nrow-tails off\n\
-                 longest-first kiln\nchain-joins kiln\nquad-copies kiln\nstreams 3\nrun-macs kiln\ndot-depth 64\n\
-                 lookahead 12\n"
+                 longest-first kiln\nchain-joins kiln\nquad-copies kiln\ndeep-slabs kiln\nstreams 3\n\
+                 run-macs kiln\ndot-depth 64\nlookahead 12\n"
             ),
             "{text}"
         );
@@ -177,7 +177,7 @@ mod tests {
         let err = parse_setting(text, "entry").unwrap_err().to_string();
         assert!(err.contains("no 'row-tails on|off|kiln' line"), "{err}");
         let switches = "dependent-launch off\nclusters off\ncublaslt kiln\nrow-tails on\nlongest-first off\n\
-                        chain-joins on\nquad-copies off\n";
+                        chain-joins on\nquad-copies off\ndeep-slabs on\n";
         let err = parse_setting(&format!("{switches}streams 2\ndot-depth kiln\n"), "entry").unwrap_err().to_string();
         assert!(err.contains("no 'run-macs N|kiln' line"), "{err}");
         let text = format!("{switches}streams 2\nrun-macs kiln\ndot-depth kiln\n");
@@ -185,12 +185,14 @@ mod tests {
         assert!(err.contains("no 'lookahead N|kiln' line"), "{err}");
         let read = parse_setting(&format!("{text}lookahead kiln\n"), "entry").unwrap();
         assert_eq!((read.row_tails, read.longest_first, read.lookahead), (Some(true), Some(false), None));
-        assert_eq!((read.chain_joins, read.quad_copies), (Some(true), Some(false)));
+        assert_eq!((read.chain_joins, read.quad_copies, read.deep_slabs), (Some(true), Some(false), Some(true)));
         let text = "dependent-launch off\nclusters off\ncublaslt kiln\nrow-tails on\nlongest-first off\n";
         let err = parse_setting(text, "entry").unwrap_err().to_string();
         assert!(err.contains("no 'chain-joins on|off|kiln' line"), "{err}");
         let err = parse_setting(&format!("{text}chain-joins on\n"), "entry").unwrap_err().to_string();
         assert!(err.contains("no 'quad-copies on|off|kiln' line"), "{err}");
+        let err = parse_setting(&format!("{text}chain-joins on\nquad-copies on\n"), "entry").unwrap_err().to_string();
+        assert!(err.contains("no 'deep-slabs on|off|kiln' line"), "{err}");
         let kiln_lt = Setting { cublaslt: None, ..s.clone() };
         assert_eq!(parse_setting(&setting_text(&kiln_lt, ""), "entry").unwrap(), kiln_lt);
         let err = parse_setting("clusters maybe\n", "entry").unwrap_err().to_string();
@@ -227,6 +229,7 @@ mod tests {
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { longest_first: false, ..space.clone() }));
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { chain_joins: false, ..space.clone() }));
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { quad_copies: false, ..space.clone() }));
+        assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { deep_slabs: false, ..space.clone() }));
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { lookahead: vec![], ..space.clone() }));
         assert_ne!(k, cache_key("code", "H100 (sm_90)", &Space { streams: vec![1, 2], ..space.clone() }));
     }
