@@ -579,3 +579,46 @@ fn rows_are_read_and_written_sixteen_bytes_at_a_time_beside_a_broadcast_bias() {
     let crossed = kernel_of(&(&x + t.permute(&[1, 0])).relu());
     assert!(!crossed.contains("float4"), "{crossed}");
 }
+
+#[test]
+fn a_threads_walk_over_a_short_row_is_unrolled_so_its_loads_go_out_together() {
+    // A bias gradient's column sum over a batch of 128 (32x8 threads a tile: 16 rows a thread,
+    // every thread all of them), a loss's mean over a whole batch (split rows: up to 16 a thread,
+    // each checked against the slice's end) and row sums of 1000 (a block a row: up to 4 a
+    // thread; 128 rows, too many elements for the one-block form). Each thread's walk is unrolled whole; each agrees with the reference on the
+    // emulator. In the machine code (pip's nvdisasm 13.2) a thread issues 11 loads before its
+    // first add in the column sum, 6 in the mean and all 4 in a row sum, where each loop issued 1.
+    let g = Graph::new();
+    let x = g.input("x", F32, [128, 784]);
+    let y = g.input("y", F32, [128, 1000]);
+    let columns = x.sum(&[0]);
+    let mean = (&x * &x).mean(&[0, 1]);
+    let rows = y.sum(&[1]);
+    let args = [f32s(&[128, 784], 91), f32s(&[128, 1000], 92)];
+    emulated_agrees(&g, &[&x, &y], &[&columns, &mean, &rows], &args);
+    let source = |out: &Var| {
+        let f = g.function([&x, &y], [out]).compile(Device::Reference).unwrap();
+        cuda_c(&f, &args)
+    };
+    let column_sum = source(&columns);
+    let walk = "#pragma unroll\n";
+    assert!(column_sum.contains(walk) && column_sum.contains("const int r = (int)ty + turn * 8;"), "{column_sum}");
+    assert!(!column_sum.contains("if (r < 128)"), "{column_sum}");
+    let whole_mean = source(&mean);
+    assert!(whole_mean.contains("for (int turn = 0; turn < 16; turn += 1)"), "{whole_mean}");
+    assert!(whole_mean.contains("if (r < hi)"), "{whole_mean}");
+    let row_sums = source(&rows);
+    assert!(row_sums.contains("for (int turn = 0; turn < 4; turn += 1)"), "{row_sums}");
+    assert!(row_sums.contains("if (r < 1000)"), "{row_sums}");
+
+    use kiln_codegen::cuda::nvrtc::{available, compile, CHECK_ARCH};
+    use kiln_codegen::cuda::sass;
+    if !available() || sass::nvdisasm().is_none() {
+        kiln::testing::note("machine code not read: libnvrtc or nvdisasm (pip's nvidia-cuda-nvdisasm) not found");
+        return;
+    }
+    let ahead = sass::loads_ahead_of(&compile(&column_sum, CHECK_ARCH).unwrap().0, "DADD").unwrap();
+    assert_eq!(ahead.len(), 1, "{ahead:?}");
+    assert!(ahead[0].1 >= 5, "{ahead:?}: the loads go out a few at a time");
+    println!("a column sum's thread issues {} loads before its first add", ahead[0].1);
+}

@@ -2,7 +2,8 @@
 //! element type for max/min/argmax, as the CPU backend), and the three shapes of work: one thread
 //! per output for short rows, one block per row (warp shuffles, then shared memory across warps)
 //! when rows are contiguous, and a 32x8 tile per 32 outputs when the kept dim is contiguous
-//! (column sums such as bias gradients), so adjacent threads read adjacent addresses. Argmax keeps
+//! (column sums such as bias gradients), so adjacent threads read adjacent addresses; a thread's
+//! walk of at most 16 elements of a row is unrolled, so its loads go out together. Argmax keeps
 //! the first maximum and lets a NaN win, combining (value, index) pairs in any order.
 
 use super::ast::*;
@@ -91,6 +92,33 @@ fn row_loop(it: CType, row_len: usize, body: Vec<Stmt>) -> Stmt {
 /// Elements of a row that one block of a split row reduces (16 per thread).
 const SLICE_ELEMENTS: usize = 4096;
 
+/// The most turns of a thread's walk over its share of a row that are unrolled (`fold_loop`): a
+/// split row's 16 a thread.
+const UNROLLED_TURNS: usize = 16;
+
+/// How many turns each thread's walk over its share of a row takes, as far as the kernel's shape
+/// tells.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Turns {
+    /// Every thread takes this many.
+    Exactly(usize),
+    /// None takes more than this many.
+    AtMost(usize),
+    /// Not known when the kernel is emitted.
+    Unknown,
+}
+
+impl Turns {
+    /// The turns of walks from thread offsets `0..step` to `end` by `step`.
+    fn of(end: usize, step: usize) -> Turns {
+        if end.is_multiple_of(step) {
+            Turns::Exactly(end / step)
+        } else {
+            Turns::AtMost(end.div_ceil(step))
+        }
+    }
+}
+
 impl<'a> Emitter<'a> {
     fn reduce_shape(&self, k: &LoopKernel, kept: usize, rows: usize, row_len: usize) -> ReduceShape {
         if row_len <= 16 {
@@ -122,7 +150,8 @@ impl<'a> Emitter<'a> {
     }
 
     /// The multi-index of output row `o`, a fresh accumulator, and the loop folding this thread's
-    /// share of the row into it (elements `first`, `first + step`, ...).
+    /// share of the row into it (elements `first`, `first + step`, ...; `turns` of them).
+    #[allow(clippy::too_many_arguments)]
     fn row_accumulation(
         &mut self,
         k: &LoopKernel,
@@ -131,6 +160,7 @@ impl<'a> Emitter<'a> {
         it: CType,
         first: Expr,
         step: usize,
+        turns: Turns,
     ) -> Vec<Stmt> {
         let reduced = k.reduce.map_or(0, |r| r.1);
         let kept = k.shape.len() - reduced;
@@ -139,12 +169,16 @@ impl<'a> Emitter<'a> {
         let mut per_row = vec![];
         decompose(var("o"), &k.shape[..kept], 0, it, &mut per_row);
         self.init_acc(op, d, &mut per_row);
-        per_row.push(self.fold_loop(k, dtypes, op, it, first, int(row_len as i64), step));
+        per_row.extend(self.fold_loop(k, dtypes, op, it, first, int(row_len as i64), step, turns));
         per_row
     }
 
     /// `for (r = first; r < end; r += step)`: the reduced multi-index of `r`, then the element folded
-    /// into `acc`.
+    /// into `acc`. Where a thread takes at most `UNROLLED_TURNS` turns (`turns`), the walk is
+    /// unrolled whole, each turn's `r` counted from `first` (and checked against `end` unless every
+    /// thread takes them all): ptxas then issues a thread's loads several at a time (11 of a bias
+    /// gradient's 16 rows a thread before the first add), where in a loop of unknown count it
+    /// issued one or two between the adds of the chain, a round trip to memory each.
     #[allow(clippy::too_many_arguments)]
     fn fold_loop(
         &mut self,
@@ -155,12 +189,50 @@ impl<'a> Emitter<'a> {
         first: Expr,
         end: Expr,
         step: usize,
-    ) -> Stmt {
+        turns: Turns,
+    ) -> Vec<Stmt> {
         let kept = k.shape.len() - k.reduce.map_or(0, |r| r.1);
         let mut per_elem = vec![];
         decompose(var("r"), &k.shape[kept..], kept, it, &mut per_elem);
         self.fold_element(k, dtypes, op, cast(CType::LongLong, var("r")), &mut per_elem);
-        Stmt::For { ty: it, var: "r".into(), init: first, end, step: int(step as i64), body: per_elem }
+        let (most, all) = match turns {
+            Turns::Exactly(n) => (n, true),
+            Turns::AtMost(n) => (n, false),
+            Turns::Unknown => (usize::MAX, false),
+        };
+        if most > UNROLLED_TURNS {
+            return vec![Stmt::For {
+                ty: it,
+                var: "r".into(),
+                init: first,
+                end,
+                step: int(step as i64),
+                body: per_elem,
+            }];
+        }
+        // `r` of turn `turn` (`None`: the first).
+        let at =
+            |turn: Option<Expr>| decl(it, "r", turn.map_or(first.clone(), |t| first.clone() + t * int(step as i64)));
+        let per_turn = |turn: Option<Expr>| {
+            if all {
+                [vec![at(turn)], per_elem.clone()].concat()
+            } else {
+                vec![at(turn), Stmt::If(bin(BinOp::Lt, var("r"), end.clone()), per_elem.clone(), vec![])]
+            }
+        };
+        if most == 1 {
+            // In a block of its own, as the loop's `r` is in the loop's.
+            return vec![Stmt::Block(per_turn(None))];
+        }
+        let walk = Stmt::For {
+            ty: CType::Int,
+            var: "turn".into(),
+            init: int(0),
+            end: int(most as i64),
+            step: int(1),
+            body: per_turn(Some(var("turn"))),
+        };
+        vec![Stmt::Pragma("unroll"), walk]
     }
 
     /// Statements that fold the element at the current multi-index into `acc` (and `best`).
@@ -244,7 +316,8 @@ impl<'a> Emitter<'a> {
         let out_at = offset(&k.out, kept);
         match self.reduce_shape(k, kept, rows, row_len) {
             ReduceShape::Thread => {
-                let mut per_row = self.row_accumulation(k, dtypes, op, it, int(0), 1);
+                // A short row, walked by a loop of known count (which NVRTC unrolls).
+                let mut per_row = self.row_accumulation(k, dtypes, op, it, int(0), 1, Turns::Unknown);
                 per_row.push(self.finish(k, op, d, row_len, out_at));
                 let body = vec![grid_stride_loop(it, "o", rows, per_row)];
                 (body, launch_1d(rows))
@@ -274,6 +347,7 @@ impl<'a> Emitter<'a> {
                     it,
                     cast(it, Expr::Builtin(Builtin::ThreadIdx)),
                     threads as usize,
+                    Turns::of(row_len, threads as usize),
                 );
                 self.warp_reduce(op, d, 32, &mut per_row);
                 let mut publish = vec![assign(index(var("partial"), var("warp")), var("acc"))];
@@ -335,9 +409,10 @@ impl<'a> Emitter<'a> {
                 let mut per_tile = vec![decl(it, "o", var("base") + cast(it, var("tx")))];
                 decompose(var("o"), &k.shape[..kept], 0, it, &mut per_tile);
                 self.init_acc(op, d, &mut per_tile);
-                let walk = self.fold_loop(k, dtypes, op, it, cast(it, var("ty")), int(row_len as i64), 8);
+                let turns = Turns::of(row_len, 8);
+                let walk = self.fold_loop(k, dtypes, op, it, cast(it, var("ty")), int(row_len as i64), 8, turns);
                 let in_range = bin(BinOp::Lt, var("o"), int(rows as i64));
-                per_tile.push(Stmt::If(in_range.clone(), vec![walk], vec![]));
+                per_tile.push(Stmt::If(in_range.clone(), walk, vec![]));
                 let slot = var("ty") * int(32) + var("tx");
                 let mut publish = vec![assign(index(var("partial"), slot.clone()), var("acc"))];
                 if op == ReduceOp::ArgMax {
@@ -408,9 +483,10 @@ impl<'a> Emitter<'a> {
         body.push(decl(it, "lo", var("slice") * int(chunk as i64)));
         let hi = var("lo") + int(chunk as i64);
         body.push(decl(it, "hi", select(bin(BinOp::Lt, hi.clone(), int(row_len as i64)), hi, int(row_len as i64))));
-        let walk = self.fold_loop(k, dtypes, op, it, var("lo") + cast(it, var("ty")), var("hi"), 8);
+        let turns = Turns::AtMost(chunk.div_ceil(8));
+        let walk = self.fold_loop(k, dtypes, op, it, var("lo") + cast(it, var("ty")), var("hi"), 8, turns);
         let in_range = bin(BinOp::Lt, var("o"), int(rows as i64));
-        body.push(Stmt::If(in_range.clone(), vec![walk], vec![]));
+        body.push(Stmt::If(in_range.clone(), walk, vec![]));
         body.push(assign(index(var("partial"), var("ty") * int(32) + var("tx")), var("acc")));
         body.push(Stmt::SyncThreads);
         let mut gather = vec![];
@@ -464,7 +540,8 @@ impl<'a> Emitter<'a> {
         body.push(decl(it, "lo", var("slice") * int(chunk as i64)));
         let hi = var("lo") + int(chunk as i64);
         body.push(decl(it, "hi", select(bin(BinOp::Lt, hi.clone(), int(row_len as i64)), hi, int(row_len as i64))));
-        body.push(self.fold_loop(k, dtypes, op, it, var("lo") + cast(it, tid()), var("hi"), threads));
+        let turns = Turns::AtMost(chunk.div_ceil(threads));
+        body.extend(self.fold_loop(k, dtypes, op, it, var("lo") + cast(it, tid()), var("hi"), threads, turns));
         self.warp_reduce(op, d, 32, &mut body);
         let lane0 = bin(BinOp::Eq, var("lane"), int(0));
         body.push(Stmt::If(lane0.clone(), vec![assign(index(var("partial"), var("warp")), var("acc"))], vec![]));

@@ -4,7 +4,8 @@
 //! loaded after the current one's multiply-adds makes every slab wait for memory in full, which
 //! ptxas did in some kernels while it did not in others of the same form), and whether a spill lies
 //! inside a loop (one value stored before a loop and loaded after it costs a block two
-//! instructions; one inside costs every turn). The code is parsed as nvdisasm prints it (`-c`): a
+//! instructions; one inside costs every turn), and how many loads a reduction's thread issues
+//! before it first waits for one. The code is parsed as nvdisasm prints it (`-c`): a
 //! kernel's instructions follow its `.text.NAME:` label, and a loop runs from a label to a
 //! branch back to it.
 
@@ -96,6 +97,40 @@ fn find_nvdisasm() -> Option<PathBuf> {
 
 /// The loops of every kernel of `cubin` (machine code for a real architecture).
 pub fn loops(cubin: &[u8]) -> Result<Vec<Loop>> {
+    Ok(parse(&listing(cubin)?))
+}
+
+/// For each kernel of `cubin`, the global loads (`LDG`) it issues from its first one up to the
+/// first instruction of opcode `first_use` (such as `DADD`, a double sum's add): how many loads a
+/// thread has in flight before it first waits for one, where that add takes a loaded value.
+pub fn loads_ahead_of(cubin: &[u8], first_use: &str) -> Result<Vec<(String, usize)>> {
+    Ok(loads_ahead_in(&listing(cubin)?, first_use))
+}
+
+fn loads_ahead_in(listing: &str, first_use: &str) -> Vec<(String, usize)> {
+    let mut out = vec![];
+    for function in listing.split("\n.text.").skip(1) {
+        let kernel = function.split(':').next().unwrap_or_default().to_string();
+        let opcodes = function.lines().filter_map(|text| {
+            let code = text.split("*/").nth(1)?.split_whitespace();
+            let op = code.into_iter().find(|w| !w.starts_with('@'))?;
+            Some(op.split('.').next().unwrap_or_default().to_string())
+        });
+        let mut loads = 0;
+        for opcode in opcodes {
+            if opcode == "LDG" {
+                loads += 1;
+            } else if opcode == first_use && loads > 0 {
+                break;
+            }
+        }
+        out.push((kernel, loads));
+    }
+    out
+}
+
+/// nvdisasm's listing of `cubin`.
+fn listing(cubin: &[u8]) -> Result<String> {
     let tool = nvdisasm().ok_or_else(|| {
         Error::Invalid("nvdisasm not found ($NVDISASM, the PATH, or pip's nvidia-cuda-nvdisasm beside libnvrtc)".into())
     })?;
@@ -108,7 +143,7 @@ pub fn loops(cubin: &[u8]) -> Result<Vec<Loop>> {
     if !out.status.success() {
         return Err(Error::Invalid(format!("{}: {}", tool.display(), String::from_utf8_lossy(&out.stderr))));
     }
-    Ok(parse(&String::from_utf8_lossy(&out.stdout)))
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The loops of nvdisasm's listing.
@@ -167,6 +202,20 @@ fn parse(listing: &str) -> Vec<Loop> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loads_ahead_of_their_first_use_are_counted_from_the_first() {
+        let listing = "\n.text.k1_sum:\n\
+            /*0000*/ DADD R2, RZ, RZ ;\n\
+            /*0010*/ LDG.E.CONSTANT R4, desc[UR6][R8.64] ;\n\
+            /*0020*/ @P0 LDG.E.CONSTANT R5, desc[UR6][R8.64+0x400] ;\n\
+            /*0030*/ F2F.F64.F32 R6, R4 ;\n\
+            /*0040*/ DADD R2, R2, R6 ;\n\
+            /*0050*/ LDG.E.CONSTANT R4, desc[UR6][R8.64+0x800] ;\n\
+            \n.text.k2_none:\n\
+            /*0000*/ EXIT ;\n";
+        assert_eq!(loads_ahead_in(listing, "DADD"), [("k1_sum".to_string(), 2), ("k2_none".to_string(), 0)]);
+    }
 
     #[test]
     fn loops_are_read_from_a_listing() {
