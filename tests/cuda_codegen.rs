@@ -6,7 +6,7 @@
 //! the compiled-code caches, and the error `Device::Cuda` gives where the machine has no GPU.
 
 use kiln::prelude::*;
-use kiln::testing::{check_cuda_source_compiles, random_tensor};
+use kiln::testing::{check_cuda_source_compiles, checked_cuda_source, random_tensor};
 
 fn f32s(shape: &[usize], seed: u64) -> Tensor {
     random_tensor(shape, -1.0, 1.0, seed).cast(F32)
@@ -14,8 +14,8 @@ fn f32s(shape: &[usize], seed: u64) -> Tensor {
 
 /// The CUDA C of `f` for `args`, after checking that NVRTC compiles it (where libnvrtc exists).
 fn cuda_c(f: &Function, args: &[Tensor]) -> String {
-    check_cuda_source_compiles(f, args).unwrap();
-    f.cuda_source(args).unwrap()
+    // `kiln::testing`'s, unwrapped.
+    checked_cuda_source(f, args).unwrap()
 }
 
 #[test]

@@ -111,13 +111,8 @@ fn loads_ahead_in(listing: &str, first_use: &str) -> Vec<(String, usize)> {
     let mut out = vec![];
     for function in listing.split("\n.text.").skip(1) {
         let kernel = function.split(':').next().unwrap_or_default().to_string();
-        let opcodes = function.lines().filter_map(|text| {
-            let code = text.split("*/").nth(1)?.split_whitespace();
-            let op = code.into_iter().find(|w| !w.starts_with('@'))?;
-            Some(op.split('.').next().unwrap_or_default().to_string())
-        });
         let mut loads = 0;
-        for opcode in opcodes {
+        for opcode in function.lines().filter_map(opcode) {
             if opcode == "LDG" {
                 loads += 1;
             } else if opcode == first_use && loads > 0 {
@@ -127,6 +122,15 @@ fn loads_ahead_in(listing: &str, first_use: &str) -> Vec<(String, usize)> {
         out.push((kernel, loads));
     }
     out
+}
+
+/// The opcode of a line of the listing, without its modifiers (`LDG` of `@P0 LDG.E.CONSTANT R4,
+/// ...`): the first word after the address comment and any predicate; `None` for a line that
+/// holds no instruction.
+fn opcode(text: &str) -> Option<&str> {
+    let code = text.split("*/").nth(1)?.split_whitespace();
+    let op = code.into_iter().find(|w| !w.starts_with('@'))?;
+    op.split('.').next()
 }
 
 /// nvdisasm's listing of `cubin`.
@@ -174,10 +178,7 @@ fn parse(listing: &str) -> Vec<Loop> {
                 instructions: 0,
             };
             for text in &lines[start..=end] {
-                // The opcode: the first word after the address comment and any predicate.
-                let code = text.split("*/").nth(1).unwrap_or_default().split_whitespace();
-                let Some(op) = code.into_iter().find(|w| !w.starts_with('@')) else { continue };
-                let opcode = op.split('.').next().unwrap_or_default();
+                let Some(opcode) = opcode(text) else { continue };
                 l.instructions += 1;
                 if opcode == "LDG" && l.stores > 0 {
                     l.loads_after_a_store += 1;
