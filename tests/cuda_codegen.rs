@@ -585,11 +585,12 @@ fn a_threads_walk_over_a_short_row_is_unrolled_so_its_loads_go_out_together() {
     // A bias gradient's column sum over a batch of 128 (32x8 threads a tile: 16 rows a thread,
     // every thread all of them), a loss's mean over a whole batch (split rows: up to 16 a thread,
     // each checked against the slice's end) and row sums of 1000 (a block a row: up to 4 a
-    // thread; 128 rows, too many elements for the one-block form). Each thread's walk is unrolled whole; each agrees with the reference on the
-    // emulator. In the machine code (pip's nvdisasm 13.2) a thread issues 11 loads before its
-    // first add in the column sum, 6 in the mean and all 4 in a row sum; each loop began with a
-    // remainder loop of a load a turn (up to 3 round trips to memory, before a part unrolled by
-    // 16, 8 or 4), which the mean's and the row sums' threads of fewer turns went through.
+    // thread; 128 rows, too many elements for the one-block form). Each thread's walk is unrolled
+    // whole; each agrees with the reference on the emulator. In the machine code (pip's nvdisasm
+    // 13.2) a thread issues 11 loads before its first add in the column sum, 6 in the mean and
+    // all 4 in a row sum; each loop began with a remainder loop of a load a turn (up to 3 round
+    // trips to memory, before a part unrolled by 16, 8 or 4), which the mean's and the row sums'
+    // threads of fewer turns went through.
     let g = Graph::new();
     let x = g.input("x", F32, [128, 784]);
     let y = g.input("y", F32, [128, 1000]);

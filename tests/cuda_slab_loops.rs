@@ -217,8 +217,9 @@ fn unsliced_tiles_copy_slabs_twice_as_deep() {
     // is unrolled whole by `#pragma unroll` (NVRTC left 128x64's two steps a turn). Each agrees
     // with the reference on the emulator (columns past the last tile); through registers (one
     // slab buffer), with an odd number of slabs (a batch of 112: 7 of 16), and where switched off,
-    // the slabs keep their depth. In the machine code (pip's nvdisasm 13.2) a turn of the 784x128x1000 one in
-    // 128x64 tiles spends 1.18 instructions a multiply-add, where 8-deep slabs spent 1.27.
+    // the slabs keep their depth. In the machine code (pip's nvdisasm 13.2) a turn of the
+    // 784x128x1000 one in 128x64 tiles spends 1.18 instructions a multiply-add, where 8-deep
+    // slabs spent 1.27.
     use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
     let weight_gradient = |batch: usize, m: usize, n: usize, tile: TileShape, stages: usize| {
         let g = Graph::new();

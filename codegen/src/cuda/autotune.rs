@@ -36,8 +36,8 @@ pub use cache::{cache_key, cache_path, default_cache_folder, parse_setting, read
 /// The step's knobs as the lines of a cache entry (`cache`) name them: whether dependent launch
 /// won (`on` or `off`), clusters (`on`, `off`, or `kiln`: as the card has it), cuBLASLt, row
 /// tails, longest-first sections, chain joins, quad copies and deep slabs (`on`, `off`, or `kiln`:
-/// as the environment or kiln's default has it), and the step's numbers (each a number, or `kiln`: as kiln has it),
-/// with the most each may be.
+/// as the environment or kiln's default has it), and the step's numbers (each a number, or
+/// `kiln`: as kiln has it), with the most each may be.
 const SWITCHES: usize = 8;
 const NUMBERS: usize = 4;
 const SWITCH_LINES: [&str; SWITCHES] = [
@@ -186,9 +186,9 @@ impl Setting {
 /// `longest_first`), launches that would hold up a kernel the step waits for joining it and not
 /// (if `chain_joins`), slabs copied by quads and by words (if `quad_copies`), unsliced tiles'
 /// slabs deep and not (if `deep_slabs`), each number of streams of `streams`, each bound of
-/// `run_macs` and each of `dot_depth`, and each reach of `lookahead`. Each switch is tried both ways (the way that is
-/// kiln's own has its code and is passed over), so that a setting from the environment is
-/// tried against the other too.
+/// `run_macs` and each of `dot_depth`, and each reach of `lookahead`. Each switch is tried both
+/// ways (the way that is kiln's own has its code and is passed over), so that a setting from the
+/// environment is tried against the other too.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Space {
     pub candidates: Vec<TileChoice>,
@@ -580,8 +580,8 @@ mod tests {
         // Each distinct setting timed once (the repeated product is tuned once; the settings of
         // the streams' round share their code but not their streams), plus the best again before
         // the second product and before each round of the step's: dependent launch, clusters,
-        // cuBLASLt, row tails, longest-first sections, chain joins, quad copies and deep slabs (each on and
-        // off), streams, the two bounds and the reach.
+        // cuBLASLt, row tails, longest-first sections, chain joins, quad copies and deep slabs
+        // (each on and off), streams, the two bounds and the reach.
         let n = default_candidates().len();
         let switches = (1 + 1) + 7 * (1 + 2);
         assert_eq!(out.timed, 1 + n + 1 + n + switches + (1 + 3) + (1 + 1) + (1 + 1) + (1 + 1));

@@ -90,8 +90,8 @@ impl TileShape {
     pub const ALL: [TileShape; 5] =
         [TileShape::T32x32, TileShape::T32x32K4, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128];
 
-    /// Rows, columns, and the inner dimension's slab (twice as deep for unsliced tiles whose
-    /// slabs are copied asynchronously: `TilePlan::for_product`).
+    /// Rows, columns, and the inner dimension's slab: the shape's own depth, which a plan doubles
+    /// for unsliced tiles whose slabs are copied asynchronously (`TilePlan::for_product`).
     fn dims(self) -> (usize, usize, usize) {
         match self {
             TileShape::T32x32 | TileShape::T32x32K4 => (32, 32, 32),
