@@ -70,6 +70,15 @@
 #                                  under each SETTING (VAR=value[,VAR=value...], or "default"),
 #                                  then each workload's median per setting: what a default is
 #                                  decided on, the settings timed side by side on one card.
+#   scripts/gpu-check.sh --timeline [SETTING...]
+#                                  (on the GPU machine) each workload's step under Nsight Systems
+#                                  (nsys, CUDA graph nodes traced) under each SETTING (as --ab's;
+#                                  default "default"), summarised by scripts/timeline.py: the
+#                                  median step's span, how much of it a kernel runs and how much
+#                                  the GPU idles between kernels, and each kernel's start, time
+#                                  and the idle time before it, as the replayed graph ran. The
+#                                  whole run does the same for the default (KILN_GPU_TIMELINE=0
+#                                  leaves it out); TIMELINE_WORKLOADS picks the workloads.
 #
 # KILN_GPU_DEADLINE=S ends the run within S seconds of its start: each test binary and benchmark
 # row gets at most what is left, and what would start with less than 5 s left is skipped (a lease
@@ -137,7 +146,7 @@ RESULTS=${OUT:-}
 if [ -n "$RESULTS" ]; then
     OUT_DIR=$(mktemp -d /tmp/kiln-gpu-check.XXXXXX)
     mode=all
-    case "${1:-}" in --ab) mode=ab ;; --summary) mode=summary ;; esac
+    case "${1:-}" in --ab) mode=ab ;; --summary) mode=summary ;; --timeline) mode=timeline ;; esac
     archive="$RESULTS/gpu-check-$mode-$(date +%H%M%S).tgz"
     pack() {
         [ "$mode" = summary ] || tar -czf "$archive" -C "$OUT_DIR" . 2>/dev/null
@@ -164,6 +173,39 @@ bounded() {
     shift
     timeout "$limit" "$@"
 }
+# timeline <setting>: each workload's step under Nsight Systems with every node of its CUDA graph
+# traced (start and end on the card), summarised by timeline.py; the trace itself is not kept.
+timeline() {
+    local setting=$1 vars=() nsys tag w trace
+    [ "$setting" = default ] || IFS=, read -ra vars <<<"$setting"
+    nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+    if [ -z "$nsys" ] || ! command -v python3 >/dev/null; then
+        echo "== timeline ($setting): nsys or python3 not found, skipped"
+        return
+    fi
+    echo "== timeline of each step as the card ran it (Nsight Systems, graph nodes traced; $setting)"
+    tag=$(tr -c 'A-Za-z0-9\n' - <<<"$setting")
+    for w in ${TIMELINE_WORKLOADS:-fmnist-mlp fmnist-mlp-4k autoencoder}; do
+        trace="$OUT_DIR/timeline-$w-$tag"
+        bounded 120 env "${vars[@]}" "$nsys" profile --trace=cuda --cuda-graph-trace=node --sample=none \
+            --cpuctxsw=none --export=sqlite --force-overwrite=true -o "$trace" \
+            "$DIR/steps" --device cuda --workload "$w" --seconds 0.3 >"$trace.log" 2>&1
+        if [ -s "$trace.sqlite" ]; then
+            python3 "$(dirname "$0")/timeline.py" "$trace.sqlite" "$w ($setting)" 2>&1 | tee "$trace.txt"
+        else
+            echo "-- $w ($setting): no trace written; the end of nsys's output:"
+            tail -n 5 "$trace.log"
+        fi
+        rm -f "$trace.sqlite" "$trace.nsys-rep"
+    done
+}
+if [ "${1:-}" = "--timeline" ]; then
+    shift
+    export KILN_CACHE_DIR=${KILN_CACHE_DIR:-$(mktemp -d)}
+    [ $# -gt 0 ] || set -- default
+    for setting in "$@"; do timeline "$setting"; done
+    exit 0
+fi
 if [ "${1:-}" = "--ab" ]; then
     rounds=${2:?--ab needs a number of rounds and settings}
     shift 2
@@ -453,6 +495,7 @@ PY
         echo "== per-kernel device time: ncu or python3 not found, skipped"
     fi
 fi
+[ "${KILN_GPU_TIMELINE:-1}" = 1 ] && timeline default
 echo "== the benchmark under each setting"
 bench_row "without CUDA graphs (every kernel launched from the host)" bench-eager.txt KILN_CUDA_GRAPHS=0
 bench_row "every step on one stream (KILN_CUDA_STREAMS=1)" bench-1stream.txt KILN_CUDA_STREAMS=1
