@@ -178,7 +178,8 @@ bounded() {
 timeline() {
     local setting=$1 vars=() nsys tag w trace
     [ "$setting" = default ] || IFS=, read -ra vars <<<"$setting"
-    nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+    nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys \
+        /opt/nvidia/nsight-systems/*/target-linux-x64/nsys 2>/dev/null | head -1)
     if [ -z "$nsys" ] || ! command -v python3 >/dev/null; then
         echo "== timeline ($setting): nsys or python3 not found, skipped"
         return
