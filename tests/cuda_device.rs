@@ -69,10 +69,49 @@ fn computed_indices_on(device: Device) {
     let picked = table.take(&(&i * 2), 0);
     let mut f = g.function([&table, &i], [&picked]).compile(device).unwrap();
     let t: Tensor = ndarray::Array2::<f32>::from_shape_fn((5, 3), |(r, c)| (r * 3 + c) as f32).into();
-    let ok = f.call1(&[t.clone(), array![1i64, 2].into()]).unwrap();
-    assert_eq!(ok, Tensor::from(array![[6.0f32, 7.0, 8.0], [12.0, 13.0, 14.0]]));
-    let err = f.call1(&[t, array![1i64, 3].into()]).unwrap_err().to_string();
-    assert!(err.contains("out of range") && err.contains("cuda_device.rs"), "{err}");
+    let expected = Tensor::from(array![[6.0f32, 7.0, 8.0], [12.0, 13.0, 14.0]]);
+    // Eager, then captured, then replayed: a bad index is the error of its own call only, and
+    // one met in a replay after good calls is still reported.
+    for good in [true, false, true, true, false, true] {
+        let i: Tensor = if good { array![1i64, 2].into() } else { array![1i64, 3].into() };
+        match f.call1(&[t.clone(), i]) {
+            Ok(out) if good => assert_eq!(out, expected, "{device:?}"),
+            Err(e) if !good => {
+                let err = e.to_string();
+                assert!(err.contains("out of range") && err.contains("cuda_device.rs"), "{err}");
+            }
+            other => panic!("{device:?}: a {} call gave {other:?}", if good { "good" } else { "bad" }),
+        }
+    }
+}
+
+#[test]
+fn returned_outputs_of_every_kind_come_back() {
+    // A loss (a temporary of the step), a matrix the step computes, the same loss twice, an input
+    // and an updated shared variable as they are.
+    for device in cuda_devices() {
+        returned_outputs_on(device);
+    }
+}
+
+fn returned_outputs_on(device: Device) {
+    let g = Graph::new();
+    let x = g.input("x", F32, [3, 4]);
+    let w = g.shared("w", array![1.0f32, 2.0, 3.0, 4.0]);
+    let loss = (&x * &w).sum_all();
+    let scaled = &x * 2.0 + &w;
+    let outs = [&loss, &scaled, &loss, &x, &w];
+    let updates = [(&w, &w - 0.25 * x.sum(&[0]))];
+    let mut step = g.function([&x], outs).updates(updates.clone()).compile(device).unwrap();
+    let mut reference = g.function([&x], outs).updates(updates).compile(Device::Reference).unwrap();
+    let arg: Tensor = ndarray::Array2::<f32>::from_shape_fn((3, 4), |(r, c)| (r as f32) - (c as f32) * 0.5).into();
+    // Eager, captured, replayed; then the reference from the same start. The variable comes back
+    // as it was before each call's update (outputs are computed before any update).
+    let on_device: Vec<Vec<Tensor>> = (0..3).map(|_| step.call(&[arg.clone()]).unwrap()).collect();
+    w.set_value(array![1.0f32, 2.0, 3.0, 4.0]).unwrap();
+    let expected: Vec<Vec<Tensor>> = (0..3).map(|_| reference.call(&[arg.clone()]).unwrap()).collect();
+    assert_eq!(expected[0][4], Tensor::from(array![1.0f32, 2.0, 3.0, 4.0]));
+    assert_eq!(on_device, expected, "{device:?}");
 }
 
 #[test]

@@ -18,30 +18,27 @@ pub enum UpdateWrite {
 /// value is not also returned. Such a value's buffer is replaced by the variable's everywhere.
 /// Other updates are copied at the end; a value that is itself a source buffer (another variable,
 /// an input or a constant) is first copied into a temporary by a kernel at the start, so it keeps
-/// the old value whatever is written in place.
+/// the old value whatever is written in place. So is an updated variable that the function also
+/// returns as it is: the call returns its old value (as Theano's does, outputs being computed
+/// before any update), which a backend reading its outputs back after the step would otherwise
+/// find overwritten by the update.
 pub fn place_updates(p: &mut KernelProgram, updates: &[(usize, usize)]) -> Vec<UpdateWrite> {
     let shared_buf = |p: &KernelProgram, s: usize| p.buffers.iter().position(|b| b.kind == BufKind::Shared(s));
     // Snapshot source-valued updates first.
     for &(o, _) in updates {
         let vb = p.outputs[o];
         if p.buffers[vb].kind != BufKind::Temp {
-            let len = p.buffers[vb].len;
-            let dtype = p.buffers[vb].dtype;
-            p.buffers.push(Buffer { dtype, len, kind: BufKind::Temp });
-            let snap = p.buffers.len() - 1;
-            let copy = LoopKernel {
-                name: format!("k{}_update_snapshot", p.steps.len()),
-                origin: vec!["the old value of an updated variable".into()],
-                shape: vec![len],
-                inputs: vec![View { buf: vb, offset: 0, strides: vec![1] }],
-                input_dtypes: vec![dtype],
-                exprs: vec![ScalarExpr::Input(0)],
-                out: View { buf: snap, offset: 0, strides: vec![1] },
-                out_dtype: dtype,
-                reduce: None,
-            };
-            p.steps.insert(0, Step::Loop(copy));
-            p.outputs[o] = snap;
+            p.outputs[o] = snapshot(p, vb);
+        }
+    }
+    // Then each updated variable returned as it is.
+    for &(_, s) in updates {
+        let Some(sb) = shared_buf(p, s) else { continue };
+        let as_is: Vec<usize> =
+            (0..p.outputs.len()).filter(|&o| p.outputs[o] == sb && !updates.iter().any(|u| u.0 == o)).collect();
+        if !as_is.is_empty() {
+            let snap = snapshot(p, sb);
+            as_is.into_iter().for_each(|o| p.outputs[o] = snap);
         }
     }
     let returned: Vec<BufId> =
@@ -80,6 +77,26 @@ pub fn place_updates(p: &mut KernelProgram, updates: &[(usize, usize)]) -> Vec<U
         }
     }
     writes
+}
+
+/// A temporary holding `source`'s value as the step starts, copied by a kernel placed first.
+fn snapshot(p: &mut KernelProgram, source: BufId) -> BufId {
+    let (len, dtype) = (p.buffers[source].len, p.buffers[source].dtype);
+    p.buffers.push(Buffer { dtype, len, kind: BufKind::Temp });
+    let snap = p.buffers.len() - 1;
+    let copy = LoopKernel {
+        name: format!("k{}_update_snapshot", p.steps.len()),
+        origin: vec!["the old value of an updated variable".into()],
+        shape: vec![len],
+        inputs: vec![View { buf: source, offset: 0, strides: vec![1] }],
+        input_dtypes: vec![dtype],
+        exprs: vec![ScalarExpr::Input(0)],
+        out: View { buf: snap, offset: 0, strides: vec![1] },
+        out_dtype: dtype,
+        reduce: None,
+    };
+    p.steps.insert(0, Step::Loop(copy));
+    snap
 }
 
 /// The buffers a step writes (a product with an epilogue writes two).
