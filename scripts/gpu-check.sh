@@ -31,7 +31,9 @@
 #                                  where they could go 16 bytes at a time,
 #                                  KILN_CUDA_QUAD_COPIES=0, with unsliced tiles' slabs at their
 #                                  shape's depth rather than twice it,
-#                                  KILN_CUDA_DEEP_SLABS=0,
+#                                  KILN_CUDA_DEEP_SLABS=0, with each returned output copied
+#                                  back on its own and the error word cleared inside the step,
+#                                  KILN_CUDA_EGRESS=0,
 #                                  then each step
 #                                  autotuned,
 #                                  Function::autotune, at most
@@ -244,7 +246,7 @@ if [ "${1:-}" = "--ab" ]; then
 fi
 summary() {
     echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults rowtail0 lt stepordered lookahead12 chainjoins priority0 quadcopies0 deepslabs0 autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
+    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults rowtail0 lt stepordered lookahead12 chainjoins priority0 quadcopies0 deepslabs0 egress0 autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
     (
         cd "$OUT_DIR" || exit
         printf '%-16s' workload
@@ -324,10 +326,11 @@ if [ -x "$DIR/backend_agreement" ] && [[ " $TESTS " == *" backend_agreement "* ]
     # and a ticket (the default adds them in a thread block cluster), and with the loss's row
     # pass as a kernel of its own (the default runs it at the end of the logits' product), and
     # with cuBLAS's products' bias epilogues in cuBLASLt (opt-in until timed; tests/cuda_lt.rs
-    # runs fmnist-mlp so, its products on cuBLAS, and fmnist-mlp-4k).
+    # runs fmnist-mlp so, its products on cuBLAS, and fmnist-mlp-4k), and with each returned output
+    # copied back on its own and the error word cleared inside the step (as before the egress).
     for setting in KILN_CUDA_STREAMS=1 KILN_CUDA_TILED=0 KILN_CUDA_TF32X3=1 KILN_CUDA_DOT_DEPTH=1073741824 \
         KILN_CUDA_PINNED=1 KILN_CUDA_STAGES=1 KILN_CUDA_STAGES=8 KILN_CUDA_K_GROUPS=0 KILN_CUDA_PDL=1 KILN_CUDA_PDL=late \
-        KILN_CUDA_CLUSTERS=0 KILN_CUDA_ROW_TAIL=0 KILN_CUDA_LT=1; do
+        KILN_CUDA_CLUSTERS=0 KILN_CUDA_ROW_TAIL=0 KILN_CUDA_LT=1 KILN_CUDA_EGRESS=0; do
         log="$OUT_DIR/backend_agreement-$setting.log"
         limit=$(within "$TEST_TIMEOUT") || { printf '%-20s %-8s %s\n' backend_agreement skipped "with $setting: out of time"; continue; }
         if env "$setting" timeout "$limit" "$DIR/backend_agreement" >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
@@ -407,6 +410,8 @@ bench_row "slabs copied a word at a time, not 16 bytes where they can be (KILN_C
     bench-quadcopies0.txt KILN_CUDA_QUAD_COPIES=0
 bench_row "unsliced tiles' slabs at their shape's depth, not twice it (KILN_CUDA_DEEP_SLABS=0, as before)" \
     bench-deepslabs0.txt KILN_CUDA_DEEP_SLABS=0
+bench_row "each returned output copied back on its own, the error word cleared inside the step (KILN_CUDA_EGRESS=0, as before)" \
+    bench-egress0.txt KILN_CUDA_EGRESS=0
 # Each workload autotuned (Function::autotune: every product as cuBLAS and in each tiling, the
 # whole step timed for each, then the step's knobs: dependent launch, streams, two bounds; its
 # report first, then the tuned step's times).

@@ -63,6 +63,14 @@ fn computed_indices_out_of_range_are_errors() {
 }
 
 fn computed_indices_on(device: Device) {
+    // Each way of clearing the error word: by the host when a step may have left a code in it
+    // (the default), and by a memset inside the step (KILN_CUDA_EGRESS=0).
+    for egress in [true, false] {
+        kiln_codegen::cuda::with_egress(egress, || computed_indices_with(device));
+    }
+}
+
+fn computed_indices_with(device: Device) {
     let g = Graph::new();
     let table = g.input("table", F32, [5, 3]);
     let i = g.input("i", I64, [2]);
@@ -88,9 +96,12 @@ fn computed_indices_on(device: Device) {
 #[test]
 fn returned_outputs_of_every_kind_come_back() {
     // A loss (a temporary of the step), a matrix the step computes, the same loss twice, an input
-    // and an updated shared variable as they are.
+    // and a shared variable as they are: the first three come back in one copy with the error
+    // word (`readback`), the last two from their own memory.
     for device in cuda_devices() {
-        returned_outputs_on(device);
+        for egress in [true, false] {
+            kiln_codegen::cuda::with_egress(egress, || returned_outputs_on(device));
+        }
     }
 }
 

@@ -10,9 +10,10 @@
 
 use super::emit::{emit, DeviceStep, ErrorSite, KernelArg};
 use super::nvrtc::{self, Origin};
+use super::readback::Readback;
 use super::runtime::{cuda_err, CudaResident, DeviceBuffer, Gpu};
 use super::schedule::Schedule;
-use crate::bytes::{tensor_bytes, tensor_from_bytes};
+use crate::bytes::tensor_bytes;
 use crate::kernel::{elem_size, BufKind, KernelProgram, UpdateWrite};
 use crate::profile::StepProfile;
 use crate::{Backend, CompileOptions, Executable, Program, SharedValue};
@@ -164,13 +165,15 @@ struct Plan {
     steps: Vec<Exec>,
     /// The kernel (or product) name of each step.
     step_names: Vec<String>,
-    slots: Vec<DeviceBuffer>,
+    /// The device memory of the slots outside the egress (`readback`), kept alive.
+    _slots: Vec<Option<DeviceBuffer>>,
+    /// The device address of each memory slot.
+    slot_ptr: Vec<u64>,
     slot: Vec<Option<usize>>,
     inputs: Vec<Option<DeviceBuffer>>,
     errors: Vec<ErrorSite>,
-    error_word: Option<DeviceBuffer>,
-    /// Page-locked staging for the outputs and the error word (`KILN_CUDA_PINNED=1`).
-    pinned: Option<cudarc::driver::PinnedHostSlice<u8>>,
+    /// The returned outputs' and the error word's way back (`readback`).
+    readback: Readback,
     /// The buffer of each shared variable (none where the program does not use it).
     shared_buffer: Vec<Option<usize>>,
     scratch: Vec<DeviceBuffer>,
@@ -269,7 +272,7 @@ unsafe fn launch_dependent(
         .map_err(cuda_err("launching a kernel (programmatic dependent launch)"))
 }
 
-fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
+pub(super) fn bytes_of(kp: &KernelProgram, b: usize) -> usize {
     kp.buffers[b].len * elem_size(kp.buffers[b].dtype) as usize
 }
 
@@ -350,11 +353,24 @@ impl Plan {
                 .collect::<Result<_>>()?,
             joins: (1..schedule.streams).map(|_| event()).collect::<Result<_>>()?,
         };
-        let slots = memory.slot_bytes.iter().map(|&n| DeviceBuffer::new(gpu, n)).collect::<Result<Vec<_>>>()?;
+        let returned = program.returned();
+        let readback = Readback::new(gpu, &kp, &memory, &returned, !dp.errors.is_empty())?;
+        let slots = (0..memory.slot_bytes.len())
+            .map(|s| match readback.slot_ptr(s) {
+                Some(_) => Ok(None),
+                None => DeviceBuffer::new(gpu, memory.slot_bytes[s]).map(Some),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let slot_ptr: Vec<u64> = slots
+            .iter()
+            .enumerate()
+            .map(|(s, own)| own.as_ref().map_or_else(|| readback.slot_ptr(s).unwrap_or(0), |b| b.ptr))
+            .collect();
         for (b, buf) in kp.buffers.iter().enumerate() {
             if let (BufKind::Constant(t), Some(sl)) = (&buf.kind, memory.slot[b]) {
                 let std = kiln_ir::map_array!(t, a => a.as_standard_layout().into_owned());
-                slots[sl].upload(&tensor_bytes(&std))?;
+                let slot = slots[sl].as_ref().expect("a constant's slot is never in the egress");
+                slot.upload(&tensor_bytes(&std))?;
             }
         }
         let mut inputs: Vec<Option<DeviceBuffer>> = (0..program.inputs.len()).map(|_| None).collect();
@@ -363,7 +379,6 @@ impl Plan {
                 inputs[k] = Some(DeviceBuffer::new(gpu, bytes_of(&kp, b))?);
             }
         }
-        let error_word = if dp.errors.is_empty() { None } else { Some(DeviceBuffer::new(gpu, 4)?) };
         let shared_buffer =
             (0..program.shared.len()).map(|k| kp.buffers.iter().position(|b| b.kind == BufKind::Shared(k))).collect();
         let scratch = dp
@@ -376,7 +391,7 @@ impl Plan {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Plan {
-            returned: program.returned(),
+            returned,
             kp,
             schedule,
             lanes,
@@ -385,12 +400,12 @@ impl Plan {
             out_shapes,
             steps,
             step_names,
-            slots,
+            _slots: slots,
+            slot_ptr,
             slot: memory.slot,
             inputs,
             errors: dp.errors,
-            error_word,
-            pinned: None,
+            readback,
             shared_buffer,
             scratch,
             graph: None,
@@ -441,9 +456,10 @@ impl Plan {
     fn enqueue(&self, gpu: &Gpu, ptr: &[u64], shared_ptr: &[u64], events: Option<&[CudaEvent]>) -> Result<()> {
         let lanes = &self.lanes;
         let main = &lanes[0];
-        if let Some(w) = &self.error_word {
-            // SAFETY: a 4-byte buffer of this plan.
-            unsafe { result::memset_d8_async(w.ptr, 0xff, 4, main.cu_stream()) }
+        let error_ptr = self.readback.error_ptr();
+        if self.readback.clears_in_step() {
+            // SAFETY: the error word's 4 bytes (`KILN_CUDA_EGRESS=0`: cleared inside the step).
+            unsafe { result::memset_d8_async(error_ptr, 0xff, 4, main.cu_stream()) }
                 .map_err(cuda_err("clearing the error word"))?;
         }
         let record = |e: &CudaEvent, s: &CudaStream| e.record(s).map_err(cuda_err("recording an event"));
@@ -454,7 +470,6 @@ impl Plan {
                 wait(lane, fork)?;
             }
         }
-        let error_ptr = self.error_word.as_ref().map_or(0, |w| w.ptr);
         let device_steps = self.schedule.stream.len();
         // The device steps in the schedule's order, then the update copies on the main stream once
         // every lane has joined it (the read-backs come after them).
@@ -582,12 +597,6 @@ impl CudaExecutable {
     }
 }
 
-/// Whether outputs come back through page-locked memory (`KILN_CUDA_PINNED=1`).
-fn pinned_requested() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    super::switch_from_env(&ON, "KILN_CUDA_PINNED", "1")
-}
-
 impl Executable for CudaExecutable {
     fn run(&mut self, inputs: &[&Tensor], shared: &mut [SharedValue]) -> Result<Vec<Tensor>> {
         let key: Vec<Vec<usize>> =
@@ -619,7 +628,7 @@ impl Executable for CudaExecutable {
             .map(|(b, buf)| match buf.kind {
                 BufKind::Input(k) => plan.inputs[k].as_ref().map_or(0, |d| d.ptr),
                 BufKind::Shared(k) => shared_ptr[k],
-                _ => plan.slot[b].map_or(0, |s| plan.slots[s].ptr),
+                _ => plan.slot[b].map_or(0, |s| plan.slot_ptr[s]),
             })
             .collect();
         plan.calls += 1;
@@ -630,6 +639,7 @@ impl Executable for CudaExecutable {
             let g = capture(&gpu, || plan.enqueue(&gpu, &ptr, &shared_ptr, None))?;
             plan.graph = Some((g, shared_ptr.clone()));
         }
+        plan.readback.before_step(&plan.lanes[0])?;
         match (&plan.graph, &mut self.profile) {
             (_, Some(profile)) => {
                 let n = plan.steps.len() + 1;
@@ -654,61 +664,10 @@ impl Executable for CudaExecutable {
             };
             shared[s].mark_resident_newer();
         }
-        // Every output's copy and the error word's are queued behind the step, then one wait for
-        // all of them. They land in one staging area: page-locked memory with KILN_CUDA_PINNED=1
-        // (opt-in until timed on a GPU), whose copies need not each wait for the stream as copies
-        // into pageable memory do.
-        let sizes: Vec<usize> = plan.returned.iter().map(|&o| bytes_of(&plan.kp, plan.kp.outputs[o])).collect();
-        let error_ptr = plan.error_word.as_ref().map(|w| w.ptr);
-        let total = sizes.iter().sum::<usize>() + 4;
-        if pinned_requested() && plan.pinned.as_ref().is_none_or(|p| p.len() < total) {
-            // SAFETY: every byte read from it is first written by a copy below.
-            let pinned = unsafe { gpu.ctx.alloc_pinned_with_flags::<u8>(total, 0) };
-            plan.pinned = Some(pinned.map_err(cuda_err("allocating page-locked memory"))?);
-        }
-        let mut pageable = vec![];
-        let staging: &mut [u8] = match &mut plan.pinned {
-            Some(p) => &mut p.as_mut_slice().map_err(cuda_err("reading page-locked memory"))?[..total],
-            None => {
-                pageable.resize(total, 0u8);
-                &mut pageable
-            }
-        };
-        let (outputs_area, code) = staging.split_at_mut(total - 4);
-        let mut rest = &mut *outputs_area;
-        for (&o, &size) in plan.returned.iter().zip(&sizes) {
-            let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(size);
-            rest = tail;
-            match ptr[plan.kp.outputs[o]] {
-                // An output with no device memory reads as zeros (not the last call's bytes).
-                0 => chunk.fill(0),
-                // SAFETY: the buffer holds `size` bytes; the copy is ordered after the step and
-                // `chunk` outlives the wait below.
-                src if !chunk.is_empty() => unsafe { result::memcpy_dtoh_async(chunk, src, gpu.stream.cu_stream()) }
-                    .map_err(cuda_err("copying an output"))?,
-                _ => {}
-            }
-        }
-        if let Some(w) = error_ptr {
-            // SAFETY: as above, for the 4-byte error word.
-            unsafe { result::memcpy_dtoh_async(&mut *code, w, gpu.stream.cu_stream()) }
-                .map_err(cuda_err("copying the error word"))?;
-        }
-        gpu.synchronize()?;
-        let mut at = 0;
-        let outs = plan
-            .returned
-            .iter()
-            .zip(&sizes)
-            .map(|(&o, &size)| {
-                at += size;
-                let bytes = &outputs_area[at - size..at];
-                tensor_from_bytes(plan.kp.buffers[plan.kp.outputs[o]].dtype, &plan.out_shapes[o], bytes)
-            })
-            .collect();
-        if error_ptr.is_some() {
-            super::check_error_word(&plan.errors, u32::from_ne_bytes([code[0], code[1], code[2], code[3]]))?;
-        }
+        let outputs: Vec<usize> = plan.returned.iter().map(|&o| plan.kp.outputs[o]).collect();
+        let shapes: Vec<Vec<usize>> = plan.returned.iter().map(|&o| plan.out_shapes[o].clone()).collect();
+        let (outs, code) = plan.readback.read(&gpu, &plan.kp, &plan.slot, &ptr, &outputs, &shapes)?;
+        super::check_error_word(&plan.errors, code)?;
         Ok(outs)
     }
 

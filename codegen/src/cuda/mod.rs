@@ -25,6 +25,8 @@ mod lt_runtime;
 mod mma;
 pub mod nvrtc;
 pub mod print;
+#[cfg(feature = "cuda")]
+mod readback;
 mod reduce;
 mod row_tail;
 #[cfg(feature = "cuda")]
@@ -138,6 +140,18 @@ fn with_switches<R>(switches: &[(&Switch, bool)], f: impl FnOnce() -> R) -> R {
         s.truncate(kept);
     });
     r
+}
+
+/// Whether a step's returned outputs and its error word share one egress, copied back at once,
+/// the word cleared by the host only when dirty (`readback`): by `with_egress`, else unless
+/// `KILN_CUDA_EGRESS=0`.
+pub(crate) static EGRESS: Switch = Switch::new("KILN_CUDA_EGRESS", true);
+
+/// Runs `f` with returned outputs and the error word in one egress (`on`), or each output in its
+/// own slot, copied back on its own, and the word cleared inside the step (as before), for every
+/// CUDA program this thread specializes, whatever the environment says.
+pub fn with_egress<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    EGRESS.with(on, f)
 }
 
 /// The size bound that `KILN_CUDA_RUN_MACS` sets: products of up to this many multiply-adds join
