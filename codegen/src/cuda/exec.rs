@@ -6,7 +6,9 @@
 //! replay them as one CUDA graph, captured once (and again only if a shared variable's device
 //! memory moved, e.g. after `set_value`; `KILN_CUDA_GRAPHS=0` turns graphs off, for comparison;
 //! `KILN_CUDA_PROFILE=1` times every step with events instead). Arguments are checked before
-//! anything runs: lengths against the plan, and indices that come from arguments against their axis.
+//! anything runs: lengths against the plan, and indices that come from arguments against their
+//! axis. The returned outputs and the error word come back as `readback` says (one copy where
+//! they lie in its egress).
 
 use super::emit::{emit, DeviceStep, ErrorSite, KernelArg};
 use super::nvrtc::{self, Origin};
