@@ -162,8 +162,6 @@ struct Plan {
     lanes: Vec<Arc<CudaStream>>,
     sync: LaneSync,
     updates: Vec<UpdateWrite>,
-    returned: Vec<usize>,
-    out_shapes: Vec<Vec<usize>>,
     steps: Vec<Exec>,
     /// The kernel (or product) name of each step.
     step_names: Vec<String>,
@@ -356,7 +354,9 @@ impl Plan {
             joins: (1..schedule.streams).map(|_| event()).collect::<Result<_>>()?,
         };
         let returned = program.returned();
-        let readback = Readback::new(gpu, &kp, &memory, &returned, !dp.errors.is_empty())?;
+        let outputs: Vec<usize> = returned.iter().map(|&o| kp.outputs[o]).collect();
+        let shapes = returned.iter().map(|&o| out_shapes[o].clone()).collect();
+        let readback = Readback::new(gpu, &kp, &memory, &outputs, shapes, !dp.errors.is_empty())?;
         let slots = (0..memory.slot_bytes.len())
             .map(|s| match readback.slot_ptr(s) {
                 Some(_) => Ok(None),
@@ -393,13 +393,11 @@ impl Plan {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Plan {
-            returned,
             kp,
             schedule,
             lanes,
             sync,
             updates,
-            out_shapes,
             steps,
             step_names,
             _slots: slots,
@@ -666,9 +664,7 @@ impl Executable for CudaExecutable {
             };
             shared[s].mark_resident_newer();
         }
-        let outputs: Vec<usize> = plan.returned.iter().map(|&o| plan.kp.outputs[o]).collect();
-        let shapes: Vec<Vec<usize>> = plan.returned.iter().map(|&o| plan.out_shapes[o].clone()).collect();
-        let (outs, code) = plan.readback.read(&gpu, &plan.kp, &plan.slot, &ptr, &outputs, &shapes)?;
+        let (outs, code) = plan.readback.read(&gpu, &ptr)?;
         super::check_error_word(&plan.errors, code)?;
         Ok(outs)
     }

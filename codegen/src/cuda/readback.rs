@@ -27,7 +27,20 @@ use std::sync::Arc;
 /// device allocation starts at least this aligned.
 const PLACE_ALIGN: usize = 256;
 
-/// A plan's read-back: the egress, which memory slots lie in it, and the staging area.
+/// A returned output: its buffer, and where its bytes lie in the staging area.
+struct Returned {
+    buf: usize,
+    dtype: kiln_ir::DType,
+    shape: Vec<usize>,
+    offset: usize,
+    size: usize,
+    /// Its bytes come with the egress's copy (else a copy of its own, from `ptr[buf]`).
+    in_egress: bool,
+}
+
+/// A plan's read-back, laid out once: the egress, which memory slots lie in it, and where each
+/// returned output lands in the staging area (the egress's image first, then the outputs copied
+/// on their own).
 pub(super) struct Readback {
     /// The error word at offset 0 (where the step has one), then the placed slots.
     egress: Option<DeviceBuffer>,
@@ -35,13 +48,15 @@ pub(super) struct Readback {
     placed: HashMap<usize, usize>,
     /// The bytes of the egress that one copy brings back.
     len: usize,
+    returned: Vec<Returned>,
     error_word: bool,
     /// The word is cleared by a memset inside the step (`KILN_CUDA_EGRESS=0`).
     clears_in_step: bool,
     /// The word may hold a code the host has not cleared.
     dirty: bool,
-    /// Page-locked staging for the copies (`KILN_CUDA_PINNED=1`).
+    /// Where the copies land: page-locked memory (`KILN_CUDA_PINNED=1`), else pageable.
     pinned: Option<PinnedHostSlice<u8>>,
+    pageable: Vec<u8>,
 }
 
 /// Whether outputs come back through page-locked memory (`KILN_CUDA_PINNED=1`).
@@ -51,33 +66,62 @@ fn pinned_requested() -> bool {
 }
 
 impl Readback {
-    /// The egress of a plan whose step returns outputs `returned` (indices into `kp.outputs`),
-    /// with an error word where `error_word`; its returned temporaries' slots are placed in it
+    /// The read-back of a step that returns buffers `outputs` (of shapes `shapes`), with an
+    /// error word where `error_word`; its returned temporaries' slots are placed in the egress
     /// unless `KILN_CUDA_EGRESS=0`.
     pub(super) fn new(
         gpu: &Arc<Gpu>,
         kp: &KernelProgram,
         memory: &MemoryPlan,
-        returned: &[usize],
+        outputs: &[usize],
+        shapes: Vec<Vec<usize>>,
         error_word: bool,
     ) -> Result<Readback> {
         let egress_on = super::EGRESS.on();
+        let size_of = |b: usize| super::exec::bytes_of(kp, b);
         let mut placed = HashMap::new();
         let mut len: usize = if error_word { 4 } else { 0 };
-        if egress_on {
-            for &o in returned {
-                let b = kp.outputs[o];
-                let Some(s) = memory.slot[b].filter(|_| kp.buffers[b].kind == BufKind::Temp) else { continue };
-                if kp.buffers[b].len == 0 || placed.contains_key(&s) {
-                    continue;
-                }
+        for &b in outputs.iter().filter(|_| egress_on) {
+            let Some(s) = memory.slot[b].filter(|_| kp.buffers[b].kind == BufKind::Temp) else { continue };
+            if size_of(b) > 0 && !placed.contains_key(&s) {
                 let at = len.next_multiple_of(PLACE_ALIGN);
                 placed.insert(s, at);
                 len = at + memory.slot_bytes[s];
             }
         }
+        let mut total = len;
+        let returned = outputs
+            .iter()
+            .zip(shapes)
+            .map(|(&b, shape)| {
+                let size = size_of(b);
+                let in_egress = memory.slot[b].and_then(|s| placed.get(&s)).copied();
+                let offset = in_egress.unwrap_or_else(|| {
+                    total += size;
+                    total - size
+                });
+                Returned { buf: b, dtype: kp.buffers[b].dtype, shape, offset, size, in_egress: in_egress.is_some() }
+            })
+            .collect();
         let egress = if len > 0 { Some(DeviceBuffer::new(gpu, len)?) } else { None };
-        Ok(Readback { egress, placed, len, error_word, clears_in_step: !egress_on, dirty: true, pinned: None })
+        let pinned = if pinned_requested() {
+            // SAFETY: every byte read from it is first written by a copy (`read`).
+            let pinned = unsafe { gpu.ctx.alloc_pinned_with_flags::<u8>(total.max(1), 0) };
+            Some(pinned.map_err(cuda_err("allocating page-locked memory"))?)
+        } else {
+            None
+        };
+        Ok(Readback {
+            egress,
+            placed,
+            len,
+            returned,
+            error_word,
+            clears_in_step: !egress_on,
+            dirty: true,
+            pinned,
+            pageable: if pinned_requested() { vec![] } else { vec![0; total] },
+        })
     }
 
     /// The device address of memory slot `s` where it lies in the egress.
@@ -111,57 +155,24 @@ impl Readback {
         Ok(())
     }
 
-    /// After the step is enqueued on the device's stream: copies the returned outputs (buffer
-    /// `outputs[i]` at device address `ptr[outputs[i]]`, `shapes[i]`) and the error word back,
-    /// waits, and returns the outputs and the word (`NO_ERROR` where the step has none).
-    pub(super) fn read(
-        &mut self,
-        gpu: &Gpu,
-        kp: &KernelProgram,
-        slot: &[Option<usize>],
-        ptr: &[u64],
-        outputs: &[usize],
-        shapes: &[Vec<usize>],
-    ) -> Result<(Vec<Tensor>, u32)> {
-        let sizes: Vec<usize> = outputs.iter().map(|&b| super::exec::bytes_of(kp, b)).collect();
-        let in_egress = |b: usize| slot[b].and_then(|s| self.placed.get(&s).copied());
-        // Staging: the egress's image, then each output copied on its own.
-        let mut at = self.len;
-        let offsets: Vec<usize> = outputs
-            .iter()
-            .zip(&sizes)
-            .map(|(&b, &size)| {
-                in_egress(b).unwrap_or_else(|| {
-                    at += size;
-                    at - size
-                })
-            })
-            .collect();
-        let total = at.max(1);
-        if pinned_requested() && self.pinned.as_ref().is_none_or(|p| p.len() < total) {
-            // SAFETY: every byte read from it is first written by a copy below.
-            let pinned = unsafe { gpu.ctx.alloc_pinned_with_flags::<u8>(total, 0) };
-            self.pinned = Some(pinned.map_err(cuda_err("allocating page-locked memory"))?);
-        }
-        let mut pageable = vec![];
+    /// After the step is enqueued on the device's stream: copies the returned outputs (each
+    /// buffer `b` at device address `ptr[b]`) and the error word back, waits, and returns the
+    /// outputs and the word (`NO_ERROR` where the step has none).
+    pub(super) fn read(&mut self, gpu: &Gpu, ptr: &[u64]) -> Result<(Vec<Tensor>, u32)> {
         let staging: &mut [u8] = match &mut self.pinned {
-            Some(p) => &mut p.as_mut_slice().map_err(cuda_err("reading page-locked memory"))?[..total],
-            None => {
-                pageable.resize(total, 0u8);
-                &mut pageable
-            }
+            Some(p) => p.as_mut_slice().map_err(cuda_err("reading page-locked memory"))?,
+            None => &mut self.pageable,
         };
         let stream = gpu.stream.cu_stream();
-        if let Some(egress) = self.egress.as_ref().filter(|_| self.len > 0) {
+        if let Some(egress) = &self.egress {
             // SAFETY: the egress holds `len` bytes; the copy is ordered after the step and the
             // staging area outlives the wait below.
             unsafe { result::memcpy_dtoh_async(&mut staging[..self.len], egress.ptr, stream) }
                 .map_err(cuda_err("copying the outputs and the error word"))?;
         }
-        for ((&b, &size), &offset) in outputs.iter().zip(&sizes).zip(&offsets) {
-            let chunk = &mut staging[offset..offset + size];
-            match ptr[b] {
-                _ if in_egress(b).is_some() || chunk.is_empty() => {}
+        for r in self.returned.iter().filter(|r| !r.in_egress && r.size > 0) {
+            let chunk = &mut staging[r.offset..r.offset + r.size];
+            match ptr[r.buf] {
                 // An output with no device memory reads as zeros (not the last call's bytes).
                 0 => chunk.fill(0),
                 // SAFETY: the buffer holds `size` bytes; as above.
@@ -171,13 +182,10 @@ impl Readback {
             }
         }
         gpu.synchronize()?;
-        let tensors = outputs
+        let tensors = self
+            .returned
             .iter()
-            .zip(&sizes)
-            .zip(offsets.iter().zip(shapes))
-            .map(|((&b, &size), (&offset, shape))| {
-                tensor_from_bytes(kp.buffers[b].dtype, shape, &staging[offset..offset + size])
-            })
+            .map(|r| tensor_from_bytes(r.dtype, &r.shape, &staging[r.offset..r.offset + r.size]))
             .collect();
         let code = if self.error_word {
             u32::from_ne_bytes([staging[0], staging[1], staging[2], staging[3]])
