@@ -20,7 +20,7 @@ use crate::bytes::tensor_from_bytes;
 use crate::kernel::{BufKind, KernelProgram, MemoryPlan};
 use cudarc::driver::{result, PinnedHostSlice};
 use kiln_ir::{Result, Tensor};
-use std::collections::HashMap;
+use std::collections::hash_map::{Entry, HashMap};
 use std::sync::Arc;
 
 /// Where each placed slot starts: cuBLAS and the vectorized kernels want aligned operands, and a
@@ -81,11 +81,12 @@ impl Readback {
         let size_of = |b: usize| super::exec::bytes_of(kp, b);
         let mut placed = HashMap::new();
         let mut len: usize = if error_word { 4 } else { 0 };
-        for &b in outputs.iter().filter(|_| egress_on) {
-            let Some(s) = memory.slot[b].filter(|_| kp.buffers[b].kind == BufKind::Temp) else { continue };
-            if size_of(b) > 0 && !placed.contains_key(&s) {
+        let temporaries = outputs.iter().filter(|_| egress_on).filter(|&&b| kp.buffers[b].kind == BufKind::Temp);
+        for &b in temporaries {
+            let Some(s) = memory.slot[b].filter(|_| size_of(b) > 0) else { continue };
+            if let Entry::Vacant(slot) = placed.entry(s) {
                 let at = len.next_multiple_of(PLACE_ALIGN);
-                placed.insert(s, at);
+                slot.insert(at);
                 len = at + memory.slot_bytes[s];
             }
         }
@@ -111,6 +112,7 @@ impl Readback {
         } else {
             None
         };
+        let pageable = if pinned.is_some() { vec![] } else { vec![0; total] };
         Ok(Readback {
             egress,
             placed,
@@ -120,7 +122,7 @@ impl Readback {
             clears_in_step: !egress_on,
             dirty: true,
             pinned,
-            pageable: if pinned_requested() { vec![] } else { vec![0; total] },
+            pageable,
         })
     }
 

@@ -14,14 +14,15 @@ pub enum UpdateWrite {
 
 /// Decides, for each update `(output, shared index)`, whether its value can be written in place:
 /// when one loop kernel computes it, nothing reads the variable's old value after that kernel, the
-/// kernel itself reads the old value only element by element at the position it writes, and the old
-/// value is not also returned. Such a value's buffer is replaced by the variable's everywhere.
+/// kernel itself reads the old value only element by element at the position it writes. Such a
+/// value's buffer is replaced by the variable's everywhere.
 /// Other updates are copied at the end; a value that is itself a source buffer (another variable,
 /// an input or a constant) is first copied into a temporary by a kernel at the start, so it keeps
 /// the old value whatever is written in place. So is an updated variable that the function also
 /// returns as it is: the call returns its old value (as Theano's does, outputs being computed
 /// before any update), which a backend reading its outputs back after the step would otherwise
-/// find overwritten by the update.
+/// find overwritten by the update; no updated variable is then returned as it is, so none needs
+/// its update kept out of place for that.
 pub fn place_updates(p: &mut KernelProgram, updates: &[(usize, usize)]) -> Vec<UpdateWrite> {
     let shared_buf = |p: &KernelProgram, s: usize| p.buffers.iter().position(|b| b.kind == BufKind::Shared(s));
     // Snapshot source-valued updates first.
@@ -41,8 +42,6 @@ pub fn place_updates(p: &mut KernelProgram, updates: &[(usize, usize)]) -> Vec<U
             as_is.into_iter().for_each(|o| p.outputs[o] = snap);
         }
     }
-    let returned: Vec<BufId> =
-        (0..p.outputs.len()).filter(|o| !updates.iter().any(|u| u.0 == *o)).map(|o| p.outputs[o]).collect();
     let mut writes = Vec::with_capacity(updates.len());
     for &(o, s) in updates {
         let vb = p.outputs[o];
@@ -62,7 +61,6 @@ pub fn place_updates(p: &mut KernelProgram, updates: &[(usize, usize)]) -> Vec<U
             _ => None,
         };
         let in_place = p.buffers[vb].kind == BufKind::Temp
-            && !returned.contains(&sb)
             && kernel.is_some_and(|k| {
                 let w = writers[0];
                 let same_view = |v: &View| v.offset == k.out.offset && v.strides == k.out.strides;
