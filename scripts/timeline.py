@@ -99,11 +99,10 @@ def summarise(kernels, title, out=sys.stdout):
         file=out,
     )
     print(f"  {'kernel (in order of start)':<44} {'stream':>6} {'start':>8} {'time':>8} {'idle before':>12}", file=out)
-    labels = [row[0] for row in figures[0][2]]
-    by_label = {label: [] for label in labels}
+    by_label = collections.defaultdict(list)
     for _, _, rows in figures:
         for row in rows:
-            by_label.setdefault(row[0], []).append(row)
+            by_label[row[0]].append(row)
     order = sorted(by_label, key=lambda label: median(r[2] for r in by_label[label]))
     for label in order:
         rows = by_label[label]
@@ -119,8 +118,11 @@ def self_test():
     """A made-up trace: a setup kernel, then 10 steps of k1 (8 us), two cuBLAS kernels `gemm` and
     k3 beside the second (another stream), with known gaps; checks the figures."""
     import io
+    import os
+    import tempfile
 
-    con = sqlite3.connect(":memory:")
+    path = os.path.join(tempfile.mkdtemp(), "made-up.sqlite")
+    con = sqlite3.connect(path)
     con.execute("CREATE TABLE StringIds (id INTEGER PRIMARY KEY, value TEXT NOT NULL)")
     con.execute("CREATE TABLE CUPTI_ACTIVITY_KIND_KERNEL (start INT, end INT, streamId INT, shortName INT)")
     names = {"setup": 1, "k1": 2, "gemm": 3, "k3": 4}
@@ -135,10 +137,8 @@ def self_test():
             (t + 33_000, t + 40_000, 7, names["gemm"]),  # 3 us idle before
         ]
     con.executemany("INSERT INTO CUPTI_ACTIVITY_KIND_KERNEL VALUES (?, ?, ?, ?)", rows)
-    kernels = con.execute(
-        "SELECT k.start, k.end, k.streamId, s.value FROM CUPTI_ACTIVITY_KIND_KERNEL AS k "
-        "JOIN StringIds AS s ON k.shortName = s.id ORDER BY k.start, k.end"
-    ).fetchall()
+    con.commit()
+    kernels = read_kernels(path)
     steps, outside = cut_into_steps(kernels)
     assert outside == ["setup"], outside
     assert len(steps) == 10 and all(len(s) == 4 for s in steps), [len(s) for s in steps]
