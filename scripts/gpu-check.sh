@@ -23,6 +23,9 @@
 #                                  products through cuBLASLt (algorithms timed, bias and ReLU
 #                                  epilogues fused), KILN_CUDA_LT=1, with a side-by-side kernel's sections in step
 #                                  order rather than the longest first, KILN_CUDA_LONGEST_FIRST=0,
+#                                  with its clustered sections first and joining only where
+#                                  they start on a cluster's first block in step order,
+#                                  KILN_CUDA_CLUSTERS_FIRST=1,
 #                                  with kernels joined from 12 steps on, not 64,
 #                                  KILN_CUDA_LOOKAHEAD=12, with launches joining kernels the step
 #                                  waits for even where they hold them up,
@@ -246,7 +249,7 @@ if [ "${1:-}" = "--ab" ]; then
 fi
 summary() {
     echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults rowtail0 lt stepordered lookahead12 chainjoins priority0 quadcopies0 deepslabs0 egress0 autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
+    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults rowtail0 lt stepordered clustersfirst lookahead12 chainjoins priority0 quadcopies0 deepslabs0 egress0 autotuned tf32x3 tf32x3-4k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
     (
         cd "$OUT_DIR" || exit
         printf '%-16s' workload
@@ -400,6 +403,8 @@ bench_row "cuBLAS's products through cuBLASLt, algorithms timed, bias and ReLU i
     bench-lt.txt KILN_CUDA_LT=1
 bench_row "a side-by-side kernel's sections in step order, not the longest-running first (KILN_CUDA_LONGEST_FIRST=0)" \
     bench-stepordered.txt KILN_CUDA_LONGEST_FIRST=0
+bench_row "clustered sections first, joining only on a cluster's first block in step order (KILN_CUDA_CLUSTERS_FIRST=1, as before)" \
+    bench-clustersfirst.txt KILN_CUDA_CLUSTERS_FIRST=1
 bench_row "kernels joined side by side from at most 12 steps on, not 64 (KILN_CUDA_LOOKAHEAD=12, as before)" \
     bench-lookahead12.txt KILN_CUDA_LOOKAHEAD=12
 bench_row "launches joining the kernels the step waits for even where they hold them up (KILN_CUDA_CHAIN_JOINS=1, as before)" \

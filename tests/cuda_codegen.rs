@@ -213,21 +213,26 @@ fn groups_over_a_tiled_products_rows_run_at_the_end_of_its_kernel() {
     // the row sum of the targets and the gradient, each following the one before), then the
     // gradient's product with the layer's weights (10 multiply-adds an element) and the relu
     // mask, past the loss's mean (which only the caller reads, and which then runs beside the
-    // bias gradients). The steps are checked on the emulator (with its race check) and the GPU
+    // next gradient product). The steps are checked on the emulator (with its race check) and the GPU
     // by tests/backend_agreement.rs and tests/cuda_races.rs.
     let w = kiln::workloads::build("fmnist-mlp", Device::Reference).unwrap();
     let src = w.step.cuda_source(&w.args).unwrap();
     assert!(src.contains("k5_fused then runs k7_row_max on the rows each block finished"), "{src}");
     assert!(src.contains("k5_fused then runs k16_fused on the rows each block finished"), "{src}");
     assert!(src.contains("k16_fused computes the product of k15_matmul where it reads it"), "{src}");
-    assert!(src.contains("k11_mean_and_k28_k34"), "{src}");
+    assert!(src.contains("k11_mean_and_k18_k28_k32"), "{src}");
     for merged in ["k8_row_sumexp", "k10_softmax_cross_entropy", "k12_softmax", "k13_sum", "k14_fused"] {
         assert!(src.contains(&format!("(merged {merged})")), "{merged}\n{src}");
     }
-    // The whole step: 6 kernels, 5 deep (two layers' tiled products with bias and relu, the
-    // third layer's with its tail, then the bias gradients beside the next gradient product,
-    // then the weight gradients and updates).
-    assert_eq!(src.matches("extern \"C\" __global__").count(), 6, "{src}");
+    // The whole step: 5 kernels (two layers' tiled products with bias and relu, the third
+    // layer's with its tail, then the next gradient product beside the loss's mean, the last
+    // layer's weight gradient and a bias gradient, then the other weight gradients, bias
+    // gradients and updates). With `KILN_CUDA_CLUSTERS_FIRST=1`, as before, the product joined
+    // nothing placed before it unless it started on a cluster's first block: 6 kernels.
+    assert_eq!(src.matches("extern \"C\" __global__").count(), 5, "{src}");
+    let before = kiln_codegen::cuda::with_clusters_first(true, || w.step.cuda_source(&w.args).unwrap());
+    assert!(before.contains("k11_mean_and_k28_k34"), "{before}");
+    assert_eq!(before.matches("extern \"C\" __global__").count(), 6, "{before}");
     // At batch 4096 the row pass joins the product's 128 whole tiles (32 rows each); the
     // gradient's product would be 320 multiply-adds a thread there (32 x 256 x 10 a block), more
     // than a thread of its own kernel does (`DOT_DEPTH`), and stays apart, as does the
@@ -474,7 +479,11 @@ fn weight_gradients_run_beside_the_input_gradients_of_the_layers_before_them() {
     let listing = |src: &str| src[..src.find("\n\n").unwrap_or(src.len())].to_string();
     let kernels = |src: &str| src.matches("extern \"C\" __global__").count();
     let src = w.step.cuda_source(&w.args).unwrap();
+    // The loss's mean (a split reduction, which only the caller reads) runs beside the chain's
+    // first product, in clusters of 7, which takes the first blocks (before, it joined only
+    // where it started on a cluster's first block in step order: not after the mean's 25).
     for joined in [
+        "k17_fused_mean_and_k21_k64:",
         "k23_fused_and_k60:",
         "k25_fused_and_k56:",
         "k27_fused_and_k52:",
@@ -485,7 +494,7 @@ fn weight_gradients_run_beside_the_input_gradients_of_the_layers_before_them() {
     ] {
         assert!(listing(&src).contains(joined), "{joined}\n{}", listing(&src));
     }
-    assert_eq!(kernels(&src), 19, "{}", listing(&src));
+    assert_eq!(kernels(&src), 18, "{}", listing(&src));
     // The last kernel: the first two layers' weight gradients, the longest-running first.
     assert!(
         src.contains("//   blocks [0, 112): k35_fused\n") && src.contains("//   blocks [112, 240): k39_fused\n"),
@@ -497,12 +506,12 @@ fn weight_gradients_run_beside_the_input_gradients_of_the_layers_before_them() {
     for joined in ["k25_fused_and_k56_k59:", "k27_fused_and_k52_k55_k63:", "k35_fused_and_k36_k39:"] {
         assert!(listing(&chained).contains(joined), "{joined}\n{}", listing(&chained));
     }
-    assert_eq!(kernels(&chained), 17, "{}", listing(&chained));
+    assert_eq!(kernels(&chained), 16, "{}", listing(&chained));
     // At a lookahead of 12, as before that, the decoder's weight gradients ran at the end.
     let before = kiln_codegen::cuda::with_chain_joins(true, || {
         kiln_codegen::cuda::with_bound("KILN_CUDA_LOOKAHEAD", 12, || w.step.cuda_source(&w.args).unwrap())
     });
-    assert_eq!(kernels(&before), 18);
+    assert_eq!(kernels(&before), 17);
     // On one stream nothing runs beside the chain: every launch that can join a kernel does.
     let one_stream = kiln_codegen::cuda::with_streams(1, || w.step.cuda_source(&w.args).unwrap());
     assert_eq!(listing(&one_stream), listing(&chained));
@@ -520,10 +529,10 @@ fn compile_options_fix_the_row_tails_the_order_of_joined_sections_and_the_joins(
     };
     let chained =
         |lookahead| CompileOptions { lookahead: Some(lookahead), chain_joins: Some(true), ..CompileOptions::default() };
-    assert_eq!(kernels(&source(&auto, chained(12))), 18);
-    assert_eq!(kernels(&source(&auto, chained(64))), 17);
+    assert_eq!(kernels(&source(&auto, chained(12))), 17);
+    assert_eq!(kernels(&source(&auto, chained(64))), 16);
     let short_chain = source(&auto, CompileOptions { chain_joins: Some(false), ..CompileOptions::default() });
-    assert_eq!(kernels(&short_chain), 19);
+    assert_eq!(kernels(&short_chain), 18);
     // fmnist-mlp-4k's last layer's 4096-deep weight gradient: beside the relu mask that the first
     // layer's weight gradient waits for, or at the end of the other stream beside an update.
     let wide = kiln::workloads::build("fmnist-mlp-4k", Device::Reference).unwrap();

@@ -10,8 +10,9 @@
 //! whole or sliced, by FMAs (slabs through registers and copied asynchronously) and on tensor
 //! cores, and a classifier whose tiled logits run the loss's row pass and the gradient's product
 //! in their kernel's tail (`row_tail.rs`) in every tile form, at sizes where the last tile runs
-//! past the rows. Each loss must match the reference's; a tail's, to the bit, the separate
-//! kernels'.
+//! past the rows, and a joined kernel whose clustered section follows a longer-running one (its
+//! start moved to a cluster's first block). Each loss must match the reference's; a tail's, to
+//! the bit, the separate kernels'.
 
 use kiln::workloads::build;
 use kiln::Device;
@@ -227,5 +228,44 @@ fn tails_compute_what_separate_kernels_do_to_the_bit() {
     for (i, (a, b)) in apart.iter().zip(&tailed).enumerate() {
         let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
         assert_eq!(differ, 0, "parameter {i}: {differ} of {} values differ", a.len());
+    }
+}
+
+/// A clustered section of a joined kernel placed after one whose threads do more multiply-adds
+/// starts on a cluster's first block, the blocks between running nothing: fmnist-mlp's last
+/// kernel with its first layer's weight gradient in 28 tiles of 128x64 (4096 multiply-adds a
+/// thread) and the second's in clusters of 3 slices, race-checked on both schedules, compiled by
+/// NVRTC where it is found, its parameters after a step the reference's.
+#[test]
+fn a_clustered_section_after_a_longer_one_starts_on_a_cluster_s_first_block() {
+    use kiln_codegen::cuda::{with_tile_table, ProductKey, TileTable};
+    if let Some(why) = kiln::testing::emulator_skip_reason() {
+        kiln::testing::note(&format!("clustered section after a longer one skipped: {why}"));
+        return;
+    }
+    let mut table = TileTable::default();
+    let weight_gradient = |m, n| ProductKey { m, k: 128, n, a_transposed: true, b_transposed: false };
+    let whole = TileChoice { stages: Some(3), ..TileChoice::forced(TileShape::T128x64, 1, false) };
+    let clustered = TileChoice { cluster: Some(true), ..TileChoice::forced(TileShape::T64x64, 3, false) };
+    table.insert(weight_gradient(784, 256), whole).unwrap();
+    table.insert(weight_gradient(256, 256), clustered).unwrap();
+    let with_table = |f: &mut dyn FnMut()| with_tile_table(table.clone(), f);
+    let mut emulated = build("fmnist-mlp", Device::CudaEmulator).unwrap();
+    let mut reference = build("fmnist-mlp", Device::Reference).unwrap();
+    with_table(&mut || {
+        let src = kiln::testing::checked_cuda_source(&emulated.step, &emulated.args).unwrap();
+        assert!(src.contains("//   blocks [0, 28): k20_fused\n"), "{src}");
+        assert!(src.contains("//   blocks [28, 30): none (a cluster's first block next)\n"), "{src}");
+        assert!(src.contains("//   blocks [30, 78): k26_fused\n"), "{src}");
+    });
+    with_table(&mut || with_race_check(|| one_step("fmnist-mlp", " (a cluster after a longer section)")));
+    with_table(&mut || with_mirrored_schedule(|| one_step("fmnist-mlp", " (the same, mirrored)")));
+    with_table(&mut || {
+        emulated.step.call1(&emulated.args).unwrap();
+    });
+    reference.step.call1(&reference.args).unwrap();
+    for (p, q) in emulated.params.iter().zip(&reference.params) {
+        let (a, b) = (p.value().unwrap(), q.value().unwrap());
+        assert!(a.allclose(&b, 1e-4, 1e-5), "{:?}: differs by {}", p.name(), a.max_abs_diff(&b));
     }
 }

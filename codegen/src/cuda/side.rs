@@ -85,19 +85,23 @@ pub(super) fn can_join(loc: &[Location], kernels: &[Kernel], group: &[&Launchabl
     let threads = |l: &Launchable| l.launch.block.0 * l.launch.block.1;
     let first = group[0];
     let grid: usize = group.iter().map(|l| blocks(l)).sum::<usize>() + blocks(b);
-    if group.len() >= MAX_SECTIONS || blocks(b) == 0 || grid > MAX_GRID {
+    // The blocks a clustered section may skip to start on a cluster's first (`join`) count too.
+    let skippable = (group.len() + 1) * super::cluster::MAX_CLUSTER;
+    if group.len() >= MAX_SECTIONS || blocks(b) == 0 || grid + skippable > MAX_GRID {
         return false;
     }
     if threads(b) != threads(first) {
         return false;
     }
-    // The joined kernel's clusters must each lie within one section: a clustered launch starts on
-    // a cluster's first block, and all clustered launches have one size (the others' blocks are
-    // in clusters too, which never wait at a cluster barrier).
+    // The joined kernel's clusters must each lie within one section: all clustered launches have
+    // one size (the others' blocks are in clusters too, which never wait at a cluster barrier),
+    // and `join` starts each clustered section on a cluster's first block.
+    // `KILN_CUDA_CLUSTERS_FIRST=1` joins a clustered launch only where it starts on one in step
+    // order, as before (fmnist-mlp's loss and first backward product then ran in two kernels).
     let sizes = group.iter().chain(std::iter::once(&b)).map(|l| l.launch.cluster).filter(|&c| c > 1);
     let cluster = sizes.clone().max().unwrap_or(1);
     let starts_a_cluster = (grid - blocks(b)).is_multiple_of(cluster as usize);
-    if sizes.clone().any(|c| c != cluster) || (b.launch.cluster > 1 && !starts_a_cluster) {
+    if sizes.clone().any(|c| c != cluster) || (b.launch.cluster > 1 && !starts_a_cluster && CLUSTERS_FIRST.on()) {
         return false;
     }
     // A section that asks for fewer blocks an SM (more registers a thread) lowers the whole
@@ -142,11 +146,20 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
     let mut comments =
         vec![format!("{name} runs {} independent kernels side by side, blocks split between them:", launches.len())];
     let (mut params, mut args, mut sections) = (vec![], vec![], vec![]);
+    // Every cluster lies within one section: a clustered section starts on a cluster's first
+    // block (the blocks before it that it skips run nothing), its grid being whole clusters.
+    let cluster = launches.iter().map(|l| l.launch.cluster).max().unwrap_or(1);
     let mut start = 0u32;
     for (s, l) in launches.iter().enumerate() {
         let k = kernels.iter().find(|k| k.name == l.kernel).expect("every launch has its kernel");
         let ((gx, gy), (bx, by)) = (l.launch.grid, l.launch.block);
         let grid = gx * gy;
+        if l.launch.cluster > 1 && !start.is_multiple_of(cluster) {
+            let skipped = start.next_multiple_of(cluster);
+            comments.push(format!("  blocks [{start}, {skipped}): none (a cluster's first block next)"));
+            sections.push((skipped, String::new(), vec![]));
+            start = skipped;
+        }
         let names = section_names(s, k);
         params.extend(k.params.iter().map(|p| Param { name: names[&p.name].clone(), ..p.clone() }));
         args.extend_from_slice(&l.args);
@@ -178,13 +191,13 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
         start = end;
     }
     // A grid of whole clusters: the blocks past the last section's run nothing.
-    let cluster = launches.iter().map(|l| l.launch.cluster).max().unwrap_or(1);
     let padded = start.div_ceil(cluster) * cluster;
     // Where more than one section declares shared arrays (at the top of its body), they overlap
     // in one union: member `sN` holds section N's, which its code then names `smem.sN.array`.
     let mut union_members = vec![];
     if sections.iter().filter(|(_, _, body)| body.iter().any(is_shared_array)).count() > 1 {
-        for (s, (_, _, body)) in sections.iter_mut().enumerate() {
+        // Numbered as the sections' parameters are (the blocks a clustered section skips are none).
+        for (s, (_, _, body)) in sections.iter_mut().filter(|(_, kname, _)| !kname.is_empty()).enumerate() {
             let (arrays, rest): (Vec<Stmt>, Vec<Stmt>) = std::mem::take(body).into_iter().partition(is_shared_array);
             *body = rest;
             if arrays.is_empty() {
@@ -205,7 +218,10 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
     // if (blockIdx.x < end0) { section 0 } else if (blockIdx.x < end1) { section 1 } ...
     let mut tail: Vec<Stmt> = vec![];
     for (end, kname, body) in sections.into_iter().rev() {
-        let mut then = vec![Stmt::Comment(kname)];
+        let mut then = vec![];
+        if !kname.is_empty() {
+            then.push(Stmt::Comment(kname));
+        }
         then.extend(body);
         if tail.is_empty() && end == padded {
             tail = then;
@@ -228,18 +244,37 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
     (kernel, DeviceStep::Launch(Launchable { kernel: name, args, launch }))
 }
 
-/// The sections in the order their blocks take the grid: clustered ones first (each then starts on
-/// a cluster's first block, their grids being whole clusters), then by the multiply-adds a thread
-/// of theirs does, most first, in step order where equal. The hardware hands out a grid's blocks
-/// in order, so the blocks that run longest start first and the short ones fill the SMs beside
-/// them; in step order, fmnist-mlp-4k's 64 blocks of a 4096-deep weight gradient waited behind
-/// 1152 blocks of a mask and a bias gradient before starting.
+/// The sections in the order their blocks take the grid: by the multiply-adds a thread of theirs
+/// does, most first, in step order where equal. The hardware hands out a grid's blocks in order,
+/// so the blocks that run longest start first and the short ones fill the SMs beside them and
+/// after them; in step order, fmnist-mlp-4k's 64 blocks of a 4096-deep weight gradient waited
+/// behind 1152 blocks of a mask and a bias gradient before starting. Clustered sections take their
+/// place like the others (`join` starts each on a cluster's first block). Put first of all, as
+/// they were before, fmnist-mlp's second-layer weight gradient, sliced in clusters (128
+/// multiply-adds a thread), took the first 256 blocks, and the last 60 of the first layer's (512
+/// a thread) started only once those had finished: the grid of 464 passes a wave of 396.
 /// `KILN_CUDA_LONGEST_FIRST=0` (`with_longest_first(false, ..)` for one thread) keeps step order
-/// (clustered sections first), to time the difference on a card.
+/// and `KILN_CUDA_CLUSTERS_FIRST=1` (`with_clusters_first(true, ..)`) the longest first after the
+/// clustered sections (both as before: the clustered sections first), to time them on a card.
 fn longest_first(mut launches: Vec<Launchable>, macs: &dyn Fn(&Launchable) -> usize) -> Vec<Launchable> {
     let by_macs = LONGEST_FIRST.on();
-    launches.sort_by_key(|l| (l.launch.cluster <= 1, std::cmp::Reverse(if by_macs { macs(l) } else { 0 })));
+    let clusters_first = !by_macs || CLUSTERS_FIRST.on();
+    launches.sort_by_key(|l| {
+        (clusters_first && l.launch.cluster <= 1, std::cmp::Reverse(if by_macs { macs(l) } else { 0 }))
+    });
     launches
+}
+
+/// Whether joined kernels' clustered sections take the grid's first blocks whatever their
+/// threads' multiply-adds (`longest_first`), and a clustered launch joins only where it starts on
+/// a cluster's first block in step order (`can_join`): both as before, to time the difference.
+pub(super) static CLUSTERS_FIRST: super::Switch = super::Switch::new("KILN_CUDA_CLUSTERS_FIRST", false);
+
+/// Runs `f` with the clustered sections of every joined kernel this thread specializes taking
+/// the grid's first blocks (`on`), or taking their place by their multiply-adds, whatever the
+/// environment.
+pub fn with_clusters_first<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    CLUSTERS_FIRST.with(on, f)
 }
 
 /// Whether joined kernels' sections take the grid longest first (`longest_first`).
@@ -451,9 +486,11 @@ mod tests {
         let (c, lc) = clustered("c", 8, 4);
         let (d, ld) = clustered("d", 6, 2);
         let kernels = vec![a.clone(), b.clone(), c, d];
-        // A clustered launch starts on a cluster's first block, and one cluster size a kernel.
+        // One cluster size a kernel; a clustered launch after 3 blocks starts on the 4th (below),
+        // or, as before (`KILN_CUDA_CLUSTERS_FIRST=1`), does not join.
         assert!(can_join(&[], &kernels, &[&la], &lb));
-        assert!(!can_join(&[], &kernels, &[&lb], &lc));
+        assert!(can_join(&[], &kernels, &[&lb], &lc));
+        assert!(!with_clusters_first(true, || can_join(&[], &kernels, &[&lb], &lc)));
         assert!(can_join(&[], &kernels, &[&la], &lc));
         assert!(!can_join(&[], &kernels, &[&la], &ld));
         // 8 + 3 blocks in whole clusters of 4: the last section's blocks end at 11, the grid at 12.
@@ -463,6 +500,13 @@ mod tests {
         let mut source = String::new();
         super::super::print::kernel(&mut source, &joined);
         assert!(source.contains("__cluster_dims__(4, 1, 1)") && source.contains("blockIdx.x < 11"), "{source}");
+        // After b's 3 blocks, longer-running, the cluster's first block is the 4th.
+        let (b, lb) = with_macs(clustered("b", 3, 1), 512);
+        let (c, lc) = clustered("c", 8, 4);
+        let (joined, _) = join(vec![b, c], vec![lb, lc]);
+        let ranges =
+            ["  blocks [0, 3): b", "  blocks [3, 4): none (a cluster's first block next)", "  blocks [4, 12): c"];
+        assert_eq!(block_ranges(&joined), ranges);
     }
 
     #[test]
@@ -486,34 +530,63 @@ mod tests {
         assert!(can_join(&[], &kernels, &[&lc], &ll));
     }
 
+    /// `(kernel, launch)` with its threads doing `macs` multiply-adds.
+    fn with_macs((mut k, l): (Kernel, Launchable), macs: usize) -> (Kernel, Launchable) {
+        k.macs_per_thread = macs;
+        (k, l)
+    }
+
+    /// The joined kernel's comment lines that say which blocks run what.
+    fn block_ranges(joined: &Kernel) -> Vec<&str> {
+        joined.comments.iter().filter(|c| c.starts_with("  blocks")).map(|c| c.as_str()).collect()
+    }
+
     #[test]
-    fn the_sections_that_run_longest_take_the_first_blocks_clustered_ones_before_all() {
-        let with_macs = |(mut k, l): (Kernel, Launchable), macs: usize| {
-            k.macs_per_thread = macs;
-            (k, l)
+    fn the_sections_that_run_longest_take_the_first_blocks_clustered_ones_on_a_cluster_s_first() {
+        let joined = |clusters_first| {
+            let (mask, lm) = with_macs(clustered("k18_fused", 1024, 1), 0);
+            let (sum, ls) = with_macs(clustered("k28_sum", 127, 1), 0);
+            let (mut deep, ld) = with_macs(clustered("k32_fused", 64, 8), 2048);
+            deep.body.push(decl(CType::Int, "tile_index", cast(CType::Int, Expr::Builtin(Builtin::BlockIdx))));
+            let (shallow, lh) = with_macs(clustered("k40_fused", 32, 1), 512);
+            let (deeper, lp) = with_macs(clustered("k44_fused", 13, 1), 4096);
+            let kernels = vec![mask, sum, deep, shallow, deeper];
+            with_clusters_first(clusters_first, || join(kernels, vec![lm, ls, ld, lh, lp])).0
         };
-        let (mask, lm) = with_macs(clustered("k18_fused", 1024, 1), 0);
-        let (sum, ls) = with_macs(clustered("k28_sum", 128, 1), 0);
-        let (deep, ld) = with_macs(clustered("k32_fused", 64, 8), 2048);
-        let (shallow, lh) = with_macs(clustered("k40_fused", 32, 1), 512);
-        let (deeper, lp) = with_macs(clustered("k44_fused", 16, 1), 4096);
-        let (joined, _) = join(vec![mask, sum, deep, shallow, deeper], vec![lm, ls, ld, lh, lp]);
-        // Named in step order; blocks: the cluster, then the most multiply-adds a thread first,
-        // the rest in step order.
-        assert_eq!(joined.name, "k18_fused_and_k28_k32_k40_k44");
-        let ranges: Vec<&str> =
-            joined.comments.iter().filter(|c| c.starts_with("  blocks")).map(|c| c.as_str()).collect();
+        // Named in step order; blocks: the most multiply-adds a thread first, the rest in step
+        // order; the cluster starts on a cluster's first block, the blocks before it run nothing.
+        let by_macs = joined(false);
+        assert_eq!(by_macs.name, "k18_fused_and_k28_k32_k40_k44");
         assert_eq!(
-            ranges,
+            block_ranges(&by_macs),
             [
-                "  blocks [0, 64): k32_fused",
-                "  blocks [64, 80): k44_fused",
+                "  blocks [0, 13): k44_fused",
+                "  blocks [13, 16): none (a cluster's first block next)",
+                "  blocks [16, 80): k32_fused",
                 "  blocks [80, 112): k40_fused",
                 "  blocks [112, 1136): k18_fused",
-                "  blocks [1136, 1264): k28_sum"
+                "  blocks [1136, 1263): k28_sum",
+                "  blocks [1263, 1264): none (the grid in whole clusters of 8)"
             ]
         );
-        assert_eq!((joined.launch.grid, joined.macs_per_thread), ((1264, 1), 4096));
+        assert_eq!((by_macs.launch.grid, by_macs.launch.cluster, by_macs.macs_per_thread), ((1264, 1), 8, 4096));
+        let mut source = String::new();
+        super::super::print::kernel(&mut source, &by_macs);
+        // The skipped blocks fall in a branch of their own; k32 reads its blocks from its first.
+        assert!(source.contains("if ((int)blockIdx.x < 16) {\n        } else {"), "{source}");
+        assert!(source.contains("const int tile_index = (int)((int)blockIdx.x - 16);"), "{source}");
+        // As before: the cluster first, then the most multiply-adds a thread.
+        assert_eq!(
+            block_ranges(&joined(true)),
+            [
+                "  blocks [0, 64): k32_fused",
+                "  blocks [64, 77): k44_fused",
+                "  blocks [77, 109): k40_fused",
+                "  blocks [109, 1133): k18_fused",
+                "  blocks [1133, 1260): k28_sum",
+                "  blocks [1260, 1264): none (the grid in whole clusters of 8)"
+            ]
+        );
     }
 }
 
