@@ -81,7 +81,9 @@
 #                                  default "default"), summarised by scripts/timeline.py: the
 #                                  median step's span, how much of it a kernel runs and how much
 #                                  the GPU idles between kernels, and each kernel's start, time
-#                                  and the idle time before it, as the replayed graph ran. The
+#                                  and the idle time before it, as the replayed graph ran; then
+#                                  between steps, the call period, the GPU's wait for the host,
+#                                  the copies and memsets in it and the launch latency. The
 #                                  whole run does the same for the default (KILN_GPU_TIMELINE=0
 #                                  leaves it out); TIMELINE_WORKLOADS picks the workloads.
 #

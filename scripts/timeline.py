@@ -9,7 +9,12 @@ last kernel's end, how much of that some kernel is running, and how much the GPU
 between kernels (launch latency, which fewer kernels or dependent launch would save); then each
 kernel's start in the step, its own time and the idle time just before it. Nsight Compute times
 each kernel alone with its caches flushed, and kiln's event profile runs without graphs; neither
-shows the gaps of a replayed graph, which is what this is for.
+shows the gaps of a replayed graph, which is what this is for. Then what happens between two
+steps, the host's turn: the call period (from one step's first kernel to the next one's, what the
+benchmark times as a step), how long the GPU waits between the steps, the copies and memsets in
+that time (tables CUPTI_ACTIVITY_KIND_MEMCPY and _MEMSET: the outputs read back, the error word
+cleared) and how long after the host's call to launch the next graph (cuGraphLaunch, in table
+CUPTI_ACTIVITY_KIND_RUNTIME) its first kernel starts.
 
 The trace holds every run of the step (the eager first call, the warm-up, the timed replays) and
 perhaps kernels outside it: a name is taken to be the step's when its count is a multiple of the
@@ -46,6 +51,57 @@ def read_kernels(path):
     return con.execute(query).fetchall()
 
 
+def read_table(con, table, columns):
+    """Rows of `columns` of `table`, in order of start ([] where the trace has no such table: nsys
+    writes one only where it saw such work)."""
+    if not con.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchall():
+        return []
+    return con.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY start").fetchall()
+
+
+def read_host_side(path):
+    """The trace's copies and memsets as (start ns, end ns, bytes, what), and its launches of CUDA
+    graphs as the start (ns) of each call to cuGraphLaunch, each in order of start."""
+    con = sqlite3.connect(path)
+    kinds = {1: "copy to the device", 2: "copy to the host", 8: "copy on the device"}
+    copies = [
+        (start, end, size, kinds.get(kind, f"copy of kind {kind}"))
+        for start, end, size, kind in read_table(
+            con, "CUPTI_ACTIVITY_KIND_MEMCPY", ["start", "end", "bytes", "copyKind"]
+        )
+    ]
+    copies += [(start, end, size, "memset") for start, end, size in read_table(
+        con, "CUPTI_ACTIVITY_KIND_MEMSET", ["start", "end", "bytes"]
+    )]
+    launches = []
+    if read_table(con, "CUPTI_ACTIVITY_KIND_RUNTIME", ["start"]):
+        launches = [
+            row[0]
+            for row in con.execute(
+                "SELECT r.start FROM CUPTI_ACTIVITY_KIND_RUNTIME AS r JOIN StringIds AS s ON r.nameId = s.id "
+                "WHERE s.value LIKE 'cuGraphLaunch%' OR s.value LIKE 'cudaGraphLaunch%' ORDER BY r.start"
+            )
+        ]
+    return sorted(copies), launches
+
+
+def between_steps(steps, copies, launches):
+    """For each step but the last: (the call period, the GPU's wait between it and the next step,
+    the copies and memsets from its first kernel to the next step's: their count, bytes and time,
+    and the time from the last graph launch call before the next step to that step's first kernel
+    start, or None), all times in ns."""
+    figures = []
+    for step, following in zip(steps, steps[1:]):
+        first, last = min(k[0] for k in step), max(k[1] for k in step)
+        next_first = min(k[0] for k in following)
+        mine = [c for c in copies if first <= c[0] < next_first]
+        called = [t for t in launches if last <= t < next_first]
+        latency = next_first - called[-1] if called else None
+        busy = sum(c[1] - c[0] for c in mine)
+        figures.append((next_first - first, next_first - last, len(mine), sum(c[2] for c in mine), busy, latency))
+    return figures
+
+
 def cut_into_steps(kernels):
     """The step's kernels, cut into steps (each a list in order of start), and the names left out."""
     counts = collections.Counter(name for _, _, _, name in kernels)
@@ -74,12 +130,13 @@ def step_figures(step):
     return last - first, busy, rows
 
 
-def summarise(kernels, title, out=sys.stdout):
+def summarise(kernels, title, out=sys.stdout, copies=(), launches=()):
     steps, outside = cut_into_steps(kernels)
     if not steps:
         print(f"{title}: no kernels traced", file=out)
         return None
-    used = steps[int(len(steps) * WARM_UP_SHARE) :] or steps
+    skipped = int(len(steps) * WARM_UP_SHARE)
+    used = steps[skipped:] or steps
     # A step whose kernels are not the others' (a cut that slipped) is left out, and counted.
     shape = collections.Counter(tuple(sorted(k[3] for k in s)) for s in used).most_common(1)[0][0]
     good = [s for s in used if tuple(sorted(k[3] for k in s)) == shape]
@@ -111,12 +168,37 @@ def summarise(kernels, title, out=sys.stdout):
             f"{median(r[3] for r in rows) / 1e3:>8.1f} {median(r[4] for r in rows) / 1e3:>12.1f}",
             file=out,
         )
-    return span, busy
+    # Between the steps: only pairs of steps that follow each other, both of the step's shape.
+    pairs = [
+        f
+        for f, (a, b) in zip(between_steps(steps, copies, launches), zip(steps, steps[1:]))
+        if a in good and b in good
+    ]
+    if not pairs:
+        return span, busy, None
+    period = median(f[0] for f in pairs) / 1e3
+    wait = median(f[1] for f in pairs) / 1e3
+    count, size, moving = (median(f[i] for f in pairs) for i in (2, 3, 4))
+    print(
+        f"  between steps: {period:.1f} us from one step's first kernel to the next one's (the call "
+        f"period), the GPU waiting {wait:.1f} us of it for the host; copies and memsets "
+        f"{count:g} a step, {size:g} bytes, {moving / 1e3:.1f} us",
+        file=out,
+    )
+    latencies = [f[5] for f in pairs if f[5] is not None]
+    if latencies:
+        print(
+            f"  the next step's first kernel started {median(latencies) / 1e3:.1f} us after the host "
+            f"called cuGraphLaunch",
+            file=out,
+        )
+    return span, busy, period
 
 
 def self_test():
     """A made-up trace: a setup kernel, then 10 steps of k1 (8 us), two cuBLAS kernels `gemm` and
-    k3 beside the second (another stream), with known gaps; checks the figures."""
+    k3 beside the second (another stream), with known gaps, each step launched as a graph and its
+    outputs copied back, a memset before every other step; checks the figures."""
     import io
     import os
     import tempfile
@@ -137,6 +219,17 @@ def self_test():
             (t + 33_000, t + 40_000, 7, names["gemm"]),  # 3 us idle before
         ]
     con.executemany("INSERT INTO CUPTI_ACTIVITY_KIND_KERNEL VALUES (?, ?, ?, ?)", rows)
+    # After each step its outputs come back (a 260-byte copy, 2 us); the host clears the error
+    # word before one step in two; it calls cuGraphLaunch 20 us before each step's first kernel.
+    con.execute("CREATE TABLE CUPTI_ACTIVITY_KIND_MEMCPY (start INT, end INT, bytes INT, copyKind INT)")
+    con.execute("CREATE TABLE CUPTI_ACTIVITY_KIND_MEMSET (start INT, end INT, bytes INT)")
+    con.execute("CREATE TABLE CUPTI_ACTIVITY_KIND_RUNTIME (start INT, end INT, nameId INT)")
+    con.executemany("INSERT INTO StringIds VALUES (?, ?)", [(10, "cuGraphLaunch"), (11, "cuStreamSynchronize")])
+    steps_at = [100_000 + s * 1_000_000 for s in range(10)]
+    con.executemany("INSERT INTO CUPTI_ACTIVITY_KIND_MEMCPY VALUES (?, ?, ?, 2)", [(t + 50_000, t + 52_000, 260) for t in steps_at])
+    con.executemany("INSERT INTO CUPTI_ACTIVITY_KIND_MEMSET VALUES (?, ?, 4)", [(t - 5_000, t - 4_000) for t in steps_at[1::2]])
+    api = [(t - 20_000, t - 15_000, 10) for t in steps_at] + [(t + 41_000, t + 53_000, 11) for t in steps_at]
+    con.executemany("INSERT INTO CUPTI_ACTIVITY_KIND_RUNTIME VALUES (?, ?, ?)", api)
     con.commit()
     kernels = read_kernels(path)
     steps, outside = cut_into_steps(kernels)
@@ -150,10 +243,22 @@ def self_test():
         ("k3", 12_000, 18_000, 0),
         ("gemm #2", 33_000, 7_000, 3_000),
     ], per_kernel
+    copies, launches = read_host_side(path)
+    assert len(copies) == 15 and launches == [t - 20_000 for t in steps_at], (copies, launches)
+    pairs = between_steps(steps, copies, launches)
+    # After step 2: its outputs' copy back, then the memset before step 3; after step 3, the copy.
+    assert pairs[2] == (1_000_000, 960_000, 2, 264, 3_000, 20_000), pairs[2]
+    assert pairs[3] == (1_000_000, 960_000, 1, 260, 2_000, 20_000), pairs[3]
     text = io.StringIO()
-    assert summarise(kernels, "made-up", text) == (40.0, 35.0)
+    assert summarise(kernels, "made-up", text, copies, launches) == (40.0, 35.0, 1000.0)
     assert "the GPU idle 5.0 us (12%)" in text.getvalue(), text.getvalue()
     assert "not the step's: setup" in text.getvalue(), text.getvalue()
+    assert "the GPU waiting 960.0 us of it for the host" in text.getvalue(), text.getvalue()
+    assert "started 20.0 us after the host called cuGraphLaunch" in text.getvalue(), text.getvalue()
+    # Without the host's tables (an older trace), the kernels' figures alone.
+    text = io.StringIO()
+    assert summarise(kernels, "made-up", text)[:2] == (40.0, 35.0)
+    assert "copies and memsets 0 a step" in text.getvalue() and "cuGraphLaunch" not in text.getvalue()
     print("timeline.py self-test: ok")
 
 
@@ -162,7 +267,8 @@ def main(argv):
         return self_test()
     if len(argv) < 2:
         raise SystemExit("usage: timeline.py TRACE.sqlite [TITLE] | timeline.py --self-test")
-    summarise(read_kernels(argv[1]), argv[2] if len(argv) > 2 else argv[1])
+    copies, launches = read_host_side(argv[1])
+    summarise(read_kernels(argv[1]), argv[2] if len(argv) > 2 else argv[1], sys.stdout, copies, launches)
 
 
 if __name__ == "__main__":
