@@ -51,10 +51,14 @@ def read_kernels(path):
     return con.execute(query).fetchall()
 
 
+def has_table(con, table):
+    """Whether the trace has `table` (nsys writes one only where it saw such work)."""
+    return bool(con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchall())
+
+
 def read_table(con, table, columns):
-    """Rows of `columns` of `table`, in order of start ([] where the trace has no such table: nsys
-    writes one only where it saw such work)."""
-    if not con.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchall():
+    """Rows of `columns` of `table`, in order of start ([] where the trace has no such table)."""
+    if not has_table(con, table):
         return []
     return con.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY start").fetchall()
 
@@ -74,7 +78,7 @@ def read_host_side(path):
         con, "CUPTI_ACTIVITY_KIND_MEMSET", ["start", "end", "bytes"]
     )]
     launches = []
-    if read_table(con, "CUPTI_ACTIVITY_KIND_RUNTIME", ["start"]):
+    if has_table(con, "CUPTI_ACTIVITY_KIND_RUNTIME"):
         launches = [
             row[0]
             for row in con.execute(
@@ -139,7 +143,8 @@ def summarise(kernels, title, out=sys.stdout, copies=(), launches=()):
     used = steps[skipped:] or steps
     # A step whose kernels are not the others' (a cut that slipped) is left out, and counted.
     shape = collections.Counter(tuple(sorted(k[3] for k in s)) for s in used).most_common(1)[0][0]
-    good = [s for s in used if tuple(sorted(k[3] for k in s)) == shape]
+    good_at = {i for i, s in enumerate(steps) if i >= skipped and tuple(sorted(k[3] for k in s)) == shape}
+    good = [steps[i] for i in sorted(good_at)]
     figures = [step_figures(s) for s in good]
     median = statistics.median
     span = median(f[0] for f in figures) / 1e3
@@ -169,11 +174,7 @@ def summarise(kernels, title, out=sys.stdout, copies=(), launches=()):
             file=out,
         )
     # Between the steps: only pairs of steps that follow each other, both of the step's shape.
-    pairs = [
-        f
-        for f, (a, b) in zip(between_steps(steps, copies, launches), zip(steps, steps[1:]))
-        if a in good and b in good
-    ]
+    pairs = [f for i, f in enumerate(between_steps(steps, copies, launches)) if {i, i + 1} <= good_at]
     if not pairs:
         return span, busy, None
     period = median(f[0] for f in pairs) / 1e3

@@ -157,7 +157,7 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
         if l.launch.cluster > 1 && !start.is_multiple_of(cluster) {
             let skipped = start.next_multiple_of(cluster);
             comments.push(format!("  blocks [{start}, {skipped}): none (a cluster's first block next)"));
-            sections.push((skipped, String::new(), vec![]));
+            sections.push((skipped, None, vec![]));
             start = skipped;
         }
         let names = section_names(s, k);
@@ -187,7 +187,7 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
             _ => None,
         });
         let end = start + grid;
-        sections.push((end, k.name.clone(), body));
+        sections.push((end, Some(k.name.clone()), body));
         start = end;
     }
     // A grid of whole clusters: the blocks past the last section's run nothing.
@@ -197,7 +197,7 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
     let mut union_members = vec![];
     if sections.iter().filter(|(_, _, body)| body.iter().any(is_shared_array)).count() > 1 {
         // Numbered as the sections' parameters are (the blocks a clustered section skips are none).
-        for (s, (_, _, body)) in sections.iter_mut().filter(|(_, kname, _)| !kname.is_empty()).enumerate() {
+        for (s, (_, _, body)) in sections.iter_mut().filter(|(_, kname, _)| kname.is_some()).enumerate() {
             let (arrays, rest): (Vec<Stmt>, Vec<Stmt>) = std::mem::take(body).into_iter().partition(is_shared_array);
             *body = rest;
             if arrays.is_empty() {
@@ -218,10 +218,7 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
     // if (blockIdx.x < end0) { section 0 } else if (blockIdx.x < end1) { section 1 } ...
     let mut tail: Vec<Stmt> = vec![];
     for (end, kname, body) in sections.into_iter().rev() {
-        let mut then = vec![];
-        if !kname.is_empty() {
-            then.push(Stmt::Comment(kname));
-        }
+        let mut then: Vec<Stmt> = kname.map(Stmt::Comment).into_iter().collect();
         then.extend(body);
         if tail.is_empty() && end == padded {
             tail = then;
