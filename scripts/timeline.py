@@ -26,6 +26,7 @@ the warm-up) is left out.
 `timeline.py --self-test` checks the arithmetic on a made-up trace (CI runs it).
 """
 
+import bisect
 import collections
 import sqlite3
 import statistics
@@ -64,19 +65,11 @@ def read_table(con, table, columns):
 
 
 def read_host_side(path):
-    """The trace's copies and memsets as (start ns, end ns, bytes, what), and its launches of CUDA
-    graphs as the start (ns) of each call to cuGraphLaunch, each in order of start."""
+    """The trace's copies and memsets as (start ns, end ns, bytes), and its launches of CUDA graphs
+    as the start (ns) of each call to cuGraphLaunch, each in order of start."""
     con = sqlite3.connect(path)
-    kinds = {1: "copy to the device", 2: "copy to the host", 8: "copy on the device"}
-    copies = [
-        (start, end, size, kinds.get(kind, f"copy of kind {kind}"))
-        for start, end, size, kind in read_table(
-            con, "CUPTI_ACTIVITY_KIND_MEMCPY", ["start", "end", "bytes", "copyKind"]
-        )
-    ]
-    copies += [(start, end, size, "memset") for start, end, size in read_table(
-        con, "CUPTI_ACTIVITY_KIND_MEMSET", ["start", "end", "bytes"]
-    )]
+    copies = read_table(con, "CUPTI_ACTIVITY_KIND_MEMCPY", ["start", "end", "bytes"])
+    copies += read_table(con, "CUPTI_ACTIVITY_KIND_MEMSET", ["start", "end", "bytes"])
     launches = []
     if has_table(con, "CUPTI_ACTIVITY_KIND_RUNTIME"):
         launches = [
@@ -93,14 +86,16 @@ def between_steps(steps, copies, launches):
     """For each step but the last: (the call period, the GPU's wait between it and the next step,
     the copies and memsets from its first kernel to the next step's: their count, bytes and time,
     and the time from the last graph launch call before the next step to that step's first kernel
-    start, or None), all times in ns."""
+    start, or None), all times in ns. `copies` and `launches` are in order of start, so each step's
+    are found by bisection (a trace holds thousands of steps)."""
+    copy_starts = [c[0] for c in copies]
     figures = []
     for step, following in zip(steps, steps[1:]):
         first, last = min(k[0] for k in step), max(k[1] for k in step)
         next_first = min(k[0] for k in following)
-        mine = [c for c in copies if first <= c[0] < next_first]
-        called = [t for t in launches if last <= t < next_first]
-        latency = next_first - called[-1] if called else None
+        mine = copies[bisect.bisect_left(copy_starts, first) : bisect.bisect_left(copy_starts, next_first)]
+        called = bisect.bisect_left(launches, next_first)
+        latency = next_first - launches[called - 1] if called and launches[called - 1] >= last else None
         busy = sum(c[1] - c[0] for c in mine)
         figures.append((next_first - first, next_first - last, len(mine), sum(c[2] for c in mine), busy, latency))
     return figures
