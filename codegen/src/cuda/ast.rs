@@ -283,6 +283,18 @@ pub fn assign(lhs: Expr, rhs: Expr) -> Stmt {
     Stmt::Assign(lhs, rhs)
 }
 
+/// `for (int name = 0; name < end; name += step) body`: a loop of constant trip count.
+pub fn counted_loop(name: &str, end: i64, step: i64, body: Vec<Stmt>) -> Stmt {
+    Stmt::For { ty: CType::Int, var: name.into(), init: int(0), end: int(end), step: int(step), body }
+}
+
+/// `counted_loop`, headed by `#pragma unroll` where `unroll`: for the loops NVRTC would not
+/// unroll whole on its own (the pragma also changes ptxas's schedule, so it goes only where asked).
+pub fn unrolled_loop(name: &str, end: i64, step: i64, body: Vec<Stmt>, unroll: bool) -> Vec<Stmt> {
+    let pragma = unroll.then_some(Stmt::Pragma("unroll"));
+    pragma.into_iter().chain([counted_loop(name, end, step, body)]).collect()
+}
+
 impl Expr {
     /// Whether evaluating this expression reads memory (an element of an array or a pointer).
     pub fn reads_memory(&self) -> bool {

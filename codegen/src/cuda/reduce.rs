@@ -228,15 +228,7 @@ impl<'a> Emitter<'a> {
             // In a block of its own, as the loop's `r` is in the loop's.
             return vec![Stmt::Block(per_turn(None))];
         }
-        let walk = Stmt::For {
-            ty: CType::Int,
-            var: "turn".into(),
-            init: int(0),
-            end: int(most as i64),
-            step: int(1),
-            body: per_turn(Some(var("turn"))),
-        };
-        vec![Stmt::Pragma("unroll"), walk]
+        unrolled_loop("turn", most as i64, 1, per_turn(Some(var("turn"))), true)
     }
 
     /// Statements that fold the element at the current multi-index into `acc` (and `best`).

@@ -125,14 +125,7 @@ impl<'a> Emitter<'a> {
         round.push(assign(var("c2"), var("n2")));
         round.push(Stmt::Compound(BinOp::Add, var("k0"), Expr::ULong(0x9E37_79B9)));
         round.push(Stmt::Compound(BinOp::Add, var("k1"), Expr::ULong(0xBB67_AE85)));
-        per.push(Stmt::For {
-            ty: CType::Int,
-            var: "round".into(),
-            init: int(0),
-            end: int(10),
-            step: int(1),
-            body: round,
-        });
+        per.push(counted_loop("round", 10, 1, round));
         let w = |i: usize| var(format!("c{i}"));
         let u24 = |x: Expr| cast(CType::Float, bin(BinOp::Shr, x, int(8))) * Expr::F32(1.0 / 16_777_216.0);
         let u53 = |a: Expr, b: Expr| {

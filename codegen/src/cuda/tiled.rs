@@ -96,12 +96,8 @@ pub(super) fn acc(i: usize, j: usize) -> String {
 /// multiply-adds, a 32x32 tile's group's 16 steps of 16), so there `#pragma unroll` asks for it
 /// (only there: the pragma changed ptxas's schedule of other tiles, some for worse).
 fn slab_multiply(plan: &TilePlan, slabs: (&str, &str), a_rows_major: bool) -> Vec<Stmt> {
-    let pragma = plan.deepened().then_some(Stmt::Pragma("unroll"));
-    let unrolled = |var: &str, end: i64, step: i64, body: Vec<Stmt>| {
-        let (init, end, step) = (int(0), int(end), int(step));
-        let unrolled = Stmt::For { ty: CType::Int, var: var.into(), init, end, step, body };
-        pragma.clone().into_iter().chain([unrolled]).collect()
-    };
+    let unrolled =
+        |var: &str, end: i64, step: i64, body: Vec<Stmt>| unrolled_loop(var, end, step, body, plan.deepened());
     if plan.tensor_cores {
         let pitches = (plan.pitch(plan.bm), plan.pitch(plan.bn));
         let products = mma::slab_step(plan.bm, plan.bn, pitches, acc);
