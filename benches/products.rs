@@ -8,7 +8,8 @@
 //! asynchronous copies (`/p3` columns) and 64x64 and 128x64 ones with as many as fit of eight
 //! (`/p8`), 32x32k4 and 64x64 tiles with a tile's slices as a thread
 //! block cluster (`/cluster` columns), and (`tc` columns, fewer slice counts) on tensor cores at
-//! float32 accuracy (3xTF32). Prints microseconds per call, one row per product, the fastest variant marked `*`;
+//! float32 accuracy (3xTF32), through registers and (`/p3`) with three buffers of copies. Prints
+//! microseconds per call, one row per product, the fastest variant marked `*`;
 //! `--write-table FILE` writes the fastest of each product as a tile table, which
 //! `KILN_CUDA_TILES=FILE` then makes the CUDA backend follow (the step benchmark's tuned row).
 //! The last line says how far kiln's own choices are from the fastest, over every product.
@@ -87,6 +88,15 @@ fn variants() -> Vec<(String, TileChoice)> {
     for tile in [TileShape::T64x64, TileShape::T128x64] {
         for slices in [1, 4, 8] {
             let choice = TileChoice { stages: Some(8), ..TileChoice::forced(tile, slices, false) };
+            v.push((choice.label().expect("a whole choice"), choice));
+        }
+    }
+    // Tensor cores with three buffers filled by asynchronous copies, each slab split by the block
+    // once landed (`tcRxC/sN/p3`), 128x128 tiles too: of the tile shapes they do the most
+    // multiply-adds for each word split.
+    for tile in [TileShape::T32x32, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128] {
+        for slices in [1, 2, 4] {
+            let choice = TileChoice { stages: Some(3), ..TileChoice::forced(tile, slices, true) };
             v.push((choice.label().expect("a whole choice"), choice));
         }
     }

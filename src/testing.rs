@@ -216,9 +216,11 @@ pub fn emulated_agrees(g: &Graph, ins: &[&Var], outs: &[&Var], args: &[Tensor]) 
 /// The forms the CUDA tests force a tiled product into, for one tile shape: whole and in 4 slices,
 /// by float32 FMAs and on tensor cores (3xTF32); with slabs copied asynchronously (whole in 3
 /// buffers, 4 slices in 2, and both in as many as fit of 8, so that the buffers wrap around a
-/// count that is not a power of two and a slice's every slab may be in flight); and with a tile's
-/// slices as a thread block cluster (4 by FMAs, 3 on tensor cores, 3 by FMAs with 3 buffers and
-/// with up to 8; used where the whole tile fits beside its slabs, or in them).
+/// count that is not a power of two and a slice's every slab may be in flight; on tensor cores,
+/// split by the block once landed, whole in 3 and 4 slices in as many as fit of 8); and with a
+/// tile's slices as a thread block cluster (4 by FMAs, 3 on tensor cores with one buffer and with
+/// 3, 3 by FMAs with 3 buffers and with up to 8; used where the whole tile fits beside its slabs,
+/// or in them).
 pub fn tile_forms(tile: kiln_codegen::cuda::TileShape) -> Vec<kiln_codegen::cuda::TileChoice> {
     use kiln_codegen::cuda::TileChoice;
     let forms = [
@@ -230,8 +232,11 @@ pub fn tile_forms(tile: kiln_codegen::cuda::TileShape) -> Vec<kiln_codegen::cuda
         (4, false, 2, false),
         (1, false, 8, false),
         (4, false, 8, false),
+        (1, true, 3, false),
+        (4, true, 8, false),
         (4, false, 1, true),
         (3, true, 1, true),
+        (3, true, 3, true),
         (3, false, 3, true),
         (3, false, 8, true),
     ];

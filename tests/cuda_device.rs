@@ -387,6 +387,42 @@ fn tensor_core_tiles_keep_float32_accuracy() {
 }
 
 #[test]
+fn tensor_core_slabs_split_by_the_block_once_copied_give_the_bits_split_where_staged() {
+    // Through registers each thread splits the words it stages; copied asynchronously the block
+    // splits the landed slab into fragment-ordered arrays. The same parts multiplied in the same
+    // order: the same bits, in every tile shape, whole and in slices, with edge tiles and a slice
+    // that ends inside a slab.
+    use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
+    let g = Graph::new();
+    let x = g.input("x", F32, [200, 300]);
+    let w = g.input("w", F32, [300, 190]);
+    let b = g.input("b", F32, [190]);
+    let out = (x.matmul(&w) + &b).relu();
+    let args: Vec<Tensor> = [&[200, 300][..], &[300, 190], &[190]]
+        .iter()
+        .enumerate()
+        .map(|(i, s)| kiln::testing::random_tensor(s, -1.0, 1.0, 60 + i as u64).cast(F32))
+        .collect();
+    for device in cuda_devices() {
+        for tile in [TileShape::T32x32, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128] {
+            for slices in [1, 3] {
+                let run = |stages| {
+                    let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, slices, true) };
+                    with_tile_choice(choice, || {
+                        let mut f = g.function([&x, &w, &b], [&out]).compile(device).unwrap();
+                        (f.call(&args).unwrap().remove(0).to_f64_vec(), f.generated_code())
+                    })
+                };
+                let ((staged, _), (copied, code)) = (run(1), run(3));
+                assert!(code.contains("on tensor cores (3xTF32)") && code.contains("split_a_hi"), "{code}");
+                let what = format!("{device:?} {} tiles, {slices} slices", tile.label());
+                assert!(staged == copied, "{what}: the copied slabs' product differs");
+            }
+        }
+    }
+}
+
+#[test]
 fn small_products_with_long_dots_are_tiled_and_agree_with_the_cpu() {
     // Three products small enough for a thread per output: one with dots 300 long is tiled (its
     // inner dim in slices), one with dots of 40 stays a dot per thread, and one with long dots

@@ -18,6 +18,8 @@ pub enum CType {
     Float4,
     /// Two words, loaded or stored as one 8-byte access (a float's TF32 high and low parts).
     UInt2,
+    /// Four words, loaded or stored as one 16-byte access (a tensor-core fragment's high parts).
+    UInt4,
     /// `float*` and `const float*` (a helper's or a slab's pointer into memory).
     FloatPtr,
     ConstFloatPtr,
@@ -39,7 +41,7 @@ impl CType {
             CType::Bool => 1,
             CType::Float | CType::Int | CType::UInt => 4,
             CType::Double | CType::LongLong | CType::ULongLong => 8,
-            CType::Float4 => 16,
+            CType::Float4 | CType::UInt4 => 16,
             CType::UInt2 | CType::FloatPtr | CType::ConstFloatPtr => 8,
             CType::Void => 0,
         }
@@ -56,6 +58,7 @@ impl CType {
             CType::Void => "void",
             CType::Float4 => "float4",
             CType::UInt2 => "uint2",
+            CType::UInt4 => "uint4",
             CType::FloatPtr => "float*",
             CType::ConstFloatPtr => "const float*",
         }

@@ -1,5 +1,5 @@
 //! Tiled products on tensor cores at float32 accuracy (3xTF32). Each operand element is split
-//! once, when its slab is staged, into a TF32 high part and a TF32 low part (`x = hi + lo` to
+//! once a block into a TF32 high part and a TF32 low part (`x = hi + lo` to
 //! within 2^-22 |x|), and each product is `lo*hi + hi*lo + hi*hi`, three `mma.sync.m16n8k8` with
 //! float32 accumulators (`lo*lo`, below float32's rounding, is left out). So a product keeps
 //! float32's accuracy, as the peers are measured (TF32 off), while running on the tensor cores:
@@ -16,6 +16,14 @@
 //! ISA's fragment layout), where a thread's outputs lie in the tile, and one slab step. A block's
 //! 8 warps cover the tile as 2x4 warp tiles; a thread's output `(i, j)` is the accumulator
 //! `i % 2 * 2 + j % 2` of the warp's 16x8 product `(i / 2, j / 2)`.
+//!
+//! A slab is split in one of two places. Staged through registers (one slab buffer), each
+//! thread splits the words it stores, and the buffer holds each element's two parts side by side
+//! (`slab_step`). Copied asynchronously (`TilePlan::split_slabs`: the slabs in flight are the
+//! words as copied, since a copy cannot split them), the block splits the slab it is about to
+//! multiply into arrays of its own, laid out a lane's fragment after another (`split_slab`,
+//! `split_slab_step`): a thread splits whole fragments, and a warp reads each part of a fragment
+//! with one 16- or 8-byte access into the registers the multiply-add takes.
 
 use super::ast::*;
 
@@ -79,7 +87,13 @@ pub(super) fn helpers() -> Vec<DeviceFn> {
         body: vec![
             Stmt::Comment("Exact; where x is not finite its high part carries it.".into()),
             decl(u, "rest", call("__float_as_uint", vec![var("x") - call("__uint_as_float", vec![var("hi")])])),
-            Stmt::ReturnValue(select(not_finite(var("rest")), Expr::UInt(0), round(var("rest")))),
+            // Tested on x, not on the rest (the same: a finite x has a finite high part), so that
+            // the compiler shares the high part's test: two instructions fewer a split.
+            Stmt::ReturnValue(select(
+                not_finite(call("__float_as_uint", vec![var("x")])),
+                Expr::UInt(0),
+                round(var("rest")),
+            )),
         ],
     };
     let d = ["d0", "d1", "d2", "d3"];
@@ -133,13 +147,14 @@ pub(super) fn output_col(bn: usize, j: usize) -> Expr {
 }
 
 /// One step of 8 along the staged slabs (`kk` its first): each warp's fragments of both operands
-/// (`tile_a`, `tile_b`: each element's high and low parts as a `uint2`, stored `[kk][row]` with
-/// the given pitches), then three multiply-adds per 16x8 product into the accumulators
-/// `acc(i, j)`.
+/// (from `slabs`, `a`'s and `b`'s: each element's high and low parts as a `uint2`, stored
+/// `[kk][row]` with the given pitches), then three multiply-adds per 16x8 product into the
+/// accumulators `acc(i, j)`.
 pub(super) fn slab_step(
     bm: usize,
     bn: usize,
     pitches: (usize, usize),
+    (slab_a, slab_b): (&str, &str),
     acc: impl Fn(usize, usize) -> String,
 ) -> Vec<Stmt> {
     let (tm, tn) = per_thread(bm, bn);
@@ -152,7 +167,7 @@ pub(super) fn slab_step(
         for r in 0..2 {
             let kk = var("kk") + var("quad") + int((4 * r) as i64);
             let col = var("warp_col") * int((bn / WARP_COLS) as i64) + int((nj * MMA_N) as i64) + var("group");
-            step.push(decl(CType::UInt2, format!("b{nj}_{r}"), index(var("tile_b"), kk * int(pitch_b) + col)));
+            step.push(decl(CType::UInt2, format!("b{nj}_{r}"), index(var(slab_b), kk * int(pitch_b) + col)));
         }
     }
     // `.x` is a word's high part, `.y` its low part.
@@ -162,7 +177,7 @@ pub(super) fn slab_step(
             let kk = var("kk") + var("quad") + int((4 * (r / 2)) as i64);
             let row =
                 var("warp_row") * int((bm / WARP_ROWS) as i64) + int((mi * MMA_M + 8 * (r % 2)) as i64) + var("group");
-            step.push(decl(CType::UInt2, format!("a{mi}_{r}"), index(var("tile_a"), kk * int(pitch_a) + row)));
+            step.push(decl(CType::UInt2, format!("a{mi}_{r}"), index(var(slab_a), kk * int(pitch_a) + row)));
         }
         for nj in 0..tn / 2 {
             let d =
@@ -177,4 +192,112 @@ pub(super) fn slab_step(
         }
     }
     step
+}
+
+/// Bands of 16 rows of `a`'s slab and of 8 columns of `b`'s: what one `mma.sync` reads of each.
+fn bands(bm: usize, bn: usize) -> (usize, usize) {
+    (bm / MMA_M, bn / MMA_N)
+}
+
+/// The shared arrays a slab copied as it is gets split into (`TilePlan::split_slabs`): the high and
+/// the low parts of `a`'s, a `uint4` for each lane's fragment of each 16-row band and step of 8,
+/// and of `b`'s, a `uint2` for each lane's fragment of each 8-column band and step. In this order
+/// a warp reads a fragment's parts with one access each, 16 (8) adjacent bytes a lane, and they
+/// land in the registers the multiply-add takes them from: through `uint2`s of one element's two
+/// parts, ptxas moved each part into place (110 moves a turn beside 24 multiply-adds of a 128x64
+/// tile).
+pub(super) fn split_arrays(bm: usize, bn: usize, bk: usize) -> Vec<Stmt> {
+    let (a_slots, b_slots) = (bm * bk / 4, bn * bk / 2);
+    let array = |ty, name: &str, len| Stmt::SharedArray { ty, name: name.into(), len, align: 0 };
+    vec![
+        array(CType::UInt4, "split_a_hi", a_slots),
+        array(CType::UInt4, "split_a_lo", a_slots),
+        array(CType::UInt2, "split_b_hi", b_slots),
+        array(CType::UInt2, "split_b_lo", b_slots),
+    ]
+}
+
+/// Splits the slab just landed in `slab_a` and `slab_b` (words as copied, `[kk][row]` with the
+/// given pitches) into `split_arrays`, then waits for the block. Each thread splits whole
+/// fragments, `a`'s four words (rows `group` and `group + 8`, steps `quad` and `quad + 4` of its
+/// band) or `b`'s two, so that its stores are one access each; a warp's reads of one word of its
+/// fragments, steps `quad` by rows `group`, fall in 32 banks with the pitches 8 past a multiple
+/// of 32. Once a block rather than once for every warp that multiplies a word (the four warps of
+/// a tile's row all read its `a`). The split arrays are free to write once the turn's first
+/// barrier is past: every warp is done multiplying the slab before.
+pub(super) fn split_slab(bm: usize, bn: usize, bk: usize, (pitch_a, pitch_b): (usize, usize)) -> Vec<Stmt> {
+    let tid = || cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx));
+    let (bands_a, bands_b) = bands(bm, bn);
+    let threads = super::emit::THREADS as usize;
+    let mut out = vec![];
+    // (operand, slots, bands, rows of a band, pitch, words of a slot as (row, step) offsets)
+    let a_words: &[(usize, usize)] = &[(0, 0), (8, 0), (0, 4), (8, 4)];
+    let b_words: &[(usize, usize)] = &[(0, 0), (0, 4)];
+    let sides =
+        [("a", bm * bk / 4, bands_a, MMA_M, pitch_a, a_words), ("b", bn * bk / 2, bands_b, MMA_N, pitch_b, b_words)];
+    for (side, slots, bands, band_rows, pitch, words) in sides {
+        debug_assert!(slots.is_multiple_of(threads), "a slab's fragments are whole for each thread");
+        for u in 0..slots / threads {
+            // Slot `tid + u * threads`: its lane, then its band and step of 8 (each warp's 32
+            // slots a band and step).
+            let lane = tid() % int(32);
+            let band_step = tid() / int(32) + int((u * threads / 32) as i64);
+            let (band, step) = (band_step.clone() % int(bands as i64), band_step / int(bands as i64));
+            let first = (step * int(MMA_K as i64) + lane.clone() % int(4)) * int(pitch as i64)
+                + band * int(band_rows as i64)
+                + lane / int(4);
+            let name = |what: &str, w: usize| format!("{side}{u}_{what}{w}");
+            for (w, &(row, kk)) in words.iter().enumerate() {
+                let at = first.clone() + int((kk * pitch + row) as i64);
+                out.push(decl(CType::Float, name("w", w), index(var(format!("slab_{side}")), at)));
+                out.push(decl(CType::UInt, name("hi", w), call(HIGH_HELPER, vec![var(name("w", w))])));
+            }
+            let slot = tid() + int((u * threads) as i64);
+            let make = if words.len() == 4 { "make_uint4" } else { "make_uint2" };
+            let his = (0..words.len()).map(|w| var(name("hi", w))).collect();
+            let los = (0..words.len()).map(|w| call(LOW_HELPER, vec![var(name("w", w)), var(name("hi", w))])).collect();
+            out.push(assign(index(var(format!("split_{side}_hi")), slot.clone()), call(make, his)));
+            out.push(assign(index(var(format!("split_{side}_lo")), slot), call(make, los)));
+        }
+    }
+    out.push(Stmt::SyncThreads);
+    out
+}
+
+/// One step of 8 (`kk` its first) through the split slab (`split_slab`): each warp's fragments,
+/// an access per part (`b`'s all first, then one 16-row band of `a`'s at a time with its
+/// products, as `slab_step`), and three multiply-adds per 16x8 product into the accumulators
+/// `acc(i, j)`, the small terms first.
+pub(super) fn split_slab_step(bm: usize, bn: usize, acc: impl Fn(usize, usize) -> String) -> Vec<Stmt> {
+    let (tm, tn) = per_thread(bm, bn);
+    let (bands_a, bands_b) = bands(bm, bn);
+    let lane = || var("group") * int(4) + var("quad");
+    let step = || var("kk") / int(MMA_K as i64);
+    let mut out = vec![];
+    for nj in 0..tn / 2 {
+        let band = var("warp_col") * int((bn / WARP_COLS / MMA_N) as i64) + int(nj as i64);
+        let slot = (step() * int(bands_b as i64) + band) * int(32) + lane();
+        for part in ["hi", "lo"] {
+            out.push(decl(CType::UInt2, format!("b{nj}_{part}"), index(var(format!("split_b_{part}")), slot.clone())));
+        }
+    }
+    let lanes = |name: String, n: u8| (0..n).map(move |l| Expr::Lane(Box::new(var(name.clone())), l));
+    for mi in 0..tm / 2 {
+        let band = var("warp_row") * int((bm / WARP_ROWS / MMA_M) as i64) + int(mi as i64);
+        let slot = (step() * int(bands_a as i64) + band) * int(32) + lane();
+        for part in ["hi", "lo"] {
+            out.push(decl(CType::UInt4, format!("a{mi}_{part}"), index(var(format!("split_a_{part}")), slot.clone())));
+        }
+        for nj in 0..tn / 2 {
+            let d =
+                [acc(2 * mi, 2 * nj), acc(2 * mi, 2 * nj + 1), acc(2 * mi + 1, 2 * nj), acc(2 * mi + 1, 2 * nj + 1)];
+            for (a_part, b_part) in [("lo", "hi"), ("hi", "lo"), ("hi", "hi")] {
+                let mut args: Vec<Expr> = d.iter().map(var).collect();
+                args.extend(lanes(format!("a{mi}_{a_part}"), 4));
+                args.extend(lanes(format!("b{nj}_{b_part}"), 2));
+                out.push(Stmt::Call(call(MMA_HELPER, args)));
+            }
+        }
+    }
+    out
 }

@@ -140,8 +140,7 @@ pub struct TileChoice {
     pub slices: Option<usize>,
     /// `Some(true)`: tiles computed on tensor cores (3xTF32); `Some(false)`: by float32 FMAs.
     pub tensor_cores: Option<bool>,
-    /// Slab buffers filled by asynchronous copies (1: the next slab through registers; by float32
-    /// FMAs only).
+    /// Slab buffers filled by asynchronous copies (1: the next slab through registers).
     pub stages: Option<usize>,
     /// `Some(true)`: a sliced tile's slices run as one thread block cluster and add their partial
     /// tiles through distributed shared memory (`cluster.rs`; 2 to 8 slices, the tile staged
@@ -262,8 +261,7 @@ impl TilePlan {
             SHAPES_BY_SIZE.into_iter().find(enough).unwrap_or_else(smallest_shape)
         });
         let tensor_cores = choice.tensor_cores.unwrap_or_else(tensor_cores_from_env);
-        // Tensor cores take their operands split when staged: through registers.
-        let stages = if tensor_cores { 1 } else { choice.stages.unwrap_or_else(stages_from_env) };
+        let stages = choice.stages.unwrap_or_else(stages_from_env);
         let (bm, bn, bk) = shape.dims();
         let (tiles_m, tiles_n) = (mm.m.div_ceil(bm), mm.n.div_ceil(bn));
         let tiles = tiles_m * tiles_n;
@@ -276,9 +274,12 @@ impl TilePlan {
         // spends 1.18 to 1.20 instructions a multiply-add in 128x64 and 64x64 tiles (1.25 to
         // 1.27 before), 1.40 to 1.43 in 32x32 tiles in thread groups (1.50 to 1.58);
         // `cuda_source --loads`. Sliced tiles keep theirs: a slice is a few slabs deep.
-        // `KILN_CUDA_DEEP_SLABS=0` keeps every tile's own depth, to time the two.
+        // `KILN_CUDA_DEEP_SLABS=0` keeps every tile's own depth, to time the two. Not on tensor
+        // cores: their slabs are also kept split (`slab_words`), and twice as deep they would
+        // leave room for one buffer at most.
         let unsliced = choice.slices.map_or(tiles_enough, |s| s == 1);
-        let deepened = stages > 1 && unsliced && mm.k.div_ceil(bk).is_multiple_of(2) && DEEP_SLABS.on();
+        let deepened =
+            stages > 1 && !tensor_cores && unsliced && mm.k.div_ceil(bk).is_multiple_of(2) && DEEP_SLABS.on();
         let bk = if deepened { 2 * bk } else { bk };
         let slabs_total = mm.k.div_ceil(bk).max(1);
         let wanted = if tiles_enough { 1 } else { target.div_ceil(tiles).min(deepest_cut(shape)) };
@@ -407,15 +408,37 @@ impl TilePlan {
     /// where they are read as `float4`s; for tensor cores, 4 past a multiple of 16 pairs of words,
     /// so each half-warp's 16 pairs of a fragment (rows `quad` by columns `group`) fall in 32
     /// different banks.
+    /// Slabs copied as they are for tensor cores (`split_slabs`) are read a fragment at a time by
+    /// the split (`mma::split_slab`): steps `quad` by rows `group`, which fall in 32 different
+    /// banks 8 past a multiple of 32.
     pub(super) fn pitch(&self, side: usize) -> usize {
-        side + if self.tensor_cores || self.vectors() { 4 } else { 1 }
+        side + if self.split_slabs() {
+            8
+        } else if self.tensor_cores || self.vectors() {
+            4
+        } else {
+            1
+        }
     }
 
-    /// Words of shared memory that both operands' slab buffers take (high and low parts on tensor
-    /// cores).
+    /// Words of shared memory that both operands' slab buffers take. On tensor cores a slab is
+    /// multiplied from its high and low parts (two words an element): through registers the one
+    /// buffer holds them, with copies the buffers hold the words as copied and the slab being
+    /// multiplied is split into arrays of its own (`split_slabs`, `mma::split_arrays`).
     pub(super) fn slab_words(&self) -> usize {
         let buffer = self.bk * (self.pitch(self.bm) + self.pitch(self.bn));
-        buffer * self.stages * if self.tensor_cores { 2 } else { 1 }
+        match (self.tensor_cores, self.split_slabs()) {
+            (false, _) => buffer * self.stages,
+            (true, false) => buffer * 2,
+            (true, true) => buffer * self.stages + 2 * self.bk * (self.bm + self.bn),
+        }
+    }
+
+    /// Whether the slabs are copied as they are into the slab buffers and each is split into its
+    /// high and low parts by the block once it has landed, into arrays of their own in the order
+    /// the warps read them (`mma::split_slab`): tensor cores with slabs copied asynchronously.
+    pub(super) fn split_slabs(&self) -> bool {
+        self.tensor_cores && self.stages > 1
     }
 
     /// Whether the slab buffers and the smallest band of the staged tile (the whole tile where
@@ -430,10 +453,11 @@ impl TilePlan {
     /// landed and the block has passed a barrier: `Emitter::tiled_elementwise`), so the shared
     /// memory the tile would take of its own goes to more slabs in flight (32x32 tiles in thread
     /// groups: five buffers, a 128-deep slice's four slabs all in flight, where three buffers and
-    /// the groups' copies of the tile filled 48 KiB). Not on tensor cores, whose slabs hold words
-    /// split in two.
+    /// the groups' copies of the tile filled 48 KiB). Not on tensor cores through registers, whose
+    /// one buffer holds words split in two.
     pub(super) fn staged_in_slabs(&self, rows: usize) -> bool {
-        !self.tensor_cores && self.staged_words(rows) <= self.stages * self.bk * self.pitch(self.bm)
+        (!self.tensor_cores || self.split_slabs())
+            && self.staged_words(rows) <= self.stages * self.bk * self.pitch(self.bm)
     }
 
     /// Words of shared memory that `rows` rows of the staged tile take beside the slabs.
@@ -572,8 +596,14 @@ mod tests {
         let plan = stages(TileShape::T32x32K4, MAX_STAGES, false);
         assert_eq!((plan.stages, plan.staged_in_slabs(plan.bm)), (5, true));
         assert!(plan.fits_in_shared_memory());
-        // Tensor cores stage their operands split, through registers.
-        assert_eq!(stages(TileShape::T64x64, 3, true).stages, 1);
+        // Tensor cores copy their operands as they are, and split the slab they multiply into
+        // arrays of its own: three 64x64 buffers of 16-deep slabs (27 KiB) and the split slab (two
+        // words an element, 16 KiB) leave no room for the whole tile beside them (17 KiB), nor
+        // in `a`'s buffers (13.5 KiB): it is staged in `a`'s buffers in two bands.
+        let tc = stages(TileShape::T64x64, 3, true);
+        assert_eq!((tc.stages, tc.bk, tc.split_slabs(), tc.bands()), (3, 16, true, 2));
+        assert!(tc.fits_in_shared_memory() && tc.staged_in_slabs(tc.bm / 2) && !tc.staged_in_slabs(tc.bm));
+        assert!(!stages(TileShape::T64x64, 1, true).split_slabs());
         assert_eq!(stages(TileShape::T64x64, 1, false).stages, 1);
         // As deep as fits: unsliced 128x64 slabs copied asynchronously are 16 deep (784 is 98
         // slabs of 8, an even number; 12.5 KiB a buffer), so three buffers; 64x64 ones stay 16

@@ -145,7 +145,7 @@ pub(super) enum Copies {
 pub(super) fn copies(mm: &MatMul, plan: &TilePlan, a: bool) -> Copies {
     let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
     let (side, bound) = if a { (plan.bm, mm.m) } else { (plan.bn, mm.n) };
-    let asynchronous = plan.stages > 1 && !plan.tensor_cores && mm.batch == 1 && QUAD_COPIES.on();
+    let asynchronous = plan.stages > 1 && mm.batch == 1 && QUAD_COPIES.on();
     let whole_quads = (side * plan.bk).is_multiple_of(4 * THREADS as usize);
     if !asynchronous || !whole_quads {
         Copies::Words
@@ -153,6 +153,7 @@ pub(super) fn copies(mm: &MatMul, plan: &TilePlan, a: bool) -> Copies {
         Copies::QuadsAlongSide
     } else if k_inner
         && a
+        && !plan.tensor_cores
         && plan.per_thread().0 == 4
         && mm.k.is_multiple_of(4)
         && (plan.bk / plan.groups()).is_multiple_of(4)

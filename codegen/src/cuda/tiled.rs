@@ -100,7 +100,7 @@ fn slab_multiply(plan: &TilePlan, slabs: (&str, &str), a_rows_major: bool) -> Ve
         |var: &str, end: i64, step: i64, body: Vec<Stmt>| unrolled_loop(var, end, step, body, plan.deepened());
     if plan.tensor_cores {
         let pitches = (plan.pitch(plan.bm), plan.pitch(plan.bn));
-        let products = mma::slab_step(plan.bm, plan.bn, pitches, acc);
+        let products = mma::slab_step(plan.bm, plan.bn, pitches, slabs, acc);
         return unrolled("kk", plan.bk as i64, mma::MMA_K as i64, products);
     }
     let (mut products, steps) =
@@ -225,20 +225,21 @@ impl<'a> Emitter<'a> {
         let ft = CType::Float;
         let (tm, tn) = plan.per_thread();
         let (pitch_a, pitch_b) = (plan.pitch(bm), plan.pitch(bn));
-        let align = if plan.vectors() { 16 } else { 0 };
+        // Rows of four floats are copied 16 bytes at a time where the layout allows (`copies`).
+        let align = if plan.vectors() || plan.split_slabs() { 16 } else { 0 };
         let tid = || cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx));
-        // Tensor cores take each operand element as its TF32 high and low parts, split once when
-        // staged and kept side by side (one 8-byte access reads both).
-        let slab_type = if plan.tensor_cores {
-            self.scalars.tensor_cores = true;
-            CType::UInt2
-        } else {
-            ft
-        };
+        // Tensor cores take each operand element as its TF32 high and low parts, split once a
+        // block: through registers, kept side by side in the one slab buffer (one 8-byte access
+        // reads both); copied, the buffers hold the words as copied (`mma::split_arrays`).
+        self.scalars.tensor_cores |= plan.tensor_cores;
+        let slab_type = if plan.tensor_cores && !plan.split_slabs() { CType::UInt2 } else { ft };
         let mut body = vec![
             Stmt::SharedArray { ty: slab_type, name: "tile_a".into(), len: plan.stages * bk * pitch_a, align },
             Stmt::SharedArray { ty: slab_type, name: "tile_b".into(), len: plan.stages * bk * pitch_b, align },
         ];
+        if plan.split_slabs() {
+            body.extend(mma::split_arrays(bm, bn, bk));
+        }
         let mut setup = if plan.tensor_cores {
             mma::places()
         } else {
@@ -393,7 +394,13 @@ impl<'a> Emitter<'a> {
             decl_mut(CType::ConstFloatPtr, "slab_a", slab_at("tile_a", plan.bm)),
             decl_mut(CType::ConstFloatPtr, "slab_b", slab_at("tile_b", plan.bn)),
         ];
-        turn.extend(slab_multiply(plan, ("slab_a", "slab_b"), tile_staging::stages_rows_major(mm, plan)));
+        if plan.split_slabs() {
+            turn.extend(mma::split_slab(plan.bm, plan.bn, plan.bk, (plan.pitch(plan.bm), plan.pitch(plan.bn))));
+            let products = mma::split_slab_step(plan.bm, plan.bn, acc);
+            turn.extend(unrolled_loop("kk", plan.bk as i64, mma::MMA_K as i64, products, false));
+        } else {
+            turn.extend(slab_multiply(plan, ("slab_a", "slab_b"), tile_staging::stages_rows_major(mm, plan)));
+        }
         turn.push(assign(var("st"), select(st_is(last), int(0), var("st") + int(1))));
         out.push(Stmt::For {
             ty: it,
