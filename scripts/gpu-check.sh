@@ -36,7 +36,8 @@
 #                                  shape's depth rather than twice it,
 #                                  KILN_CUDA_DEEP_SLABS=0, with each returned output copied
 #                                  back on its own and the error word cleared inside the step,
-#                                  KILN_CUDA_EGRESS=0,
+#                                  KILN_CUDA_EGRESS=0, with the slice count nearest to the one
+#                                  the tiling rule wants, KILN_CUDA_NEAREST_SLICES=1,
 #                                  then each step
 #                                  autotuned,
 #                                  Function::autotune, at most
@@ -332,10 +333,11 @@ if [ -x "$DIR/backend_agreement" ] && [[ " $TESTS " == *" backend_agreement "* ]
     # pass as a kernel of its own (the default runs it at the end of the logits' product), and
     # with cuBLAS's products' bias epilogues in cuBLASLt (opt-in until timed; tests/cuda_lt.rs
     # runs fmnist-mlp so, its products on cuBLAS, and fmnist-mlp-4k), and with each returned output
-    # copied back on its own and the error word cleared inside the step (as before the egress).
+    # copied back on its own and the error word cleared inside the step (as before the egress),
+    # and with the slice count nearest to the one the tiling rule wants (opt-in until timed).
     for setting in KILN_CUDA_STREAMS=1 KILN_CUDA_TILED=0 KILN_CUDA_TF32X3=1 KILN_CUDA_DOT_DEPTH=1073741824 \
         KILN_CUDA_PINNED=1 KILN_CUDA_STAGES=1 KILN_CUDA_STAGES=8 KILN_CUDA_K_GROUPS=0 KILN_CUDA_PDL=1 KILN_CUDA_PDL=late \
-        KILN_CUDA_CLUSTERS=0 KILN_CUDA_ROW_TAIL=0 KILN_CUDA_LT=1 KILN_CUDA_EGRESS=0; do
+        KILN_CUDA_CLUSTERS=0 KILN_CUDA_ROW_TAIL=0 KILN_CUDA_LT=1 KILN_CUDA_EGRESS=0 KILN_CUDA_NEAREST_SLICES=1; do
         log="$OUT_DIR/backend_agreement-$setting.log"
         limit=$(within "$TEST_TIMEOUT") || { printf '%-20s %-8s %s\n' backend_agreement skipped "with $setting: out of time"; continue; }
         if env "$setting" timeout "$limit" "$DIR/backend_agreement" >"$log" 2>&1; then r=ok; else r=FAILED; status=1; fi
@@ -419,6 +421,8 @@ bench_row "unsliced tiles' slabs at their shape's depth, not twice it (KILN_CUDA
     bench-deepslabs0.txt KILN_CUDA_DEEP_SLABS=0
 bench_row "each returned output copied back on its own, the error word cleared inside the step (KILN_CUDA_EGRESS=0, as before)" \
     bench-egress0.txt KILN_CUDA_EGRESS=0
+bench_row "the slice count nearest to the one the tiling rule wants, not the most up to it (KILN_CUDA_NEAREST_SLICES=1)" \
+    bench-nearestslices.txt KILN_CUDA_NEAREST_SLICES=1
 # Each workload autotuned (Function::autotune: every product as cuBLAS and in each tiling, the
 # whole step timed for each, then the step's knobs: dependent launch, streams, two bounds; its
 # report first, then the tuned step's times).

@@ -239,6 +239,36 @@ pub fn with_deep_slabs<R>(on: bool, f: impl FnOnce() -> R) -> R {
     DEEP_SLABS.with(on, f)
 }
 
+/// Whether kiln's estimate cuts the slice count nearest to the one it wants (`slabs_per_slice`),
+/// rather than the most it can without passing it: `KILN_CUDA_NEAREST_SLICES=1`, to time the two.
+pub(super) static NEAREST_SLICES: super::Switch = super::Switch::new("KILN_CUDA_NEAREST_SLICES", false);
+
+/// Runs `f` with every CUDA program this thread specializes cutting the slice count nearest to the
+/// one wanted (`on`), or the most up to it, whatever `KILN_CUDA_NEAREST_SLICES` says.
+pub fn with_nearest_slices<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    NEAREST_SLICES.with(on, f)
+}
+
+/// Slabs in each slice when `total` slabs are cut into about `wanted` slices (at most `most`).
+/// Slices are whole slabs, so only some counts can be cut: `total / s` rounded up for `s` slabs a
+/// slice. By default the fewest slabs a slice that give no more slices than wanted, which can be
+/// about half of them: 8 slabs wanted in 7 slices are 4 slices of 2, where 8 of 1 were nearer (the
+/// autoencoder's and fmnist-mlp's 128x250x30 and 128x256x256 products). `NEAREST_SLICES` takes
+/// the nearer of the two counts around the one wanted (the fewer on a tie).
+fn slabs_per_slice(total: usize, wanted: usize, most: usize) -> usize {
+    let fewest_slabs = total.div_ceil(wanted);
+    let below = total.div_ceil(fewest_slabs);
+    if !NEAREST_SLICES.on() || fewest_slabs == 1 {
+        return fewest_slabs;
+    }
+    let above = total.div_ceil(fewest_slabs - 1);
+    if above <= most && above - wanted < wanted - below {
+        fewest_slabs - 1
+    } else {
+        fewest_slabs
+    }
+}
+
 impl TilePlan {
     pub(super) fn for_product(mm: &MatMul) -> TilePlan {
         let tiles_in = |shape: TileShape| {
@@ -286,8 +316,13 @@ impl TilePlan {
         // Clusters asked for: kiln's estimate cuts no more slices than a cluster holds.
         let clustered = choice.cluster.unwrap_or_else(super::cluster::requested);
         let wanted = if clustered { wanted.min(super::cluster::MAX_CLUSTER) } else { wanted };
-        let wanted = choice.slices.map_or(wanted, |s| s.min(slabs_total));
-        let slabs = slabs_total.div_ceil(wanted.max(1));
+        let slabs = match choice.slices {
+            Some(asked) => slabs_total.div_ceil(asked.min(slabs_total).max(1)),
+            None => {
+                let most = if clustered { super::cluster::MAX_CLUSTER } else { MAX_SLICES };
+                slabs_per_slice(slabs_total, wanted.max(1), most)
+            }
+        };
         let mut plan = TilePlan {
             bm,
             bn,
@@ -580,6 +615,20 @@ mod tests {
         assert_eq!(plan(128, 30, 250), ("32x32k4".into(), 1));
         // A batch of 4096: tiles enough without slices.
         assert_eq!(plan(4096, 256, 10), ("32x32k4".into(), 1));
+    }
+
+    #[test]
+    fn nearest_slices_cut_the_count_nearest_to_the_one_wanted_where_asked() {
+        // 128x250x30 (32x32k4 tiles: 4 tiles, 7 slices wanted, 8 slabs): 4 slices of 2 slabs, or
+        // with the nearest count 8 of 1. 128x784x256 wants 7 of 25 slabs and gets them either way.
+        assert_eq!(plan(128, 250, 30), ("32x32k4".into(), 4));
+        assert_eq!(with_nearest_slices(true, || plan(128, 250, 30)), ("32x32k4".into(), 8));
+        assert_eq!(with_nearest_slices(true, || plan(128, 784, 256)), ("32x32k4".into(), 7));
+        // Around 5 of 12 slabs: 4 slices of 3 or 6 of 2, the same distance: the fewer.
+        assert_eq!(with_nearest_slices(true, || slabs_per_slice(12, 5, 12)), 3);
+        // Never past the most the inner dimension allows, nor where every slab is a slice.
+        assert_eq!(with_nearest_slices(true, || slabs_per_slice(8, 7, 7)), 2);
+        assert_eq!(with_nearest_slices(true, || slabs_per_slice(3, 7, 12)), 1);
     }
 
     #[test]
