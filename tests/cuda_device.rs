@@ -294,15 +294,9 @@ fn tiled_products_on(device: Device) {
     assert!(code.contains("cuBLAS 200x300 times 300x90"), "a product read transposed goes to cuBLAS: {code}");
 }
 
-#[test]
-fn every_tile_shape_agrees_with_the_cpu() {
-    // Each tile shape, whole and in slices (finished by a ticket, or as a cluster), by float32
-    // FMAs and on tensor cores (3xTF32), forced
-    // on products with edge tiles in both dims and a transposed operand: the 128x128 tiles reach
-    // their epilogue in two bands of rows, the others in one. Half the runs on the emulator's
-    // mirrored schedule.
-    use kiln_codegen::cuda::emulator::with_mirrored_schedule;
-    use kiln_codegen::cuda::{with_tile_choice, TileShape};
+/// Two products with edge tiles in both dims, one operand read transposed: `relu(x w + b)` and
+/// `tanh(x wt^T)` (200x300x190 and 200x300x150), their inputs, outputs and arguments.
+fn edge_tile_products() -> (Graph, [Var; 4], [Var; 2], Vec<Tensor>) {
     let g = Graph::new();
     let x = g.input("x", F32, [200, 300]);
     let w = g.input("w", F32, [300, 190]);
@@ -314,7 +308,20 @@ fn every_tile_shape_agrees_with_the_cpu() {
         .enumerate()
         .map(|(i, s)| kiln::testing::random_tensor(s, -1.0, 1.0, 40 + i as u64).cast(F32))
         .collect();
-    let build = |device| g.function([&x, &w, &b, &wt], outputs.iter()).compile(device).unwrap();
+    (g, [x, w, b, wt], outputs, args)
+}
+
+#[test]
+fn every_tile_shape_agrees_with_the_cpu() {
+    // Each tile shape, whole and in slices (finished by a ticket, or as a cluster), by float32
+    // FMAs and on tensor cores (3xTF32), forced
+    // on products with edge tiles in both dims and a transposed operand: the 128x128 tiles reach
+    // their epilogue in two bands of rows, the others in one. Half the runs on the emulator's
+    // mirrored schedule.
+    use kiln_codegen::cuda::emulator::with_mirrored_schedule;
+    use kiln_codegen::cuda::{with_tile_choice, TileShape};
+    let (g, inputs, outputs, args) = edge_tile_products();
+    let build = |device| g.function(&inputs, &outputs).compile(device).unwrap();
     let want = build(Device::Cpu).call(&args).unwrap();
     for device in cuda_devices() {
         for (n, tile) in TileShape::ALL.into_iter().enumerate() {
@@ -390,27 +397,19 @@ fn tensor_core_tiles_keep_float32_accuracy() {
 fn tensor_core_slabs_split_by_the_block_once_copied_give_the_bits_split_where_staged() {
     // Through registers each thread splits the words it stages; copied asynchronously the block
     // splits the landed slab into fragment-ordered arrays. The same parts multiplied in the same
-    // order: the same bits, in every tile shape, whole and in slices, with edge tiles and a slice
-    // that ends inside a slab.
+    // order: the same bits, in every tile shape, whole and in slices, with edge tiles, an operand
+    // read transposed and a slice that ends inside a slab.
     use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
-    let g = Graph::new();
-    let x = g.input("x", F32, [200, 300]);
-    let w = g.input("w", F32, [300, 190]);
-    let b = g.input("b", F32, [190]);
-    let out = (x.matmul(&w) + &b).relu();
-    let args: Vec<Tensor> = [&[200, 300][..], &[300, 190], &[190]]
-        .iter()
-        .enumerate()
-        .map(|(i, s)| kiln::testing::random_tensor(s, -1.0, 1.0, 60 + i as u64).cast(F32))
-        .collect();
+    let (g, inputs, outputs, args) = edge_tile_products();
     for device in cuda_devices() {
         for tile in [TileShape::T32x32, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128] {
             for slices in [1, 3] {
                 let run = |stages| {
                     let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, slices, true) };
                     with_tile_choice(choice, || {
-                        let mut f = g.function([&x, &w, &b], [&out]).compile(device).unwrap();
-                        (f.call(&args).unwrap().remove(0).to_f64_vec(), f.generated_code())
+                        let mut f = g.function(&inputs, &outputs).compile(device).unwrap();
+                        let got = f.call(&args).unwrap();
+                        (got.iter().map(Tensor::to_f64_vec).collect::<Vec<_>>(), f.generated_code())
                     })
                 };
                 let ((staged, _), (copied, code)) = (run(1), run(3));

@@ -88,7 +88,8 @@ pub(super) fn acc(i: usize, j: usize) -> String {
     format!("acc_{i}_{j}")
 }
 
-/// The multiply-adds of one slab, read from the slab buffers `slabs` (`a`'s, `b`'s): every step
+/// The multiply-adds of one slab, read from the slab buffers `slabs` (`a`'s, `b`'s; on tensor
+/// cores with copied slabs, from the split arrays the slab was split into): every step
 /// along its depth, or, where groups of threads split it, the group's run of steps; four steps a
 /// turn where `a`'s slab is staged a row after another (`a_rows_major`). A loop of constant trip
 /// count, which NVRTC unrolls whole on its own for a shape's own slab depth, but a slab twice as
@@ -99,8 +100,11 @@ fn slab_multiply(plan: &TilePlan, slabs: (&str, &str), a_rows_major: bool) -> Ve
     let unrolled =
         |var: &str, end: i64, step: i64, body: Vec<Stmt>| unrolled_loop(var, end, step, body, plan.deepened());
     if plan.tensor_cores {
-        let pitches = (plan.pitch(plan.bm), plan.pitch(plan.bn));
-        let products = mma::slab_step(plan.bm, plan.bn, pitches, slabs, acc);
+        let products = if plan.split_slabs() {
+            mma::split_slab_step(plan.bm, plan.bn, acc)
+        } else {
+            mma::slab_step(plan.bm, plan.bn, (plan.pitch(plan.bm), plan.pitch(plan.bn)), slabs, acc)
+        };
         return unrolled("kk", plan.bk as i64, mma::MMA_K as i64, products);
     }
     let (mut products, steps) =
@@ -396,11 +400,8 @@ impl<'a> Emitter<'a> {
         ];
         if plan.split_slabs() {
             turn.extend(mma::split_slab(plan.bm, plan.bn, plan.bk, (plan.pitch(plan.bm), plan.pitch(plan.bn))));
-            let products = mma::split_slab_step(plan.bm, plan.bn, acc);
-            turn.extend(unrolled_loop("kk", plan.bk as i64, mma::MMA_K as i64, products, false));
-        } else {
-            turn.extend(slab_multiply(plan, ("slab_a", "slab_b"), tile_staging::stages_rows_major(mm, plan)));
         }
+        turn.extend(slab_multiply(plan, ("slab_a", "slab_b"), tile_staging::stages_rows_major(mm, plan)));
         turn.push(assign(var("st"), select(st_is(last), int(0), var("st") + int(1))));
         out.push(Stmt::For {
             ty: it,
