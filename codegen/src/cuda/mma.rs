@@ -41,6 +41,13 @@ const MMA_M: usize = 16;
 const MMA_N: usize = 8;
 pub(super) const MMA_K: usize = 8;
 
+/// Where each register of a lane's fragment lies, as (row, step) offsets from the lane's
+/// (`group`, `quad`) within the operand's band and step of 8 (the PTX ISA's layout for
+/// `m16n8k8` TF32): `a`'s four, rows `group` and `group + 8` by steps `quad` and `quad + 4`;
+/// `b`'s two (its rows the tile's columns), steps `quad` and `quad + 4`.
+const A_FRAGMENT: [(usize, usize); 4] = [(0, 0), (8, 0), (0, 4), (8, 4)];
+const B_FRAGMENT: [(usize, usize); 2] = [(0, 0), (0, 4)];
+
 /// A float's exponent bits: all set in infinities and NaNs.
 const EXPONENT: u32 = 0x7f80_0000;
 /// The bits a TF32 keeps (sign, exponent, 10 bits of mantissa), and half of its last place.
@@ -160,38 +167,60 @@ pub(super) fn slab_step(
     let (tm, tn) = per_thread(bm, bn);
     let (pitch_a, pitch_b) = (pitches.0 as i64, pitches.1 as i64);
     let mut step = vec![];
-    // B's fragment register r holds (row quad + 4 r, column group); A's, (row group + 8 (r % 2),
-    // column quad + 4 (r / 2)). All of B's fragments first, then one 16-row band of A's at a time
-    // with its products, so that few fragments are live at once (registers for the accumulators).
+    // All of B's fragments first, then one 16-row band of A's at a time with its products, so
+    // that few fragments are live at once (registers for the accumulators).
     for nj in 0..tn / 2 {
-        for r in 0..2 {
-            let kk = var("kk") + var("quad") + int((4 * r) as i64);
+        for (r, &(_, kk)) in B_FRAGMENT.iter().enumerate() {
+            let kk = var("kk") + var("quad") + int(kk as i64);
             let col = var("warp_col") * int((bn / WARP_COLS) as i64) + int((nj * MMA_N) as i64) + var("group");
             step.push(decl(CType::UInt2, format!("b{nj}_{r}"), index(var(slab_b), kk * int(pitch_b) + col)));
         }
     }
     // `.x` is a word's high part, `.y` its low part.
-    let part = |name: String, hi: bool| Expr::Lane(Box::new(var(name)), if hi { 0 } else { 1 });
+    let parts = |name: &str, n: usize, hi: bool| {
+        (0..n).map(|r| Expr::Lane(Box::new(var(format!("{name}_{r}"))), if hi { 0 } else { 1 })).collect()
+    };
     for mi in 0..tm / 2 {
-        for r in 0..4 {
-            let kk = var("kk") + var("quad") + int((4 * (r / 2)) as i64);
-            let row =
-                var("warp_row") * int((bm / WARP_ROWS) as i64) + int((mi * MMA_M + 8 * (r % 2)) as i64) + var("group");
+        for (r, &(row, kk)) in A_FRAGMENT.iter().enumerate() {
+            let kk = var("kk") + var("quad") + int(kk as i64);
+            let row = var("warp_row") * int((bm / WARP_ROWS) as i64) + int((mi * MMA_M + row) as i64) + var("group");
             step.push(decl(CType::UInt2, format!("a{mi}_{r}"), index(var(slab_a), kk * int(pitch_a) + row)));
         }
         for nj in 0..tn / 2 {
-            let d =
-                [acc(2 * mi, 2 * nj), acc(2 * mi, 2 * nj + 1), acc(2 * mi + 1, 2 * nj), acc(2 * mi + 1, 2 * nj + 1)];
-            // The small terms first, so the large one lands on a sum that already holds them.
-            for (a_hi, b_hi) in [(false, true), (true, false), (true, true)] {
-                let mut args: Vec<Expr> = d.iter().map(var).collect();
-                args.extend((0..4).map(|r| part(format!("a{mi}_{r}"), a_hi)));
-                args.extend((0..2).map(|r| part(format!("b{nj}_{r}"), b_hi)));
-                step.push(Stmt::Call(call(MMA_HELPER, args)));
-            }
+            let (a, b) = (format!("a{mi}"), format!("b{nj}"));
+            step.extend(three_products(
+                &acc,
+                mi,
+                nj,
+                |hi| parts(&a, A_FRAGMENT.len(), hi),
+                |hi| parts(&b, B_FRAGMENT.len(), hi),
+            ));
         }
     }
     step
+}
+
+/// The three multiply-adds of the 16x8 product (`mi`, `nj`) into its accumulators: low times
+/// high, high times low, then high times high, the small terms first so that the large one
+/// lands on a sum that already holds them. `a(hi)` and `b(hi)` are the fragments' registers of
+/// the high (`true`) or the low parts.
+fn three_products(
+    acc: impl Fn(usize, usize) -> String,
+    mi: usize,
+    nj: usize,
+    a: impl Fn(bool) -> Vec<Expr>,
+    b: impl Fn(bool) -> Vec<Expr>,
+) -> Vec<Stmt> {
+    let d = [acc(2 * mi, 2 * nj), acc(2 * mi, 2 * nj + 1), acc(2 * mi + 1, 2 * nj), acc(2 * mi + 1, 2 * nj + 1)];
+    [(false, true), (true, false), (true, true)]
+        .into_iter()
+        .map(|(a_hi, b_hi)| {
+            let mut args: Vec<Expr> = d.iter().map(var).collect();
+            args.extend(a(a_hi));
+            args.extend(b(b_hi));
+            Stmt::Call(call(MMA_HELPER, args))
+        })
+        .collect()
 }
 
 /// Bands of 16 rows of `a`'s slab and of 8 columns of `b`'s: what one `mma.sync` reads of each.
@@ -207,7 +236,7 @@ fn bands(bm: usize, bn: usize) -> (usize, usize) {
 /// parts, ptxas moved each part into place (110 moves a turn beside 24 multiply-adds of a 128x64
 /// tile).
 pub(super) fn split_arrays(bm: usize, bn: usize, bk: usize) -> Vec<Stmt> {
-    let (a_slots, b_slots) = (bm * bk / 4, bn * bk / 2);
+    let (a_slots, b_slots) = (bm * bk / A_FRAGMENT.len(), bn * bk / B_FRAGMENT.len());
     let array = |ty, name: &str, len| Stmt::SharedArray { ty, name: name.into(), len, align: 0 };
     vec![
         array(CType::UInt4, "split_a_hi", a_slots),
@@ -226,48 +255,56 @@ pub(super) fn split_arrays(bm: usize, bn: usize, bk: usize) -> Vec<Stmt> {
 /// a tile's row all read its `a`). The split arrays are free to write once the turn's first
 /// barrier is past: every warp is done multiplying the slab before.
 pub(super) fn split_slab(bm: usize, bn: usize, bk: usize, (pitch_a, pitch_b): (usize, usize)) -> Vec<Stmt> {
-    let tid = || cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx));
-    let (bands_a, bands_b) = bands(bm, bn);
-    let threads = super::emit::THREADS as usize;
-    let mut out = vec![];
-    // (operand, slots, bands, rows of a band, pitch, words of a slot as (row, step) offsets)
-    let a_words: &[(usize, usize)] = &[(0, 0), (8, 0), (0, 4), (8, 4)];
-    let b_words: &[(usize, usize)] = &[(0, 0), (0, 4)];
-    let sides =
-        [("a", bm * bk / 4, bands_a, MMA_M, pitch_a, a_words), ("b", bn * bk / 2, bands_b, MMA_N, pitch_b, b_words)];
-    for (side, slots, bands, band_rows, pitch, words) in sides {
-        debug_assert!(slots.is_multiple_of(threads), "a slab's fragments are whole for each thread");
-        for u in 0..slots / threads {
-            // Slot `tid + u * threads`: its lane, then its band and step of 8 (each warp's 32
-            // slots a band and step).
-            let lane = tid() % int(32);
-            let band_step = tid() / int(32) + int((u * threads / 32) as i64);
-            let (band, step) = (band_step.clone() % int(bands as i64), band_step / int(bands as i64));
-            let first = (step * int(MMA_K as i64) + lane.clone() % int(4)) * int(pitch as i64)
-                + band * int(band_rows as i64)
-                + lane / int(4);
-            let name = |what: &str, w: usize| format!("{side}{u}_{what}{w}");
-            for (w, &(row, kk)) in words.iter().enumerate() {
-                let at = first.clone() + int((kk * pitch + row) as i64);
-                out.push(decl(CType::Float, name("w", w), index(var(format!("slab_{side}")), at)));
-                out.push(decl(CType::UInt, name("hi", w), call(HIGH_HELPER, vec![var(name("w", w))])));
-            }
-            let slot = tid() + int((u * threads) as i64);
-            let make = if words.len() == 4 { "make_uint4" } else { "make_uint2" };
-            let his = (0..words.len()).map(|w| var(name("hi", w))).collect();
-            let los = (0..words.len()).map(|w| call(LOW_HELPER, vec![var(name("w", w)), var(name("hi", w))])).collect();
-            out.push(assign(index(var(format!("split_{side}_hi")), slot.clone()), call(make, his)));
-            out.push(assign(index(var(format!("split_{side}_lo")), slot), call(make, los)));
-        }
-    }
+    let mut out = split_operand("a", bm, MMA_M, bk, pitch_a, &A_FRAGMENT);
+    out.extend(split_operand("b", bn, MMA_N, bk, pitch_b, &B_FRAGMENT));
     out.push(Stmt::SyncThreads);
+    out
+}
+
+/// `split_slab` for one operand (`side`): its slab `rows` (the tile's side) by `bk` steps, in
+/// bands of `band_rows`, a lane's fragment the words `words`.
+fn split_operand(
+    side: &str,
+    rows: usize,
+    band_rows: usize,
+    bk: usize,
+    pitch: usize,
+    words: &[(usize, usize)],
+) -> Vec<Stmt> {
+    let tid = || cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx));
+    let threads = super::emit::THREADS as usize;
+    let (slots, bands) = (rows * bk / words.len(), rows / band_rows);
+    debug_assert!(slots.is_multiple_of(threads), "a slab's fragments are whole for each thread");
+    let mut out = vec![];
+    for u in 0..slots / threads {
+        // Slot `tid + u * threads`: its lane, then its band and step of 8 (each warp's 32 slots a
+        // band and step).
+        let lane = tid() % int(32);
+        let band_step = tid() / int(32) + int((u * threads / 32) as i64);
+        let (band, step) = (band_step.clone() % int(bands as i64), band_step / int(bands as i64));
+        let first = (step * int(MMA_K as i64) + lane.clone() % int(4)) * int(pitch as i64)
+            + band * int(band_rows as i64)
+            + lane / int(4);
+        let name = |what: &str, w: usize| format!("{side}{u}_{what}{w}");
+        for (w, &(row, kk)) in words.iter().enumerate() {
+            let at = first.clone() + int((kk * pitch + row) as i64);
+            out.push(decl(CType::Float, name("w", w), index(var(format!("slab_{side}")), at)));
+            out.push(decl(CType::UInt, name("hi", w), call(HIGH_HELPER, vec![var(name("w", w))])));
+        }
+        let slot = tid() + int((u * threads) as i64);
+        let make = if words.len() == 4 { "make_uint4" } else { "make_uint2" };
+        let his = (0..words.len()).map(|w| var(name("hi", w))).collect();
+        let los = (0..words.len()).map(|w| call(LOW_HELPER, vec![var(name("w", w)), var(name("hi", w))])).collect();
+        out.push(assign(index(var(format!("split_{side}_hi")), slot.clone()), call(make, his)));
+        out.push(assign(index(var(format!("split_{side}_lo")), slot), call(make, los)));
+    }
     out
 }
 
 /// One step of 8 (`kk` its first) through the split slab (`split_slab`): each warp's fragments,
 /// an access per part (`b`'s all first, then one 16-row band of `a`'s at a time with its
 /// products, as `slab_step`), and three multiply-adds per 16x8 product into the accumulators
-/// `acc(i, j)`, the small terms first.
+/// `acc(i, j)` (`three_products`).
 pub(super) fn split_slab_step(bm: usize, bn: usize, acc: impl Fn(usize, usize) -> String) -> Vec<Stmt> {
     let (tm, tn) = per_thread(bm, bn);
     let (bands_a, bands_b) = bands(bm, bn);
@@ -281,7 +318,7 @@ pub(super) fn split_slab_step(bm: usize, bn: usize, acc: impl Fn(usize, usize) -
             out.push(decl(CType::UInt2, format!("b{nj}_{part}"), index(var(format!("split_b_{part}")), slot.clone())));
         }
     }
-    let lanes = |name: String, n: u8| (0..n).map(move |l| Expr::Lane(Box::new(var(name.clone())), l));
+    let lanes = |name: String, n: u8| (0..n).map(|l| Expr::Lane(Box::new(var(name.clone())), l)).collect();
     for mi in 0..tm / 2 {
         let band = var("warp_row") * int((bm / WARP_ROWS / MMA_M) as i64) + int(mi as i64);
         let slot = (step() * int(bands_a as i64) + band) * int(32) + lane();
@@ -289,14 +326,14 @@ pub(super) fn split_slab_step(bm: usize, bn: usize, acc: impl Fn(usize, usize) -
             out.push(decl(CType::UInt4, format!("a{mi}_{part}"), index(var(format!("split_a_{part}")), slot.clone())));
         }
         for nj in 0..tn / 2 {
-            let d =
-                [acc(2 * mi, 2 * nj), acc(2 * mi, 2 * nj + 1), acc(2 * mi + 1, 2 * nj), acc(2 * mi + 1, 2 * nj + 1)];
-            for (a_part, b_part) in [("lo", "hi"), ("hi", "lo"), ("hi", "hi")] {
-                let mut args: Vec<Expr> = d.iter().map(var).collect();
-                args.extend(lanes(format!("a{mi}_{a_part}"), 4));
-                args.extend(lanes(format!("b{nj}_{b_part}"), 2));
-                out.push(Stmt::Call(call(MMA_HELPER, args)));
-            }
+            let part = |hi: bool| if hi { "hi" } else { "lo" };
+            out.extend(three_products(
+                &acc,
+                mi,
+                nj,
+                |hi| lanes(format!("a{mi}_{}", part(hi)), 4),
+                |hi| lanes(format!("b{nj}_{}", part(hi)), 2),
+            ));
         }
     }
     out
