@@ -122,9 +122,9 @@ pub(super) enum Copies {
     Words,
     /// Quads of adjacent rows (columns) of the tile: an operand contiguous along the tile's side.
     QuadsAlongSide,
-    /// Quads of adjacent steps of the slab: the left operand contiguous along the inner
-    /// dimension (`[m, k]`: a layer's input, an input gradient's output gradient), staged
-    /// `[row][kk]` rather than `[kk][row]` (`stages_rows_major`).
+    /// Quads of adjacent steps of the slab: an operand contiguous along the inner dimension
+    /// (the left `[m, k]`: a layer's input, an input gradient's output gradient), staged
+    /// `[row][kk]` rather than `[kk][row]` (`staged_rows_major`).
     QuadsAlongSlab,
 }
 
@@ -141,7 +141,11 @@ pub(super) enum Copies {
 ///   depth whole quads): its slab is staged a row of the tile after another, each row's quads
 ///   read whole by the multiply-adds (`stages_rows_major`). The right operand contiguous along
 ///   the slab stays a word a copy: its threads read four columns of a step, which a row-major
-///   slab would put in one bank.
+///   slab would put in one bank;
+/// - either operand contiguous along the slab where the block splits each slab for tensor cores
+///   (`TilePlan::split_slabs`): the split reads it a fragment's word at a time, rows by steps,
+///   which a row-major slab serves in 32 banks with its quads swapped in every other four rows
+///   (`rows_major_step`). A 128x64 tile's `a` went from four copies a thread a turn to one.
 pub(super) fn copies(mm: &MatMul, plan: &TilePlan, a: bool) -> Copies {
     let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
     let (side, bound) = if a { (plan.bm, mm.m) } else { (plan.bn, mm.n) };
@@ -152,15 +156,25 @@ pub(super) fn copies(mm: &MatMul, plan: &TilePlan, a: bool) -> Copies {
     } else if !k_inner && plan.pitch(side).is_multiple_of(4) && bound.is_multiple_of(4) {
         Copies::QuadsAlongSide
     } else if k_inner
-        && a
-        && !plan.tensor_cores
-        && plan.per_thread().0 == 4
         && mm.k.is_multiple_of(4)
-        && (plan.bk / plan.groups()).is_multiple_of(4)
+        && (plan.split_slabs()
+            || (a && !plan.tensor_cores && plan.per_thread().0 == 4 && (plan.bk / plan.groups()).is_multiple_of(4)))
     {
         Copies::QuadsAlongSlab
     } else {
         Copies::Words
+    }
+}
+
+/// Where step `kk` of row `r` of a slab staged a row after another (`[row][kk]`, rows of `bk`
+/// words) lies in its row. On tensor cores (`swizzled`) the row's two quads trade places in rows
+/// 4 to 7 of every 8: the split reads a word of rows `group` (0 to 7) by steps `quad` (0 to 3),
+/// which 8-word rows would put two to a bank, and a quarter warp's 16-byte copies still fill 32
+/// banks (four rows whole). A slab whose rows are read as `float4`s stays as it is.
+pub(super) fn rows_major_step(r: Expr, kk: Expr, swizzled: bool) -> Expr {
+    match swizzled {
+        true => bin(BinOp::BitXor, kk, bin(BinOp::BitAnd, r, int(4))),
+        false => kk,
     }
 }
 
@@ -169,7 +183,14 @@ pub(super) fn copies(mm: &MatMul, plan: &TilePlan, a: bool) -> Copies {
 /// in quads along the slab. Otherwise both operands' slabs are staged a step after another
 /// (`[kk][row]`), a row `pitch` words.
 pub(super) fn stages_rows_major(mm: &MatMul, plan: &TilePlan) -> bool {
-    copies(mm, plan, true) == Copies::QuadsAlongSlab
+    staged_rows_major(mm, plan, true)
+}
+
+/// Whether an operand's slabs (`a`: the left's) are staged a row of the tile after another
+/// (`[row][kk]`, rows of `bk` words, `rows_major_step`): where they are copied in quads along
+/// the slab.
+pub(super) fn staged_rows_major(mm: &MatMul, plan: &TilePlan, a: bool) -> bool {
+    copies(mm, plan, a) == Copies::QuadsAlongSlab
 }
 
 /// Words a copy of the operand's slab moves: 4 where it copies quads, else 1.
@@ -344,9 +365,12 @@ impl<'a> Emitter<'a> {
             let src = var(w.operand) + w.at;
             let (r, kk) = (var(format!("{side}_r{u}")), var(format!("{side}_kk{u}")));
             // A buffer is `bk` steps of `pitch` words, whichever way its slab is staged (a tile's
-            // `bk` rows of `bk` words take less).
-            let (outer, inner, stride) =
-                if w.copies == Copies::QuadsAlongSlab { (r, kk, plan.bk as i64) } else { (kk, r, pitch) };
+            // `side` rows of `bk` words take less).
+            let (outer, inner, stride) = if w.copies == Copies::QuadsAlongSlab {
+                (r.clone(), rows_major_step(r, kk, plan.split_slabs()), plan.bk as i64)
+            } else {
+                (kk, r, pitch)
+            };
             let within = stage.clone() * int(plan.bk as i64 * pitch) + outer * int(stride) + inner;
             let helper = if w.copies == Copies::Words { COPY_HELPER } else { QUAD_COPY_HELPER };
             out.push(Stmt::Call(call(helper, vec![var(format!("tile_{side}")) + within, src, inside])));

@@ -399,7 +399,12 @@ impl<'a> Emitter<'a> {
             decl_mut(CType::ConstFloatPtr, "slab_b", slab_at("tile_b", plan.bn)),
         ];
         if plan.split_slabs() {
-            turn.extend(mma::split_slab(plan.bm, plan.bn, plan.bk, (plan.pitch(plan.bm), plan.pitch(plan.bn))));
+            let layout = |a: bool, side: usize| match tile_staging::staged_rows_major(mm, plan, a) {
+                true => mma::SlabLayout::Rows,
+                false => mma::SlabLayout::Steps { pitch: plan.pitch(side) },
+            };
+            let layouts = (layout(true, plan.bm), layout(false, plan.bn));
+            turn.extend(mma::split_slab(plan.bm, plan.bn, plan.bk, layouts));
         }
         turn.extend(slab_multiply(plan, ("slab_a", "slab_b"), tile_staging::stages_rows_major(mm, plan)));
         turn.push(assign(var("st"), select(st_is(last), int(0), var("st") + int(1))));

@@ -358,7 +358,7 @@ fn three_tf32_products_keep_float32_accuracy() {
 }
 
 #[test]
-fn the_tf32_split_is_exact_to_float32_and_keeps_infinities_and_nans() {
+fn the_tf32_split_is_exact_to_float32_and_keeps_infinities_and_nans_apart() {
     if !emulator() {
         return;
     }
@@ -390,15 +390,55 @@ fn the_tf32_split_is_exact_to_float32_and_keeps_infinities_and_nans() {
         let (hi, lo) = (out[i], out[64 + i]);
         assert_eq!((hi.to_bits() & 0x1fff, lo.to_bits() & 0x1fff), (0, 0), "{x:e}: not TF32s");
         if x.is_nan() {
-            assert!(hi.is_nan() && lo == 0.0, "{x}: {hi} {lo}");
+            assert!(lo.is_nan(), "{x}: {hi} {lo}");
         } else if x.is_infinite() {
-            assert!(hi == x && lo == 0.0, "{x}: {hi} {lo}");
+            // The largest TF32 and the infinity: no part is a finite zero (which would make
+            // `inf * 1.0` a NaN in the three products).
+            assert!(hi == f32::from_bits(0x7f7f_e000).copysign(x) && lo == x, "{x}: {hi} {lo}");
         } else {
             // (A subnormal keeps what a TF32 holds of it: bits from 2^-136 up.)
             let err = (x as f64 - (hi as f64 + lo as f64)).abs();
             let bound = (x as f64).abs() * 2f64.powi(-22) + 2f64.powi(-137);
             assert!(hi.is_finite() && err <= bound, "{x:e}: {hi:e} + {lo:e}");
         }
+    }
+}
+
+#[test]
+fn three_tf32_products_with_infinities_and_nans_are_float32_products() {
+    if !emulator() {
+        return;
+    }
+    // Rows of `a` each with one special value among small integers; columns of `b` of TF32s
+    // (their low parts zero), zeros, infinities and NaNs: each output is what float32 gives,
+    // down to the sign of an infinity and where a NaN comes out.
+    let specials = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MAX, 0.0];
+    // (`b`'s other values are -1, 0 and 1, so that the largest float's products do not overflow
+    // but where float32's would, whatever the order of the sum.)
+    let mut input: Vec<f32> =
+        (0..192).map(|i| if i < 128 { (i % 5) as f32 - 2.0 } else { (i % 3) as f32 - 1.0 }).collect();
+    for row in 0..16 {
+        input[row * 8 + row % 8] = specials[row % specials.len()];
+    }
+    for (col, special) in [(1, 0.0), (2, f32::INFINITY), (3, f32::NEG_INFINITY), (4, f32::NAN)] {
+        input[128 + 8 * (col % 8) + col] = special;
+    }
+    for (i, v) in input[128..].iter_mut().enumerate() {
+        if i % 8 == 5 {
+            *v = 1.0 + 2f32.powi(-10); // a TF32, so its low part is zero
+        }
+    }
+    let (out, _, fault) = run_with_helpers(warp_product(true), mma::helpers(), 32, &input, 128, false);
+    assert_eq!(fault, None);
+    // (The f64 product rounded to float32: it overflows where float32 does, the largest float
+    // times 2 for one.)
+    let want: Vec<f32> = product_in_f64(&input).iter().map(|&v| v as f32).collect();
+    for (i, (&o, &w)) in out.iter().zip(&want).enumerate() {
+        let same = match w.is_finite() {
+            true => (o - w).abs() <= 1e-6 * w.abs().max(1.0),
+            false => o.to_bits() == w.to_bits() || (o.is_nan() && w.is_nan()),
+        };
+        assert!(same, "output ({}, {}): {o} where float32 gives {w}", i / 8, i % 8);
     }
 }
 
