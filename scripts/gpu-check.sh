@@ -43,7 +43,9 @@
 #                                  Function::autotune, at most
 #                                  AUTOTUNE_SECONDS a workload (default 60), its report first, then
 #                                  with the tiles on tensor cores, KILN_CUDA_TF32X3=1, and
-#                                  fmnist-mlp-4k fully tiled on them), with the card's name;
+#                                  fmnist-mlp-4k fully tiled on them, its slabs split a turn
+#                                  ahead and in their turn, KILN_CUDA_SPLIT_AHEAD=0), with the
+#                                  card's name;
 #                                  then a per-kernel profile of each workload
 #                                  (tiled products, and again with them on cuBLAS) and the product
 #                                  benchmark (each workload product as cuBLAS + epilogue and with
@@ -434,6 +436,9 @@ bench_row "tiled products on tensor cores at float32 accuracy (KILN_CUDA_TF32X3=
 echo "-- fmnist-mlp-4k with every product tiled, on tensor cores (KILN_CUDA_TF32X3=1, KILN_CUDA_TILED_MACS=2^30)"
 bounded 120 env KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 "$DIR/steps" --device cuda --workload fmnist-mlp-4k \
     --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tf32x3-4k.txt"
+echo "-- the same with each slab split in its turn, not a turn ahead (KILN_CUDA_SPLIT_AHEAD=0, as before)"
+bounded 120 env KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_SPLIT_AHEAD=0 "$DIR/steps" --device cuda \
+    --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tf32x3-4k-inturn.txt"
 if [ "${KILN_GPU_PROFILE:-1}" = 1 ]; then
     echo "== per-step profile (CUDA events around every kernel and product; no graphs)"
     bounded 120 env KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile.txt"

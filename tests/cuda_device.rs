@@ -394,28 +394,37 @@ fn tensor_core_tiles_keep_float32_accuracy() {
 }
 
 #[test]
-fn tensor_core_slabs_split_by_the_block_once_copied_give_the_bits_split_where_staged() {
+fn tensor_core_slabs_split_by_the_block_once_copied_give_the_bits_split_where_staged_in_turn_or_ahead() {
     // Through registers each thread splits the words it stages; copied asynchronously the block
-    // splits the landed slab into fragment-ordered arrays. The same parts multiplied in the same
-    // order: the same bits, in every tile shape, whole and in slices, with edge tiles, an operand
-    // read transposed and a slice that ends inside a slab.
-    use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
+    // splits the landed slab into fragment-ordered arrays, in its turn or (where the second split
+    // buffer fits: 128x64 tiles) a turn ahead. The same parts multiplied in the same order: the
+    // same bits, in every tile shape, whole and in slices, with edge tiles, an operand read
+    // transposed and a slice that ends inside a slab.
+    use kiln_codegen::cuda::{with_split_ahead, with_tile_choice, TileChoice, TileShape};
     let (g, inputs, outputs, args) = edge_tile_products();
     for device in cuda_devices() {
         for tile in [TileShape::T32x32, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128] {
             for slices in [1, 3] {
-                let run = |stages| {
+                let run = |stages, ahead| {
                     let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, slices, true) };
-                    with_tile_choice(choice, || {
-                        let mut f = g.function(&inputs, &outputs).compile(device).unwrap();
-                        let got = f.call(&args).unwrap();
-                        (got.iter().map(Tensor::to_f64_vec).collect::<Vec<_>>(), f.generated_code())
+                    with_split_ahead(ahead, || {
+                        with_tile_choice(choice, || {
+                            let mut f = g.function(&inputs, &outputs).compile(device).unwrap();
+                            let got = f.call(&args).unwrap();
+                            (got.iter().map(Tensor::to_f64_vec).collect::<Vec<_>>(), f.generated_code())
+                        })
                     })
                 };
-                let ((staged, _), (copied, code)) = (run(1), run(3));
+                let (staged, _) = run(1, false);
+                let ((in_turn, code), (ahead, ahead_code)) = (run(3, false), run(3, true));
                 assert!(code.contains("on tensor cores (3xTF32)") && code.contains("split_a_hi"), "{code}");
+                assert!(!code.contains("split_a_hi[sp * "), "{code}");
+                if tile == TileShape::T128x64 {
+                    assert!(ahead_code.contains("split_a_hi[sp * "), "{ahead_code}");
+                }
                 let what = format!("{device:?} {} tiles, {slices} slices", tile.label());
-                assert!(staged == copied, "{what}: the copied slabs' product differs");
+                assert!(staged == in_turn, "{what}: the copied slabs' product differs");
+                assert!(staged == ahead, "{what}: the slabs split a turn ahead give another product");
             }
         }
     }

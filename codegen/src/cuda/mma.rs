@@ -23,7 +23,9 @@
 //! words as copied, since a copy cannot split them), the block splits the slab it is about to
 //! multiply into arrays of its own, laid out a lane's fragment after another (`split_slab`,
 //! `split_slab_step`): a thread splits whole fragments, and a warp reads each part of a fragment
-//! with one 16- or 8-byte access into the registers the multiply-add takes.
+//! with one 16- or 8-byte access into the registers the multiply-add takes. Where two sets of
+//! those arrays fit, the block splits the next slab into one while it multiplies from the other
+//! (`TilePlan::split_ahead`).
 
 use super::ast::*;
 
@@ -230,8 +232,12 @@ fn bands(bm: usize, bn: usize) -> (usize, usize) {
 /// land in the registers the multiply-add takes them from: through `uint2`s of one element's two
 /// parts, ptxas moved each part into place (110 moves a turn beside 24 multiply-adds of a 128x64
 /// tile).
-pub(super) fn split_arrays(bm: usize, bn: usize, bk: usize) -> Vec<Stmt> {
-    let (a_slots, b_slots) = (bm * bk / A_FRAGMENT.len(), bn * bk / B_FRAGMENT.len());
+///
+/// With `buffers` of them (two where the block splits a slab a turn ahead: `TilePlan::split_ahead`),
+/// the arrays hold each buffer's slots one after another (`split_slots`).
+pub(super) fn split_arrays(bm: usize, bn: usize, bk: usize, buffers: usize) -> Vec<Stmt> {
+    let (a_slots, b_slots) = split_slots(bm, bn, bk);
+    let (a_slots, b_slots) = (a_slots * buffers, b_slots * buffers);
     let array = |ty, name: &str, len| Stmt::SharedArray { ty, name: name.into(), len, align: 0 };
     vec![
         array(CType::UInt4, "split_a_hi", a_slots),
@@ -239,6 +245,19 @@ pub(super) fn split_arrays(bm: usize, bn: usize, bk: usize) -> Vec<Stmt> {
         array(CType::UInt2, "split_b_hi", b_slots),
         array(CType::UInt2, "split_b_lo", b_slots),
     ]
+}
+
+/// The slots of one split slab in `a`'s arrays and in `b`'s: a lane's fragment each.
+fn split_slots(bm: usize, bn: usize, bk: usize) -> (usize, usize) {
+    (bm * bk / A_FRAGMENT.len(), bn * bk / B_FRAGMENT.len())
+}
+
+/// Slot `slot` of split buffer `buffer` (`None`: the one buffer) in an array of `slots` a buffer.
+fn in_buffer(buffer: &Option<Expr>, slots: usize, slot: Expr) -> Expr {
+    match buffer {
+        Some(b) => b.clone() * int(slots as i64) + slot,
+        None => slot,
+    }
 }
 
 /// How a copied slab lies in its buffer, for the split to read it.
@@ -251,7 +270,8 @@ pub(super) enum SlabLayout {
 }
 
 /// Splits the slab just landed in `slab_a` and `slab_b` (words as copied, laid out as
-/// `layouts` say) into `split_arrays`, then waits for the block. Each thread splits whole
+/// `layouts` say) into `split_arrays`: into the one split buffer, then waits for the block; or,
+/// split a turn ahead, into buffer `into` (the next turn's barrier is the wait). Each thread splits whole
 /// fragments, `a`'s four words (rows `group` and `group + 8`, steps `quad` and `quad + 4` of its
 /// band) or `b`'s two, so that its stores are one access each; a warp's reads of one word of its
 /// fragments, steps `quad` by rows `group`, fall in 32 banks with the pitches 8 past a multiple
@@ -259,10 +279,17 @@ pub(super) enum SlabLayout {
 /// multiplies a word (the four warps of a tile's row all read its `a`). The split arrays are
 /// free to write once the turn's first barrier is past: every warp is done multiplying the slab
 /// before.
-pub(super) fn split_slab(bm: usize, bn: usize, bk: usize, (layout_a, layout_b): (SlabLayout, SlabLayout)) -> Vec<Stmt> {
-    let mut out = split_operand("a", bm, MMA_M, bk, layout_a, &A_FRAGMENT);
-    out.extend(split_operand("b", bn, MMA_N, bk, layout_b, &B_FRAGMENT));
-    out.push(Stmt::SyncThreads);
+pub(super) fn split_slab(
+    (bm, bn, bk): (usize, usize, usize),
+    (layout_a, layout_b): (SlabLayout, SlabLayout),
+    into: Option<Expr>,
+) -> Vec<Stmt> {
+    let (a_slots, b_slots) = split_slots(bm, bn, bk);
+    let mut out = split_operand("a", bm, MMA_M, bk, layout_a, &A_FRAGMENT, |slot| in_buffer(&into, a_slots, slot));
+    out.extend(split_operand("b", bn, MMA_N, bk, layout_b, &B_FRAGMENT, |slot| in_buffer(&into, b_slots, slot)));
+    if into.is_none() {
+        out.push(Stmt::SyncThreads);
+    }
     out
 }
 
@@ -275,6 +302,7 @@ fn split_operand(
     bk: usize,
     layout: SlabLayout,
     words: &[(usize, usize)],
+    in_buffer: impl Fn(Expr) -> Expr,
 ) -> Vec<Stmt> {
     let tid = || cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx));
     let threads = super::emit::THREADS as usize;
@@ -297,13 +325,13 @@ fn split_operand(
                 }
                 SlabLayout::Rows => {
                     let (r, k) = (first_row.clone() + int(row as i64), first_kk.clone() + int(kk as i64));
-                    r.clone() * int(bk as i64) + super::tile_staging::rows_major_step(r, k, true)
+                    r.clone() * int(bk as i64) + super::tile_staging::rows_major_step(r, k, Some(bk))
                 }
             };
             out.push(decl(CType::Float, name("w", w), index(var(format!("slab_{side}")), at)));
             out.push(decl(CType::UInt, name("hi", w), call(HIGH_HELPER, vec![var(name("w", w))])));
         }
-        let slot = tid() + int((u * threads) as i64);
+        let slot = in_buffer(tid() + int((u * threads) as i64));
         let make = if words.len() == 4 { "make_uint4" } else { "make_uint2" };
         let his = (0..words.len()).map(|w| var(name("hi", w))).collect();
         let los = (0..words.len()).map(|w| call(LOW_HELPER, vec![var(name("w", w)), var(name("hi", w))])).collect();
@@ -316,8 +344,13 @@ fn split_operand(
 /// One step of 8 (`kk` its first) through the split slab (`split_slab`): each warp's fragments,
 /// an access per part (`b`'s all first, then one 16-row band of `a`'s at a time with its
 /// products, as `slab_step`), and three multiply-adds per 16x8 product into the accumulators
-/// `acc(i, j)` (`three_products`).
-pub(super) fn split_slab_step(bm: usize, bn: usize, acc: impl Fn(usize, usize) -> String) -> Vec<Stmt> {
+/// `acc(i, j)` (`three_products`); from split buffer `from` where the block splits a turn ahead.
+pub(super) fn split_slab_step(
+    (bm, bn, bk): (usize, usize, usize),
+    from: Option<Expr>,
+    acc: impl Fn(usize, usize) -> String,
+) -> Vec<Stmt> {
+    let (a_slots, b_slots) = split_slots(bm, bn, bk);
     let (tm, tn) = per_thread(bm, bn);
     let (bands_a, bands_b) = bands(bm, bn);
     let lane = || var("group") * int(4) + var("quad");
@@ -325,7 +358,7 @@ pub(super) fn split_slab_step(bm: usize, bn: usize, acc: impl Fn(usize, usize) -
     let mut out = vec![];
     for nj in 0..tn / 2 {
         let band = var("warp_col") * int((bn / WARP_COLS / MMA_N) as i64) + int(nj as i64);
-        let slot = (step() * int(bands_b as i64) + band) * int(32) + lane();
+        let slot = in_buffer(&from, b_slots, (step() * int(bands_b as i64) + band) * int(32) + lane());
         for part in ["hi", "lo"] {
             out.push(decl(CType::UInt2, format!("b{nj}_{part}"), index(var(format!("split_b_{part}")), slot.clone())));
         }
@@ -333,7 +366,7 @@ pub(super) fn split_slab_step(bm: usize, bn: usize, acc: impl Fn(usize, usize) -
     let lanes = |name: String, n: u8| (0..n).map(|l| Expr::Lane(Box::new(var(name.clone())), l)).collect();
     for mi in 0..tm / 2 {
         let band = var("warp_row") * int((bm / WARP_ROWS / MMA_M) as i64) + int(mi as i64);
-        let slot = (step() * int(bands_a as i64) + band) * int(32) + lane();
+        let slot = in_buffer(&from, a_slots, (step() * int(bands_a as i64) + band) * int(32) + lane());
         for part in ["hi", "lo"] {
             out.push(decl(CType::UInt4, format!("a{mi}_{part}"), index(var(format!("split_a_{part}")), slot.clone())));
         }

@@ -47,7 +47,7 @@ pub use dependent_launch::{with_dependent_launch, with_late_dependent_launch};
 pub use lt::{with_cublaslt, LtEpilogue, LtGemm};
 pub use row_tail::with_row_tails;
 pub use side::{with_chain_joins, with_clusters_first, with_longest_first};
-pub use tile_plan::{with_deep_slabs, with_nearest_slices};
+pub use tile_plan::{with_deep_slabs, with_nearest_slices, with_split_ahead};
 pub use tile_staging::with_quad_copies;
 pub use tile_table::{with_tile_table, ProductKey, TileTable};
 pub use tiled::{with_tile_choice, TileChoice, TileShape};

@@ -227,6 +227,10 @@ pub(super) struct TilePlan {
     /// The slices of a tile run as one thread block cluster (`cluster.rs`): block `tile * slices
     /// + slice` rather than `slice * tiles + tile`.
     pub(super) cluster: bool,
+    /// Tensor cores with copied slabs (`split_slabs`) split each slab a turn before they multiply
+    /// it, into the other of two split buffers (`Emitter::slabs_by_copies`): one barrier a turn
+    /// rather than two, and a warp's split of the next slab beside its multiply-adds of this one.
+    pub(super) split_ahead: bool,
 }
 
 /// Whether unsliced tiles copied asynchronously take slabs twice their shape's depth where the
@@ -237,6 +241,17 @@ pub(super) static DEEP_SLABS: super::Switch = super::Switch::new("KILN_CUDA_DEEP
 /// (`on`), or each tile shape's own depth, whatever `KILN_CUDA_DEEP_SLABS` says.
 pub fn with_deep_slabs<R>(on: bool, f: impl FnOnce() -> R) -> R {
     DEEP_SLABS.with(on, f)
+}
+
+/// Whether tensor-core tiles with copied slabs split each slab a turn ahead where the second split
+/// buffer fits (`TilePlan::split_ahead`): `KILN_CUDA_SPLIT_AHEAD=0` splits the slab of the turn,
+/// to time the two.
+pub(super) static SPLIT_AHEAD: super::Switch = super::Switch::new("KILN_CUDA_SPLIT_AHEAD", true);
+
+/// Runs `f` with every CUDA program this thread specializes splitting tensor-core slabs a turn
+/// ahead where they can (`on`), or in their turn, whatever `KILN_CUDA_SPLIT_AHEAD` says.
+pub fn with_split_ahead<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    SPLIT_AHEAD.with(on, f)
 }
 
 /// Whether kiln's estimate cuts the slice count nearest to the one it wants (`slabs_per_slice`),
@@ -336,6 +351,7 @@ impl TilePlan {
             // A slice's slabs all in flight at once take `slabs + 1` buffers; more would stay empty.
             stages: stages.clamp(1, MAX_STAGES).min(slabs + 1),
             cluster: false,
+            split_ahead: false,
         };
         // As many buffers as fit in shared memory beside a band of the staged tile.
         while plan.stages > 1 && !plan.fits_in_shared_memory() {
@@ -343,6 +359,13 @@ impl TilePlan {
         }
         // A cluster's blocks read each other's whole staged tile, so it must fit beside the slabs.
         plan.cluster = clustered && (2..=super::cluster::MAX_CLUSTER).contains(&plan.slices) && plan.bands() == 1;
+        // The second split buffer where it fits beside the buffers that fit without it (an
+        // unsliced tile may then stage its epilogue in more bands, within its slab buffers), and
+        // leaves a cluster's staged tile whole: a 128x64 tile's (44.6 KiB with three buffers).
+        plan.split_ahead = plan.split_slabs() && plan.stages < MAX_STAGES && SPLIT_AHEAD.on();
+        if plan.split_ahead && !(plan.fits_in_shared_memory() && (!plan.cluster || plan.bands() == 1)) {
+            plan.split_ahead = false;
+        }
         plan
     }
 
@@ -465,7 +488,16 @@ impl TilePlan {
         match (self.tensor_cores, self.split_slabs()) {
             (false, _) => buffer * self.stages,
             (true, false) => buffer * 2,
-            (true, true) => buffer * self.stages + 2 * self.bk * (self.bm + self.bn),
+            (true, true) => buffer * self.stages + self.split_buffers() * 2 * self.bk * (self.bm + self.bn),
+        }
+    }
+
+    /// Split buffers (`mma::split_arrays`): two where the block splits a turn ahead.
+    pub(super) fn split_buffers(&self) -> usize {
+        if self.split_ahead {
+            2
+        } else {
+            1
         }
     }
 
@@ -650,7 +682,7 @@ mod tests {
         // words an element, 16 KiB) leave no room for the whole tile beside them (17 KiB), nor
         // in `a`'s buffers (13.5 KiB): it is staged in `a`'s buffers in two bands.
         let tc = stages(TileShape::T64x64, 3, true);
-        assert_eq!((tc.stages, tc.bk, tc.split_slabs(), tc.bands()), (3, 16, true, 2));
+        assert_eq!((tc.stages, tc.bk, tc.split_slabs(), tc.bands(), tc.split_ahead), (3, 16, true, 2, false));
         assert!(tc.fits_in_shared_memory() && tc.staged_in_slabs(tc.bm / 2) && !tc.staged_in_slabs(tc.bm));
         assert!(!stages(TileShape::T64x64, 1, true).split_slabs());
         assert_eq!(stages(TileShape::T64x64, 1, false).stages, 1);
@@ -672,5 +704,27 @@ mod tests {
         let whole = TileChoice { stages: Some(MAX_STAGES), ..TileChoice::forced(TileShape::T32x32, 1, false) };
         let plan = with_tile_choice(whole, || TilePlan::for_product(&product(128, 128, 256)));
         assert_eq!((plan.bk, plan.slabs), (64, 2));
+    }
+
+    #[test]
+    fn tensor_core_slabs_are_split_a_turn_ahead_where_the_second_split_buffer_fits() {
+        let plan = |tile, slices, stages| {
+            let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, slices, true) };
+            with_tile_choice(choice, || TilePlan::for_product(&product(4096, 784, 256)))
+        };
+        // 128x64: three buffers of 8-deep slabs (20 KiB) and two split buffers (24 KiB); the
+        // unsliced tile's epilogue then goes in four bands of 32 rows inside `a`'s buffers.
+        let whole = plan(TileShape::T128x64, 1, 3);
+        assert_eq!((whole.split_ahead, whole.stages, whole.bands()), (true, 3, 4));
+        assert!(whole.fits_in_shared_memory() && whole.staged_in_slabs(whole.bm / whole.bands()));
+        let sliced = plan(TileShape::T128x64, 4, 3);
+        assert!(sliced.split_ahead && sliced.fits_in_shared_memory());
+        // Not where it would not fit beside the buffers that fit without it, nor through
+        // registers, nor where switched off.
+        assert!(!plan(TileShape::T128x128, 1, 3).split_ahead);
+        assert!(!plan(TileShape::T64x64, 1, 3).split_ahead);
+        assert!(!plan(TileShape::T128x64, 1, 1).split_ahead);
+        let off = with_split_ahead(false, || plan(TileShape::T128x64, 1, 3));
+        assert_eq!((off.split_ahead, off.bands()), (false, 2));
     }
 }

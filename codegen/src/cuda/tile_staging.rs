@@ -144,8 +144,8 @@ pub(super) enum Copies {
 ///   slab would put in one bank;
 /// - either operand contiguous along the slab where the block splits each slab for tensor cores
 ///   (`TilePlan::split_slabs`): the split reads it a fragment's word at a time, rows by steps,
-///   which a row-major slab serves in 32 banks with its quads swapped in every other four rows
-///   (`rows_major_step`). A 128x64 tile's `a` went from four copies a thread a turn to one.
+///   which a row-major slab serves in 32 banks with its quads swizzled (`rows_major_step`). A
+///   128x64 tile's `a` went from four copies a thread a turn to one.
 pub(super) fn copies(mm: &MatMul, plan: &TilePlan, a: bool) -> Copies {
     let k_inner = if a { !mm.a_transposed } else { mm.b_transposed };
     let (side, bound) = if a { (plan.bm, mm.m) } else { (plan.bn, mm.n) };
@@ -167,15 +167,24 @@ pub(super) fn copies(mm: &MatMul, plan: &TilePlan, a: bool) -> Copies {
 }
 
 /// Where step `kk` of row `r` of a slab staged a row after another (`[row][kk]`, rows of `bk`
-/// words) lies in its row. On tensor cores (`swizzled`) the row's two quads trade places in rows
-/// 4 to 7 of every 8: the split reads a word of rows `group` (0 to 7) by steps `quad` (0 to 3),
-/// which 8-word rows would put two to a bank, and a quarter warp's 16-byte copies still fill 32
-/// banks (four rows whole). A slab whose rows are read as `float4`s stays as it is.
-pub(super) fn rows_major_step(r: Expr, kk: Expr, swizzled: bool) -> Expr {
-    match swizzled {
-        true => bin(BinOp::BitXor, kk, bin(BinOp::BitAnd, r, int(4))),
-        false => kk,
+/// words) lies in its row. Where the block splits the slab for tensor cores (`split_depth`: `bk`,
+/// 8, 16 or 32), the row's quads trade places by an XOR of their index with the row's count of
+/// 32 banks (`r / (32 / bk)`): the split reads a word of 8 rows (`group`) by 4 steps (`quad`),
+/// which rows of 8 words would put two to a bank, of 16 four and of 32 eight, and the XOR moves
+/// each row that shares its banks with another to quads of its own, while a quarter warp's
+/// 16-byte copies (whole rows, 32 words) still fill 32 banks. A slab whose rows are read as
+/// `float4`s stays as it is.
+pub(super) fn rows_major_step(r: Expr, kk: Expr, split_depth: Option<usize>) -> Expr {
+    match split_depth {
+        Some(bk) => bin(BinOp::BitXor, kk, quad_swizzle(r, bk, int)),
+        None => kk,
     }
+}
+
+/// What `rows_major_step` XORs a split slab's step with in row `r` (`lit` making a constant).
+fn quad_swizzle<T: PlaceInteger>(r: T, bk: usize, lit: impl Fn(i64) -> T) -> T {
+    debug_assert!([8, 16, 32].contains(&bk), "a split slab is 8, 16 or 32 deep");
+    r / lit((32 / bk) as i64) % lit((bk / 4) as i64) * lit(4)
 }
 
 /// Whether the left operand's slabs are staged a row of the tile after another (`[row][kk]`, a
@@ -367,7 +376,7 @@ impl<'a> Emitter<'a> {
             // A buffer is `bk` steps of `pitch` words, whichever way its slab is staged (a tile's
             // `side` rows of `bk` words take less).
             let (outer, inner, stride) = if w.copies == Copies::QuadsAlongSlab {
-                (r.clone(), rows_major_step(r, kk, plan.split_slabs()), plan.bk as i64)
+                (r.clone(), rows_major_step(r, kk, plan.split_slabs().then_some(plan.bk)), plan.bk as i64)
             } else {
                 (kk, r, pitch)
             };
@@ -457,4 +466,42 @@ fn slab_words(mm: &MatMul, plan: &TilePlan, it: CType, kt: Expr, checks: Checks)
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quad_swizzle;
+
+    /// The bank of step `kk` of row `r` of a split slab staged a row after another.
+    fn bank(r: i64, kk: i64, bk: usize) -> i64 {
+        (r * bk as i64 + (kk ^ quad_swizzle(r, bk, |v| v))) % 32
+    }
+
+    #[test]
+    fn split_slabs_staged_a_row_after_another_are_read_and_copied_in_32_banks() {
+        for bk in [8usize, 16, 32] {
+            // The split: a warp reads one word of its lanes' fragments, rows `group` (from a band's
+            // first row, a multiple of 8, plus 0 or 8) by steps `quad` (plus 0 or 4, in any step of
+            // 8 of the slab).
+            for (band, row, step, kk) in [(0, 0, 0, 0), (8, 8, 0, 4), (16, 0, 1, 4), (120, 8, 1, 0)] {
+                let step = step % (bk as i64 / 8);
+                let mut banks: Vec<i64> =
+                    (0..32).map(|lane| bank(band + row + lane / 4, step * 8 + kk + lane % 4, bk)).collect();
+                banks.sort();
+                banks.dedup();
+                assert_eq!(banks.len(), 32, "{bk}-deep slab, band {band} + {row}, step {step}, kk {kk}");
+            }
+            // The copies: a quarter warp's eight 16-byte quads, whole rows in order.
+            let per_row = bk as i64 / 4;
+            for first in [0, 8, 64] {
+                let mut banks: Vec<i64> = (first..first + 8)
+                    .flat_map(|l| (0..4).map(move |w| (l / per_row, l % per_row * 4 + w)))
+                    .map(|(r, kk)| bank(r, kk, bk))
+                    .collect();
+                banks.sort();
+                banks.dedup();
+                assert_eq!(banks.len(), 32, "{bk}-deep slab, copies from thread {first}");
+            }
+        }
+    }
 }

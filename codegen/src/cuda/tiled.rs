@@ -101,7 +101,7 @@ fn slab_multiply(plan: &TilePlan, slabs: (&str, &str), a_rows_major: bool) -> Ve
         |var: &str, end: i64, step: i64, body: Vec<Stmt>| unrolled_loop(var, end, step, body, plan.deepened());
     if plan.tensor_cores {
         let products = if plan.split_slabs() {
-            mma::split_slab_step(plan.bm, plan.bn, acc)
+            mma::split_slab_step((plan.bm, plan.bn, plan.bk), plan.split_ahead.then(|| var("sp")), acc)
         } else {
             mma::slab_step(plan.bm, plan.bn, (plan.pitch(plan.bm), plan.pitch(plan.bn)), slabs, acc)
         };
@@ -242,7 +242,7 @@ impl<'a> Emitter<'a> {
             Stmt::SharedArray { ty: slab_type, name: "tile_b".into(), len: plan.stages * bk * pitch_b, align },
         ];
         if plan.split_slabs() {
-            body.extend(mma::split_arrays(bm, bn, bk));
+            body.extend(mma::split_arrays(bm, bn, bk, plan.split_buffers()));
         }
         let mut setup = if plan.tensor_cores {
             mma::places()
@@ -359,25 +359,59 @@ impl<'a> Emitter<'a> {
     /// thread's copies are in, and every thread is done with the buffer used a turn ago), the
     /// copies of the slab `stages - 1` ahead into that buffer, then the slab's multiply-adds.
     /// Each turn closes one group of copies, empty past the slice's end, so that the wait for all
-    /// but the newest `stages - 2` groups is a wait for this turn's slab.
+    /// but the newest `stages - 2` groups is a wait for this turn's slab. Split a turn ahead
+    /// (`TilePlan::split_ahead`), a turn waits for the next slab, refills its own slab's buffer
+    /// (split the turn before), multiplies its slab from one split buffer and splits the next
+    /// into the other: the barrier that lets the copies' words be read also orders each split
+    /// buffer's writes after the multiply-adds that read it a turn before, and before those that
+    /// read it a turn after.
     fn slabs_by_copies(&mut self, mm: &MatMul, plan: &TilePlan, it: CType) -> Vec<Stmt> {
         let (bk, stages) = (plan.bk as i64, plan.stages);
-        self.scalars.async_copies = self.scalars.async_copies.max(stages);
+        // (Split ahead, the first slab is waited for with one more group in flight: the prelude's
+        // waits are counted as if for a buffer more.)
+        let waits_for = stages + usize::from(plan.split_ahead);
+        self.scalars.async_copies = self.scalars.async_copies.max(waits_for);
+        // Split a turn ahead (`TilePlan::split_ahead`), a turn's slab was split the turn before,
+        // so its buffer is free to refill once past the turn's barrier: the loop starts with
+        // every buffer's slab in flight (one more than otherwise) and the first slab split.
+        let in_flight = if plan.split_ahead { stages } else { stages - 1 };
         let mut out = vec![];
-        for s in 0..stages - 1 {
+        for s in 0..in_flight {
             let kt = var("k_lo") + int(s as i64 * bk);
             let copies = self.slab_copy(mm, plan, it, kt.clone(), int(s as i64), true);
             out.push(Stmt::If(bin(BinOp::Lt, kt, var("k_hi")), copies, vec![]));
             out.push(tile_staging::commit());
         }
-        let ahead = var("kt") + int((stages - 1) as i64 * bk);
+        let ahead = var("kt") + int(in_flight as i64 * bk);
         // The buffer a turn multiplies, counted round rather than computed from `kt` (a division
         // and a remainder by the stages each turn), and the one it refills: the buffer of the turn
-        // before, which every thread is done with once past this turn's barrier.
+        // before, which every thread is done with once past this turn's barrier (split ahead, the
+        // turn's own).
         let last = int(stages as i64 - 1);
         let st_is = |v: Expr| bin(BinOp::Eq, var("st"), v);
-        let refill = select(st_is(int(0)), last.clone(), var("st") - int(1));
-        let slab_at = |tile: &str, side: usize| var(tile) + var("st") * int(bk * plan.pitch(side) as i64);
+        let refill = if plan.split_ahead { var("st") } else { select(st_is(int(0)), last.clone(), var("st") - int(1)) };
+        let next = select(st_is(last), int(0), var("st") + int(1));
+        let slab_at = |tile: &str, side: usize, buffer: Expr| var(tile) + buffer * int(bk * plan.pitch(side) as i64);
+        let slabs_at = |buffer: Expr| {
+            vec![
+                decl_mut(CType::ConstFloatPtr, "slab_a", slab_at("tile_a", plan.bm, buffer.clone())),
+                decl_mut(CType::ConstFloatPtr, "slab_b", slab_at("tile_b", plan.bn, buffer)),
+            ]
+        };
+        let layout = |a: bool, side: usize| match tile_staging::staged_rows_major(mm, plan, a) {
+            true => mma::SlabLayout::Rows,
+            false => mma::SlabLayout::Steps { pitch: plan.pitch(side) },
+        };
+        let layouts = (layout(true, plan.bm), layout(false, plan.bn));
+        let split = |into: Option<Expr>| mma::split_slab((plan.bm, plan.bn, plan.bk), layouts, into);
+        if plan.split_ahead {
+            // The first slab, once every thread's copies of it are in, into split buffer 0.
+            let mut first = slabs_at(int(0));
+            first.extend(split(Some(int(0))));
+            out.extend([tile_staging::wait(stages - 1), Stmt::SyncThreads]);
+            out.push(Stmt::If(bin(BinOp::Lt, var("k_lo"), var("k_hi")), first, vec![]));
+            out.push(decl_mut(CType::Int, "sp", int(0)));
+        }
         out.push(decl_mut(CType::Int, "st", int(0)));
         // Only a slice's last slab may end before the slab's depth (`slabs_whole`): the slabs
         // before it are copied without a check of the slice's end.
@@ -390,24 +424,25 @@ impl<'a> Emitter<'a> {
             let whole = bin(BinOp::Le, ahead.clone() + int(bk), var("k_hi"));
             Stmt::If(whole, copy_ahead(false), vec![if_ahead_in_slice(copy_ahead(true))])
         };
-        let mut turn = vec![
-            tile_staging::wait(stages - 2),
-            Stmt::SyncThreads,
-            refill_copies,
-            tile_staging::commit(),
-            decl_mut(CType::ConstFloatPtr, "slab_a", slab_at("tile_a", plan.bm)),
-            decl_mut(CType::ConstFloatPtr, "slab_b", slab_at("tile_b", plan.bn)),
-        ];
-        if plan.split_slabs() {
-            let layout = |a: bool, side: usize| match tile_staging::staged_rows_major(mm, plan, a) {
-                true => mma::SlabLayout::Rows,
-                false => mma::SlabLayout::Steps { pitch: plan.pitch(side) },
-            };
-            let layouts = (layout(true, plan.bm), layout(false, plan.bn));
-            turn.extend(mma::split_slab(plan.bm, plan.bn, plan.bk, layouts));
+        let mut turn = vec![tile_staging::wait(stages - 2), Stmt::SyncThreads, refill_copies, tile_staging::commit()];
+        let rows_major = tile_staging::stages_rows_major(mm, plan);
+        if plan.split_ahead {
+            // This turn's multiply-adds, then the next slab split into the other buffer: the
+            // split's loads and arithmetic issue while the tensor cores work through the
+            // multiply-adds, which the split does not wait for.
+            turn.extend(slab_multiply(plan, ("slab_a", "slab_b"), rows_major));
+            let mut split_next = slabs_at(next.clone());
+            split_next.extend(split(Some(int(1) - var("sp"))));
+            turn.push(Stmt::If(bin(BinOp::Lt, var("kt") + int(bk), var("k_hi")), split_next, vec![]));
+            turn.push(assign(var("sp"), int(1) - var("sp")));
+        } else {
+            turn.extend(slabs_at(var("st")));
+            if plan.split_slabs() {
+                turn.extend(split(None));
+            }
+            turn.extend(slab_multiply(plan, ("slab_a", "slab_b"), rows_major));
         }
-        turn.extend(slab_multiply(plan, ("slab_a", "slab_b"), tile_staging::stages_rows_major(mm, plan)));
-        turn.push(assign(var("st"), select(st_is(last), int(0), var("st") + int(1))));
+        turn.push(assign(var("st"), next));
         out.push(Stmt::For {
             ty: it,
             var: "kt".into(),
