@@ -215,6 +215,12 @@ impl std::ops::Rem for Expr {
         bin(BinOp::Rem, self, o)
     }
 }
+impl std::ops::BitAnd for Expr {
+    type Output = Expr;
+    fn bitand(self, o: Expr) -> Expr {
+        bin(BinOp::BitAnd, self, o)
+    }
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Stmt {

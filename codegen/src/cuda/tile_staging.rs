@@ -181,10 +181,16 @@ pub(super) fn rows_major_step(r: Expr, kk: Expr, split_depth: Option<usize>) -> 
     }
 }
 
-/// What `rows_major_step` XORs a split slab's step with in row `r` (`lit` making a constant).
-fn quad_swizzle<T: PlaceInteger>(r: T, bk: usize, lit: impl Fn(i64) -> T) -> T {
+/// What `rows_major_step` XORs a split slab's step with in row `r` (`lit` making a constant):
+/// `r / (32 / bk) % (bk / 4) * 4`, written with a multiply and a mask, which ptxas takes as a
+/// shift and an AND (the division and remainder of a signed row cost two instructions a turn).
+fn quad_swizzle<T>(r: T, bk: usize, lit: impl Fn(i64) -> T) -> T
+where
+    T: std::ops::Mul<Output = T> + std::ops::BitAnd<Output = T>,
+{
     debug_assert!([8, 16, 32].contains(&bk), "a split slab is 8, 16 or 32 deep");
-    r / lit((32 / bk) as i64) % lit((bk / 4) as i64) * lit(4)
+    let scaled = if bk == 8 { r } else { r * lit((bk / 8) as i64) };
+    scaled & lit(bk as i64 - 4)
 }
 
 /// Whether the left operand's slabs are staged a row of the tile after another (`[row][kk]`, a
