@@ -9,7 +9,7 @@
 //! than once a slab. A copy checks only the bounds its word can pass (`slab_words`), and an
 //! operand goes four words (16 bytes) a copy where its layout allows (`copies`): one contiguous
 //! along the tile's side, and the left one contiguous along the slab, whose slab is then staged
-//! a row of the tile after another (`stages_rows_major`).
+//! a row of the tile after another (`staged_rows_major`).
 //!
 //! The copies are the prelude's helpers: inline PTX on the GPU and, in the emulator, the shim's
 //! `kiln_emu_cp_async*`, which keep each thread's copies pending until it waits for their group
@@ -139,7 +139,7 @@ pub(super) enum Copies {
 /// - the left operand contiguous along the slab (`[m, k]`) where the inner dimension is a
 ///   multiple of four and a thread's rows are one `float4` (4x4 outputs a thread, each group's
 ///   depth whole quads): its slab is staged a row of the tile after another, each row's quads
-///   read whole by the multiply-adds (`stages_rows_major`). The right operand contiguous along
+///   read whole by the multiply-adds (`staged_rows_major`). The right operand contiguous along
 ///   the slab stays a word a copy: its threads read four columns of a step, which a row-major
 ///   slab would put in one bank;
 /// - either operand contiguous along the slab where the block splits each slab for tensor cores
@@ -193,17 +193,11 @@ where
     scaled & lit(bk as i64 - 4)
 }
 
-/// Whether the left operand's slabs are staged a row of the tile after another (`[row][kk]`, a
-/// row `bk` words), each thread's rows read as one `float4` of four steps: where they are copied
-/// in quads along the slab. Otherwise both operands' slabs are staged a step after another
-/// (`[kk][row]`), a row `pitch` words.
-pub(super) fn stages_rows_major(mm: &MatMul, plan: &TilePlan) -> bool {
-    staged_rows_major(mm, plan, true)
-}
-
 /// Whether an operand's slabs (`a`: the left's) are staged a row of the tile after another
-/// (`[row][kk]`, rows of `bk` words, `rows_major_step`): where they are copied in quads along
-/// the slab.
+/// (`[row][kk]`, rows of `bk` words: the left operand's read as one `float4` of four steps a
+/// thread's row, a split slab's swizzled by `rows_major_step`): where they are copied in quads
+/// along the slab. Otherwise its slabs are staged a step after another (`[kk][row]`), a row
+/// `pitch` words.
 pub(super) fn staged_rows_major(mm: &MatMul, plan: &TilePlan, a: bool) -> bool {
     copies(mm, plan, a) == Copies::QuadsAlongSlab
 }

@@ -11,7 +11,7 @@
 //! thread, read from shared memory as `float4`s (four multiply-adds per word read; eight rows as
 //! two runs of four, half the tile apart, so that a quarter warp's reads hit 32 banks; a left
 //! operand copied in quads along the slab is staged a row of the tile after another, a thread's
-//! four rows read as a `float4` of four steps each: `tile_staging::stages_rows_major`); 32x32 tiles
+//! four rows read as a `float4` of four steps each: `tile_staging::staged_rows_major`); 32x32 tiles
 //! with four groups of 64 threads, each group computing the whole tile (4x4 outputs a thread, as
 //! `float4`s) over a quarter of each slab's depth, the groups' partial tiles added in group order
 //! (`T32x32K4`; `T32x32`, 2x2 outputs a thread 16 apart, read a word for every multiply-add).
@@ -119,7 +119,7 @@ fn slab_multiply(plan: &TilePlan, slabs: (&str, &str), a_rows_major: bool) -> Ve
 }
 
 /// Four steps `kk..kk + 4` through the staged slabs where `a`'s is staged a row of the tile after
-/// another (`tile_staging::stages_rows_major`): each of the thread's four rows of `a` read as one
+/// another (`tile_staging::staged_rows_major`): each of the thread's four rows of `a` read as one
 /// `float4` of the four steps (a quarter warp's eight threads share their rows: one read for
 /// all), then at each step its columns of `b` as before, and the multiply-adds. As many reads of
 /// shared memory as four single steps.
@@ -425,7 +425,7 @@ impl<'a> Emitter<'a> {
             Stmt::If(whole, copy_ahead(false), vec![if_ahead_in_slice(copy_ahead(true))])
         };
         let mut turn = vec![tile_staging::wait(stages - 2), Stmt::SyncThreads, refill_copies, tile_staging::commit()];
-        let rows_major = tile_staging::stages_rows_major(mm, plan);
+        let rows_major = tile_staging::staged_rows_major(mm, plan, true);
         if plan.split_ahead {
             // This turn's multiply-adds, then the next slab split into the other buffer: the
             // split's loads and arithmetic issue while the tensor cores work through the
