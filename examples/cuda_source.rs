@@ -1,9 +1,10 @@
 //! The CUDA C of a standard workload's training step, as the CUDA backend would compile it, on
 //! any machine (no GPU needed): the step's launches, then every kernel headed by the graph nodes
 //! and source lines it computes. With `--resources`, what ptxas makes of each kernel for an H100
-//! instead (registers a thread, spills, static shared memory; needs libnvrtc), which is how a
-//! kernel change is checked for register pressure before a GPU is at hand. The CUDA backend's
-//! variables apply (`KILN_CUDA_STAGES=3`, `KILN_CUDA_PDL=1`, `KILN_CUDA_TILES=FILE`, ...).
+//! instead (registers a thread, spills, static shared memory, and the dynamic shared memory a
+//! kernel past 48 KiB is launched with; needs libnvrtc), which is how a kernel change is checked
+//! for register pressure before a GPU is at hand. The CUDA backend's variables apply
+//! (`KILN_CUDA_STAGES=3`, `KILN_CUDA_PDL=1`, `KILN_CUDA_TILES=FILE`, ...).
 //!
 //! With `--cubin FILE`, the machine code for an H100 is written to FILE as well, to read its
 //! instructions with `nvdisasm` (pip package `nvidia-cuda-nvdisasm`) before a GPU is at hand.
@@ -55,10 +56,15 @@ fn main() -> kiln::Result<()> {
         let (cubin, _) = compile(&source, CHECK_ARCH)?;
         text = slab_loads(&cubin)?;
     } else if args.resources {
-        text.push_str(&format!("{:<40} {:>9} {:>7} {:>12}\n", "kernel", "registers", "spills", "shared bytes"));
+        let header = ("kernel", "registers", "spills", "shared bytes", "dynamic");
+        text.push_str(&format!("{:<40} {:>9} {:>7} {:>12} {:>8}\n", header.0, header.1, header.2, header.3, header.4));
         for k in kernel_resources(&source, CHECK_ARCH)? {
             let spills = k.spill_stores + k.spill_loads;
-            text.push_str(&format!("{:<40} {:>9} {:>7} {:>12}\n", k.name, k.registers, spills, k.shared_bytes));
+            let dynamic = dynamic_shared_bytes(&source, &k.name);
+            text.push_str(&format!(
+                "{:<40} {:>9} {:>7} {:>12} {:>8}\n",
+                k.name, k.registers, spills, k.shared_bytes, dynamic
+            ));
         }
     } else {
         text = source;
@@ -79,4 +85,15 @@ fn slab_loads(cubin: &[u8]) -> kiln::Result<String> {
         text.push('\n');
     }
     Ok(text)
+}
+
+/// The dynamic shared memory kernel `name` is launched with, as its code asserts it (0: none).
+fn dynamic_shared_bytes(source: &str, name: &str) -> usize {
+    let Some(start) = source.find(&format!(" {name}(")) else { return 0 };
+    let end = source[start..].find("\nextern \"C\"").map_or(source.len(), |e| start + e);
+    let assertion = "static_assert(sizeof(kiln_shared) == ";
+    source[start..end]
+        .find(assertion)
+        .and_then(|at| source[start + at + assertion.len()..end].split(',').next()?.trim().parse().ok())
+        .unwrap_or(0)
 }

@@ -396,11 +396,12 @@ fn tensor_core_tiles_keep_float32_accuracy() {
 #[test]
 fn tensor_core_slabs_split_by_the_block_once_copied_give_the_bits_split_where_staged_in_turn_or_ahead() {
     // Through registers each thread splits the words it stages; copied asynchronously the block
-    // splits the landed slab into fragment-ordered arrays, in its turn or (where the second split
-    // buffer fits: 128x64 tiles) a turn ahead. The same parts multiplied in the same order: the
-    // same bits, in every tile shape, whole and in slices, with edge tiles, an operand read
-    // transposed and a slice that ends inside a slab.
-    use kiln_codegen::cuda::{with_split_ahead, with_tile_choice, TileChoice, TileShape};
+    // splits the landed slab into fragment-ordered arrays, in its turn or a turn ahead (into a
+    // second split buffer: past 48 KiB, so in dynamic shared memory; within 48 KiB only 128x64
+    // tiles have room for it, their epilogue then staged in bands). The same parts multiplied in
+    // the same order: the same bits, in every tile shape, whole and in slices, with edge tiles,
+    // an operand read transposed and a slice that ends inside a slab.
+    use kiln_codegen::cuda::{with_split_ahead, with_tensor_core_shared, with_tile_choice, TileChoice, TileShape};
     let (g, inputs, outputs, args) = edge_tile_products();
     for device in cuda_devices() {
         for tile in [TileShape::T32x32, TileShape::T64x64, TileShape::T128x64, TileShape::T128x128] {
@@ -419,12 +420,18 @@ fn tensor_core_slabs_split_by_the_block_once_copied_give_the_bits_split_where_st
                 let ((in_turn, code), (ahead, ahead_code)) = (run(3, false), run(3, true));
                 assert!(code.contains("on tensor cores (3xTF32)") && code.contains("split_a_hi"), "{code}");
                 assert!(!code.contains("split_a_hi[sp * "), "{code}");
-                if tile == TileShape::T128x64 {
-                    assert!(ahead_code.contains("split_a_hi[sp * "), "{ahead_code}");
-                }
+                assert!(ahead_code.contains(".split_a_hi[sp * "), "{ahead_code}");
+                // Past 48 KiB but for sliced 128x64 tiles, whose slices stage no tile (44.5 KiB).
+                let sliced_128x64 = tile == TileShape::T128x64 && slices > 1;
+                assert_eq!(ahead_code.contains("extern __shared__"), !sliced_128x64, "{ahead_code}");
                 let what = format!("{device:?} {} tiles, {slices} slices", tile.label());
                 assert!(staged == in_turn, "{what}: the copied slabs' product differs");
                 assert!(staged == ahead, "{what}: the slabs split a turn ahead give another product");
+                if tile == TileShape::T128x64 {
+                    let (within, static_code) = with_tensor_core_shared(48 * 1024, || run(3, true));
+                    assert!(static_code.contains("split_a_hi[sp * ") && !static_code.contains("extern __shared__"));
+                    assert!(staged == within, "{what}: split ahead within 48 KiB, another product");
+                }
             }
         }
     }

@@ -83,8 +83,8 @@ fn autoencoder_step_is_race_free() {
 
 /// fmnist-mlp with every product tiled in each shape, whole and sliced, by FMAs (one slab buffer,
 /// or three filled by asynchronous copies, or as many as fit of eight, the staged tile then in the
-/// slab buffers where it fits there) and on tensor cores: the staging, the sliced finish's
-/// tickets and the side-by-side launches of each.
+/// slab buffers where it fits there) and on tensor cores (through registers, or copied and split):
+/// the staging, the sliced finish's tickets and the side-by-side launches of each.
 #[test]
 fn every_tile_shape_is_race_free() {
     if let Some(why) = kiln::testing::emulator_skip_reason() {
@@ -94,8 +94,9 @@ fn every_tile_shape_is_race_free() {
     for (i, tile) in TileShape::ALL.into_iter().enumerate() {
         let slices = [1, 4, 2, 3, 2][i];
         // By FMAs with one slab buffer, with three filled by asynchronous copies and with up to
-        // eight; on tensor cores.
-        for (tensor_cores, stages) in [(false, 1), (false, 3), (false, 8), (true, 1)] {
+        // eight; on tensor cores through registers, and copied and split a turn ahead (in
+        // dynamic shared memory, past 48 KiB).
+        for (tensor_cores, stages) in [(false, 1), (false, 3), (false, 8), (true, 1), (true, 3)] {
             let form = format!(" ({tile:?} tiles in {slices} slices, tensor cores: {tensor_cores}, {stages} stages)");
             let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, slices, tensor_cores) };
             with_race_check(|| with_tile_choice(choice, || one_step("fmnist-mlp", &form)));
@@ -120,6 +121,7 @@ fn clustered_tiles_are_race_free() {
         (TileShape::T32x32, 3, false, 1),
         (TileShape::T64x64, 2, false, 1),
         (TileShape::T32x32, 2, true, 1),
+        (TileShape::T64x64, 3, true, 3),
     ] {
         let form =
             format!(" ({tile:?} tiles in a cluster of {slices} slices, tensor cores: {tensor_cores}, {stages} stages)");

@@ -242,10 +242,14 @@ pub enum Stmt {
     },
     /// `__shared__ union { struct { arrays } s0; ... } name;`: the `SharedArray`s of the sections
     /// of a side-by-side kernel (`side.rs`), which overlap since a block runs one section; section
-    /// code names its arrays `name.sN.array`.
+    /// code names its arrays `name.sN.array`. With `dynamic`, the kernel's shared arrays past the
+    /// 48 KiB a kernel may declare statically, in the dynamic shared memory it is launched with
+    /// (`dynamic_shared.rs`): the union (or, for one member named "", a struct whose arrays code
+    /// names `name.array`) is a type of its own laid over that memory.
     SharedUnion {
         name: String,
         members: Vec<(String, Vec<Stmt>)>,
+        dynamic: Option<DynamicShared>,
     },
     Assign(Expr, Expr),
     /// `lhs op= rhs;`
@@ -417,6 +421,13 @@ impl DeviceFn {
     }
 }
 
+/// Shared arrays laid over a kernel's dynamic shared memory (`Stmt::SharedUnion`): the type's
+/// size in bytes, which the launch passes and the printed code asserts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DynamicShared {
+    pub bytes: usize,
+}
+
 /// An `extern "C" __global__` kernel and how it is launched.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Kernel {
@@ -440,6 +451,17 @@ impl Kernel {
     /// A kernel with no register budget of its own and no tiled product loop.
     pub fn plain(name: &str, comments: Vec<String>, params: Vec<Param>, body: Vec<Stmt>, launch: Launch) -> Kernel {
         Kernel { name: name.into(), comments, params, body, launch, min_blocks: None, macs_per_thread: 0 }
+    }
+
+    /// Bytes of dynamic shared memory the kernel is launched with (0: its arrays are static).
+    pub fn dynamic_shared_bytes(&self) -> usize {
+        self.body
+            .iter()
+            .find_map(|s| match s {
+                Stmt::SharedUnion { dynamic: Some(d), .. } => Some(d.bytes),
+                _ => None,
+            })
+            .unwrap_or(0)
     }
 }
 

@@ -273,6 +273,9 @@ pub fn emit(kp: &KernelProgram, memory: &MemoryPlan) -> Result<DeviceProgram> {
     if let Some(k) = e.kernels.iter().find(|k| !names.insert(k.name.as_str())) {
         return Err(Error::Invalid(format!("two CUDA kernels named {}", k.name)));
     }
+    for k in &mut e.kernels {
+        super::dynamic_shared::place(k)?;
+    }
     let deps = super::schedule::dependencies(&e.steps, &e.kernels, &e.loc);
     let mut module = Module { helpers: e.scalars.prelude(), kernels: e.kernels };
     if let Some(trigger) = super::dependent_launch::requested() {

@@ -126,6 +126,8 @@ enum Exec {
         args: Vec<KernelArg>,
         grid: (u32, u32),
         block: (u32, u32),
+        /// Bytes of dynamic shared memory (`dynamic_shared.rs`).
+        shared: u32,
     },
     Gemm(crate::kernel::MatMul),
     /// A product through cuBLASLt (with its bias epilogue, where it has one), and its descriptors.
@@ -249,6 +251,7 @@ unsafe fn launch_dependent(
     f: &CudaFunction,
     grid: (u32, u32),
     block: (u32, u32),
+    shared: u32,
     stream: &CudaStream,
     params: &mut [*mut std::ffi::c_void],
 ) -> Result<()> {
@@ -262,7 +265,7 @@ unsafe fn launch_dependent(
         blockDimX: block.0,
         blockDimY: block.1,
         blockDimZ: 1,
-        sharedMemBytes: 0,
+        sharedMemBytes: shared,
         hStream: stream.cu_stream(),
         attrs: &mut attribute,
         numAttrs: 1,
@@ -290,6 +293,8 @@ impl Plan {
         let t = std::time::Instant::now();
         gpu.bind()?;
         let mut functions: HashMap<String, CudaFunction> = HashMap::new();
+        let shared_bytes: HashMap<&str, u32> =
+            dp.module.kernels.iter().map(|k| (k.name.as_str(), k.dynamic_shared_bytes() as u32)).collect();
         let mut modules = Vec::with_capacity(parts.len());
         for part in parts {
             let module = gpu
@@ -299,6 +304,13 @@ impl Plan {
             for k in part.kernels {
                 let name = &dp.module.kernels[k].name;
                 let f = module.load_function(name).map_err(cuda_err("finding a kernel"))?;
+                let shared = shared_bytes[name.as_str()];
+                if shared > 0 {
+                    // A kernel past 48 KiB of shared memory must be allowed it before it launches.
+                    let attribute = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                    f.set_attribute(attribute, shared as i32)
+                        .map_err(cuda_err("allowing a kernel its dynamic shared memory"))?;
+                }
                 functions.insert(name.clone(), f);
             }
             modules.push(module);
@@ -322,6 +334,7 @@ impl Plan {
                     args: l.args.clone(),
                     grid: l.launch.grid,
                     block: l.launch.block,
+                    shared: shared_bytes[l.kernel.as_str()],
                 }),
                 DeviceStep::Gemm(mm) => Ok(Exec::Gemm(mm.clone())),
                 DeviceStep::GemmLt(g) => Ok(Exec::GemmLt(g.clone(), super::lt_runtime::LtProduct::new(gpu, g)?)),
@@ -422,7 +435,7 @@ impl Plan {
         self.steps
             .iter()
             .map(|s| match s {
-                Exec::Launch { f: _, args: _, grid, block } => format!("kernel grid {grid:?} block {block:?}"),
+                Exec::Launch { grid, block, .. } => format!("kernel grid {grid:?} block {block:?}"),
                 Exec::Gemm(mm) => format!(
                     "cuBLAS {} {}x{}x{}{}{}{}",
                     mm.name,
@@ -489,7 +502,7 @@ impl Plan {
                 }
             }
             match &self.steps[i] {
-                Exec::Launch { f, args, grid, block } if grid.0 > 0 => {
+                Exec::Launch { f, args, grid, block, shared } if grid.0 > 0 => {
                     let mut values: Vec<u64> = args
                         .iter()
                         .map(|a| match a {
@@ -503,7 +516,7 @@ impl Plan {
                     if self.dependent_launch {
                         // SAFETY: as below; the kernel waits for the grids ahead of it before it
                         // touches memory (`dependent_launch`).
-                        unsafe { launch_dependent(f, *grid, *block, stream, &mut params)? };
+                        unsafe { launch_dependent(f, *grid, *block, *shared, stream, &mut params)? };
                     } else {
                         // SAFETY: the kernel takes one pointer per argument, each a device buffer
                         // at least as long as every index the kernel can form (checked by the
@@ -513,7 +526,7 @@ impl Plan {
                                 f.cu_function(),
                                 (grid.0, grid.1, 1),
                                 (block.0, block.1, 1),
-                                0,
+                                *shared,
                                 stream.cu_stream(),
                                 &mut params,
                             )

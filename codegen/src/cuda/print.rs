@@ -177,18 +177,43 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
             out.push_str(";\n");
         }
         Stmt::SharedArray { .. } => writeln!(out, "{}", shared_array(s, "__shared__ ")).unwrap(),
-        Stmt::SharedUnion { name, members } => {
+        Stmt::SharedUnion { name, members, dynamic: None } => {
             out.push_str("__shared__ union {\n");
-            for (member, arrays) in members {
-                indent(out, depth + 1);
-                out.push_str("struct {");
-                for a in arrays {
-                    write!(out, " {}", shared_array(a, "")).unwrap();
-                }
-                writeln!(out, " }} {member};").unwrap();
-            }
+            union_members(out, members, depth);
             indent(out, depth);
             writeln!(out, "}} {name};").unwrap();
+        }
+        Stmt::SharedUnion { name, members, dynamic: Some(d) } => {
+            match &members[..] {
+                [(member, arrays)] if member.is_empty() => {
+                    writeln!(out, "struct {DYNAMIC_SHARED_TYPE} {{").unwrap();
+                    for a in arrays {
+                        indent(out, depth + 1);
+                        writeln!(out, "{}", shared_array(a, "")).unwrap();
+                    }
+                }
+                _ => {
+                    writeln!(out, "union {DYNAMIC_SHARED_TYPE} {{").unwrap();
+                    union_members(out, members, depth);
+                }
+            }
+            indent(out, depth);
+            out.push_str("};\n");
+            indent(out, depth);
+            writeln!(
+                out,
+                "static_assert(sizeof({DYNAMIC_SHARED_TYPE}) == {}, \"the dynamic shared memory of the launch\");",
+                d.bytes
+            )
+            .unwrap();
+            indent(out, depth);
+            writeln!(out, "{DYNAMIC_SHARED_DECLARATION}").unwrap();
+            indent(out, depth);
+            writeln!(
+                out,
+                "{DYNAMIC_SHARED_TYPE}& {name} = *reinterpret_cast<{DYNAMIC_SHARED_TYPE}*>({DYNAMIC_SHARED_ARRAY});"
+            )
+            .unwrap();
         }
         Stmt::Assign(l, r) => {
             write_expr(out, l, true);
@@ -249,6 +274,28 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
         }
     }
 }
+
+/// A union's members, a struct of arrays a line.
+fn union_members(out: &mut String, members: &[(String, Vec<Stmt>)], depth: usize) {
+    for (member, arrays) in members {
+        indent(out, depth + 1);
+        out.push_str("struct {");
+        for a in arrays {
+            write!(out, " {}", shared_array(a, "")).unwrap();
+        }
+        writeln!(out, " }} {member};").unwrap();
+    }
+}
+
+/// The type of a kernel's shared arrays laid over its dynamic shared memory.
+pub(crate) const DYNAMIC_SHARED_TYPE: &str = "kiln_shared";
+
+/// The array of a kernel's dynamic shared memory.
+pub(crate) const DYNAMIC_SHARED_ARRAY: &str = "kiln_shared_bytes";
+
+/// Its declaration, on a line of its own (which the emulator gives storage: `emulator/build.rs`).
+pub(crate) const DYNAMIC_SHARED_DECLARATION: &str =
+    "extern __shared__ __align__(16) unsigned char kiln_shared_bytes[];";
 
 /// `[alignas(N) ]{qualifier}type name[len];` for a `Stmt::SharedArray`.
 fn shared_array(s: &Stmt, qualifier: &str) -> String {

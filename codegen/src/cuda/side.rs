@@ -24,8 +24,18 @@ const MAX_SECTIONS: usize = 4;
 /// of a kernel at once as its register budget says (`Kernel::min_blocks`).
 const SMS: usize = 132;
 
-/// A kernel's static shared memory may not exceed 48 KiB (tiled products use up to 45 KiB).
-const MAX_SHARED_BYTES: usize = 48 * 1024;
+/// Shared memory a joined kernel may take: the 48 KiB a kernel may declare statically, so that
+/// joining never moves arrays out of static shared memory; where a section alone takes more (a
+/// tile on tensor cores, in dynamic shared memory: `dynamic_shared.rs`), as much as still lets
+/// two blocks share an SM of the target card, as such a tile may take.
+fn joined_shared_limit(largest_section: usize) -> usize {
+    let statically = super::dynamic_shared::STATIC_BYTES;
+    if largest_section <= statically {
+        statically
+    } else {
+        super::dynamic_shared::shared_for_blocks_an_sm(super::target_capability(), 2).max(largest_section)
+    }
+}
 
 /// The name of a side-by-side kernel's union of its sections' shared arrays.
 pub(crate) const SHARED_UNION: &str = "smem";
@@ -117,7 +127,8 @@ pub(super) fn can_join(loc: &[Location], kernels: &[Kernel], group: &[&Launchabl
     let sizes: Vec<(usize, usize)> =
         group.iter().chain(std::iter::once(&b)).map(|l| shared_bytes(&kernel(l).body)).collect();
     let shared = sizes.iter().map(|s| s.0).max().unwrap_or(0) + sizes.iter().map(|s| s.1).sum::<usize>();
-    if shared > MAX_SHARED_BYTES {
+    let largest = sizes.iter().map(|s| s.0 + s.1).max().unwrap_or(0);
+    if shared > joined_shared_limit(largest) {
         return false;
     }
     let mem_b = accesses(kernel(b), &b.args, loc);
@@ -228,7 +239,7 @@ pub(super) fn join(kernels: Vec<Kernel>, launches: Vec<Launchable>) -> (Kernel, 
         }
     }
     if !union_members.is_empty() {
-        tail.insert(0, Stmt::SharedUnion { name: SHARED_UNION.into(), members: union_members });
+        tail.insert(0, Stmt::SharedUnion { name: SHARED_UNION.into(), members: union_members, dynamic: None });
     }
     if padded > start {
         comments.push(format!("  blocks [{start}, {padded}): none (the grid in whole clusters of {cluster})"));

@@ -58,8 +58,36 @@ fn smallest_shape() -> TileShape {
     }
 }
 
-/// Static shared memory a block may declare.
-const SHARED_BYTES: usize = 48 * 1024;
+/// Shared memory a tile by float32 FMAs may take: what a block may declare statically (the
+/// budget its defaults were measured with).
+const SHARED_BYTES: usize = super::dynamic_shared::STATIC_BYTES;
+
+/// Shared memory a tile on tensor cores may take: `KILN_CUDA_TC_SHARED_KIB`, else as much as
+/// lets two blocks share an SM of the target card (113 KiB on an H100, 81 on an A100, at least
+/// the 48 KiB any block may declare). Their slabs are held as copied and split besides, so at 48
+/// KiB a 64x64 tile's slices could not run as a cluster, nor a 128x128 tile split a turn ahead.
+fn tensor_core_shared_bytes() -> usize {
+    static KIB: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let card = super::dynamic_shared::shared_for_blocks_an_sm(super::target_capability(), 2);
+    let asked = TENSOR_CORE_SHARED
+        .with(|s| s.get())
+        .unwrap_or_else(|| 1024 * super::bound_from_env(&KIB, "KILN_CUDA_TC_SHARED_KIB", 0));
+    match asked {
+        0 => card.max(SHARED_BYTES),
+        bytes => bytes.min(super::dynamic_shared::target_block_bytes()),
+    }
+}
+
+thread_local! {
+    static TENSOR_CORE_SHARED: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every CUDA program this thread specializes giving tiles on tensor cores `bytes`
+/// of shared memory (at most what a block may have on the target card), whatever
+/// `KILN_CUDA_TC_SHARED_KIB` says.
+pub fn with_tensor_core_shared<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
+    super::with_thread_setting(&TENSOR_CORE_SHARED, Some(bytes), f)
+}
 
 /// Threads per block along each side of the tile.
 const SIDE: usize = 16;
@@ -231,6 +259,9 @@ pub(super) struct TilePlan {
     /// it, into the other of two split buffers (`Emitter::slabs_by_copies`): one barrier a turn
     /// rather than two, and a warp's split of the next slab beside its multiply-adds of this one.
     pub(super) split_ahead: bool,
+    /// Bytes of shared memory the tile may take (`SHARED_BYTES`, `tensor_core_shared_bytes`);
+    /// past 48 KiB the kernel declares it dynamically (`dynamic_shared.rs`).
+    pub(super) shared_budget: usize,
 }
 
 /// Whether unsliced tiles copied asynchronously take slabs twice their shape's depth where the
@@ -352,6 +383,7 @@ impl TilePlan {
             stages: stages.clamp(1, MAX_STAGES).min(slabs + 1),
             cluster: false,
             split_ahead: false,
+            shared_budget: if tensor_cores { tensor_core_shared_bytes() } else { SHARED_BYTES },
         };
         // As many buffers as fit in shared memory beside a band of the staged tile.
         while plan.stages > 1 && !plan.fits_in_shared_memory() {
@@ -512,7 +544,7 @@ impl TilePlan {
     /// groups add their copies) fit in a block's shared memory, with room for its flags.
     fn fits_in_shared_memory(&self) -> bool {
         let rows = if self.groups() > 1 { self.bm } else { 1 };
-        (self.slab_words() + self.staged_words_of_their_own(rows)) * 4 + 16 <= SHARED_BYTES
+        (self.slab_words() + self.staged_words_of_their_own(rows)) * 4 + 16 <= self.shared_budget
     }
 
     /// Whether `rows` rows of the staged tile fit in `a`'s slab buffers, and are staged there:
@@ -582,7 +614,7 @@ impl TilePlan {
     /// the block's static shared memory (both slabs and a band) within 48 KiB.
     pub(super) fn bands(&self) -> usize {
         let slabs = self.slab_words();
-        let fits = |bands: usize| (slabs + self.staged_words_of_their_own(self.bm / bands)) * 4 <= SHARED_BYTES;
+        let fits = |bands: usize| (slabs + self.staged_words_of_their_own(self.bm / bands)) * 4 <= self.shared_budget;
         (0..).map(|p| 1 << p).find(|&b| fits(b) || b >= self.bm).expect("a band of one row fits")
     }
 
@@ -605,6 +637,7 @@ pub(super) fn lane_offset(plan: &TilePlan, along: &str, i: usize) -> Expr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::with_target_arch;
 
     fn product(m: usize, k: usize, n: usize) -> MatMul {
         MatMul {
@@ -681,9 +714,14 @@ mod tests {
         // arrays of its own: three 64x64 buffers of 16-deep slabs (27 KiB) and the split slab (two
         // words an element, 16 KiB) leave no room for the whole tile beside them (17 KiB), nor
         // in `a`'s buffers (13.5 KiB): it is staged in `a`'s buffers in two bands.
-        let tc = stages(TileShape::T64x64, 3, true);
+        let tc = with_tensor_core_shared(SHARED_BYTES, || stages(TileShape::T64x64, 3, true));
         assert_eq!((tc.stages, tc.bk, tc.split_slabs(), tc.bands(), tc.split_ahead), (3, 16, true, 2, false));
         assert!(tc.fits_in_shared_memory() && tc.staged_in_slabs(tc.bm / 2) && !tc.staged_in_slabs(tc.bm));
+        // With the 113 KiB that let two blocks share an H100's SM, the tile is staged whole, and
+        // the slab is split a turn ahead into a second split buffer (27 + 32 + 17 KiB).
+        let tc = with_target_arch("sm_90", || stages(TileShape::T64x64, 3, true));
+        assert_eq!((tc.stages, tc.bands(), tc.split_ahead, tc.shared_budget), (3, 1, true, 113 * 1024));
+        assert!(tc.fits_in_shared_memory());
         assert!(!stages(TileShape::T64x64, 1, true).split_slabs());
         assert_eq!(stages(TileShape::T64x64, 1, false).stages, 1);
         // As deep as fits: unsliced 128x64 slabs copied asynchronously are 16 deep (784 is 98
@@ -710,9 +748,10 @@ mod tests {
     fn tensor_core_slabs_are_split_a_turn_ahead_where_the_second_split_buffer_fits() {
         let plan = |tile, slices, stages| {
             let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, slices, true) };
-            with_tile_choice(choice, || TilePlan::for_product(&product(4096, 784, 256)))
+            let plan = || with_tile_choice(choice, || TilePlan::for_product(&product(4096, 784, 256)));
+            with_tensor_core_shared(SHARED_BYTES, plan)
         };
-        // 128x64: three buffers of 8-deep slabs (20 KiB) and two split buffers (24 KiB); the
+        // Within 48 KiB of shared memory. 128x64: three buffers of 8-deep slabs (20 KiB) and two split buffers (24 KiB); the
         // unsliced tile's epilogue then goes in four bands of 32 rows inside `a`'s buffers.
         let whole = plan(TileShape::T128x64, 1, 3);
         assert_eq!((whole.split_ahead, whole.stages, whole.bands()), (true, 3, 4));
@@ -726,5 +765,17 @@ mod tests {
         assert!(!plan(TileShape::T128x64, 1, 1).split_ahead);
         let off = with_split_ahead(false, || plan(TileShape::T128x64, 1, 3));
         assert_eq!((off.split_ahead, off.bands()), (false, 2));
+        // With an H100's 113 KiB a tile (`tensor_core_shared_bytes`), every shape splits ahead:
+        // 128x64 and 64x64 tiles stage their epilogue whole, 128x128 ones in two bands of 64
+        // rows beside 58 KiB of slab and split buffers.
+        let h100 = |tile| {
+            let choice = TileChoice { stages: Some(3), ..TileChoice::forced(tile, 1, true) };
+            with_target_arch("sm_90", || with_tile_choice(choice, || TilePlan::for_product(&product(4096, 784, 256))))
+        };
+        for (tile, bands) in [(TileShape::T128x64, 1), (TileShape::T64x64, 1), (TileShape::T128x128, 2)] {
+            let p = h100(tile);
+            assert_eq!((p.split_ahead, p.stages, p.bands()), (true, 3, bands), "{tile:?}");
+            assert!(p.fits_in_shared_memory(), "{tile:?}");
+        }
     }
 }

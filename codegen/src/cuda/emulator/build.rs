@@ -26,6 +26,21 @@ fn compiler() -> String {
     std::env::var("CXX").unwrap_or_else(|_| "g++".into())
 }
 
+/// The flag that bounds-checks a struct's last array too: a kernel's shared arrays are members of
+/// one type where they overlap (`side.rs`) or pass 48 KiB (`dynamic_shared.rs`), and a compiler
+/// otherwise takes a last member for a flexible array and checks no index of it (GCC's
+/// `bounds-strict`; clang's strict flexible arrays).
+fn strict_trailing_bounds() -> &'static str {
+    static FLAG: OnceLock<&'static str> = OnceLock::new();
+    FLAG.get_or_init(|| {
+        let version = std::process::Command::new(compiler()).arg("--version").output();
+        match version {
+            Ok(o) if String::from_utf8_lossy(&o.stdout).contains("clang") => "-fstrict-flex-arrays=3",
+            _ => "-fsanitize=bounds-strict",
+        }
+    })
+}
+
 /// Why the emulator cannot run here, or `None` if it can (a C++ compiler answers `--version`).
 pub fn unavailable_reason() -> Option<String> {
     static REASON: OnceLock<Option<String>> = OnceLock::new();
@@ -69,15 +84,38 @@ fn entry_point(k: &Kernel) -> String {
 
 /// `source` with `KILN_EMU_SHARED(name);` after each shared array's declaration, on its line (so
 /// that line numbers stay those of the module NVRTC compiles): the shim fills the array with
-/// garbage when a block first reaches it, as a GPU's shared memory would hold.
+/// garbage when a block first reaches it, as a GPU's shared memory would hold. A kernel's dynamic
+/// shared memory (`dynamic_shared.rs`), which a launch sizes on a GPU, becomes an array of the
+/// size of the type laid over it, per block as the static arrays are.
 fn poisoned_shared(source: &str) -> String {
+    use crate::cuda::print::{DYNAMIC_SHARED_ARRAY, DYNAMIC_SHARED_DECLARATION, DYNAMIC_SHARED_TYPE};
     let mut out = String::with_capacity(source.len() + 1024);
     // A side-by-side kernel's union of its sections' arrays is filled where its declaration ends.
     let union_end = format!("}} {};", crate::cuda::side::SHARED_UNION);
+    let dynamic_union = format!("{DYNAMIC_SHARED_TYPE}& {} = ", crate::cuda::side::SHARED_UNION);
+    // Within the type laid over dynamic shared memory, array declarations are its members.
+    let mut in_type = false;
     for line in source.lines() {
-        out.push_str(line);
         let declaration = line.trim_start();
-        if declaration == union_end {
+        if declaration.ends_with(&format!(" {DYNAMIC_SHARED_TYPE} {{")) {
+            in_type = true;
+        } else if in_type && declaration == "};" {
+            in_type = false;
+        }
+        if in_type {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        if declaration == DYNAMIC_SHARED_DECLARATION {
+            let indent = &line[..line.len() - declaration.len()];
+            out.push_str(&format!(
+                "{indent}alignas(16) static thread_local unsigned char {DYNAMIC_SHARED_ARRAY}[sizeof({DYNAMIC_SHARED_TYPE})];\n"
+            ));
+            continue;
+        }
+        out.push_str(line);
+        if declaration == union_end || declaration.starts_with(&dynamic_union) {
             out.push_str(&format!(" KILN_EMU_SHARED({});", crate::cuda::side::SHARED_UNION));
         } else if (declaration.starts_with("__shared__ ") && !declaration.starts_with("__shared__ union"))
             || declaration.starts_with("alignas(")
@@ -141,7 +179,7 @@ pub fn library(unit: &str) -> Result<Arc<libloading::Library>> {
         return Err(Error::Invalid(why));
     }
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (unit, SANITIZE).hash(&mut h);
+    (unit, SANITIZE, strict_trailing_bounds()).hash(&mut h);
     let key = format!("{:016x}", h.finish());
     let dir = cache_dir();
     std::fs::create_dir_all(&dir).map_err(|e| Error::Invalid(format!("creating {}: {e}", dir.display())))?;
@@ -164,6 +202,7 @@ pub fn library(unit: &str) -> Result<Arc<libloading::Library>> {
             "-ffp-contract=off",
             "-w",
             SANITIZE,
+            strict_trailing_bounds(),
             "-fsanitize-recover=all",
             "-c",
         ];
@@ -208,5 +247,22 @@ mod tests {
         assert_eq!(out.lines().count(), source.lines().count());
         assert_eq!(out.matches("KILN_EMU_SHARED").count(), 1, "{out}");
         assert!(out.contains("  } smem; KILN_EMU_SHARED(smem);\n"), "{out}");
+    }
+
+    #[test]
+    fn dynamic_shared_memory_is_an_array_the_size_of_its_type_filled_where_it_is_named() {
+        let source = "  struct kiln_shared {\n    alignas(16) float t[16384];\n  };\n  \
+                      static_assert(sizeof(kiln_shared) == 65536, \"\");\n  \
+                      extern __shared__ __align__(16) unsigned char kiln_shared_bytes[];\n  \
+                      kiln_shared& smem = *reinterpret_cast<kiln_shared*>(kiln_shared_bytes);\n  smem.t[0] = 1.0f;\n";
+        let out = poisoned_shared(source);
+        assert_eq!(out.lines().count(), source.lines().count(), "line numbers stay those NVRTC reports");
+        assert!(out.contains("    alignas(16) float t[16384];\n"), "a member, not an array to fill: {out}");
+        assert!(
+            out.contains("  alignas(16) static thread_local unsigned char kiln_shared_bytes[sizeof(kiln_shared)];\n"),
+            "{out}"
+        );
+        assert!(out.contains("(kiln_shared_bytes); KILN_EMU_SHARED(smem);\n"), "{out}");
+        assert_eq!(out.matches("KILN_EMU_SHARED").count(), 1, "{out}");
     }
 }

@@ -40,7 +40,9 @@ fn run_with_helpers(
         Param { ty: CType::Float, name: "out".into(), kind: ParamKind::Out },
     ];
     let launch = Launch { grid: (1, 1), block: (threads, 1), cluster: 1 };
-    let module = Module { helpers, kernels: vec![Kernel::plain("k", vec![], params, body, launch)] };
+    let mut kernel = Kernel::plain("k", vec![], params, body, launch);
+    crate::cuda::dynamic_shared::place(&mut kernel).unwrap();
+    let module = Module { helpers, kernels: vec![kernel] };
     let mut unit = build::unit(&module, &crate::cuda::print::module(&module), RACE_CHECK.with(|r| r.get()));
     if portable {
         unit.insert_str(0, "#define KILN_EMU_UCONTEXT 1\n");
@@ -199,6 +201,36 @@ fn shared_memory_a_block_never_wrote_holds_garbage_not_zeros() {
     for (t, v) in out.iter().enumerate() {
         assert_eq!(v.is_nan(), t % 2 == 1, "thread {t} read {v}");
     }
+}
+
+#[test]
+fn arrays_past_48_kib_live_in_dynamic_shared_memory_checked_as_static_ones() {
+    if !emulator() {
+        return;
+    }
+    // 64 KiB of floats, the last 64 written by the even threads and read by every thread: the odd
+    // ones read garbage, as from a static array; one element further is out of bounds.
+    let len = 16 * 1024;
+    let body = |last: i64| {
+        let at = || int(last - 63) + tid();
+        let even = bin(BinOp::Eq, tid() % int(2), int(0));
+        vec![
+            Stmt::SharedArray { ty: CType::Float, name: "s".into(), len, align: 16 },
+            Stmt::If(even, vec![assign(index(var("s"), at()), index(var("in"), tid()))], vec![]),
+            Stmt::SyncThreads,
+            assign(index(var("out"), tid()), index(var("s"), at())),
+        ]
+    };
+    let input: Vec<f32> = (0..64).map(|i| i as f32 + 1.0).collect();
+    let (out, _, fault) = run_checked(body(len as i64 - 1), 64, &input, 64, false);
+    assert_eq!(fault, None);
+    for (t, v) in out.iter().enumerate() {
+        assert_eq!(v.is_nan(), t % 2 == 1, "thread {t} read {v}");
+        assert!(v.is_nan() || *v == input[t], "thread {t} read {v}");
+    }
+    let (_, _, fault) = run_checked(body(len as i64), 64, &input, 64, false);
+    let fault = fault.expect("s[16384] is reported");
+    assert!(fault.contains("array index out of bounds"), "{fault}");
 }
 
 #[test]
