@@ -45,8 +45,9 @@
 #                                  with the tiles on tensor cores, KILN_CUDA_TF32X3=1, also
 #                                  within 48 KiB of shared memory, KILN_CUDA_TC_SHARED_KIB=48,
 #                                  and fmnist-mlp-4k fully tiled on them, its slabs split a turn
-#                                  ahead and in their turn, KILN_CUDA_SPLIT_AHEAD=0, and within
-#                                  48 KiB), with the card's name;
+#                                  ahead and in their turn, KILN_CUDA_SPLIT_AHEAD=0, within
+#                                  48 KiB, and at their shape's depth,
+#                                  KILN_CUDA_DEEP_SLABS=0), with the card's name;
 #                                  then a per-kernel profile of each workload
 #                                  (tiled products, and again with them on cuBLAS) and the product
 #                                  benchmark (each workload product as cuBLAS + epilogue and with
@@ -255,7 +256,7 @@ if [ "${1:-}" = "--ab" ]; then
 fi
 summary() {
     echo "== summary: median ms per step (compile ms for the cold and cached rows)"
-    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults rowtail0 lt stepordered clustersfirst lookahead12 chainjoins priority0 quadcopies0 deepslabs0 egress0 autotuned tf32x3 tf32x3-48k tf32x3-4k tf32x3-4k-inturn tf32x3-4k-48k tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
+    summary_files=(cold cached stages1 stages8 kgroups0 pdl pdl-late stages8-pdl noclusters old-defaults rowtail0 lt stepordered clustersfirst lookahead12 chainjoins priority0 quadcopies0 deepslabs0 egress0 autotuned tf32x3 tf32x3-48k tf32x3-4k tf32x3-4k-inturn tf32x3-4k-48k tf32x3-4k-shallow tuned eager 1stream pinned unjoined cublas dots runmacs cold-ptx tiled-4k)
     (
         cd "$OUT_DIR" || exit
         printf '%-16s' workload
@@ -445,6 +446,9 @@ bounded 120 env KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_SPL
 echo "-- the same split ahead within 48 KiB of static shared memory a tile (KILN_CUDA_TC_SHARED_KIB=48, as before)"
 bounded 120 env KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_TC_SHARED_KIB=48 "$DIR/steps" --device cuda \
     --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tf32x3-4k-48k.txt"
+echo "-- the same with 128x64 slabs 8 deep, not 16 (KILN_CUDA_DEEP_SLABS=0, as before)"
+bounded 120 env KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_DEEP_SLABS=0 "$DIR/steps" --device cuda \
+    --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tf32x3-4k-shallow.txt"
 if [ "${KILN_GPU_PROFILE:-1}" = 1 ]; then
     echo "== per-step profile (CUDA events around every kernel and product; no graphs)"
     bounded 120 env KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile.txt"

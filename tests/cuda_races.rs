@@ -104,6 +104,22 @@ fn every_tile_shape_is_race_free() {
     }
 }
 
+/// Unsliced tiles on tensor cores whose slabs are twice their shape's depth where three buffers
+/// and the split ahead still fit (128x64 tiles: 16 deep; 32x32: 64 deep where the inner dimension
+/// takes an even number of 32-deep slabs), their epilogue staged in bands within the slab buffers.
+#[test]
+fn deep_tensor_core_slabs_are_race_free() {
+    if let Some(why) = kiln::testing::emulator_skip_reason() {
+        kiln::testing::note(&format!("race check of deep tensor-core slabs skipped: {why}"));
+        return;
+    }
+    for tile in [TileShape::T128x64, TileShape::T32x32] {
+        let form = format!(" ({tile:?} tiles whole on tensor cores, 3 stages)");
+        let choice = TileChoice { stages: Some(3), ..TileChoice::forced(tile, 1, true) };
+        with_race_check(|| with_tile_choice(choice, || one_step("fmnist-mlp", &form)));
+    }
+}
+
 /// The slices of each tile as a thread block cluster, adding their partial tiles through each
 /// other's shared memory: race-checked (the cluster barrier between a block's staged tile and the
 /// others' reads of it) in each tile shape that stages its whole tile, on both schedules.

@@ -343,6 +343,52 @@ impl TilePlan {
         let tiles = tiles_m * tiles_n;
         // Tiles enough for most of the target need no slices (they would only add partial tiles).
         let tiles_enough = 2 * tiles >= target;
+        let wanted = if tiles_enough { 1 } else { target.div_ceil(tiles).min(deepest_cut(shape)) };
+        // Clusters asked for: kiln's estimate cuts no more slices than a cluster holds.
+        let clustered = choice.cluster.unwrap_or_else(super::cluster::requested);
+        let wanted = if clustered { wanted.min(super::cluster::MAX_CLUSTER) } else { wanted };
+        let with_depth = |bk: usize| {
+            let slabs_total = mm.k.div_ceil(bk).max(1);
+            let slabs = match choice.slices {
+                Some(asked) => slabs_total.div_ceil(asked.min(slabs_total).max(1)),
+                None => {
+                    let most = if clustered { super::cluster::MAX_CLUSTER } else { MAX_SLICES };
+                    slabs_per_slice(slabs_total, wanted.max(1), most)
+                }
+            };
+            let mut plan = TilePlan {
+                bm,
+                bn,
+                bk,
+                tiles_m,
+                tiles_n,
+                slices: slabs_total.div_ceil(slabs),
+                slabs,
+                tensor_cores,
+                shape: shape.computed_as(tensor_cores),
+                // A slice's slabs all in flight at once take `slabs + 1` buffers; more would stay
+                // empty.
+                stages: stages.clamp(1, MAX_STAGES).min(slabs + 1),
+                cluster: false,
+                split_ahead: false,
+                shared_budget: if tensor_cores { tensor_core_shared_bytes() } else { SHARED_BYTES },
+            };
+            // As many buffers as fit in shared memory beside a band of the staged tile.
+            while plan.stages > 1 && !plan.fits_in_shared_memory() {
+                plan.stages -= 1;
+            }
+            // A cluster's blocks read each other's whole staged tile, so it must fit beside the
+            // slabs.
+            plan.cluster = clustered && (2..=super::cluster::MAX_CLUSTER).contains(&plan.slices) && plan.bands() == 1;
+            // The second split buffer where it fits beside the buffers that fit without it (an
+            // unsliced tile may then stage its epilogue in more bands, within its slab buffers),
+            // and leaves a cluster's staged tile whole.
+            plan.split_ahead = plan.split_slabs() && plan.stages < MAX_STAGES && SPLIT_AHEAD.on();
+            if plan.split_ahead && !(plan.fits_in_shared_memory() && (!plan.cluster || plan.bands() == 1)) {
+                plan.split_ahead = false;
+            }
+            plan
+        };
         // Slabs copied asynchronously take no registers to stage, so an unsliced tile's are twice
         // as deep where its inner dimension takes an even number of the shape's slabs (no slab
         // more of zeros): half the turns, each with its wait, barrier and copies, and as many
@@ -350,55 +396,23 @@ impl TilePlan {
         // spends 1.18 to 1.20 instructions a multiply-add in 128x64 and 64x64 tiles (1.25 to
         // 1.27 before), 1.40 to 1.43 in 32x32 tiles in thread groups (1.50 to 1.58);
         // `cuda_source --loads`. Sliced tiles keep theirs: a slice is a few slabs deep.
-        // `KILN_CUDA_DEEP_SLABS=0` keeps every tile's own depth, to time the two. Not on tensor
-        // cores: their slabs are also kept split (`slab_words`), and twice as deep they would
-        // leave room for one buffer at most.
+        // `KILN_CUDA_DEEP_SLABS=0` keeps every tile's own depth, to time the two. On tensor cores
+        // (whose slabs are also kept split, twice over where split ahead: `slab_words`) only
+        // where the deeper slabs keep every buffer and the split ahead of the shape's own: with
+        // an H100's 113 KiB a tile, a 128x64 tile's 16-deep turn is 48 multiply-adds in 249 to
+        // 259 instructions (two 8-deep turns: 292 to 306), a 32x32 tile's 64-deep turn 24 in
+        // 318 to 326 (360 to 368; `cuda_source --loads`).
         let unsliced = choice.slices.map_or(tiles_enough, |s| s == 1);
-        let deepened =
-            stages > 1 && !tensor_cores && unsliced && mm.k.div_ceil(bk).is_multiple_of(2) && DEEP_SLABS.on();
-        let bk = if deepened { 2 * bk } else { bk };
-        let slabs_total = mm.k.div_ceil(bk).max(1);
-        let wanted = if tiles_enough { 1 } else { target.div_ceil(tiles).min(deepest_cut(shape)) };
-        // Clusters asked for: kiln's estimate cuts no more slices than a cluster holds.
-        let clustered = choice.cluster.unwrap_or_else(super::cluster::requested);
-        let wanted = if clustered { wanted.min(super::cluster::MAX_CLUSTER) } else { wanted };
-        let slabs = match choice.slices {
-            Some(asked) => slabs_total.div_ceil(asked.min(slabs_total).max(1)),
-            None => {
-                let most = if clustered { super::cluster::MAX_CLUSTER } else { MAX_SLICES };
-                slabs_per_slice(slabs_total, wanted.max(1), most)
-            }
-        };
-        let mut plan = TilePlan {
-            bm,
-            bn,
-            bk,
-            tiles_m,
-            tiles_n,
-            slices: slabs_total.div_ceil(slabs),
-            slabs,
-            tensor_cores,
-            shape: shape.computed_as(tensor_cores),
-            // A slice's slabs all in flight at once take `slabs + 1` buffers; more would stay empty.
-            stages: stages.clamp(1, MAX_STAGES).min(slabs + 1),
-            cluster: false,
-            split_ahead: false,
-            shared_budget: if tensor_cores { tensor_core_shared_bytes() } else { SHARED_BYTES },
-        };
-        // As many buffers as fit in shared memory beside a band of the staged tile.
-        while plan.stages > 1 && !plan.fits_in_shared_memory() {
-            plan.stages -= 1;
+        let own = with_depth(bk);
+        if !(stages > 1 && unsliced && mm.k.div_ceil(bk).is_multiple_of(2) && DEEP_SLABS.on()) {
+            return own;
         }
-        // A cluster's blocks read each other's whole staged tile, so it must fit beside the slabs.
-        plan.cluster = clustered && (2..=super::cluster::MAX_CLUSTER).contains(&plan.slices) && plan.bands() == 1;
-        // The second split buffer where it fits beside the buffers that fit without it (an
-        // unsliced tile may then stage its epilogue in more bands, within its slab buffers), and
-        // leaves a cluster's staged tile whole: a 128x64 tile's (44.6 KiB with three buffers).
-        plan.split_ahead = plan.split_slabs() && plan.stages < MAX_STAGES && SPLIT_AHEAD.on();
-        if plan.split_ahead && !(plan.fits_in_shared_memory() && (!plan.cluster || plan.bands() == 1)) {
-            plan.split_ahead = false;
+        let deep = with_depth(2 * bk);
+        if !tensor_cores || (deep.stages == own.stages && deep.split_ahead == own.split_ahead) {
+            deep
+        } else {
+            own
         }
-        plan
     }
 
     /// The comment heading the kernel `kernel` that computes `mm` so.
@@ -765,17 +779,26 @@ mod tests {
         assert!(!plan(TileShape::T128x64, 1, 1).split_ahead);
         let off = with_split_ahead(false, || plan(TileShape::T128x64, 1, 3));
         assert_eq!((off.split_ahead, off.bands()), (false, 2));
-        // With an H100's 113 KiB a tile (`tensor_core_shared_bytes`), every shape splits ahead:
-        // 128x64 and 64x64 tiles stage their epilogue whole, 128x128 ones in two bands of 64
-        // rows beside 58 KiB of slab and split buffers.
+        // With an H100's 113 KiB a tile (`tensor_core_shared_bytes`), every shape splits ahead,
+        // and 128-row tiles take slabs twice their shape's depth (784 is 98 slabs of 8, an even
+        // number; 49 of 16, odd, for 64x64 tiles) where three buffers and two split buffers of
+        // them fit: a 128x64 tile's (87 KiB; its epilogue staged in two bands, within its slab
+        // buffers), not a 128x128 one's (116 KiB: it keeps 8-deep slabs and stages its epilogue
+        // in two bands beside them); a 64x64 tile stages its epilogue whole.
         let h100 = |tile| {
             let choice = TileChoice { stages: Some(3), ..TileChoice::forced(tile, 1, true) };
             with_target_arch("sm_90", || with_tile_choice(choice, || TilePlan::for_product(&product(4096, 784, 256))))
         };
-        for (tile, bands) in [(TileShape::T128x64, 1), (TileShape::T64x64, 1), (TileShape::T128x128, 2)] {
+        for (tile, bk, bands) in [(TileShape::T128x64, 16, 2), (TileShape::T64x64, 16, 1), (TileShape::T128x128, 8, 2)]
+        {
             let p = h100(tile);
-            assert_eq!((p.split_ahead, p.stages, p.bands()), (true, 3, bands), "{tile:?}");
+            assert_eq!((p.split_ahead, p.stages, p.bk, p.bands()), (true, 3, bk, bands), "{tile:?}");
             assert!(p.fits_in_shared_memory(), "{tile:?}");
         }
+        // Not deeper where that would cost a buffer or the split ahead: within 48 KiB, 128x64
+        // slabs stay 8 deep.
+        assert_eq!(plan(TileShape::T128x64, 1, 3).bk, 8);
+        let deep = with_deep_slabs(false, || h100(TileShape::T128x64));
+        assert_eq!((deep.bk, deep.bands()), (8, 1));
     }
 }
