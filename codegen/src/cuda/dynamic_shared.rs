@@ -124,21 +124,27 @@ pub(super) fn place(k: &mut Kernel) -> Result<()> {
         return Ok(());
     }
     let most = target_block_bytes();
-    let too_much = |bytes: usize| {
-        Error::Invalid(format!(
-            "CUDA kernel {} needs {bytes} bytes of shared memory a block; the target card allows {most}",
-            k.name
-        ))
-    };
     if declared > most {
-        return Err(too_much(declared));
+        return Err(Error::Invalid(format!(
+            "CUDA kernel {} needs {declared} bytes of shared memory a block; the target card allows {most}",
+            k.name
+        )));
     }
+    let name = k.name.clone();
     if let Some(Stmt::SharedUnion { members, dynamic, .. }) =
         k.body.iter_mut().find(|s| matches!(s, Stmt::SharedUnion { .. }))
     {
         // A side-by-side kernel: its sections' top-level arrays already overlap in the union;
-        // the arrays nested in its sections stay static beside it.
-        *dynamic = Some(DynamicShared { bytes: union_bytes(members) });
+        // the arrays nested in its sections stay static beside it, within what a kernel may
+        // declare statically.
+        let bytes = union_bytes(members);
+        if declared - bytes > STATIC_BYTES {
+            return Err(Error::Invalid(format!(
+                "CUDA kernel {name} declares {} bytes of static shared memory beside its union; at most {STATIC_BYTES} may be",
+                declared - bytes
+            )));
+        }
+        *dynamic = Some(DynamicShared { bytes });
         return Ok(());
     }
     let mut arrays = vec![];
@@ -216,5 +222,25 @@ mod tests {
         let mut big = Kernel::plain("k7", vec![], vec![], vec![array(CType::Float, "t", 26 * 1024, 0)], launch);
         let err = super::super::with_target_arch("sm_86", || place(&mut big)).unwrap_err().to_string();
         assert!(err.contains("k7") && err.contains("106496") && err.contains("101376"), "{err}");
+    }
+
+    #[test]
+    fn a_side_by_side_kernel_lays_its_union_over_dynamic_shared_memory_its_nested_arrays_static() {
+        let union = |len: usize| Stmt::SharedUnion {
+            name: SHARED_UNION.into(),
+            members: vec![("s0".into(), vec![array(CType::Float, "tile_a", len, 16)])],
+            dynamic: None,
+        };
+        let nested = |len: usize| Stmt::If(Expr::Bool(true), vec![array(CType::Float, "partial", len, 0)], vec![]);
+        let launch = Launch { grid: (1, 1), block: (256, 1), cluster: 1 };
+        let mut k = Kernel::plain("k3_and_k5", vec![], vec![], vec![union(16 * 1024), nested(256)], launch);
+        super::super::with_target_arch("sm_90", || place(&mut k)).unwrap();
+        assert_eq!(k.dynamic_shared_bytes(), 64 * 1024);
+        assert!(matches!(&k.body[1], Stmt::If(_, a, _) if matches!(a[0], Stmt::SharedArray { .. })));
+        // Nested arrays past 48 KiB of their own cannot stay static: an error, not a kernel
+        // that NVRTC refuses.
+        let mut k = Kernel::plain("k3_and_k5", vec![], vec![], vec![union(1024), nested(13 * 1024)], launch);
+        let err = super::super::with_target_arch("sm_90", || place(&mut k)).unwrap_err().to_string();
+        assert!(err.contains("k3_and_k5") && err.contains("53248 bytes of static"), "{err}");
     }
 }
