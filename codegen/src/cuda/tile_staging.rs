@@ -184,11 +184,14 @@ pub(super) fn rows_major_step(r: Expr, kk: Expr, split_depth: Option<usize>) -> 
 /// What `rows_major_step` XORs a split slab's step with in row `r` (`lit` making a constant):
 /// `r / (32 / bk) % (bk / 4) * 4`, written with a multiply and a mask, which ptxas takes as a
 /// shift and an AND (the division and remainder of a signed row cost two instructions a turn).
+/// A row of 32 words or more (a 64-deep slab of a 32x32 tile on tensor cores) starts in bank 0
+/// as a 32-deep one does, and is swizzled as one: its quads XOR'd with the row's eighth.
 fn quad_swizzle<T>(r: T, bk: usize, lit: impl Fn(i64) -> T) -> T
 where
     T: std::ops::Mul<Output = T> + std::ops::BitAnd<Output = T>,
 {
-    debug_assert!([8, 16, 32].contains(&bk), "a split slab is 8, 16 or 32 deep");
+    debug_assert!([8, 16, 32, 64].contains(&bk), "a split slab is 8, 16, 32 or 64 deep");
+    let bk = bk.min(32);
     let scaled = if bk == 8 { r } else { r * lit((bk / 8) as i64) };
     scaled & lit(bk as i64 - 4)
 }
@@ -479,7 +482,7 @@ mod tests {
 
     #[test]
     fn split_slabs_staged_a_row_after_another_are_read_and_copied_in_32_banks() {
-        for bk in [8usize, 16, 32] {
+        for bk in [8usize, 16, 32, 64] {
             // The split: a warp reads one word of its lanes' fragments, rows `group` (from a band's
             // first row, a multiple of 8, plus 0 or 8) by steps `quad` (plus 0 or 4, in any step of
             // 8 of the slab).
