@@ -46,9 +46,16 @@ fn sm_bytes(capability: u32) -> usize {
 
 /// The most shared memory each of `blocks` blocks may take and still share an SM of a card of
 /// compute capability `capability` (from 8.0 on, each block also holds 1 KiB for the system).
-pub(super) fn shared_for_blocks_an_sm(capability: u32, blocks: usize) -> usize {
+fn shared_for_blocks_an_sm(capability: u32, blocks: usize) -> usize {
     let reserved = if capability >= 80 { 1024 } else { 0 };
     (sm_bytes(capability) / blocks.max(1)).saturating_sub(reserved).min(max_block_bytes(capability))
+}
+
+/// The most shared memory a block may take and still share an SM of the card the code is
+/// generated for with another: what a tile on tensor cores may take (`tile_plan.rs`), and a
+/// side-by-side kernel with such a tile (`side.rs`).
+pub(super) fn target_two_blocks_an_sm() -> usize {
+    shared_for_blocks_an_sm(super::target_capability(), 2)
 }
 
 /// Shared memory a block may have on the card the code is generated for.

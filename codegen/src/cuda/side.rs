@@ -33,7 +33,7 @@ fn joined_shared_limit(largest_section: usize) -> usize {
     if largest_section <= statically {
         statically
     } else {
-        super::dynamic_shared::shared_for_blocks_an_sm(super::target_capability(), 2).max(largest_section)
+        super::dynamic_shared::target_two_blocks_an_sm().max(largest_section)
     }
 }
 

@@ -68,7 +68,7 @@ const SHARED_BYTES: usize = super::dynamic_shared::STATIC_BYTES;
 /// KiB a 64x64 tile's slices could not run as a cluster, nor a 128x128 tile split a turn ahead.
 fn tensor_core_shared_bytes() -> usize {
     static KIB: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let card = super::dynamic_shared::shared_for_blocks_an_sm(super::target_capability(), 2);
+    let card = super::dynamic_shared::target_two_blocks_an_sm();
     let asked = TENSOR_CORE_SHARED
         .with(|s| s.get())
         .unwrap_or_else(|| 1024 * super::bound_from_env(&KIB, "KILN_CUDA_TC_SHARED_KIB", 0));
