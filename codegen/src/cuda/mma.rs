@@ -1,6 +1,6 @@
 //! Tiled products on tensor cores at float32 accuracy (3xTF32). Each operand element is split
 //! once a block into a TF32 high part and a TF32 low part (`x = hi + lo` to
-//! within 2^-22 |x|), and each product is `lo*hi + hi*lo + hi*hi`, three `mma.sync.m16n8k8` with
+//! within 2^-21 |x|), and each product is `lo*hi + hi*lo + hi*hi`, three `mma.sync.m16n8k8` with
 //! float32 accumulators (`lo*lo`, below float32's rounding, is left out). So a product keeps
 //! float32's accuracy, as the peers are measured (TF32 off), while running on the tensor cores:
 //! about twice the error of float32 FMAs (each term rounds the accumulator three times, not
@@ -59,28 +59,33 @@ const ROUNDS_PAST_MAX: u32 = 0x7f7f_f000;
 /// The prelude's tensor-core helpers: a float's high and low TF32 parts, and one warp's
 /// multiply-add.
 ///
-/// The split is 8 instructions an element on an H100 (it was 14): no select, one test. The high
-/// part is `x` rounded to the nearest TF32 (ties away from zero) where that is finite, else `x`'s
-/// bits less one, truncated: the largest TF32 for a value rounding past the largest float and
-/// for an infinity, whose low part is then the infinity itself. So an infinity keeps its sign and
-/// its infinity in every product: `inf * 1.0` is `lo*hi + hi*lo + hi*hi` = `inf + max*0 + max*1`,
-/// where a high part of `inf` and a low part of 0 gave `inf*0`, a NaN. A NaN's low part is a NaN
-/// (its high part may be an infinity, where its payload lies in the bits a TF32 drops).
+/// The split is 6 instructions an element on an H100 (it was 14, then 8): one test, no select.
+/// The high part is `x` rounded to the nearest TF32 (ties away from zero) where that is finite,
+/// else `x`'s bits less one, truncated: the largest TF32 for a value rounding past the largest
+/// float and for an infinity, whose low part is then the infinity itself. So an infinity keeps
+/// its sign and its infinity in every product: `inf * 1.0` is `lo*hi + hi*lo + hi*hi` =
+/// `inf + max*0 + max*1`, where a high part of `inf` and a low part of 0 gave `inf*0`, a NaN. A
+/// NaN's low part is a NaN (its high part may be an infinity, where its payload lies in the bits
+/// a TF32 drops). The low part is truncated, as CUTLASS's 3xTF32 takes its small part: rounding
+/// it cost two instructions more and a test of its own (lest the rounding carry past the largest
+/// float or into a NaN's sign), for an error of at most 2^-21 |x| rather than 2^-22, where each
+/// product's three roundings of the accumulator are some 2^-24 of the sum each.
 pub(super) fn helpers() -> Vec<DeviceFn> {
     let u = CType::UInt;
     let rounds_finite =
         || bin(BinOp::Lt, call("fabsf", vec![var("x")]), call("__uint_as_float", vec![Expr::UInt(ROUNDS_PAST_MAX)]));
-    // Rounded where x rounds to a finite TF32, else less one or as it is, then truncated.
-    let to_tf32 = |bits: Expr, otherwise: u32| {
-        let add = select(rounds_finite(), Expr::UInt(TF32_HALF_ULP), Expr::UInt(otherwise));
-        bin(BinOp::BitAnd, bits + add, Expr::UInt(TF32_BITS))
-    };
+    // Rounded where x rounds to a finite TF32, else less one, then truncated.
+    let add = select(rounds_finite(), Expr::UInt(TF32_HALF_ULP), Expr::UInt(u32::MAX));
     let high = DeviceFn {
         ret: u,
         name: HIGH_HELPER,
         params: vec![(CType::Float, "x")],
         outputs: 0,
-        body: vec![Stmt::ReturnValue(to_tf32(call("__float_as_uint", vec![var("x")]), u32::MAX))],
+        body: vec![Stmt::ReturnValue(bin(
+            BinOp::BitAnd,
+            call("__float_as_uint", vec![var("x")]) + add,
+            Expr::UInt(TF32_BITS),
+        ))],
     };
     let low = DeviceFn {
         ret: u,
@@ -89,14 +94,14 @@ pub(super) fn helpers() -> Vec<DeviceFn> {
         outputs: 0,
         body: vec![
             Stmt::Comment(
-                "Exact where x is finite; an infinity less the largest TF32 is the infinity, a NaN less \
-                 anything a NaN. Truncated where x is near the largest float (lest the two parts add up \
-                 past it) or not finite (lest the rounding carry a NaN's bits into its sign)."
+                "The difference is exact where x is finite; an infinity less the largest TF32 is the \
+                 infinity, a NaN less anything a NaN (its quiet bit survives the truncation)."
                     .into(),
             ),
-            Stmt::ReturnValue(to_tf32(
+            Stmt::ReturnValue(bin(
+                BinOp::BitAnd,
                 call("__float_as_uint", vec![var("x") - call("__uint_as_float", vec![var("hi")])]),
-                0,
+                Expr::UInt(TF32_BITS),
             )),
         ],
     };

@@ -399,9 +399,8 @@ impl TilePlan {
         // `KILN_CUDA_DEEP_SLABS=0` keeps every tile's own depth, to time the two. On tensor cores
         // (whose slabs are also kept split, twice over where split ahead: `slab_words`) only
         // where the deeper slabs keep every buffer and the split ahead of the shape's own: with
-        // an H100's 113 KiB a tile, a 128x64 tile's 16-deep turn is 48 multiply-adds in 249 to
-        // 259 instructions (two 8-deep turns: 292 to 306), a 32x32 tile's 64-deep turn 24 in
-        // 318 to 326 (360 to 368; `cuda_source --loads`).
+        // an H100's 113 KiB a tile, a 128x64 tile's 16-deep turn is 48 multiply-adds in 225 to
+        // 235 instructions (two 8-deep turns: 268 to 282; `cuda_source --loads`).
         let unsliced = choice.slices.map_or(tiles_enough, |s| s == 1);
         let own = with_depth(bk);
         if !(stages > 1 && unsliced && mm.k.div_ceil(bk).is_multiple_of(2) && DEEP_SLABS.on()) {

@@ -430,7 +430,7 @@ fn the_tf32_split_is_exact_to_float32_and_keeps_infinities_and_nans_apart() {
         } else {
             // (A subnormal keeps what a TF32 holds of it: bits from 2^-136 up.)
             let err = (x as f64 - (hi as f64 + lo as f64)).abs();
-            let bound = (x as f64).abs() * 2f64.powi(-22) + 2f64.powi(-137);
+            let bound = (x as f64).abs() * 2f64.powi(-21) + 2f64.powi(-137);
             assert!(hi.is_finite() && err <= bound, "{x:e}: {hi:e} + {lo:e}");
         }
     }
