@@ -73,9 +73,9 @@ const ROUNDS_PAST_MAX: u32 = 0x7f7f_f000;
 pub(super) fn helpers() -> Vec<DeviceFn> {
     let u = CType::UInt;
     let rounds_finite =
-        || bin(BinOp::Lt, call("fabsf", vec![var("x")]), call("__uint_as_float", vec![Expr::UInt(ROUNDS_PAST_MAX)]));
+        bin(BinOp::Lt, call("fabsf", vec![var("x")]), call("__uint_as_float", vec![Expr::UInt(ROUNDS_PAST_MAX)]));
     // Rounded where x rounds to a finite TF32, else less one, then truncated.
-    let add = select(rounds_finite(), Expr::UInt(TF32_HALF_ULP), Expr::UInt(u32::MAX));
+    let add = select(rounds_finite, Expr::UInt(TF32_HALF_ULP), Expr::UInt(u32::MAX));
     let high = DeviceFn {
         ret: u,
         name: HIGH_HELPER,
