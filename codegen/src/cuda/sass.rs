@@ -7,7 +7,7 @@
 //! instructions; one inside costs every turn), and how many loads a reduction's thread issues
 //! before it first waits for one. The code is parsed as nvdisasm prints it (`-c`): a
 //! kernel's instructions follow its `.text.NAME:` label, and a loop runs from a label to a
-//! branch back to it.
+//! branch back to it (but for a branch back from code placed past the kernel's end).
 
 use kiln_ir::{Error, Result};
 use std::path::PathBuf;
@@ -157,10 +157,18 @@ fn parse(listing: &str) -> Vec<Loop> {
         let kernel = function.split(':').next().unwrap_or_default().to_string();
         let lines: Vec<&str> = function.lines().collect();
         let label_at = |label: &str| lines.iter().position(|l| l.trim().strip_suffix(':') == Some(label));
+        // A branch back over an unconditional `EXIT` closes no loop: it ends code that ptxas put
+        // out of line after the kernel's end (a warp shuffle's path for a divergent warp, entered
+        // by `BRA.DIV`), which resumes where it was entered.
+        let exits = |start: usize, end: usize| {
+            lines[start..end]
+                .iter()
+                .any(|l| opcode(l) == Some("EXIT") && !l.split("*/").nth(1).unwrap_or("").contains('@'))
+        };
         let spans: Vec<(usize, usize)> = (0..lines.len())
             .filter_map(|end| {
                 let target = lines[end].split("BRA `(").nth(1)?.split(')').next()?;
-                label_at(target).filter(|&start| start < end).map(|start| (start, end))
+                label_at(target).filter(|&start| start < end && !exits(start, end)).map(|start| (start, end))
             })
             .collect();
         for &(start, end) in &spans {
@@ -257,5 +265,26 @@ mod tests {
             l.describe(),
             format!("{:<40}    2 multiply-adds in   11 instructions a turn; load@0 copy@2 load@2", "k1_fused")
         );
+    }
+
+    #[test]
+    fn a_branch_back_from_out_of_line_code_past_the_kernels_end_is_no_loop() {
+        // A shuffle's path for a divergent warp: entered by BRA.DIV, placed after the kernel's
+        // EXIT, branching back to just after where it was entered. Only the real loop counts.
+        let listing = "\n.text.k3_fused:\n\
+            /*0000*/ BRA.DIV UR5, `(.L_x_7) ;\n\
+            /*0010*/ SHFL.DOWN PT, R3, R2, 0x10, 0x1f ;\n\
+            .L_x_32:\n\
+            /*0020*/ @P0 EXIT ;\n\
+            .L_x_2:\n\
+            /*0030*/ FFMA R4, R3, R3, R4 ;\n\
+            /*0040*/ @!P1 BRA `(.L_x_2) ;\n\
+            /*0050*/ EXIT ;\n\
+            .L_x_7:\n\
+            /*0060*/ WARPSYNC.ALL ;\n\
+            /*0070*/ BRA `(.L_x_32) ;\n";
+        let loops = parse(listing);
+        assert_eq!(loops.len(), 1);
+        assert_eq!((loops[0].multiply_adds, loops[0].instructions, loops[0].innermost), (1, 2, true));
     }
 }
