@@ -104,18 +104,24 @@ fn every_tile_shape_is_race_free() {
     }
 }
 
-/// Unsliced tiles on tensor cores whose slabs are twice their shape's depth where three buffers
-/// and the split ahead still fit (128x64 tiles: 16 deep; 32x32: 64 deep where the inner dimension
-/// takes an even number of 32-deep slabs), their epilogue staged in bands within the slab buffers.
+/// Unsliced tiles on tensor cores whose slabs are twice their shape's depth where the buffers
+/// and the split ahead of the shape's own depth still fit, their epilogue staged in bands within
+/// the slab buffers: 128x64 tiles 16 deep with three buffers; 32x32 tiles 64 deep with two (with
+/// three and the split ahead, 124 KiB: past an H100's 113 KiB a tile, so by default they keep
+/// 32-deep slabs), where the inner dimension takes an even number of 32-deep slabs.
 #[test]
 fn deep_tensor_core_slabs_are_race_free() {
     if let Some(why) = kiln::testing::emulator_skip_reason() {
         kiln::testing::note(&format!("race check of deep tensor-core slabs skipped: {why}"));
         return;
     }
-    for tile in [TileShape::T128x64, TileShape::T32x32] {
-        let form = format!(" ({tile:?} tiles whole on tensor cores, 3 stages)");
-        let choice = TileChoice { stages: Some(3), ..TileChoice::forced(tile, 1, true) };
+    for (tile, stages, deep) in [(TileShape::T128x64, 3, 16), (TileShape::T32x32, 2, 64)] {
+        let form = format!(" ({tile:?} tiles whole on tensor cores, {stages} stages)");
+        let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, 1, true) };
+        // The form this checks: some product's turns go through slabs of the deeper depth.
+        let w = build("fmnist-mlp", Device::Reference).unwrap();
+        let src = with_tile_choice(choice, || w.step.cuda_source(&w.args).unwrap());
+        assert!(src.contains(&format!("kt += {deep})")), "{form}: no {deep}-deep slabs in\n{src}");
         with_race_check(|| with_tile_choice(choice, || one_step("fmnist-mlp", &form)));
     }
 }

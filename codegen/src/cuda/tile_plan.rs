@@ -402,12 +402,15 @@ impl TilePlan {
         // an H100's 113 KiB a tile, a 128x64 tile's 16-deep turn is 48 multiply-adds in 225 to
         // 235 instructions (two 8-deep turns: 268 to 282; `cuda_source --loads`).
         let unsliced = choice.slices.map_or(tiles_enough, |s| s == 1);
-        let own = with_depth(bk);
         if !(stages > 1 && unsliced && mm.k.div_ceil(bk).is_multiple_of(2) && DEEP_SLABS.on()) {
-            return own;
+            return with_depth(bk);
         }
         let deep = with_depth(2 * bk);
-        if !tensor_cores || (deep.stages == own.stages && deep.split_ahead == own.split_ahead) {
+        if !tensor_cores {
+            return deep;
+        }
+        let own = with_depth(bk);
+        if deep.stages == own.stages && deep.split_ahead == own.split_ahead {
             deep
         } else {
             own
