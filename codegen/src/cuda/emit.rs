@@ -542,7 +542,7 @@ impl<'a> Emitter<'a> {
 
     /// Parameters and arguments of the current group: each member's loaded inputs, then its output.
     /// Memory the group writes is read and written without `__restrict__`.
-    fn group_params(&self) -> (Vec<Param>, Vec<KernelArg>) {
+    pub(super) fn group_params(&self) -> (Vec<Param>, Vec<KernelArg>) {
         let written: Vec<Location> = self.group.iter().map(|m| self.loc[m.kernel.out.buf]).collect();
         let read: Vec<Location> = self
             .group

@@ -228,6 +228,12 @@ impl<'a> Emitter<'a> {
         // split into its stores and the rest; any other runs whole at each element, in order.
         let plain =
             epilogue.iter().all(|s| matches!(s, Stmt::Decl { .. } | Stmt::Assign(Expr::Var(_) | Expr::Index(..), _)));
+        // Inputs that nothing in the kernel writes (`const __restrict__`) are read at an element
+        // outside too (its `t` is clamped inside the product): ptxas placed predicated loads of
+        // them after the stores of the elements before (a tensor-core ReLU gradient's walk waited
+        // for memory at each element), and issues the turn's unpredicated loads first.
+        let read_only: std::collections::HashSet<String> =
+            self.group_params().0.into_iter().filter(|p| p.kind == ParamKind::In).map(|p| p.name).collect();
         let (mut values, mut computed, mut stores) = (vec![], vec![], vec![]);
         for u in 0..per_turn {
             let name = |what: &str| format!("{what}_{u}");
@@ -300,7 +306,9 @@ impl<'a> Emitter<'a> {
                     }
                     // An element outside reads nothing: an in-place update's element there is
                     // another thread's (a predicated load, which the compiler may still hoist).
-                    Stmt::Decl { ty, name: declared, init: Some(read), constant } if read.reads_memory() => {
+                    Stmt::Decl { ty, name: declared, init: Some(read), constant }
+                        if read.reads_memory() && !reads_only_from(&read, &read_only) =>
+                    {
                         let init = Some(select(inside.clone(), read, cast(ty, int(0))));
                         computed.push(Stmt::Decl { ty, name: declared, init, constant })
                     }
@@ -330,6 +338,21 @@ impl<'a> Emitter<'a> {
             ahead.push(walk);
             Stmt::Block(ahead)
         }
+    }
+}
+
+/// Whether every array `e` reads is one of `arrays`.
+fn reads_only_from(e: &Expr, arrays: &std::collections::HashSet<String>) -> bool {
+    let from = |e: &Expr| reads_only_from(e, arrays);
+    match e {
+        Expr::Index(base, at) | Expr::Vec4(base, at) => {
+            matches!(&**base, Expr::Var(name) if arrays.contains(name)) && from(at)
+        }
+        Expr::Call(_, args) => args.iter().all(from),
+        Expr::Neg(a) | Expr::Not(a) | Expr::Cast(_, a) | Expr::Lane(a, _) => from(a),
+        Expr::Binary(_, a, b) => from(a) && from(b),
+        Expr::Select(c, a, b) => from(c) && from(a) && from(b),
+        _ => true,
     }
 }
 
