@@ -427,6 +427,8 @@ bench_row "each returned output copied back on its own, the error word cleared i
     bench-egress0.txt KILN_CUDA_EGRESS=0
 bench_row "the slice count nearest to the one the tiling rule wants, not the most up to it (KILN_CUDA_NEAREST_SLICES=1)" \
     bench-nearestslices.txt KILN_CUDA_NEAREST_SLICES=1
+bench_row "FMA tiles' slab loops in passes of turns, each turn's buffers constants (KILN_CUDA_TURN_PASSES=1)" \
+    bench-turnpasses.txt KILN_CUDA_TURN_PASSES=1
 # Each workload autotuned (Function::autotune: every product as cuBLAS and in each tiling, the
 # whole step timed for each, then the step's knobs: dependent launch, streams, two bounds; its
 # report first, then the tuned step's times).
@@ -449,6 +451,9 @@ bounded 120 env KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_TC_
 echo "-- the same with 128x64 slabs 8 deep, not 16 (KILN_CUDA_DEEP_SLABS=0, as before)"
 bounded 120 env KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_DEEP_SLABS=0 "$DIR/steps" --device cuda \
     --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tf32x3-4k-shallow.txt"
+echo "-- the same with the slab loop's turns one at a time, not in passes (KILN_CUDA_TURN_PASSES=0, as before)"
+bounded 120 env KILN_CUDA_TF32X3=1 KILN_CUDA_TILED_MACS=1073741824 KILN_CUDA_TURN_PASSES=0 "$DIR/steps" --device cuda \
+    --workload fmnist-mlp-4k --seconds ${BENCH_SECONDS:-1} 2>&1 | tee "$OUT_DIR/bench-tf32x3-4k-single-turns.txt"
 if [ "${KILN_GPU_PROFILE:-1}" = 1 ]; then
     echo "== per-step profile (CUDA events around every kernel and product; no graphs)"
     bounded 120 env KILN_CUDA_PROFILE=1 "$DIR/steps" --device cuda --seconds 0.3 2>&1 | grep -v compile: | tee "$OUT_DIR/profile.txt"

@@ -427,8 +427,9 @@ fn every_workloads_compilation_units_compile_with_only_the_helpers_they_call() {
 fn tiles_load_before_they_multiply_and_before_they_store() {
     // In the machine code of every workload step and tile shape (`every_generated_source`):
     // - each loop over a tile's slabs issues its global loads and asynchronous copies before its
-    //   first multiply-add, so that memory is read while the slab is multiplied (ptxas once placed
-    //   the next slab's loads after the multiply-adds in some kernels: `tiled.rs`);
+    //   first multiply-add (in a pass of turns, each turn's before its own), so that memory is
+    //   read while the slab is multiplied (ptxas once placed the next slab's loads after the
+    //   multiply-adds in some kernels: `tiled.rs`);
     // - each kernel that computes tiles walks its tiles' elements loading first and storing last:
     //   no global load of a walk's turn comes after one of its stores (an element at a time, an
     //   in-place update's next element waited for the one before: `tile_finish.rs`).
@@ -449,7 +450,7 @@ fn tiles_load_before_they_multiply_and_before_they_store() {
         let loops = sass::loops(&cubin).unwrap();
         for l in loops.iter().filter(|l| l.is_slab_loop()) {
             slab_loops += 1;
-            assert!(l.loads.iter().all(|load| load.after == 0), "{what}: {}", l.describe());
+            assert!(l.loads_lead_each_turn(), "{what}: {}", l.describe());
         }
         let tiled: std::collections::HashSet<&str> =
             loops.iter().filter(|l| l.is_slab_loop()).map(|l| l.kernel.as_str()).collect();

@@ -438,6 +438,41 @@ fn tensor_core_slabs_split_by_the_block_once_copied_give_the_bits_split_where_st
 }
 
 #[test]
+fn slab_turns_in_passes_give_the_bits_of_turns_one_at_a_time() {
+    // A pass of turns (`with_turn_passes`: each turn a block whose buffer indices are constants)
+    // does each turn's arithmetic in the same order as a loop of single turns: the same bits, by
+    // FMAs and on tensor cores, in every tile shape, whole and in slices (a pass then takes a
+    // whole slice, and the last slice ends inside a slab), with two, three and eight buffers (as
+    // many as fit: past six, no passes).
+    use kiln_codegen::cuda::{with_tile_choice, with_turn_passes, TileChoice, TileShape};
+    let (g, inputs, outputs, args) = edge_tile_products();
+    for device in cuda_devices() {
+        for tile in TileShape::ALL {
+            for (slices, tensor_cores, stages) in
+                [(1, false, 3), (3, false, 2), (1, false, 8), (1, true, 3), (3, true, 3)]
+            {
+                let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, slices, tensor_cores) };
+                let run = |passes| {
+                    with_turn_passes(passes, || {
+                        with_tile_choice(choice, || {
+                            let mut f = g.function(&inputs, &outputs).compile(device).unwrap();
+                            let got = f.call(&args).unwrap();
+                            (got.iter().map(Tensor::to_f64_vec).collect::<Vec<_>>(), f.generated_code())
+                        })
+                    })
+                };
+                let ((single, single_code), (passed, passes_code)) = (run(false), run(true));
+                let what =
+                    format!("{device:?} {tile:?} tiles, {slices} slices, tensor cores {tensor_cores}, {stages} stages");
+                assert!(!single_code.contains("kt_pass"), "{what}: {single_code}");
+                assert!(stages > 3 || passes_code.contains("kt_pass +"), "{what}: {passes_code}");
+                assert!(single == passed, "{what}: the turns in passes give another product");
+            }
+        }
+    }
+}
+
+#[test]
 fn small_products_with_long_dots_are_tiled_and_agree_with_the_cpu() {
     // Three products small enough for a thread per output: one with dots 300 long is tiled (its
     // inner dim in slices), one with dots of 40 stays a dot per thread, and one with long dots

@@ -18,8 +18,8 @@ use kiln::workloads::build;
 use kiln::Device;
 use kiln_codegen::cuda::emulator::{with_mirrored_schedule, with_race_check};
 use kiln_codegen::cuda::{
-    kernel_by_kernel, with_dependent_launch, with_late_dependent_launch, with_streams, with_tile_choice, TileChoice,
-    TileShape,
+    kernel_by_kernel, with_dependent_launch, with_late_dependent_launch, with_streams, with_tile_choice,
+    with_turn_passes, TileChoice, TileShape,
 };
 
 fn one_step(name: &str, form: &str) {
@@ -84,7 +84,9 @@ fn autoencoder_step_is_race_free() {
 /// fmnist-mlp with every product tiled in each shape, whole and sliced, by FMAs (one slab buffer,
 /// or three filled by asynchronous copies, or as many as fit of eight, the staged tile then in the
 /// slab buffers where it fits there) and on tensor cores (through registers, or copied and split):
-/// the staging, the sliced finish's tickets and the side-by-side launches of each.
+/// the staging, the sliced finish's tickets and the side-by-side launches of each. With three
+/// buffers, the slab loop's turns taken one at a time and in passes (`with_turn_passes`: by
+/// default on tensor cores only), each turn's buffers then constants.
 #[test]
 fn every_tile_shape_is_race_free() {
     if let Some(why) = kiln::testing::emulator_skip_reason() {
@@ -97,9 +99,15 @@ fn every_tile_shape_is_race_free() {
         // eight; on tensor cores through registers, and copied and split a turn ahead (in
         // dynamic shared memory, past 48 KiB).
         for (tensor_cores, stages) in [(false, 1), (false, 3), (false, 8), (true, 1), (true, 3)] {
-            let form = format!(" ({tile:?} tiles in {slices} slices, tensor cores: {tensor_cores}, {stages} stages)");
-            let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, slices, tensor_cores) };
-            with_race_check(|| with_tile_choice(choice, || one_step("fmnist-mlp", &form)));
+            let passes = if stages == 3 { vec![false, true] } else { vec![tensor_cores] };
+            for passes in passes {
+                let form = format!(
+                    " ({tile:?} tiles in {slices} slices, tensor cores: {tensor_cores}, {stages} stages, passes: {passes})"
+                );
+                let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, slices, tensor_cores) };
+                let step = || with_tile_choice(choice, || one_step("fmnist-mlp", &form));
+                with_race_check(|| with_turn_passes(passes, step));
+            }
         }
     }
 }
@@ -116,13 +124,17 @@ fn deep_tensor_core_slabs_are_race_free() {
         return;
     }
     for (tile, stages, deep) in [(TileShape::T128x64, 3, 16), (TileShape::T32x32, 2, 64)] {
-        let form = format!(" ({tile:?} tiles whole on tensor cores, {stages} stages)");
-        let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, 1, true) };
-        // The form this checks: some product's turns go through slabs of the deeper depth.
-        let w = build("fmnist-mlp", Device::Reference).unwrap();
-        let src = with_tile_choice(choice, || w.step.cuda_source(&w.args).unwrap());
-        assert!(src.contains(&format!("kt += {deep})")), "{form}: no {deep}-deep slabs in\n{src}");
-        with_race_check(|| with_tile_choice(choice, || one_step("fmnist-mlp", &form)));
+        // The turns one at a time, and in passes (each turn then a block with `kt` its own).
+        for (passes, turn) in [(false, format!("kt += {deep})")), (true, format!("kt_pass + {deep};"))] {
+            let form = format!(" ({tile:?} tiles whole on tensor cores, {stages} stages, passes: {passes})");
+            let choice = TileChoice { stages: Some(stages), ..TileChoice::forced(tile, 1, true) };
+            // The form this checks: some product's turns go through slabs of the deeper depth.
+            let w = build("fmnist-mlp", Device::Reference).unwrap();
+            let src = with_turn_passes(passes, || with_tile_choice(choice, || w.step.cuda_source(&w.args).unwrap()));
+            assert!(src.contains(&turn), "{form}: no {deep}-deep slabs in\n{src}");
+            let step = || with_tile_choice(choice, || one_step("fmnist-mlp", &form));
+            with_race_check(|| with_turn_passes(passes, step));
+        }
     }
 }
 

@@ -265,6 +265,8 @@ pub enum Stmt {
         body: Vec<Stmt>,
     },
     Return,
+    /// `break;`: leaves the innermost loop (a loop's turns taken in passes, `tiled.rs`).
+    Break,
     ReturnValue(Expr),
     SyncThreads,
     /// `#pragma text` (at the margin), for the loop that follows: `unroll`.
@@ -349,6 +351,7 @@ pub fn calls(body: &[Stmt], f: &dyn Fn(&str) -> bool) -> bool {
         | Stmt::SharedArray { .. }
         | Stmt::SharedUnion { .. }
         | Stmt::Return
+        | Stmt::Break
         | Stmt::SyncThreads
         | Stmt::Pragma(_) => false,
     })

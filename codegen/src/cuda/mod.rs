@@ -51,7 +51,7 @@ pub use side::{with_chain_joins, with_clusters_first, with_longest_first};
 pub use tile_plan::{with_deep_slabs, with_nearest_slices, with_split_ahead, with_tensor_core_shared};
 pub use tile_staging::with_quad_copies;
 pub use tile_table::{with_tile_table, ProductKey, TileTable};
-pub use tiled::{with_tile_choice, TileChoice, TileShape};
+pub use tiled::{with_tile_choice, with_turn_passes, TileChoice, TileShape};
 
 #[cfg(feature = "cuda")]
 pub use exec::{CompileStats, Cuda, CudaExecutable};
@@ -113,14 +113,19 @@ impl Switch {
     }
 
     pub(crate) fn on(&self) -> bool {
+        self.set().unwrap_or(self.default)
+    }
+
+    /// What this thread's setting (`with`), else the environment, says, if either says anything:
+    /// for a switch whose default depends on what it applies to.
+    pub(crate) fn set(&self) -> Option<bool> {
         let set = SWITCHES.with(|s| s.borrow().iter().rev().find(|(var, _)| *var == self.var).map(|s| s.1));
-        set.unwrap_or_else(|| {
-            let env = self.env.get_or_init(|| match std::env::var(self.var).as_deref() {
+        set.or_else(|| {
+            *self.env.get_or_init(|| match std::env::var(self.var).as_deref() {
                 Ok("1") => Some(true),
                 Ok("0") => Some(false),
                 _ => None,
-            });
-            env.unwrap_or(self.default)
+            })
         })
     }
 

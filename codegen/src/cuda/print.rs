@@ -245,6 +245,7 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
             out.push('\n');
         }
         Stmt::Return => out.push_str("return;\n"),
+        Stmt::Break => out.push_str("break;\n"),
         Stmt::ReturnValue(e) => writeln!(out, "return {};", expr(e)).unwrap(),
         Stmt::SyncThreads => out.push_str("__syncthreads();\n"),
         Stmt::Pragma(text) => {

@@ -58,6 +58,18 @@ impl Loop {
         self.innermost && self.barriers == 0 && self.stores > 0
     }
 
+    /// Whether its loads come first in each of its turns: before any multiply-add, or, in a loop
+    /// that takes several turns a pass (`tiled.rs`), in runs at the start of equal shares of its
+    /// multiply-adds, a share for each run (a turn's loads before its own multiply-adds, after the
+    /// turn before it's).
+    pub fn loads_lead_each_turn(&self) -> bool {
+        let mut runs: Vec<usize> = self.loads.iter().map(|l| l.after).collect();
+        runs.dedup();
+        let share = self.multiply_adds / runs.len().max(1);
+        self.multiply_adds.is_multiple_of(runs.len().max(1))
+            && runs.iter().enumerate().all(|(i, &after)| after == i * share)
+    }
+
     /// Its multiply-adds and instructions (every arm of its branches counted), and its loads as
     /// `load@N` / `copy@N`, N the multiply-adds before each.
     pub fn describe(&self) -> String {
@@ -265,6 +277,30 @@ mod tests {
             l.describe(),
             format!("{:<40}    2 multiply-adds in   11 instructions a turn; load@0 copy@2 load@2", "k1_fused")
         );
+    }
+
+    #[test]
+    fn loads_lead_each_turn_of_a_loop_or_of_a_pass() {
+        let with = |multiply_adds: usize, afters: &[usize]| Loop {
+            kernel: "k1_fused".into(),
+            multiply_adds,
+            barriers: 1,
+            shared_loads: 1,
+            loads: afters.iter().map(|&after| Load { copy: true, after }).collect(),
+            spills: 0,
+            stores: 0,
+            loads_after_a_store: 0,
+            innermost: true,
+            instructions: 100,
+        };
+        // One turn a loop: its loads before its multiply-adds.
+        assert!(with(48, &[0, 0, 0]).loads_lead_each_turn());
+        assert!(!with(48, &[0, 0, 48]).loads_lead_each_turn());
+        // A pass of three turns of 24: each turn's loads before its own multiply-adds.
+        assert!(with(72, &[0, 0, 24, 24, 48, 48]).loads_lead_each_turn());
+        assert!(!with(72, &[0, 0, 24, 30, 48, 48]).loads_lead_each_turn());
+        assert!(!with(72, &[0, 24, 72]).loads_lead_each_turn(), "the last turn's loads after its multiply-adds");
+        assert!(!with(72, &[12, 36, 60]).loads_lead_each_turn(), "each turn's loads inside its multiply-adds");
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub(super) fn rewrite_stmts(
             | Stmt::SharedArray { .. }
             | Stmt::SharedUnion { .. }
             | Stmt::Return
+            | Stmt::Break
             | Stmt::SyncThreads
             | Stmt::Pragma(_) => {}
             Stmt::Decl { init, .. } => {

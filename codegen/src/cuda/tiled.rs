@@ -83,6 +83,38 @@ pub(super) fn walks_in_order(v: &crate::kernel::View, shape: &[usize]) -> bool {
     v.offset == 0
 }
 
+/// Whether the loop over a slice's slabs takes its turns in passes, a pass as many turns as bring
+/// every buffer index back where it started (`turns_a_pass`), so that in each turn the indices are
+/// constants: the buffers' addresses then fold into the loads' and stores' offsets rather than
+/// being computed each turn. `KILN_CUDA_TURN_PASSES=1` or `0` says for every tile; otherwise only
+/// tiles on tensor cores take them. In fmnist-mlp-4k's 128x64 tensor-core tile a turn of 48
+/// multiply-adds took 194 instructions in a pass of six, 235 in a loop of single turns
+/// (`cuda_source --loads`, which counts a pass); the FMA tiles' turns 3 to 14% fewer, but their
+/// passes are up to three times a loop's code (28 KB for a 128x64 tile), which may cost more in
+/// instruction fetches than it saves: opt-in there until timed on a card.
+pub(super) static TURN_PASSES: super::Switch = super::Switch::new("KILN_CUDA_TURN_PASSES", false);
+
+/// Runs `f` with every CUDA program this thread specializes taking the slab loop's turns in passes
+/// (`on`), or one at a time, for every tile, whatever `KILN_CUDA_TURN_PASSES` says.
+pub fn with_turn_passes<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    TURN_PASSES.with(on, f)
+}
+
+/// At most this many turns a pass: eight buffers' passes would be eight turns of code (a slice of
+/// fewer slabs is still one pass).
+const MOST_TURNS_A_PASS: usize = 6;
+
+/// Turns a pass of `plan`'s slab loop (`TURN_PASSES`): as many as its slab buffers (twice as many
+/// with an odd number of them where slabs are split a turn ahead, into two split buffers), or a
+/// slice's slabs where they are fewer (one pass then takes the whole slice); `None` where its
+/// turns are taken one at a time.
+fn turns_a_pass(plan: &TilePlan) -> Option<usize> {
+    let turns = if plan.split_ahead && plan.stages % 2 == 1 { 2 * plan.stages } else { plan.stages };
+    let pass = turns.min(plan.slabs);
+    let on = TURN_PASSES.set().unwrap_or(plan.tensor_cores);
+    (on && plan.stages > 1 && pass <= MOST_TURNS_A_PASS).then_some(pass)
+}
+
 /// Name of the register holding a thread's output `(i, j)`.
 pub(super) fn acc(i: usize, j: usize) -> String {
     format!("acc_{i}_{j}")
@@ -97,8 +129,9 @@ pub(super) fn acc(i: usize, j: usize) -> String {
 /// multiply-adds, a 32x32 tile's group's 16 steps of 16), so there `#pragma unroll` asks for it
 /// (only there: the pragma changed ptxas's schedule of other tiles, some for worse).
 fn slab_multiply(plan: &TilePlan, slabs: (&str, &str), a_rows_major: bool) -> Vec<Stmt> {
-    let unrolled =
-        |var: &str, end: i64, step: i64, body: Vec<Stmt>| unrolled_loop(var, end, step, body, plan.deepened());
+    // (In a pass of turns, too: ptxas left their steps a loop, the pass being long.)
+    let unroll = plan.deepened() || turns_a_pass(plan).is_some();
+    let unrolled = |var: &str, end: i64, step: i64, body: Vec<Stmt>| unrolled_loop(var, end, step, body, unroll);
     if plan.tensor_cores {
         let products = if plan.split_slabs() {
             mma::split_slab_step((plan.bm, plan.bn, plan.bk), plan.split_ahead.then(|| var("sp")), acc)
@@ -410,9 +443,14 @@ impl<'a> Emitter<'a> {
             first.extend(split(Some(int(0))));
             out.extend([tile_staging::wait(stages - 1), Stmt::SyncThreads]);
             out.push(Stmt::If(bin(BinOp::Lt, var("k_lo"), var("k_hi")), first, vec![]));
-            out.push(decl_mut(CType::Int, "sp", int(0)));
         }
-        out.push(decl_mut(CType::Int, "st", int(0)));
+        let passes = turns_a_pass(plan);
+        if passes.is_none() {
+            if plan.split_ahead {
+                out.push(decl_mut(CType::Int, "sp", int(0)));
+            }
+            out.push(decl_mut(CType::Int, "st", int(0)));
+        }
         // Only a slice's last slab may end before the slab's depth (`slabs_whole`): the slabs
         // before it are copied without a check of the slice's end.
         let copy_ahead = |checked: bool| self.slab_copy(mm, plan, it, ahead.clone(), refill.clone(), checked);
@@ -434,7 +472,6 @@ impl<'a> Emitter<'a> {
             let mut split_next = slabs_at(next.clone());
             split_next.extend(split(Some(int(1) - var("sp"))));
             turn.push(Stmt::If(bin(BinOp::Lt, var("kt") + int(bk), var("k_hi")), split_next, vec![]));
-            turn.push(assign(var("sp"), int(1) - var("sp")));
         } else {
             turn.extend(slabs_at(var("st")));
             if plan.split_slabs() {
@@ -442,15 +479,39 @@ impl<'a> Emitter<'a> {
             }
             turn.extend(slab_multiply(plan, ("slab_a", "slab_b"), rows_major));
         }
-        turn.push(assign(var("st"), next));
-        out.push(Stmt::For {
-            ty: it,
-            var: "kt".into(),
-            init: var("k_lo"),
-            end: var("k_hi"),
-            step: int(bk),
-            body: turn,
-        });
+        let slab_loop = match passes {
+            None => {
+                if plan.split_ahead {
+                    turn.push(assign(var("sp"), int(1) - var("sp")));
+                }
+                turn.push(assign(var("st"), next));
+                Stmt::For { ty: it, var: "kt".into(), init: var("k_lo"), end: var("k_hi"), step: int(bk), body: turn }
+            }
+            // A pass of `turns` turns, after which every buffer index is back where it started (or
+            // which takes the whole slice): each turn a block of its own in which the indices are
+            // constants (and `kt` its slab), the turns past the slice's end left by `break`.
+            Some(turns) => {
+                let mut pass = vec![];
+                for t in 0..turns as i64 {
+                    if t > 0 {
+                        let past_slice = bin(BinOp::Ge, var("kt_pass") + int(t * bk), var("k_hi"));
+                        pass.push(Stmt::If(past_slice, vec![Stmt::Break], vec![]));
+                    }
+                    let mut block = vec![
+                        decl(it, "kt", var("kt_pass") + int(t * bk)),
+                        decl(CType::Int, "st", int(t % stages as i64)),
+                    ];
+                    if plan.split_ahead {
+                        block.push(decl(CType::Int, "sp", int(t % 2)));
+                    }
+                    block.extend(turn.iter().cloned());
+                    pass.push(Stmt::Block(block));
+                }
+                let step = int(turns as i64 * bk);
+                Stmt::For { ty: it, var: "kt_pass".into(), init: var("k_lo"), end: var("k_hi"), step, body: pass }
+            }
+        };
+        out.push(slab_loop);
         // The groups left are empty (nothing copied past the slice): no copy outlives the loop.
         out.push(tile_staging::wait(0));
         out
