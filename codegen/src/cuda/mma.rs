@@ -55,37 +55,38 @@ const TF32_BITS: u32 = 0xffff_e000;
 const TF32_HALF_ULP: u32 = 0x1000;
 /// The least magnitude whose TF32 rounding passes the largest float.
 const ROUNDS_PAST_MAX: u32 = 0x7f7f_f000;
+/// The largest TF32.
+const LARGEST_TF32: u32 = 0x7f7f_e000;
 
 /// The prelude's tensor-core helpers: a float's high and low TF32 parts, and one warp's
 /// multiply-add.
 ///
-/// The split is 6 instructions an element on an H100 (it was 14, then 8): one test, no select.
-/// The high part is `x` rounded to the nearest TF32 (ties away from zero) where that is finite,
-/// else `x`'s bits less one, truncated: the largest TF32 for a value rounding past the largest
-/// float and for an infinity, whose low part is then the infinity itself. So an infinity keeps
-/// its sign and its infinity in every product: `inf * 1.0` is `lo*hi + hi*lo + hi*hi` =
-/// `inf + max*0 + max*1`, where a high part of `inf` and a low part of 0 gave `inf*0`, a NaN. A
-/// NaN's low part is a NaN (its high part may be an infinity, where its payload lies in the bits
-/// a TF32 drops). The low part is truncated, as CUTLASS's 3xTF32 takes its small part: rounding
-/// it cost two instructions more and a test of its own (lest the rounding carry past the largest
-/// float or into a NaN's sign), for an error of at most 2^-21 |x| rather than 2^-22, where each
-/// product's three roundings of the accumulator are some 2^-24 of the sum each.
+/// Before compute capability 9.0 the split is 6 instructions an element (it was 14, then 8): one
+/// test, no select. The high part is `x` rounded to the nearest TF32 (ties away from zero) where
+/// that is finite, else `x`'s bits less one, truncated: the largest TF32 for a value rounding past
+/// the largest float and for an infinity, whose low part is then the infinity itself. So an
+/// infinity keeps its sign and its infinity in every product: `inf * 1.0` is
+/// `lo*hi + hi*lo + hi*hi` = `inf + max*0 + max*1`, where a high part of `inf` and a low part of 0
+/// gave `inf*0`, a NaN. A NaN's low part is a NaN (its high part may be an infinity, where its
+/// payload lies in the bits a TF32 drops). The low part is truncated, as CUTLASS's 3xTF32 takes
+/// its small part: rounding it cost two instructions more and a test of its own (lest the
+/// rounding carry past the largest float or into a NaN's sign), for an error of at most 2^-21 |x|
+/// rather than 2^-22, where each product's three roundings of the accumulator are some 2^-24 of
+/// the sum each.
+///
+/// From compute capability 9.0 (`cvt.rn.tf32.f32`, one `F2FP` instruction) the high part is `x`
+/// clamped to the largest TF32's magnitude, then rounded to the nearest TF32 (ties to even): two
+/// `FMNMX` and the conversion, 5 instructions an element, with the same parts but for ties (and a
+/// NaN's high part, then minus the largest TF32, its low part still a NaN). Before 9.0 PTX rounds
+/// to TF32 only with ties away from zero, in as many instructions as the integer rounding above.
 pub(super) fn helpers() -> Vec<DeviceFn> {
     let u = CType::UInt;
-    let rounds_finite =
-        bin(BinOp::Lt, call("fabsf", vec![var("x")]), call("__uint_as_float", vec![Expr::UInt(ROUNDS_PAST_MAX)]));
-    // Rounded where x rounds to a finite TF32, else less one, then truncated.
-    let add = select(rounds_finite, Expr::UInt(TF32_HALF_ULP), Expr::UInt(u32::MAX));
     let high = DeviceFn {
         ret: u,
         name: HIGH_HELPER,
         params: vec![(CType::Float, "x")],
         outputs: 0,
-        body: vec![Stmt::ReturnValue(bin(
-            BinOp::BitAnd,
-            call("__float_as_uint", vec![var("x")]) + add,
-            Expr::UInt(TF32_BITS),
-        ))],
+        body: if super::target_capability() >= 90 { converted_high() } else { integer_high() },
     };
     let low = DeviceFn {
         ret: u,
@@ -124,6 +125,36 @@ pub(super) fn helpers() -> Vec<DeviceFn> {
         }],
     };
     vec![high, low, multiply_add]
+}
+
+/// The high part rounded by integer arithmetic: where `x` rounds to a finite TF32, half a TF32's
+/// last place added, else one taken away, then truncated.
+fn integer_high() -> Vec<Stmt> {
+    let rounds_finite =
+        bin(BinOp::Lt, call("fabsf", vec![var("x")]), call("__uint_as_float", vec![Expr::UInt(ROUNDS_PAST_MAX)]));
+    let add = select(rounds_finite, Expr::UInt(TF32_HALF_ULP), Expr::UInt(u32::MAX));
+    vec![Stmt::ReturnValue(bin(BinOp::BitAnd, call("__float_as_uint", vec![var("x")]) + add, Expr::UInt(TF32_BITS)))]
+}
+
+/// The high part by the conversion of compute capability 9.0 (`cvt.rn.tf32.f32`; the emulator's
+/// `kiln_emu_cvt_rn_tf32` rounds alike) of `x` clamped to the largest TF32's magnitude: an
+/// infinity, and a value that would round past the largest float, become the largest TF32 (of
+/// their sign); a NaN minus the largest (`fmaxf` and `fminf` keep the number).
+fn converted_high() -> Vec<Stmt> {
+    let largest = || call("__uint_as_float", vec![Expr::UInt(LARGEST_TF32)]);
+    let clamped = call("fminf", vec![call("fmaxf", vec![var("x"), Expr::Neg(Box::new(largest()))]), largest()]);
+    vec![
+        decl(CType::Float, "clamped", clamped),
+        decl_mut(CType::UInt, "hi", Expr::UInt(0)),
+        Stmt::Asm {
+            ptx: "cvt.rn.tf32.f32 %0, %1;",
+            outputs: vec![("=r", var("hi"))],
+            inputs: vec![("f", var("clamped"))],
+            memory: false,
+            emulated: call("kiln_emu_cvt_rn_tf32", vec![var("hi"), var("clamped")]),
+        },
+        Stmt::ReturnValue(var("hi")),
+    ]
 }
 
 /// Declares the thread's place in the warp grid: `warp_row`, `warp_col`, and within its warp

@@ -88,10 +88,11 @@ pub(super) fn walks_in_order(v: &crate::kernel::View, shape: &[usize]) -> bool {
 /// constants: the buffers' addresses then fold into the loads' and stores' offsets rather than
 /// being computed each turn. `KILN_CUDA_TURN_PASSES=1` or `0` says for every tile; otherwise only
 /// tiles on tensor cores take them. In fmnist-mlp-4k's 128x64 tensor-core tile a turn of 48
-/// multiply-adds took 194 instructions in a pass of six, 235 in a loop of single turns
-/// (`cuda_source --loads`, which counts a pass); the FMA tiles' turns 3 to 14% fewer, but their
-/// passes are up to three times a loop's code (28 KB for a 128x64 tile), which may cost more in
-/// instruction fetches than it saves: opt-in there until timed on a card.
+/// multiply-adds took 194 instructions in a pass of six, 235 in a loop of single turns (before
+/// the split's `cvt.rn.tf32.f32`, `mma.rs`; `cuda_source --loads`, which counts a pass); the FMA
+/// tiles' turns 3 to 14% fewer, but their passes are up to three times a loop's code (28 KB for a
+/// 128x64 tile), which may cost more in instruction fetches than it saves: opt-in there until
+/// timed on a card.
 pub(super) static TURN_PASSES: super::Switch = super::Switch::new("KILN_CUDA_TURN_PASSES", false);
 
 /// Runs `f` with every CUDA program this thread specializes taking the slab loop's turns in passes

@@ -608,6 +608,13 @@ template <class T> static inline T __shfl_xor_sync(unsigned, T v, int mask, int 
     int lane = (int)(kiln_emu::current % 32);
     return kiln_emu::shuffle(v, lane ^ mask, width);
 }
+// The emulator's side of cvt.rn.tf32.f32 (compute capability 9.0): x rounded to the nearest TF32,
+// ties to even, its low 13 bits zero; past the largest TF32 an infinity; a NaN a NaN.
+static inline void kiln_emu_cvt_rn_tf32(unsigned& out, float x) {
+    unsigned bits;
+    memcpy(&bits, &x, sizeof bits);
+    out = isnan(x) ? 0x7fffffffu : (bits + 0xfffu + ((bits >> 13) & 1u)) & 0xffffe000u;
+}
 // The emulator's side of the prelude's kiln_mma_tf32 (inline PTX on a GPU).
 static inline void kiln_emu_mma_tf32(float& d0, float& d1, float& d2, float& d3, unsigned a0, unsigned a1, unsigned a2,
                                      unsigned a3, unsigned b0, unsigned b1) {

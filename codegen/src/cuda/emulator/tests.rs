@@ -379,14 +379,18 @@ fn three_tf32_products_keep_float32_accuracy() {
     let input: Vec<f32> = (0..192u32).map(|i| ((i.wrapping_mul(2654435761) >> 8) as f32 / 16777216.0) - 0.5).collect();
     let want = product_in_f64(&input);
     let scale: f64 = want.iter().map(|v| v.abs()).fold(0.0, f64::max);
-    let worst = |split: bool| {
-        let (out, _, fault) = run_with_helpers(warp_product(split), mma::helpers(), 32, &input, 128, false);
-        assert_eq!(fault, None);
-        out.iter().zip(&want).map(|(&o, w)| (o as f64 - w).abs() / scale).fold(0.0, f64::max)
-    };
-    let (one, three) = (worst(false), worst(true));
-    assert!(three < 4.0 * f32::EPSILON as f64, "3xTF32: {three}");
-    assert!(one > 100.0 * three, "1xTF32 {one} vs 3xTF32 {three}");
+    // The split as compute capability 9.0 converts and as 8.0 rounds by integer arithmetic.
+    for arch in ["sm_80", "sm_90"] {
+        let worst = |split: bool| {
+            let helpers = crate::cuda::with_target_arch(arch, mma::helpers);
+            let (out, _, fault) = run_with_helpers(warp_product(split), helpers, 32, &input, 128, false);
+            assert_eq!(fault, None);
+            out.iter().zip(&want).map(|(&o, w)| (o as f64 - w).abs() / scale).fold(0.0, f64::max)
+        };
+        let (one, three) = (worst(false), worst(true));
+        assert!(three < 4.0 * f32::EPSILON as f64, "{arch} 3xTF32: {three}");
+        assert!(one > 100.0 * three, "{arch} 1xTF32 {one} vs 3xTF32 {three}");
+    }
 }
 
 #[test]
@@ -416,22 +420,26 @@ fn the_tf32_split_is_exact_to_float32_and_keeps_infinities_and_nans_apart() {
             call("__uint_as_float", vec![call(mma::LOW_HELPER, vec![word(), var("hi")])]),
         ),
     ];
-    let (out, _, fault) = run_with_helpers(body, mma::helpers(), 64, &input, 128, false);
-    assert_eq!(fault, None);
-    for (i, &x) in input.iter().enumerate() {
-        let (hi, lo) = (out[i], out[64 + i]);
-        assert_eq!((hi.to_bits() & 0x1fff, lo.to_bits() & 0x1fff), (0, 0), "{x:e}: not TF32s");
-        if x.is_nan() {
-            assert!(lo.is_nan(), "{x}: {hi} {lo}");
-        } else if x.is_infinite() {
-            // The largest TF32 and the infinity: no part is a finite zero (which would make
-            // `inf * 1.0` a NaN in the three products).
-            assert!(hi == f32::from_bits(0x7f7f_e000).copysign(x) && lo == x, "{x}: {hi} {lo}");
-        } else {
-            // (A subnormal keeps what a TF32 holds of it: bits from 2^-136 up.)
-            let err = (x as f64 - (hi as f64 + lo as f64)).abs();
-            let bound = (x as f64).abs() * 2f64.powi(-21) + 2f64.powi(-137);
-            assert!(hi.is_finite() && err <= bound, "{x:e}: {hi:e} + {lo:e}");
+    // The split as compute capability 9.0 converts and as 8.0 rounds by integer arithmetic.
+    for arch in ["sm_80", "sm_90"] {
+        let helpers = crate::cuda::with_target_arch(arch, mma::helpers);
+        let (out, _, fault) = run_with_helpers(body.clone(), helpers, 64, &input, 128, false);
+        assert_eq!(fault, None);
+        for (i, &x) in input.iter().enumerate() {
+            let (hi, lo) = (out[i], out[64 + i]);
+            assert_eq!((hi.to_bits() & 0x1fff, lo.to_bits() & 0x1fff), (0, 0), "{arch} {x:e}: not TF32s");
+            if x.is_nan() {
+                assert!(lo.is_nan(), "{arch} {x}: {hi} {lo}");
+            } else if x.is_infinite() {
+                // The largest TF32 and the infinity: no part is a finite zero (which would make
+                // `inf * 1.0` a NaN in the three products).
+                assert!(hi == f32::from_bits(0x7f7f_e000).copysign(x) && lo == x, "{arch} {x}: {hi} {lo}");
+            } else {
+                // (A subnormal keeps what a TF32 holds of it: bits from 2^-136 up.)
+                let err = (x as f64 - (hi as f64 + lo as f64)).abs();
+                let bound = (x as f64).abs() * 2f64.powi(-21) + 2f64.powi(-137);
+                assert!(hi.is_finite() && err <= bound, "{arch} {x:e}: {hi:e} + {lo:e}");
+            }
         }
     }
 }
@@ -460,17 +468,21 @@ fn three_tf32_products_with_infinities_and_nans_are_float32_products() {
             *v = 1.0 + 2f32.powi(-10); // a TF32, so its low part is zero
         }
     }
-    let (out, _, fault) = run_with_helpers(warp_product(true), mma::helpers(), 32, &input, 128, false);
-    assert_eq!(fault, None);
     // (The f64 product rounded to float32: it overflows where float32 does, the largest float
     // times 2 for one.)
     let want: Vec<f32> = product_in_f64(&input).iter().map(|&v| v as f32).collect();
-    for (i, (&o, &w)) in out.iter().zip(&want).enumerate() {
-        let same = match w.is_finite() {
-            true => (o - w).abs() <= 1e-6 * w.abs().max(1.0),
-            false => o.to_bits() == w.to_bits() || (o.is_nan() && w.is_nan()),
-        };
-        assert!(same, "output ({}, {}): {o} where float32 gives {w}", i / 8, i % 8);
+    // The split as compute capability 9.0 converts and as 8.0 rounds by integer arithmetic.
+    for arch in ["sm_80", "sm_90"] {
+        let helpers = crate::cuda::with_target_arch(arch, mma::helpers);
+        let (out, _, fault) = run_with_helpers(warp_product(true), helpers, 32, &input, 128, false);
+        assert_eq!(fault, None);
+        for (i, (&o, &w)) in out.iter().zip(&want).enumerate() {
+            let same = match w.is_finite() {
+                true => (o - w).abs() <= 1e-6 * w.abs().max(1.0),
+                false => o.to_bits() == w.to_bits() || (o.is_nan() && w.is_nan()),
+            };
+            assert!(same, "{arch} output ({}, {}): {o} where float32 gives {w}", i / 8, i % 8);
+        }
     }
 }
 
