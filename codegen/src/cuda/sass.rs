@@ -65,9 +65,9 @@ impl Loop {
     pub fn loads_lead_each_turn(&self) -> bool {
         let mut runs: Vec<usize> = self.loads.iter().map(|l| l.after).collect();
         runs.dedup();
-        let share = self.multiply_adds / runs.len().max(1);
-        self.multiply_adds.is_multiple_of(runs.len().max(1))
-            && runs.iter().enumerate().all(|(i, &after)| after == i * share)
+        let turns = runs.len().max(1);
+        let share = self.multiply_adds / turns;
+        self.multiply_adds.is_multiple_of(turns) && runs.iter().enumerate().all(|(i, &after)| after == i * share)
     }
 
     /// Its multiply-adds and instructions (every arm of its branches counted), and its loads as

@@ -304,8 +304,9 @@ impl<'a> Emitter<'a> {
                     store @ Stmt::Assign(Expr::Index(..), _) => {
                         stores.push(Stmt::If(inside.clone(), vec![store], vec![]))
                     }
-                    // An element outside reads nothing: an in-place update's element there is
-                    // another thread's (a predicated load, which the compiler may still hoist).
+                    // An element outside reads nothing of an input the kernel writes: an in-place
+                    // update's element there is another thread's (a predicated load, which the
+                    // compiler may still hoist).
                     Stmt::Decl { ty, name: declared, init: Some(read), constant }
                         if read.reads_memory() && !reads_only_from(&read, &read_only) =>
                     {

@@ -127,10 +127,10 @@ pub(super) fn acc(i: usize, j: usize) -> String {
 /// turn where `a`'s slab is staged a row after another (`a_rows_major`). A loop of constant trip
 /// count, which NVRTC unrolls whole on its own for a shape's own slab depth, but a slab twice as
 /// deep (`TilePlan::deepened`) it left two or four steps a turn (a 128x64 tile's 16 steps of 32
-/// multiply-adds, a 32x32 tile's group's 16 steps of 16), so there `#pragma unroll` asks for it
-/// (only there: the pragma changed ptxas's schedule of other tiles, some for worse).
+/// multiply-adds, a 32x32 tile's group's 16 steps of 16), and in a pass of turns (`turns_a_pass`)
+/// a 32x32 tile's steps, so there `#pragma unroll` asks for it (only there: the pragma changed
+/// ptxas's schedule of other tiles, some for worse).
 fn slab_multiply(plan: &TilePlan, slabs: (&str, &str), a_rows_major: bool) -> Vec<Stmt> {
-    // (In a pass of turns, too: ptxas left their steps a loop, the pass being long.)
     let unroll = plan.deepened() || turns_a_pass(plan).is_some();
     let unrolled = |var: &str, end: i64, step: i64, body: Vec<Stmt>| unrolled_loop(var, end, step, body, unroll);
     if plan.tensor_cores {
