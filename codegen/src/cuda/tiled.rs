@@ -509,6 +509,9 @@ impl<'a> Emitter<'a> {
                     pass.push(Stmt::Block(block));
                 }
                 let step = int(turns as i64 * bk);
+                out.push(Stmt::Comment(format!(
+                    "The slabs' turns in passes of {turns}, each turn's buffer indices constants."
+                )));
                 Stmt::For { ty: it, var: "kt_pass".into(), init: var("k_lo"), end: var("k_hi"), step, body: pass }
             }
         };
