@@ -37,8 +37,9 @@
 #                                  KILN_CUDA_DEEP_SLABS=0, with each returned output copied
 #                                  back on its own and the error word cleared inside the step,
 #                                  KILN_CUDA_EGRESS=0, with the slice count nearest to the one
-#                                  the tiling rule wants, KILN_CUDA_NEAREST_SLICES=1,
-#                                  then each step
+#                                  the tiling rule wants, KILN_CUDA_NEAREST_SLICES=1, with
+#                                  the FMA tiles' slab loops in passes of turns,
+#                                  KILN_CUDA_TURN_PASSES=1, then each step
 #                                  autotuned,
 #                                  Function::autotune, at most
 #                                  AUTOTUNE_SECONDS a workload (default 60), its report first, then
@@ -46,8 +47,9 @@
 #                                  within 48 KiB of shared memory, KILN_CUDA_TC_SHARED_KIB=48,
 #                                  and fmnist-mlp-4k fully tiled on them, its slabs split a turn
 #                                  ahead and in their turn, KILN_CUDA_SPLIT_AHEAD=0, within
-#                                  48 KiB, and at their shape's depth,
-#                                  KILN_CUDA_DEEP_SLABS=0), with the card's name;
+#                                  48 KiB, at their shape's depth, KILN_CUDA_DEEP_SLABS=0,
+#                                  and their turns one at a time rather than in passes,
+#                                  KILN_CUDA_TURN_PASSES=0), with the card's name;
 #                                  then a per-kernel profile of each workload
 #                                  (tiled products, and again with them on cuBLAS) and the product
 #                                  benchmark (each workload product as cuBLAS + epilogue and with
