@@ -27,8 +27,10 @@ pub struct AutotuneOptions {
     /// whole step programmatic dependent launch, sliced tiles as thread block clusters (compute
     /// capability 9.0 or newer), cuBLAS's products through cuBLASLt or not, row tails or not,
     /// joined kernels' sections longest first or in step order, launches that would hold up a
-    /// kernel the step waits for joining it or not, each number of streams (1 to 3), the two
-    /// bounds and the joins' reach.
+    /// kernel the step waits for joining it or not, slabs copied by quads or by words, unsliced
+    /// tiles' slabs deep or not, the tiles kiln picks on tensor cores or by FMAs, every slab loop
+    /// in passes of turns or in single turns, each number of streams (1 to 3), the two bounds and
+    /// the joins' reach.
     pub space: Space,
     /// Read the result from the cache folder where a run before found it, and keep it there
     /// (unless the budget ran out before every candidate was tried).

@@ -46,7 +46,9 @@ fn options(folder: &std::path::Path) -> AutotuneOptions {
         seconds_per_setting: 0.0,
         min_calls: 1,
         space: Space {
-            candidates: ["cuBLAS", "32x32k4/s2", "64x64/s1/p3"].map(|l| TileChoice::from_label(l).unwrap()).to_vec(),
+            candidates: ["cuBLAS", "32x32k4/s2", "64x64/s1/p3", "tc32x32/s2/p3/cluster"]
+                .map(|l| TileChoice::from_label(l).unwrap())
+                .to_vec(),
             ..Space::default()
         },
         cache_folder: Some(folder.to_path_buf()),
@@ -70,14 +72,15 @@ fn check_report(report: &AutotuneReport, opts: &AutotuneOptions) {
     assert!(!report.outcome.out_of_budget, "{report}");
     // Kiln's own choices, each candidate of each product, and each value of the step's knobs
     // (dependent launch; clusters, cuBLASLt, row tails, longest-first sections, chain joins, quad
-    // copies and deep slabs, each on and off; streams, the two bounds, the joins' reach); the best
-    // again before the second product and before each of the step's twelve rounds.
+    // copies, deep slabs, tensor cores and passes of turns, each on and off; streams, the two
+    // bounds, the joins' reach); the best again before the second product and before each of the
+    // step's fourteen rounds.
     let space = &opts.space;
     let numbers = space.streams.len() + space.run_macs.len() + space.dot_depth.len() + space.lookahead.len();
-    let step = 1 + 7 * 2 + numbers;
+    let step = 1 + 9 * 2 + numbers;
     assert_eq!(
         report.outcome.timed + report.outcome.same_code,
-        1 + 2 * space.candidates.len() + 1 + step + 12,
+        1 + 2 * space.candidates.len() + 1 + step + 14,
         "{report}"
     );
     for choice in report.table().entries.values() {

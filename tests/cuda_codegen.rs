@@ -528,7 +528,7 @@ fn weight_gradients_run_beside_the_input_gradients_of_the_layers_before_them() {
 }
 
 #[test]
-fn compile_options_fix_the_row_tails_the_order_of_joined_sections_and_the_joins() {
+fn compile_options_fix_row_tails_joined_sections_joins_tensor_cores_and_passes() {
     // What `Function::autotune` finds is applied through `CompileOptions`: each knob must change
     // the code as its environment variable would, whatever the environment says.
     use kiln_codegen::{cuda::with_compile_options, CompileOptions};
@@ -567,6 +567,18 @@ fn compile_options_fix_the_row_tails_the_order_of_joined_sections_and_the_joins(
     assert!(tails.contains("then runs k7_row_max on the rows each block finished"), "{tails}");
     assert!(!no_tails.contains("on the rows each block finished"), "{no_tails}");
     assert!(kernels(&no_tails) > kernels(&tails), "{no_tails}");
+    // Tiles on tensor cores or by FMAs, each tile's turns in passes or one at a time.
+    let on_tensor_cores = |on| source(&mlp, CompileOptions { tensor_cores: Some(on), ..CompileOptions::default() });
+    let (tc, fma) = (on_tensor_cores(true), on_tensor_cores(false));
+    assert_eq!(tc, kiln_codegen::cuda::with_tensor_cores(true, || mlp.step.cuda_source(&mlp.args).unwrap()));
+    assert!(tc.contains("in 32x32 tiles on tensor cores (3xTF32)"), "{tc}");
+    assert!(!fma.contains("on tensor cores") && fma.contains("in 32x32k4 tiles"), "{fma}");
+    let passes = "// The slabs' turns in passes of";
+    assert!(tc.contains(passes) && !fma.contains(passes), "{fma}");
+    let in_passes = |on| CompileOptions { turn_passes: Some(on), ..CompileOptions::default() };
+    assert!(source(&mlp, in_passes(true)).contains(passes));
+    let single = CompileOptions { tensor_cores: Some(true), ..in_passes(false) };
+    assert!(!source(&mlp, single).contains(passes));
 }
 
 #[test]

@@ -83,6 +83,14 @@ pub struct CompileOptions {
     /// where the inner dimension allows (`Some(true)`) or keep the shape's (`Some(false)`, as
     /// `KILN_CUDA_DEEP_SLABS=0` asks); `None`: as that says, else deep.
     pub deep_slabs: Option<bool>,
+    /// Tiles computed on tensor cores (3xTF32) where no tile choice says (`Some(true)`, as
+    /// `KILN_CUDA_TF32X3=1` asks) or by float32 FMAs (`Some(false)`); `None`: as that says, else
+    /// by FMAs.
+    pub tensor_cores: Option<bool>,
+    /// Every tile's slab loop in passes of turns (`Some(true)`, as `KILN_CUDA_TURN_PASSES=1` asks)
+    /// or in single turns (`Some(false)`, `KILN_CUDA_TURN_PASSES=0`); `None`: as that says, else in
+    /// passes on tensor cores only.
+    pub turn_passes: Option<bool>,
 }
 
 /// Moves each update output into its shared variable (after checking it keeps the variable's

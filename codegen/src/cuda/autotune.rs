@@ -21,6 +21,7 @@
 //! cache entry can only cost speed. This module holds the search and the cache; the timing (which
 //! calls a function) is the caller's (`kiln::Function::autotune`).
 
+use super::tile_plan::DEFAULT_STAGES;
 use super::tile_staging::MAX_STAGES;
 use super::tile_table::{ProductKey, TileTable};
 use super::tiled::{TileChoice, TileShape};
@@ -35,10 +36,10 @@ pub use cache::{cache_key, cache_path, default_cache_folder, parse_setting, read
 
 /// The step's knobs as the lines of a cache entry (`cache`) name them: whether dependent launch
 /// won (`on` or `off`), clusters (`on`, `off`, or `kiln`: as the card has it), cuBLASLt, row
-/// tails, longest-first sections, chain joins, quad copies and deep slabs (`on`, `off`, or `kiln`:
-/// as the environment or kiln's default has it), and the step's numbers (each a number, or
-/// `kiln`: as kiln has it), with the most each may be.
-const SWITCHES: usize = 8;
+/// tails, longest-first sections, chain joins, quad copies, deep slabs, tensor cores and passes of
+/// turns (`on`, `off`, or `kiln`: as the environment or kiln's default has it), and the step's
+/// numbers (each a number, or `kiln`: as kiln has it), with the most each may be.
+const SWITCHES: usize = 10;
 const NUMBERS: usize = 4;
 const SWITCH_LINES: [&str; SWITCHES] = [
     "dependent-launch",
@@ -49,6 +50,8 @@ const SWITCH_LINES: [&str; SWITCHES] = [
     "chain-joins",
     "quad-copies",
     "deep-slabs",
+    "tensor-cores",
+    "turn-passes",
 ];
 const NUMBER_LINES: [(&str, usize); NUMBERS] =
     [("streams", 8), ("run-macs", usize::MAX), ("dot-depth", usize::MAX), ("lookahead", usize::MAX)];
@@ -95,6 +98,12 @@ pub struct Setting {
     /// Unsliced tiles' slabs twice their shape's depth where the inner dimension allows
     /// (`Some(true)`) or the shape's; `None`: as kiln has it (`KILN_CUDA_DEEP_SLABS`, else deep).
     pub deep_slabs: Option<bool>,
+    /// Tiles that no table line fixes computed on tensor cores (`Some(true)`) or by FMAs; `None`:
+    /// as kiln has it (`KILN_CUDA_TF32X3`, else by FMAs).
+    pub tensor_cores: Option<bool>,
+    /// Every tile's slab loop in passes of turns (`Some(true)`) or in single turns; `None`: as
+    /// kiln has it (`KILN_CUDA_TURN_PASSES`, else in passes on tensor cores only).
+    pub turn_passes: Option<bool>,
 }
 
 impl Setting {
@@ -114,6 +123,8 @@ impl Setting {
             chain_joins: self.chain_joins,
             quad_copies: self.quad_copies,
             deep_slabs: self.deep_slabs,
+            tensor_cores: self.tensor_cores,
+            turn_passes: self.turn_passes,
         }
     }
 
@@ -138,6 +149,8 @@ impl Setting {
             &mut self.chain_joins,
             &mut self.quad_copies,
             &mut self.deep_slabs,
+            &mut self.tensor_cores,
+            &mut self.turn_passes,
         ]
     }
 
@@ -152,7 +165,8 @@ impl Setting {
 
     /// The step's knobs in a line, as a cache entry names them: `dependent-launch off, clusters
     /// kiln, cublaslt kiln, row-tails kiln, longest-first kiln, chain-joins kiln, quad-copies kiln,
-    /// deep-slabs kiln, streams 2, run-macs kiln, dot-depth kiln, lookahead kiln`.
+    /// deep-slabs kiln, tensor-cores kiln, turn-passes kiln, streams 2, run-macs kiln, dot-depth
+    /// kiln, lookahead kiln`.
     pub fn knobs(&self) -> String {
         let on_off = |on: Option<bool>| match on {
             Some(true) => "on",
@@ -185,7 +199,9 @@ impl Setting {
 /// tails and not (if `row_tails`), joined sections longest first and in step order (if
 /// `longest_first`), launches that would hold up a kernel the step waits for joining it and not
 /// (if `chain_joins`), slabs copied by quads and by words (if `quad_copies`), unsliced tiles'
-/// slabs deep and not (if `deep_slabs`), each number of streams of `streams`, each bound of
+/// slabs deep and not (if `deep_slabs`), the tiles kiln picks on tensor cores and by FMAs (if
+/// `tensor_cores`), every slab loop in passes of turns and in single turns (if `turn_passes`),
+/// each number of streams of `streams`, each bound of
 /// `run_macs` and each of `dot_depth`, and each reach of `lookahead`. Each switch is tried both
 /// ways (the way that is kiln's own has its code and is passed over), so that a setting from the
 /// environment is tried against the other too.
@@ -200,6 +216,8 @@ pub struct Space {
     pub chain_joins: bool,
     pub quad_copies: bool,
     pub deep_slabs: bool,
+    pub tensor_cores: bool,
+    pub turn_passes: bool,
     pub streams: Vec<usize>,
     pub run_macs: Vec<usize>,
     pub dot_depth: Vec<usize>,
@@ -219,6 +237,8 @@ impl Space {
             s.chain_joins,
             s.quad_copies,
             s.deep_slabs,
+            s.tensor_cores,
+            s.turn_passes,
         ]
     }
 
@@ -276,6 +296,8 @@ impl Default for Space {
             chain_joins: true,
             quad_copies: true,
             deep_slabs: true,
+            tensor_cores: true,
+            turn_passes: true,
             streams: vec![1, 2, 3],
             run_macs: vec![1 << 19],
             dot_depth: vec![1 << 30],
@@ -293,8 +315,11 @@ impl Default for Space {
 /// `gpu-check.sh`), and 32x32 tiles of 2x2 outputs a thread (the form before the thread groups);
 /// and with a tile's 2, 4 or 8 slices as a thread block cluster (compute capability 9.0;
 /// `cluster.rs`): 32x32 tiles in thread groups with one slab buffer and with three, 64x64 and
-/// 128x64 tiles with one. Tensor cores (3xTF32) are left out: they lost every product of the
-/// H100's product table but a few, by little.
+/// 128x64 tiles with one. Then on tensor cores (3xTF32) each shape kiln picks there (32x32, 64x64,
+/// 128x64) whole and in 2, 4 and 8 slices as a cluster, with kiln's three slab buffers: they lost
+/// every product of the H100's table of 2026-11-27 but a few, by little, before their slabs were
+/// copied asynchronously, split a turn ahead and multiplied in passes of turns, and have not been
+/// timed since.
 pub fn default_candidates() -> Vec<TileChoice> {
     let mut v = vec![TileChoice { tiled: Some(false), ..TileChoice::default() }];
     for slices in [1, 2, 4, 8, 12] {
@@ -316,6 +341,13 @@ pub fn default_candidates() -> Vec<TileChoice> {
     for (tile, stages) in clustered {
         for slices in [2, 4, 8] {
             v.push(TileChoice { stages, cluster: Some(true), ..TileChoice::forced(tile, slices, false) });
+        }
+    }
+    for tile in [TileShape::T32x32, TileShape::T64x64, TileShape::T128x64] {
+        let stages = Some(DEFAULT_STAGES);
+        v.push(TileChoice { stages, ..TileChoice::forced(tile, 1, true) });
+        for slices in [2, 4, 8] {
+            v.push(TileChoice { stages, cluster: Some(true), ..TileChoice::forced(tile, slices, true) });
         }
     }
     v
@@ -524,6 +556,8 @@ mod tests {
             chain_joins: false,
             quad_copies: false,
             deep_slabs: false,
+            tensor_cores: false,
+            turn_passes: false,
             streams: vec![],
             run_macs: vec![],
             dot_depth: vec![],
@@ -580,10 +614,11 @@ mod tests {
         // Each distinct setting timed once (the repeated product is tuned once; the settings of
         // the streams' round share their code but not their streams), plus the best again before
         // the second product and before each round of the step's: dependent launch, clusters,
-        // cuBLASLt, row tails, longest-first sections, chain joins, quad copies and deep slabs
-        // (each on and off), streams, the two bounds and the reach.
+        // cuBLASLt, row tails, longest-first sections, chain joins, quad copies, deep slabs,
+        // tensor cores and passes of turns (each on and off), streams, the two bounds and the
+        // reach.
         let n = default_candidates().len();
-        let switches = (1 + 1) + 7 * (1 + 2);
+        let switches = (1 + 1) + 9 * (1 + 2);
         assert_eq!(out.timed, 1 + n + 1 + n + switches + (1 + 3) + (1 + 1) + (1 + 1) + (1 + 1));
         assert!(out.failed.is_empty() && !out.out_of_budget);
     }

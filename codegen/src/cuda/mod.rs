@@ -48,7 +48,9 @@ pub use dependent_launch::{with_dependent_launch, with_late_dependent_launch};
 pub use lt::{with_cublaslt, LtEpilogue, LtGemm};
 pub use row_tail::with_row_tails;
 pub use side::{with_chain_joins, with_clusters_first, with_longest_first};
-pub use tile_plan::{with_deep_slabs, with_nearest_slices, with_split_ahead, with_tensor_core_shared};
+pub use tile_plan::{
+    with_deep_slabs, with_nearest_slices, with_split_ahead, with_tensor_core_shared, with_tensor_cores,
+};
 pub use tile_staging::with_quad_copies;
 pub use tile_table::{with_tile_table, ProductKey, TileTable};
 pub use tiled::{with_tile_choice, with_turn_passes, TileChoice, TileShape};
@@ -241,7 +243,8 @@ pub(crate) fn with_thread_setting<T: Copy + 'static, R>(
 /// Runs `f` (a specialization's build, or printing one) under what `opts` fixes for a compiled
 /// function: its tile table, programmatic dependent launch, clusters, streams, size bounds,
 /// cuBLASLt, row tails, the order of joined sections, the joins' reach, whether launches may
-/// hold up the kernels they join, quad copies and deep slabs, where it fixes them.
+/// hold up the kernels they join, quad copies, deep slabs, tensor cores and passes of turns,
+/// where it fixes them.
 pub fn with_compile_options<R>(opts: &crate::CompileOptions, f: impl FnOnce() -> R) -> R {
     let f = || if opts.dependent_launch { with_dependent_launch(f) } else { f() };
     let f = || match opts.clusters {
@@ -259,6 +262,8 @@ pub fn with_compile_options<R>(opts: &crate::CompileOptions, f: impl FnOnce() ->
         (&side::CHAIN_JOINS, opts.chain_joins),
         (&tile_staging::QUAD_COPIES, opts.quad_copies),
         (&tile_plan::DEEP_SLABS, opts.deep_slabs),
+        (&tile_plan::TENSOR_CORES, opts.tensor_cores),
+        (&tiled::TURN_PASSES, opts.turn_passes),
     ]
     .into_iter()
     .filter_map(|(switch, on)| Some((switch, on?)))

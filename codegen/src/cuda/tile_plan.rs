@@ -224,13 +224,17 @@ fn stages_from_env() -> usize {
 /// clusters): three buffers were never slower than one (the autoencoder's step 0.187 ms against
 /// 0.189, fmnist-mlp's 0.050 against 0.054, the rest within noise), and eight no faster than
 /// three; `benches/results/h100-2026-11-28`.
-const DEFAULT_STAGES: usize = 3;
+pub(super) const DEFAULT_STAGES: usize = 3;
 
 /// Whether tiles go to tensor cores where no choice says (`KILN_CUDA_TF32X3=1`; needs compute
-/// capability 8.0 or newer).
-fn tensor_cores_from_env() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    super::switch_from_env(&ON, "KILN_CUDA_TF32X3", "1")
+/// capability 8.0 or newer). Off until timed on a card: on the H100 of 2026-11-27 the tensor-core
+/// tiles of then lost to float32 FMAs in every product but a few, by little.
+pub(super) static TENSOR_CORES: super::Switch = super::Switch::new("KILN_CUDA_TF32X3", false);
+
+/// Runs `f` with every CUDA program this thread specializes computing its tiles on tensor cores
+/// (`on`: 3xTF32) or by float32 FMAs where no tile choice says, whatever `KILN_CUDA_TF32X3` says.
+pub fn with_tensor_cores<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    TENSOR_CORES.with(on, f)
 }
 
 /// How a product is cut into tiles and slices.
@@ -336,7 +340,7 @@ impl TilePlan {
             let enough = |s: &TileShape| filled(*s) && tiles_in(*s) * deepest_cut(*s) >= target;
             SHAPES_BY_SIZE.into_iter().find(enough).unwrap_or_else(smallest_shape)
         });
-        let tensor_cores = choice.tensor_cores.unwrap_or_else(tensor_cores_from_env);
+        let tensor_cores = choice.tensor_cores.unwrap_or_else(|| TENSOR_CORES.on());
         let stages = choice.stages.unwrap_or_else(stages_from_env);
         let (bm, bn, bk) = shape.dims();
         let (tiles_m, tiles_n) = (mm.m.div_ceil(bm), mm.n.div_ceil(bn));

@@ -145,6 +145,7 @@ mod tests {
             streams: Some(3),
             dot_depth: Some(64),
             lookahead: Some(12),
+            tensor_cores: Some(true),
             ..Setting::default()
         };
         s.table.insert(key(128), TileChoice::from_label("128x64/s2/p3").unwrap()).unwrap();
@@ -153,8 +154,8 @@ mod tests {
         assert!(
             text.starts_with(
                 "# tuned on a card\n# in 3 s\ndependent-launch on\nclusters on\ncublaslt on\nrow-tails off\n\
-                 longest-first kiln\nchain-joins kiln\nquad-copies kiln\ndeep-slabs kiln\nstreams 3\n\
-                 run-macs kiln\ndot-depth 64\nlookahead 12\n"
+                 longest-first kiln\nchain-joins kiln\nquad-copies kiln\ndeep-slabs kiln\n\
+                 tensor-cores on\nturn-passes kiln\nstreams 3\nrun-macs kiln\ndot-depth 64\nlookahead 12\n"
             ),
             "{text}"
         );
@@ -177,7 +178,7 @@ mod tests {
         let err = parse_setting(text, "entry").unwrap_err().to_string();
         assert!(err.contains("no 'row-tails on|off|kiln' line"), "{err}");
         let switches = "dependent-launch off\nclusters off\ncublaslt kiln\nrow-tails on\nlongest-first off\n\
-                        chain-joins on\nquad-copies off\ndeep-slabs on\n";
+                        chain-joins on\nquad-copies off\ndeep-slabs on\ntensor-cores off\nturn-passes on\n";
         let err = parse_setting(&format!("{switches}streams 2\ndot-depth kiln\n"), "entry").unwrap_err().to_string();
         assert!(err.contains("no 'run-macs N|kiln' line"), "{err}");
         let text = format!("{switches}streams 2\nrun-macs kiln\ndot-depth kiln\n");
@@ -186,6 +187,7 @@ mod tests {
         let read = parse_setting(&format!("{text}lookahead kiln\n"), "entry").unwrap();
         assert_eq!((read.row_tails, read.longest_first, read.lookahead), (Some(true), Some(false), None));
         assert_eq!((read.chain_joins, read.quad_copies, read.deep_slabs), (Some(true), Some(false), Some(true)));
+        assert_eq!((read.tensor_cores, read.turn_passes), (Some(false), Some(true)));
         let text = "dependent-launch off\nclusters off\ncublaslt kiln\nrow-tails on\nlongest-first off\n";
         let err = parse_setting(text, "entry").unwrap_err().to_string();
         assert!(err.contains("no 'chain-joins on|off|kiln' line"), "{err}");
@@ -193,6 +195,11 @@ mod tests {
         assert!(err.contains("no 'quad-copies on|off|kiln' line"), "{err}");
         let err = parse_setting(&format!("{text}chain-joins on\nquad-copies on\n"), "entry").unwrap_err().to_string();
         assert!(err.contains("no 'deep-slabs on|off|kiln' line"), "{err}");
+        let text = format!("{text}chain-joins on\nquad-copies on\ndeep-slabs kiln\n");
+        let err = parse_setting(&text, "entry").unwrap_err().to_string();
+        assert!(err.contains("no 'tensor-cores on|off|kiln' line"), "{err}");
+        let err = parse_setting(&format!("{text}tensor-cores on\n"), "entry").unwrap_err().to_string();
+        assert!(err.contains("no 'turn-passes on|off|kiln' line"), "{err}");
         let kiln_lt = Setting { cublaslt: None, ..s.clone() };
         assert_eq!(parse_setting(&setting_text(&kiln_lt, ""), "entry").unwrap(), kiln_lt);
         let err = parse_setting("clusters maybe\n", "entry").unwrap_err().to_string();
