@@ -269,3 +269,39 @@ fn unsliced_tiles_copy_slabs_twice_as_deep() {
     assert!(per_multiply_add <= 1.21, "{per_multiply_add:.2} instructions a multiply-add: {slab_loop:?}");
     println!("a turn of x^T dz in 128x64 tiles: {per_multiply_add:.3} instructions a multiply-add");
 }
+
+#[test]
+fn tensor_core_fragments_of_b_load_both_parts_in_one_access() {
+    // fmnist-mlp-4k's first layer, relu(x w + b) with w [784, 256], on tensor cores in 128x64
+    // tiles with three slab buffers (the slabs split a turn ahead): each lane's fragment of `w`
+    // is split into one 16-byte word, its two high parts then its two low parts, so that a warp
+    // loads it with one access where the parts in arrays of their own took two. It agrees with
+    // the reference on the emulator; in the machine code (pip's nvdisasm 13.2) a pass of six turns
+    // loads from shared memory 210 times for 288 multiply-adds (the parts apart: 234), each turn
+    // 16 accesses of `x`'s fragments, 4 of `w`'s, 12 words to split and 3 more.
+    use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
+    let g = Graph::new();
+    let x = g.input("x", F32, [256, 784]);
+    let w = g.input("w", F32, [784, 256]);
+    let b = g.input("b", F32, [256]);
+    let out = (x.matmul(&w) + &b).relu();
+    // Small values, so that the emulator's check to 1e-5 holds the sums' rounding (3xTF32's is
+    // about twice the FMAs').
+    let small = |shape: &[usize], seed| random_tensor(shape, -0.1, 0.1, seed).cast(F32);
+    let args = [small(&[256, 784], 91), small(&[784, 256], 92), small(&[256], 93)];
+    let choice = TileChoice { stages: Some(3), ..TileChoice::forced(TileShape::T128x64, 1, true) };
+    let src = with_tile_choice(choice, || {
+        emulated_agrees(&g, &[&x, &w, &b], &[&out], &args);
+        let f = g.function([&x, &w, &b], [&out]).compile(Device::Reference).unwrap();
+        cuda_c(&f, &args)
+    });
+    assert!(src.contains("in 128x64 tiles on tensor cores (3xTF32)"), "{src}");
+    assert!(src.contains("uint4 split_b[") && !src.contains("split_b_hi"), "{src}");
+    assert!(src.contains(
+        "kiln_mma_tf32(acc_0_0, acc_0_1, acc_1_0, acc_1_1, a0_lo.x, a0_lo.y, a0_lo.z, a0_lo.w, b0.x, b0.y);"
+    ));
+    let Some(slab_loop) = first_slab_loop(&src) else { return };
+    let per_multiply_add = slab_loop.shared_loads as f64 / slab_loop.multiply_adds as f64;
+    println!("{} shared loads for {} multiply-adds: {slab_loop:?}", slab_loop.shared_loads, slab_loop.multiply_adds);
+    assert!(per_multiply_add <= 0.75, "{per_multiply_add:.2} shared loads a multiply-add: {slab_loop:?}");
+}

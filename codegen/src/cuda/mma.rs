@@ -22,10 +22,10 @@
 //! (`slab_step`). Copied asynchronously (`TilePlan::split_slabs`: the slabs in flight are the
 //! words as copied, since a copy cannot split them), the block splits the slab it is about to
 //! multiply into arrays of its own, laid out a lane's fragment after another (`split_slab`,
-//! `split_slab_step`): a thread splits whole fragments, and a warp reads each part of a fragment
-//! with one 16- or 8-byte access into the registers the multiply-add takes. Where two sets of
-//! those arrays fit, the block splits the next slab into one while it multiplies from the other
-//! (`TilePlan::split_ahead`).
+//! `split_slab_step`): a thread splits whole fragments, and a warp reads each part of an `a`
+//! fragment, and both parts of a `b` fragment, with one 16-byte access into the registers the
+//! multiply-add takes. Where two sets of those arrays fit, the block splits the next slab into one
+//! while it multiplies from the other (`TilePlan::split_ahead`).
 
 use super::ast::*;
 
@@ -264,14 +264,17 @@ fn bands(bm: usize, bn: usize) -> (usize, usize) {
 
 /// The shared arrays a slab copied as it is gets split into (`TilePlan::split_slabs`): the high and
 /// the low parts of `a`'s, a `uint4` for each lane's fragment of each 16-row band and step of 8,
-/// and of `b`'s, a `uint2` for each lane's fragment of each 8-column band and step. In this order
-/// a warp reads a fragment's parts with one access each, 16 (8) adjacent bytes a lane, and they
-/// land in the registers the multiply-add takes them from: through `uint2`s of one element's two
-/// parts, ptxas moved each part into place (110 moves a turn beside 24 multiply-adds of a 128x64
-/// tile).
+/// and `b`'s, a `uint4` for each lane's fragment of each 8-column band and step, its two high parts
+/// then its two low parts. In this order a warp reads each of `a`'s fragment's parts and both of
+/// `b`'s with one 16-byte access a lane, and they land in the registers the multiply-add takes
+/// them from: through `uint2`s of one element's two parts, ptxas moved each part into place (110
+/// moves a turn beside 24 multiply-adds of a 128x64 tile). (`b`'s parts in arrays of their own
+/// took two 8-byte accesses where one 16-byte access does: as many bytes and bank cycles, one
+/// instruction more a fragment, to load and to store.)
 ///
-/// With `buffers` of them (two where the block splits a slab a turn ahead: `TilePlan::split_ahead`),
-/// the arrays hold each buffer's slots one after another (`split_slots`).
+/// With `buffers` of them (two where the block splits a slab a turn ahead:
+/// `TilePlan::split_ahead`), the arrays hold each buffer's slots one after another
+/// (`split_slots`).
 pub(super) fn split_arrays(bm: usize, bn: usize, bk: usize, buffers: usize) -> Vec<Stmt> {
     let (a_slots, b_slots) = split_slots(bm, bn, bk);
     let (a_slots, b_slots) = (a_slots * buffers, b_slots * buffers);
@@ -279,8 +282,7 @@ pub(super) fn split_arrays(bm: usize, bn: usize, bk: usize, buffers: usize) -> V
     vec![
         array(CType::UInt4, "split_a_hi", a_slots),
         array(CType::UInt4, "split_a_lo", a_slots),
-        array(CType::UInt2, "split_b_hi", b_slots),
-        array(CType::UInt2, "split_b_lo", b_slots),
+        array(CType::UInt4, "split_b", b_slots),
     ]
 }
 
@@ -308,14 +310,14 @@ pub(super) enum SlabLayout {
 
 /// Splits the slab just landed in `slab_a` and `slab_b` (words as copied, laid out as
 /// `layouts` say) into `split_arrays`: into the one split buffer, then waits for the block; or,
-/// split a turn ahead, into buffer `into` (the next turn's barrier is the wait). Each thread splits whole
-/// fragments, `a`'s four words (rows `group` and `group + 8`, steps `quad` and `quad + 4` of its
-/// band) or `b`'s two, so that its stores are one access each; a warp's reads of one word of its
-/// fragments, steps `quad` by rows `group`, fall in 32 banks with the pitches 8 past a multiple
-/// of 32 (or rows of the depth, swizzled). Once a block rather than once for every warp that
-/// multiplies a word (the four warps of a tile's row all read its `a`). The split arrays are
-/// free to write once the turn's first barrier is past: every warp is done multiplying the slab
-/// before.
+/// split a turn ahead, into buffer `into` (the next turn's barrier is the wait). Each thread
+/// splits whole fragments, `a`'s four words (rows `group` and `group + 8`, steps `quad` and
+/// `quad + 4` of its band) or `b`'s two, so that its stores are one access a part (both parts,
+/// for `b`); a warp's reads of one word of its fragments, steps `quad` by rows `group`, fall in 32
+/// banks with the pitches 8 past a multiple of 32 (or rows of the depth, swizzled). Once a block
+/// rather than once for every warp that multiplies a word (the four warps of a tile's row all
+/// read its `a`). The split arrays are free to write once the turn's first barrier is past: every
+/// warp is done multiplying the slab before.
 pub(super) fn split_slab(
     (bm, bn, bk): (usize, usize, usize),
     (layout_a, layout_b): (SlabLayout, SlabLayout),
@@ -369,19 +371,26 @@ fn split_operand(
             out.push(decl(CType::UInt, name("hi", w), call(HIGH_HELPER, vec![var(name("w", w))])));
         }
         let slot = in_buffer(tid() + int((u * threads) as i64));
-        let make = if words.len() == 4 { "make_uint4" } else { "make_uint2" };
-        let his = (0..words.len()).map(|w| var(name("hi", w))).collect();
-        let los = (0..words.len()).map(|w| call(LOW_HELPER, vec![var(name("w", w)), var(name("hi", w))])).collect();
-        out.push(assign(index(var(format!("split_{side}_hi")), slot.clone()), call(make, his)));
-        out.push(assign(index(var(format!("split_{side}_lo")), slot), call(make, los)));
+        let his: Vec<Expr> = (0..words.len()).map(|w| var(name("hi", w))).collect();
+        let los: Vec<Expr> =
+            (0..words.len()).map(|w| call(LOW_HELPER, vec![var(name("w", w)), var(name("hi", w))])).collect();
+        if words.len() == 4 {
+            out.push(assign(index(var(format!("split_{side}_hi")), slot.clone()), call("make_uint4", his)));
+            out.push(assign(index(var(format!("split_{side}_lo")), slot), call("make_uint4", los)));
+        } else {
+            // `b`'s two high parts and two low parts in one word of 16 bytes (`split_arrays`).
+            let parts = his.into_iter().chain(los).collect();
+            out.push(assign(index(var(format!("split_{side}")), slot), call("make_uint4", parts)));
+        }
     }
     out
 }
 
 /// One step of 8 (`kk` its first) through the split slab (`split_slab`): each warp's fragments,
-/// an access per part (`b`'s all first, then one 16-row band of `a`'s at a time with its
-/// products, as `slab_step`), and three multiply-adds per 16x8 product into the accumulators
-/// `acc(i, j)` (`three_products`); from split buffer `from` where the block splits a turn ahead.
+/// an access per part of `a`'s and one for both of `b`'s (`b`'s all first, then one 16-row band
+/// of `a`'s at a time with its products, as `slab_step`), and three multiply-adds per 16x8 product
+/// into the accumulators `acc(i, j)` (`three_products`); from split buffer `from` where the block
+/// splits a turn ahead.
 pub(super) fn split_slab_step(
     (bm, bn, bk): (usize, usize, usize),
     from: Option<Expr>,
@@ -396,11 +405,14 @@ pub(super) fn split_slab_step(
     for nj in 0..tn / 2 {
         let band = var("warp_col") * int((bn / WARP_COLS / MMA_N) as i64) + int(nj as i64);
         let slot = in_buffer(&from, b_slots, (step() * int(bands_b as i64) + band) * int(32) + lane());
-        for part in ["hi", "lo"] {
-            out.push(decl(CType::UInt2, format!("b{nj}_{part}"), index(var(format!("split_b_{part}")), slot.clone())));
-        }
+        out.push(decl(CType::UInt4, format!("b{nj}"), index(var("split_b"), slot)));
     }
     let lanes = |name: String, n: u8| (0..n).map(|l| Expr::Lane(Box::new(var(name.clone())), l)).collect();
+    // `b`'s high parts are its word's first two lanes, its low parts the last two.
+    let b_parts = |nj: usize, hi: bool| {
+        let first = if hi { 0 } else { 2 };
+        (first..first + 2).map(|l| Expr::Lane(Box::new(var(format!("b{nj}"))), l)).collect()
+    };
     for mi in 0..tm / 2 {
         let band = var("warp_row") * int((bm / WARP_ROWS / MMA_M) as i64) + int(mi as i64);
         let slot = in_buffer(&from, a_slots, (step() * int(bands_a as i64) + band) * int(32) + lane());
@@ -414,7 +426,7 @@ pub(super) fn split_slab_step(
                 mi,
                 nj,
                 |hi| lanes(format!("a{mi}_{}", part(hi)), 4),
-                |hi| lanes(format!("b{nj}_{}", part(hi)), 2),
+                |hi| b_parts(nj, hi),
             ));
         }
     }
