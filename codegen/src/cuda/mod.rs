@@ -40,6 +40,7 @@ mod single;
 mod special;
 mod tile_finish;
 mod tile_plan;
+mod tile_shape;
 mod tile_staging;
 mod tile_table;
 mod tiled;

@@ -36,9 +36,10 @@ use super::tile_staging;
 use crate::kernel::{LoopKernel, MatMul};
 use kiln_ir::DType;
 
+use super::tile_plan::lane_offset;
 pub(super) use super::tile_plan::TilePlan;
-use super::tile_plan::{choice, lane_offset};
 pub use super::tile_plan::{with_tile_choice, TileChoice, TileShape};
+use super::tile_shape::choice;
 
 /// Products of at most this many multiply-adds are tiled (when they have an epilogue to take in);
 /// larger ones go to cuBLAS, whose kernels are faster once the arithmetic dominates.
