@@ -8,7 +8,8 @@
 //! asynchronous copies (`/p3` columns) and 64x64 and 128x64 ones with as many as fit of eight
 //! (`/p8`), 32x32k4 and 64x64 tiles with a tile's slices as a thread
 //! block cluster (`/cluster` columns), and (`tc` columns, fewer slice counts) on tensor cores at
-//! float32 accuracy (3xTF32), through registers and (`/p3`) with three buffers of copies. Prints
+//! float32 accuracy (3xTF32), through registers and (`/p3`) with three buffers of copies, the
+//! 32x32 and 64x64 ones also with a tile's slices as a cluster (`/p3/cluster`). Prints
 //! microseconds per call, one row per product, the fastest variant marked `*`;
 //! `--write-table FILE` writes the fastest of each product as a tile table, which
 //! `KILN_CUDA_TILES=FILE` then makes the CUDA backend follow (the step benchmark's tuned row).
@@ -100,10 +101,18 @@ fn variants() -> Vec<(String, TileChoice)> {
             v.push((choice.label().expect("a whole choice"), choice));
         }
     }
-    // The smaller shapes with a tile's slices as a thread block cluster (`/cluster` columns).
+    // The smaller shapes with a tile's slices as a thread block cluster (`/cluster` columns), and
+    // on tensor cores with three buffers as `KILN_CUDA_TF32X3=1` runs them on compute capability
+    // 9.0 and the autotuner tries them (`tc32x32/s4/p3/cluster`).
     for tile in [TileShape::T32x32K4, TileShape::T64x64] {
         for slices in [2, 4, 8] {
             let choice = TileChoice { cluster: Some(true), ..TileChoice::forced(tile, slices, false) };
+            v.push((choice.label().expect("a whole choice"), choice));
+        }
+    }
+    for tile in [TileShape::T32x32, TileShape::T64x64] {
+        for slices in [2, 4, 8] {
+            let choice = TileChoice { stages: Some(3), cluster: Some(true), ..TileChoice::forced(tile, slices, true) };
             v.push((choice.label().expect("a whole choice"), choice));
         }
     }
