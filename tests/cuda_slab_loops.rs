@@ -271,14 +271,17 @@ fn unsliced_tiles_copy_slabs_twice_as_deep() {
 }
 
 #[test]
-fn tensor_core_fragments_of_b_load_both_parts_in_one_access() {
+fn tensor_core_fragments_load_in_few_accesses_of_few_bytes() {
     // fmnist-mlp-4k's first layer, relu(x w + b) with w [784, 256], on tensor cores in 128x64
-    // tiles with three slab buffers (the slabs split a turn ahead): each lane's fragment of `w`
+    // tiles with three slab buffers (the slabs split a turn ahead). Each lane's fragment of `w`
     // is split into one 16-byte word, its two high parts then its two low parts, so that a warp
-    // loads it with one access where the parts in arrays of their own took two. It agrees with
-    // the reference on the emulator; in the machine code (pip's nvdisasm 13.2) a pass of six turns
-    // loads from shared memory 210 times for 288 multiply-adds (the parts apart: 234), each turn
-    // 16 accesses of `x`'s fragments, 4 of `w`'s, 12 words to split and 3 more.
+    // loads it with one access where the parts in arrays of their own took two; and the 8 warps
+    // cover the tile in 4x2 warp tiles of 32x32, which read a fifth fewer fragment bytes than 2x4
+    // ones of 64x16 (every lane's bytes its own: shared memory, not the tensor cores, bounds such
+    // a turn). It agrees with the reference on the emulator; in the machine code (pip's nvdisasm
+    // 13.2) a pass of six turns loads from shared memory 186 times for 288 multiply-adds (the
+    // parts apart in 2x4: 234; merged in 2x4: 210), each turn 16 accesses of fragments, 12 words
+    // to split and 3 more.
     use kiln_codegen::cuda::{with_tile_choice, TileChoice, TileShape};
     let g = Graph::new();
     let x = g.input("x", F32, [256, 784]);
@@ -297,11 +300,12 @@ fn tensor_core_fragments_of_b_load_both_parts_in_one_access() {
     });
     assert!(src.contains("in 128x64 tiles on tensor cores (3xTF32)"), "{src}");
     assert!(src.contains("uint4 split_b[") && !src.contains("split_b_hi"), "{src}");
+    assert!(src.contains("const int warp_row = (int)threadIdx.x / 32 / 2;"), "{src}");
     assert!(src.contains(
         "kiln_mma_tf32(acc_0_0, acc_0_1, acc_1_0, acc_1_1, a0_lo.x, a0_lo.y, a0_lo.z, a0_lo.w, b0.x, b0.y);"
     ));
     let Some(slab_loop) = first_slab_loop(&src) else { return };
     let per_multiply_add = slab_loop.shared_loads as f64 / slab_loop.multiply_adds as f64;
     println!("{} shared loads for {} multiply-adds: {slab_loop:?}", slab_loop.shared_loads, slab_loop.multiply_adds);
-    assert!(per_multiply_add <= 0.75, "{per_multiply_add:.2} shared loads a multiply-add: {slab_loop:?}");
+    assert!(per_multiply_add <= 0.68, "{per_multiply_add:.2} shared loads a multiply-add: {slab_loop:?}");
 }

@@ -14,8 +14,9 @@
 //! to infinities, NaNs and values that would round past the largest float; and the multiply-add,
 //! inline PTX on the GPU and the shim's `kiln_emu_mma_tf32` in the emulator, which follows the PTX
 //! ISA's fragment layout), where a thread's outputs lie in the tile, and one slab step. A block's
-//! 8 warps cover the tile as 2x4 warp tiles; a thread's output `(i, j)` is the accumulator
-//! `i % 2 * 2 + j % 2` of the warp's 16x8 product `(i / 2, j / 2)`.
+//! 8 warps cover the tile in a grid of 2x4 warp tiles, or 4x2 where that makes them squarer
+//! (128x64 tiles: `warp_grid`, a fifth less shared memory read for fragments); a thread's output
+//! `(i, j)` is the accumulator `i % 2 * 2 + j % 2` of the warp's 16x8 product `(i / 2, j / 2)`.
 //!
 //! A slab is split in one of two places. Staged through registers (one slab buffer), each
 //! thread splits the words it stores, and the buffer holds each element's two parts side by side
@@ -35,9 +36,8 @@ pub(crate) const MMA_HELPER: &str = "kiln_mma_tf32";
 pub(crate) const HIGH_HELPER: &str = "kiln_tf32_hi";
 pub(crate) const LOW_HELPER: &str = "kiln_tf32_lo";
 
-/// Warps of a block along the tile's rows and columns.
-const WARP_ROWS: usize = 2;
-const WARP_COLS: usize = 4;
+/// The grids of a block's 8 warps over its tile (rows by columns) that a tile may take.
+const WARP_GRIDS: [(usize, usize); 2] = [(2, 4), (4, 2)];
 /// The shape of one `mma.sync`: 16x8 outputs, 8 along the inner dimension.
 const MMA_M: usize = 16;
 const MMA_N: usize = 8;
@@ -158,33 +158,91 @@ fn converted_high() -> Vec<Stmt> {
     ]
 }
 
-/// Declares the thread's place in the warp grid: `warp_row`, `warp_col`, and within its warp
-/// `group` (lane / 4: a fragment's row) and `quad` (lane % 4: its column).
-pub(super) fn places() -> Vec<Stmt> {
+/// The warps of a `bm`x`bn` tile, rows by columns: of `WARP_GRIDS`, the one whose warp tiles
+/// are the squarest (2x4 where both are). A warp loads, for each step of 8, a fragment of each
+/// part of `a` (512 bytes each) for each 16 rows of its tile and one of both parts of `b` (512
+/// bytes) for each 8 columns, for three multiply-adds for each 16x8 of it: `(8192 / rows + 8192 /
+/// columns) / 3` bytes of shared memory a multiply-add, the least where the warp tile is square.
+/// Every lane reads bytes of its own, so a fragment's load takes the shared memory's full
+/// 128 bytes a cycle four times over; at one `mma` a cycle an SM, a 64x16 warp tile (128x64 tiles
+/// in 2x4) would need 1.67 cycles of loads for each, a 32x32 one (in 4x2) 1.33.
+pub(super) fn warp_grid(bm: usize, bn: usize) -> (usize, usize) {
+    let fits = |&(rows, cols): &(usize, usize)| bm / rows >= MMA_M && bn / cols >= MMA_N;
+    // 1/m + 1/n by its numerator over a common denominator, `bm * bn` (the same for every grid).
+    let bytes = |&(rows, cols): &(usize, usize)| rows * bn + cols * bm;
+    let mut grids = WARP_GRIDS.iter().filter(|g| fits(g));
+    let first = *grids.next().expect("a tile of at least 32x32");
+    grids.fold(first, |best, g| if bytes(g) < bytes(&best) { *g } else { best })
+}
+
+/// Declares the thread's place in the warp grid of a `bm`x`bn` tile (`warp_grid`): `warp_row`,
+/// `warp_col`, and within its warp `group` (lane / 4: a fragment's row) and `quad` (lane % 4: its
+/// column).
+pub(super) fn places(bm: usize, bn: usize) -> Vec<Stmt> {
     let tid = || cast(CType::Int, Expr::Builtin(Builtin::ThreadIdx));
+    let (_, cols) = warp_grid(bm, bn);
     vec![
-        decl(CType::Int, "warp_row", tid() / int(32) / int(WARP_COLS as i64)),
-        decl(CType::Int, "warp_col", tid() / int(32) % int(WARP_COLS as i64)),
+        decl(CType::Int, "warp_row", tid() / int(32) / int(cols as i64)),
+        decl(CType::Int, "warp_col", tid() / int(32) % int(cols as i64)),
         decl(CType::Int, "group", tid() % int(32) / int(4)),
         decl(CType::Int, "quad", tid() % int(4)),
     ]
 }
 
+/// A warp's tile of a `bm`x`bn` tile: its rows and columns.
+fn warp_tile(bm: usize, bn: usize) -> (usize, usize) {
+    let (rows, cols) = warp_grid(bm, bn);
+    (bm / rows, bn / cols)
+}
+
 /// A thread's outputs along rows and columns, for a `bm`x`bn` tile.
 pub(super) fn per_thread(bm: usize, bn: usize) -> (usize, usize) {
-    (bm / WARP_ROWS / MMA_M * 2, bn / WARP_COLS / MMA_N * 2)
+    let (wm, wn) = warp_tile(bm, bn);
+    (wm / MMA_M * 2, wn / MMA_N * 2)
 }
 
-/// The row within the tile of a thread's `i`-th row of outputs: fragment rows `group` and
+/// The row within a `bm`x`bn` tile of a thread's `i`-th row of outputs: fragment rows `group` and
 /// `group + 8` of the warp's `i / 2`-th 16-row product.
-pub(super) fn output_row(bm: usize, i: usize) -> Expr {
-    var("warp_row") * int((bm / WARP_ROWS) as i64) + int((i / 2 * MMA_M + i % 2 * 8) as i64) + var("group")
+pub(super) fn output_row((bm, bn): (usize, usize), i: usize) -> Expr {
+    let wm = warp_tile(bm, bn).0;
+    var("warp_row") * int(wm as i64) + int((i / 2 * MMA_M + i % 2 * 8) as i64) + var("group")
 }
 
-/// The column within the tile of a thread's `j`-th column of outputs: fragment columns
+/// The column within a `bm`x`bn` tile of a thread's `j`-th column of outputs: fragment columns
 /// `2 quad` and `2 quad + 1` of the warp's `j / 2`-th 8-column product.
-pub(super) fn output_col(bn: usize, j: usize) -> Expr {
-    var("warp_col") * int((bn / WARP_COLS) as i64) + int((j / 2 * MMA_N + j % 2) as i64) + var("quad") * int(2)
+pub(super) fn output_col((bm, bn): (usize, usize), j: usize) -> Expr {
+    let wn = warp_tile(bm, bn).1;
+    var("warp_col") * int(wn as i64) + int((j / 2 * MMA_N + j % 2) as i64) + var("quad") * int(2)
+}
+
+/// The statements of one step of 8 in the order that keeps the fewest fragments live: all of one
+/// operand's fragments (`load_a(mi)` for each 16-row band, `load_b(nj)` for each 8-column band),
+/// then each band of the other's with its products (`products(mi, nj)`). `b`-first (as every
+/// shape but 128x64 tiles in 4x2 takes it) holds `bands_b` fragments of 4 registers and one of
+/// `a`'s 8; `a`-first `bands_a` of 8 and one of 4. Each accumulator gets its three multiply-adds
+/// in the same order either way.
+fn in_fragment_order(
+    (bands_a, bands_b): (usize, usize),
+    load_a: impl Fn(usize) -> Vec<Stmt>,
+    load_b: impl Fn(usize) -> Vec<Stmt>,
+    products: impl Fn(usize, usize) -> Vec<Stmt>,
+) -> Vec<Stmt> {
+    let mut out = vec![];
+    if 4 * bands_b + 8 <= 8 * bands_a + 4 {
+        // All of b's fragments first, then one 16-row band of a's at a time with its products.
+        out.extend((0..bands_b).flat_map(&load_b));
+        for mi in 0..bands_a {
+            out.extend(load_a(mi));
+            out.extend((0..bands_b).flat_map(|nj| products(mi, nj)));
+        }
+    } else {
+        out.extend((0..bands_a).flat_map(&load_a));
+        for nj in 0..bands_b {
+            out.extend(load_b(nj));
+            out.extend((0..bands_a).flat_map(|mi| products(mi, nj)));
+        }
+    }
+    out
 }
 
 /// One step of 8 along the staged slabs (`kk` its first): each warp's fragments of both operands
@@ -199,39 +257,33 @@ pub(super) fn slab_step(
     acc: impl Fn(usize, usize) -> String,
 ) -> Vec<Stmt> {
     let (tm, tn) = per_thread(bm, bn);
+    let (wm, wn) = warp_tile(bm, bn);
     let (pitch_a, pitch_b) = (pitches.0 as i64, pitches.1 as i64);
-    let mut step = vec![];
-    // All of B's fragments first, then one 16-row band of A's at a time with its products, so
-    // that few fragments are live at once (registers for the accumulators).
-    for nj in 0..tn / 2 {
-        for (r, &(_, kk)) in B_FRAGMENT.iter().enumerate() {
+    let load_b = |nj: usize| -> Vec<Stmt> {
+        let load = |(r, &(_, kk)): (usize, &(usize, usize))| {
             let kk = var("kk") + var("quad") + int(kk as i64);
-            let col = var("warp_col") * int((bn / WARP_COLS) as i64) + int((nj * MMA_N) as i64) + var("group");
-            step.push(decl(CType::UInt2, format!("b{nj}_{r}"), index(var(slab_b), kk * int(pitch_b) + col)));
-        }
-    }
+            let col = var("warp_col") * int(wn as i64) + int((nj * MMA_N) as i64) + var("group");
+            decl(CType::UInt2, format!("b{nj}_{r}"), index(var(slab_b), kk * int(pitch_b) + col))
+        };
+        B_FRAGMENT.iter().enumerate().map(load).collect()
+    };
+    let load_a = |mi: usize| -> Vec<Stmt> {
+        let load = |(r, &(row, kk)): (usize, &(usize, usize))| {
+            let kk = var("kk") + var("quad") + int(kk as i64);
+            let row = var("warp_row") * int(wm as i64) + int((mi * MMA_M + row) as i64) + var("group");
+            decl(CType::UInt2, format!("a{mi}_{r}"), index(var(slab_a), kk * int(pitch_a) + row))
+        };
+        A_FRAGMENT.iter().enumerate().map(load).collect()
+    };
     // `.x` is a word's high part, `.y` its low part.
     let parts = |name: &str, n: usize, hi: bool| {
         (0..n).map(|r| Expr::Lane(Box::new(var(format!("{name}_{r}"))), if hi { 0 } else { 1 })).collect()
     };
-    for mi in 0..tm / 2 {
-        for (r, &(row, kk)) in A_FRAGMENT.iter().enumerate() {
-            let kk = var("kk") + var("quad") + int(kk as i64);
-            let row = var("warp_row") * int((bm / WARP_ROWS) as i64) + int((mi * MMA_M + row) as i64) + var("group");
-            step.push(decl(CType::UInt2, format!("a{mi}_{r}"), index(var(slab_a), kk * int(pitch_a) + row)));
-        }
-        for nj in 0..tn / 2 {
-            let (a, b) = (format!("a{mi}"), format!("b{nj}"));
-            step.extend(three_products(
-                &acc,
-                mi,
-                nj,
-                |hi| parts(&a, A_FRAGMENT.len(), hi),
-                |hi| parts(&b, B_FRAGMENT.len(), hi),
-            ));
-        }
-    }
-    step
+    let products = |mi: usize, nj: usize| {
+        let (a, b) = (format!("a{mi}"), format!("b{nj}"));
+        three_products(&acc, mi, nj, |hi| parts(&a, A_FRAGMENT.len(), hi), |hi| parts(&b, B_FRAGMENT.len(), hi))
+    };
+    in_fragment_order((tm / 2, tn / 2), load_a, load_b, products)
 }
 
 /// The three multiply-adds of the 16x8 product (`mi`, `nj`) into its accumulators: low times
@@ -398,37 +450,56 @@ pub(super) fn split_slab_step(
 ) -> Vec<Stmt> {
     let (a_slots, b_slots) = split_slots(bm, bn, bk);
     let (tm, tn) = per_thread(bm, bn);
+    let (wm, wn) = warp_tile(bm, bn);
     let (bands_a, bands_b) = bands(bm, bn);
     let lane = || var("group") * int(4) + var("quad");
     let step = || var("kk") / int(MMA_K as i64);
-    let mut out = vec![];
-    for nj in 0..tn / 2 {
-        let band = var("warp_col") * int((bn / WARP_COLS / MMA_N) as i64) + int(nj as i64);
+    let load_b = |nj: usize| {
+        let band = var("warp_col") * int((wn / MMA_N) as i64) + int(nj as i64);
         let slot = in_buffer(&from, b_slots, (step() * int(bands_b as i64) + band) * int(32) + lane());
-        out.push(decl(CType::UInt4, format!("b{nj}"), index(var("split_b"), slot)));
-    }
+        vec![decl(CType::UInt4, format!("b{nj}"), index(var("split_b"), slot))]
+    };
+    let load_a = |mi: usize| {
+        let band = var("warp_row") * int((wm / MMA_M) as i64) + int(mi as i64);
+        let slot = in_buffer(&from, a_slots, (step() * int(bands_a as i64) + band) * int(32) + lane());
+        ["hi", "lo"]
+            .map(|part| {
+                decl(CType::UInt4, format!("a{mi}_{part}"), index(var(format!("split_a_{part}")), slot.clone()))
+            })
+            .to_vec()
+    };
     let lanes = |name: String, n: u8| (0..n).map(|l| Expr::Lane(Box::new(var(name.clone())), l)).collect();
     // `b`'s high parts are its word's first two lanes, its low parts the last two.
     let b_parts = |nj: usize, hi: bool| {
         let first = if hi { 0 } else { 2 };
         (first..first + 2).map(|l| Expr::Lane(Box::new(var(format!("b{nj}"))), l)).collect()
     };
-    for mi in 0..tm / 2 {
-        let band = var("warp_row") * int((bm / WARP_ROWS / MMA_M) as i64) + int(mi as i64);
-        let slot = in_buffer(&from, a_slots, (step() * int(bands_a as i64) + band) * int(32) + lane());
-        for part in ["hi", "lo"] {
-            out.push(decl(CType::UInt4, format!("a{mi}_{part}"), index(var(format!("split_a_{part}")), slot.clone())));
+    let products = |mi: usize, nj: usize| {
+        let part = |hi: bool| if hi { "hi" } else { "lo" };
+        three_products(&acc, mi, nj, |hi| lanes(format!("a{mi}_{}", part(hi)), 4), |hi| b_parts(nj, hi))
+    };
+    in_fragment_order((tm / 2, tn / 2), load_a, load_b, products)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warps_cover_a_tile_in_the_grid_that_makes_their_tiles_squarest() {
+        // 128x64 tiles in 4x2 (32x32 warp tiles: 1/32 + 1/32 of fragment bytes where 64x16 ones
+        // read 1/64 + 1/16); where both grids are as square, or only one fits, 2x4.
+        assert_eq!(warp_grid(128, 64), (4, 2));
+        assert_eq!(per_thread(128, 64), (4, 8));
+        for (bm, bn) in [(32, 32), (64, 64), (128, 128)] {
+            assert_eq!(warp_grid(bm, bn), (2, 4), "{bm}x{bn}");
         }
-        for nj in 0..tn / 2 {
-            let part = |hi: bool| if hi { "hi" } else { "lo" };
-            out.extend(three_products(
-                &acc,
-                mi,
-                nj,
-                |hi| lanes(format!("a{mi}_{}", part(hi)), 4),
-                |hi| b_parts(nj, hi),
-            ));
+        assert_eq!(per_thread(32, 32), (2, 2));
+        // A thread's outputs are the tile's, each once.
+        for (bm, bn) in [(32, 32), (64, 64), (128, 64), (128, 128)] {
+            let (rows, cols) = warp_grid(bm, bn);
+            let (tm, tn) = per_thread(bm, bn);
+            assert_eq!(rows * cols * 32 * tm * tn, bm * bn, "{bm}x{bn}");
         }
     }
-    out
 }

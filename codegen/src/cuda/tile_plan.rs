@@ -501,7 +501,7 @@ impl TilePlan {
     /// The row of the tile that a thread's `i`-th output lies in.
     pub(super) fn out_row(&self, i: usize) -> Expr {
         if self.tensor_cores {
-            mma::output_row(self.bm, i)
+            mma::output_row((self.bm, self.bn), i)
         } else {
             lane_offset(self, "ty", i)
         }
@@ -510,7 +510,7 @@ impl TilePlan {
     /// The column of the tile that a thread's `j`-th output lies in.
     pub(super) fn out_col(&self, j: usize) -> Expr {
         if self.tensor_cores {
-            mma::output_col(self.bn, j)
+            mma::output_col((self.bm, self.bn), j)
         } else {
             lane_offset(self, "tx", j)
         }

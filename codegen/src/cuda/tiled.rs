@@ -280,7 +280,7 @@ impl<'a> Emitter<'a> {
             body.extend(mma::split_arrays(bm, bn, bk, plan.split_buffers()));
         }
         let mut setup = if plan.tensor_cores {
-            mma::places()
+            mma::places(plan.bm, plan.bn)
         } else {
             let side = plan.side() as i64;
             let mut places = vec![decl(CType::Int, "tx", tid() % int(side))];
