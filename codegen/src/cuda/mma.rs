@@ -216,17 +216,18 @@ pub(super) fn output_col((bm, bn): (usize, usize), j: usize) -> Expr {
 }
 
 /// The statements of one step of 8 in the order that keeps the fewest fragments live: all of one
-/// operand's fragments (`load_a(mi)` for each 16-row band, `load_b(nj)` for each 8-column band),
-/// then each band of the other's with its products (`products(mi, nj)`). `b`-first (as every
-/// shape but 128x64 tiles in 4x2 takes it) holds `bands_b` fragments of 4 registers and one of
-/// `a`'s 8; `a`-first `bands_a` of 8 and one of 4. Each accumulator gets its three multiply-adds
-/// in the same order either way.
+/// operand's fragments (`load_a(mi)` for each of the warp's 16-row bands, `load_b(nj)` for each of
+/// its 8-column bands), then each band of the other's with its products (`products(mi, nj)`).
+/// `b`-first (as every shape but 128x64 tiles in 4x2 takes it) holds `warp_bands.1` fragments of 4
+/// registers and one of `a`'s 8; `a`-first `warp_bands.0` of 8 and one of 4. Each accumulator
+/// gets its three multiply-adds in the same order either way.
 fn in_fragment_order(
-    (bands_a, bands_b): (usize, usize),
+    warp_bands: (usize, usize),
     load_a: impl Fn(usize) -> Vec<Stmt>,
     load_b: impl Fn(usize) -> Vec<Stmt>,
     products: impl Fn(usize, usize) -> Vec<Stmt>,
 ) -> Vec<Stmt> {
+    let (bands_a, bands_b) = warp_bands;
     let mut out = vec![];
     if 4 * bands_b + 8 <= 8 * bands_a + 4 {
         // All of b's fragments first, then one 16-row band of a's at a time with its products.
