@@ -9,8 +9,7 @@
 use super::ast::*;
 use super::emit::THREADS;
 use super::mma;
-use super::tile_shape::choice;
-pub use super::tile_shape::{with_tile_choice, TileChoice, TileShape};
+use super::tile_shape::{choice, TileShape};
 use super::tile_staging::MAX_STAGES;
 use crate::kernel::MatMul;
 
@@ -543,6 +542,7 @@ pub(super) fn lane_offset(plan: &TilePlan, along: &str, i: usize) -> Expr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::tile_shape::{with_tile_choice, TileChoice};
     use crate::cuda::with_target_arch;
 
     fn product(m: usize, k: usize, n: usize) -> MatMul {

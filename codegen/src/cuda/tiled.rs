@@ -38,8 +38,8 @@ use kiln_ir::DType;
 
 use super::tile_plan::lane_offset;
 pub(super) use super::tile_plan::TilePlan;
-pub use super::tile_plan::{with_tile_choice, TileChoice, TileShape};
 use super::tile_shape::choice;
+pub use super::tile_shape::{with_tile_choice, TileChoice, TileShape};
 
 /// Products of at most this many multiply-adds are tiled (when they have an epilogue to take in);
 /// larger ones go to cuBLAS, whose kernels are faster once the arithmetic dominates.
